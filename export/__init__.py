@@ -1,0 +1,1 @@
+"""Graphs: torch -> ONNX tracing (trace), torch-free ONNX composition (compose), TensorRT engines."""
