@@ -1,0 +1,414 @@
+"""The model bundle: a versioned directory every stage reads and writes.
+
+Layout::
+
+    BUNDLE/
+      CURRENT                 name of the active version ("v0003"), replaced atomically
+      versions/v0001/         one complete version: manifest.json, *.safetensors, small files
+      blobs/<sha256><suffix>  large files shared by versions (backbone graphs, tokenizer vocabulary)
+      .staging-*/             a version being written; never read, removed when stale
+
+A change never edits a version: it writes a complete new one in a staging folder, renames
+it into ``versions/`` and only then replaces ``CURRENT``. A writer killed at any point
+leaves the previous version loadable. Tensors are safetensors, metadata JSON; no pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from edgeclip import __version__
+from edgeclip.edgeapp.errors import BundleError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+CURRENT = "CURRENT"
+_VERSION_RE = re.compile(r"^v(\d{4,})$")
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+@contextlib.contextmanager
+def _writer_lock(root: Path) -> Iterator[None]:
+    """One writer at a time per bundle (advisory lock; released when the process dies)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory lock
+            yield
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise BundleError(f"Another edgeclip process is writing the bundle {root}; try again when it ends.") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def list_versions(root: Path) -> list[str]:
+    """Complete versions in the bundle, oldest first."""
+    vdir = Path(root) / "versions"
+    if not vdir.is_dir():
+        return []
+    names = [p.name for p in vdir.iterdir() if _VERSION_RE.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(names, key=lambda n: int(n[1:]))
+
+
+def current_version(root: Path) -> str:
+    root = Path(root)
+    marker = root / CURRENT
+    if not marker.is_file():
+        if not root.exists():
+            raise BundleError(f"No bundle at {root}. Create one with 'edgeclip init --bundle {root} ...'.")
+        raise BundleError(f"{root} is not an edgeclip bundle (no {CURRENT} file).")
+    name = marker.read_text(encoding="utf-8").strip()
+    if not _VERSION_RE.match(name) or not (root / "versions" / name / MANIFEST).is_file():
+        raise BundleError(f"Bundle {root}: {CURRENT} names '{name}', which is not a complete version.")
+    return name
+
+
+@dataclass
+class Bundle:
+    """One loaded, validated version of a bundle (read-only)."""
+
+    root: Path
+    version: str
+    manifest: dict[str, Any]
+
+    @property
+    def dir(self) -> Path:
+        return self.root / "versions" / self.version
+
+    @classmethod
+    def open(cls, root: Path | str, version: str | None = None, verify_hashes: bool = True) -> "Bundle":
+        root = Path(root)
+        version = version or current_version(root)
+        manifest = _read_manifest(root / "versions" / version)
+        bundle = cls(root=root, version=version, manifest=manifest)
+        bundle.validate(verify_hashes=verify_hashes)
+        return bundle
+
+    # -- files -------------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        """Where a file of this version lies (blobs resolve into the shared blob store)."""
+        entry = self.manifest["files"].get(name)
+        if entry is None:
+            raise BundleError(f"Bundle version {self.version} has no file '{name}'.")
+        if entry.get("blob"):
+            return self.root / "blobs" / f"{entry['sha256']}{Path(name).suffix}"
+        return self.dir / name
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest["files"]
+
+    def tensors(self, name: str) -> dict[str, np.ndarray]:
+        """Load a safetensors file of this version, checking the shapes the manifest records."""
+        from safetensors.numpy import load_file
+
+        try:
+            arrays = load_file(str(self.path(name)))
+        except BundleError:
+            raise
+        except Exception as exc:
+            raise BundleError(f"Bundle {self.root}: cannot read tensors '{name}': {exc}") from exc
+        expected = self.manifest.get("tensors", {}).get(name, {})
+        for key, shape in expected.items():
+            if key not in arrays:
+                raise BundleError(f"Bundle {self.root}: tensor '{key}' missing from '{name}'.")
+            if list(arrays[key].shape) != list(shape):
+                raise BundleError(
+                    f"Bundle {self.root}: tensor '{key}' in '{name}' has shape {list(arrays[key].shape)}, "
+                    f"the manifest says {list(shape)}."
+                )
+        return arrays
+
+    def validate(self, verify_hashes: bool = True) -> None:
+        """Every file present with the recorded size (and hash); raise BundleError otherwise."""
+        for name, entry in self.manifest["files"].items():
+            path = self.path(name)
+            if not path.is_file():
+                raise BundleError(f"Bundle {self.root} version {self.version}: file '{name}' is missing ({path}).")
+            size = path.stat().st_size
+            if size != entry["size"]:
+                raise BundleError(
+                    f"Bundle {self.root} version {self.version}: file '{name}' has {size} bytes, "
+                    f"expected {entry['size']} (truncated or replaced)."
+                )
+            if verify_hashes and sha256_of(path) != entry["sha256"]:
+                raise BundleError(
+                    f"Bundle {self.root} version {self.version}: file '{name}' does not match its sha256 "
+                    "(corrupt or modified). Restore it or roll back with 'edgeclip rollback'."
+                )
+
+    # -- facts used everywhere -----------------------------------------------------------
+    @property
+    def tasks(self) -> list[dict[str, Any]]:
+        return self.manifest.get("tasks", [])
+
+    @property
+    def method(self) -> str:
+        return self.manifest["method"]["name"]
+
+    @property
+    def learned_classes(self) -> list[str]:
+        """The learned label space: every task's classes, in task order."""
+        return [c for task in self.tasks for c in task["classes"]]
+
+    @property
+    def random_weights(self) -> bool:
+        return self.manifest["backbone"]["weights"]["kind"] == "random"
+
+    def new_version(self) -> "VersionWriter":
+        """Start writing the next version, inheriting every file of this one."""
+        return VersionWriter(self.root, parent=self)
+
+
+def _read_manifest(vdir: Path) -> dict[str, Any]:
+    path = vdir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise BundleError(f"{vdir} has no {MANIFEST}.") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc}); the version is corrupt.") from exc
+    schema = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if schema != SCHEMA_VERSION:
+        raise BundleError(
+            f"{path} has schema version {schema!r}; this edgeclip ({__version__}) reads schema {SCHEMA_VERSION}. "
+            "Upgrade edgeclip or re-create the bundle."
+        )
+    for key in ("backbone", "preprocess", "method", "tasks", "files"):
+        if key not in manifest:
+            raise BundleError(f"{path} lacks the '{key}' section.")
+    return manifest
+
+
+class VersionWriter:
+    """Writes one new version in a staging folder; ``commit`` makes it current atomically.
+
+    Use as a context manager: leaving the block without an exception commits, an exception
+    discards the staging folder and the current version stays as it was.
+    """
+
+    def __init__(self, root: Path | str, parent: Bundle | None = None, manifest: dict[str, Any] | None = None):
+        self.root = Path(root)
+        self.parent = parent
+        self.manifest: dict[str, Any] = copy.deepcopy(parent.manifest if parent else (manifest or {}))
+        self._files: dict[str, dict[str, Any]] = dict(self.manifest.get("files", {}))
+        self._tensor_shapes: dict[str, dict[str, list[int]]] = dict(self.manifest.get("tensors", {}))
+        self._lock = _writer_lock(self.root)
+        self._lock.__enter__()
+        self.staging = self.root / f".staging-{uuid.uuid4().hex[:12]}"
+        self._clean_stale_staging()
+        self.staging.mkdir(parents=True)
+        if parent is not None:
+            for name, entry in self._files.items():
+                if not entry.get("blob"):
+                    self._inherit(parent.dir / name, self.staging / name)
+
+    def __enter__(self) -> "VersionWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def _clean_stale_staging(self) -> None:
+        # Safe: we hold the writer lock, so no other writer is using a staging folder.
+        for stale in self.root.glob(".staging-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    @staticmethod
+    def _inherit(src: Path, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)  # versions are immutable, so a hard link is a safe copy
+        except OSError:
+            shutil.copy2(src, dst)
+
+    def _target(self, name: str) -> Path:
+        if Path(name).is_absolute() or ".." in Path(name).parts or name == MANIFEST:
+            raise BundleError(f"Invalid bundle file name '{name}'.")
+        target = self.staging / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            target.unlink()  # never write through a hard link into the parent version
+        return target
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        target = self._target(name)
+        target.write_bytes(data)
+        self._files[name] = {"blob": False}
+
+    def write_file(self, name: str, src: Path | str) -> None:
+        shutil.copyfile(src, self._target(name))
+        self._files[name] = {"blob": False}
+
+    def write_json(self, name: str, data: Any) -> None:
+        self.write_bytes(name, json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8"))
+
+    def write_tensors(self, name: str, arrays: Mapping[str, np.ndarray]) -> None:
+        from safetensors.numpy import save_file
+
+        clean = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        save_file(clean, str(self._target(name)))
+        self._files[name] = {"blob": False}
+        self._tensor_shapes[name] = {k: list(v.shape) for k, v in clean.items()}
+
+    def write_blob(self, name: str, src: Path | str, move: bool = False) -> None:
+        """Store a large file once in the shared blob store, referenced by its hash."""
+        src = Path(src)
+        digest = sha256_of(src)
+        blob_dir = self.root / "blobs"
+        blob_dir.mkdir(parents=True, exist_ok=True)
+        dst = blob_dir / f"{digest}{Path(name).suffix}"
+        if not dst.exists():
+            tmp = blob_dir / f".{uuid.uuid4().hex}.tmp"
+            if move:
+                shutil.move(str(src), tmp)
+            else:
+                shutil.copyfile(src, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, dst)
+        self._files[name] = {"blob": True, "sha256": digest, "size": dst.stat().st_size}
+
+    def remove(self, name: str) -> None:
+        self._files.pop(name, None)
+        self._tensor_shapes.pop(name, None)
+        path = self.staging / name
+        if path.exists():
+            path.unlink()
+
+    def staged_path(self, name: str) -> Path:
+        """Where a file of the new version lies now (for reading back what was written)."""
+        entry = self._files.get(name)
+        if entry is None:
+            raise BundleError(f"The new version has no file '{name}'.")
+        if entry.get("blob"):
+            return self.root / "blobs" / f"{entry['sha256']}{Path(name).suffix}"
+        return self.staging / name
+
+    def _finalise_files(self) -> dict[str, dict[str, Any]]:
+        table = {}
+        for name, entry in sorted(self._files.items()):
+            if entry.get("blob"):
+                table[name] = entry
+                continue
+            path = self.staging / name
+            if not path.is_file():
+                raise BundleError(f"The new version lost its file '{name}' while being written.")
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+            table[name] = {"blob": False, "sha256": sha256_of(path), "size": path.stat().st_size}
+        return table
+
+    def commit(self) -> Bundle:
+        try:
+            versions = list_versions(self.root)
+            all_dirs = [p.name for p in (self.root / "versions").glob("v*")] if (self.root / "versions").is_dir() else []
+            numbers = [int(n[1:]) for n in all_dirs if _VERSION_RE.match(n)] + [int(v[1:]) for v in versions]
+            name = f"v{(max(numbers) + 1 if numbers else 1):04d}"
+            self.manifest.update(
+                schema_version=SCHEMA_VERSION,
+                edgeclip_version=__version__,
+                version=name,
+                parent=self.parent.version if self.parent else None,
+                created_at=utc_now(),
+                files=self._finalise_files(),
+                tensors={k: v for k, v in self._tensor_shapes.items() if k in self._files},
+            )
+            self.manifest.setdefault("bundle_created_at", self.manifest["created_at"])
+            manifest_path = self.staging / MANIFEST
+            manifest_path.write_text(json.dumps(self.manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+            _fsync_path(manifest_path)
+            (self.root / "versions").mkdir(exist_ok=True)
+            final = self.root / "versions" / name
+            os.replace(self.staging, final)
+            _fsync_path(final.parent)
+            _write_atomic_text(self.root / CURRENT, name + "\n")
+        except BaseException:
+            self.abort()
+            raise
+        self._lock.__exit__(None, None, None)
+        return Bundle(root=self.root, version=name, manifest=self.manifest)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self._lock.__exit__(None, None, None)
+
+
+def create_bundle(root: Path | str, manifest: dict[str, Any]) -> VersionWriter:
+    """Start the first version of a new bundle (refuses a folder that already holds one)."""
+    root = Path(root)
+    if (root / CURRENT).exists():
+        raise BundleError(f"{root} already holds a bundle; choose another folder or delete it first.")
+    if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
+        raise BundleError(f"{root} exists and is not empty; give an empty or new folder for the bundle.")
+    manifest = dict(manifest)
+    manifest.setdefault("tasks", [])
+    manifest.setdefault("files", {})
+    return VersionWriter(root, parent=None, manifest=manifest)
+
+
+def rollback(root: Path | str, to: str | None = None) -> str:
+    """Make an earlier version current (the parent of the current one unless ``to`` is given)."""
+    root = Path(root)
+    with _writer_lock(root):
+        now = current_version(root)
+        if to is None:
+            parent = _read_manifest(root / "versions" / now).get("parent")
+            if not parent:
+                raise BundleError(f"Version {now} of {root} is the first one; there is nothing to roll back to.")
+            to = parent
+        if to not in list_versions(root):
+            raise BundleError(f"Bundle {root} has no complete version '{to}'. Versions: {', '.join(list_versions(root))}")
+        Bundle.open(root, to)  # refuse to switch to a damaged version
+        _write_atomic_text(root / CURRENT, to + "\n")
+    return to

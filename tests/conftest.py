@@ -1,0 +1,89 @@
+"""Shared fixtures: the real image sets in ../shared/datasets, extracted in small subsets."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATASETS_DIR = REPO_ROOT.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    """The folder of dataset tars; the test is skipped where it is absent."""
+    if not DATASETS_DIR.is_dir():
+        pytest.skip(f"real image sets not found at {DATASETS_DIR}")
+    return DATASETS_DIR
+
+
+ExtractSubset = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def extract_subset(shared_datasets: Path, tmp_path_factory: pytest.TempPathFactory) -> ExtractSubset:
+    """A function `extract_subset(name, split, classes=None, per_class=5) -> Path`.
+
+    It extracts `per_class` images (the first by file name) of each chosen class (all
+    classes when `classes` is None) of `split` from `<name>.tar`, plus `meta.json`, and
+    returns the dataset root `<dir>/<name>` laid out as `meta.json`, `<split>/<class>/<file>`.
+    Results are cached for the session per arguments; treat the folders as read-only.
+    """
+    cache: dict[tuple, Path] = {}
+    members_cache: dict[str, list[tarfile.TarInfo]] = {}
+
+    def members(name: str) -> list[tarfile.TarInfo]:
+        if name not in members_cache:
+            tar_path = shared_datasets / f"{name}.tar"
+            if not tar_path.is_file():
+                pytest.skip(f"dataset {tar_path} not found")
+            with tarfile.open(tar_path) as tar:
+                members_cache[name] = tar.getmembers()
+        return members_cache[name]
+
+    def extract(name: str, split: str, classes: list[str] | None = None, per_class: int = 5) -> Path:
+        key = (name, split, tuple(classes) if classes is not None else None, per_class)
+        if key in cache:
+            return cache[key]
+        by_class: dict[str, list[tarfile.TarInfo]] = {}
+        meta = None
+        for m in members(name):
+            parts = m.name.split("/")
+            if parts == [name, "meta.json"]:
+                meta = m
+            elif len(parts) == 4 and parts[0] == name and parts[1] == split and m.isfile():
+                by_class.setdefault(parts[2], []).append(m)
+        wanted = sorted(by_class) if classes is None else list(classes)
+        unknown = [c for c in wanted if c not in by_class]
+        if unknown:
+            raise ValueError(f"{name}/{split} has no classes {unknown}; it has {sorted(by_class)}")
+        chosen = [meta] if meta is not None else []
+        for c in wanted:
+            chosen += sorted(by_class[c], key=lambda m: m.name)[:per_class]
+        dest = tmp_path_factory.mktemp(f"{name}-{split}")
+        with tarfile.open(shared_datasets / f"{name}.tar") as tar:
+            tar.extractall(dest, members=chosen, filter="data")
+        cache[key] = dest / name
+        return cache[key]
+
+    return extract
+
+
+@pytest.fixture(scope="session")
+def dataset_meta(shared_datasets: Path) -> Callable[[str], dict]:
+    """A function `dataset_meta(name) -> dict` reading `<name>/meta.json` straight from the tar."""
+
+    def read(name: str) -> dict:
+        tar_path = shared_datasets / f"{name}.tar"
+        if not tar_path.is_file():
+            pytest.skip(f"dataset {tar_path} not found")
+        with tarfile.open(tar_path) as tar:
+            f = tar.extractfile(f"{name}/meta.json")
+            assert f is not None
+            return json.loads(f.read().decode("utf-8"))
+
+    return read

@@ -1,0 +1,129 @@
+"""RAIL learners: learning domains one by one equals the joint solution (METHODS.md section 3)."""
+
+import numpy as np
+import pytest
+from safetensors.numpy import load, save
+
+from edgeclip.edgeapp.errors import UsageError
+from edgeclip.train import rail
+from edgeclip.train.rail import RailDual, RailPrimal, RailPrimalWoodbury
+
+DIM, HIDDEN = 16, 96
+
+
+def _domain(rng: np.random.Generator, classes: list[int], per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised embeddings clustered around one centre per class."""
+    labels = np.repeat(np.asarray(classes, dtype=np.int64), per_class)
+    centres = rng.normal(size=(max(classes) + 1, DIM))
+    x = centres[labels] + 0.5 * rng.normal(size=(len(labels), DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+def _domains(reuse: bool) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Four domains with new classes each; with `reuse`, the third also holds class 1 again."""
+    rng = np.random.default_rng(0)
+    class_sets = [[0, 1, 2], [3, 4], [5, 6, 1] if reuse else [5, 6], [7, 8, 9]]
+    out, total = [], 0
+    for classes in class_sets:
+        total = max(total, max(classes) + 1)
+        x, y = _domain(rng, classes, per_class=30)
+        out.append((x, y, total))
+    return out
+
+
+def _joint_ridge(model, domains) -> np.ndarray:
+    x = np.concatenate([d[0] for d in domains])
+    y = np.concatenate([d[1] for d in domains])
+    phi = model.phi64(x)
+    onehot = np.eye(domains[-1][2])[y]
+    return np.linalg.solve(phi.T @ phi + model.gamma * np.eye(model.hidden), phi.T @ onehot)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize("cls", [RailPrimal, RailPrimalWoodbury])
+def test_primal_one_by_one_equals_joint(cls, reuse, monkeypatch):
+    monkeypatch.setattr(rail, "_CHUNK", 7)  # several chunks per domain, one ragged
+    domains = _domains(reuse)
+    model = cls(DIM, hidden=HIDDEN, gamma=0.1, seed=3, **({"batch": 11} if cls is RailPrimalWoodbury else {}))
+    for i, (x, y, total) in enumerate(domains):
+        model.add_domain(x, y, total)
+        model.solve()
+        assert _rel(model.weights64(), _joint_ridge(model, domains[: i + 1])) < 1e-6
+    assert model.w.dtype == np.float32 and model.w.shape == (HIDDEN, 10)
+
+
+def test_primal_learns_the_classes():
+    domains = _domains(reuse=False)
+    model = RailPrimal(DIM, hidden=HIDDEN, seed=1)
+    for x, y, total in domains:
+        model.add_domain(x, y, total)
+    model.solve()
+    x = np.concatenate([d[0] for d in domains])
+    y = np.concatenate([d[1] for d in domains])
+    scores = model.scores(x)
+    assert scores.dtype == np.float32 and scores.shape == (len(x), 10)
+    assert (scores.argmax(1) == y).mean() > 0.9
+
+
+def test_primal_random_layer_is_the_spec():
+    model = RailPrimal(512, hidden=200, seed=5)
+    assert model.w_r.dtype == np.float32 and model.w_r.shape == (512, 200)
+    assert np.abs(model.w_r).max() <= 1 / np.sqrt(512)
+    np.testing.assert_array_equal(model.w_r, RailPrimal(512, hidden=200, seed=5).w_r)
+    assert not np.array_equal(model.w_r, RailPrimal(512, hidden=200, seed=6).w_r)
+    assert model.memory_bytes()["a"] == 200 * 200 * 8
+    assert RailPrimal(512, hidden=15000).memory_bytes()["a"] == 1_800_000_000
+
+
+def test_primal_needs_solve_and_valid_labels():
+    x, y, total = _domains(reuse=False)[0]
+    model = RailPrimal(DIM, hidden=HIDDEN)
+    model.add_domain(x, y, total)
+    with pytest.raises(UsageError):
+        model.scores(x)
+    with pytest.raises(UsageError):
+        model.add_domain(x, y + 5, total)
+    with pytest.raises(UsageError):
+        model.add_domain(x[:, :3], y, total)
+    with pytest.raises(UsageError):
+        model.add_domain(x, y, total - 1)  # the label space cannot shrink
+
+
+def test_dual_incremental_equals_resolve():
+    domains = _domains(reuse=True)
+    model = RailDual(gamma_kernel=0.1, lam=1e-3)
+    for x, y, total in domains:
+        model.add_domain(x, y, total)
+        incremental = model.weights64().copy()
+        model.resolve()
+        assert _rel(incremental, model.weights64()) < 1e-6
+    x = np.concatenate([d[0] for d in domains])
+    y = np.concatenate([d[1] for d in domains])
+    assert (model.scores(x).argmax(1) == y).mean() > 0.9
+
+
+def _roundtrip(model):
+    blob = save({k: np.ascontiguousarray(v) for k, v in model.state().items()})
+    return type(model).from_state(load(blob), model.settings())
+
+
+@pytest.mark.parametrize("cls", [RailPrimal, RailPrimalWoodbury, RailDual])
+def test_state_roundtrip_then_keep_learning(cls):
+    domains = _domains(reuse=False)
+    make = (lambda: RailDual()) if cls is RailDual else (lambda: cls(DIM, hidden=HIDDEN, seed=2))
+    model, reference = make(), make()
+    for x, y, total in domains[:2]:
+        model.add_domain(x, y, total)
+        reference.add_domain(x, y, total)
+    model.solve()
+    restored = _roundtrip(model)
+    probe = domains[3][0]
+    np.testing.assert_array_equal(restored.scores(probe), model.scores(probe))
+    for m in (restored, reference):  # learning goes on from the restored statistics
+        m.add_domain(*domains[2])
+        m.solve()
+    assert _rel(restored.weights64(), reference.weights64()) < 1e-9

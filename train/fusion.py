@@ -1,0 +1,99 @@
+"""RAIL-Fusion (METHODS.md section 3): zero-shot CLIP probabilities mixed with learned scores.
+
+numpy reference implementations, batch-vectorised; the exported ONNX graph is checked against
+these. Label space: columns 0..C_learned-1 are the learned classes in global order (task 0's
+first), columns C_learned..L-1 are the labels of domains never learned.
+
+Rules:
+- `fuse_paper`: the paper's gate, on the zero-shot top-1 class.
+- `fuse_gated`: per-image routes (a task index or -1), e.g. from the DDAS gate (`ddas.route`).
+- `domain_mass_route` + `fuse_gated`: route by the zero-shot probability mass of each domain.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgeclip.edgeapp.errors import UsageError
+
+BETA = 0.8  # the paper's weight of the learned scores
+LOGIT_SCALE = 100.0  # CLIP's learned temperature, fixed at its trained value
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _normalise(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def zero_shot_probs(img: np.ndarray, text: np.ndarray, logit_scale: float = LOGIT_SCALE) -> np.ndarray:
+    """softmax(logit_scale * cos(img, text)): img [B, D], text [L, D] -> [B, L] float32."""
+    img, text = np.asarray(img, np.float32), np.asarray(text, np.float32)
+    if img.ndim != 2 or text.ndim != 2 or img.shape[1] != text.shape[1]:
+        raise UsageError(f"need img [B, D] and text [L, D], got {list(img.shape)} and {list(text.shape)}")
+    return softmax(logit_scale * _normalise(img) @ _normalise(text).T)
+
+
+def _check(p_zs: np.ndarray, s_a: np.ndarray) -> None:
+    if p_zs.ndim != 2 or s_a.ndim != 2 or p_zs.shape[0] != s_a.shape[0] or s_a.shape[1] > p_zs.shape[1]:
+        raise UsageError(f"need p_zs [B, L] and s_a [B, C <= L], got {list(p_zs.shape)} and {list(s_a.shape)}")
+
+
+def _pad(s_a: np.ndarray, n_labels: int) -> np.ndarray:
+    """Zero-pad learned scores [B, C] to the whole label space [B, L]."""
+    return np.pad(s_a, ((0, 0), (0, n_labels - s_a.shape[1])))
+
+
+def fuse_paper(p_zs: np.ndarray, s_a: np.ndarray, beta: float = BETA) -> np.ndarray:
+    """(1 - beta) p_zs + beta pad(s_a) where argmax p_zs is a learned class, else p_zs.
+
+    p_zs [B, L]; s_a [B, C_learned] (the learned classes are p_zs's first C_learned columns).
+    """
+    _check(p_zs, s_a)
+    seen = p_zs.argmax(axis=1) < s_a.shape[1]  # [B]
+    mixed = (1.0 - beta) * p_zs + beta * _pad(s_a, p_zs.shape[1])
+    return np.where(seen[:, None], mixed, p_zs)
+
+
+def task_masks(task_offsets: np.ndarray, task_sizes: np.ndarray, n_learned: int) -> np.ndarray:
+    """[T, C_learned] float32, 1 on each task's own classes."""
+    cols = np.arange(n_learned)
+    offsets, sizes = np.asarray(task_offsets)[:, None], np.asarray(task_sizes)[:, None]
+    return ((cols >= offsets) & (cols < offsets + sizes)).astype(np.float32)
+
+
+def fuse_gated(p_zs: np.ndarray, s_a: np.ndarray, route: np.ndarray, task_offsets: np.ndarray,
+               task_sizes: np.ndarray, beta: float = BETA) -> np.ndarray:
+    """Per image: route t >= 0 -> (1 - beta) p_zs + beta pad(s_a restricted to task t's classes);
+    route -1 -> p_zs. route [B] int, task_offsets / task_sizes [T] (column ranges in s_a)."""
+    _check(p_zs, s_a)
+    route = np.asarray(route, dtype=np.int64)
+    if route.shape != (p_zs.shape[0],) or route.min(initial=0) < -1 or route.max(initial=0) >= len(task_sizes):
+        raise UsageError(f"route must be [B] in [-1, {len(task_sizes)}), got {route}")
+    masks = task_masks(task_offsets, task_sizes, s_a.shape[1])  # [T, C]
+    own = s_a * masks[np.maximum(route, 0)]  # [B, C]; rows routed to -1 are discarded below
+    mixed = (1.0 - beta) * p_zs + beta * _pad(own, p_zs.shape[1])
+    return np.where((route >= 0)[:, None], mixed, p_zs)
+
+
+def domain_mass_route(p_zs: np.ndarray, task_offsets: np.ndarray, task_sizes: np.ndarray,
+                      n_learned: int) -> np.ndarray:
+    """Route [B] int64: the task whose classes hold the most zero-shot probability, or -1 when
+    the unseen labels (columns >= n_learned) hold more than every task."""
+    if len(task_sizes) == 0:
+        return np.full(p_zs.shape[0], -1, dtype=np.int64)
+    task_mass = p_zs[:, :n_learned] @ task_masks(task_offsets, task_sizes, n_learned).T  # [B, T]
+    unseen_mass = p_zs[:, n_learned:].sum(axis=1)  # [B]
+    best = task_mass.argmax(axis=1)
+    return np.where(task_mass.max(axis=1) >= unseen_mass, best, -1).astype(np.int64)
+
+
+def fuse_domain_mass(p_zs: np.ndarray, s_a: np.ndarray, task_offsets: np.ndarray,
+                     task_sizes: np.ndarray, beta: float = BETA) -> np.ndarray:
+    """`fuse_gated` with routes from `domain_mass_route`."""
+    route = domain_mass_route(p_zs, task_offsets, task_sizes, s_a.shape[1])
+    return fuse_gated(p_zs, s_a, route, task_offsets, task_sizes, beta)

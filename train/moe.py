@@ -1,0 +1,537 @@
+"""MoE-Adapters (METHODS.md section 1) inserted into a frozen open_clip model, without editing open_clip.
+
+Each chosen residual block of the image and text transformers is replaced by ``MoEResidualBlock``,
+which owns the block's own ``ln_1/attn/ls_1/ln_2/mlp/ls_2`` modules (so the backbone's state-dict keys
+do not change) plus a ``MoELayer``::
+
+    h   = x + ls_1(Attn(ln_1(x)))
+    out = h + ls_2(MLP(ln_2(h))) + sum_e g[:, e] * Expert_e(h)       g from h[:, 0] and the sample's task
+
+Routing is per sample: ``task_ids`` (LongTensor [B]) picks each sample's router from the stacked
+``w_gate [T, d, E]``, so one batch may mix tasks; ``ZERO_SHOT`` (-1) gives plain CLIP for that sample.
+The inference path has no Python loop over samples and no data-dependent Python branch (ONNX export).
+
+Experts of a block are stored stacked (``down_w [E, d, r]`` ...), and a sample's k experts are gathered
+by index: the cost is k/E of running every expert. ``dense=True`` runs all E experts and weights them by
+the sparse gate matrix instead (same result; about E/k times the adapter FLOPs).
+
+Activate-freeze is kept as masks (``frozen [E]``) applied to gradients (``mask_frozen_grads``): with a
+fresh AdamW per task and weight decay 0, an expert whose gradient is always zero never moves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeclip.edgeapp.errors import UsageError
+
+ZERO_SHOT = -1  # task id of a sample that must get plain CLIP (no adapter)
+ENCODERS = ("image", "text")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Adapter settings; the defaults are the paper's."""
+
+    n_experts: int = 22
+    top_k: int = 2
+    bottleneck: int = 64
+    scale: float = 0.1  # expert output scale
+    dropout: float = 0.1  # inside each expert, after the ReLU
+    noisy_gating: bool = True  # noisy top-k gating in train mode (never at inference)
+    noise_eps: float = 0.01  # added to softplus(c W_n): the noise never vanishes
+    encoders: tuple[str, ...] = ENCODERS
+    last_blocks: int | None = None  # adapters in the last N blocks of each encoder; None = all
+    dense: bool = False  # compute all experts and weight by the sparse gate (export alternative)
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.n_experts < self.top_k:
+            raise UsageError(f"Need 1 <= top_k <= n_experts, got top_k={self.top_k}, n_experts={self.n_experts}.")
+        if self.bottleneck < 1 or not 0.0 <= self.dropout < 1.0:
+            raise UsageError("bottleneck must be >= 1 and dropout in [0, 1).")
+        unknown = set(self.encoders) - set(ENCODERS)
+        if unknown or not self.encoders:
+            raise UsageError(f"encoders must be a non-empty subset of {ENCODERS}, got {self.encoders}.")
+        if self.last_blocks is not None and self.last_blocks < 1:
+            raise UsageError("last_blocks must be >= 1 (or None for all blocks).")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["encoders"] = list(self.encoders)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
+        data = dict(data)
+        data["encoders"] = tuple(data.get("encoders", ENCODERS))
+        return cls(**data)
+
+
+# A recorder receives (layer, task_ids [B], selected expert indices [B, k]) for every routed forward.
+Recorder = Callable[["MoELayer", torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class Routing:
+    """What every MoE layer of one model reads during a forward: the samples' tasks, an optional recorder."""
+
+    task_ids: torch.Tensor | None = None
+    recorder: Recorder | None = None
+
+
+class MoELayer(nn.Module):
+    """The experts of one block and one router per task (gate ``w_gate`` and noise ``w_noise``)."""
+
+    def __init__(self, width: int, config: MoEConfig, routing: Routing) -> None:
+        super().__init__()
+        self.width, self.config = width, config
+        self.routing = routing  # shared with the model's other layers; not a module, not saved
+        e, d, r = config.n_experts, width, config.bottleneck
+        self.down_w = nn.Parameter(_kaiming_down(e, d, r))  # [E, d, r]
+        self.down_b = nn.Parameter(torch.zeros(e, r))
+        self.up_w = nn.Parameter(torch.zeros(e, r, d))  # zero: a fresh adapter adds exactly nothing
+        self.up_b = nn.Parameter(torch.zeros(e, d))
+        self.w_gate = nn.Parameter(torch.zeros(0, d, e))  # [T, d, E]
+        self.w_noise = nn.Parameter(torch.zeros(0, d, e))
+        self.register_buffer("router_valid", torch.zeros(0, e, dtype=torch.bool))  # [T, E]
+        self.register_buffer("frozen", torch.zeros(e, dtype=torch.bool))  # [E]
+        self.register_buffer("counts", torch.zeros(0, e, dtype=torch.int64))  # [T, E] training selections
+        self.dropout = nn.Dropout(config.dropout)
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.down_w.shape[0])
+
+    @property
+    def n_tasks(self) -> int:
+        return int(self.w_gate.shape[0])
+
+    # ----- pool and routers -------------------------------------------------------------------
+    def add_router(self) -> None:
+        """A new task's router: zero gate and noise weights; it may select every expert of the pool."""
+        d, e = self.width, self.n_experts
+        zeros = self.w_gate.new_zeros(1, d, e)
+        self.w_gate = nn.Parameter(torch.cat([self.w_gate.detach(), zeros]))
+        self.w_noise = nn.Parameter(torch.cat([self.w_noise.detach(), zeros.clone()]))
+        self.router_valid = torch.cat([self.router_valid, self.router_valid.new_ones(1, e)])
+        self.counts = torch.cat([self.counts, self.counts.new_zeros(1, e)])
+
+    def grow(self, n_new: int) -> None:
+        """Append ``n_new`` fresh experts (zero output); existing routers can never select them."""
+        if n_new <= 0:
+            return
+        d, r, t = self.width, self.config.bottleneck, self.n_tasks
+        ref = self.down_w
+        self.down_w = nn.Parameter(torch.cat([ref.detach(), _kaiming_down(n_new, d, r).to(ref)]))
+        self.down_b = nn.Parameter(torch.cat([self.down_b.detach(), ref.new_zeros(n_new, r)]))
+        self.up_w = nn.Parameter(torch.cat([self.up_w.detach(), ref.new_zeros(n_new, r, d)]))
+        self.up_b = nn.Parameter(torch.cat([self.up_b.detach(), ref.new_zeros(n_new, d)]))
+        self.w_gate = nn.Parameter(torch.cat([self.w_gate.detach(), ref.new_zeros(t, d, n_new)], dim=2))
+        self.w_noise = nn.Parameter(torch.cat([self.w_noise.detach(), ref.new_zeros(t, d, n_new)], dim=2))
+        self.router_valid = torch.cat([self.router_valid, self.router_valid.new_zeros(t, n_new)], dim=1)
+        self.frozen = torch.cat([self.frozen, self.frozen.new_zeros(n_new)])
+        self.counts = torch.cat([self.counts, self.counts.new_zeros(t, n_new)], dim=1)
+
+    def resize(self, n_experts: int, n_tasks: int) -> None:
+        """Shape the layer for a saved state (fresh pool and routers; the values come from the state)."""
+        self.grow(n_experts - self.n_experts)
+        while self.n_tasks < n_tasks:
+            self.add_router()
+        if self.n_experts != n_experts or self.n_tasks != n_tasks:
+            raise UsageError(
+                f"Cannot shrink an MoE layer from {self.n_experts} experts / {self.n_tasks} routers "
+                f"to {n_experts} / {n_tasks}: load the state into a fresh model."
+            )
+
+    # ----- forward ----------------------------------------------------------------------------
+    def gate(self, cls_token: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k routing. Returns (selected experts [B, k] int64, their weights [B, k]).
+
+        Weights are softmax over the k selected logits, set to 0 for ``ZERO_SHOT`` samples.
+        """
+        e = self.n_experts
+        safe_ids = task_ids.clamp(min=0)  # [B]
+        pick = safe_ids[:, None, None].expand(-1, 1, e)  # [B, 1, E]
+        # [B, d] x [T, d, E] -> [B, T, E] -> the sample's own task row [B, E]
+        logits = torch.einsum("bd,tde->bte", cls_token, self.w_gate.to(cls_token.dtype)).gather(1, pick).squeeze(1)
+        if self.training and self.config.noisy_gating:
+            raw = torch.einsum("bd,tde->bte", cls_token, self.w_noise.to(cls_token.dtype)).gather(1, pick).squeeze(1)
+            std = nn.functional.softplus(raw) + self.config.noise_eps
+            logits = logits + torch.randn_like(logits) * std
+        valid = self.router_valid[safe_ids]  # [B, E]: experts added after a task are not its to choose
+        logits = torch.where(valid, logits, torch.full_like(logits, float("-inf")))
+        top_logits, top_idx = torch.topk(logits, self.config.top_k, dim=1)  # [B, k]
+        weights = torch.softmax(top_logits.float(), dim=1).to(cls_token.dtype)
+        weights = weights * (task_ids >= 0).to(weights.dtype)[:, None]
+        return top_idx, weights
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The adapter term sum_e g_e Expert_e(h) for batch-first ``h`` [B, L, d]."""
+        task_ids = self.routing.task_ids
+        if task_ids is None:
+            raise UsageError("An MoE-adapted model needs task ids: call encode_image/encode_text with task_ids.")
+        idx, weights = self.gate(h[:, 0], task_ids)
+        if self.routing.recorder is not None:
+            self.routing.recorder(self, task_ids, idx)
+        out = self._dense(h, idx, weights) if self.config.dense else self._gathered(h, idx, weights)
+        return out * self.config.scale
+
+    def _gathered(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        dtype = h.dtype
+        down_w, down_b = self.down_w[idx].to(dtype), self.down_b[idx].to(dtype)  # [B, k, d, r], [B, k, r]
+        up_w, up_b = self.up_w[idx].to(dtype), self.up_b[idx].to(dtype)  # [B, k, r, d], [B, k, d]
+        hidden = torch.einsum("bld,bkdr->bklr", h, down_w) + down_b[:, :, None, :]  # [B, k, L, r]
+        hidden = self.dropout(torch.relu(hidden))
+        out = torch.einsum("bklr,bkrd->bkld", hidden, up_w) + up_b[:, :, None, :]  # [B, k, L, d]
+        return torch.einsum("bk,bkld->bld", weights, out)
+
+    def _dense(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        dtype = h.dtype
+        gates = torch.zeros(h.shape[0], self.n_experts, dtype=dtype, device=h.device)
+        gates = gates.scatter(1, idx, weights)  # [B, E], k non-zeros per row
+        hidden = torch.einsum("bld,edr->belr", h, self.down_w.to(dtype)) + self.down_b.to(dtype)[None, :, None, :]
+        hidden = self.dropout(torch.relu(hidden))  # [B, E, L, r]
+        out = torch.einsum("belr,erd->beld", hidden, self.up_w.to(dtype)) + self.up_b.to(dtype)[None, :, None, :]
+        return torch.einsum("be,beld->bld", gates, out)
+
+
+def _kaiming_down(n: int, width: int, bottleneck: int) -> torch.Tensor:
+    """Down-projections [n, d, r], each initialised as nn.Linear(d, r)'s weight (Kaiming-uniform, a=sqrt(5))."""
+    w = torch.empty(n, bottleneck, width)
+    for i in range(n):
+        nn.init.kaiming_uniform_(w[i], a=math.sqrt(5))
+    return w.transpose(1, 2).contiguous()
+
+
+class MoEResidualBlock(nn.Module):
+    """open_clip's ResidualAttentionBlock with an MoE adapter in parallel to the MLP.
+
+    It takes over the original block's submodules under the same names, so the backbone's
+    parameter names are unchanged; the adapter adds ``<block>.moe.*``.
+    """
+
+    def __init__(self, block: nn.Module, moe: MoELayer) -> None:
+        super().__init__()
+        self.ln_1, self.attn, self.ls_1 = block.ln_1, block.attn, block.ls_1
+        self.ln_2, self.mlp, self.ls_2 = block.ln_2, block.mlp, block.ls_2
+        self.batch_first = bool(getattr(block.attn, "batch_first", True))
+        self.moe = moe
+
+    def get_weight_dtype(self) -> torch.dtype:  # open_clip's Transformer.get_cast_dtype asks block 0
+        return self.mlp.c_fc.weight.dtype
+
+    def forward(
+        self,
+        q_x: torch.Tensor,
+        k_x: torch.Tensor | None = None,
+        v_x: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        mask = attn_mask.to(q_x.dtype) if attn_mask is not None else None
+        y = self.ln_1(q_x)
+        h = q_x + self.ls_1(self.attn(y, y, y, need_weights=False, attn_mask=mask)[0])
+        adapter = self.moe(h if self.batch_first else h.transpose(0, 1))  # the layer reads [B, L, d]
+        if not self.batch_first:
+            adapter = adapter.transpose(0, 1)
+        return h + self.ls_2(self.mlp(self.ln_2(h))) + adapter
+
+
+def encoder_transformers(clip: nn.Module) -> dict[str, nn.Module]:
+    """The open_clip ``Transformer`` of each encoder ('image', 'text') of a CLIP or CustomTextCLIP."""
+    found: dict[str, nn.Module] = {}
+    visual = getattr(clip, "visual", None)
+    if visual is not None and hasattr(getattr(visual, "transformer", None), "resblocks"):
+        found["image"] = visual.transformer
+    text = getattr(clip, "transformer", None)
+    if text is None and hasattr(clip, "text"):
+        text = getattr(clip.text, "transformer", None)
+    if text is not None and hasattr(text, "resblocks"):
+        found["text"] = text
+    return found
+
+
+class MoECLIP(nn.Module):
+    """A frozen open_clip model with MoE adapters. ``clip`` is modified in place (its blocks replaced)."""
+
+    def __init__(self, clip: nn.Module, config: MoEConfig | None = None) -> None:
+        super().__init__()
+        from open_clip.transformer import ResidualAttentionBlock
+
+        self.config = config or MoEConfig()
+        self.routing = Routing()
+        self.clip = clip
+        for param in clip.parameters():
+            param.requires_grad_(False)
+        transformers = encoder_transformers(clip)
+        for encoder in self.config.encoders:
+            if encoder not in transformers:
+                raise UsageError(f"This open_clip model has no transformer {encoder} encoder for MoE adapters.")
+            blocks = transformers[encoder].resblocks
+            n = len(blocks) if self.config.last_blocks is None else min(self.config.last_blocks, len(blocks))
+            for i in range(len(blocks) - n, len(blocks)):
+                block = blocks[i]
+                if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
+                    raise UsageError(
+                        f"MoE adapters support open_clip's ResidualAttentionBlock, not {type(block).__name__}."
+                    )
+                width = int(block.ln_1.normalized_shape[0])
+                moe = MoELayer(width, self.config, self.routing).to(block.mlp.c_fc.weight.device)
+                blocks[i] = MoEResidualBlock(block, moe)
+        self._encoder_of = {
+            name: ("image" if name.startswith("visual.") else "text") for name, _ in self.named_layers()
+        }
+
+    # ----- structure --------------------------------------------------------------------------
+    def named_layers(self) -> Iterator[tuple[str, MoELayer]]:
+        """(name, layer) of every MoE layer, names relative to the CLIP model (e.g. 'visual.transformer.resblocks.11.moe')."""
+        for name, module in self.clip.named_modules():
+            if isinstance(module, MoELayer):
+                yield name, module
+
+    def encoder_of(self, layer_name: str) -> str:
+        return self._encoder_of[layer_name]
+
+    @property
+    def n_tasks(self) -> int:
+        return next(layer for _, layer in self.named_layers()).n_tasks
+
+    def add_task(self) -> int:
+        """Add one router per layer for a new task; returns its task index."""
+        for _, layer in self.named_layers():
+            layer.add_router()
+        return self.n_tasks - 1
+
+    def backbone_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, param in self.clip.named_parameters():
+            if ".moe." not in name:
+                yield name, param
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for _, layer in self.named_layers() for p in layer.parameters()]
+
+    # ----- forward ----------------------------------------------------------------------------
+    @contextmanager
+    def route(self, task_ids: torch.Tensor | int, batch: int, device: torch.device) -> Iterator[None]:
+        if isinstance(task_ids, int):
+            task_ids = torch.full((batch,), task_ids, dtype=torch.long, device=device)
+        previous = self.routing.task_ids
+        self.routing.task_ids = task_ids.to(device=device, dtype=torch.long)
+        try:
+            yield
+        finally:
+            self.routing.task_ids = previous
+
+    @contextmanager
+    def recording(self, recorder: Recorder) -> Iterator[None]:
+        """Call ``recorder`` with every layer's expert selections inside the block."""
+        previous = self.routing.recorder
+        self.routing.recorder = recorder
+        try:
+            yield
+        finally:
+            self.routing.recorder = previous
+
+    def encode_image(self, images: torch.Tensor, task_ids: torch.Tensor | int, normalize: bool = False) -> torch.Tensor:
+        """Image embeddings routed by each sample's task (LongTensor [B] or one int; -1 = plain CLIP)."""
+        with self.route(task_ids, images.shape[0], images.device):
+            return self.clip.encode_image(images, normalize=normalize)
+
+    def encode_text(self, tokens: torch.Tensor, task_ids: torch.Tensor | int, normalize: bool = False) -> torch.Tensor:
+        with self.route(task_ids, tokens.shape[0], tokens.device):
+            return self.clip.encode_text(tokens, normalize=normalize)
+
+    def forward(
+        self, images: torch.Tensor, image_tasks: torch.Tensor | int, tokens: torch.Tensor, text_tasks: torch.Tensor | int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised image and text embeddings in one call (what DistributedDataParallel wraps)."""
+        return (
+            self.encode_image(images, image_tasks, normalize=True),
+            self.encode_text(tokens, text_tasks, normalize=True),
+        )
+
+
+# ----- activate-freeze -----------------------------------------------------------------------------
+def set_trainable(model: MoECLIP, task: int) -> None:
+    """Backbone frozen; adapters trainable (their frozen experts and other tasks' routers are masked)."""
+    for _, param in model.backbone_parameters():
+        param.requires_grad_(False)
+    for param in model.adapter_parameters():
+        param.requires_grad_(True)
+    model.routing.task_ids = None
+    if not 0 <= task < model.n_tasks:
+        raise UsageError(f"Task {task} has no router (the model has {model.n_tasks}).")
+
+
+@torch.no_grad()
+def mask_frozen_grads(model: MoECLIP, task: int) -> None:
+    """Zero the gradients of frozen experts and of every router but ``task``'s (call before optimizer.step)."""
+    for _, layer in model.named_layers():
+        keep = (~layer.frozen).to(layer.down_w.dtype)
+        for param in (layer.down_w, layer.down_b, layer.up_w, layer.up_b):
+            if param.grad is not None:
+                param.grad.mul_(keep.view(-1, *([1] * (param.dim() - 1))))
+        for param in (layer.w_gate, layer.w_noise):
+            if param.grad is not None:
+                other = torch.ones(param.shape[0], dtype=torch.bool, device=param.device)
+                other[task] = False
+                param.grad[other] = 0
+
+
+def count_selections(layer: MoELayer, task_ids: torch.Tensor, idx: torch.Tensor) -> None:
+    """Recorder that adds each sample's selected experts to ``layer.counts[task]`` (activate-freeze counts)."""
+    with torch.no_grad():
+        seen = task_ids >= 0
+        rows = task_ids[seen][:, None].expand(-1, idx.shape[1])
+        layer.counts.index_put_((rows, idx[seen]), torch.ones_like(rows), accumulate=True)
+
+
+class SelectionSet:
+    """Recorder collecting which experts each layer selected (for the strict freeze rule)."""
+
+    def __init__(self, model: MoECLIP) -> None:
+        self.selected = {id(layer): torch.zeros(layer.n_experts, dtype=torch.bool) for _, layer in model.named_layers()}
+
+    def __call__(self, layer: MoELayer, task_ids: torch.Tensor, idx: torch.Tensor) -> None:
+        hit = idx[task_ids >= 0].flatten().cpu()
+        self.selected[id(layer)][hit] = True
+
+
+FREEZE_RULES = ("strict", "paper")
+
+
+def freeze_experts(model: MoECLIP, task: int, rule: str, selected: SelectionSet | None = None) -> dict[str, np.ndarray]:
+    """Freeze experts after ``task``; returns the newly frozen mask per layer.
+
+    'paper': the top_k most-selected experts per block during training (``layer.counts[task]``).
+    'strict': every expert in ``selected`` (the task router's clean selections on its training
+    images and prompts), so the task's outputs on those inputs can never change again.
+    """
+    if rule not in FREEZE_RULES:
+        raise UsageError(f"Unknown freeze rule '{rule}'; use one of {FREEZE_RULES}.")
+    if rule == "strict" and selected is None:
+        raise UsageError("The strict freeze rule needs the experts the task selected (SelectionSet).")
+    newly: dict[str, np.ndarray] = {}
+    for name, layer in model.named_layers():
+        mask = torch.zeros(layer.n_experts, dtype=torch.bool)
+        if rule == "paper":
+            counts = layer.counts[task].cpu()
+            top = torch.topk(counts, model.config.top_k).indices
+            mask[top[counts[top] > 0]] = True
+        else:
+            mask = selected.selected[id(layer)].clone()
+        newly[name] = (mask & ~layer.frozen.cpu()).numpy()
+        layer.frozen |= mask.to(layer.frozen.device)
+    return newly
+
+
+def grow_pools(model: MoECLIP) -> dict[str, int]:
+    """Give every block at least top_k unfrozen experts; returns the experts added per layer."""
+    added: dict[str, int] = {}
+    for name, layer in model.named_layers():
+        free = int((~layer.frozen).sum())
+        if free < model.config.top_k:
+            layer.grow(model.config.top_k - free)
+            added[name] = model.config.top_k - free
+    return added
+
+
+# ----- parameter counts ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParameterCount:
+    experts: int
+    routers: int  # gate + noise matrices of all tasks
+    per_router: int  # one task's gate + noise matrices over all layers
+
+    @property
+    def total(self) -> int:
+        return self.experts + self.routers
+
+
+def parameter_count(model: MoECLIP, n_tasks: int | None = None) -> ParameterCount:
+    """Adapter parameters: experts of every layer (both encoders) plus ``n_tasks`` routers (default: the model's)."""
+    experts = per_router = 0
+    for _, layer in model.named_layers():
+        experts += sum(p.numel() for p in (layer.down_w, layer.down_b, layer.up_w, layer.up_b))
+        per_router += 2 * layer.width * layer.n_experts
+    tasks = model.n_tasks if n_tasks is None else n_tasks
+    return ParameterCount(experts=experts, routers=tasks * per_router, per_router=per_router)
+
+
+# ----- state (safetensors: flat string keys, no pickle) ----------------------------------------------
+def moe_state(model: MoECLIP) -> dict[str, torch.Tensor]:
+    """Every adapter tensor (experts, routers, router masks, frozen masks, counts) under '<layer>.<name>'."""
+    return {
+        f"{name}.{key}": value.detach().cpu().contiguous()
+        for name, layer in model.named_layers()
+        for key, value in layer.state_dict().items()
+    }
+
+
+def load_moe_state(model: MoECLIP, state: dict[str, Any]) -> None:
+    """Load ``moe_state`` output (torch tensors or numpy arrays) into a model built with the same config."""
+    for name, layer in model.named_layers():
+        prefix = f"{name}."
+        own = {k[len(prefix):]: torch.as_tensor(v) for k, v in state.items() if k.startswith(prefix)}
+        if "down_w" not in own or "w_gate" not in own:
+            raise UsageError(f"The MoE state has no tensors for layer '{name}': was it saved with another config?")
+        layer.resize(int(own["down_w"].shape[0]), int(own["w_gate"].shape[0]))
+        layer.load_state_dict(own, strict=True)
+    known = {f"{name}." for name, _ in model.named_layers()}
+    stray = [k for k in state if not any(k.startswith(p) for p in known)]
+    if stray:
+        raise UsageError(f"The MoE state has tensors for layers this model lacks, e.g. '{stray[0]}'.")
+
+
+# ----- per-task text classifier --------------------------------------------------------------------
+@torch.no_grad()
+def text_classifier(
+    model: MoECLIP,
+    task: int,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    tokenize: Callable[[list[str]], torch.Tensor],
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Class text embeddings [C, D] through the adapted text encoder with ``task``'s router
+    (``ZERO_SHOT`` for plain CLIP): each class's prompts averaged, then re-normalised."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    prompts = [t.format(c) for c in class_names for t in templates]
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        tokens = tokenize(prompts[start : start + batch_size]).to(device)
+        chunks.append(model.encode_text(tokens, task, normalize=True).float().cpu())
+    model.train(was_training)
+    feats = torch.cat(chunks).reshape(len(class_names), len(templates), -1).mean(dim=1)
+    return nn.functional.normalize(feats, dim=-1).numpy().astype(np.float32)
+
+
+__all__ = [
+    "ZERO_SHOT",
+    "MoEConfig",
+    "MoELayer",
+    "MoEResidualBlock",
+    "MoECLIP",
+    "Routing",
+    "SelectionSet",
+    "ParameterCount",
+    "count_selections",
+    "encoder_transformers",
+    "freeze_experts",
+    "grow_pools",
+    "load_moe_state",
+    "mask_frozen_grads",
+    "moe_state",
+    "parameter_count",
+    "set_trainable",
+    "text_classifier",
+]
