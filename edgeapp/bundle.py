@@ -281,6 +281,12 @@ class VersionWriter:
             target.unlink()  # never write through a hard link into the parent version
         return target
 
+    def writable_path(self, name: str) -> Path:
+        """A path in the new version for a file another tool writes itself (e.g. onnx.save)."""
+        target = self._target(name)
+        self._files[name] = {"blob": False}
+        return target
+
     def write_bytes(self, name: str, data: bytes) -> None:
         target = self._target(name)
         target.write_bytes(data)

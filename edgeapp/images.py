@@ -105,7 +105,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode == "I" or img.mode.startswith("I;16"):
-        return Image.fromarray(_to_8bit(np.asarray(img)), mode="L").convert("RGB")
+        return Image.fromarray(_to_8bit(np.asarray(img))).convert("RGB")
     if img.mode == "F":
         return img.convert("L").convert("RGB")
     return img.convert("RGB")
@@ -124,7 +124,7 @@ def _cause(err: BaseException) -> str:
     if isinstance(err, FileNotFoundError):
         return "no such file"
     text = str(err) or type(err).__name__
-    if isinstance(err, OSError) and "truncated" in text:
+    if isinstance(err, OSError) and "truncated" in text.lower():
         return f"truncated image data ({text})"
     if isinstance(err, MemoryError):
         return "out of memory while decoding"
@@ -192,9 +192,10 @@ def _resized(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     if cfg.resize_mode == "squash":
         return _resize(img, (size, size), resample)
     if cfg.resize_mode == "longest":
-        # open_clip's ResizeKeepRatio(longest=1): scale by the larger ratio, round half-even.
+        # open_clip's ResizeKeepRatio(longest=1): scale by the larger ratio, round half-even
+        # (kept at least 1 pixel, where open_clip fails on a sliver that rounds to 0).
         ratio = max(height / size, width / size)
-        img = _resize(img, (round(width / ratio), round(height / ratio)), resample)
+        img = _resize(img, (max(1, round(width / ratio)), max(1, round(height / ratio))), resample)
         return _center_crop_or_pad(img, size)
     # torchvision Resize(int): the short side becomes `size`, the long side is truncated.
     short, long = min(width, height), max(width, height)

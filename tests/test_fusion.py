@@ -36,7 +36,7 @@ def test_zero_shot_probs_is_softmax_of_100_cos():
     ])
     got = zero_shot_probs(img, text)
     assert got.dtype == np.float32
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-30)  # float32: 100 * cos amplifies rounding
     np.testing.assert_allclose(zero_shot_probs(img, text, logit_scale=1.0)[0],
                                [np.exp(1) / (np.exp(1) + np.exp(0.6)), np.exp(0.6) / (np.exp(1) + np.exp(0.6))],
                                rtol=1e-6)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -361,13 +361,12 @@ class MoECLIP(nn.Module):
 # ----- activate-freeze -----------------------------------------------------------------------------
 def set_trainable(model: MoECLIP, task: int) -> None:
     """Backbone frozen; adapters trainable (their frozen experts and other tasks' routers are masked)."""
+    if not 0 <= task < model.n_tasks:
+        raise UsageError(f"Task {task} has no router (the model has {model.n_tasks}).")
     for _, param in model.backbone_parameters():
         param.requires_grad_(False)
     for param in model.adapter_parameters():
         param.requires_grad_(True)
-    model.routing.task_ids = None
-    if not 0 <= task < model.n_tasks:
-        raise UsageError(f"Task {task} has no router (the model has {model.n_tasks}).")
 
 
 @torch.no_grad()

@@ -1,0 +1,65 @@
+"""Latency measurement of a bundle's graphs (torch-free): the gated graph against the plain encoder."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass
+class LatencyResult:
+    backend: str
+    graph: str  # "gated" or "plain"
+    batch_size: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    images_per_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def time_calls(call: Callable[[], object], iterations: int, warmup: int = 2) -> np.ndarray:
+    """Wall-clock milliseconds of ``iterations`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = np.empty(iterations)
+    for i in range(iterations):
+        start = time.perf_counter()
+        call()
+        times[i] = (time.perf_counter() - start) * 1000.0
+    return times
+
+
+def summarise(backend: str, graph: str, batch_size: int, times_ms: np.ndarray) -> LatencyResult:
+    p50, p90, p99 = np.percentile(times_ms, [50, 90, 99])
+    return LatencyResult(backend, graph, batch_size, float(p50), float(p90), float(p99),
+                         float(batch_size * 1000.0 / np.median(times_ms)))
+
+
+def bench_bundle(bundle, backend: str, batch_sizes: list[int], iterations: int, seed: int = 0,
+                 on_step: Callable[[], None] | None = None) -> list[LatencyResult]:
+    """Time the gated and the plain graph on the same random pixels, interleaved per batch size
+    so that both see the same machine state (the ratio is what is comparable)."""
+    from edgeclip.edgeapp.classify import build_label_space
+    from edgeclip.edgeapp.runtime import GatedRunner, ImageEncoderRunner, TextEncoderRunner
+
+    gated = GatedRunner(bundle, backend)
+    plain = ImageEncoderRunner(bundle, backend)
+    extra = [] if bundle.learned_classes else ["object"]
+    labels = build_label_space(bundle, extra, lambda t: TextEncoderRunner(bundle, backend).embed(t))
+    size = int(bundle.manifest["preprocess"]["image_size"])
+    rng = np.random.default_rng(seed)
+    results = []
+    for batch in batch_sizes:
+        pixels = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
+        results.append(summarise(gated.backend_name, "gated", batch,
+                                 time_calls(lambda: gated.run(pixels, labels.text), iterations)))
+        results.append(summarise(plain.backend_name, "plain", batch, time_calls(lambda: plain.embed(pixels), iterations)))
+        if on_step:
+            on_step()
+    return results

@@ -1,0 +1,143 @@
+"""Classify files and folders with a bundle's gated graph (torch-free).
+
+Decoding and preprocessing run in a thread pool ahead of the engine (``iter_batches``),
+so the engine is kept busy while the next batch is decoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from edgeclip.edgeapp.bundle import Bundle
+from edgeclip.edgeapp.errors import UsageError
+
+ZERO_SHOT = "zero-shot"
+
+
+@dataclass
+class Prediction:
+    """One input's result; ``error`` is set (and the rest empty) when the input could not be read."""
+
+    path: str
+    label: str | None = None
+    score: float | None = None
+    route: str | None = None
+    topk: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "label": self.label,
+            "score": self.score,
+            "route": self.route,
+            "topk": self.topk,
+            "error": self.error,
+        }
+
+
+@dataclass
+class LabelSpace:
+    """The labels scores are given over: learned classes first, then extra zero-shot labels."""
+
+    names: list[str]
+    text: np.ndarray  # [L, D] frozen text embeddings, L2-normalised
+
+
+def parse_labels(labels: str | None, labels_file: Path | None) -> list[str]:
+    """Labels from ``--labels "a,b"`` or a file with one label a line (blank lines and # comments skipped)."""
+    if labels and labels_file:
+        raise UsageError("Give either --labels or --labels-file, not both.")
+    if labels_file:
+        try:
+            lines = Path(labels_file).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise UsageError(f"Cannot read the labels file {labels_file}: {exc.strerror}") from exc
+        names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    elif labels:
+        names = [part.strip() for part in labels.split(",") if part.strip()]
+    else:
+        return []
+    if not names:
+        raise UsageError("The label list is empty: expected --labels \"cat,dog\" or a file with one label a line.")
+    return list(dict.fromkeys(names))
+
+
+def build_label_space(bundle: Bundle, extra: Sequence[str], text_encoder: Callable[[list[str]], np.ndarray]) -> LabelSpace:
+    """Learned classes (stored text embeddings, no text encoder needed) plus extra labels (encoded now)."""
+    learned = bundle.learned_classes
+    stored = bundle.tensors("learned.safetensors")["zs_text"]
+    known = {name.lower() for name in learned}
+    new = [name for name in extra if name.lower() not in known]
+    if not learned and not new:
+        raise UsageError(
+            "This bundle has learned no task yet, so there is nothing to classify into: "
+            "pass --labels \"a,b,...\" (zero-shot) or learn a task with 'edgeclip add-task'."
+        )
+    if not new:
+        return LabelSpace(list(learned), stored.astype(np.float32))
+    templates = bundle.manifest.get("zero_shot", {}).get("templates", ["a photo of a {}."])
+    prompts = [t.format(name) for name in new for t in templates]
+    feats = text_encoder(prompts).reshape(len(new), len(templates), -1).mean(axis=1)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    return LabelSpace(list(learned) + new, np.concatenate([stored, feats.astype(np.float32)]))
+
+
+def task_route_names(bundle: Bundle) -> list[str]:
+    return [task["name"] for task in bundle.tasks]
+
+
+def predictions_from_scores(
+    paths: Sequence[Path],
+    scores: np.ndarray,
+    routes: np.ndarray,
+    labels: LabelSpace,
+    task_names: Sequence[str],
+    top_k: int,
+) -> list[Prediction]:
+    """Turn the graph's outputs into per-input results (top-k by score)."""
+    k = min(top_k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    out = []
+    for i, path in enumerate(paths):
+        top = [{"label": labels.names[j], "score": float(scores[i, j])} for j in order[i]]
+        route = int(routes[i])
+        out.append(
+            Prediction(
+                path=str(path),
+                label=top[0]["label"],
+                score=top[0]["score"],
+                route=ZERO_SHOT if route < 0 else task_names[route],
+                topk=top,
+            )
+        )
+    return out
+
+
+def classify_files(
+    bundle: Bundle,
+    files: Iterable[Path],
+    runner: Any,
+    labels: LabelSpace,
+    top_k: int = 5,
+    batch_size: int = 32,
+    workers: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Iterator[Prediction]:
+    """Yield one Prediction per file, in input order per batch; unreadable files give an error Prediction."""
+    from edgeclip.edgeapp.images import PreprocessConfig, iter_batches
+
+    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
+    names = task_route_names(bundle)
+    for batch in iter_batches(list(files), cfg, batch_size=batch_size, workers=workers):
+        for path, message in batch.errors:
+            yield Prediction(path=str(path), error=message)
+        if len(batch.paths):
+            result = runner.run(batch.pixels, labels.text)
+            yield from predictions_from_scores(batch.paths, result["scores"], result["route"], labels, names, top_k)
+        if on_batch is not None:
+            on_batch(len(batch.paths) + len(batch.errors))

@@ -1,0 +1,131 @@
+"""``edgeclip classify``: files and folders through the bundle's gated graph."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional, TextIO
+
+import typer
+from rich.table import Table
+
+from edgeclip.edgeapp.classify import Prediction
+from edgeclip.edgeapp.cli.console import err_console, out_console, progress
+from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, open_bundle
+from edgeclip.edgeapp.errors import UsageError
+
+EXIT_UNREADABLE = 3
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+def _write_json_lines(preds: list[Prediction], stream: TextIO) -> None:
+    for pred in preds:
+        stream.write(json.dumps(pred.to_dict(), ensure_ascii=False) + "\n")
+
+
+def _write_csv(preds: list[Prediction], stream: TextIO) -> None:
+    writer = csv.writer(stream)
+    writer.writerow(["path", "label", "score", "route", "topk", "error"])
+    for p in preds:
+        topk = ";".join(f"{t['label']}:{t['score']:.6f}" for t in p.topk)
+        writer.writerow([p.path, p.label or "", "" if p.score is None else f"{p.score:.6f}", p.route or "", topk, p.error or ""])
+
+
+def _table(preds: list[Prediction], title: str) -> Table:
+    table = Table(title=title, show_lines=False)
+    for name in ("file", "label", "score", "route", "top-k"):
+        table.add_column(name, overflow="fold")
+    for p in preds:
+        if p.error:
+            table.add_row(p.path, "[red]error[/]", "", "", f"[red]{p.error}[/]")
+        else:
+            others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p.topk[1:])
+            table.add_row(p.path, p.label, f"{p.score:.3f}", p.route, others)
+    return table
+
+
+def classify(
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.", show_default=False)],
+    bundle: BundleOpt = None,
+    backend: BackendOpt = "auto",
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many labels to report per image.")] = 5,
+    labels: Annotated[Optional[str], typer.Option(help='Extra zero-shot labels, comma separated: "a,b,c".')] = None,
+    labels_file: Annotated[Optional[Path], typer.Option(help="Extra zero-shot labels, one per line.")] = None,
+    output_format: Annotated[OutputFormat, typer.Option("--format", help="table, json (JSON Lines) or csv.")] = OutputFormat.table,
+    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into sub-folders.")] = True,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 16,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results to this file instead of stdout.")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Classify images and folders (recursively, images recognised by content).
+
+    Each image is routed by the DDAS gate to the task it belongs to, or to zero-shot CLIP.
+    --format json writes JSON Lines: path, label, score, route, topk, error.
+    Exit codes: 0 all inputs done; 3 some inputs could not be read (the rest are still
+    classified); 2 usage error; 1 other failure.
+    """
+    from edgeclip.edgeapp.classify import build_label_space, classify_files, parse_labels
+    from edgeclip.edgeapp.discover import discover_images
+    from edgeclip.edgeapp.runtime import GatedRunner, TextEncoderRunner
+
+    loaded = open_bundle(bundle)
+    extra = parse_labels(labels, labels_file)
+    found = discover_images(paths, recursive=recursive)
+    missing = [Prediction(path=str(p), error=msg) for p, msg in found.missing]
+    if not found.images and not missing:
+        raise UsageError("No images found in the given paths.")
+    label_space = build_label_space(loaded, extra, lambda texts: TextEncoderRunner(loaded, backend).embed(texts))
+    runner = GatedRunner(loaded, backend)
+    preds: list[Prediction] = list(missing)
+    start = time.perf_counter()
+    with progress(quiet) as bar:
+        task = bar.add_task("classifying", total=len(found.images), info="")
+        for pred in classify_files(
+            loaded, found.images, runner, label_space, top_k=top_k, batch_size=batch_size,
+            on_batch=lambda n: bar.advance(task, n),
+        ):
+            preds.append(pred)
+    elapsed = time.perf_counter() - start
+    done = sum(1 for p in preds if p.error is None)
+    failed = len(preds) - done
+
+    stream: TextIO = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
+    try:
+        if output_format is OutputFormat.json:
+            _write_json_lines(preds, stream)
+        elif output_format is OutputFormat.csv:
+            _write_csv(preds, stream)
+        else:
+            weights = " - random weights" if loaded.random_weights else ""
+            title = f"{loaded.root} {loaded.version} ({loaded.manifest['backbone']['model']}{weights})"
+            if output:
+                buffer = io.StringIO()
+                from rich.console import Console
+
+                Console(file=buffer, width=160).print(_table(preds, title))
+                stream.write(buffer.getvalue())
+            else:
+                out_console().print(_table(preds, title))
+    finally:
+        if output:
+            stream.close()
+    if not quiet:
+        rate = done / elapsed if elapsed > 0 else 0.0
+        note = " (random weights: predictions are not meaningful)" if loaded.random_weights else ""
+        err_console().print(f"{done} classified, {failed} unreadable, {rate:.1f} images/s{note}", highlight=False)
+    if failed:
+        raise typer.Exit(EXIT_UNREADABLE)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(classify)

@@ -1,0 +1,217 @@
+"""Bundle management commands: init, add-task, tasks, export, rollback, info."""
+
+from __future__ import annotations
+
+import json
+import platform
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from edgeclip import __version__
+from edgeclip.edgeapp.bundle import Bundle, list_versions
+from edgeclip.edgeapp.bundle import rollback as rollback_bundle
+from edgeclip.edgeapp.cli.console import err_console, out_console, progress
+from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, open_bundle
+from edgeclip.edgeapp.errors import MissingExtraError
+
+
+class Method(str, Enum):
+    moe = "moe"
+    rail_primal = "rail-primal"
+    rail_dual = "rail-dual"
+
+
+class TableOrJson(str, Enum):
+    table = "table"
+    json = "json"
+
+
+def _needs_torch(what: str) -> None:
+    """Say which extra to install when a command needs torch and it is missing."""
+    import importlib.util
+
+    for module, package in (("torch", "torch"), ("open_clip", "open_clip_torch")):
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtraError(what, "train", package)
+
+
+def weights_note(bundle: Bundle) -> str:
+    weights = bundle.manifest["backbone"]["weights"]
+    if weights["kind"] == "random":
+        return f"random weights (seed {weights['ref']})"
+    return f"pretrained {weights['ref']}" if weights["kind"] == "tag" else f"checkpoint {Path(weights['ref']).name}"
+
+
+def init(
+    bundle: BundleOpt = None,
+    model: Annotated[str, typer.Option(help="open_clip model name, e.g. ViT-B-16, or edgeclip-tiny / edgeclip-small.")] = "ViT-B-16",
+    pretrained: Annotated[Optional[str], typer.Option(help="open_clip pretrained tag (e.g. openai) or a local checkpoint file.")] = None,
+    random_weights: Annotated[bool, typer.Option("--random-weights", help="Seeded random weights (offline tests and demos only).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights and of the learners.")] = 0,
+    method: Annotated[Method, typer.Option(help="Continual learner: moe, rail-primal or rail-dual.")] = Method.rail_primal,
+    hidden: Annotated[int, typer.Option(min=1, help="RAIL primal: random hidden layer size (paper 15000; float64 statistics cost 8*hidden^2 bytes).")] = 15000,
+    beta: Annotated[float, typer.Option(min=0.0, max=1.0, help="RAIL: weight of the learned scores in the fusion.")] = 0.8,
+    fusion: Annotated[str, typer.Option(help="RAIL: 'ddas' (gate by autoencoders, default) or 'paper' (zero-shot top-1).")] = "ddas",
+    gate: Annotated[str, typer.Option(help="DDAS autoencoder: 'linear' (closed form, torch-free) or 'mlp'.")] = "linear",
+    labels: Annotated[Optional[str], typer.Option(help='Default zero-shot labels, comma separated.')] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Create a new bundle with no task (zero-shot CLIP only), exporting the frozen encoders to ONNX."""
+    _needs_torch("edgeclip init")
+    from edgeclip.edgeapp.classify import parse_labels
+    from edgeclip.train.pipeline import MethodSettings, init_bundle
+
+    settings = MethodSettings(method=method.value, hidden=hidden, beta=beta, fusion=fusion, gate_kind=gate, seed=seed)
+    root = bundle_path(bundle)
+    with progress(quiet) as bar:
+        bar.add_task("exporting the frozen encoders", total=None, info="")
+        created = init_bundle(root, model, pretrained, random_weights=random_weights, seed=seed, settings=settings,
+                              zero_shot_labels=parse_labels(labels, None))
+    if not quiet:
+        err_console().print(f"created {root} ({created.version}): {model}, {weights_note(created)}, method {method.value}")
+
+
+def add_task(
+    domain_dir: Annotated[Path, typer.Argument(help="Domain folder: DIR/<class>/* or DIR/train/<class>/*.", show_default=False)],
+    bundle: BundleOpt = None,
+    name: Annotated[Optional[str], typer.Option(help="Task name (default: the folder's name or meta.json's).")] = None,
+    shots: Annotated[Optional[int], typer.Option(min=1, help="Use at most K images per class (few-shot).")] = None,
+    iterations: Annotated[Optional[int], typer.Option(min=1, help="MoE: training iterations (default 1000).")] = None,
+    device: Annotated[str, typer.Option(help="MoE training device: auto, cpu or cuda.")] = "auto",
+    backend: BackendOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Learn a new domain into a new bundle version and re-export the gated graph.
+
+    RAIL learns in closed form from the exported encoder (no torch needed); MoE trains
+    adapters with torch (pip install 'edgeclip[train]'). An interrupted add-task leaves
+    the previous version intact.
+    """
+    from edgeclip.train.pipeline import add_task as learn
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter(f"expected auto, cpu or cuda, got '{device}'", param_hint="--device")
+    root = bundle_path(bundle)
+    with progress(quiet) as bar:
+        ids: dict[str, int] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in ids:
+                ids[stage] = bar.add_task(stage, total=total, info="")
+            bar.update(ids[stage], completed=done, total=total)
+
+        learned = learn(root, domain_dir, name=name, shots=shots, iterations=iterations, device=device,
+                        backend=backend, progress=report)
+    if not quiet:
+        task = learned.tasks[-1]
+        err_console().print(
+            f"learned task '{task['name']}' ({len(task['classes'])} classes, {task['n_images']} images) "
+            f"-> {learned.root} {learned.version} [{weights_note(learned)}]",
+            highlight=False,
+        )
+
+
+def tasks(
+    bundle: BundleOpt = None,
+    output_format: Annotated[TableOrJson, typer.Option("--format", help="table or json.")] = TableOrJson.table,
+) -> None:
+    """List the learned tasks: classes, image counts, gate thresholds, versions."""
+    loaded = open_bundle(bundle)
+    if output_format is TableOrJson.json:
+        data = {
+            "bundle": str(loaded.root),
+            "version": loaded.version,
+            "versions": list_versions(loaded.root),
+            "method": loaded.method,
+            "weights": loaded.manifest["backbone"]["weights"],
+            "tasks": loaded.tasks,
+        }
+        typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        return
+    table = Table(title=f"{loaded.root} {loaded.version} - {loaded.method}, {weights_note(loaded)}")
+    for col in ("#", "task", "classes", "images", "threshold", "learned"):
+        table.add_column(col)
+    for i, task in enumerate(loaded.tasks):
+        shown = ", ".join(task["classes"][:6]) + (" ..." if len(task["classes"]) > 6 else "")
+        table.add_row(str(i), task["name"], f"{len(task['classes'])}: {shown}", str(task["n_images"]),
+                      f"{task['threshold']:.4g}", task["created_at"])
+    out_console().print(table)
+    if not loaded.tasks:
+        err_console().print("no task learned yet: zero-shot only")
+
+
+def export(
+    bundle: BundleOpt = None,
+    tensorrt: Annotated[bool, typer.Option("--tensorrt", help="Build TensorRT engines of the gated and plain graphs (GPU and the trt extra).")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT engines in fp16 (default fp32).")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check the current version's ONNX graphs and, with --tensorrt, build (or reuse cached) TensorRT engines.
+
+    The ONNX graphs themselves are written by init and add-task with every version.
+    """
+    import onnx
+
+    loaded = open_bundle(bundle)
+    table = Table(title=f"{loaded.root} {loaded.version} graphs")
+    table.add_column("graph")
+    table.add_column("MB", justify="right")
+    for name in ("graphs/gated.onnx", "graphs/image_encoder.onnx", "graphs/text_encoder.onnx"):
+        path = loaded.path(name)
+        onnx.checker.check_model(str(path))
+        size = sum(p.stat().st_size for p in path.parent.glob(path.stem + ".*"))
+        table.add_row(name, f"{size / 1e6:.1f}")
+    if tensorrt:
+        from edgeclip.export.tensorrt import build_engine
+
+        with progress(quiet) as bar:
+            bar.add_task("building TensorRT engines", total=None, info="")
+            for name in ("graphs/gated.onnx", "graphs/image_encoder.onnx"):
+                engine = build_engine(loaded.path(name), fp16=fp16)
+                table.add_row(f"{name} -> {engine}", f"{Path(engine).stat().st_size / 1e6:.1f}")
+    if not quiet:
+        out_console().print(table)
+
+
+def rollback(bundle: BundleOpt = None) -> None:
+    """Make the previous bundle version current again (the newer one is kept on disk)."""
+    root = bundle_path(bundle)
+    version = rollback_bundle(root)
+    err_console().print(f"{root}: now at {version}")
+
+
+def info(bundle: BundleOpt = None) -> None:
+    """Version, available backends, GPU, and a summary of the bundle."""
+    from edgeclip.edgeapp.runtime import describe_backends
+
+    table = Table(title=f"edgeclip {__version__}", show_header=False)
+    table.add_row("python", platform.python_version())
+    table.add_row("platform", f"{platform.system()} {platform.machine()}")
+    for key, value in describe_backends().items():
+        table.add_row(key, str(value))
+    root = bundle_path(bundle)
+    try:
+        loaded = Bundle.open(root, verify_hashes=False)
+    except Exception as exc:  # info must work without a bundle
+        table.add_row("bundle", f"{root}: {exc}")
+    else:
+        backbone = loaded.manifest["backbone"]
+        table.add_row("bundle", f"{loaded.root} ({loaded.version}; versions {', '.join(list_versions(loaded.root))})")
+        table.add_row("backbone", f"{backbone['model']}, {weights_note(loaded)}")
+        table.add_row("method", f"{loaded.method} {json.dumps(loaded.manifest['method']['settings'].get('fusion', ''))}")
+        table.add_row("tasks", ", ".join(t["name"] for t in loaded.tasks) or "none (zero-shot only)")
+        table.add_row("classes", str(len(loaded.learned_classes)))
+    out_console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(init)
+    app.command("add-task")(add_task)
+    app.command()(tasks)
+    app.command()(export)
+    app.command()(rollback)
+    app.command()(info)

@@ -1,0 +1,123 @@
+"""Reading a domain folder: the labelled images `add-task` learns from and `eval` scores.
+
+Layout: `<dir>/<class name>/<image>` or, when split folders exist,
+`<dir>/<split>/<class name>/<image>`. Class names are the folder names (spaces allowed),
+in sorted order; images are found by content as `discover` finds them. An optional
+`<dir>/meta.json` may give the domain's `name` and its prompt `templates`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .discover import discover_images, display_path
+from .errors import DomainError, UsageError
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Domain:
+    """`samples[i] = (image path, index into classes)`, ordered by class then path."""
+
+    name: str
+    root: Path
+    classes: list[str]
+    samples: list[tuple[Path, int]]
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+
+    def prompts(self, class_index: int) -> list[str]:
+        """The prompt texts of one class, one per template."""
+        return [t.replace("{}", self.classes[class_index]) for t in self.templates]
+
+
+def _read_meta(root: Path) -> dict:
+    path = root / "meta.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DomainError(f"cannot read {display_path(path)}: {err}") from err
+    if not isinstance(meta, dict):
+        raise DomainError(f"{display_path(path)} must hold a JSON object")
+    templates = meta.get("templates")
+    if templates is not None and (
+        not isinstance(templates, list)
+        or not templates
+        or not all(isinstance(t, str) and "{}" in t for t in templates)
+    ):
+        raise DomainError(f"{display_path(path)}: 'templates' must be a non-empty list of strings containing {{}}")
+    if "name" in meta and (not isinstance(meta["name"], str) or not meta["name"].strip()):
+        raise DomainError(f"{display_path(path)}: 'name' must be a non-empty string")
+    return meta
+
+
+def _class_root(root: Path, split: str) -> Path:
+    if (root / split).is_dir():
+        return root / split
+    present = [s for s in SPLIT_NAMES if (root / s).is_dir()]
+    if present:
+        raise DomainError(f"{display_path(root)} has no '{split}' folder (it has {', '.join(present)})")
+    return root
+
+
+def read_domain(directory: Path | str, split: str = "train") -> Domain:
+    """Read the domain at `directory`; raise DomainError when it cannot be learned from:
+    missing, fewer than two classes, or a class folder without images."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise DomainError(f"domain folder {display_path(root)} does not exist or is not a folder")
+    meta = _read_meta(root)
+    class_root = _class_root(root, split)
+    try:
+        classes = sorted(p.name for p in class_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as err:
+        raise DomainError(f"cannot list {display_path(class_root)}: {err.strerror or err}") from err
+    if len(classes) < 2:
+        raise DomainError(
+            f"{display_path(class_root)} has {len(classes)} class folder(s); a domain needs at least 2 "
+            "(one sub-folder of images per class)"
+        )
+    samples: list[tuple[Path, int]] = []
+    for label, name in enumerate(classes):
+        images = discover_images([class_root / name]).images
+        if not images:
+            raise DomainError(f"class folder {display_path(class_root / name)} holds no images")
+        samples += [(p, label) for p in images]
+    return Domain(
+        name=meta.get("name") or root.resolve().name,
+        root=root,
+        classes=classes,
+        samples=samples,
+        templates=list(meta.get("templates") or DEFAULT_TEMPLATES),
+    )
+
+
+def _shuffle_key(seed: int, path: Path, root: Path) -> bytes:
+    """A per-file random order that depends only on the seed and the file's path in the
+    domain, so a few-shot draw is the same on every machine and numpy version."""
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        rel = path
+    return hashlib.sha256(f"{seed}\0{rel.as_posix()}".encode("utf-8", "surrogateescape")).digest()
+
+
+def few_shot(domain: Domain, shots: int, seed: int = 0) -> Domain:
+    """The same domain with at most `shots` images per class, picked deterministically by
+    `seed` (a class with fewer keeps all of its images)."""
+    if shots < 1:
+        raise UsageError(f"shots must be at least 1, not {shots}")
+    by_class: dict[int, list[Path]] = {}
+    for path, label in domain.samples:
+        by_class.setdefault(label, []).append(path)
+    picked: list[tuple[Path, int]] = []
+    for label in sorted(by_class):
+        chosen = sorted(by_class[label], key=lambda p: _shuffle_key(seed, p, domain.root))[:shots]
+        picked += [(p, label) for p in sorted(chosen)]
+    return replace(domain, samples=picked)

@@ -1,0 +1,197 @@
+"""DDAS gate, edgeclip's version (METHODS.md section 2): one autoencoder per task on the frozen
+CLIP image embedding, a threshold calibrated on held-out images, a decision per image.
+
+- `LinearAutoencoder`: closed form (mean + top-k principal directions), numpy only, so a RAIL
+  task can learn its gate on a device without torch.
+- `MLPAutoencoder`: D -> hidden -> D with ReLU, trained with torch (imported inside `fit`);
+  its errors are computed from numpy weights, so the runtime needs no torch.
+- `route(errors, thresholds)`: t* = argmin_t err_t / thr_t, -1 (zero-shot) when that ratio > 1.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from edgeclip.edgeapp.errors import BundleError, MissingExtraError, UsageError
+
+QUANTILE = 0.95  # threshold = this quantile of a task's held-out reconstruction errors
+HOLDOUT = 0.2
+
+
+def _check_x(x: np.ndarray, dim: int | None = None) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
+        raise UsageError(f"embeddings must have shape [N, {dim or 'D'}], got {list(x.shape)}")
+    return x
+
+
+class Autoencoder(Protocol):
+    kind: str
+
+    def errors(self, x: np.ndarray) -> np.ndarray: ...
+    def state(self) -> dict[str, np.ndarray]: ...
+    def settings(self) -> dict: ...
+
+
+class LinearAutoencoder:
+    """Optimal linear autoencoder of rank k: reconstruct x as mu + (x - mu) P^T P.
+
+    mu [D] and P [k, D] (orthonormal rows: the top-k right singular vectors of the centred data).
+    """
+
+    kind = "linear"
+
+    def __init__(self, mu: np.ndarray, components: np.ndarray) -> None:
+        self.mu = np.asarray(mu, dtype=np.float32)  # [D]
+        self.components = np.asarray(components, dtype=np.float32)  # [k, D]
+        if self.components.ndim != 2 or self.components.shape[1] != self.mu.shape[0]:
+            raise BundleError(f"components {list(self.components.shape)} do not match mean {list(self.mu.shape)}")
+
+    @classmethod
+    def fit(cls, x: np.ndarray, k: int) -> LinearAutoencoder:
+        x = _check_x(x).astype(np.float64)
+        if not 0 <= k <= min(x.shape):
+            raise UsageError(f"k must lie in [0, {min(x.shape)}] for {x.shape[0]} images of dim {x.shape[1]}")
+        mu = x.mean(axis=0)
+        _, _, vt = np.linalg.svd(x - mu, full_matrices=False)
+        return cls(mu, vt[:k])
+
+    def errors(self, x: np.ndarray) -> np.ndarray:
+        """Mean squared residual per image [N] after projecting x - mu onto span(P)."""
+        r = _check_x(x, self.mu.shape[0]) - self.mu  # [N, D]
+        residual = r - (r @ self.components.T) @ self.components
+        return (residual * residual).mean(axis=1)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"mu": self.mu, "components": self.components}
+
+    def settings(self) -> dict:
+        return {"kind": self.kind, "k": int(self.components.shape[0])}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray], settings: dict) -> LinearAutoencoder:
+        return cls(state["mu"], state["components"])
+
+
+class MLPAutoencoder:
+    """z = (x - mu) * scale; z_hat = relu(z W1 + b1) W2 + b2; error = mean (z - z_hat)^2.
+
+    Centring and the scalar scale (1 / RMS of the centred data) put the input near unit
+    variance, so one learning rate suits any embedding size; errors are in those units,
+    which the calibrated threshold shares.
+    """
+
+    kind = "mlp"
+
+    def __init__(self, mu: np.ndarray, scale: float, w1: np.ndarray, b1: np.ndarray,
+                 w2: np.ndarray, b2: np.ndarray) -> None:
+        self.mu = np.asarray(mu, dtype=np.float32)  # [D]
+        self.scale = np.float32(scale)
+        self.w1, self.b1 = np.asarray(w1, np.float32), np.asarray(b1, np.float32)  # [D, H], [H]
+        self.w2, self.b2 = np.asarray(w2, np.float32), np.asarray(b2, np.float32)  # [H, D], [D]
+        d, h = self.mu.shape[0], self.b1.shape[0]
+        if self.w1.shape != (d, h) or self.w2.shape != (h, d) or self.b2.shape != (d,):
+            raise BundleError("MLP autoencoder weights have inconsistent shapes")
+
+    @classmethod
+    def fit(cls, x: np.ndarray, hidden: int = 128, steps: int = 300, lr: float = 1e-3,
+            batch: int = 256, seed: int = 0) -> MLPAutoencoder:
+        """Adam on MSE, minibatches drawn by a seeded generator; deterministic on CPU."""
+        try:
+            import torch
+        except ImportError as err:
+            raise MissingExtraError("training an MLP gate", "train", "torch") from err
+        x = _check_x(x)
+        mu = x.mean(axis=0)
+        scale = 1.0 / float(np.sqrt(((x - mu) ** 2).mean()) + 1e-12)
+        z = torch.from_numpy((x - mu) * scale)
+        gen = torch.Generator().manual_seed(seed)
+        enc, dec = torch.nn.Linear(x.shape[1], hidden), torch.nn.Linear(hidden, x.shape[1])
+        with torch.no_grad():  # seeded init independent of the global torch RNG
+            for layer in (enc, dec):
+                bound = 1.0 / layer.in_features ** 0.5
+                layer.weight.uniform_(-bound, bound, generator=gen)
+                layer.bias.uniform_(-bound, bound, generator=gen)
+        params = [*enc.parameters(), *dec.parameters()]
+        opt = torch.optim.Adam(params, lr=lr)
+        for _ in range(steps):
+            idx = torch.randint(0, z.shape[0], (min(batch, z.shape[0]),), generator=gen)
+            zb = z[idx]
+            loss = ((dec(torch.relu(enc(zb))) - zb) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return cls(mu, scale, enc.weight.T.numpy().copy(), enc.bias.numpy().copy(),
+                       dec.weight.T.numpy().copy(), dec.bias.numpy().copy())
+
+    def errors(self, x: np.ndarray) -> np.ndarray:
+        """Mean squared reconstruction error per image [N], numpy only."""
+        z = (_check_x(x, self.mu.shape[0]) - self.mu) * self.scale
+        residual = z - (np.maximum(z @ self.w1 + self.b1, 0.0) @ self.w2 + self.b2)
+        return (residual * residual).mean(axis=1)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"mu": self.mu, "scale": np.array([self.scale], np.float32),
+                "w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2}
+
+    def settings(self) -> dict:
+        return {"kind": self.kind, "hidden": int(self.b1.shape[0])}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray], settings: dict) -> MLPAutoencoder:
+        return cls(state["mu"], float(np.asarray(state["scale"]).reshape(-1)[0]),
+                   state["w1"], state["b1"], state["w2"], state["b2"])
+
+
+_KINDS = {"linear": LinearAutoencoder, "mlp": MLPAutoencoder}
+
+
+def autoencoder_from_state(state: dict[str, np.ndarray], settings: dict) -> Autoencoder:
+    """Rebuild either kind from its state and settings (settings["kind"] picks the class)."""
+    kind = settings.get("kind")
+    if kind not in _KINDS:
+        raise BundleError(f"unknown autoencoder kind {kind!r}; known: {sorted(_KINDS)}")
+    return _KINDS[kind].from_state(state, settings)
+
+
+def calibrate_threshold(errors_heldout: np.ndarray, quantile: float = QUANTILE) -> float:
+    """The `quantile` of held-out reconstruction errors: that share of the task's images is accepted."""
+    errors_heldout = np.asarray(errors_heldout)
+    if errors_heldout.size == 0 or not 0.0 < quantile <= 1.0:
+        raise UsageError(f"need held-out errors and a quantile in (0, 1], got {errors_heldout.size}, {quantile}")
+    return float(np.quantile(errors_heldout, quantile))
+
+
+def fit_gate(x: np.ndarray, kind: str = "linear", k: int = 16, holdout_fraction: float = HOLDOUT,
+             quantile: float = QUANTILE, seed: int = 0, **mlp_options) -> tuple[Autoencoder, float]:
+    """Fit one task's autoencoder on a random (1 - holdout_fraction) of x and calibrate its
+    threshold on the rest. `k`: principal directions (linear); mlp_options go to MLPAutoencoder.fit."""
+    x = _check_x(x)
+    n_hold = int(round(holdout_fraction * x.shape[0]))
+    if not 1 <= n_hold < x.shape[0] - 1:
+        raise UsageError(f"{x.shape[0]} images cannot be split with holdout_fraction={holdout_fraction}")
+    perm = np.random.default_rng(seed).permutation(x.shape[0])
+    held, train = x[perm[:n_hold]], x[perm[n_hold:]]
+    if kind == "linear":
+        ae: Autoencoder = LinearAutoencoder.fit(train, min(k, *train.shape))
+    elif kind == "mlp":
+        ae = MLPAutoencoder.fit(train, seed=seed, **mlp_options)
+    else:
+        raise UsageError(f"unknown gate kind {kind!r}; known: {sorted(_KINDS)}")
+    return ae, calibrate_threshold(ae.errors(held), quantile)
+
+
+def route(errors: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: (route [B] int64, task index or -1 for zero-shot; ratios [B, T] = err / thr)."""
+    errors, thresholds = np.asarray(errors), np.asarray(thresholds)
+    if errors.ndim != 2 or thresholds.shape != (errors.shape[1],) or np.any(thresholds <= 0):
+        raise UsageError(f"need errors [B, T] and positive thresholds [T], got {list(errors.shape)}, "
+                         f"{list(thresholds.shape)}")
+    ratios = errors / thresholds
+    if ratios.shape[1] == 0:
+        return np.full(ratios.shape[0], -1, dtype=np.int64), ratios
+    best = ratios.argmin(axis=1)
+    return np.where(ratios.min(axis=1) > 1.0, -1, best).astype(np.int64), ratios

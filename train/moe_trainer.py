@@ -1,0 +1,436 @@
+"""Training one task of MoE-Adapters (METHODS.md section 1), on one device or several with torchrun.
+
+Per task: a new router, AdamW (weight decay 0) with warm-up + cosine schedule, cross-entropy with
+label smoothing over the task's classes, logits = 100 * cos(image, text) where the class prompts are
+re-encoded through the adapted text encoder every step; then activate-freeze and pool growth.
+
+Distributed data parallel is PyTorch's own: under ``torchrun`` (WORLD_SIZE > 1) the same code wraps
+the model in ``DistributedDataParallel`` (NCCL on CUDA, gloo on CPU) and each rank takes its slice of
+the global batch. Which image a draw picks and how it is cropped depend only on (seed, draw number),
+so a run on N processes sees exactly the images and crops of a run on one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from edgeclip.edgeapp.errors import DomainError, UsageError
+from edgeclip.train.moe import (
+    FREEZE_RULES,
+    MoECLIP,
+    SelectionSet,
+    count_selections,
+    freeze_experts,
+    grow_pools,
+    mask_frozen_grads,
+    set_trainable,
+)
+
+log = logging.getLogger(__name__)
+
+Sample = tuple[str | Path, int]  # (image path, class index within the task)
+Tokenize = Callable[[list[str]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """One task's training recipe; defaults are the paper's full-shot values (few-shot: shots=5, 500 iterations)."""
+
+    iterations: int = 1000
+    batch_size: int = 64  # global batch (split across DDP ranks)
+    lr: float = 1e-3
+    warmup: int = 100
+    label_smoothing: float = 0.2
+    logit_scale: float = 100.0
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    shots: int | None = None  # training images per class; None = all
+    seed: int = 0
+    freeze_rule: str = "strict"  # 'strict' (edgeclip) or 'paper' (top-k most selected per block)
+    device: str = "auto"  # 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'
+    precision: str = "auto"  # 'auto' (bf16/fp16 autocast on CUDA, fp32 on CPU), 'fp32', 'bf16', 'fp16'
+    workers: int = 0  # DataLoader worker processes
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.batch_size < 1 or self.lr <= 0 or self.warmup < 0:
+            raise UsageError("iterations and batch_size must be >= 1, lr > 0, warmup >= 0.")
+        if self.shots is not None and self.shots < 1:
+            raise UsageError("shots must be >= 1 (or None for every image).")
+        if self.freeze_rule not in FREEZE_RULES:
+            raise UsageError(f"freeze_rule must be one of {FREEZE_RULES}, got '{self.freeze_rule}'.")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise UsageError(f"precision must be auto, fp32, bf16 or fp16, got '{self.precision}'.")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise UsageError("crop_scale must satisfy 0 < low <= high <= 1.")
+
+
+@dataclass
+class TaskResult:
+    task: int  # the router index of the learned task
+    counts: dict[str, np.ndarray]  # layer -> training selections per expert (this task)
+    frozen: dict[str, np.ndarray]  # layer -> experts newly frozen after this task
+    grown: dict[str, int]  # layer -> experts added to the pool after this task
+    losses: list[float]  # mean training loss per iteration (over all ranks)
+    images_per_s: float  # global images per second over the training loop
+    samples: list[Sample]  # the training images used (after shots and skipping)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable images
+
+
+# ----- data ----------------------------------------------------------------------------------------
+def _check_image(path: str) -> str | None:
+    """None when the image decodes, otherwise the reason."""
+    try:
+        with Image.open(path) as image:
+            image.convert("RGB").load()
+        return None
+    except Exception as exc:  # PIL raises many types for broken files
+        return f"{type(exc).__name__}: {exc}"
+
+
+def select_samples(
+    samples: Sequence[Sample], n_classes: int, shots: int | None, seed: int
+) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """Readable training images: up to ``shots`` per class (a seeded choice), unreadable ones reported.
+
+    Refuses a task with fewer than 2 classes or a class left without a readable image.
+    """
+    if n_classes < 2:
+        raise DomainError(f"A task needs at least 2 classes, got {n_classes}.")
+    by_class: dict[int, list[str]] = {c: [] for c in range(n_classes)}
+    for path, label in samples:
+        if not 0 <= int(label) < n_classes:
+            raise UsageError(f"Class index {label} of {path} is outside 0..{n_classes - 1}.")
+        by_class[int(label)].append(str(path))
+    rng = np.random.default_rng(seed)
+    chosen: list[Sample] = []
+    skipped: list[tuple[str, str]] = []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for label, paths in by_class.items():
+            order = [paths[i] for i in rng.permutation(len(paths))]
+            taken: list[str] = []
+            step = len(order) if shots is None else shots
+            start = 0
+            while start < len(order) and (shots is None or len(taken) < shots):
+                batch = order[start : start + step]
+                for path, reason in zip(batch, pool.map(_check_image, batch)):
+                    if reason is None:
+                        if shots is None or len(taken) < shots:
+                            taken.append(path)
+                    else:
+                        skipped.append((path, reason))
+                start += step
+            if not taken:
+                raise DomainError(f"Class {label} has no readable training image.")
+            chosen += [(p, label) for p in taken]
+    for path, reason in skipped:
+        log.warning("skipped unreadable image %s (%s)", path, reason)
+    return chosen, skipped
+
+
+class _Draws(Dataset):
+    """Item n = the n-th image drawn for training: epochs of seeded permutations, a seeded crop per draw."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, seed: int) -> None:
+        self.samples, self.transform, self.seed = list(samples), transform, seed
+        self._epoch, self._order = -1, np.arange(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._epoch != epoch:
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
+        return self._order
+
+    def __getitem__(self, draw: int) -> tuple[torch.Tensor, int]:
+        n = len(self.samples)
+        path, label = self.samples[int(self._permutation(draw // n)[draw % n])]
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + draw) % 2**63)
+            return self.transform(rgb), label
+
+
+class _RankBatches:
+    """Batch sampler: at step s, rank r takes draws [s*G + r*b, s*G + (r+1)*b) of the global batch G."""
+
+    def __init__(self, steps: int, global_batch: int, rank: int, world: int) -> None:
+        self.steps, self.global_batch, self.rank, self.local = steps, global_batch, rank, global_batch // world
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.steps):
+            start = step * self.global_batch + self.rank * self.local
+            yield list(range(start, start + self.local))
+
+
+def _transforms(clip: nn.Module, crop_scale: tuple[float, float]) -> tuple[Callable, Callable]:
+    """(training, eval) transforms from the model's own preprocessing config."""
+    import open_clip
+    from torchvision import transforms as T
+
+    cfg = clip.visual.preprocess_cfg
+    size = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"], cfg["size"])
+    interpolation = T.InterpolationMode.BICUBIC if cfg.get("interpolation", "bicubic") == "bicubic" else (
+        T.InterpolationMode.BILINEAR
+    )
+    train = T.Compose(
+        [
+            T.RandomResizedCrop(tuple(size), scale=crop_scale, interpolation=interpolation),
+            T.ToTensor(),
+            T.Normalize(cfg["mean"], cfg["std"]),
+        ]
+    )
+    evaluate = open_clip.image_transform(
+        tuple(size), is_train=False, mean=cfg["mean"], std=cfg["std"],
+        resize_mode=cfg.get("resize_mode"), interpolation=cfg.get("interpolation"),
+    )
+    return train, evaluate
+
+
+# ----- devices and processes -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+
+def _setup_distributed(device_setting: str) -> _Dist:
+    """Rank, world size and device; joins the torchrun process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() if device_setting == "auto" else device_setting.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise UsageError(f"device '{device_setting}' asked for CUDA, but no CUDA device is available.")
+    if world <= 1:
+        device = torch.device(device_setting if device_setting not in ("auto",) else ("cuda" if use_cuda else "cpu"))
+        return _Dist(0, 1, device)
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _autocast(device: torch.device, precision: str) -> tuple[Callable[[], object], bool]:
+    """(autocast context factory, whether a GradScaler is needed)."""
+    if device.type != "cuda" or precision == "fp32":
+        if precision in ("bf16", "fp16") and device.type != "cuda":
+            raise UsageError(f"precision '{precision}' needs a CUDA device; use fp32 (or auto) on CPU.")
+        return nullcontext, False
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return (lambda: torch.autocast("cuda", dtype=dtype)), dtype == torch.float16
+
+
+def _all_reduce(tensor: torch.Tensor, world: int, op: str = "sum") -> torch.Tensor:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """LR factor: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----- training -----------------------------------------------------------------------------------
+def train_task(
+    model: MoECLIP,
+    samples: Sequence[Sample],
+    class_names: Sequence[str],
+    template: str,
+    settings: TrainSettings | None = None,
+    tokenize: Tokenize | None = None,
+) -> TaskResult:
+    """Learn one task: add its router, train, freeze experts by ``settings.freeze_rule``, grow the pools.
+
+    ``template`` is one prompt with '{}' for the class name, e.g. 'a photo of a {}.'.
+    Under torchrun every rank calls this with the same arguments; all ranks end with the same model.
+    """
+    settings = settings or TrainSettings()
+    if "{}" not in template:
+        raise UsageError(f"The prompt template needs '{{}}' for the class name, got '{template}'.")
+    dist_ = _setup_distributed(settings.device)
+    if settings.batch_size % dist_.world:
+        raise UsageError(f"batch_size {settings.batch_size} is not divisible by the {dist_.world} processes.")
+    if tokenize is None:
+        import open_clip
+
+        tokenize = open_clip.tokenize
+    chosen, skipped = select_samples(samples, len(class_names), settings.shots, settings.seed)
+
+    task = model.add_task()
+    model.to(dist_.device)
+    set_trainable(model, task)
+    torch.manual_seed(settings.seed + dist_.rank)  # routing noise and dropout, different per rank
+    train_tf, eval_tf = _transforms(model.clip, settings.crop_scale)
+    loader = DataLoader(
+        _Draws(chosen, train_tf, settings.seed),
+        batch_sampler=_RankBatches(settings.iterations, settings.batch_size, dist_.rank, dist_.world),
+        num_workers=settings.workers,
+        pin_memory=dist_.device.type == "cuda",
+    )
+    tokens = tokenize([template.format(c) for c in class_names]).to(dist_.device)
+
+    params = [p for p in model.adapter_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)  # wd 0 keeps frozen experts exact
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, settings.warmup, settings.iterations)
+    )
+    autocast, needs_scaler = _autocast(dist_.device, settings.precision)
+    scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
+    net: nn.Module = model
+    if dist_.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(
+            model,
+            device_ids=[dist_.device.index] if dist_.device.type == "cuda" else None,
+            broadcast_buffers=False,  # selection counts are per rank until summed after the task
+            find_unused_parameters=not (model.config.noisy_gating),  # w_noise is unused without noise
+        )
+    criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+
+    model.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    with _progress(settings.progress and dist_.rank == 0, settings.iterations, task) as advance, model.recording(
+        count_selections
+    ):
+        for images, labels in loader:
+            images = images.to(dist_.device, non_blocking=True)
+            labels = labels.to(dist_.device, non_blocking=True)
+            with autocast():
+                image_feats, text_feats = net(images, task, tokens, task)
+                logits = settings.logit_scale * image_feats.float() @ text_feats.float().t()
+                loss = criterion(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            mask_frozen_grads(model, task)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            schedule.step()
+            mean_loss = _all_reduce(loss.detach().float().clone(), dist_.world) / dist_.world
+            losses.append(float(mean_loss))
+            advance(losses[-1], len(losses) / (time.perf_counter() - start))
+    elapsed = time.perf_counter() - start
+    del net
+    model.eval()
+    for name, layer in model.named_layers():
+        _all_reduce(layer.counts[task], dist_.world)
+    counts = {name: layer.counts[task].cpu().numpy().copy() for name, layer in model.named_layers()}
+
+    selected = None
+    if settings.freeze_rule == "strict":
+        selected = task_selections(model, task, chosen, tokens, eval_tf, dist_)
+    frozen = freeze_experts(model, task, settings.freeze_rule, selected)
+    torch.manual_seed(settings.seed)  # new experts start identical on every rank
+    grown = grow_pools(model)
+    for param in model.adapter_parameters():
+        param.requires_grad_(False)
+    return TaskResult(
+        task=task,
+        counts=counts,
+        frozen=frozen,
+        grown=grown,
+        losses=losses,
+        images_per_s=settings.iterations * settings.batch_size / elapsed,
+        samples=chosen,
+        skipped=skipped,
+    )
+
+
+@torch.no_grad()
+def task_selections(
+    model: MoECLIP,
+    task: int,
+    samples: Sequence[Sample],
+    tokens: torch.Tensor,
+    transform: Callable,
+    dist_: _Dist | None = None,
+    batch_size: int = 64,
+) -> SelectionSet:
+    """Every expert ``task``'s router selects with clean gating on its training images (eval transform)
+    and its prompts (text routing is prompt-independent). Ranks share the images and merge the sets."""
+    dist_ = dist_ or _Dist(0, 1, next(model.parameters()).device)
+    selected = SelectionSet(model)
+    model.eval()
+    mine = list(samples)[dist_.rank :: dist_.world]
+    with model.recording(selected):
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            images = torch.stack([transform(_load_rgb(p)) for p, _ in chunk]).to(dist_.device)
+            model.encode_image(images, task)
+        model.encode_text(tokens[:1], task)
+    for layer_id, mask in selected.selected.items():
+        merged = _all_reduce(mask.to(torch.int32).to(dist_.device), dist_.world, op="max")
+        selected.selected[layer_id] = merged.cpu().bool()
+    return selected
+
+
+def _load_rgb(path: str | Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class _progress:
+    """A rich progress bar with the loss and iterations/s, or nothing when disabled."""
+
+    def __init__(self, enabled: bool, total: int, task: int) -> None:
+        self.enabled, self.total, self.task = enabled, total, task
+
+    def __enter__(self) -> Callable[[float, float], None]:
+        if not self.enabled:
+            return lambda loss, speed: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]task {task.fields[task]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[speed]:.2f} it/s"),
+            TimeRemainingColumn(),
+        )
+        self.bar.__enter__()
+        self.id = self.bar.add_task("train", total=self.total, task=self.task, loss=float("nan"), speed=0.0)
+        return lambda loss, speed: self.bar.update(self.id, advance=1, loss=loss, speed=speed)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+
+__all__ = ["TrainSettings", "TaskResult", "cosine_with_warmup", "select_samples", "task_selections", "train_task"]

@@ -1,0 +1,302 @@
+"""Bundle-level steps: create a bundle from an open_clip model, and learn a task into a new version.
+
+``init_bundle`` needs torch (it reads open_clip and traces the encoders). ``add_task`` for the
+RAIL methods needs no torch: features come from the exported image encoder through
+onnxruntime, the ridge update and the linear DDAS gate are numpy, and the gated graph is
+re-composed with onnx alone. MoE add-task imports torch (``train`` extra).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgeclip.edgeapp.bundle import Bundle, VersionWriter, create_bundle, utc_now
+from edgeclip.edgeapp.domain import Domain, few_shot, read_domain
+from edgeclip.edgeapp.errors import DomainError, UsageError
+
+METHODS = ("moe", "rail-primal", "rail-dual")
+FUSIONS = ("ddas", "paper")
+DEFAULT_TEMPLATES = ["a photo of a {}."]
+LEARNED = "learned.safetensors"
+RAIL_STATE = "rail_state.safetensors"
+RAIL_INFERENCE_KEYS = {"rail-primal": ("w_r", "w"), "rail-dual": ("memory", "alpha")}
+VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
+
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class MethodSettings:
+    """What ``edgeclip init`` records about the learner; defaults are the papers'."""
+
+    method: str = "rail-primal"
+    hidden: int = 15000  # RAIL primal random features
+    gamma: float = 0.1  # RAIL primal ridge
+    gamma_kernel: float = 0.1  # RAIL dual RBF
+    lam: float = 1e-3  # RAIL dual ridge
+    beta: float = 0.8  # fusion weight of the learned scores
+    fusion: str = "ddas"  # how RAIL picks images for the learned head: ddas | paper
+    gate_kind: str = "linear"  # DDAS autoencoder: linear (closed form, torch-free) | mlp
+    gate_k: int = 16
+    gate_quantile: float = 0.95
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"Unknown method '{self.method}'; expected one of {', '.join(METHODS)}.")
+        if self.fusion not in FUSIONS:
+            raise UsageError(f"Unknown fusion '{self.fusion}'; expected one of {', '.join(FUSIONS)}.")
+        if self.gate_kind not in ("linear", "mlp"):
+            raise UsageError(f"Unknown gate kind '{self.gate_kind}'; expected linear or mlp.")
+        if self.hidden < 1 or not 0.0 <= self.beta <= 1.0 or not 0.0 < self.gate_quantile <= 1.0:
+            raise UsageError("Expected hidden >= 1, 0 <= beta <= 1 and 0 < gate quantile <= 1.")
+
+
+def init_bundle(
+    root: Path,
+    model: str,
+    pretrained: str | None = None,
+    random_weights: bool = False,
+    seed: int = 0,
+    settings: MethodSettings | None = None,
+    zero_shot_labels: list[str] | None = None,
+) -> Bundle:
+    """A new bundle with no task: the frozen encoders exported to ONNX, zero-shot only."""
+    from edgeclip.edgeapp.tokenizer import default_vocab_path
+    from edgeclip.export.trace import export_image_encoder, export_text_encoder
+    from edgeclip.train.backbone import load_backbone
+
+    settings = settings or MethodSettings()
+    settings.validate()
+    backbone = load_backbone(model, pretrained, random_weights=random_weights, seed=seed)
+    manifest: dict[str, Any] = {
+        "backbone": {
+            "model": model,
+            "weights": backbone.source.to_dict(),
+            "embed_dim": backbone.embed_dim,
+            "context_length": backbone.context_length,
+        },
+        "preprocess": backbone.preprocess,
+        "method": {"name": settings.method, "settings": _method_settings(settings, backbone.embed_dim)},
+        "gate": {"kind": settings.gate_kind, "k": settings.gate_k, "quantile": settings.gate_quantile},
+        "zero_shot": {"templates": list(DEFAULT_TEMPLATES), "logit_scale": 100.0, "labels": zero_shot_labels or []},
+        "tasks": [],
+    }
+    writer = create_bundle(root, manifest)
+    with writer:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp_dir = Path(tmp)
+            for export in (export_image_encoder, export_text_encoder):
+                onnx_path = Path(export(backbone, tmp_dir))
+                for produced in sorted(tmp_dir.iterdir()):
+                    if produced.stem == onnx_path.stem:
+                        writer.write_file(f"graphs/{produced.name}", produced)
+        writer.write_file(f"tokenizer/{VOCAB_NAME}", default_vocab_path())
+        learned = _empty_learned(backbone.embed_dim)
+        if settings.method == "rail-primal":
+            from edgeclip.train.rail import RailPrimal
+
+            rail = RailPrimal(backbone.embed_dim, settings.hidden, settings.gamma, settings.seed)
+            learned["rail.w_r"] = rail.w_r
+        writer.write_tensors(LEARNED, learned)
+        write_gated_graph(writer, learned)
+    return Bundle.open(root)
+
+
+def _method_settings(s: MethodSettings, dim: int) -> dict[str, Any]:
+    common = {"beta": s.beta, "fusion": s.fusion, "seed": s.seed}
+    if s.method == "rail-primal":
+        return {**common, "hidden": s.hidden, "gamma": s.gamma, "dim": dim}
+    if s.method == "rail-dual":
+        return {**common, "gamma_kernel": s.gamma_kernel, "lam": s.lam, "dim": dim}
+    return common
+
+
+def _empty_learned(dim: int) -> dict[str, np.ndarray]:
+    return {
+        "zs_text": np.zeros((0, dim), np.float32),
+        "task.offset": np.zeros((0,), np.int64),
+        "task.size": np.zeros((0,), np.int64),
+        "gate.threshold": np.zeros((0,), np.float32),
+    }
+
+
+# --------------------------------------------------------------------------- add-task
+
+
+def check_new_task(bundle: Bundle, domain: Domain, name: str) -> None:
+    """Refuse what would corrupt the bundle: a used task name or a class name already learned."""
+    if any(task["name"] == name for task in bundle.tasks):
+        raise DomainError(f"A task named '{name}' is already learned; pass --name to choose another.")
+    learned = {c.lower(): task["name"] for task in bundle.tasks for c in task["classes"]}
+    clashes = [c for c in domain.classes if c.lower() in learned]
+    if clashes:
+        shown = ", ".join(f"'{c}' (task '{learned[c.lower()]}')" for c in clashes[:5])
+        raise DomainError(
+            f"Class names already learned by earlier tasks: {shown}. Each label must belong to one task, "
+            "so that a prediction names its task unambiguously; rename those class folders."
+        )
+
+
+def embed_domain(
+    bundle: Bundle, domain: Domain, backend: str = "auto", batch_size: int = 32, progress: ProgressFn | None = None
+) -> tuple[np.ndarray, np.ndarray, list[tuple[Path, str]]]:
+    """Frozen image embeddings [N, D] of a domain's images with the exported encoder (torch-free)."""
+    from edgeclip.edgeapp.images import PreprocessConfig, iter_batches
+    from edgeclip.edgeapp.runtime import ImageEncoderRunner
+
+    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
+    runner = ImageEncoderRunner(bundle, backend)
+    label_of = {path: label for path, label in domain.samples}
+    feats, labels, errors = [], [], []
+    done = 0
+    for batch in iter_batches([p for p, _ in domain.samples], cfg, batch_size=batch_size):
+        errors.extend(batch.errors)
+        if batch.paths:
+            feats.append(runner.embed(batch.pixels))
+            labels.extend(label_of[p] for p in batch.paths)
+        done += len(batch.paths) + len(batch.errors)
+        if progress:
+            progress("embedding", done, len(domain.samples))
+    if not feats:
+        raise DomainError(f"No image of {domain.root} could be read.")
+    return np.concatenate(feats), np.asarray(labels, np.int64), errors
+
+
+def class_text_embeddings(bundle: Bundle, domain: Domain, backend: str = "auto") -> np.ndarray:
+    """Frozen zero-shot classifier of the domain's classes: templates averaged, re-normalised."""
+    from edgeclip.edgeapp.runtime import TextEncoderRunner
+
+    prompts = [p for i in range(len(domain.classes)) for p in domain.prompts(i)]
+    feats = TextEncoderRunner(bundle, backend).embed(prompts)
+    feats = feats.reshape(len(domain.classes), len(domain.templates), -1).mean(axis=1)
+    return (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32)
+
+
+def load_domain(directory: Path, shots: int | None, seed: int) -> Domain:
+    domain = read_domain(directory, split="train")
+    return few_shot(domain, shots, seed) if shots else domain
+
+
+def add_task(
+    root: Path,
+    domain_dir: Path,
+    name: str | None = None,
+    shots: int | None = None,
+    iterations: int | None = None,
+    device: str = "auto",
+    backend: str = "auto",
+    progress: ProgressFn | None = None,
+    moe_options: dict[str, Any] | None = None,
+) -> Bundle:
+    """Learn one domain into a new bundle version (the previous one stays intact until the switch)."""
+    bundle = Bundle.open(root)
+    settings = bundle.manifest["method"]["settings"]
+    domain = load_domain(Path(domain_dir), shots, int(settings.get("seed", 0)))
+    name = name or domain.name
+    check_new_task(bundle, domain, name)
+    if bundle.method == "moe":
+        from edgeclip.train.moe_task import add_moe_task  # torch
+
+        return add_moe_task(bundle, domain, name, iterations=iterations, device=device, progress=progress,
+                            options=moe_options or {})
+    return add_rail_task(bundle, domain, name, backend=backend, progress=progress)
+
+
+def fit_task_gate(bundle: Bundle, feats: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, Any], float]:
+    """The task's DDAS autoencoder (state, settings) and its calibrated threshold."""
+    from edgeclip.train.ddas import fit_gate
+
+    gate = bundle.manifest["gate"]
+    seed = int(bundle.manifest["method"]["settings"].get("seed", 0))
+    autoencoder, threshold = fit_gate(feats, kind=gate["kind"], k=int(gate["k"]), quantile=float(gate["quantile"]), seed=seed)
+    return autoencoder.state(), autoencoder.settings(), float(threshold)
+
+
+def append_task_tensors(
+    learned: dict[str, np.ndarray], task_index: int, zs_text: np.ndarray, gate_state: dict[str, np.ndarray], threshold: float
+) -> dict[str, np.ndarray]:
+    """The learned tensors with one more task (its classes appended to the label space)."""
+    out = dict(learned)
+    n_learned = learned["zs_text"].shape[0]
+    out["zs_text"] = np.concatenate([learned["zs_text"], zs_text.astype(np.float32)])
+    out["task.offset"] = np.append(learned["task.offset"], n_learned).astype(np.int64)
+    out["task.size"] = np.append(learned["task.size"], zs_text.shape[0]).astype(np.int64)
+    out["gate.threshold"] = np.append(learned["gate.threshold"], threshold).astype(np.float32)
+    for key, value in gate_state.items():
+        out[f"gate.{task_index}.{key}"] = value
+    return out
+
+
+def task_record(domain: Domain, name: str, n_images: int, threshold: float, gate_settings: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "classes": list(domain.classes),
+        "templates": list(domain.templates),
+        "n_images": int(n_images),
+        "threshold": float(threshold),
+        "gate": gate_settings,
+        "source": str(domain.root),
+        "created_at": utc_now(),
+    }
+
+
+def _rail_learner(bundle: Bundle) -> Any:
+    from edgeclip.train.rail import RailDual, RailPrimal
+
+    settings = bundle.manifest["method"]["settings"]
+    if not bundle.tasks:
+        if bundle.method == "rail-primal":
+            w_r = bundle.tensors(LEARNED)["rail.w_r"]
+            return RailPrimal(int(settings["dim"]), int(settings["hidden"]), float(settings["gamma"]),
+                              int(settings["seed"]), w_r=w_r)
+        return RailDual(float(settings["gamma_kernel"]), float(settings["lam"]))
+    learned = bundle.tensors(LEARNED)
+    state = dict(bundle.tensors(RAIL_STATE))
+    for key in RAIL_INFERENCE_KEYS[bundle.method]:
+        state[key] = learned[f"rail.{key}"]
+    cls = RailPrimal if bundle.method == "rail-primal" else RailDual
+    return cls.from_state(state, settings["learner"])
+
+
+def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "auto",
+                  progress: ProgressFn | None = None) -> Bundle:
+    """RAIL add-task, torch-free: embed, update the closed-form head, fit the gate, re-compose the graph."""
+    feats, labels, _errors = embed_domain(bundle, domain, backend, progress=progress)
+    learned = bundle.tensors(LEARNED)
+    offset = learned["zs_text"].shape[0]
+    learner = _rail_learner(bundle)
+    if progress:
+        progress("solving", 0, 1)
+    learner.add_domain(feats, labels + offset, offset + len(domain.classes))
+    learner.solve()
+    if progress:
+        progress("solving", 1, 1)
+    gate_state, gate_settings, threshold = fit_task_gate(bundle, feats)
+    zs_text = class_text_embeddings(bundle, domain, backend)
+    new_learned = append_task_tensors(learned, len(bundle.tasks), zs_text, gate_state, threshold)
+    state = learner.state()
+    inference_keys = RAIL_INFERENCE_KEYS[bundle.method]
+    for key in inference_keys:
+        new_learned[f"rail.{key}"] = state[key]
+    with bundle.new_version() as writer:
+        writer.manifest["method"]["settings"]["learner"] = learner.settings()
+        writer.manifest["tasks"].append(task_record(domain, name, len(feats), threshold, gate_settings))
+        writer.write_tensors(LEARNED, new_learned)
+        writer.write_tensors(RAIL_STATE, {k: v for k, v in state.items() if k not in inference_keys and v is not None})
+        write_gated_graph(writer, new_learned)
+    return Bundle.open(bundle.root)
+
+
+def write_gated_graph(writer: VersionWriter, learned: dict[str, np.ndarray]) -> None:
+    """Re-compose the version's gated graph. The inherited file is a hard link into the parent
+    version, so it is unlinked (``writable_path``) before the new graph is written."""
+    from edgeclip.export.compose import build_gated_graph
+
+    writer.writable_path("graphs/gated.onnx")
+    build_gated_graph(writer.staging / "graphs", learned, writer.manifest)
