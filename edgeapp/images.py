@@ -15,10 +15,12 @@ resized with the bicubic filter rather than Pillow's forced nearest neighbour, a
 from __future__ import annotations
 
 import os
+import stat
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +119,6 @@ def _cause(err: BaseException) -> str:
         return f"image too large, refused as a possible decompression bomb ({err})"
     if isinstance(err, UnidentifiedImageError):
         return "not a recognised image format"
-    if isinstance(err, IsADirectoryError):
-        return "is a directory"
     if isinstance(err, PermissionError):
         return "permission denied"
     if isinstance(err, FileNotFoundError):
@@ -128,6 +128,8 @@ def _cause(err: BaseException) -> str:
         return f"truncated image data ({text})"
     if isinstance(err, MemoryError):
         return "out of memory while decoding"
+    if isinstance(err, ValueError) and "conversion" in text:
+        return f"unsupported colour mode ({text})"
     return f"corrupt image data ({type(err).__name__}: {text})"
 
 
@@ -143,7 +145,12 @@ def load_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         return ImageError(f"cannot read image {display_path(path)}: {' '.join(cause.split())}")
 
     try:
-        if path.stat().st_size == 0 and path.is_file():
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise fail("is a directory")
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            raise fail("not a regular file")
+        if st.st_size == 0:
             raise fail("file is empty")
         with Image.open(path) as img:
             width, height = img.size
@@ -153,13 +160,20 @@ def load_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
                     "refused as a possible decompression bomb"
                 )
             img.load()
-            rgb = to_rgb(ImageOps.exif_transpose(img))
-            rgb.load()
-            return rgb
+            return to_rgb(_oriented(img))
     except ImageError:
         raise
     except Exception as err:  # noqa: BLE001 - a decoder on untrusted input may raise anything
         raise fail(_cause(err)) from err
+
+
+def _oriented(img: Image.Image) -> Image.Image:
+    """`img` turned upright by its EXIF orientation; a copy, so it outlives the open file.
+    Broken EXIF data does not make a decodable picture unusable: it is left as stored."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - malformed metadata in an otherwise good file
+        return img.copy()
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -204,6 +218,7 @@ def _resized(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     return _center_crop_or_pad(img, size)
 
 
+@lru_cache(maxsize=16)
 def _lookup_table(cfg: PreprocessConfig) -> np.ndarray:
     """`[3, 256]` float32: each 8-bit value after ToTensor's `/255` and Normalize, computed
     with the same float32 operations torch does, so the result is bit-identical."""
@@ -213,14 +228,9 @@ def _lookup_table(cfg: PreprocessConfig) -> np.ndarray:
     return (unit[None, :] - mean) / std
 
 
-_TABLES: dict[PreprocessConfig, np.ndarray] = {}
-
-
 def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """`img` as the model input: float32 `[3, S, S]`, equal to open_clip's eval transform."""
-    table = _TABLES.get(cfg)
-    if table is None:
-        table = _TABLES.setdefault(cfg, _lookup_table(cfg))
+    table = _lookup_table(cfg)
     pixels = np.asarray(_resized(to_rgb(img), cfg))  # [S, S, 3] uint8
     return np.stack([table[c][pixels[:, :, c]] for c in range(3)])
 

@@ -174,6 +174,15 @@ def test_missing_file_and_folder_in_place_of_a_file(tmp_path):
     assert_clear_error(info.value, folder, "is a directory")
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_named_pipe_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError) as info:
+        load_image(fifo)
+    assert_clear_error(info.value, fifo, "not a regular file")
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_file(tmp_path):
     path = tmp_path / "secret.png"

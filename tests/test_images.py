@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -264,16 +263,11 @@ def test_iter_batches_runs_ahead_but_bounded(tmp_path, monkeypatch):
     it = iter_batches(paths, config(8), batch_size=2, workers=2, prefetch=6)
     first = next(it)
     assert first.paths == paths[:2]
-    assert len(started) <= 2 + 6
+    deadline = time.monotonic() + 10
+    while len(started) < 2 + 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert len(started) == 2 + 6  # ran ahead while the consumer held the first batch, no further
     it.close()
-    assert len(started) <= 2 + 6
-
-
-def test_runtime_modules_import_without_torch():
-    code = (
-        "import sys\n"
-        "import edgeclip.edgeapp.images, edgeclip.edgeapp.discover, edgeclip.edgeapp.domain, edgeclip.edgeapp.tokenizer\n"
-        "bad = [m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules]\n"
-        "assert not bad, bad\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    time.sleep(0.1)
+    assert len(started) == 2 + 6
