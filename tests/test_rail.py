@@ -127,3 +127,34 @@ def test_state_roundtrip_then_keep_learning(cls):
         m.add_domain(*domains[2])
         m.solve()
     assert _rel(restored.weights64(), reference.weights64()) < 1e-9
+
+
+def test_learners_run_without_torch():
+    """RAIL, fusion and the linear gate run on a device without torch: with torch made
+    unimportable they import, learn and score, and the MLP gate names the missing extra."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+for name in ("torch", "open_clip", "torchvision"):
+    sys.modules[name] = None  # import fails as if not installed
+import numpy as np
+from edgeclip.edgeapp.errors import MissingExtraError
+from edgeclip.train import ddas, fusion, rail
+x = np.eye(8, dtype=np.float32)[np.arange(40) % 8]
+y = np.arange(40) % 4
+head = rail.RailPrimal(8, hidden=32)
+head.add_domain(x, y, 4)
+head.solve()
+ae, thr = ddas.fit_gate(x, kind="linear", k=2)
+ddas.route(ae.errors(x)[:, None], np.array([thr]))
+fusion.fuse_paper(fusion.zero_shot_probs(x, x[:6]), head.scores(x))
+try:
+    ddas.fit_gate(x, kind="mlp")
+except MissingExtraError as err:
+    print("ok", err.module)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok torch"

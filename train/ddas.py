@@ -5,7 +5,11 @@ CLIP image embedding, a threshold calibrated on held-out images, a decision per 
   task can learn its gate on a device without torch.
 - `MLPAutoencoder`: D -> hidden -> D with ReLU, trained with torch (imported inside `fit`);
   its errors are computed from numpy weights, so the runtime needs no torch.
-- `route(errors, thresholds)`: t* = argmin_t err_t / thr_t, -1 (zero-shot) when that ratio > 1.
+- `route(errors, thresholds)`: -1 (zero-shot) when no task accepts the image (err_t > thr_t for
+  every t); otherwise rule "nearest" (default) picks the accepting task with the smallest error,
+  rule "ratio" (METHODS.md's first wording) the smallest err_t / thr_t. Errors of both kinds are
+  in the same units (mean squared distance in embedding space), so they compare across tasks.
+  docs/LEARNERS.md has the measurements behind the default.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from edgeclip.edgeapp.errors import BundleError, MissingExtraError, UsageError
 
 QUANTILE = 0.95  # threshold = this quantile of a task's held-out reconstruction errors
 HOLDOUT = 0.2
+K = 4  # principal directions of the linear gate (measured best, docs/LEARNERS.md)
+ROUTE_RULES = ("nearest", "ratio")
+ROUTE_RULE = "nearest"  # measured on real images: "ratio" sends a tight domain's images to a broad one
 
 
 def _check_x(x: np.ndarray, dim: int | None = None) -> np.ndarray:
@@ -76,11 +83,11 @@ class LinearAutoencoder:
 
 
 class MLPAutoencoder:
-    """z = (x - mu) * scale; z_hat = relu(z W1 + b1) W2 + b2; error = mean (z - z_hat)^2.
+    """z = (x - mu) * scale; z_hat = relu(z W1 + b1) W2 + b2; error = mean (z - z_hat)^2 / scale^2.
 
     Centring and the scalar scale (1 / RMS of the centred data) put the input near unit
-    variance, so one learning rate suits any embedding size; errors are in those units,
-    which the calibrated threshold shares.
+    variance, so one learning rate suits any embedding size; dividing by scale^2 returns the
+    error to embedding units, comparable with other tasks' gates of either kind.
     """
 
     kind = "mlp"
@@ -114,24 +121,29 @@ class MLPAutoencoder:
                 bound = 1.0 / layer.in_features ** 0.5
                 layer.weight.uniform_(-bound, bound, generator=gen)
                 layer.bias.uniform_(-bound, bound, generator=gen)
-        params = [*enc.parameters(), *dec.parameters()]
-        opt = torch.optim.Adam(params, lr=lr)
-        for _ in range(steps):
-            idx = torch.randint(0, z.shape[0], (min(batch, z.shape[0]),), generator=gen)
-            zb = z[idx]
-            loss = ((dec(torch.relu(enc(zb))) - zb) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=lr)
+        # Matmuls this small run fastest on one thread; more threads on a busy CPU ran 10x slower.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for _ in range(steps):
+                idx = torch.randint(0, z.shape[0], (min(batch, z.shape[0]),), generator=gen)
+                zb = z[idx]  # [batch, D]
+                loss = ((dec(torch.relu(enc(zb))) - zb) ** 2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        finally:
+            torch.set_num_threads(threads)
         with torch.no_grad():
             return cls(mu, scale, enc.weight.T.numpy().copy(), enc.bias.numpy().copy(),
                        dec.weight.T.numpy().copy(), dec.bias.numpy().copy())
 
     def errors(self, x: np.ndarray) -> np.ndarray:
-        """Mean squared reconstruction error per image [N], numpy only."""
+        """Mean squared reconstruction error per image [N] in embedding units, numpy only."""
         z = (_check_x(x, self.mu.shape[0]) - self.mu) * self.scale
         residual = z - (np.maximum(z @ self.w1 + self.b1, 0.0) @ self.w2 + self.b2)
-        return (residual * residual).mean(axis=1)
+        return (residual * residual).mean(axis=1) / (self.scale * self.scale)
 
     def state(self) -> dict[str, np.ndarray]:
         return {"mu": self.mu, "scale": np.array([self.scale], np.float32),
@@ -165,7 +177,7 @@ def calibrate_threshold(errors_heldout: np.ndarray, quantile: float = QUANTILE) 
     return float(np.quantile(errors_heldout, quantile))
 
 
-def fit_gate(x: np.ndarray, kind: str = "linear", k: int = 16, holdout_fraction: float = HOLDOUT,
+def fit_gate(x: np.ndarray, kind: str = "linear", k: int = K, holdout_fraction: float = HOLDOUT,
              quantile: float = QUANTILE, seed: int = 0, **mlp_options) -> tuple[Autoencoder, float]:
     """Fit one task's autoencoder on a random (1 - holdout_fraction) of x and calibrate its
     threshold on the rest. `k`: principal directions (linear); mlp_options go to MLPAutoencoder.fit."""
@@ -184,14 +196,18 @@ def fit_gate(x: np.ndarray, kind: str = "linear", k: int = 16, holdout_fraction:
     return ae, calibrate_threshold(ae.errors(held), quantile)
 
 
-def route(errors: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per image: (route [B] int64, task index or -1 for zero-shot; ratios [B, T] = err / thr)."""
+def route(errors: np.ndarray, thresholds: np.ndarray, rule: str = ROUTE_RULE) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, never per batch: (route [B] int64, a task index or -1 for zero-shot;
+    ratios [B, T] = err / thr). errors [B, T], thresholds [T] > 0. See the module docstring."""
     errors, thresholds = np.asarray(errors), np.asarray(thresholds)
     if errors.ndim != 2 or thresholds.shape != (errors.shape[1],) or np.any(thresholds <= 0):
         raise UsageError(f"need errors [B, T] and positive thresholds [T], got {list(errors.shape)}, "
                          f"{list(thresholds.shape)}")
+    if rule not in ROUTE_RULES:
+        raise UsageError(f"unknown routing rule {rule!r}; known: {list(ROUTE_RULES)}")
     ratios = errors / thresholds
     if ratios.shape[1] == 0:
         return np.full(ratios.shape[0], -1, dtype=np.int64), ratios
-    best = ratios.argmin(axis=1)
-    return np.where(ratios.min(axis=1) > 1.0, -1, best).astype(np.int64), ratios
+    accepted = ratios <= 1.0
+    best = (np.where(accepted, errors, np.inf) if rule == "nearest" else ratios).argmin(axis=1)
+    return np.where(accepted.any(axis=1), best, -1).astype(np.int64), ratios

@@ -24,7 +24,6 @@ FUSIONS = ("ddas", "paper")
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 LEARNED = "learned.safetensors"
 RAIL_STATE = "rail_state.safetensors"
-RAIL_INFERENCE_KEYS = {"rail-primal": ("w_r", "w"), "rail-dual": ("memory", "alpha")}
 VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -42,8 +41,8 @@ class MethodSettings:
     beta: float = 0.8  # fusion weight of the learned scores
     fusion: str = "ddas"  # how RAIL picks images for the learned head: ddas | paper
     gate_kind: str = "linear"  # DDAS autoencoder: linear (closed form, torch-free) | mlp
-    gate_k: int = 16
-    gate_quantile: float = 0.95
+    gate_k: int = 4  # ddas.K, measured in docs/LEARNERS.md
+    gate_quantile: float = 0.95  # ddas.QUANTILE
     seed: int = 0
 
     def validate(self) -> None:
@@ -97,15 +96,25 @@ def init_bundle(
                     if produced.stem == onnx_path.stem:
                         writer.write_file(f"graphs/{produced.name}", produced)
         writer.write_file(f"tokenizer/{VOCAB_NAME}", default_vocab_path())
-        learned = _empty_learned(backbone.embed_dim)
-        if settings.method == "rail-primal":
-            from edgeclip.train.rail import RailPrimal
-
-            rail = RailPrimal(backbone.embed_dim, settings.hidden, settings.gamma, settings.seed)
-            learned["rail.w_r"] = rail.w_r
+        learned = initial_learned(settings, backbone.embed_dim)
         writer.write_tensors(LEARNED, learned)
         write_gated_graph(writer, learned)
     return Bundle.open(root)
+
+
+def initial_learned(settings: MethodSettings, dim: int) -> dict[str, np.ndarray]:
+    """The learned tensors of a bundle with no task: an empty label space and an untrained head."""
+    from edgeclip.export.compose import learned_tensors
+
+    if settings.method == "rail-primal":
+        from edgeclip.train.rail import RailPrimal
+
+        head = RailPrimal(dim, settings.hidden, settings.gamma, settings.seed).state()
+    elif settings.method == "rail-dual":
+        head = {"memory": np.zeros((0, dim), np.float32), "alpha": np.zeros((0, 0), np.float32)}
+    else:
+        raise UsageError("MoE bundles are created by train.moe_task.init_moe_bundle.")
+    return learned_tensors(np.zeros((0, dim), np.float32), [], settings.gate_kind, [], settings.method, head)
 
 
 def _method_settings(s: MethodSettings, dim: int) -> dict[str, Any]:
@@ -115,15 +124,6 @@ def _method_settings(s: MethodSettings, dim: int) -> dict[str, Any]:
     if s.method == "rail-dual":
         return {**common, "gamma_kernel": s.gamma_kernel, "lam": s.lam, "dim": dim}
     return common
-
-
-def _empty_learned(dim: int) -> dict[str, np.ndarray]:
-    return {
-        "zs_text": np.zeros((0, dim), np.float32),
-        "task.offset": np.zeros((0,), np.int64),
-        "task.size": np.zeros((0,), np.int64),
-        "gate.threshold": np.zeros((0,), np.float32),
-    }
 
 
 # --------------------------------------------------------------------------- add-task
@@ -218,21 +218,6 @@ def fit_task_gate(bundle: Bundle, feats: np.ndarray) -> tuple[dict[str, np.ndarr
     return autoencoder.state(), autoencoder.settings(), float(threshold)
 
 
-def append_task_tensors(
-    learned: dict[str, np.ndarray], task_index: int, zs_text: np.ndarray, gate_state: dict[str, np.ndarray], threshold: float
-) -> dict[str, np.ndarray]:
-    """The learned tensors with one more task (its classes appended to the label space)."""
-    out = dict(learned)
-    n_learned = learned["zs_text"].shape[0]
-    out["zs_text"] = np.concatenate([learned["zs_text"], zs_text.astype(np.float32)])
-    out["task.offset"] = np.append(learned["task.offset"], n_learned).astype(np.int64)
-    out["task.size"] = np.append(learned["task.size"], zs_text.shape[0]).astype(np.int64)
-    out["gate.threshold"] = np.append(learned["gate.threshold"], threshold).astype(np.float32)
-    for key, value in gate_state.items():
-        out[f"gate.{task_index}.{key}"] = value
-    return out
-
-
 def task_record(domain: Domain, name: str, n_images: int, threshold: float, gate_settings: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": name,
@@ -247,6 +232,8 @@ def task_record(domain: Domain, name: str, n_images: int, threshold: float, gate
 
 
 def _rail_learner(bundle: Bundle) -> Any:
+    """The bundle's RAIL learner, restored from its inference tensors and its learning state."""
+    from edgeclip.export.compose import RAIL_KEYS
     from edgeclip.train.rail import RailDual, RailPrimal
 
     settings = bundle.manifest["method"]["settings"]
@@ -258,7 +245,7 @@ def _rail_learner(bundle: Bundle) -> Any:
         return RailDual(float(settings["gamma_kernel"]), float(settings["lam"]))
     learned = bundle.tensors(LEARNED)
     state = dict(bundle.tensors(RAIL_STATE))
-    for key in RAIL_INFERENCE_KEYS[bundle.method]:
+    for key in RAIL_KEYS[bundle.method]:
         state[key] = learned[f"rail.{key}"]
     cls = RailPrimal if bundle.method == "rail-primal" else RailDual
     return cls.from_state(state, settings["learner"])
@@ -267,6 +254,8 @@ def _rail_learner(bundle: Bundle) -> Any:
 def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "auto",
                   progress: ProgressFn | None = None) -> Bundle:
     """RAIL add-task, torch-free: embed, update the closed-form head, fit the gate, re-compose the graph."""
+    from edgeclip.export.compose import RAIL_KEYS, gate_states, learned_tensors
+
     feats, labels, _errors = embed_domain(bundle, domain, backend, progress=progress)
     learned = bundle.tensors(LEARNED)
     offset = learned["zs_text"].shape[0]
@@ -278,12 +267,13 @@ def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "aut
     if progress:
         progress("solving", 1, 1)
     gate_state, gate_settings, threshold = fit_task_gate(bundle, feats)
-    zs_text = class_text_embeddings(bundle, domain, backend)
-    new_learned = append_task_tensors(learned, len(bundle.tasks), zs_text, gate_state, threshold)
+    zs_text = np.concatenate([learned["zs_text"], class_text_embeddings(bundle, domain, backend)])
+    kind = bundle.manifest["gate"]["kind"]
+    gates = gate_states(learned, kind) + [gate_state]
+    sizes = [len(t["classes"]) for t in bundle.tasks] + [len(domain.classes)]
     state = learner.state()
-    inference_keys = RAIL_INFERENCE_KEYS[bundle.method]
-    for key in inference_keys:
-        new_learned[f"rail.{key}"] = state[key]
+    new_learned = learned_tensors(zs_text, sizes, kind, gates, bundle.method, state)
+    inference_keys = RAIL_KEYS[bundle.method]
     with bundle.new_version() as writer:
         writer.manifest["method"]["settings"]["learner"] = learner.settings()
         writer.manifest["tasks"].append(task_record(domain, name, len(feats), threshold, gate_settings))
