@@ -41,6 +41,20 @@ def summarise(backend: str, graph: str, batch_size: int, times_ms: np.ndarray) -
                          float(batch_size * 1000.0 / np.median(times_ms)))
 
 
+def warm_up_engines(bundle, backend: str, fp16: bool = False) -> None:
+    """Run the gated and plain graphs once on a backend, which builds (or loads cached) engines."""
+    from edgeclip.edgeapp.classify import build_label_space
+    from edgeclip.edgeapp.runtime import GatedRunner, ImageEncoderRunner, TextEncoderRunner, select_backend
+
+    resolved = select_backend(backend, fp16=fp16)
+    size = int(bundle.manifest["preprocess"]["image_size"])
+    pixels = np.zeros((1, 3, size, size), np.float32)
+    labels = build_label_space(bundle, [] if bundle.learned_classes else ["object"],
+                               lambda t: TextEncoderRunner(bundle, resolved).embed(t))
+    GatedRunner(bundle, resolved).run(pixels, labels.text)
+    ImageEncoderRunner(bundle, resolved).embed(pixels)
+
+
 def bench_bundle(bundle, backend: str, batch_sizes: list[int], iterations: int, seed: int = 0,
                  on_step: Callable[[], None] | None = None) -> list[LatencyResult]:
     """Time the gated and the plain graph on the same random pixels, interleaved per batch size

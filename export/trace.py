@@ -118,7 +118,7 @@ def _export(module: Any, example: Any, input_name: str, output_name: str, graph:
         data_path.unlink()  # onnx appends to an existing data file
     onnx.save_model(
         proto, str(graph), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
-        size_threshold=0,
+        size_threshold=1024,  # small constants (shapes) stay inline: shape inference reads them
     )
     onnx.checker.check_model(str(graph))
     return graph

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
-
 import typer
 
 from edgeclip.edgeapp.cli import commands_classify, commands_manage, commands_bench
@@ -39,35 +37,19 @@ commands_classify.register(app)
 commands_bench.register(app)
 
 
-def _run(entry: Callable[..., Any]) -> int:
+def main() -> None:
+    """Console-script entry point: Typer handles usage errors (exit 2); edgeclip errors become
+    one line on stderr and their exit code."""
     try:
-        entry(standalone_mode=False)
+        app()
     except EdgeclipError as exc:
         if os.environ.get("EDGECLIP_DEBUG"):
             raise
         err_console().print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
-        return exc.exit_code
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console().print("[yellow]interrupted[/]")
-        return 130
-    return 0
-
-
-def main() -> None:
-    """Console-script entry point."""
-    import click
-
-    command = typer.main.get_command(app)
-    try:
-        code = _run(command.main)
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except click.ClickException as exc:  # usage errors: Click formats them
-        exc.show()
-        code = 2
-    except click.exceptions.Abort:
-        code = 1
-    sys.exit(code)
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,125 @@
+"""``edgeclip eval``: the papers' continual-learning protocols (MTIL, X-TAIL) on a copy of a bundle."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from edgeclip.edgeapp.cli.console import err_console, out_console, progress
+from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path
+
+
+class Protocol(str, Enum):
+    mtil = "mtil"
+    xtail = "xtail"
+
+
+class Gate(str, Enum):
+    ddas = "ddas"
+    paper = "paper"
+
+
+class Decision(str, Enum):
+    reference = "reference"
+    graph = "graph"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def matrix_table(result: Any, timing: list[Any], title: str) -> Table:
+    """Rows: zero-shot, then after each learning step; columns: domains, routing, learn time."""
+    table = Table(title=title)
+    table.add_column("after step")
+    for name in result.domains:
+        table.add_column(name, justify="right")
+    xtail = result.protocol == "xtail"
+    if xtail:
+        table.add_column("routed right %", justify="right")
+    table.add_column("learn s", justify="right")
+    table.add_row("(zero-shot)", *[_pct(v) for v in result.zero_shot], *([""] if xtail else []), "")
+    for i, row in enumerate(result.matrix):
+        cells = [f"[bold]{v:.1f}[/]" if j == i else f"{v:.1f}" for j, v in enumerate(row)]
+        route = [_pct(result.routing[i]["overall"])] if xtail else []
+        table.add_row(f"{i + 1} {result.domains[i]}", *cells, *route, f"{timing[i].learn_s:.1f}")
+    return table
+
+
+def metrics_table(result: Any) -> Table:
+    m = result.metrics()
+    table = Table(title="Transfer / Average / Last (%)")
+    table.add_column("metric")
+    for name in result.domains:
+        table.add_column(name, justify="right")
+    table.add_column("mean", justify="right", style="bold")
+    for key in ("transfer", "average", "last"):
+        table.add_row(key.capitalize(), *[_pct(v) for v in m["per_domain"][key]], _pct(m[key]))
+    return table
+
+
+def eval_command(
+    domain_dirs: Annotated[list[Path], typer.Argument(help="Domain folders with train/ and test/, in learning order.",
+                                                      show_default=False)],
+    bundle: BundleOpt = None,
+    protocol: Annotated[Protocol, typer.Option(help="mtil (task identity known) or xtail (task-agnostic, union of all class names).")] = Protocol.xtail,
+    shots: Annotated[Optional[int], typer.Option(min=1, help="Learn from at most K training images per class.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for results.json and matrix.png.")] = Path("eval-results"),
+    gate: Annotated[Optional[Gate], typer.Option(help="X-TAIL gate of a RAIL bundle: ddas or paper (default: the bundle's).")] = None,
+    test_per_class: Annotated[Optional[int], typer.Option(min=1, help="Score at most K test images per class (deterministic draw).")] = None,
+    decision: Annotated[Decision, typer.Option(help="reference: numpy reference of the gated graph on cached embeddings (RAIL); graph: run graphs/gated.onnx on the pixels.")] = Decision.reference,
+    iterations: Annotated[Optional[int], typer.Option(min=1, help="MoE: training iterations per task.")] = None,
+    backend: BackendOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a continual-learning protocol: learn the domains in order on a COPY of the bundle
+    (the bundle itself is never changed) and, after each step, classify every domain's test split.
+
+    Prints the accuracy matrix, Transfer / Average / Last and the routing accuracy; writes
+    results.json and matrix.png (a heatmap) to --out. The bundle must have no task yet (edgeclip init).
+    """
+    from edgeclip.train.evaluate import run_protocols, run_summary, write_heatmap
+
+    source = bundle_path(bundle)
+    with tempfile.TemporaryDirectory(prefix="edgeclip-eval-") as tmp, progress(quiet) as bar:
+        ids: dict[str, int] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in ids:
+                ids[stage] = bar.add_task(stage, total=total, info="")
+            bar.update(ids[stage], completed=done, total=total)
+
+        run = run_protocols(source, domain_dirs, Path(tmp) / "work", protocols=[protocol.value],
+                            gates=[gate.value] if gate else None, shots=shots, test_per_class=test_per_class,
+                            decision=decision.value, backend=backend, iterations=iterations, progress=report)
+    summary = run_summary(run, source)
+    result = next(iter(run.results.values()))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    weights = " - random weights" if run.random_weights else ""
+    title = f"{protocol.value.upper()} ({result.gate}), {run.method}{weights}: accuracy % on each domain's test split"
+    write_heatmap(result, out / "matrix.png", title)
+    if quiet:
+        return
+    console = out_console()
+    console.print(matrix_table(result, run.timing, title))
+    console.print(metrics_table(result))
+    notes = err_console()
+    for name, renames in summary["renamed_classes"].items():
+        shown = ", ".join(f"'{a}' -> '{b}'" for a, b in renames.items())
+        notes.print(f"{name}: class names already used by an earlier domain were renamed: {shown}", highlight=False)
+    if run.suite.unreadable:
+        notes.print(f"{len(run.suite.unreadable)} test images could not be read (listed in results.json)")
+    if run.random_weights:
+        notes.print("random weights: zero-shot is near chance; the numbers show the mechanics, not CLIP's accuracy")
+    notes.print(f"decision: {summary['decision']}; wrote {out / 'results.json'} and {out / 'matrix.png'}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="eval")(eval_command)

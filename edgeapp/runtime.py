@@ -1,0 +1,335 @@
+"""Runners over a bundle's graphs: onnxruntime (CPU, CUDA, TensorRT providers) or TensorRT itself.
+
+No torch here. Graph file names and tensor names are defined once below and used by the
+exporter (`edgeclip.export.trace`, `edgeclip.export.compose`) as well.
+
+Backends:
+- `ort-cpu`: onnxruntime, CPUExecutionProvider.
+- `ort-cuda`: onnxruntime CUDAExecutionProvider (then CPU for unsupported ops).
+- `ort-trt`: onnxruntime TensorrtExecutionProvider (then CUDA, CPU), engines cached on disk.
+- `tensorrt`: an engine built by `edgeclip.export.tensorrt` from the same ONNX file.
+- `auto`: `ort-cuda` when onnxruntime offers CUDA, else `ort-cpu`. TensorRT is never picked
+  automatically: a first engine build takes minutes.
+
+Asking for a backend that is not usable raises `BackendUnavailableError` saying what to install;
+every choice is logged. Sessions are created on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle
+from .errors import BackendUnavailableError, BundleError, UsageError
+
+log = logging.getLogger(__name__)
+
+# -- graph contract (shared with the exporter) ------------------------------------------------
+OPSET = 18  # run by onnxruntime >= 1.14 and TensorRT 10
+GRAPHS_DIR = "graphs"
+IMAGE_GRAPH, IMAGE_DATA = "image_encoder.onnx", "image_encoder.data"
+TEXT_GRAPH, TEXT_DATA = "text_encoder.onnx", "text_encoder.data"
+GATED_GRAPH = "gated.onnx"
+VOCAB_IN_BUNDLE = "tokenizer/bpe_simple_vocab_16e6.txt.gz"
+
+PIXELS, EMBEDDING = "pixels", "embedding"  # image encoder: [B,3,S,S] float32 -> [B,D]
+TOKENS, TEXT_EMBEDDING = "tokens", "text_embedding"  # text encoder: [N,77] int64 -> [N,D]
+LABEL_TEXT = "label_text"  # gated graph's second input [L,D]
+SCORES, ROUTE, GATE_RATIO = "scores", "route", "gate_ratio"
+GATED_OUTPUTS = (SCORES, ROUTE, GATE_RATIO, EMBEDDING)
+
+
+def bundle_file(name: str) -> str:
+    """A graph's path inside a bundle version ("graphs/<name>")."""
+    return f"{GRAPHS_DIR}/{name}"
+
+
+# -- backend selection --------------------------------------------------------------------------
+BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
+_CPU, _CUDA, _TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+_PROVIDERS = {"ort-cpu": [_CPU], "ort-cuda": [_CUDA, _CPU], "ort-trt": [_TRT, _CUDA, _CPU]}
+_INSTALL = {
+    _CUDA: "install onnxruntime-gpu (pip install 'edgeclip[gpu]') on a machine with an NVIDIA GPU and CUDA",
+    _TRT: "install onnxruntime-gpu built with TensorRT (pip install 'edgeclip[gpu,trt]') and the TensorRT "
+    "libraries, on a machine with an NVIDIA GPU",
+}
+
+
+def engine_cache_dir() -> Path:
+    """Where TensorRT engines are cached: $EDGECLIP_ENGINE_CACHE or ~/.cache/edgeclip/engines."""
+    return Path(os.environ.get("EDGECLIP_ENGINE_CACHE", Path.home() / ".cache" / "edgeclip" / "engines"))
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A resolved backend: its name and, for onnxruntime, the provider list to use."""
+
+    name: str
+    providers: tuple[str, ...] = ()
+    fp16: bool = False  # TensorRT paths only
+
+
+def _ort_available() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def select_backend(backend: str = "auto", fp16: bool = False) -> Backend:
+    """Resolve a backend name against what is installed; raise BackendUnavailableError otherwise."""
+    if backend not in BACKENDS:
+        raise UsageError(f"Unknown backend '{backend}'. Choose one of: {', '.join(BACKENDS)}")
+    if backend == "tensorrt":
+        from edgeclip.export.tensorrt import check_available
+
+        check_available()
+        log.info("backend tensorrt: native TensorRT engine (%s)", "fp16" if fp16 else "fp32")
+        return Backend("tensorrt", (), fp16)
+    available = _ort_available()
+    if backend == "auto":
+        backend = "ort-cuda" if _CUDA in available else "ort-cpu"
+        log.info("backend auto -> %s (onnxruntime providers available: %s)", backend, ", ".join(available))
+    wanted = _PROVIDERS[backend]
+    missing = [p for p in wanted[:1] if p not in available]
+    if missing:
+        raise BackendUnavailableError(
+            f"Backend '{backend}' needs onnxruntime's {missing[0]}, which this onnxruntime lacks "
+            f"(available: {', '.join(available)}). To use it: {_INSTALL[missing[0]]}. "
+            "Or choose --backend ort-cpu."
+        )
+    providers = tuple(p for p in wanted if p in available)
+    log.info("backend %s: providers %s", backend, ", ".join(providers))
+    return Backend(backend, providers, fp16)
+
+
+def _provider_options(backend: Backend, profile: dict[str, tuple[tuple[int, ...], ...]] | None) -> list[Any]:
+    """onnxruntime's (provider, options) list; TensorRT caches its engines under engine_cache_dir()."""
+    out: list[Any] = []
+    for provider in backend.providers:
+        if provider == _TRT:
+            cache = engine_cache_dir() / "ort-trt"
+            cache.mkdir(parents=True, exist_ok=True)
+            opts: dict[str, Any] = {
+                "trt_fp16_enable": backend.fp16,
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache),
+                "trt_timing_cache_enable": True,
+            }
+            if profile:
+                for key, index in (("trt_profile_min_shapes", 0), ("trt_profile_opt_shapes", 1),
+                                   ("trt_profile_max_shapes", 2)):
+                    opts[key] = ",".join(f"{n}:{'x'.join(map(str, s[index]))}" for n, s in profile.items())
+            out.append((provider, opts))
+        else:
+            out.append(provider)
+    return out
+
+
+def describe_backends() -> dict[str, str]:
+    """What this machine can run, for `edgeclip info`: onnxruntime providers, TensorRT, GPUs."""
+    import shutil
+    import subprocess
+
+    import onnxruntime as ort
+
+    info = {"onnxruntime": ort.__version__, "onnxruntime providers": ", ".join(_ort_available())}
+    try:
+        import tensorrt  # noqa: F401 - optional
+
+        info["tensorrt"] = tensorrt.__version__
+    except ImportError:
+        info["tensorrt"] = "not installed (pip install 'edgeclip[trt]', or JetPack's on a Jetson)"
+    gpu = "none found"
+    if shutil.which("nvidia-smi"):
+        try:
+            query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+            gpu = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout.strip() or gpu
+        except (OSError, subprocess.SubprocessError):
+            pass
+    info["gpu"] = gpu
+    return info
+
+
+# -- sessions -------------------------------------------------------------------------------------
+@dataclass
+class GraphSession:
+    """One graph run by one backend, created on first `run`.
+
+    `profile` (input -> (min, opt, max) shapes) is used by the TensorRT paths only; larger
+    batches than its max are split for the native engine.
+    """
+
+    path: Path
+    backend: Backend
+    threads: int | None = None
+    profile: dict[str, tuple[tuple[int, ...], ...]] | None = None
+    graph_id: str | None = None  # identifies the graph's content for the engine cache
+    _session: Any = field(default=None, repr=False)
+
+    def _open(self) -> Any:
+        if self.backend.name == "tensorrt":
+            from edgeclip.export.tensorrt import EngineSpec, TrtRunner, build_engine
+
+            spec = EngineSpec(precision="fp16" if self.backend.fp16 else "fp32", profile=self.profile or {})
+            engine = build_engine(self.path, spec, engine_cache_dir(), graph_id=self.graph_id)
+            return TrtRunner(engine)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = int(self.threads)
+            options.inter_op_num_threads = 1
+        try:
+            session = ort.InferenceSession(str(self.path), options, providers=_provider_options(self.backend, self.profile))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BackendUnavailableError(
+                f"onnxruntime cannot load {self.path.name} with {', '.join(self.backend.providers)}: {exc}"
+            ) from exc
+        active = session.get_providers()
+        if self.backend.providers and self.backend.providers[0] not in active:
+            # onnxruntime falls back to CPU quietly (no GPU, missing CUDA libraries): say so.
+            raise BackendUnavailableError(
+                f"Backend '{self.backend.name}': onnxruntime could not start {self.backend.providers[0]} "
+                f"(running would fall back to {', '.join(active)}). Check the GPU driver and CUDA/TensorRT "
+                "libraries, or choose --backend ort-cpu."
+            )
+        log.info("%s: session on %s", self.path.name, ", ".join(active))
+        return session
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._session is None:
+            self._session = self._open()
+        if self.backend.name == "tensorrt":
+            return self._session.run(feeds)
+        names = [o.name for o in self._session.get_outputs()]
+        return dict(zip(names, self._session.run(names, feeds)))
+
+
+def _graph_path(bundle: Bundle, graph: str, data: str) -> Path:
+    """A bundle graph whose external-data file lies beside it (ONNX resolves it by relative name)."""
+    path = bundle.path(bundle_file(graph))
+    data_path = bundle.path(bundle_file(data))
+    if data_path.parent != path.parent:
+        raise BundleError(
+            f"Bundle {bundle.root} version {bundle.version}: {graph} and its weights {data} must lie in the same "
+            "folder (store graphs as version files, not blobs)."
+        )
+    return path
+
+
+def _graph_id(bundle: Bundle, *names: str) -> str:
+    return "+".join(bundle.manifest["files"][bundle_file(n)]["sha256"] for n in names)
+
+
+def _pixels(bundle: Bundle, pixels: np.ndarray) -> np.ndarray:
+    size = int(bundle.manifest["preprocess"]["image_size"])
+    pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+    if pixels.ndim != 4 or pixels.shape[1:] != (3, size, size):
+        raise UsageError(f"pixels must have shape [B, 3, {size}, {size}], got {list(pixels.shape)}")
+    return pixels
+
+
+def _image_profile(bundle: Bundle, max_batch: int) -> dict[str, tuple[tuple[int, ...], ...]]:
+    s = int(bundle.manifest["preprocess"]["image_size"])
+    return {PIXELS: ((1, 3, s, s), (min(8, max_batch), 3, s, s), (max_batch, 3, s, s))}
+
+
+class ImageEncoderRunner:
+    """The plain frozen image encoder: `embed(pixels [B,3,S,S]) -> [B,D]` (L2-normalised)."""
+
+    def __init__(self, bundle: Bundle, backend: str | Backend = "auto", threads: int | None = None,
+                 max_batch: int = 32) -> None:
+        self.bundle = bundle
+        resolved = backend if isinstance(backend, Backend) else select_backend(backend)
+        self.backend_name = resolved.name
+        self.session = GraphSession(_graph_path(bundle, IMAGE_GRAPH, IMAGE_DATA), resolved, threads,
+                                    _image_profile(bundle, max_batch), _graph_id(bundle, IMAGE_GRAPH, IMAGE_DATA))
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        pixels = _pixels(self.bundle, pixels)
+        if len(pixels) == 0:
+            return np.zeros((0, int(self.bundle.manifest["backbone"]["embed_dim"])), np.float32)
+        return self.session.run({PIXELS: pixels})[EMBEDDING]
+
+
+class TextEncoderRunner:
+    """The frozen text encoder with the torch-free tokenizer: `embed(texts) -> [N,D]` (L2-normalised)."""
+
+    def __init__(self, bundle: Bundle, backend: str | Backend = "auto", threads: int | None = None,
+                 batch_size: int = 64) -> None:
+        self.bundle = bundle
+        self.batch_size = int(batch_size)
+        resolved = backend if isinstance(backend, Backend) else select_backend(backend)
+        ctx = int(bundle.manifest["backbone"].get("context_length", 77))
+        profile = {TOKENS: ((1, ctx), (batch_size, ctx), (batch_size, ctx))}
+        self.session = GraphSession(_graph_path(bundle, TEXT_GRAPH, TEXT_DATA), resolved, threads, profile,
+                                    _graph_id(bundle, TEXT_GRAPH, TEXT_DATA))
+        self._tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from .tokenizer import ClipTokenizer
+
+            ctx = int(self.bundle.manifest["backbone"].get("context_length", 77))
+            self._tokenizer = ClipTokenizer(self.bundle.path(VOCAB_IN_BUNDLE), context_length=ctx)
+        return self._tokenizer
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        out = [self.session.run({TOKENS: self.tokenizer(texts[i:i + self.batch_size])})[TEXT_EMBEDDING]
+               for i in range(0, len(texts), self.batch_size)]
+        dim = int(self.bundle.manifest["backbone"]["embed_dim"])
+        return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+    def class_embeddings(self, classes: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+        """Zero-shot classifier [C,D]: each class's prompts embedded, averaged, re-normalised."""
+        if not templates:
+            raise UsageError("at least one prompt template is needed")
+        prompts = [t.format(c) for c in classes for t in templates]
+        feats = self.embed(prompts).reshape(len(classes), len(templates), -1).mean(axis=1)
+        return (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32)
+
+
+class GatedRunner:
+    """The bundle's whole decision (graphs/gated.onnx).
+
+    `run(pixels [B,3,S,S], label_text [L,D])` -> {"scores" [B,L], "route" [B] int64 (-1 = zero-shot),
+    "gate_ratio" [B,T], "embedding" [B,D]}. Rows 0..C-1 of label_text must be the learned classes.
+    """
+
+    def __init__(self, bundle: Bundle, backend: str | Backend = "auto", threads: int | None = None,
+                 max_batch: int = 32, max_labels: int = 4096) -> None:
+        self.bundle = bundle
+        resolved = backend if isinstance(backend, Backend) else select_backend(backend)
+        dim = int(bundle.manifest["backbone"]["embed_dim"])
+        n_learned = max(len(bundle.learned_classes), 1)
+        profile = {**_image_profile(bundle, max_batch),
+                   LABEL_TEXT: ((1, dim), (max(n_learned, min(1000, max_labels)), dim), (max_labels, dim))}
+        self.backend_name = resolved.name
+        self.session = GraphSession(_graph_path(bundle, GATED_GRAPH, IMAGE_DATA), resolved, threads, profile,
+                                    _graph_id(bundle, GATED_GRAPH, IMAGE_DATA))
+
+    def run(self, pixels: np.ndarray, label_text: np.ndarray) -> dict[str, np.ndarray]:
+        pixels = _pixels(self.bundle, pixels)
+        label_text = np.ascontiguousarray(label_text, dtype=np.float32)
+        dim = int(self.bundle.manifest["backbone"]["embed_dim"])
+        n_learned = len(self.bundle.learned_classes)
+        if label_text.ndim != 2 or label_text.shape[1] != dim or label_text.shape[0] < max(n_learned, 1):
+            raise UsageError(
+                f"label_text must have shape [L, {dim}] with L >= {max(n_learned, 1)} (the learned classes "
+                f"first), got {list(label_text.shape)}"
+            )
+        if len(pixels) == 0:
+            return {SCORES: np.zeros((0, len(label_text)), np.float32), ROUTE: np.zeros(0, np.int64),
+                    GATE_RATIO: np.zeros((0, len(self.bundle.tasks)), np.float32),
+                    EMBEDDING: np.zeros((0, dim), np.float32)}
+        out = self.session.run({PIXELS: pixels, LABEL_TEXT: label_text})
+        return {name: out[name] for name in GATED_OUTPUTS}

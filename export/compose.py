@@ -1,0 +1,400 @@
+"""Build graphs/gated.onnx around the exported image encoder, without torch (numpy + onnx).
+
+RAIL add-task runs on a device without torch, so the parts of the gated graph that change when
+a task is added (gate, head, fusion, routing) are written here with `onnx.helper` and appended
+to the traced encoder graph. The encoder is loaded with `load_external_data=False`: its
+initialisers keep pointing at `image_encoder.data` in the same folder, nothing is copied.
+
+The decision, for the encoder's output x = embedding [B,D] and the input label_text [L,D]
+(docs/ARCHITECTURE.md, "Gated graph contract"):
+
+    p_zs  = softmax(logit_scale * norm(x) norm(label_text)^T)                     [B,L]
+    err   = per-task autoencoder errors of x, all tasks at once (batched MatMul)   [B,T]
+    ratio = err / thr;  route = -1 where min ratio > 1, else the accepting task with the
+            smallest error (gate setting route_rule "nearest", the default) or argmin ratio ("ratio")
+    s_A   = relu(x W_r) W (primal) | exp(-g ||x - M||^2) alpha (dual)              [B,C]
+    fusion "ddas":  routed -> (1-beta) p_zs + beta (s_A on the route's columns), -1 -> p_zs
+    fusion "paper": route = task of argmax p_zs if learned, else -1; routed -> (1-beta) p_zs + beta s_A
+
+Every step is row-wise, so a mixed batch equals its images run one by one; there are no loops.
+With zero tasks the graph is plain zero-shot (route -1, gate_ratio [B,0]).
+
+`learned_tensors` defines the layout of learned.safetensors that this module reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeclip.edgeapp.errors import BundleError, UsageError
+from edgeclip.edgeapp.runtime import (
+    EMBEDDING,
+    GATE_RATIO,
+    GATED_GRAPH,
+    IMAGE_DATA,
+    IMAGE_GRAPH,
+    LABEL_TEXT,
+    OPSET,
+    ROUTE,
+    SCORES,
+)
+from edgeclip.train.ddas import ROUTE_RULE, ROUTE_RULES  # numpy only, no torch
+
+FUSIONS = ("ddas", "paper")
+RAIL_METHODS = ("rail-primal", "rail-dual")
+DEFAULT_BETA = 0.8
+DEFAULT_LOGIT_SCALE = 100.0
+DEFAULT_KERNEL_GAMMA = 0.1
+
+# learned.safetensors keys read here
+ZS_TEXT, TASK_OFFSET, TASK_SIZE = "zs_text", "task.offset", "task.size"
+GATE_K = "gate.k"  # [T] int64, linear gate: rank of each task (components are zero-padded to max k)
+GATE_KEYS = {
+    "linear": ("mu", "components"),  # [T,D], [T,K,D]
+    # error = mean((z - relu(z W1 + b1) W2 - b2)^2) / scale^2 with z = (x - mu) scale
+    "mlp": ("mu", "scale", "w1", "b1", "w2", "b2"),  # [T,D], [T], [T,D,H], [T,H], [T,H,D], [T,D]
+}
+RAIL_KEYS = {"rail-primal": ("w_r", "w"), "rail-dual": ("memory", "alpha")}  # [D,H],[H,C] | [N,D],[N,C]
+_NAMESPACE = "decision/"  # prefix of every node, value and initialiser added to the encoder graph
+
+
+# -- learned tensors layout -------------------------------------------------------------------
+def learned_tensors(
+    zs_text: np.ndarray,
+    task_sizes: Sequence[int],
+    gate_kind: str,
+    gate_states: Sequence[Mapping[str, np.ndarray]],
+    method: str,
+    head_state: Mapping[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """Pack what the gated graph needs into learned.safetensors' tensors.
+
+    gate_states: each task's autoencoder `.state()` (edgeclip.train.ddas); head_state: the RAIL
+    learner's `.state()` (only the inference tensors are kept; the primal statistics live in
+    rail_stats.safetensors).
+    """
+    if gate_kind not in GATE_KEYS:
+        raise UsageError(f"unknown gate kind {gate_kind!r}; known: {sorted(GATE_KEYS)}")
+    if method not in RAIL_KEYS:
+        raise UsageError(f"unknown method {method!r}; known: {RAIL_METHODS}")
+    if len(gate_states) != len(task_sizes):
+        raise UsageError(f"{len(gate_states)} gates for {len(task_sizes)} tasks")
+    sizes = np.asarray(task_sizes, dtype=np.int64)
+    out = {ZS_TEXT: np.asarray(zs_text, np.float32), TASK_SIZE: sizes,
+           TASK_OFFSET: (np.cumsum(sizes) - sizes).astype(np.int64)}
+    if len(gate_states):
+        out.update(_stack_gates(gate_kind, gate_states))
+    for key in RAIL_KEYS[method]:
+        out[f"rail.{key}"] = np.asarray(head_state[key], np.float32)
+    return out
+
+
+def _stack_gates(kind: str, states: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if kind == "mlp":
+        return {f"gate.{key}": np.stack([np.asarray(s[key], np.float32).reshape(
+            () if key == "scale" else np.shape(s[key])) for s in states]) for key in GATE_KEYS["mlp"]}
+    ks = [int(np.shape(s["components"])[0]) for s in states]
+    dim = int(np.shape(states[0]["mu"])[0])
+    comps = np.zeros((len(states), max(ks), dim), np.float32)  # zero rows project nothing
+    for t, s in enumerate(states):
+        comps[t, : ks[t]] = s["components"]
+    return {"gate.mu": np.stack([np.asarray(s["mu"], np.float32) for s in states]),
+            "gate.components": comps, GATE_K: np.asarray(ks, np.int64)}
+
+
+def gate_states(learned: Mapping[str, np.ndarray], kind: str) -> list[dict[str, np.ndarray]]:
+    """The inverse of the packing: each task's autoencoder state (for `ddas.autoencoder_from_state`)."""
+    n_tasks = len(learned[TASK_SIZE])
+    states = []
+    for t in range(n_tasks):
+        state = {key: np.asarray(learned[f"gate.{key}"][t]) for key in GATE_KEYS[kind]}
+        if kind == "linear":
+            state["components"] = state["components"][: int(learned[GATE_K][t])]
+        else:
+            state["scale"] = state["scale"].reshape(1)
+        states.append(state)
+    return states
+
+
+# -- what the graph is built from -------------------------------------------------------------
+@dataclass(frozen=True)
+class DecisionSpec:
+    """The settings of the decision, read from the manifest and checked against the tensors."""
+
+    method: str
+    fusion: str
+    beta: float
+    logit_scale: float
+    gate_kind: str
+    route_rule: str  # ddas.ROUTE_RULES
+    thresholds: np.ndarray  # [T] float32
+    offsets: np.ndarray  # [T] int64
+    sizes: np.ndarray  # [T] int64
+    kernel_gamma: float
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def n_learned(self) -> int:
+        return int(self.sizes.sum())
+
+    @classmethod
+    def from_bundle(cls, learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> DecisionSpec:
+        method = manifest["method"]["name"]
+        settings = manifest["method"].get("settings", {}) or {}
+        tasks = manifest.get("tasks", [])
+        fusion = settings.get("fusion", "ddas")
+        if fusion not in FUSIONS:
+            raise BundleError(f"unknown fusion rule {fusion!r}; known: {FUSIONS}")
+        if tasks and method not in RAIL_METHODS:
+            raise BundleError(f"the composed gated graph serves RAIL bundles ({RAIL_METHODS}), not {method!r}")
+        sizes = np.asarray(learned.get(TASK_SIZE, np.zeros(0, np.int64)), np.int64)
+        offsets = np.asarray(learned.get(TASK_OFFSET, np.zeros(0, np.int64)), np.int64)
+        if len(sizes) != len(tasks) or [len(t["classes"]) for t in tasks] != sizes.tolist():
+            raise BundleError(f"learned tensors describe tasks of sizes {sizes.tolist()}, "
+                              f"the manifest {[len(t['classes']) for t in tasks]}")
+        if not np.array_equal(offsets, np.cumsum(sizes) - sizes):
+            raise BundleError(f"task offsets {offsets.tolist()} do not follow the task sizes {sizes.tolist()}")
+        gate = manifest.get("gate") or {}
+        route_rule = (gate.get("settings") or {}).get("route_rule", ROUTE_RULE)
+        if route_rule not in ROUTE_RULES:
+            raise BundleError(f"unknown gate routing rule {route_rule!r}; known: {ROUTE_RULES}")
+        thresholds = np.asarray([float(t["threshold"]) for t in tasks], np.float32)
+        if np.any(~(thresholds > 0)):
+            raise BundleError(f"gate thresholds must be positive, got {thresholds.tolist()}")
+        return cls(
+            method=method, fusion=fusion, beta=float(settings.get("beta", DEFAULT_BETA)),
+            logit_scale=float((manifest.get("zero_shot") or {}).get("logit_scale", DEFAULT_LOGIT_SCALE)),
+            gate_kind=gate.get("kind", "linear"), route_rule=route_rule, thresholds=thresholds,
+            offsets=offsets, sizes=sizes,
+            kernel_gamma=float(settings.get("gamma_kernel", DEFAULT_KERNEL_GAMMA)),
+        )
+
+
+# -- a small graph builder ----------------------------------------------------------------------
+class _Builder:
+    """Collects nodes and initialisers under one name prefix; `op(...)` returns the output name."""
+
+    def __init__(self, taken: set[str]) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._taken = taken
+        self._count = 0
+
+    def _name(self, hint: str) -> str:
+        self._count += 1
+        name = f"{_NAMESPACE}{hint}_{self._count}"
+        if name in self._taken:
+            raise BundleError(f"the encoder graph already uses the name {name}")
+        return name
+
+    def const(self, value: Any, hint: str = "c", dtype: Any = np.float32) -> str:
+        name = self._name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def ints(self, *values: int) -> str:
+        return self.const(list(values), "axes", np.int64)
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs: Any) -> str:
+        output = out or self._name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [output], name=self._name(op_type), **attrs))
+        return output
+
+
+def _l2_normalise(g: _Builder, x: str) -> str:
+    """x / ||x|| over the last axis (rows)."""
+    return g.op("Div", x, g.op("ReduceL2", x, g.ints(-1), keepdims=1))
+
+
+def _zero_shot(g: _Builder, x: str, spec: DecisionSpec) -> str:
+    """p_zs [B,L] = softmax(logit_scale * norm(x) norm(label_text)^T)."""
+    text_t = g.op("Transpose", _l2_normalise(g, LABEL_TEXT), perm=[1, 0])
+    logits = g.op("Mul", g.op("MatMul", _l2_normalise(g, x), text_t), g.const(spec.logit_scale, "logit_scale"))
+    return g.op("Softmax", logits, axis=-1)
+
+
+def _gate_errors(g: _Builder, x: str, learned: Mapping[str, np.ndarray], spec: DecisionSpec) -> str:
+    """Reconstruction error of every task's autoencoder [B,T], as batched MatMuls over tasks."""
+    mu = np.asarray(learned["gate.mu"], np.float32)[:, None, :]  # [T,1,D]
+    if spec.gate_kind == "linear":
+        comps = np.asarray(learned["gate.components"], np.float32)  # [T,K,D]
+        r = g.op("Sub", g.op("Unsqueeze", x, g.ints(0)), g.const(mu, "gate_mu"))  # [T,B,D]
+        coef = g.op("MatMul", r, g.const(comps.transpose(0, 2, 1), "gate_components_t"))  # [T,B,K]
+        residual = g.op("Sub", r, g.op("MatMul", coef, g.const(comps, "gate_components")))  # [T,B,D]
+    elif spec.gate_kind == "mlp":
+        scale = np.asarray(learned["gate.scale"], np.float32).reshape(-1, 1, 1)  # [T,1,1]
+        z = g.op("Mul", g.op("Sub", g.op("Unsqueeze", x, g.ints(0)), g.const(mu, "gate_mu")),
+                 g.const(scale, "gate_scale"))  # [T,B,D]
+        hidden = g.op("Relu", g.op("Add", g.op("MatMul", z, g.const(learned["gate.w1"], "gate_w1")),
+                                   g.const(np.asarray(learned["gate.b1"])[:, None, :], "gate_b1")))  # [T,B,H]
+        recon = g.op("Add", g.op("MatMul", hidden, g.const(learned["gate.w2"], "gate_w2")),
+                     g.const(np.asarray(learned["gate.b2"])[:, None, :], "gate_b2"))  # [T,B,D]
+        residual = g.op("Sub", z, recon)
+    else:
+        raise BundleError(f"unknown gate kind {spec.gate_kind!r}; known: {sorted(GATE_KEYS)}")
+    err = g.op("ReduceMean", g.op("Mul", residual, residual), g.ints(2), keepdims=0)  # [T,B]
+    if spec.gate_kind == "mlp":  # back to embedding units: divide by scale^2
+        err = g.op("Div", err, g.const((scale * scale).reshape(-1, 1), "gate_scale_sq"))
+    return g.op("Transpose", err, perm=[1, 0])  # [B,T]
+
+
+def _ddas_route(g: _Builder, err: str, ratio: str, rule: str) -> str:
+    """-1 where no task accepts the image (every ratio > 1); else rule "nearest": the accepting task
+    with the smallest error, rule "ratio": the smallest ratio (first on ties, like numpy)."""
+    if rule == "nearest":
+        accepted = g.op("LessOrEqual", ratio, g.const(1.0, "one"))
+        far = g.const(np.finfo(np.float32).max, "far")  # finite: TensorRT-friendly stand-in for inf
+        best = g.op("ArgMin", g.op("Where", accepted, err, far), axis=1, keepdims=0)  # [B] int64
+    else:
+        best = g.op("ArgMin", ratio, axis=1, keepdims=0)
+    unseen = g.op("Greater", g.op("ReduceMin", ratio, g.ints(1), keepdims=0), g.const(1.0, "one"))
+    return g.op("Where", unseen, g.const(-1, "minus_one", np.int64), best, out=ROUTE)
+
+
+def _rail_scores(g: _Builder, x: str, learned: Mapping[str, np.ndarray], spec: DecisionSpec) -> str:
+    """s_A [B,C]."""
+    if spec.method == "rail-primal":
+        hidden = g.op("Relu", g.op("MatMul", x, g.const(learned["rail.w_r"], "rail_w_r")))
+        return g.op("MatMul", hidden, g.const(learned["rail.w"], "rail_w"))
+    memory = np.asarray(learned["rail.memory"], np.float32)  # [N,D]
+    x_sq = g.op("ReduceSumSquare", x, g.ints(1), keepdims=1)  # [B,1]
+    cross = g.op("MatMul", x, g.const(memory.T, "rail_memory_t"))  # [B,N]
+    sq = g.op("Sub", g.op("Add", x_sq, g.const((memory * memory).sum(1)[None, :], "rail_memory_sq")),
+              g.op("Mul", g.const(2.0, "two"), cross))
+    kernel = g.op("Exp", g.op("Mul", g.const(-spec.kernel_gamma, "neg_gamma"),
+                              g.op("Max", sq, g.const(0.0, "zero"))))
+    return g.op("MatMul", kernel, g.const(learned["rail.alpha"], "rail_alpha"))
+
+
+def _slice_columns(g: _Builder, x: str, start: int, end: int) -> str:
+    return g.op("Slice", x, g.ints(start), g.ints(end), g.ints(1))
+
+
+def _fuse(g: _Builder, p_zs: str, learned_part: str, routed: str, spec: DecisionSpec) -> str:
+    """Where(routed, (1-beta) p_zs + beta [learned_part, 0], p_zs) without a dynamic Pad."""
+    c = spec.n_learned
+    one_minus = g.const(1.0 - spec.beta, "one_minus_beta")
+    mixed_learned = g.op("Add", g.op("Mul", _slice_columns(g, p_zs, 0, c), one_minus),
+                         g.op("Mul", learned_part, g.const(spec.beta, "beta")))
+    mixed_rest = g.op("Mul", _slice_columns(g, p_zs, c, np.iinfo(np.int64).max), one_minus)
+    mixed = g.op("Concat", mixed_learned, mixed_rest, axis=1)
+    return g.op("Where", g.op("Unsqueeze", routed, g.ints(1)), mixed, p_zs, out=SCORES)
+
+
+def _task_of_column(spec: DecisionSpec) -> np.ndarray:
+    return np.repeat(np.arange(spec.n_tasks, dtype=np.int64), spec.sizes)
+
+
+def _decision(g: _Builder, x: str, learned: Mapping[str, np.ndarray], spec: DecisionSpec) -> None:
+    p_zs = _zero_shot(g, x, spec)
+    if spec.n_tasks == 0:
+        g.op("Identity", p_zs, out=SCORES)
+        batch = g.op("Shape", x, start=0, end=1)  # [1]
+        g.op("ConstantOfShape", batch, out=ROUTE, value=numpy_helper.from_array(np.array([-1], np.int64)))
+        g.op("ConstantOfShape", g.op("Concat", batch, g.ints(0), axis=0), out=GATE_RATIO,
+             value=numpy_helper.from_array(np.array([0.0], np.float32)))
+        return
+    err = _gate_errors(g, x, learned, spec)  # [B,T]
+    ratio = g.op("Div", err, g.const(spec.thresholds, "thresholds"), out=GATE_RATIO)  # [B,T]
+    s_a = _rail_scores(g, x, learned, spec)
+    minus_one = g.const(-1, "minus_one", np.int64)
+    if spec.fusion == "ddas":
+        route = _ddas_route(g, err, ratio, spec.route_rule)
+        masks = (_task_of_column(spec)[None, :] == np.arange(spec.n_tasks)[:, None]).astype(np.float32)
+        own = g.op("Mul", s_a, g.op("Gather", g.const(masks, "task_masks"),
+                                    g.op("Max", route, g.const(0, "zero_i", np.int64)), axis=0))  # [B,C]
+        _fuse(g, p_zs, own, g.op("Greater", route, minus_one), spec)
+    else:
+        top = g.op("ArgMax", p_zs, axis=1, keepdims=0)  # [B]
+        seen = g.op("Less", top, g.const(spec.n_learned, "n_learned", np.int64))
+        task = g.op("Gather", g.const(_task_of_column(spec), "column_task", np.int64),
+                    g.op("Min", top, g.const(spec.n_learned - 1, "last_learned", np.int64)), axis=0)
+        g.op("Where", seen, task, minus_one, out=ROUTE)
+        _fuse(g, p_zs, s_a, seen, spec)
+
+
+# -- the gated graph ---------------------------------------------------------------------------
+def _load_encoder(graphs_dir: Path) -> onnx.ModelProto:
+    path = graphs_dir / IMAGE_GRAPH
+    if not path.is_file():
+        raise BundleError(f"no image encoder graph at {path}; export the backbone first")
+    model = onnx.load(str(path), load_external_data=False)
+    for init in model.graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL:
+            location = {e.key: e.value for e in init.external_data}.get("location")
+            if location != IMAGE_DATA:
+                raise BundleError(f"{path.name}: initialiser {init.name} lives in {location!r}, expected {IMAGE_DATA}")
+    if [o.name for o in model.graph.output] != [EMBEDDING]:
+        raise BundleError(f"{path.name} must have the single output '{EMBEDDING}'")
+    return model
+
+
+def _value_info(name: str, elem: int, dims: list[Any]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, dims)
+
+
+def build_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> Path:
+    """Write `gated.onnx` beside `image_encoder.onnx` in `graphs_dir`; returns its path.
+
+    `learned`: learned.safetensors' tensors (layout: `learned_tensors`); `manifest`: the bundle
+    manifest of the version being written (method, gate kind, tasks with thresholds, zero_shot).
+    """
+    graphs_dir = Path(graphs_dir)
+    spec = DecisionSpec.from_bundle(learned, manifest)
+    model = _load_encoder(graphs_dir)
+    opset = {o.domain: o.version for o in model.opset_import}.get("", 0)
+    if opset != OPSET:
+        raise BundleError(f"{IMAGE_GRAPH} has opset {opset}; the gated graph is built for opset {OPSET}")
+    graph = model.graph
+    taken = {n.name for n in graph.node} | {v for n in graph.node for v in n.output} | {i.name for i in graph.initializer}
+    g = _Builder(taken)
+    _decision(g, EMBEDDING, learned, spec)
+
+    dim = int(manifest["backbone"]["embed_dim"])
+    graph.node.extend(g.nodes)
+    graph.initializer.extend(g.inits)
+    graph.input.append(_value_info(LABEL_TEXT, TensorProto.FLOAT, ["labels", dim]))
+    batch = graph.input[0].type.tensor_type.shape.dim[0].dim_param or "batch"
+    embedding = graph.output[0]
+    del graph.output[:]
+    graph.output.extend([
+        _value_info(SCORES, TensorProto.FLOAT, [batch, "labels"]),
+        _value_info(ROUTE, TensorProto.INT64, [batch]),
+        _value_info(GATE_RATIO, TensorProto.FLOAT, [batch, spec.n_tasks]),
+        embedding,
+    ])
+    graph.name = "edgeclip_gated"
+    del model.metadata_props[:]
+    helper.set_model_props(model, {"edgeclip.method": spec.method, "edgeclip.fusion": spec.fusion,
+                                   "edgeclip.tasks": str(spec.n_tasks)})
+    out = graphs_dir / GATED_GRAPH
+    tmp = out.with_name(f".{out.name}.tmp")
+    onnx.save_model(model, str(tmp))  # external initialisers stay references to image_encoder.data
+    tmp.replace(out)
+    check_structure(model)
+    return out
+
+
+def check_structure(model: onnx.ModelProto) -> None:
+    """onnx.checker (with shape inference) on the graph, external initialisers stood in by inputs.
+
+    The checker refuses external data reached through a hard link ("potential hardlink attack"),
+    and bundle versions inherit graph files by hard link; onnxruntime and TensorRT read them fine.
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    external = [t for t in probe.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    for tensor in external:
+        probe.graph.input.append(_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        probe.graph.initializer.remove(tensor)
+    onnx.checker.check_model(probe, full_check=True)

@@ -1,0 +1,181 @@
+"""The edgeclip CLI end to end on the tiny config (random weights): CliRunner and real subprocesses."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgeclip.edgeapp.bundle import Bundle, list_versions
+from edgeclip.edgeapp.cli.app import app
+from edgeclip.edgeapp.demo_data import write_demo_images
+
+pytest.importorskip("open_clip")
+
+TESTS = Path(__file__).resolve().parent
+runner = CliRunner()
+
+
+def invoke(*args: str) -> "object":
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def edgeclip_main(args: list[str], block_torch: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    """Run the console entry point in a fresh interpreter (optionally with torch unimportable)."""
+    preamble = f"import sys; sys.path.insert(0, {str(TESTS)!r})\n"
+    if block_torch:
+        preamble += "import torch_blocker\n"
+    code = preamble + f"sys.argv = ['edgeclip'] + {args!r}\nfrom edgeclip.edgeapp.cli.app import main\nmain()"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("demo-images")
+    domains, query = write_demo_images(root, train_per_class=10, query_per_class=2)
+    return {"domains": domains, "query": query, "root": root}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, images: dict) -> Path:
+    """A rail-primal bundle with the two demo domains learned (built once for the module)."""
+    root = tmp_path_factory.mktemp("cli") / "bundle"
+    result = invoke("init", "--bundle", root, "--model", "edgeclip-tiny", "--random-weights", "--seed", "0",
+                    "--method", "rail-primal", "--hidden", "512", "--quiet")
+    assert result.exit_code == 0, result.output
+    for domain in images["domains"]:
+        result = invoke("add-task", domain, "--bundle", root, "--quiet")
+        assert result.exit_code == 0, result.output
+    return root
+
+
+def test_help_of_every_command_is_complete() -> None:
+    result = invoke("--help")
+    assert "Exit codes" in result.output
+    for command in ("init", "add-task", "classify", "tasks", "export", "bench", "rollback", "info", "demo"):
+        text = invoke(command, "--help").output
+        assert "Usage" in text and "--help" in text, command
+    assert "--labels" in invoke("classify", "--help").output
+
+
+def test_classify_json_lines(bundle: Path, images: dict) -> None:
+    result = invoke("classify", images["query"], "--bundle", bundle, "--format", "json", "--top-k", "2", "--quiet")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == len(list(images["query"].iterdir()))
+    for row in rows:
+        assert set(row) == {"path", "label", "score", "route", "topk", "error"}
+        assert row["error"] is None and len(row["topk"]) == 2
+        assert row["route"] in ("shapes", "stripes", "zero-shot")
+        assert row["label"] == row["topk"][0]["label"]
+
+
+def test_classify_csv_table_and_output_file(bundle: Path, images: dict, tmp_path: Path) -> None:
+    result = invoke("classify", images["query"], "--bundle", bundle, "--format", "csv", "--quiet")
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert rows and set(rows[0]) == {"path", "label", "score", "route", "topk", "error"}
+    out = tmp_path / "result.txt"
+    result = invoke("classify", images["query"], "--bundle", bundle, "--output", out, "--quiet")
+    assert result.exit_code == 0 and "circle" in out.read_text() or "square" in out.read_text()
+
+
+def test_classify_with_extra_labels(bundle: Path, images: dict) -> None:
+    result = invoke("classify", images["query"], "--bundle", bundle, "--labels", "a dog,a car", "--format", "json",
+                    "--top-k", "20", "--quiet")
+    labels = {t["label"] for line in result.stdout.splitlines() for t in json.loads(line)["topk"]}
+    assert {"a dog", "a car", "circle"} <= labels
+
+
+def test_unreadable_inputs_give_exit_3_and_the_rest_are_classified(bundle: Path, images: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image at all")
+    good = next(images["query"].iterdir())
+    result = invoke("classify", good, bad, tmp_path / "missing.png", "--bundle", bundle, "--format", "json", "--quiet")
+    assert result.exit_code == 3
+    rows = {Path(r["path"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    assert rows[good.name]["error"] is None and rows[good.name]["label"]
+    assert rows["bad.jpg"]["error"] and rows["missing.png"]["error"]
+
+
+def test_tasks_and_info(bundle: Path) -> None:
+    data = json.loads(invoke("tasks", "--bundle", bundle, "--format", "json").stdout)
+    assert [t["name"] for t in data["tasks"]] == ["shapes", "stripes"]
+    assert data["tasks"][0]["classes"] == ["circle", "square", "triangle"]
+    assert all(t["threshold"] > 0 and t["n_images"] == 30 for t in data["tasks"])
+    assert data["weights"]["kind"] == "random"
+    assert "random weights" in invoke("tasks", "--bundle", bundle).output
+    info = invoke("info", "--bundle", bundle).output
+    assert "CPUExecutionProvider" in info and "random weights" in info
+
+
+def test_bench_json(bundle: Path) -> None:
+    result = invoke("bench", "--bundle", bundle, "--batch-sizes", "1,2", "--iterations", "2", "--format", "json", "--quiet")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert {(r["graph"], r["batch_size"]) for r in rows} == {("gated", 1), ("plain", 1), ("gated", 2), ("plain", 2)}
+    for r in rows:
+        assert set(r) == {"backend", "graph", "batch_size", "p50_ms", "p90_ms", "p99_ms", "images_per_s"}
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["images_per_s"] > 0
+
+
+def test_usage_errors_exit_2(bundle: Path, images: dict, tmp_path: Path) -> None:
+    assert edgeclip_main(["classify", str(images["query"]), "--bundle", str(bundle), "--backend", "nope"]).returncode == 2
+    assert edgeclip_main(["bench", "--bundle", str(bundle), "--batch-sizes", "1,x"]).returncode == 2
+    result = edgeclip_main(["add-task", str(images["domains"][0]), "--bundle", str(bundle)])
+    assert result.returncode == 2 and "already learned" in result.stderr
+    one_class = tmp_path / "one"
+    (one_class / "only").mkdir(parents=True)
+    (one_class / "only" / "a.png").write_bytes((images["domains"][0] / "train" / "circle" / "000.png").read_bytes())
+    result = edgeclip_main(["add-task", str(one_class), "--bundle", str(bundle)])
+    assert result.returncode == 2 and "needs at least 2" in result.stderr
+    result = edgeclip_main(["tasks", "--bundle", str(tmp_path / "nothing")])
+    assert result.returncode == 1 and "No bundle" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_rollback_then_add_task_without_torch(tmp_path: Path, images: dict) -> None:
+    """RAIL add-task and classify run with torch unimportable; rollback restores the previous version."""
+    root = tmp_path / "b"
+    assert invoke("init", "--bundle", root, "--model", "edgeclip-tiny", "--random-weights", "--method", "rail-dual",
+                  "--quiet").exit_code == 0
+    result = edgeclip_main(["add-task", str(images["domains"][0]), "--bundle", str(root), "--quiet"], block_torch=True)
+    assert result.returncode == 0, result.stderr
+    result = edgeclip_main(["classify", str(images["query"]), "--bundle", str(root), "--format", "json", "--quiet"],
+                           block_torch=True)
+    assert result.returncode == 0, result.stderr
+    assert all(json.loads(line)["error"] is None for line in result.stdout.splitlines())
+    assert Bundle.open(root).version == "v0002"
+    assert invoke("rollback", "--bundle", root).exit_code == 0
+    assert Bundle.open(root).version == "v0001" and not Bundle.open(root).tasks
+
+
+def test_interrupted_add_task_leaves_previous_version(tmp_path: Path, images: dict) -> None:
+    root = tmp_path / "b"
+    assert invoke("init", "--bundle", root, "--model", "edgeclip-tiny", "--random-weights", "--hidden", "4096",
+                  "--quiet").exit_code == 0
+    before = Bundle.open(root)
+    args = ["add-task", str(images["domains"][0]), "--bundle", str(root), "--quiet"]
+    code = f"import sys\nsys.argv = ['edgeclip'] + {args!r}\nfrom edgeclip.edgeapp.cli.app import main\nmain()"
+    for delay in (0.5, 1.5, 3.0):
+        proc = subprocess.Popen([sys.executable, "-c", code])
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        bundle = Bundle.open(root)  # always loadable
+        if bundle.version != before.version:
+            break  # the kill came after the switch: the new version is complete
+        assert bundle.tasks == before.tasks
+    assert list_versions(root)[0] == "v0001"
+
+
+def test_environment_variable_selects_the_bundle(bundle: Path) -> None:
+    result = edgeclip_main(["tasks", "--format", "json"], env={**os.environ, "EDGECLIP_BUNDLE": str(bundle)})
+    assert result.returncode == 0 and json.loads(result.stdout)["version"] == Bundle.open(bundle).version

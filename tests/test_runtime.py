@@ -1,0 +1,138 @@
+"""edgeapp/runtime.py: backend selection, and the runners over a real bundle (ORT CPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import export_helpers as eh
+from edgeclip.edgeapp.errors import BackendUnavailableError, UsageError
+from edgeclip.edgeapp.runtime import (
+    GatedRunner,
+    ImageEncoderRunner,
+    TextEncoderRunner,
+    select_backend,
+)
+from edgeclip.export.compose import build_gated_graph
+from edgeclip.train.gated_reference import gated_reference
+
+
+def test_backend_selection_cpu():
+    assert select_backend("auto").name in {"ort-cpu", "ort-cuda"}
+    assert select_backend("ort-cpu").providers == ("CPUExecutionProvider",)
+    with pytest.raises(UsageError, match="Unknown backend"):
+        select_backend("cuda")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA present")
+@pytest.mark.parametrize("name,hint", [("ort-cuda", "onnxruntime-gpu"), ("ort-trt", "TensorRT")])
+def test_unavailable_ort_backend_says_what_to_install(name, hint):
+    with pytest.raises(BackendUnavailableError, match=hint):
+        select_backend(name)
+
+
+def test_tensorrt_backend_without_tensorrt():
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendUnavailableError, match="tensorrt"):
+            select_backend("tensorrt")
+    else:
+        pytest.skip("tensorrt is installed here")
+
+
+def test_runtime_imports_no_torch():
+    code = ("import sys, edgeclip.edgeapp.runtime, edgeclip.export.compose; "
+            "bad = [m for m in ('torch', 'open_clip') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.getbasetemp()
+    graphs = eh.tiny_graphs(base)
+    encoder = ort.InferenceSession(str(graphs / "image_encoder.onnx"), providers=["CPUExecutionProvider"])
+    xs, ys = eh.task_data(lambda p: encoder.run(None, {"pixels": p})[0])
+    learned, manifest = eh.fit_rail_bundle(xs, ys, eh.label_text()[:5], "rail-primal")
+    folder = eh.encoder_folder(graphs, tmp_path_factory.mktemp("runtime-graphs"))
+    for name in ("text_encoder.onnx", "text_encoder.data"):
+        (folder / name).hardlink_to(graphs / name)
+    build_gated_graph(folder, learned, manifest)
+    return eh.make_bundle(base / "runtime-bundle", folder, learned, manifest)
+
+
+@pytest.mark.slow
+def test_gated_runner_matches_reference(bundle):
+    runner = GatedRunner(bundle, "ort-cpu", threads=1)
+    assert runner.session._session is None  # created lazily
+    pixels, text = eh.mixed_batch(), eh.label_text()
+    out = runner.run(pixels, text)
+    assert set(out) == {"scores", "route", "gate_ratio", "embedding"}
+    want = gated_reference(out["embedding"], text, bundle.tensors("learned.safetensors"), bundle.manifest)
+    np.testing.assert_array_equal(out["route"], want["route"])
+    assert np.abs(out["scores"] - want["scores"]).max() < 1e-4
+    empty = runner.run(pixels[:0], text)
+    assert empty["scores"].shape == (0, len(text)) and empty["gate_ratio"].shape == (0, 2)
+
+
+@pytest.mark.slow
+def test_gated_runner_checks_inputs(bundle):
+    runner = GatedRunner(bundle, "ort-cpu")
+    with pytest.raises(UsageError, match="L >= 5"):
+        runner.run(eh.mixed_batch(1), eh.label_text()[:3])  # fewer rows than learned classes
+    with pytest.raises(UsageError, match="pixels"):
+        runner.run(np.zeros((1, 3, 32, 32), np.float32), eh.label_text())
+
+
+@pytest.mark.slow
+def test_image_and_text_runners_match_torch(bundle):
+    bb = eh.tiny_backbone()
+    pixels = eh.mixed_batch(2)
+    assert np.abs(ImageEncoderRunner(bundle, "ort-cpu").embed(pixels) - bb.encode_images(pixels)).max() < 1e-4
+    text_runner = TextEncoderRunner(bundle, "ort-cpu", batch_size=2)
+    texts = ["a photo of a cat.", "A Photo of Ceiling Fans!", "émigré café", "x"]
+    assert np.abs(text_runner.embed(texts) - bb.encode_texts(texts)).max() < 1e-4
+    classes, templates = ["ant", "bee"], ["a photo of a {}.", "a drawing of a {}."]
+    got = text_runner.class_embeddings(classes, templates)
+    assert np.abs(got - bb.class_text_embeddings(classes, templates)).max() < 1e-4
+
+
+def test_engine_spec_and_cache_key():
+    from edgeclip.export.tensorrt import EngineSpec, engine_key
+
+    profile = {"pixels": ((1, 3, 64, 64), (8, 3, 64, 64), (32, 3, 64, 64))}
+    base = {"graph": "abc", "tensorrt": "10.3", "gpu": "X", "compute_capability": "8.9"}
+    fp32, fp16 = EngineSpec("fp32", profile), EngineSpec("fp16", profile)
+    keys = {engine_key({**base, **fp32.to_json()}), engine_key({**base, **fp16.to_json()}),
+            engine_key({**base, "tensorrt": "10.4", **fp32.to_json()}),
+            engine_key({**base, "compute_capability": "9.0", **fp32.to_json()})}
+    assert len(keys) == 4
+    with pytest.raises(Exception, match="min <= opt <= max"):
+        EngineSpec("fp32", {"pixels": ((8, 3, 64, 64), (1, 3, 64, 64), (32, 3, 64, 64))})
+    with pytest.raises(Exception, match="precision"):
+        EngineSpec("int4")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_engine_matches_onnxruntime(bundle, tmp_path, monkeypatch, precision):
+    """GPU only: the native engine against onnxruntime CPU (fp16: same top-1 and route)."""
+    from edgeclip.export.tensorrt import check_available
+
+    try:
+        check_available()
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    monkeypatch.setenv("EDGECLIP_ENGINE_CACHE", str(tmp_path))
+    pixels, text = eh.mixed_batch(), eh.label_text()
+    want = GatedRunner(bundle, "ort-cpu").run(pixels, text)
+    got = GatedRunner(bundle, select_backend("tensorrt", fp16=precision == "fp16"), max_batch=4).run(pixels, text)
+    np.testing.assert_array_equal(got["route"], want["route"])
+    np.testing.assert_array_equal(got["scores"].argmax(1), want["scores"].argmax(1))
+    if precision == "fp32":
+        assert np.abs(got["scores"] - want["scores"]).max() < 1e-3
