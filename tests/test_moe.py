@@ -113,8 +113,9 @@ def test_mixed_task_batch_equals_one_by_one() -> None:
             torch.testing.assert_close(mixed_txt[i : i + 1], one_txt, rtol=1e-4, atol=1e-5)
         # the same batch shape with one task everywhere gives bit-identical rows
         same = model.encode_image(images, torch.tensor([0, 0, 0, 0]))
+        plain = frozen_clip().encode_image(images)
     assert torch.equal(mixed_img[0], same[0])
-    assert torch.equal(mixed_img[2], frozen_clip().encode_image(images[2:3])[0])
+    assert torch.equal(mixed_img[2], plain[2])
 
 
 def test_dense_experts_equal_gathered_experts() -> None:
@@ -146,8 +147,8 @@ def test_noisy_gating_and_dropout_only_in_train_mode() -> None:
     randomise(quiet, scale=0.3)
     with torch.no_grad():
         reference = quiet.encode_image(images, 0)
-        quiet.train()
-        assert torch.equal(quiet.encode_image(images, 0), reference)
+        quiet.train()  # train mode leaves the attention fast path: equal up to float rounding
+        torch.testing.assert_close(quiet.encode_image(images, 0), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_text_routing_ignores_the_prompt() -> None:
@@ -220,15 +221,16 @@ def test_pool_growth_new_experts_are_unreachable_for_earlier_routers() -> None:
     assert all(layer.n_experts == 4 for _, layer in model.named_layers())
     task = model.add_task()
     with torch.no_grad():
-        for _, layer in model.named_layers():  # make the new expert the most attractive for everyone
-            layer.w_gate[:, :, 3] = 1e3
+        for _, layer in model.named_layers():  # the new expert: the best logit for every router, a big output
+            layer.w_gate[:, 3] = 1.0
+            layer.w_gate[task, :3] = 0.0
             layer.up_w[3] = 1.0
-        assert torch.equal(model.encode_image(images, 0), before)  # task 0 cannot reach it
-        selected = SelectionSet(model)
-        with model.recording(selected):
-            after = model.encode_image(images, task)
-    assert all(mask[3] for mask in selected.selected.values())
-    assert not torch.allclose(after, before)
+        assert torch.equal(model.encode_image(images, 0), before)  # task 0 can never select it
+        layer = next(layer for _, layer in model.named_layers())
+        cls = torch.ones(1, layer.width)  # logit d for the new expert (> 0 for the new task's others)
+        old_idx, _ = layer.gate(cls * 1e3, torch.tensor([0]))
+        new_idx, _ = layer.gate(cls, torch.tensor([task]))
+    assert 3 not in old_idx[0].tolist() and 3 in new_idx[0].tolist()
 
 
 def test_state_round_trip_through_safetensors(tmp_path) -> None:

@@ -8,7 +8,7 @@ do not change) plus a ``MoELayer``::
     out = h + ls_2(MLP(ln_2(h))) + sum_e g[:, e] * Expert_e(h)       g from h[:, 0] and the sample's task
 
 Routing is per sample: ``task_ids`` (LongTensor [B]) picks each sample's router from the stacked
-``w_gate [T, d, E]``, so one batch may mix tasks; ``ZERO_SHOT`` (-1) gives plain CLIP for that sample.
+``w_gate [T, E, d]``, so one batch may mix tasks; ``ZERO_SHOT`` (-1) gives plain CLIP for that sample.
 The inference path has no Python loop over samples and no data-dependent Python branch (ONNX export).
 
 Experts of a block are stored stacked (``down_w [E, d, r]`` ...), and a sample's k experts are gathered
@@ -90,17 +90,19 @@ class Routing:
 class MoELayer(nn.Module):
     """The experts of one block and one router per task (gate ``w_gate`` and noise ``w_noise``)."""
 
-    def __init__(self, width: int, config: MoEConfig, routing: Routing) -> None:
+    def __init__(self, width: int, config: MoEConfig, routing: Routing, encoder: str = "image") -> None:
         super().__init__()
-        self.width, self.config = width, config
+        self.width, self.config, self.encoder = width, config, encoder
         self.routing = routing  # shared with the model's other layers; not a module, not saved
         e, d, r = config.n_experts, width, config.bottleneck
         self.down_w = nn.Parameter(_kaiming_down(e, d, r))  # [E, d, r]
         self.down_b = nn.Parameter(torch.zeros(e, r))
         self.up_w = nn.Parameter(torch.zeros(e, r, d))  # zero: a fresh adapter adds exactly nothing
         self.up_b = nn.Parameter(torch.zeros(e, d))
-        self.w_gate = nn.Parameter(torch.zeros(0, d, e))  # [T, d, E]
-        self.w_noise = nn.Parameter(torch.zeros(0, d, e))
+        # Routers stored [T, E, d] (each row one expert's gate vector) so that a sample's logits are
+        # row-wise dot products whose rounding does not depend on how many tasks or experts exist.
+        self.w_gate = nn.Parameter(torch.zeros(0, e, d))
+        self.w_noise = nn.Parameter(torch.zeros(0, e, d))
         self.register_buffer("router_valid", torch.zeros(0, e, dtype=torch.bool))  # [T, E]
         self.register_buffer("frozen", torch.zeros(e, dtype=torch.bool))  # [E]
         self.register_buffer("counts", torch.zeros(0, e, dtype=torch.int64))  # [T, E] training selections
@@ -118,7 +120,7 @@ class MoELayer(nn.Module):
     def add_router(self) -> None:
         """A new task's router: zero gate and noise weights; it may select every expert of the pool."""
         d, e = self.width, self.n_experts
-        zeros = self.w_gate.new_zeros(1, d, e)
+        zeros = self.w_gate.new_zeros(1, e, d)
         self.w_gate = nn.Parameter(torch.cat([self.w_gate.detach(), zeros]))
         self.w_noise = nn.Parameter(torch.cat([self.w_noise.detach(), zeros.clone()]))
         self.router_valid = torch.cat([self.router_valid, self.router_valid.new_ones(1, e)])
@@ -134,8 +136,8 @@ class MoELayer(nn.Module):
         self.down_b = nn.Parameter(torch.cat([self.down_b.detach(), ref.new_zeros(n_new, r)]))
         self.up_w = nn.Parameter(torch.cat([self.up_w.detach(), ref.new_zeros(n_new, r, d)]))
         self.up_b = nn.Parameter(torch.cat([self.up_b.detach(), ref.new_zeros(n_new, d)]))
-        self.w_gate = nn.Parameter(torch.cat([self.w_gate.detach(), ref.new_zeros(t, d, n_new)], dim=2))
-        self.w_noise = nn.Parameter(torch.cat([self.w_noise.detach(), ref.new_zeros(t, d, n_new)], dim=2))
+        self.w_gate = nn.Parameter(torch.cat([self.w_gate.detach(), ref.new_zeros(t, n_new, d)], dim=1))
+        self.w_noise = nn.Parameter(torch.cat([self.w_noise.detach(), ref.new_zeros(t, n_new, d)], dim=1))
         self.router_valid = torch.cat([self.router_valid, self.router_valid.new_zeros(t, n_new)], dim=1)
         self.frozen = torch.cat([self.frozen, self.frozen.new_zeros(n_new)])
         self.counts = torch.cat([self.counts, self.counts.new_zeros(t, n_new)], dim=1)
@@ -157,13 +159,10 @@ class MoELayer(nn.Module):
 
         Weights are softmax over the k selected logits, set to 0 for ``ZERO_SHOT`` samples.
         """
-        e = self.n_experts
         safe_ids = task_ids.clamp(min=0)  # [B]
-        pick = safe_ids[:, None, None].expand(-1, 1, e)  # [B, 1, E]
-        # [B, d] x [T, d, E] -> [B, T, E] -> the sample's own task row [B, E]
-        logits = torch.einsum("bd,tde->bte", cls_token, self.w_gate.to(cls_token.dtype)).gather(1, pick).squeeze(1)
+        logits = _row_dot(cls_token, _rows(self.w_gate, safe_ids))  # [B, E]
         if self.training and self.config.noisy_gating:
-            raw = torch.einsum("bd,tde->bte", cls_token, self.w_noise.to(cls_token.dtype)).gather(1, pick).squeeze(1)
+            raw = _row_dot(cls_token, _rows(self.w_noise, safe_ids))
             std = nn.functional.softplus(raw) + self.config.noise_eps
             logits = logits + torch.randn_like(logits) * std
         valid = self.router_valid[safe_ids]  # [B, E]: experts added after a task are not its to choose
@@ -186,8 +185,8 @@ class MoELayer(nn.Module):
 
     def _gathered(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         dtype = h.dtype
-        down_w, down_b = self.down_w[idx].to(dtype), self.down_b[idx].to(dtype)  # [B, k, d, r], [B, k, r]
-        up_w, up_b = self.up_w[idx].to(dtype), self.up_b[idx].to(dtype)  # [B, k, r, d], [B, k, d]
+        down_w, down_b = _rows(self.down_w, idx).to(dtype), _rows(self.down_b, idx).to(dtype)  # [B,k,d,r], [B,k,r]
+        up_w, up_b = _rows(self.up_w, idx).to(dtype), _rows(self.up_b, idx).to(dtype)  # [B,k,r,d], [B,k,d]
         hidden = torch.einsum("bld,bkdr->bklr", h, down_w) + down_b[:, :, None, :]  # [B, k, L, r]
         hidden = self.dropout(torch.relu(hidden))
         out = torch.einsum("bklr,bkrd->bkld", hidden, up_w) + up_b[:, :, None, :]  # [B, k, L, d]
@@ -201,6 +200,22 @@ class MoELayer(nn.Module):
         hidden = self.dropout(torch.relu(hidden))  # [B, E, L, r]
         out = torch.einsum("belr,erd->beld", hidden, self.up_w.to(dtype)) + self.up_b.to(dtype)[None, :, None, :]
         return torch.einsum("be,beld->bld", gates, out)
+
+
+def _rows(stack: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``stack[idx]`` for an index tensor of any shape, through index_select: its backward (index_add)
+    is deterministic on CPU, unlike advanced indexing's (index_put with accumulate)."""
+    return stack.index_select(0, idx.reshape(-1)).reshape(*idx.shape, *stack.shape[1:])
+
+
+def _row_dot(c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[B, d] . [B, E, d] -> [B, E] as a multiply and a reduction over the contiguous last axis.
+
+    Unlike a matmul, whose kernel (and so rounding) may change with the number of columns, each
+    logit here is the same row reduction whatever E and T are: a frozen task routes bit-identically
+    after later tasks were added or the pool grew.
+    """
+    return (w.to(c.dtype) * c[:, None, :]).sum(dim=-1)
 
 
 def _kaiming_down(n: int, width: int, bottleneck: int) -> torch.Tensor:
@@ -283,21 +298,18 @@ class MoECLIP(nn.Module):
                         f"MoE adapters support open_clip's ResidualAttentionBlock, not {type(block).__name__}."
                     )
                 width = int(block.ln_1.normalized_shape[0])
-                moe = MoELayer(width, self.config, self.routing).to(block.mlp.c_fc.weight.device)
+                moe = MoELayer(width, self.config, self.routing, encoder).to(block.mlp.c_fc.weight.device)
                 blocks[i] = MoEResidualBlock(block, moe)
-        self._encoder_of = {
-            name: ("image" if name.startswith("visual.") else "text") for name, _ in self.named_layers()
-        }
 
     # ----- structure --------------------------------------------------------------------------
     def named_layers(self) -> Iterator[tuple[str, MoELayer]]:
-        """(name, layer) of every MoE layer, names relative to the CLIP model (e.g. 'visual.transformer.resblocks.11.moe')."""
+        """(name, layer) of every MoE layer, named inside the CLIP model: 'visual.transformer.resblocks.11.moe'."""
         for name, module in self.clip.named_modules():
             if isinstance(module, MoELayer):
                 yield name, module
 
     def encoder_of(self, layer_name: str) -> str:
-        return self._encoder_of[layer_name]
+        return self.clip.get_submodule(layer_name).encoder
 
     @property
     def n_tasks(self) -> int:
@@ -339,17 +351,25 @@ class MoECLIP(nn.Module):
         finally:
             self.routing.recorder = previous
 
-    def encode_image(self, images: torch.Tensor, task_ids: torch.Tensor | int, normalize: bool = False) -> torch.Tensor:
+    def encode_image(
+        self, images: torch.Tensor, task_ids: torch.Tensor | int, normalize: bool = False
+    ) -> torch.Tensor:
         """Image embeddings routed by each sample's task (LongTensor [B] or one int; -1 = plain CLIP)."""
         with self.route(task_ids, images.shape[0], images.device):
             return self.clip.encode_image(images, normalize=normalize)
 
-    def encode_text(self, tokens: torch.Tensor, task_ids: torch.Tensor | int, normalize: bool = False) -> torch.Tensor:
+    def encode_text(
+        self, tokens: torch.Tensor, task_ids: torch.Tensor | int, normalize: bool = False
+    ) -> torch.Tensor:
         with self.route(task_ids, tokens.shape[0], tokens.device):
             return self.clip.encode_text(tokens, normalize=normalize)
 
     def forward(
-        self, images: torch.Tensor, image_tasks: torch.Tensor | int, tokens: torch.Tensor, text_tasks: torch.Tensor | int
+        self,
+        images: torch.Tensor,
+        image_tasks: torch.Tensor | int,
+        tokens: torch.Tensor,
+        text_tasks: torch.Tensor | int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised image and text embeddings in one call (what DistributedDataParallel wraps)."""
         return (
@@ -396,7 +416,9 @@ class SelectionSet:
     """Recorder collecting which experts each layer selected (for the strict freeze rule)."""
 
     def __init__(self, model: MoECLIP) -> None:
-        self.selected = {id(layer): torch.zeros(layer.n_experts, dtype=torch.bool) for _, layer in model.named_layers()}
+        self.selected = {
+            id(layer): torch.zeros(layer.n_experts, dtype=torch.bool) for _, layer in model.named_layers()
+        }
 
     def __call__(self, layer: MoELayer, task_ids: torch.Tensor, idx: torch.Tensor) -> None:
         hit = idx[task_ids >= 0].flatten().cpu()
@@ -406,7 +428,9 @@ class SelectionSet:
 FREEZE_RULES = ("strict", "paper")
 
 
-def freeze_experts(model: MoECLIP, task: int, rule: str, selected: SelectionSet | None = None) -> dict[str, np.ndarray]:
+def freeze_experts(
+    model: MoECLIP, task: int, rule: str, selected: SelectionSet | None = None
+) -> dict[str, np.ndarray]:
     """Freeze experts after ``task``; returns the newly frozen mask per layer.
 
     'paper': the top_k most-selected experts per block during training (``layer.counts[task]``).
@@ -455,11 +479,11 @@ class ParameterCount:
 
 
 def parameter_count(model: MoECLIP, n_tasks: int | None = None) -> ParameterCount:
-    """Adapter parameters: experts of every layer (both encoders) plus ``n_tasks`` routers (default: the model's)."""
+    """Adapter parameters: every layer's experts plus ``n_tasks`` routers (default: the model's)."""
     experts = per_router = 0
     for _, layer in model.named_layers():
         experts += sum(p.numel() for p in (layer.down_w, layer.down_b, layer.up_w, layer.up_b))
-        per_router += 2 * layer.width * layer.n_experts
+        per_router += 2 * layer.width * layer.n_experts  # gate + noise, [E, d] each
     tasks = model.n_tasks if n_tasks is None else n_tasks
     return ParameterCount(experts=experts, routers=tasks * per_router, per_router=per_router)
 
@@ -468,7 +492,7 @@ def parameter_count(model: MoECLIP, n_tasks: int | None = None) -> ParameterCoun
 def moe_state(model: MoECLIP) -> dict[str, torch.Tensor]:
     """Every adapter tensor (experts, routers, router masks, frozen masks, counts) under '<layer>.<name>'."""
     return {
-        f"{name}.{key}": value.detach().cpu().contiguous()
+        f"{name}.{key}": value.detach().cpu().clone()  # a snapshot, not a view of live parameters
         for name, layer in model.named_layers()
         for key, value in layer.state_dict().items()
     }

@@ -12,6 +12,7 @@ so a run on N processes sees exactly the images and crops of a run on one.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -32,6 +33,7 @@ from edgeclip.edgeapp.errors import DomainError, UsageError
 from edgeclip.train.moe import (
     FREEZE_RULES,
     MoECLIP,
+    MoELayer,
     SelectionSet,
     count_selections,
     freeze_experts,
@@ -48,7 +50,7 @@ Tokenize = Callable[[list[str]], torch.Tensor]
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """One task's training recipe; defaults are the paper's full-shot values (few-shot: shots=5, 500 iterations)."""
+    """One task's training recipe; defaults are the paper's full-shot values (5-shot: shots=5, 500 iterations)."""
 
     iterations: int = 1000
     batch_size: int = 64  # global batch (split across DDP ranks)
@@ -150,7 +152,8 @@ class _Draws(Dataset):
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._epoch != epoch:
-            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
         return self._order
 
     def __getitem__(self, draw: int) -> tuple[torch.Tensor, int]:
@@ -217,7 +220,7 @@ def _setup_distributed(device_setting: str) -> _Dist:
     if use_cuda and not torch.cuda.is_available():
         raise UsageError(f"device '{device_setting}' asked for CUDA, but no CUDA device is available.")
     if world <= 1:
-        device = torch.device(device_setting if device_setting not in ("auto",) else ("cuda" if use_cuda else "cpu"))
+        device = torch.device(("cuda" if use_cuda else "cpu") if device_setting == "auto" else device_setting)
         return _Dist(0, 1, device)
     import torch.distributed as dist
 
@@ -308,19 +311,26 @@ def train_task(
     if dist_.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        # Selection counts are per rank until summed after the task: no buffer sync in forward.
+        ddp_args = inspect.signature(DistributedDataParallel).parameters
+        no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in ddp_args else "broadcast_buffers": False}
         net = DistributedDataParallel(
             model,
             device_ids=[dist_.device.index] if dist_.device.type == "cuda" else None,
-            broadcast_buffers=False,  # selection counts are per rank until summed after the task
-            find_unused_parameters=not (model.config.noisy_gating),  # w_noise is unused without noise
+            find_unused_parameters=not model.config.noisy_gating,  # w_noise is unused without noise
+            **no_sync,
         )
     criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
 
     model.train()
     losses: list[float] = []
     start = time.perf_counter()
+    def record(layer: MoELayer, task_ids: torch.Tensor, idx: torch.Tensor) -> None:
+        if layer.encoder == "image" or dist_.rank == 0:  # every rank encodes the same prompts: count once
+            count_selections(layer, task_ids, idx)
+
     with _progress(settings.progress and dist_.rank == 0, settings.iterations, task) as advance, model.recording(
-        count_selections
+        record
     ):
         for images, labels in loader:
             images = images.to(dist_.device, non_blocking=True)
