@@ -9,7 +9,7 @@ re-composed with onnx alone. MoE add-task imports torch (``train`` extra).
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from edgeclip.edgeapp.bundle import Bundle, VersionWriter, create_bundle, utc_now
 from edgeclip.edgeapp.domain import Domain, few_shot, read_domain
-from edgeclip.edgeapp.errors import DomainError, UsageError
+from edgeclip.edgeapp.errors import DomainError, MissingExtraError, UsageError
 
 METHODS = ("moe", "rail-primal", "rail-dual")
 FUSIONS = ("ddas", "paper")
@@ -44,6 +44,8 @@ class MethodSettings:
     gate_k: int = 4  # ddas.K, measured in docs/LEARNERS.md
     gate_quantile: float = 0.95  # ddas.QUANTILE
     seed: int = 0
+    moe: dict[str, Any] = field(default_factory=dict)  # MoEConfig fields that differ from the paper's
+    moe_train: dict[str, Any] = field(default_factory=dict)  # training recipe fields (iterations, lr, ...)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -98,6 +100,12 @@ def init_bundle(
         writer.write_file(f"tokenizer/{VOCAB_NAME}", default_vocab_path())
         learned = initial_learned(settings, backbone.embed_dim)
         writer.write_tensors(LEARNED, learned)
+        if settings.method == "moe":
+            from edgeclip.train.moe import MoEConfig
+            from edgeclip.train.moe_task import MOE_STATE, initial_moe_state
+
+            config = MoEConfig.from_dict(manifest["method"]["settings"]["moe"])
+            writer.write_tensors(MOE_STATE, initial_moe_state(backbone, config, settings.seed))
         write_gated_graph(writer, learned)
     return Bundle.open(root)
 
@@ -113,7 +121,7 @@ def initial_learned(settings: MethodSettings, dim: int) -> dict[str, np.ndarray]
     elif settings.method == "rail-dual":
         head = {"memory": np.zeros((0, dim), np.float32), "alpha": np.zeros((0, 0), np.float32)}
     else:
-        raise UsageError("MoE bundles are created by train.moe_task.init_moe_bundle.")
+        head = {"task_text": np.zeros((0, dim), np.float32)}
     return learned_tensors(np.zeros((0, dim), np.float32), [], settings.gate_kind, [], settings.method, head)
 
 
@@ -123,7 +131,10 @@ def _method_settings(s: MethodSettings, dim: int) -> dict[str, Any]:
         return {**common, "hidden": s.hidden, "gamma": s.gamma, "dim": dim}
     if s.method == "rail-dual":
         return {**common, "gamma_kernel": s.gamma_kernel, "lam": s.lam, "dim": dim}
-    return common
+    from edgeclip.train.moe import MoEConfig
+    from edgeclip.train.moe_task import moe_settings
+
+    return {**common, **moe_settings(MoEConfig.from_dict(s.moe), s.moe_train)}
 
 
 # --------------------------------------------------------------------------- add-task
@@ -201,7 +212,12 @@ def add_task(
     name = name or domain.name
     check_new_task(bundle, domain, name)
     if bundle.method == "moe":
-        from edgeclip.train.moe_task import add_moe_task  # torch
+        import importlib.util
+
+        for module, package in (("torch", "torch"), ("open_clip", "open_clip_torch")):
+            if importlib.util.find_spec(module) is None:
+                raise MissingExtraError("MoE add-task (training adapters)", "train", package)
+        from edgeclip.train.moe_task import add_moe_task
 
         return add_moe_task(bundle, domain, name, iterations=iterations, device=device, progress=progress,
                             options=moe_options or {})
@@ -286,7 +302,12 @@ def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "aut
 def write_gated_graph(writer: VersionWriter, learned: dict[str, np.ndarray]) -> None:
     """Re-compose the version's gated graph. The inherited file is a hard link into the parent
     version, so it is unlinked (``writable_path``) before the new graph is written."""
-    from edgeclip.export.compose import build_gated_graph
-
     writer.writable_path("graphs/gated.onnx")
-    build_gated_graph(writer.staging / "graphs", learned, writer.manifest)
+    if writer.manifest["method"]["name"] == "moe" and writer.manifest["tasks"]:
+        from edgeclip.export.compose_moe import build_moe_gated_graph
+
+        build_moe_gated_graph(writer.staging / "graphs", learned, writer.manifest)
+    else:
+        from edgeclip.export.compose import build_gated_graph
+
+        build_gated_graph(writer.staging / "graphs", learned, writer.manifest)

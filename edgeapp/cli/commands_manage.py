@@ -58,6 +58,12 @@ def init(
     fusion: Annotated[str, typer.Option(help="RAIL: 'ddas' (gate by autoencoders, default) or 'paper' (zero-shot top-1).")] = "ddas",
     gate: Annotated[str, typer.Option(help="DDAS autoencoder: 'linear' (closed form, torch-free) or 'mlp'.")] = "linear",
     labels: Annotated[Optional[str], typer.Option(help='Default zero-shot labels, comma separated.')] = None,
+    experts: Annotated[int, typer.Option(min=2, help="MoE: experts per block (paper 22).")] = 22,
+    last_blocks: Annotated[Optional[int], typer.Option(min=1, help="MoE: adapters only in the last N blocks of each encoder (default all).")] = None,
+    encoders: Annotated[str, typer.Option(help="MoE: adapted encoders, 'image,text' (paper), 'image' or 'text'.")] = "image,text",
+    freeze_rule: Annotated[str, typer.Option(help="MoE activate-freeze: 'strict' (learned tasks never drift) or 'paper'.")] = "strict",
+    batch_size: Annotated[int, typer.Option(min=1, help="MoE: training batch size (paper 64).")] = 64,
+    lr: Annotated[float, typer.Option(min=0.0, help="MoE: AdamW learning rate (paper 1e-3).")] = 1e-3,
     quiet: QuietOpt = False,
 ) -> None:
     """Create a new bundle with no task (zero-shot CLIP only), exporting the frozen encoders to ONNX."""
@@ -65,7 +71,10 @@ def init(
     from edgeclip.edgeapp.classify import parse_labels
     from edgeclip.train.pipeline import MethodSettings, init_bundle
 
-    settings = MethodSettings(method=method.value, hidden=hidden, beta=beta, fusion=fusion, gate_kind=gate, seed=seed)
+    moe = {"n_experts": experts, "last_blocks": last_blocks,
+           "encoders": [e.strip() for e in encoders.split(",") if e.strip()]}
+    settings = MethodSettings(method=method.value, hidden=hidden, beta=beta, fusion=fusion, gate_kind=gate, seed=seed,
+                              moe=moe, moe_train={"freeze_rule": freeze_rule, "batch_size": batch_size, "lr": lr})
     root = bundle_path(bundle)
     with progress(quiet) as bar:
         bar.add_task("exporting the frozen encoders", total=None, info="")

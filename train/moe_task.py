@@ -1,0 +1,130 @@
+"""MoE-Adapters at the bundle level: the adapter state of a new bundle, and learning a task into a new version.
+
+Needs torch (the ``train`` extra). The frozen parts (DDAS gate on the frozen embedding, zero-shot
+text classifier) are computed exactly as for RAIL, through the exported frozen encoders.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeclip.edgeapp.bundle import Bundle, VersionWriter
+from edgeclip.edgeapp.domain import Domain
+from edgeclip.train.backbone import Backbone, WeightsSource, load_backbone
+from edgeclip.train.moe import MoECLIP, MoEConfig, load_moe_state, moe_state, text_classifier
+from edgeclip.train.moe_trainer import TrainSettings, train_task
+from edgeclip.train.pipeline import (
+    LEARNED,
+    ProgressFn,
+    class_text_embeddings,
+    embed_domain,
+    fit_task_gate,
+    task_record,
+    write_gated_graph,
+)
+
+MOE_STATE = "moe.safetensors"
+MOE_GRAPH_FILES = ("graphs/moe_encoder.onnx", "graphs/moe_encoder.data")
+
+
+def moe_settings(config: MoEConfig | None = None, train: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the manifest records: the adapter configuration and the training recipe's defaults."""
+    defaults = TrainSettings()
+    recipe = {"iterations": defaults.iterations, "batch_size": defaults.batch_size, "lr": defaults.lr,
+              "warmup": defaults.warmup, "freeze_rule": defaults.freeze_rule}
+    recipe.update(train or {})
+    return {"moe": (config or MoEConfig()).to_dict(), "train": recipe}
+
+
+def initial_moe_state(backbone: Backbone, config: MoEConfig, seed: int) -> dict[str, np.ndarray]:
+    """The adapters of a bundle with no task (seeded down-projections, zero up-projections)."""
+    import torch
+
+    torch.manual_seed(seed)
+    return {k: v.numpy() for k, v in moe_state(MoECLIP(backbone.model, config)).items()}
+
+
+def _load_model(bundle: Bundle) -> tuple[Backbone, MoECLIP]:
+    manifest = bundle.manifest
+    backbone = load_backbone(manifest["backbone"]["model"], source=WeightsSource.from_dict(manifest["backbone"]["weights"]))
+    model = MoECLIP(backbone.model, MoEConfig.from_dict(manifest["method"]["settings"]["moe"]))
+    load_moe_state(model, bundle.tensors(MOE_STATE))
+    return backbone, model
+
+
+def _task_texts(model: MoECLIP, tasks: list[dict[str, Any]], backbone: Backbone) -> np.ndarray:
+    """Every task's class text embeddings through the adapted text encoder with its own router.
+
+    Recomputed for all tasks each time: under the paper's freeze rule earlier tasks' experts may
+    change, and the stored classifiers must match the image side they are compared with."""
+    return np.concatenate(
+        [text_classifier(model, t, task["classes"], task["templates"], backbone.tokenize) for t, task in enumerate(tasks)]
+    )
+
+
+def add_moe_task(
+    bundle: Bundle,
+    domain: Domain,
+    name: str,
+    iterations: int | None = None,
+    device: str = "auto",
+    progress: ProgressFn | None = None,
+    options: dict[str, Any] | None = None,
+) -> Bundle:
+    """Train the task's router and the free experts, fit its gate, export, write a new version."""
+    from edgeclip.export.compose import gate_states, learned_tensors
+
+    recipe = dict(bundle.manifest["method"]["settings"]["train"])
+    recipe.update(options or {})
+    if iterations:
+        recipe["iterations"] = iterations
+    settings = TrainSettings(
+        iterations=int(recipe["iterations"]), batch_size=int(recipe["batch_size"]), lr=float(recipe["lr"]),
+        warmup=min(int(recipe["warmup"]), max(int(recipe["iterations"]) // 10, 0)),
+        freeze_rule=recipe["freeze_rule"], seed=int(bundle.manifest["method"]["settings"].get("seed", 0)),
+        device=device, progress=sys.stderr.isatty() and progress is not None,
+    )
+    backbone, model = _load_model(bundle)
+    samples = [(str(path), label) for path, label in domain.samples]
+    result = train_task(model, samples, domain.classes, domain.templates[0], settings, tokenize=backbone.tokenize)
+    model.cpu().eval()
+
+    feats, _labels, _errors = embed_domain(bundle, domain, progress=progress)
+    gate_state, gate_settings, threshold = fit_task_gate(bundle, feats)
+    learned = bundle.tensors(LEARNED)
+    tasks = bundle.tasks + [task_record(domain, name, len(result.samples), threshold, gate_settings)]
+    tasks[-1]["training"] = {
+        "iterations": settings.iterations,
+        "final_loss": float(np.mean(result.losses[-10:])) if result.losses else None,
+        "images_per_s": float(result.images_per_s),
+        "experts_frozen": int(sum(int(np.sum(v)) for v in result.frozen.values())),
+        "experts_added": int(sum(result.grown.values())),
+        "skipped_images": len(result.skipped),
+    }
+    zs_text = np.concatenate([learned["zs_text"], class_text_embeddings(bundle, domain)])
+    kind = bundle.manifest["gate"]["kind"]
+    new_learned = learned_tensors(zs_text, [len(t["classes"]) for t in tasks], kind,
+                                  gate_states(learned, kind) + [gate_state], "moe",
+                                  {"task_text": _task_texts(model, tasks, backbone)})
+    with bundle.new_version() as writer:
+        writer.manifest["tasks"] = tasks
+        writer.write_tensors(MOE_STATE, {k: v.numpy() for k, v in moe_state(model).items()})
+        writer.write_tensors(LEARNED, new_learned)
+        write_moe_encoder(writer, model)
+        write_gated_graph(writer, new_learned)
+    return Bundle.open(bundle.root)
+
+
+def write_moe_encoder(writer: VersionWriter, model: MoECLIP) -> None:
+    """Trace the adapted image encoder of this version into graphs/ (replacing the inherited one)."""
+    from edgeclip.export.trace_moe import export_moe_encoder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_moe_encoder(model, Path(tmp))
+        for name in MOE_GRAPH_FILES:
+            writer.write_file(name, Path(tmp) / Path(name).name)
