@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from edgeclip.edgeapp.bundle import Bundle
+from edgeclip.edgeapp.discover import display_path
 from edgeclip.edgeapp.errors import UsageError
 
 ZERO_SHOT = "zero-shot"
@@ -108,7 +109,7 @@ def predictions_from_scores(
         route = int(routes[i])
         out.append(
             Prediction(
-                path=str(path),
+                path=display_path(path),
                 label=top[0]["label"],
                 score=top[0]["score"],
                 route=ZERO_SHOT if route < 0 else task_names[route],
@@ -135,7 +136,7 @@ def classify_files(
     names = task_route_names(bundle)
     for batch in iter_batches(list(files), cfg, batch_size=batch_size, workers=workers):
         for path, message in batch.errors:
-            yield Prediction(path=str(path), error=message)
+            yield Prediction(path=display_path(path), error=message)
         if len(batch.paths):
             result = runner.run(batch.pixels, labels.text)
             yield from predictions_from_scores(batch.paths, result["scores"], result["route"], labels, names, top_k)

@@ -179,3 +179,36 @@ def test_interrupted_add_task_leaves_previous_version(tmp_path: Path, images: di
 def test_environment_variable_selects_the_bundle(bundle: Path) -> None:
     result = edgeclip_main(["tasks", "--format", "json"], env={**os.environ, "EDGECLIP_BUNDLE": str(bundle)})
     assert result.returncode == 0 and json.loads(result.stdout)["version"] == Bundle.open(bundle).version
+
+
+def test_bad_input_zoo_through_the_cli(bundle: Path, tmp_path: Path) -> None:
+    """Every awkward file in a folder (and named explicitly): readable ones are classified, the rest get
+    a per-file error, hidden files, non-images and symlink loops are skipped; the run never crashes."""
+    from test_bad_inputs import BAD, GOOD, write
+
+    folder = tmp_path / "zoo"
+    (folder / "sub").mkdir(parents=True)
+    write(folder, GOOD)
+    write(folder / "sub", BAD)
+    (folder / ".hidden.png").write_bytes(GOOD["grey.png"][0])
+    (folder / "ünïcödé 名前.png").write_bytes(GOOD["grey.png"][0])
+    (folder / os.fsdecode(b"latin1-\xe9.png")).write_bytes(GOOD["grey.png"][0])
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "sub" / "loop").symlink_to(folder, target_is_directory=True)
+
+    result = edgeclip_main(["classify", str(folder), "--bundle", str(bundle), "--format", "json", "--quiet"])
+    assert result.returncode == 3, result.stderr
+    rows = {Path(r["path"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    classified = {name for name, r in rows.items() if r["error"] is None}
+    assert set(GOOD) | {"ünïcödé 名前.png"} <= classified
+    assert any(name.startswith("latin1-") and r["error"] is None for name, r in rows.items())
+    assert ".hidden.png" not in rows and "notes.txt" not in rows
+    failed = {name for name, r in rows.items() if r["error"]}
+    assert {"truncated.jpg", "truncated.png", "bomb.png"} <= failed  # image headers, unreadable bodies
+    assert len(rows) == len(classified) + len(failed)  # each file once, despite the symlink loop
+
+    named = [str(folder / "sub" / name) for name in BAD]
+    result = edgeclip_main(["classify", *named, "--bundle", str(bundle), "--format", "json", "--quiet"])
+    assert result.returncode == 3
+    errors = [json.loads(line)["error"] for line in result.stdout.splitlines()]
+    assert len(errors) == len(BAD) and all(errors)

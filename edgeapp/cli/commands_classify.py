@@ -75,13 +75,13 @@ def classify(
     classified); 2 usage error; 1 other failure.
     """
     from edgeclip.edgeapp.classify import build_label_space, classify_files, parse_labels
-    from edgeclip.edgeapp.discover import discover_images
+    from edgeclip.edgeapp.discover import discover_images, display_path
     from edgeclip.edgeapp.runtime import GatedRunner, TextEncoderRunner
 
     loaded = open_bundle(bundle)
     extra = parse_labels(labels, labels_file)
     found = discover_images(paths, recursive=recursive)
-    missing = [Prediction(path=str(p), error=msg) for p, msg in found.missing]
+    missing = [Prediction(path=display_path(p), error=msg) for p, msg in found.missing]
     if not found.images and not missing:
         raise UsageError("No images found in the given paths.")
     label_space = build_label_space(loaded, extra, lambda texts: TextEncoderRunner(loaded, backend).embed(texts))
@@ -96,6 +96,8 @@ def classify(
         ):
             preds.append(pred)
     elapsed = time.perf_counter() - start
+    position = {display_path(path): i for i, path in enumerate(found.images)}
+    preds.sort(key=lambda p: position.get(p.path, -1))  # input order (unreadable files of a batch come first)
     done = sum(1 for p in preds if p.error is None)
     failed = len(preds) - done
 
