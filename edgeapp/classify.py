@@ -69,11 +69,13 @@ def parse_labels(labels: str | None, labels_file: Path | None) -> list[str]:
 
 
 def build_label_space(bundle: Bundle, extra: Sequence[str], text_encoder: Callable[[list[str]], np.ndarray]) -> LabelSpace:
-    """Learned classes (stored text embeddings, no text encoder needed) plus extra labels (encoded now)."""
+    """Learned classes (stored text embeddings, no text encoder needed) plus the bundle's default
+    zero-shot labels and ``extra`` ones (encoded now with the exported text encoder)."""
     learned = bundle.learned_classes
     stored = bundle.tensors("learned.safetensors")["zs_text"]
     known = {name.lower() for name in learned}
-    new = [name for name in extra if name.lower() not in known]
+    wanted = list(bundle.manifest.get("zero_shot", {}).get("labels", [])) + list(extra)
+    new = list(dict.fromkeys(name for name in wanted if name.lower() not in known))
     if not learned and not new:
         raise UsageError(
             "This bundle has learned no task yet, so there is nothing to classify into: "

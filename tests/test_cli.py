@@ -145,13 +145,15 @@ def test_rollback_then_add_task_without_torch(tmp_path: Path, images: dict) -> N
     """RAIL add-task and classify run with torch unimportable; rollback restores the previous version."""
     root = tmp_path / "b"
     assert invoke("init", "--bundle", root, "--model", "edgeclip-tiny", "--random-weights", "--method", "rail-dual",
-                  "--quiet").exit_code == 0
+                  "--labels", "a tree", "--quiet").exit_code == 0
     result = edgeclip_main(["add-task", str(images["domains"][0]), "--bundle", str(root), "--quiet"], block_torch=True)
     assert result.returncode == 0, result.stderr
     result = edgeclip_main(["classify", str(images["query"]), "--bundle", str(root), "--format", "json", "--quiet"],
                            block_torch=True)
     assert result.returncode == 0, result.stderr
-    assert all(json.loads(line)["error"] is None for line in result.stdout.splitlines())
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert all(row["error"] is None for row in rows)
+    assert {t["label"] for t in rows[0]["topk"]} == {"a tree", "circle", "square", "triangle"}  # init's default label
     assert Bundle.open(root).version == "v0002"
     assert invoke("rollback", "--bundle", root).exit_code == 0
     assert Bundle.open(root).version == "v0001" and not Bundle.open(root).tasks

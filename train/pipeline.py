@@ -18,9 +18,11 @@ import numpy as np
 from edgeclip.edgeapp.bundle import Bundle, VersionWriter, create_bundle, utc_now
 from edgeclip.edgeapp.domain import Domain, few_shot, read_domain
 from edgeclip.edgeapp.errors import DomainError, MissingExtraError, UsageError
+from edgeclip.export.compose import FUSIONS
+from edgeclip.train.ddas import K as GATE_K
+from edgeclip.train.ddas import QUANTILE as GATE_QUANTILE
 
 METHODS = ("moe", "rail-primal", "rail-dual")
-FUSIONS = ("ddas", "paper")
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 LEARNED = "learned.safetensors"
 RAIL_STATE = "rail_state.safetensors"
@@ -41,8 +43,8 @@ class MethodSettings:
     beta: float = 0.8  # fusion weight of the learned scores
     fusion: str = "ddas"  # how RAIL picks images for the learned head: ddas | paper
     gate_kind: str = "linear"  # DDAS autoencoder: linear (closed form, torch-free) | mlp
-    gate_k: int = 4  # ddas.K, measured in docs/LEARNERS.md
-    gate_quantile: float = 0.95  # ddas.QUANTILE
+    gate_k: int = GATE_K  # measured in docs/LEARNERS.md
+    gate_quantile: float = GATE_QUANTILE
     seed: int = 0
     moe: dict[str, Any] = field(default_factory=dict)  # MoEConfig fields that differ from the paper's
     moe_train: dict[str, Any] = field(default_factory=dict)  # training recipe fields (iterations, lr, ...)
