@@ -249,7 +249,7 @@ def task_record(domain: Domain, name: str, n_images: int, threshold: float, gate
     }
 
 
-def _rail_learner(bundle: Bundle) -> Any:
+def rail_learner(bundle: Bundle) -> Any:
     """The bundle's RAIL learner, restored from its inference tensors and its learning state."""
     from edgeclip.export.compose import RAIL_KEYS
     from edgeclip.train.rail import RailDual, RailPrimal
@@ -277,7 +277,7 @@ def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "aut
     feats, labels, _errors = embed_domain(bundle, domain, backend, progress=progress)
     learned = bundle.tensors(LEARNED)
     offset = learned["zs_text"].shape[0]
-    learner = _rail_learner(bundle)
+    learner = rail_learner(bundle)
     if progress:
         progress("solving", 0, 1)
     learner.add_domain(feats, labels + offset, offset + len(domain.classes))

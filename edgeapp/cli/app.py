@@ -10,7 +10,7 @@ import os
 import sys
 import typer
 
-from edgeclip.edgeapp.cli import commands_classify, commands_manage, commands_bench
+from edgeclip.edgeapp.cli import commands_bench, commands_classify, commands_eval, commands_manage
 from edgeclip.edgeapp.cli.console import err_console
 from edgeclip.edgeapp.errors import EdgeclipError
 
@@ -35,6 +35,7 @@ app = typer.Typer(
 commands_manage.register(app)
 commands_classify.register(app)
 commands_bench.register(app)
+commands_eval.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,229 @@
+"""edgeclip eval and the protocol runner (train/evaluate.py) on the tiny config with random weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from edgeclip.edgeapp.demo_data import write_demo_images
+from edgeclip.edgeapp.errors import DomainError, UsageError
+from edgeclip.train import evaluate
+
+pytest.importorskip("open_clip")
+
+runner = CliRunner()
+
+
+def eval_app() -> typer.Typer:
+    """The real app when it registers `eval`, else a group holding only `eval`."""
+    from edgeclip.edgeapp.cli import commands_eval
+    from edgeclip.edgeapp.cli.app import app
+
+    if any(c.name == "eval" for c in app.registered_commands):
+        return app
+    local = typer.Typer()
+    local.callback()(lambda: None)
+    commands_eval.register(local)
+    return local
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_split_domains(root: Path) -> list[Path]:
+    """The demo's two generated domains, with train/ and test/ (test images drawn with another seed)."""
+    domains, _ = write_demo_images(root / "a", train_per_class=8, query_per_class=0, seed=0)
+    tests, _ = write_demo_images(root / "b", train_per_class=3, query_per_class=0, seed=1)
+    for domain, test in zip(domains, tests):
+        shutil.move(str(test / "train"), str(domain / "test"))
+    return domains
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_split_domains(tmp_path_factory.mktemp("eval-images"))
+
+
+@pytest.fixture(scope="module")
+def source_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from edgeclip.train.pipeline import MethodSettings, init_bundle
+
+    root = tmp_path_factory.mktemp("eval-bundle") / "bundle"
+    init_bundle(root, "edgeclip-tiny", random_weights=True, seed=0, settings=MethodSettings(hidden=256))
+    return root
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_metrics_on_a_hand_made_matrix() -> None:
+    a = [[50.0, 10.0, 20.0],
+         [40.0, 80.0, 30.0],
+         [30.0, 70.0, 90.0]]
+    m = evaluate.protocol_metrics(a)
+    assert m["per_domain"]["transfer"] == [None, 10.0, 25.0]  # (20 + 30) / 2
+    assert m["per_domain"]["average"] == pytest.approx([40.0, 160 / 3, 140 / 3])
+    assert m["per_domain"]["last"] == [30.0, 70.0, 90.0]
+    assert m["transfer"] == pytest.approx(17.5)  # domains 2..n only
+    assert m["average"] == pytest.approx((40 + 160 / 3 + 140 / 3) / 3)
+    assert m["last"] == pytest.approx(190 / 3)
+
+
+def test_metrics_of_one_domain_and_bad_shapes() -> None:
+    m = evaluate.protocol_metrics([[42.0]])
+    assert (m["transfer"], m["average"], m["last"]) == (None, 42.0, 42.0)
+    with pytest.raises(UsageError):
+        evaluate.protocol_metrics([[1.0, 2.0]])
+
+
+# ----------------------------------------------------------------------------- domains
+
+
+def test_clashing_class_names_are_renamed_through_a_view(tmp_path: Path) -> None:
+    for domain, classes in (("first", ("cat", "dog")), ("second", ("Cat", "car"))):
+        for split in ("train", "test"):
+            for c in classes:
+                (tmp_path / domain / split / c).mkdir(parents=True)
+                Image.new("RGB", (8, 8)).save(tmp_path / domain / split / c / "0.png")
+    prepared = evaluate.prepare_domains([tmp_path / "first", tmp_path / "second"], tmp_path / "work")
+    assert prepared[0].renamed == {} and prepared[0].learn_dir == tmp_path / "first"
+    assert prepared[1].renamed == {"Cat": "Cat (second)"}
+    assert sorted(p.name for p in (prepared[1].learn_dir / "train").iterdir()) == ["Cat (second)", "car"]
+    assert prepared[1].classes == ["Cat (second)", "car"]
+    assert (tmp_path / "second" / "train" / "Cat").is_dir()  # the user's folder is untouched
+
+
+def test_train_and_test_must_name_the_same_classes(tmp_path: Path) -> None:
+    for split, classes in (("train", ("a", "b")), ("test", ("a", "c"))):
+        for c in classes:
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "d" / split / c / "0.png")
+    with pytest.raises(DomainError, match="same class folders"):
+        evaluate.prepare_domains([tmp_path / "d"], tmp_path / "work")
+
+
+def test_a_bundle_with_tasks_or_an_unknown_protocol_is_refused(source_bundle: Path, domains: list[Path],
+                                                               tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="protocol"):
+        evaluate.run_protocols(source_bundle, domains, tmp_path / "w1", protocols=["cil"])
+    run = evaluate.run_protocols(source_bundle, domains[:1], tmp_path / "w2", protocols=["mtil"], shots=4)
+    with pytest.raises(UsageError, match="learned tasks already"):
+        evaluate.run_protocols(run.bundle_dir, domains, tmp_path / "w3")
+
+
+# ----------------------------------------------------------------------------- protocols end to end
+
+
+@pytest.fixture(scope="module")
+def both_protocols(source_bundle: Path, domains: list[Path], tmp_path_factory: pytest.TempPathFactory):
+    before = tree_digest(source_bundle)
+    run = evaluate.run_protocols(source_bundle, domains, tmp_path_factory.mktemp("eval-work") / "w",
+                                 protocols=["mtil", "xtail"], gates=["ddas", "paper"], shots=6)
+    return run, before
+
+
+def test_the_source_bundle_is_never_changed(both_protocols, source_bundle: Path) -> None:
+    run, before = both_protocols
+    assert tree_digest(source_bundle) == before
+    from edgeclip.edgeapp.bundle import Bundle
+
+    assert [t["name"] for t in Bundle.open(run.bundle_dir).tasks] == ["shapes", "stripes"]
+    assert Bundle.open(source_bundle).tasks == []
+
+
+def test_matrices_routing_and_timing_have_one_entry_per_step(both_protocols) -> None:
+    run, _ = both_protocols
+    assert set(run.results) == {("mtil", "known-task"), ("xtail", "ddas"), ("xtail", "paper")}
+    for result in run.results.values():
+        matrix = np.asarray(result.matrix)
+        assert matrix.shape == (2, 2) and ((0 <= matrix) & (matrix <= 100)).all()
+        assert result.domains == ["shapes", "stripes"]
+    for gate in ("ddas", "paper"):
+        routing = run.results[("xtail", gate)].routing
+        assert len(routing) == 2 and routing[-1]["unseen_to_zero_shot"] is None
+    assert [t.step for t in run.timing] == [1, 2] and all(t.learn_s > 0 for t in run.timing)
+    assert [len(x) for x in run.suite.features] == [9, 9]  # 3 classes x 3 test images, embedded once
+
+
+def test_mtil_scores_a_domain_not_yet_learned_by_zero_shot(both_protocols) -> None:
+    run, _ = both_protocols
+    mtil = run.results[("mtil", "known-task")]
+    assert mtil.matrix[0][1] == mtil.zero_shot[1]  # 'stripes' before it is learned
+    x, y, text = run.suite.features[1], run.suite.labels[1], run.suite.texts[1]
+    assert mtil.zero_shot[1] == pytest.approx(100.0 * ((x @ text.T).argmax(axis=1) == y).mean())
+
+
+def test_xtail_reference_decision_equals_the_exported_graph(source_bundle: Path, domains: list[Path],
+                                                            both_protocols, tmp_path: Path) -> None:
+    """The cached-embedding path scores exactly what graphs/gated.onnx decides on the pixels."""
+    run, _ = both_protocols
+    graph = evaluate.run_protocols(source_bundle, domains, tmp_path / "w", protocols=["xtail"], shots=6,
+                                   decision="graph")
+    ref = run.results[("xtail", "ddas")]
+    got = graph.results[("xtail", "ddas")]
+    assert got.matrix == ref.matrix and got.zero_shot == ref.zero_shot and got.routing == ref.routing
+
+
+@pytest.mark.parametrize("protocol", ["xtail", "mtil"])
+def test_eval_command_writes_results_json_and_heatmap(protocol: str, source_bundle: Path, domains: list[Path],
+                                                      tmp_path: Path) -> None:
+    before = tree_digest(source_bundle)
+    out = tmp_path / "out"
+    result = runner.invoke(eval_app(), ["eval", *map(str, domains), "--bundle", str(source_bundle),
+                                        "--protocol", protocol, "--shots", "6", "--out", str(out)],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "Transfer" in result.output and "shapes" in result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["domains"] == ["shapes", "stripes"] and data["protocol"] == protocol
+    assert len(data["matrix"]) == 2 and all(len(row) == 2 for row in data["matrix"])
+    assert data["average"] == pytest.approx(np.mean(data["matrix"]))
+    assert data["last"] == pytest.approx(np.mean(data["matrix"][-1]))
+    assert data["transfer"] == pytest.approx(data["matrix"][0][1])
+    assert data["random_weights"] is True and len(data["timing"]["steps"]) == 2
+    assert (len(data["routing"]) == 2) == (protocol == "xtail")
+    with Image.open(out / "matrix.png") as png:
+        assert png.format == "PNG" and png.size[0] > 200
+    assert tree_digest(source_bundle) == before
+
+
+def test_eval_on_real_image_subsets(extract_subset, source_bundle: Path, tmp_path: Path) -> None:
+    """Two shared datasets (a few classes, a few images each) through X-TAIL."""
+    dirs = []
+    for name, classes in (("cifar10", ["airplane", "cat", "ship"]), ("mnist", ["0", "1", "7"])):
+        dom = tmp_path / name
+        dom.mkdir()
+        (dom / "train").symlink_to(extract_subset(name, "train", classes, per_class=6) / "train")
+        (dom / "test").symlink_to(extract_subset(name, "test", classes, per_class=3) / "test")
+        dirs.append(dom)
+    run = evaluate.run_protocols(source_bundle, dirs, tmp_path / "w", protocols=["xtail"], shots=5)
+    result = run.results[("xtail", "ddas")]
+    assert result.domains == ["cifar10", "mnist"] and np.asarray(result.matrix).shape == (2, 2)
+    assert [len(x) for x in run.suite.features] == [9, 9]
+
+
+@pytest.mark.slow
+def test_moe_bundles_are_scored_through_their_gated_graph(domains: list[Path], tmp_path: Path) -> None:
+    """X-TAIL on a MoE bundle runs graphs/gated.onnx on the cached pixels; MTIL says it is RAIL-only."""
+    pytest.importorskip("edgeclip.train.moe_task")
+    from edgeclip.train.pipeline import MethodSettings, init_bundle
+
+    init_bundle(tmp_path / "moe", "edgeclip-tiny", random_weights=True, settings=MethodSettings(method="moe"))
+    run = evaluate.run_protocols(tmp_path / "moe", domains, tmp_path / "w", protocols=["xtail"], shots=4,
+                                 iterations=5)
+    result = run.results[("xtail", "ddas")]
+    assert np.asarray(result.matrix).shape == (2, 2) and len(result.routing) == 2
+    assert run.suite.pixels is not None and "gated.onnx" in evaluate.run_summary(run, tmp_path / "moe")["decision"]
+    with pytest.raises(UsageError, match="MTIL"):
+        evaluate.run_protocols(tmp_path / "moe", domains[:1], tmp_path / "w2", protocols=["mtil"], shots=4,
+                               iterations=5)
