@@ -62,6 +62,9 @@ GATE_KEYS = {
     "mlp": ("mu", "scale", "w1", "b1", "w2", "b2"),  # [T,D], [T], [T,D,H], [T,H], [T,H,D], [T,D]
 }
 RAIL_KEYS = {"rail-primal": ("w_r", "w"), "rail-dual": ("memory", "alpha")}  # [D,H],[H,C] | [N,D],[N,C]
+MOE = "moe"
+TASK_TEXT = "task_text"  # MoE head [C,D]: each task's adapted text classifier (its own router), global order
+METHODS = (*RAIL_METHODS, MOE)
 _NAMESPACE = "decision/"  # prefix of every node, value and initialiser added to the encoder graph
 
 
@@ -78,12 +81,13 @@ def learned_tensors(
 
     gate_states: each task's autoencoder `.state()` (edgeclip.train.ddas); head_state: the RAIL
     learner's `.state()` (only the inference tensors are kept; the primal statistics live in
-    rail_stats.safetensors).
+    rail_stats.safetensors), or for method "moe" {"task_text": [C,D]} (the tasks' adapted text
+    classifiers concatenated in global class order, rows L2-normalised as `moe.text_classifier` gives).
     """
     if gate_kind not in GATE_KEYS:
         raise UsageError(f"unknown gate kind {gate_kind!r}; known: {sorted(GATE_KEYS)}")
-    if method not in RAIL_KEYS:
-        raise UsageError(f"unknown method {method!r}; known: {RAIL_METHODS}")
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; known: {METHODS}")
     if len(gate_states) != len(task_sizes):
         raise UsageError(f"{len(gate_states)} gates for {len(task_sizes)} tasks")
     sizes = np.asarray(task_sizes, dtype=np.int64)
@@ -91,6 +95,13 @@ def learned_tensors(
            TASK_OFFSET: (np.cumsum(sizes) - sizes).astype(np.int64)}
     if len(gate_states):
         out.update(_stack_gates(gate_kind, gate_states))
+    if method == MOE:
+        task_text = np.asarray(head_state[TASK_TEXT], np.float32)
+        if task_text.shape != (int(sizes.sum()), out[ZS_TEXT].shape[1]):
+            raise UsageError(f"task_text must be [{int(sizes.sum())}, {out[ZS_TEXT].shape[1]}] (one row per "
+                             f"learned class), got {list(task_text.shape)}")
+        out[TASK_TEXT] = task_text
+        return out
     for key in RAIL_KEYS[method]:
         out[f"rail.{key}"] = np.asarray(head_state[key], np.float32)
     return out
@@ -155,8 +166,8 @@ class DecisionSpec:
         fusion = settings.get("fusion", "ddas")
         if fusion not in FUSIONS:
             raise BundleError(f"unknown fusion rule {fusion!r}; known: {FUSIONS}")
-        if tasks and method not in RAIL_METHODS:
-            raise BundleError(f"the composed gated graph serves RAIL bundles ({RAIL_METHODS}), not {method!r}")
+        if method not in METHODS:
+            raise BundleError(f"unknown method {method!r}; known: {METHODS}")
         sizes = np.asarray(learned.get(TASK_SIZE, np.zeros(0, np.int64)), np.int64)
         offsets = np.asarray(learned.get(TASK_OFFSET, np.zeros(0, np.int64)), np.int64)
         if len(sizes) != len(tasks) or [len(t["classes"]) for t in tasks] != sizes.tolist():
@@ -184,15 +195,16 @@ class DecisionSpec:
 class _Builder:
     """Collects nodes and initialisers under one name prefix; `op(...)` returns the output name."""
 
-    def __init__(self, taken: set[str]) -> None:
+    def __init__(self, taken: set[str], namespace: str = _NAMESPACE) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self._taken = taken
         self._count = 0
+        self._namespace = namespace
 
     def _name(self, hint: str) -> str:
         self._count += 1
-        name = f"{_NAMESPACE}{hint}_{self._count}"
+        name = f"{self._namespace}{hint}_{self._count}"
         if name in self._taken:
             raise BundleError(f"the encoder graph already uses the name {name}")
         return name
@@ -329,6 +341,9 @@ def _load_encoder(graphs_dir: Path) -> onnx.ModelProto:
     if not path.is_file():
         raise BundleError(f"no image encoder graph at {path}; export the backbone first")
     model = onnx.load(str(path), load_external_data=False)
+    opset = {o.domain: o.version for o in model.opset_import}.get("", 0)
+    if opset != OPSET:
+        raise BundleError(f"{IMAGE_GRAPH} has opset {opset}; the gated graph is built for opset {OPSET}")
     for init in model.graph.initializer:
         if init.data_location == TensorProto.EXTERNAL:
             location = {e.key: e.value for e in init.external_data}.get("location")
@@ -351,16 +366,25 @@ def build_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray],
     """
     graphs_dir = Path(graphs_dir)
     spec = DecisionSpec.from_bundle(learned, manifest)
+    if spec.method == MOE and spec.n_tasks:
+        raise BundleError("an MoE bundle with tasks needs the adapted encoder: "
+                          "use edgeclip.export.compose_moe.build_moe_gated_graph")
     model = _load_encoder(graphs_dir)
-    opset = {o.domain: o.version for o in model.opset_import}.get("", 0)
-    if opset != OPSET:
-        raise BundleError(f"{IMAGE_GRAPH} has opset {opset}; the gated graph is built for opset {OPSET}")
-    graph = model.graph
-    taken = {n.name for n in graph.node} | {v for n in graph.node for v in n.output} | {i.name for i in graph.initializer}
-    g = _Builder(taken)
+    g = _Builder(_names_in(model.graph))
     _decision(g, EMBEDDING, learned, spec)
+    return _save_gated(graphs_dir, model, g, spec, int(manifest["backbone"]["embed_dim"]))
 
-    dim = int(manifest["backbone"]["embed_dim"])
+
+def _names_in(graph: onnx.GraphProto) -> set[str]:
+    """Node, value and initialiser names of a graph (new names must avoid them)."""
+    return ({n.name for n in graph.node} | {v for n in graph.node for v in n.output}
+            | {i.name for i in graph.initializer} | {i.name for i in graph.input})
+
+
+def _save_gated(graphs_dir: Path, model: onnx.ModelProto, g: _Builder, spec: DecisionSpec, dim: int) -> Path:
+    """Append the decision `g` to the encoder `model`, set the contract's inputs and outputs, save
+    `gated.onnx` (external initialisers stay references) and check it."""
+    graph = model.graph
     graph.node.extend(g.nodes)
     graph.initializer.extend(g.inits)
     graph.input.append(_value_info(LABEL_TEXT, TensorProto.FLOAT, ["labels", dim]))

@@ -214,3 +214,32 @@ def test_bad_input_zoo_through_the_cli(bundle: Path, tmp_path: Path) -> None:
     assert result.returncode == 3
     errors = [json.loads(line)["error"] for line in result.stdout.splitlines()]
     assert len(errors) == len(BAD) and all(errors)
+
+
+def test_moe_end_to_end(tmp_path: Path, images: dict) -> None:
+    """MoE: init, two add-tasks (a few iterations), classify through the exported gated graph, tasks."""
+    root = tmp_path / "moe"
+    result = invoke("init", "--bundle", root, "--model", "edgeclip-tiny", "--random-weights", "--method", "moe",
+                    "--batch-size", "8", "--quiet")
+    assert result.exit_code == 0, result.output
+    for domain in images["domains"]:
+        result = invoke("add-task", domain, "--bundle", root, "--iterations", "3", "--quiet")
+        assert result.exit_code == 0, result.output
+    bundle = Bundle.open(root)
+    assert [t["name"] for t in bundle.tasks] == ["shapes", "stripes"]
+    assert bundle.tasks[0]["training"]["iterations"] == 3
+    # the adapted encoder of each version stores only the adapters; the backbone is shared
+    import onnx
+
+    from edgeclip.export.compose_moe import weight_sharing
+
+    sharing = weight_sharing(onnx.load(str(bundle.dir / "graphs" / "moe_encoder.onnx"), load_external_data=False))
+    assert sharing.shared_bytes >= (bundle.dir / "graphs" / "image_encoder.data").stat().st_size * 0.9
+    result = edgeclip_main(["classify", str(images["query"]), "--bundle", str(root), "--format", "json", "--quiet"],
+                           block_torch=True)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert all(r["error"] is None and r["route"] in ("shapes", "stripes", "zero-shot") for r in rows)
+    result = edgeclip_main(["add-task", str(images["domains"][0]), "--bundle", str(root), "--name", "again"],
+                           block_torch=True)
+    assert result.returncode == 1 and "pip install 'edgeclip[train]'" in result.stderr

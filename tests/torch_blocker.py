@@ -13,7 +13,7 @@ BLOCKED = ("torch", "torchvision", "open_clip", "onnxscript")
 class _Blocker(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):  # noqa: D401 - importlib protocol
         if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is blocked: this test runs as on a device without torch")
+            raise ModuleNotFoundError(f"{name} is blocked: this test runs as on a device without torch")
         return None
 
 

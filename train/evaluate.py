@@ -14,7 +14,8 @@ The backbone is frozen, so each test image is embedded once per run (`TestSuite`
 step re-scores the cached embeddings. For RAIL bundles the decision is computed by
 `train/gated_reference.py`, the numpy reference that the tests prove equal to graphs/gated.onnx;
 `decision="graph"` instead runs graphs/gated.onnx itself on the cached pixels (the only way for
-MoE, whose adapters change the image features). numpy only, no torch (RAIL add-task is torch-free).
+MoE X-TAIL, whose adapters change the image features; MoE MTIL forces the task through the torch
+model, which needs the train extra). RAIL scoring is numpy only, no torch.
 """
 
 from __future__ import annotations
@@ -251,8 +252,7 @@ class Scorer:
     # -- MTIL: task identity known
     def _mtil(self, bundle: Bundle, tensors: Mapping[str, np.ndarray], learned: Sequence[int]) -> list[float]:
         if bundle.tasks and bundle.method not in RAIL_METHODS:
-            raise UsageError(f"MTIL scoring with a known task is implemented for {', '.join(RAIL_METHODS)} "
-                             f"bundles, not '{bundle.method}'; use --protocol xtail.")
+            return self._mtil_moe(bundle, tensors, learned)
         from edgeclip.export.compose import DecisionSpec
         from edgeclip.train.gated_reference import rail_head
 
@@ -269,6 +269,28 @@ class Scorer:
                                            np.array([hi - lo]), spec.beta)
             else:
                 scores = fusion.zero_shot_probs(x, text, spec.logit_scale)
+            out.append(float(100.0 * (scores.argmax(axis=1) == y).mean()))
+        return out
+
+    def _mtil_moe(self, bundle: Bundle, tensors: Mapping[str, np.ndarray], learned: Sequence[int]) -> list[float]:
+        """MoE with the task forced: a learned domain's images through the adapted encoder with its
+        task's router, against its stored text classifier (what the gated graph computes for an image
+        routed to that task, run by torch here because the graph routes by the gate); others zero-shot."""
+        if self.suite.pixels is None:
+            raise UsageError("MoE MTIL scoring needs a test suite built with keep_pixels=True")
+        from edgeclip.train.moe_task import adapted_embeddings, load_moe_model
+
+        _, model = load_moe_model(bundle)
+        scale = float(bundle.manifest.get("zero_shot", {}).get("logit_scale", 100.0))
+        offsets = np.cumsum([0] + [len(t["classes"]) for t in bundle.tasks])
+        out = []
+        for j, (x, y, text) in enumerate(zip(self.suite.features, self.suite.labels, self.suite.texts)):
+            if j in learned:
+                t = list(learned).index(j)
+                adapted = adapted_embeddings(model, self.suite.pixels[j], t)
+                scores = fusion.zero_shot_probs(adapted, tensors["task_text"][offsets[t]:offsets[t + 1]], scale)
+            else:
+                scores = fusion.zero_shot_probs(x, text, scale)
             out.append(float(100.0 * (scores.argmax(axis=1) == y).mean()))
         return out
 

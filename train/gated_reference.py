@@ -1,19 +1,21 @@
 """The numpy reference of the gated decision (graphs/gated.onnx), from embeddings onwards.
 
 Built only from the learners' own code: `ddas` (autoencoder errors, routing), `rail` (head
-scores) and `fusion` (zero-shot probabilities, fusion rules). The ONNX graph that
+scores) and `fusion` (zero-shot probabilities, fusion rules). For MoE bundles the adapted
+embeddings come from the caller (the torch MoECLIP), everything after them from here. The ONNX graph that
 `edgeclip.export.compose` writes is tested against this, so each formula exists once in
 numpy and once as the exported graph. numpy only (no torch).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from edgeclip.export.compose import DecisionSpec, gate_states
+from edgeclip.edgeapp.errors import UsageError
+from edgeclip.export.compose import MOE, TASK_TEXT, DecisionSpec, gate_states
 from edgeclip.train import ddas, fusion
 from edgeclip.train.rail import RailDual, RailPrimal
 
@@ -42,9 +44,26 @@ def paper_route(p_zs: np.ndarray, spec: DecisionSpec) -> np.ndarray:
     return np.where(top < spec.n_learned, task_of_column[np.minimum(top, spec.n_learned - 1)], -1).astype(np.int64)
 
 
+def moe_scores(adapted: np.ndarray, route: np.ndarray, task_text: np.ndarray, spec: DecisionSpec) -> np.ndarray:
+    """[B,C]: row b routed to t gets softmax(logit_scale * adapted_b task_text_t^T) on task t's
+    columns, zero elsewhere; rows routed to -1 are zero."""
+    route = np.asarray(route, np.int64)
+    logits = spec.logit_scale * np.asarray(adapted, np.float32) @ np.asarray(task_text, np.float32).T
+    own = fusion.task_masks(spec.offsets, spec.sizes, spec.n_learned)[np.maximum(route, 0)] > 0  # [B,C]
+    probs = fusion.softmax(np.where(own, logits, -np.inf))
+    return np.where(own & (route >= 0)[:, None], probs, 0.0).astype(np.float32)
+
+
+Adapt = Callable[[np.ndarray], np.ndarray]  # route [B] -> adapted embeddings [B,D] (rows of -1 ignored)
+
+
 def gated_reference(embedding: np.ndarray, label_text: np.ndarray, learned: Mapping[str, np.ndarray],
-                    manifest: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """{"scores" [B,L], "route" [B], "gate_ratio" [B,T]} for image embeddings [B,D]."""
+                    manifest: Mapping[str, Any], adapt: Adapt | None = None) -> dict[str, np.ndarray]:
+    """{"scores" [B,L], "route" [B], "gate_ratio" [B,T]} for image embeddings [B,D].
+
+    MoE bundles need `adapt`: given the gate's routes, the images' adapted embeddings (e.g.
+    `MoECLIP.encode_image(pixels, route, normalize=True)`).
+    """
     spec = DecisionSpec.from_bundle(learned, manifest)
     x = np.asarray(embedding, np.float32)
     p_zs = fusion.zero_shot_probs(x, label_text, spec.logit_scale)
@@ -55,6 +74,12 @@ def gated_reference(embedding: np.ndarray, label_text: np.ndarray, learned: Mapp
              for state in gate_states(learned, spec.gate_kind)]
     errors = np.stack([gate.errors(x) for gate in gates], axis=1)  # [B,T]
     route, ratios = ddas.route(errors, spec.thresholds, spec.route_rule)
+    if spec.method == MOE:
+        if adapt is None:
+            raise UsageError("the MoE reference needs the adapted embeddings (adapt)")
+        s_moe = moe_scores(adapt(route), route, learned[TASK_TEXT], spec)
+        scores = fusion.fuse_gated(p_zs, s_moe, route, spec.offsets, spec.sizes, beta=1.0)
+        return {"scores": scores, "route": route, "gate_ratio": ratios.astype(np.float32)}
     s_a = rail_head(learned, spec).scores(x)
     if spec.fusion == "ddas":
         scores = fusion.fuse_gated(p_zs, s_a, route, spec.offsets, spec.sizes, spec.beta)

@@ -6,6 +6,7 @@ text classifier) are computed exactly as for RAIL, through the exported frozen e
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -49,7 +50,7 @@ def initial_moe_state(backbone: Backbone, config: MoEConfig, seed: int) -> dict[
     return {k: v.numpy() for k, v in moe_state(MoECLIP(backbone.model, config)).items()}
 
 
-def _load_model(bundle: Bundle) -> tuple[Backbone, MoECLIP]:
+def load_moe_model(bundle: Bundle) -> tuple[Backbone, MoECLIP]:
     manifest = bundle.manifest
     backbone = load_backbone(manifest["backbone"]["model"], source=WeightsSource.from_dict(manifest["backbone"]["weights"]))
     model = MoECLIP(backbone.model, MoEConfig.from_dict(manifest["method"]["settings"]["moe"]))
@@ -89,7 +90,7 @@ def add_moe_task(
         freeze_rule=recipe["freeze_rule"], seed=int(bundle.manifest["method"]["settings"].get("seed", 0)),
         device=device, progress=sys.stderr.isatty() and progress is not None,
     )
-    backbone, model = _load_model(bundle)
+    backbone, model = load_moe_model(bundle)
     samples = [(str(path), label) for path, label in domain.samples]
     result = train_task(model, samples, domain.classes, domain.templates[0], settings, tokenize=backbone.tokenize)
     model.cpu().eval()
@@ -120,11 +121,28 @@ def add_moe_task(
     return Bundle.open(bundle.root)
 
 
+def adapted_embeddings(model: MoECLIP, pixels: np.ndarray, task: int, batch_size: int = 64) -> np.ndarray:
+    """L2-normalised image embeddings [N, D] through the adapters with ``task``'s router."""
+    import torch
+
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(pixels), batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(pixels[start:start + batch_size]))
+            out.append(model.encode_image(chunk, task, normalize=True).float().numpy())
+    return np.concatenate(out)
+
+
 def write_moe_encoder(writer: VersionWriter, model: MoECLIP) -> None:
     """Trace the adapted image encoder of this version into graphs/ (replacing the inherited one)."""
     from edgeclip.export.trace_moe import export_moe_encoder
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=writer.staging) as tmp:  # same file system: hard links work
+        # With the frozen encoder beside it, the export points the backbone tensors at
+        # image_encoder.data, so moe_encoder.data holds only the adapters.
+        for name in ("graphs/image_encoder.onnx", "graphs/image_encoder.data"):
+            os.link(writer.staged_path(name), Path(tmp) / Path(name).name)
         export_moe_encoder(model, Path(tmp))
         for name in MOE_GRAPH_FILES:
             writer.write_file(name, Path(tmp) / Path(name).name)

@@ -191,6 +191,19 @@ def class_text_embeddings(bundle: Bundle, domain: Domain, backend: str = "auto")
     return (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32)
 
 
+def require_torch(what: str) -> None:
+    """Fail early, saying which extra to install, when torch or open_clip is missing."""
+    import importlib.util
+
+    for module, package in (("torch", "torch"), ("open_clip", "open_clip_torch")):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:  # a broken or blocked installation
+            found = False
+        if not found:
+            raise MissingExtraError(what, "train", package)
+
+
 def load_domain(directory: Path, shots: int | None, seed: int) -> Domain:
     domain = read_domain(directory, split="train")
     return few_shot(domain, shots, seed) if shots else domain
@@ -209,16 +222,13 @@ def add_task(
 ) -> Bundle:
     """Learn one domain into a new bundle version (the previous one stays intact until the switch)."""
     bundle = Bundle.open(root)
+    if bundle.method == "moe":
+        require_torch("MoE add-task (training adapters)")
     settings = bundle.manifest["method"]["settings"]
     domain = load_domain(Path(domain_dir), shots, int(settings.get("seed", 0)))
     name = name or domain.name
     check_new_task(bundle, domain, name)
     if bundle.method == "moe":
-        import importlib.util
-
-        for module, package in (("torch", "torch"), ("open_clip", "open_clip_torch")):
-            if importlib.util.find_spec(module) is None:
-                raise MissingExtraError("MoE add-task (training adapters)", "train", package)
         from edgeclip.train.moe_task import add_moe_task
 
         return add_moe_task(bundle, domain, name, iterations=iterations, device=device, progress=progress,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import typer
+from rich.markup import escape
 
 from edgeclip.edgeapp.cli import commands_bench, commands_classify, commands_eval, commands_manage
 from edgeclip.edgeapp.cli.console import err_console
@@ -46,7 +47,7 @@ def main() -> None:
     except EdgeclipError as exc:
         if os.environ.get("EDGECLIP_DEBUG"):
             raise
-        err_console().print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        err_console().print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console().print("[yellow]interrupted[/]")

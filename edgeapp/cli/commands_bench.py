@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from edgeclip.edgeapp.cli.commands_manage import TableOrJson, weights_note
@@ -87,7 +88,7 @@ def demo(
         add_task(domain_dir=domain, bundle=bundle_dir, iterations=60, quiet=quiet)
     tasks(bundle=bundle_dir)
     if not quiet:
-        err_console().print(f"classifying {query} (images of both learned domains and of an unseen one)")
+        err_console().print(escape(f"classifying {query} (images of both learned domains and of an unseen one)"))
     classify(paths=[query], bundle=bundle_dir, top_k=3, quiet=quiet)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Optional, TextIO
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from edgeclip.edgeapp.classify import Prediction
@@ -45,12 +46,12 @@ def _table(preds: list[Prediction], title: str) -> Table:
     table = Table(title=title, show_lines=False)
     for name in ("file", "label", "score", "route", "top-k"):
         table.add_column(name, overflow="fold")
-    for p in preds:
+    for p in preds:  # file names and labels are the user's text, never rich markup
         if p.error:
-            table.add_row(p.path, "[red]error[/]", "", "", f"[red]{p.error}[/]")
+            table.add_row(escape(p.path), "[red]error[/]", "", "", f"[red]{escape(p.error)}[/]")
         else:
             others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p.topk[1:])
-            table.add_row(p.path, p.label, f"{p.score:.3f}", p.route, others)
+            table.add_row(escape(p.path), escape(p.label), f"{p.score:.3f}", escape(p.route), escape(others))
     return table
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from edgeclip import __version__
@@ -28,15 +29,6 @@ class Method(str, Enum):
 class TableOrJson(str, Enum):
     table = "table"
     json = "json"
-
-
-def _needs_torch(what: str) -> None:
-    """Say which extra to install when a command needs torch and it is missing."""
-    import importlib.util
-
-    for module, package in (("torch", "torch"), ("open_clip", "open_clip_torch")):
-        if importlib.util.find_spec(module) is None:
-            raise MissingExtraError(what, "train", package)
 
 
 def weights_note(bundle: Bundle) -> str:
@@ -67,10 +59,10 @@ def init(
     quiet: QuietOpt = False,
 ) -> None:
     """Create a new bundle with no task (zero-shot CLIP only), exporting the frozen encoders to ONNX."""
-    _needs_torch("edgeclip init")
     from edgeclip.edgeapp.classify import parse_labels
-    from edgeclip.train.pipeline import MethodSettings, init_bundle
+    from edgeclip.train.pipeline import MethodSettings, init_bundle, require_torch
 
+    require_torch("edgeclip init (reading open_clip models)")
     moe = {"n_experts": experts, "last_blocks": last_blocks,
            "encoders": [e.strip() for e in encoders.split(",") if e.strip()]}
     settings = MethodSettings(method=method.value, hidden=hidden, beta=beta, fusion=fusion, gate_kind=gate, seed=seed,
@@ -81,7 +73,7 @@ def init(
         created = init_bundle(root, model, pretrained, random_weights=random_weights, seed=seed, settings=settings,
                               zero_shot_labels=parse_labels(labels, None))
     if not quiet:
-        err_console().print(f"created {root} ({created.version}): {model}, {weights_note(created)}, method {method.value}")
+        err_console().print(escape(f"created {root} ({created.version}): {model}, {weights_note(created)}, method {method.value}"))
 
 
 def add_task(
@@ -117,11 +109,9 @@ def add_task(
                         backend=backend, progress=report)
     if not quiet:
         task = learned.tasks[-1]
-        err_console().print(
+        err_console().print(escape(
             f"learned task '{task['name']}' ({len(task['classes'])} classes, {task['n_images']} images) "
-            f"-> {learned.root} {learned.version} [{weights_note(learned)}]",
-            highlight=False,
-        )
+            f"-> {learned.root} {learned.version} [{weights_note(learned)}]"), highlight=False)
 
 
 def tasks(
@@ -146,7 +136,7 @@ def tasks(
         table.add_column(col)
     for i, task in enumerate(loaded.tasks):
         shown = ", ".join(task["classes"][:6]) + (" ..." if len(task["classes"]) > 6 else "")
-        table.add_row(str(i), task["name"], f"{len(task['classes'])}: {shown}", str(task["n_images"]),
+        table.add_row(str(i), escape(task["name"]), escape(f"{len(task['classes'])}: {shown}"), str(task["n_images"]),
                       f"{task['threshold']:.4g}", task["created_at"])
     out_console().print(table)
     if not loaded.tasks:
@@ -185,7 +175,7 @@ def export(
         with progress(quiet) as bar:
             bar.add_task("building TensorRT engines", total=None, info="")
             warm_up_engines(loaded, "tensorrt", fp16=fp16)
-        table.add_row(f"TensorRT engines ({'fp16' if fp16 else 'fp32'}) cached in {engine_cache_dir()}", "")
+        table.add_row(escape(f"TensorRT engines ({'fp16' if fp16 else 'fp32'}) cached in {engine_cache_dir()}"), "")
     if not quiet:
         out_console().print(table)
 
@@ -194,7 +184,7 @@ def rollback(bundle: BundleOpt = None) -> None:
     """Make the previous bundle version current again (the newer one is kept on disk)."""
     root = bundle_path(bundle)
     version = rollback_bundle(root)
-    err_console().print(f"{root}: now at {version}")
+    err_console().print(escape(f"{root}: now at {version}"))
 
 
 def info(bundle: BundleOpt = None) -> None:
@@ -205,18 +195,18 @@ def info(bundle: BundleOpt = None) -> None:
     table.add_row("python", platform.python_version())
     table.add_row("platform", f"{platform.system()} {platform.machine()}")
     for key, value in describe_backends().items():
-        table.add_row(key, str(value))
+        table.add_row(key, escape(str(value)))
     root = bundle_path(bundle)
     try:
         loaded = Bundle.open(root, verify_hashes=False)
     except Exception as exc:  # info must work without a bundle
-        table.add_row("bundle", f"{root}: {exc}")
+        table.add_row("bundle", escape(f"{root}: {exc}"))
     else:
         backbone = loaded.manifest["backbone"]
-        table.add_row("bundle", f"{loaded.root} ({loaded.version}; versions {', '.join(list_versions(loaded.root))})")
+        table.add_row("bundle", escape(f"{loaded.root} ({loaded.version}; versions {', '.join(list_versions(loaded.root))})"))
         table.add_row("backbone", f"{backbone['model']}, {weights_note(loaded)}")
         table.add_row("method", f"{loaded.method} {json.dumps(loaded.manifest['method']['settings'].get('fusion', ''))}")
-        table.add_row("tasks", ", ".join(t["name"] for t in loaded.tasks) or "none (zero-shot only)")
+        table.add_row("tasks", escape(", ".join(t["name"] for t in loaded.tasks)) or "none (zero-shot only)")
         table.add_row("classes", str(len(loaded.learned_classes)))
     out_console().print(table)
 
