@@ -214,16 +214,20 @@ def test_eval_on_real_image_subsets(extract_subset, source_bundle: Path, tmp_pat
 
 @pytest.mark.slow
 def test_moe_bundles_are_scored_through_their_gated_graph(domains: list[Path], tmp_path: Path) -> None:
-    """X-TAIL on a MoE bundle runs graphs/gated.onnx on the cached pixels; MTIL says it is RAIL-only."""
+    """X-TAIL on a MoE bundle runs graphs/gated.onnx on the cached pixels; MTIL forces each learned
+    task's router (torch) and, under the strict freeze rule, task 1 keeps its accuracy after task 2."""
     pytest.importorskip("edgeclip.train.moe_task")
+    from edgeclip.train import fusion
     from edgeclip.train.pipeline import MethodSettings, init_bundle
 
     init_bundle(tmp_path / "moe", "edgeclip-tiny", random_weights=True, settings=MethodSettings(method="moe"))
-    run = evaluate.run_protocols(tmp_path / "moe", domains, tmp_path / "w", protocols=["xtail"], shots=4,
+    run = evaluate.run_protocols(tmp_path / "moe", domains, tmp_path / "w", protocols=["mtil", "xtail"], shots=4,
                                  iterations=5)
     result = run.results[("xtail", "ddas")]
     assert np.asarray(result.matrix).shape == (2, 2) and len(result.routing) == 2
     assert run.suite.pixels is not None and "gated.onnx" in evaluate.run_summary(run, tmp_path / "moe")["decision"]
-    with pytest.raises(UsageError, match="MTIL"):
-        evaluate.run_protocols(tmp_path / "moe", domains[:1], tmp_path / "w2", protocols=["mtil"], shots=4,
-                               iterations=5)
+    mtil = np.asarray(run.results[("mtil", evaluate.KNOWN_TASK)].matrix)
+    assert mtil.shape == (2, 2)
+    assert mtil[1, 0] == mtil[0, 0]  # strict activate-freeze: learning task 2 does not change task 1
+    zero_shot = fusion.zero_shot_probs(run.suite.features[1], run.suite.texts[1]).argmax(axis=1)
+    assert mtil[0, 1] == pytest.approx(100.0 * (zero_shot == run.suite.labels[1]).mean())  # not yet learned
