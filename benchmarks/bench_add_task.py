@@ -1,7 +1,7 @@
 """add-task cost: wall time, images per second and peak memory of learning one domain, per method.
 
     python benchmarks/bench_add_task.py [--model edgeclip-small] [--domain cifar10] [--shots 16]
-        [--moe-iterations 20] [--out bench-results/add_task.json]
+        [--moe-iterations 20] [--out benchmarks/results/add_task.json]
 
 Each configuration runs `edgeclip add-task` in a fresh process (after an untimed `edgeclip init`),
 so its peak resident memory (ru_maxrss) is its own. Backbone: seeded random weights (no pretrained
@@ -15,7 +15,6 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tarfile
@@ -41,16 +40,24 @@ def extract_train_split(name: str, shots: int, dest: Path) -> Path:
     return dest / name
 
 
+PEAK_WRAPPER = """
+import atexit, resource, sys
+atexit.register(lambda: print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))
+sys.argv = ["edgeclip"] + sys.argv[1:]
+from edgeclip.edgeapp.cli.app import main
+main()
+"""
+
+
 def run_edgeclip(args: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (MB) of one edgeclip command in a child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Wall seconds and peak resident memory (MB) of one edgeclip command in a child process."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "edgeclip.edgeapp.cli.app", *args, "--quiet"], check=True)
+    done = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *args, "--quiet"], capture_output=True, text=True)
     elapsed = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak <= before:  # ru_maxrss of children is a maximum over all of them so far
-        raise RuntimeError("peak memory not measurable: run configurations from the smallest up")
-    return elapsed, peak // 1024
+    if done.returncode:
+        raise RuntimeError(f"edgeclip {' '.join(args)} failed:\n{done.stderr}")
+    peak_kb = int(done.stderr.split("PEAK_KB")[-1].split()[0])
+    return elapsed, peak_kb // 1024
 
 
 def main() -> None:
@@ -60,10 +67,9 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--moe-iterations", type=int, default=20)
     parser.add_argument("--moe-batch", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "add_task.json")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "add_task.json")
     args = parser.parse_args()
 
-    # Ordered by expected peak memory, smallest first, so each child's ru_maxrss shows (see run_edgeclip).
     configs = [
         ("rail-dual", ["--method", "rail-dual"]),
         ("rail-primal h=2048", ["--method", "rail-primal", "--hidden", "2048"]),

@@ -1,7 +1,7 @@
 """Continual learning on the five shared domains: X-TAIL and MTIL matrices per method and gate.
 
     python benchmarks/bench_continual.py [--model edgeclip-small] [--shots 16] [--hidden 4096]
-        [--methods rail-primal rail-dual] [--test-per-domain 200] [--out bench-results/]
+        [--methods rail-primal rail-dual] [--test-per-domain 200] [--out benchmarks/results/]
 
 Order: caltech101, cifar10, dtd10, mnist, fashion_mnist (`../shared/datasets`). Random weights
 (seeded; nothing can be downloaded here). For each method the bundle learns the domains in
@@ -12,7 +12,7 @@ bound (the same learner, a fresh bundle, that domain alone, scored in the same l
 Checks that hold whatever the backbone: RAIL's head after the last step equals the head
 trained jointly on all domains' features at once (relative weight error and Last accuracy),
 and the share of unseen-domain images each gate sends to zero-shot.
-Prints tables and writes bench-results/continual.json (machine, date, command, all figures).
+Prints tables and writes benchmarks/results/continual.json (machine, date, command, all figures).
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
-    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     console = Console(width=160)
     started = time.perf_counter()

@@ -63,6 +63,8 @@ def main() -> None:
     export_image_encoder(bb, work / "plain")
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
+    # several sessions take turns here: spinning worker threads of one would steal the cores of the next
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
     # two synthetic "tasks": clusters of unit vectors; heads of the paper's sizes
     xs = [rng.standard_normal((500, dim)).astype(np.float32) * 0.1 + rng.standard_normal(dim) for _ in range(2)]

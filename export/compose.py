@@ -336,21 +336,27 @@ def _decision(g: _Builder, x: str, learned: Mapping[str, np.ndarray], spec: Deci
 
 
 # -- the gated graph ---------------------------------------------------------------------------
-def _load_encoder(graphs_dir: Path) -> onnx.ModelProto:
-    path = graphs_dir / IMAGE_GRAPH
+def load_graph(graphs_dir: Path, name: str, how_to_make: str) -> onnx.ModelProto:
+    """A graph of `graphs_dir` without its external weights (nothing is copied), checked for our opset."""
+    path = graphs_dir / name
     if not path.is_file():
-        raise BundleError(f"no image encoder graph at {path}; export the backbone first")
+        raise BundleError(f"no graph at {path}; {how_to_make}")
     model = onnx.load(str(path), load_external_data=False)
     opset = {o.domain: o.version for o in model.opset_import}.get("", 0)
     if opset != OPSET:
-        raise BundleError(f"{IMAGE_GRAPH} has opset {opset}; the gated graph is built for opset {OPSET}")
+        raise BundleError(f"{name} has opset {opset}; the gated graph is built for opset {OPSET}")
+    return model
+
+
+def _load_encoder(graphs_dir: Path) -> onnx.ModelProto:
+    model = load_graph(graphs_dir, IMAGE_GRAPH, "export the backbone first")
     for init in model.graph.initializer:
         if init.data_location == TensorProto.EXTERNAL:
             location = {e.key: e.value for e in init.external_data}.get("location")
             if location != IMAGE_DATA:
-                raise BundleError(f"{path.name}: initialiser {init.name} lives in {location!r}, expected {IMAGE_DATA}")
+                raise BundleError(f"{IMAGE_GRAPH}: initialiser {init.name} lives in {location!r}, expected {IMAGE_DATA}")
     if [o.name for o in model.graph.output] != [EMBEDDING]:
-        raise BundleError(f"{path.name} must have the single output '{EMBEDDING}'")
+        raise BundleError(f"{IMAGE_GRAPH} must have the single output '{EMBEDDING}'")
     return model
 
 

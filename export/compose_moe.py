@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeclip.edgeapp.errors import BundleError
-from edgeclip.edgeapp.runtime import EMBEDDING, GATE_RATIO, IMAGE_DATA, OPSET, PIXELS
+from edgeclip.edgeapp.runtime import EMBEDDING, GATE_RATIO, IMAGE_DATA, PIXELS
 from edgeclip.export.compose import (
     MOE,
     TASK_TEXT,
@@ -45,6 +45,7 @@ from edgeclip.export.compose import (
     _value_info,
     _zero_shot,
     build_gated_graph,
+    load_graph,
 )
 from edgeclip.export.trace_moe import ADAPTED, MOE_DATA, MOE_GRAPH, TASK_IDS
 
@@ -62,13 +63,7 @@ class WeightSharing:
 
 # -- loading and matching ------------------------------------------------------------------------
 def _load_moe_encoder(graphs_dir: Path) -> onnx.ModelProto:
-    path = graphs_dir / MOE_GRAPH
-    if not path.is_file():
-        raise BundleError(f"no adapted encoder graph at {path}; export it first (trace_moe.export_moe_encoder)")
-    model = onnx.load(str(path), load_external_data=False)
-    opset = {o.domain: o.version for o in model.opset_import}.get("", 0)
-    if opset != OPSET:
-        raise BundleError(f"{MOE_GRAPH} has opset {opset}; the gated graph is built for opset {OPSET}")
+    model = load_graph(graphs_dir, MOE_GRAPH, "export it first (trace_moe.export_moe_encoder)")
     if [i.name for i in model.graph.input] != [PIXELS, TASK_IDS] or [o.name for o in model.graph.output] != [ADAPTED]:
         raise BundleError(f"{MOE_GRAPH} must map ({PIXELS}, {TASK_IDS}) to {ADAPTED}")
     for node in model.graph.node:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeclip.edgeapp.bundle import sha256_of
 from edgeclip.edgeapp.errors import BackendUnavailableError, EdgeclipError
 
 log = logging.getLogger(__name__)
@@ -106,21 +107,13 @@ class EngineSpec:
         return data
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def graph_digest(onnx_path: Path) -> str:
     """The graph's identity: its file and every external-data file beside it that it names."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     names = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
-    return "+".join([file_digest(onnx_path)] + [file_digest(onnx_path.parent / n) for n in names])
+    return "+".join([sha256_of(onnx_path)] + [sha256_of(onnx_path.parent / n) for n in names])
 
 
 def engine_metadata(graph_id: str, spec: EngineSpec) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def test_local_checkpoint_file_is_loaded_and_hashed(tmp_path: Path) -> None:
     path = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(path))
     loaded = bb.load_backbone("edgeclip-tiny", str(path))
-    assert loaded.source.kind == "file" and loaded.source.sha256 == bb.file_sha256(path)
+    assert loaded.source.kind == "file" and loaded.source.sha256 == bb.sha256_of(path)
     pixels = torch.zeros(1, 3, 64, 64).numpy()
     np.testing.assert_array_equal(loaded.encode_images(pixels), source.encode_images(pixels))
     wrong = tmp_path / "wrong.safetensors"

@@ -243,3 +243,42 @@ def test_moe_end_to_end(tmp_path: Path, images: dict) -> None:
     result = edgeclip_main(["add-task", str(images["domains"][0]), "--bundle", str(root), "--name", "again"],
                            block_torch=True)
     assert result.returncode == 1 and "pip install 'edgeclip[train]'" in result.stderr
+
+
+def test_export_checks_graphs_and_explains_missing_tensorrt(bundle: Path) -> None:
+    result = invoke("export", "--bundle", bundle)
+    assert result.exit_code == 0 and "gated.onnx" in result.output and "image_encoder.onnx" in result.output
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        result = edgeclip_main(["export", "--bundle", str(bundle), "--tensorrt", "--fp16"])
+        assert result.returncode == 1 and "tensorrt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
+    result = edgeclip_main(["demo", "--dir", str(tmp_path / "demo")], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "random weights" in result.stderr and "classified" in result.stderr
+    bundle = Bundle.open(tmp_path / "demo" / "bundle")
+    assert [t["name"] for t in bundle.tasks] == ["shapes", "stripes"] and bundle.random_weights
+    assert edgeclip_main(["demo", "--dir", str(tmp_path / "demo")]).returncode == 2  # refuses to overwrite
+
+
+def test_add_task_and_classify_real_images(extract_subset, tmp_path: Path) -> None:
+    """The CLI on real images: learn two small real domains, classify their test images."""
+    root = tmp_path / "b"
+    assert invoke("init", "--bundle", root, "--model", "edgeclip-tiny", "--random-weights", "--hidden", "1024",
+                  "--quiet").exit_code == 0
+    tests = []
+    for name, classes in (("mnist", ["0", "1", "2"]), ("dtd10", None)):
+        train = extract_subset(name, "train", classes, per_class=8)
+        result = invoke("add-task", train, "--bundle", root, "--quiet")
+        assert result.exit_code == 0, result.output
+        tests.append(extract_subset(name, "test", classes, per_class=2) / "test")
+    result = invoke("classify", *tests, "--bundle", root, "--format", "json", "--quiet")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 2 * 3 + 2 * 10 and all(r["error"] is None for r in rows)
+    routes = {r["route"] for r in rows}
+    assert routes <= {"mnist", "dtd10", "zero-shot"}

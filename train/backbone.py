@@ -8,7 +8,6 @@ in the local cache fails at once with a message that says how to pass a local fi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -18,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edgeclip.edgeapp.bundle import sha256_of
 from edgeclip.edgeapp.errors import BackboneLoadError, MissingExtraError
 from edgeclip.models import CONFIG_DIR
 
@@ -74,14 +74,6 @@ class WeightsSource:
         return cls(kind=data["kind"], ref=str(data["ref"]), sha256=data.get("sha256"))
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def resolve_weights(
     model: str, pretrained: str | None, random_weights: bool = False, seed: int = 0
 ) -> WeightsSource:
@@ -102,7 +94,7 @@ def resolve_weights(
         )
     path = Path(pretrained).expanduser()
     if path.is_file():
-        return WeightsSource("file", str(path.resolve()), file_sha256(path))
+        return WeightsSource("file", str(path.resolve()), sha256_of(path))
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained.lower() not in [t.lower() for t in tags]:
         if os.sep in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors")):
@@ -210,7 +202,7 @@ def load_backbone(
         path = Path(source.ref)
         if not path.is_file():
             raise BackboneLoadError(f"Checkpoint file of '{model}' is gone: {path}")
-        if source.sha256 and file_sha256(path) != source.sha256:
+        if source.sha256 and sha256_of(path) != source.sha256:
             raise BackboneLoadError(f"Checkpoint {path} changed since the bundle was made (sha256 mismatch).")
         clip = _create_or_explain(open_clip, model, str(path))
     else:

@@ -17,7 +17,6 @@ from edgeclip.edgeapp.bundle import Bundle, list_versions
 from edgeclip.edgeapp.bundle import rollback as rollback_bundle
 from edgeclip.edgeapp.cli.console import err_console, out_console, progress
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, open_bundle
-from edgeclip.edgeapp.errors import MissingExtraError
 
 
 class Method(str, Enum):
