@@ -113,15 +113,18 @@ def unseen_share(result: evaluate.ProtocolResult, sizes: list[int]) -> float | N
 
 def run_method(method: str, args: argparse.Namespace, dirs: list[Path], work: Path, per_class: list[int],
                console: Console, shared: dict[str, Any]) -> dict[str, Any]:
-    settings = pipeline.MethodSettings(method=method, hidden=args.hidden, seed=args.seed)
+    settings = pipeline.MethodSettings(method=method, hidden=args.hidden, seed=args.seed,
+                                       moe_train={"batch_size": args.moe_batch_size})
+    iterations = args.moe_iterations if method == "moe" else None
     t0 = time.perf_counter()
     source = work / method / "source"
     pipeline.init_bundle(source, args.model, random_weights=True, seed=args.seed, settings=settings)
     init_s = time.perf_counter() - t0
     gates = list(evaluate.GATES) if method in evaluate.RAIL_METHODS else ["ddas"]
-    protocols = ["mtil", "xtail"] if method in evaluate.RAIL_METHODS else ["xtail"]
+    protocols = ["mtil", "xtail"]
     run = evaluate.run_protocols(source, dirs, work / method / "run", protocols=protocols, gates=gates,
-                                 shots=args.shots, test_per_class=per_class, backend=args.backend)
+                                 shots=args.shots, test_per_class=per_class, backend=args.backend,
+                                 iterations=iterations)
     scorer = evaluate.Scorer(run.suite, backend=args.backend)
     sizes = [len(x) for x in run.suite.features]
 
@@ -130,7 +133,8 @@ def run_method(method: str, args: argparse.Namespace, dirs: list[Path], work: Pa
     for j, domain in enumerate(run.suite.domains):
         t1 = time.perf_counter()
         alone = evaluate.copy_bundle(source, work / method / f"upper-{domain.name}")
-        bundle = pipeline.add_task(alone, domain.learn_dir, name=domain.name, shots=args.shots, backend=args.backend)
+        bundle = pipeline.add_task(alone, domain.learn_dir, name=domain.name, shots=args.shots, backend=args.backend,
+                                   iterations=iterations)
         for (p, g), acc in scorer.score(bundle, [j], protocols, gates).accuracy.items():
             upper.setdefault(f"{p}/{g}", []).append(acc[j])
         upper_s.append(time.perf_counter() - t1)
@@ -151,6 +155,10 @@ def run_method(method: str, args: argparse.Namespace, dirs: list[Path], work: Pa
             shared["train"] = train_features(Bundle.open(source), run.suite.domains, args.shots, args.seed,
                                              args.backend)
         out["joint"] = joint_check(Bundle.open(run.bundle_dir), *shared["train"], scorer, gates)
+    else:  # MoE, strict freeze: a learned task's accuracy (task known) never changes after it is learned
+        matrix = np.asarray(run.results[("mtil", evaluate.KNOWN_TASK)].matrix)
+        out["mtil_learned_columns_unchanged"] = bool(all(
+            np.all(matrix[j:, j] == matrix[j, j]) for j in range(matrix.shape[1])))
     shared.setdefault("suite", run.suite)
     print_method(out, run.suite.names, console)
     return out
@@ -195,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=["rail-primal", "rail-dual"])
     parser.add_argument("--test-per-domain", type=int, default=200,
                         help="about this many test images per domain (floor(N / classes) per class, at least 1)")
+    parser.add_argument("--moe-iterations", type=int, default=100, help="MoE training iterations per task")
+    parser.add_argument("--moe-batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")

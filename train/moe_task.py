@@ -93,6 +93,8 @@ def add_moe_task(
     backbone, model = load_moe_model(bundle)
     samples = [(str(path), label) for path, label in domain.samples]
     result = train_task(model, samples, domain.classes, domain.templates[0], settings, tokenize=backbone.tokenize)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return bundle  # under torchrun every rank trains (same model at the end); rank 0 writes the version
     model.cpu().eval()
 
     feats, _labels, _errors = embed_domain(bundle, domain, progress=progress)
