@@ -18,6 +18,7 @@ class LatencyResult:
     p90_ms: float
     p99_ms: float
     images_per_s: float
+    precision: str = "fp32"  # "fp32" or "int8"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -35,10 +36,11 @@ def time_calls(call: Callable[[], object], iterations: int, warmup: int = 2) -> 
     return times
 
 
-def summarise(backend: str, graph: str, batch_size: int, times_ms: np.ndarray) -> LatencyResult:
+def summarise(backend: str, graph: str, batch_size: int, times_ms: np.ndarray,
+              precision: str = "fp32") -> LatencyResult:
     p50, p90, p99 = np.percentile(times_ms, [50, 90, 99])
     return LatencyResult(backend, graph, batch_size, float(p50), float(p90), float(p99),
-                         float(batch_size * 1000.0 / np.median(times_ms)))
+                         float(batch_size * 1000.0 / np.median(times_ms)), precision)
 
 
 def warm_up_engines(bundle, backend: str, fp16: bool = False) -> None:
@@ -56,14 +58,19 @@ def warm_up_engines(bundle, backend: str, fp16: bool = False) -> None:
 
 
 def bench_bundle(bundle, backend: str, batch_sizes: list[int], iterations: int, seed: int = 0,
-                 on_step: Callable[[], None] | None = None) -> list[LatencyResult]:
+                 on_step: Callable[[], None] | None = None, precision: str = "fp32") -> list[LatencyResult]:
     """Time the gated and the plain graph on the same random pixels, interleaved per batch size
-    so that both see the same machine state (the ratio is what is comparable)."""
-    from edgeclip.edgeapp.classify import build_label_space
-    from edgeclip.edgeapp.runtime import GatedRunner, ImageEncoderRunner, TextEncoderRunner
+    so that both see the same machine state (the ratio is what is comparable).
 
-    gated = GatedRunner(bundle, backend)
-    plain = ImageEncoderRunner(bundle, backend)
+    precision "int8" times the fp32 and the int8 graphs (both on onnxruntime CPU), interleaved too."""
+    from edgeclip.edgeapp.classify import build_label_space
+    from edgeclip.edgeapp.runtime import GatedRunner, ImageEncoderRunner, TextEncoderRunner, resolve_precision
+
+    resolved = resolve_precision(bundle, backend, precision)
+    precisions = ("fp32",) if precision == "fp32" else ("fp32", precision)
+
+    runners = [(p, GatedRunner(bundle, resolved, precision=p), ImageEncoderRunner(bundle, resolved, precision=p))
+               for p in precisions]
     extra = [] if bundle.learned_classes else ["object"]
     labels = build_label_space(bundle, extra, lambda t: TextEncoderRunner(bundle, backend).embed(t))
     size = int(bundle.manifest["preprocess"]["image_size"])
@@ -71,9 +78,11 @@ def bench_bundle(bundle, backend: str, batch_sizes: list[int], iterations: int, 
     results = []
     for batch in batch_sizes:
         pixels = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
-        results.append(summarise(gated.backend_name, "gated", batch,
-                                 time_calls(lambda: gated.run(pixels, labels.text), iterations)))
-        results.append(summarise(plain.backend_name, "plain", batch, time_calls(lambda: plain.embed(pixels), iterations)))
+        for p, gated, plain in runners:
+            results.append(summarise(gated.backend_name, "gated", batch, time_calls(
+                lambda g=gated, x=pixels: g.run(x, labels.text), iterations), p))
+            results.append(summarise(plain.backend_name, "plain", batch, time_calls(
+                lambda e=plain, x=pixels: e.embed(x), iterations), p))
         if on_step:
             on_step()
     return results

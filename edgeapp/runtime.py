@@ -37,6 +37,11 @@ GRAPHS_DIR = "graphs"
 IMAGE_GRAPH, IMAGE_DATA = "image_encoder.onnx", "image_encoder.data"
 TEXT_GRAPH, TEXT_DATA = "text_encoder.onnx", "text_encoder.data"
 GATED_GRAPH = "gated.onnx"
+# optional int8 CPU variant (`edgeclip export --int8`, edgeclip.export.quantize): the encoder with its
+# MatMul/Gemm weights quantised to int8 (dynamic), and the gated graph composed on top of it
+IMAGE_INT8_GRAPH, IMAGE_INT8_DATA = "image_encoder_int8.onnx", "image_encoder_int8.data"
+GATED_INT8_GRAPH = "gated_int8.onnx"
+PRECISIONS = ("fp32", "int8")
 VOCAB_IN_BUNDLE = "tokenizer/bpe_simple_vocab_16e6.txt.gz"
 
 PIXELS, EMBEDDING = "pixels", "embedding"  # image encoder: [B,3,S,S] float32 -> [B,D]
@@ -236,6 +241,26 @@ def _pixels(bundle: Bundle, pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
+def resolve_precision(bundle: Bundle, backend: str | Backend, precision: str) -> Backend:
+    """The backend to run `precision` on. int8 (dynamic quantisation) is an onnxruntime CPU speed-up:
+    `auto` gives ort-cpu, any other backend is refused; the bundle must hold the int8 graphs."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"Unknown precision '{precision}'. Choose one of: {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return backend if isinstance(backend, Backend) else select_backend(backend)
+    if backend == "auto":
+        log.info("precision int8: backend auto -> ort-cpu (int8 dynamic quantisation is a CPU speed-up)")
+        backend = "ort-cpu"
+    resolved = backend if isinstance(backend, Backend) else select_backend(backend)
+    if resolved.name != "ort-cpu":
+        raise UsageError(f"--precision int8 runs on onnxruntime's CPU only (--backend ort-cpu or auto), "
+                         f"not on '{resolved.name}'; on a GPU use --backend tensorrt with --fp16 instead.")
+    if not bundle.has(bundle_file(IMAGE_INT8_GRAPH)) or not bundle.has(bundle_file(GATED_INT8_GRAPH)):
+        raise BundleError(f"Bundle {bundle.root} version {bundle.version} has no int8 graphs; "
+                          f"run `edgeclip export --int8 --bundle {bundle.root}` first.")
+    return resolved
+
+
 def _image_profile(bundle: Bundle, max_batch: int) -> dict[str, tuple[tuple[int, ...], ...]]:
     s = int(bundle.manifest["preprocess"]["image_size"])
     return {PIXELS: ((1, 3, s, s), (min(8, max_batch), 3, s, s), (max_batch, 3, s, s))}
@@ -245,12 +270,13 @@ class ImageEncoderRunner:
     """The plain frozen image encoder: `embed(pixels [B,3,S,S]) -> [B,D]` (L2-normalised)."""
 
     def __init__(self, bundle: Bundle, backend: str | Backend = "auto", threads: int | None = None,
-                 max_batch: int = 32) -> None:
+                 max_batch: int = 32, precision: str = "fp32") -> None:
         self.bundle = bundle
-        resolved = backend if isinstance(backend, Backend) else select_backend(backend)
-        self.backend_name = resolved.name
-        self.session = GraphSession(_graph_path(bundle, IMAGE_GRAPH, IMAGE_DATA), resolved, threads,
-                                    _image_profile(bundle, max_batch), _graph_id(bundle, IMAGE_GRAPH, IMAGE_DATA))
+        resolved = resolve_precision(bundle, backend, precision)
+        self.backend_name, self.precision = resolved.name, precision
+        graph, data = (IMAGE_INT8_GRAPH, IMAGE_INT8_DATA) if precision == "int8" else (IMAGE_GRAPH, IMAGE_DATA)
+        self.session = GraphSession(_graph_path(bundle, graph, data), resolved, threads,
+                                    _image_profile(bundle, max_batch), _graph_id(bundle, graph, data))
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         pixels = _pixels(self.bundle, pixels)
@@ -299,23 +325,24 @@ class TextEncoderRunner:
 
 
 class GatedRunner:
-    """The bundle's whole decision (graphs/gated.onnx).
+    """The bundle's whole decision (graphs/gated.onnx; precision "int8": graphs/gated_int8.onnx).
 
     `run(pixels [B,3,S,S], label_text [L,D])` -> {"scores" [B,L], "route" [B] int64 (-1 = zero-shot),
     "gate_ratio" [B,T], "embedding" [B,D]}. Rows 0..C-1 of label_text must be the learned classes.
     """
 
     def __init__(self, bundle: Bundle, backend: str | Backend = "auto", threads: int | None = None,
-                 max_batch: int = 32, max_labels: int = 4096) -> None:
+                 max_batch: int = 32, max_labels: int = 4096, precision: str = "fp32") -> None:
         self.bundle = bundle
-        resolved = backend if isinstance(backend, Backend) else select_backend(backend)
+        resolved = resolve_precision(bundle, backend, precision)
         dim = int(bundle.manifest["backbone"]["embed_dim"])
         n_learned = max(len(bundle.learned_classes), 1)
         profile = {**_image_profile(bundle, max_batch),
                    LABEL_TEXT: ((1, dim), (max(n_learned, min(1000, max_labels)), dim), (max_labels, dim))}
-        self.backend_name = resolved.name
-        self.session = GraphSession(_graph_path(bundle, GATED_GRAPH, IMAGE_DATA), resolved, threads, profile,
-                                    _graph_id(bundle, GATED_GRAPH, IMAGE_DATA))
+        self.backend_name, self.precision = resolved.name, precision
+        graph, data = (GATED_INT8_GRAPH, IMAGE_INT8_DATA) if precision == "int8" else (GATED_GRAPH, IMAGE_DATA)
+        self.session = GraphSession(_graph_path(bundle, graph, data), resolved, threads, profile,
+                                    _graph_id(bundle, graph, data))
 
     def run(self, pixels: np.ndarray, label_text: np.ndarray) -> dict[str, np.ndarray]:
         pixels = _pixels(self.bundle, pixels)

@@ -348,15 +348,15 @@ def load_graph(graphs_dir: Path, name: str, how_to_make: str) -> onnx.ModelProto
     return model
 
 
-def _load_encoder(graphs_dir: Path) -> onnx.ModelProto:
-    model = load_graph(graphs_dir, IMAGE_GRAPH, "export the backbone first")
+def _load_encoder(graphs_dir: Path, encoder: str = IMAGE_GRAPH, encoder_data: str = IMAGE_DATA) -> onnx.ModelProto:
+    model = load_graph(graphs_dir, encoder, "export the backbone first")
     for init in model.graph.initializer:
         if init.data_location == TensorProto.EXTERNAL:
             location = {e.key: e.value for e in init.external_data}.get("location")
-            if location != IMAGE_DATA:
-                raise BundleError(f"{IMAGE_GRAPH}: initialiser {init.name} lives in {location!r}, expected {IMAGE_DATA}")
+            if location != encoder_data:
+                raise BundleError(f"{encoder}: initialiser {init.name} lives in {location!r}, expected {encoder_data}")
     if [o.name for o in model.graph.output] != [EMBEDDING]:
-        raise BundleError(f"{IMAGE_GRAPH} must have the single output '{EMBEDDING}'")
+        raise BundleError(f"{encoder} must have the single output '{EMBEDDING}'")
     return model
 
 
@@ -364,21 +364,25 @@ def _value_info(name: str, elem: int, dims: list[Any]) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, dims)
 
 
-def build_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> Path:
+def build_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any],
+                      encoder: str = IMAGE_GRAPH, encoder_data: str = IMAGE_DATA, output: str = GATED_GRAPH) -> Path:
     """Write `gated.onnx` beside `image_encoder.onnx` in `graphs_dir`; returns its path.
 
     `learned`: learned.safetensors' tensors (layout: `learned_tensors`); `manifest`: the bundle
     manifest of the version being written (method, gate kind, tasks with thresholds, zero_shot).
+    `encoder`/`encoder_data`/`output` name another encoder graph of `graphs_dir` (whose external
+    weights must all live in `encoder_data`) and the file to write, e.g. the int8 encoder and
+    `gated_int8.onnx` (edgeclip.export.quantize).
     """
     graphs_dir = Path(graphs_dir)
     spec = DecisionSpec.from_bundle(learned, manifest)
     if spec.method == MOE and spec.n_tasks:
         raise BundleError("an MoE bundle with tasks needs the adapted encoder: "
                           "use edgeclip.export.compose_moe.build_moe_gated_graph")
-    model = _load_encoder(graphs_dir)
+    model = _load_encoder(graphs_dir, encoder, encoder_data)
     g = _Builder(_names_in(model.graph))
     _decision(g, EMBEDDING, learned, spec)
-    return _save_gated(graphs_dir, model, g, spec, int(manifest["backbone"]["embed_dim"]))
+    return _save_gated(graphs_dir, model, g, spec, int(manifest["backbone"]["embed_dim"]), output)
 
 
 def _names_in(graph: onnx.GraphProto) -> set[str]:
@@ -387,9 +391,10 @@ def _names_in(graph: onnx.GraphProto) -> set[str]:
             | {i.name for i in graph.initializer} | {i.name for i in graph.input})
 
 
-def _save_gated(graphs_dir: Path, model: onnx.ModelProto, g: _Builder, spec: DecisionSpec, dim: int) -> Path:
+def _save_gated(graphs_dir: Path, model: onnx.ModelProto, g: _Builder, spec: DecisionSpec, dim: int,
+                output: str = GATED_GRAPH) -> Path:
     """Append the decision `g` to the encoder `model`, set the contract's inputs and outputs, save
-    `gated.onnx` (external initialisers stay references) and check it."""
+    `output` (default gated.onnx; external initialisers stay references) and check it."""
     graph = model.graph
     graph.node.extend(g.nodes)
     graph.initializer.extend(g.inits)
@@ -407,9 +412,9 @@ def _save_gated(graphs_dir: Path, model: onnx.ModelProto, g: _Builder, spec: Dec
     del model.metadata_props[:]
     helper.set_model_props(model, {"edgeclip.method": spec.method, "edgeclip.fusion": spec.fusion,
                                    "edgeclip.tasks": str(spec.n_tasks)})
-    out = graphs_dir / GATED_GRAPH
+    out = graphs_dir / output
     tmp = out.with_name(f".{out.name}.tmp")
-    onnx.save_model(model, str(tmp))  # external initialisers stay references to image_encoder.data
+    onnx.save_model(model, str(tmp))  # external initialisers stay references to the encoder's .data
     tmp.replace(out)
     check_structure(model)
     return out

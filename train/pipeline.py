@@ -312,7 +312,8 @@ def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "aut
 
 
 def write_gated_graph(writer: VersionWriter, learned: dict[str, np.ndarray]) -> None:
-    """Re-compose the version's gated graph. The inherited file is a hard link into the parent
+    """Re-compose the version's gated graph (and its int8 twin when the version has the int8
+    encoder, `edgeclip export --int8`). The inherited file is a hard link into the parent
     version, so it is unlinked (``writable_path``) before the new graph is written."""
     writer.writable_path("graphs/gated.onnx")
     if writer.manifest["method"]["name"] == "moe" and writer.manifest["tasks"]:
@@ -321,5 +322,13 @@ def write_gated_graph(writer: VersionWriter, learned: dict[str, np.ndarray]) -> 
         build_moe_gated_graph(writer.staging / "graphs", learned, writer.manifest)
     else:
         from edgeclip.export.compose import build_gated_graph
+        from edgeclip.export.quantize import (
+            GATED_INT8_GRAPH,
+            build_gated_int8,
+            has_int8,
+        )
 
         build_gated_graph(writer.staging / "graphs", learned, writer.manifest)
+        if has_int8(writer.manifest["files"]):
+            writer.writable_path(f"graphs/{GATED_INT8_GRAPH}")
+            build_gated_int8(writer.staging / "graphs", learned, writer.manifest)

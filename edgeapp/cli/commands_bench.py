@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from edgeclip.edgeapp.cli.commands_classify import Precision, PrecisionOpt
 from edgeclip.edgeapp.cli.commands_manage import TableOrJson, weights_note
 from edgeclip.edgeapp.cli.console import err_console, out_console, progress
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, open_bundle
@@ -29,6 +30,7 @@ def parse_batch_sizes(text: str) -> list[int]:
 def bench(
     bundle: BundleOpt = None,
     backend: BackendOpt = "auto",
+    precision: PrecisionOpt = Precision.fp32,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
     iterations: Annotated[int, typer.Option(min=1, help="Timed runs per graph and batch size.")] = 20,
     output_format: Annotated[TableOrJson, typer.Option("--format", help="table or json.")] = TableOrJson.table,
@@ -37,7 +39,8 @@ def bench(
     """Latency (p50/p90/p99 ms) and throughput of the gated graph and the plain CLIP graph, with their ratio.
 
     --format json writes a list of objects: backend, graph ("gated" or "plain"), batch_size,
-    p50_ms, p90_ms, p99_ms, images_per_s.
+    p50_ms, p90_ms, p99_ms, images_per_s, precision. --precision int8 times the fp32 and the int8
+    graphs, interleaved, on onnxruntime CPU.
     """
     from edgeclip.edgeapp.bench import bench_bundle
 
@@ -45,18 +48,23 @@ def bench(
     loaded = open_bundle(bundle)
     with progress(quiet) as bar:
         task = bar.add_task("benchmarking", total=len(sizes), info="")
-        results = bench_bundle(loaded, backend, sizes, iterations, on_step=lambda: bar.advance(task))
+        results = bench_bundle(loaded, backend, sizes, iterations, on_step=lambda: bar.advance(task),
+                               precision=precision.value)
     if output_format is TableOrJson.json:
         typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
         return
     table = Table(title=f"{loaded.root} {loaded.version}: {loaded.manifest['backbone']['model']}, {weights_note(loaded)}")
-    for col in ("backend", "graph", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "gated/plain p50"):
+    for col in ("backend", "precision", "graph", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "gated/plain p50",
+                "vs fp32 p50"):
         table.add_column(col, justify="right")
-    plain = {r.batch_size: r for r in results if r.graph == "plain"}
+    by_key = {(r.precision, r.graph, r.batch_size): r for r in results}
     for r in results:
-        ratio = f"{r.p50_ms / plain[r.batch_size].p50_ms:.2f}x" if r.graph == "gated" else ""
-        table.add_row(r.backend, r.graph, str(r.batch_size), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
-                      f"{r.images_per_s:.1f}", ratio)
+        plain = by_key[(r.precision, "plain", r.batch_size)]
+        ratio = f"{r.p50_ms / plain.p50_ms:.2f}x" if r.graph == "gated" else ""
+        fp32 = by_key[("fp32", r.graph, r.batch_size)]
+        speed = f"{r.p50_ms / fp32.p50_ms:.2f}x" if r.precision != "fp32" else ""
+        table.add_row(r.backend, r.precision, r.graph, str(r.batch_size), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}",
+                      f"{r.p99_ms:.2f}", f"{r.images_per_s:.1f}", ratio, speed)
     out_console().print(table)
 
 

@@ -23,6 +23,15 @@ from edgeclip.edgeapp.errors import UsageError
 EXIT_UNREADABLE = 3
 
 
+class Precision(str, Enum):
+    fp32 = "fp32"
+    int8 = "int8"
+
+
+PrecisionOpt = Annotated[Precision, typer.Option(
+    help="fp32, or int8: the int8-quantised encoder on onnxruntime CPU (faster; make it with `edgeclip export --int8`).")]
+
+
 class OutputFormat(str, Enum):
     table = "table"
     json = "json"
@@ -59,6 +68,7 @@ def classify(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.", show_default=False)],
     bundle: BundleOpt = None,
     backend: BackendOpt = "auto",
+    precision: PrecisionOpt = Precision.fp32,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many labels to report per image.")] = 5,
     labels: Annotated[Optional[str], typer.Option(help='Extra zero-shot labels, comma separated: "a,b,c".')] = None,
     labels_file: Annotated[Optional[Path], typer.Option(help="Extra zero-shot labels, one per line.")] = None,
@@ -85,8 +95,8 @@ def classify(
     missing = [Prediction(path=display_path(p), error=msg) for p, msg in found.missing]
     if not found.images and not missing:
         raise UsageError("No images found in the given paths.")
+    runner = GatedRunner(loaded, backend, precision=precision.value)  # refuses a missing int8 graph early
     label_space = build_label_space(loaded, extra, lambda texts: TextEncoderRunner(loaded, backend).embed(texts))
-    runner = GatedRunner(loaded, backend)
     preds: list[Prediction] = list(missing)
     start = time.perf_counter()
     with progress(quiet) as bar:

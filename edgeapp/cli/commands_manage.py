@@ -146,21 +146,37 @@ def export(
     bundle: BundleOpt = None,
     tensorrt: Annotated[bool, typer.Option("--tensorrt", help="Build TensorRT engines of the gated and plain graphs (GPU and the trt extra).")] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT engines in fp16 (default fp32).")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Write a new version with the image encoder quantised to int8 (CPU speed-up, RAIL bundles; classify/bench --precision int8).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Check the current version's ONNX graphs and, with --tensorrt, build (or reuse cached) TensorRT engines.
 
-    The ONNX graphs themselves are written by init and add-task with every version.
+    The ONNX graphs themselves are written by init and add-task with every version. --int8 writes
+    a new version holding the int8-quantised image encoder and its gated graph (later add-tasks
+    keep them in step).
     """
     import onnx
 
+    from edgeclip.edgeapp.runtime import GATED_INT8_GRAPH, IMAGE_INT8_GRAPH, bundle_file
     from edgeclip.export.compose import check_structure
 
     loaded = open_bundle(bundle)
+    if int8:
+        from edgeclip.export.quantize import export_int8
+
+        before = loaded.version
+        with progress(quiet) as bar:
+            bar.add_task("quantising the image encoder to int8", total=None, info="")
+            loaded = export_int8(loaded)
+        if not quiet:
+            done = f"wrote {loaded.version}" if loaded.version != before else "already present"
+            err_console().print(escape(f"{loaded.root}: int8 graphs {done}"), highlight=False)
     table = Table(title=f"{loaded.root} {loaded.version} graphs")
     table.add_column("graph")
     table.add_column("MB", justify="right")
-    for name in ("graphs/gated.onnx", "graphs/image_encoder.onnx", "graphs/text_encoder.onnx"):
+    names = ["graphs/gated.onnx", "graphs/image_encoder.onnx", "graphs/text_encoder.onnx"]
+    names += [bundle_file(n) for n in (GATED_INT8_GRAPH, IMAGE_INT8_GRAPH) if loaded.has(bundle_file(n))]
+    for name in names:
         path = loaded.path(name)
         # onnx refuses to read external weights through hard links (inherited files are): check the
         # graph's structure with the weights stood in by inputs; onnxruntime reads them fine.
