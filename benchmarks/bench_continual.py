@@ -34,6 +34,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from common import cpu_name
 from edgeclip.edgeapp.bundle import Bundle
 from edgeclip.export.compose import RAIL_KEYS
 from edgeclip.train import evaluate, pipeline
@@ -41,16 +42,6 @@ from edgeclip.train import evaluate, pipeline
 ORDER = ("caltech101", "cifar10", "dtd10", "mnist", "fashion_mnist")
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def extract(datasets: Path, dest: Path) -> list[Path]:

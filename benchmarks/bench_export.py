@@ -14,27 +14,13 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-
-def _time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median ms of each function, run round-robin so load from other processes hits all alike."""
-    for fn in fns.values():
-        fn()
-        fn()  # warm-up
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1000.0 for k, v in samples.items()}
+from common import time_interleaved
 
 
 def main() -> None:
@@ -103,7 +89,7 @@ def main() -> None:
             fns[f"ort_gated_{method}_ms"] = (
                 lambda m=method: sessions[m].run(None, {"pixels": pixels, "label_text": text}))
         with torch.inference_mode():
-            row = {"batch": batch, **_time_interleaved(fns, args.repeats)}
+            row = {"batch": batch, **time_interleaved(fns, args.repeats)}
         plain, eager = row["ort_plain_ms"], row["torch_eager_ms"]
         for method in heads:
             row[f"gated_{method}_over_plain"] = row[f"ort_gated_{method}_ms"] / plain

@@ -19,13 +19,14 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from common import time_interleaved
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -55,20 +56,6 @@ def test_images(name: str, n: int, dest: Path) -> tuple[list[Path], list[str]]:
     per = -(-n // len(classes))
     paths = [p for c in classes for p in sorted((root / c).iterdir())[:per]][:n]
     return paths, classes
-
-
-def time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median ms of each function over `repeats` rounds, each round running all of them in turn."""
-    for fn in fns.values():
-        fn()
-        fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1000.0 for k, v in samples.items()}
 
 
 def time_eager(model: str, repeats: int) -> dict[int, float]:

@@ -20,17 +20,8 @@ from pathlib import Path
 import numpy as np
 import scipy
 
+from common import cpu_name
 from edgeclip.train.rail import RailPrimal
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def bench(hidden: int, images: int, dim: int, classes: int) -> dict:
@@ -74,7 +65,7 @@ def main() -> None:
               f"{row['inference_bytes'] / 1e6:>10.1f} {row['accumulate_s_per_1000_images']:>14.2f} "
               f"{row['solve_s']:>8.2f} {row['scores_ms_per_image']:>13.3f}", flush=True)
     report = {
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
                     "numpy": np.__version__, "scipy": scipy.__version__},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
