@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import time_interleaved
+from common import percentile_ms, sample_interleaved
 
 
 def main() -> None:
@@ -89,18 +89,23 @@ def main() -> None:
             fns[f"ort_gated_{method}_ms"] = (
                 lambda m=method: sessions[m].run(None, {"pixels": pixels, "label_text": text}))
         with torch.inference_mode():
-            row = {"batch": batch, **time_interleaved(fns, args.repeats)}
+            samples = sample_interleaved(fns, args.repeats)
+            row = {"batch": batch, **{k: percentile_ms(v, 50) for k, v in samples.items()}}
+            for key, values in samples.items():
+                name = key[: -len("_ms")]
+                row[f"{name}_p90_ms"] = percentile_ms(values, 90)
+                row[f"{name}_images_per_s"] = batch * 1000.0 / percentile_ms(values, 50)
         plain, eager = row["ort_plain_ms"], row["torch_eager_ms"]
         for method in heads:
             row[f"gated_{method}_over_plain"] = row[f"ort_gated_{method}_ms"] / plain
         row["eager_over_ort_plain"] = eager / plain
         rows.append(row)
 
-    print(f"{args.model}, {args.threads} threads, median of {args.repeats} (ms)")
-    keys = list(rows[0])
-    print(" | ".join(f"{k:>22}" for k in keys))
-    for row in rows:
-        print(" | ".join(f"{row[k]:>22.3f}" if isinstance(row[k], float) else f"{row[k]:>22}" for k in keys))
+    print(f"{args.model} (random weights), {args.threads} threads, {args.repeats} interleaved rounds; "
+          "ms unless named otherwise; one column per batch size")
+    for key in rows[0]:
+        print(f"{key:42}" + "".join(f"{row[key]:>12.2f}" if isinstance(row[key], float) else f"{row[key]:>12}"
+                                     for row in rows))
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "machine": {"platform": platform.platform(), "processor": platform.processor(),

@@ -23,13 +23,31 @@ def cpu_name() -> str:
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median ms of each function over `repeats` rounds, each round running all of them in turn,
     so that load from other processes hits every contender alike (compare their ratios)."""
+    return {k: statistics.median(v) for k, v in sample_interleaved(fns, repeats).items()}
+
+
+def percentile_ms(samples: list[float], q: float) -> float:
+    """The q-th percentile (0-100) of samples in ms, linear interpolation."""
+    ordered = sorted(samples)
+    pos = (len(ordered) - 1) * q / 100.0
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def sample_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Every timed call (ms) of each function, in interleaved rounds after two warm-up calls each."""
     for fn in fns.values():
         fn()
         fn()  # warm-up
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
+    keys = list(fns)
+    for r in range(repeats):
+        # rotate who goes first: whatever a predecessor leaves behind (spinning threads, caches)
+        # then hits every contender equally often
+        for key in keys[r % len(keys):] + keys[: r % len(keys)]:
+            fn = fns[key]
             start = time.perf_counter()
             fn()
-            samples[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1000.0 for k, v in samples.items()}
+            samples[key].append((time.perf_counter() - start) * 1000.0)
+    return samples
