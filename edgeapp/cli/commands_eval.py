@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from edgeclip.edgeapp.cli.console import err_console, out_console, progress
+from edgeclip.edgeapp.cli.console import err_console, out_console, progress, stage_reporter
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path
 
 
@@ -88,13 +88,7 @@ def eval_command(
 
     source = bundle_path(bundle)
     with tempfile.TemporaryDirectory(prefix="edgeclip-eval-") as tmp, progress(quiet) as bar:
-        ids: dict[str, int] = {}
-
-        def report(stage: str, done: int, total: int) -> None:
-            if stage not in ids:
-                ids[stage] = bar.add_task(stage, total=total, info="")
-            bar.update(ids[stage], completed=done, total=total)
-
+        report = stage_reporter(bar)
         run = run_protocols(source, domain_dirs, Path(tmp) / "work", protocols=[protocol.value],
                             gates=[gate.value] if gate else None, shots=shots, test_per_class=test_per_class,
                             decision=decision.value, backend=backend, iterations=iterations, progress=report)

@@ -15,7 +15,7 @@ from rich.table import Table
 from edgeclip import __version__
 from edgeclip.edgeapp.bundle import Bundle, list_versions
 from edgeclip.edgeapp.bundle import rollback as rollback_bundle
-from edgeclip.edgeapp.cli.console import err_console, out_console, progress
+from edgeclip.edgeapp.cli.console import err_console, out_console, progress, stage_reporter
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, open_bundle
 
 
@@ -97,13 +97,7 @@ def add_task(
         raise typer.BadParameter(f"expected auto, cpu or cuda, got '{device}'", param_hint="--device")
     root = bundle_path(bundle)
     with progress(quiet) as bar:
-        ids: dict[str, int] = {}
-
-        def report(stage: str, done: int, total: int) -> None:
-            if stage not in ids:
-                ids[stage] = bar.add_task(stage, total=total, info="")
-            bar.update(ids[stage], completed=done, total=total)
-
+        report = stage_reporter(bar)
         learned = learn(root, domain_dir, name=name, shots=shots, iterations=iterations, device=device,
                         backend=backend, progress=report)
     if not quiet:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -29,6 +29,18 @@ class NullProgress:
 
     def advance(self, task_id: int, advance: float = 1) -> None:
         pass
+
+
+def stage_reporter(bar: Progress | NullProgress) -> Callable[[str, int, int], None]:
+    """A (stage, done, total) callback for the learners: one bar per stage, added when first seen."""
+    ids: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage not in ids:
+            ids[stage] = bar.add_task(stage, total=total, info="")
+        bar.update(ids[stage], completed=done, total=total)
+
+    return report
 
 
 @contextlib.contextmanager
