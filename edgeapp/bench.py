@@ -52,7 +52,7 @@ def warm_up_engines(bundle, backend: str, fp16: bool = False) -> None:
     size = int(bundle.manifest["preprocess"]["image_size"])
     pixels = np.zeros((1, 3, size, size), np.float32)
     labels = build_label_space(bundle, [] if bundle.learned_classes else ["object"],
-                               lambda t: TextEncoderRunner(bundle, resolved).embed(t))
+                               TextEncoderRunner(bundle, resolved).class_embeddings)
     GatedRunner(bundle, resolved).run(pixels, labels.text)
     ImageEncoderRunner(bundle, resolved).embed(pixels)
 
@@ -72,7 +72,7 @@ def bench_bundle(bundle, backend: str, batch_sizes: list[int], iterations: int, 
     runners = [(p, GatedRunner(bundle, resolved, precision=p), ImageEncoderRunner(bundle, resolved, precision=p))
                for p in precisions]
     extra = [] if bundle.learned_classes else ["object"]
-    labels = build_label_space(bundle, extra, lambda t: TextEncoderRunner(bundle, backend).embed(t))
+    labels = build_label_space(bundle, extra, TextEncoderRunner(bundle, backend).class_embeddings)
     size = int(bundle.manifest["preprocess"]["image_size"])
     rng = np.random.default_rng(seed)
     results = []

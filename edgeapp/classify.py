@@ -68,9 +68,13 @@ def parse_labels(labels: str | None, labels_file: Path | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def build_label_space(bundle: Bundle, extra: Sequence[str], text_encoder: Callable[[list[str]], np.ndarray]) -> LabelSpace:
+ClassEncoder = Callable[[Sequence[str], Sequence[str]], np.ndarray]  # (classes, templates) -> [C, D]
+
+
+def build_label_space(bundle: Bundle, extra: Sequence[str], encode_classes: ClassEncoder) -> LabelSpace:
     """Learned classes (stored text embeddings, no text encoder needed) plus the bundle's default
-    zero-shot labels and ``extra`` ones (encoded now with the exported text encoder)."""
+    zero-shot labels and ``extra`` ones, encoded now by ``encode_classes``
+    (``TextEncoderRunner.class_embeddings``, the exported text encoder)."""
     learned = bundle.learned_classes
     stored = bundle.tensors("learned.safetensors")["zs_text"]
     known = {name.lower() for name in learned}
@@ -84,10 +88,8 @@ def build_label_space(bundle: Bundle, extra: Sequence[str], text_encoder: Callab
     if not new:
         return LabelSpace(list(learned), stored.astype(np.float32))
     templates = bundle.manifest.get("zero_shot", {}).get("templates", ["a photo of a {}."])
-    prompts = [t.format(name) for name in new for t in templates]
-    feats = text_encoder(prompts).reshape(len(new), len(templates), -1).mean(axis=1)
-    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
-    return LabelSpace(list(learned) + new, np.concatenate([stored, feats.astype(np.float32)]))
+    feats = encode_classes(new, templates)
+    return LabelSpace(list(learned) + new, np.concatenate([stored.astype(np.float32), feats]))
 
 
 def task_route_names(bundle: Bundle) -> list[str]:

@@ -319,7 +319,7 @@ class TextEncoderRunner:
         """Zero-shot classifier [C,D]: each class's prompts embedded, averaged, re-normalised."""
         if not templates:
             raise UsageError("at least one prompt template is needed")
-        prompts = [t.format(c) for c in classes for t in templates]
+        prompts = [t.replace("{}", c) for c in classes for t in templates]
         feats = self.embed(prompts).reshape(len(classes), len(templates), -1).mean(axis=1)
         return (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32)
 

@@ -185,10 +185,7 @@ def class_text_embeddings(bundle: Bundle, domain: Domain, backend: str = "auto")
     """Frozen zero-shot classifier of the domain's classes: templates averaged, re-normalised."""
     from edgeclip.edgeapp.runtime import TextEncoderRunner
 
-    prompts = [p for i in range(len(domain.classes)) for p in domain.prompts(i)]
-    feats = TextEncoderRunner(bundle, backend).embed(prompts)
-    feats = feats.reshape(len(domain.classes), len(domain.templates), -1).mean(axis=1)
-    return (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32)
+    return TextEncoderRunner(bundle, backend).class_embeddings(domain.classes, domain.templates)
 
 
 def require_torch(what: str) -> None:

@@ -96,7 +96,7 @@ def classify(
     if not found.images and not missing:
         raise UsageError("No images found in the given paths.")
     runner = GatedRunner(loaded, backend, precision=precision.value)  # refuses a missing int8 graph early
-    label_space = build_label_space(loaded, extra, lambda texts: TextEncoderRunner(loaded, backend).embed(texts))
+    label_space = build_label_space(loaded, extra, TextEncoderRunner(loaded, backend).class_embeddings)
     preds: list[Prediction] = list(missing)
     start = time.perf_counter()
     with progress(quiet) as bar:
