@@ -51,6 +51,15 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def link_or_copy(src: Path | str, dst: Path | str) -> None:
+    """A hard link where the file system allows, a copy otherwise. Safe for bundle files: versions
+    are immutable and every writer unlinks a file before writing it."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -109,6 +118,18 @@ def current_version(root: Path) -> str:
     if not _VERSION_RE.match(name) or not (root / "versions" / name / MANIFEST).is_file():
         raise BundleError(f"Bundle {root}: {CURRENT} names '{name}', which is not a complete version.")
     return name
+
+
+def weights_label(weights: Mapping[str, Any]) -> str:
+    """Short text for reports of a manifest's `backbone.weights`: every output that used random
+    weights says so."""
+    ref = str(weights["ref"])
+    if weights["kind"] == "random":
+        return f"random weights (seed {ref})"
+    if weights["kind"] == "tag":
+        return f"pretrained '{ref}'"
+    sha = weights.get("sha256")
+    return f"checkpoint {Path(ref).name} (sha256 {sha[:12] if sha else '?'})"
 
 
 @dataclass
@@ -199,6 +220,10 @@ class Bundle:
         return [c for task in self.tasks for c in task["classes"]]
 
     @property
+    def weights_label(self) -> str:
+        return weights_label(self.manifest["backbone"]["weights"])
+
+    @property
     def random_weights(self) -> bool:
         return self.manifest["backbone"]["weights"]["kind"] == "random"
 
@@ -267,10 +292,7 @@ class VersionWriter:
     @staticmethod
     def _inherit(src: Path, dst: Path) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dst)  # versions are immutable, so a hard link is a safe copy
-        except OSError:
-            shutil.copy2(src, dst)
+        link_or_copy(src, dst)
 
     def _target(self, name: str) -> Path:
         if Path(name).is_absolute() or ".." in Path(name).parts or name == MANIFEST:

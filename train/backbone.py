@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeclip.edgeapp.bundle import sha256_of
+from edgeclip.edgeapp.bundle import sha256_of, weights_label
 from edgeclip.edgeapp.errors import BackboneLoadError, MissingExtraError
 from edgeclip.models import CONFIG_DIR
 
@@ -60,11 +60,7 @@ class WeightsSource:
     @property
     def label(self) -> str:
         """Short text for reports: every output that used random weights says so."""
-        if self.kind == "random":
-            return f"random weights (seed {self.ref})"
-        if self.kind == "tag":
-            return f"pretrained '{self.ref}'"
-        return f"checkpoint {Path(self.ref).name} (sha256 {self.sha256[:12] if self.sha256 else '?'})"
+        return weights_label(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "ref": self.ref, "sha256": self.sha256}

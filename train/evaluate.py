@@ -21,7 +21,6 @@ model, which needs the train extra). RAIL scoring is numpy only, no torch.
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeclip.edgeapp.bundle import Bundle
+from edgeclip.edgeapp.bundle import Bundle, link_or_copy
 from edgeclip.edgeapp.domain import Domain, few_shot, read_domain
 from edgeclip.edgeapp.errors import DomainError, UsageError
 from edgeclip.train import fusion, pipeline
@@ -387,13 +386,6 @@ def copy_bundle(source: Path, dest: Path) -> Path:
     """A working copy of a bundle: files hard-linked where possible (versions are immutable and
     every writer unlinks before writing), copied otherwise; locks and staging folders skipped."""
     Bundle.open(source)  # refuse a broken bundle before copying
-
-    def link_or_copy(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
     shutil.copytree(source, dest, copy_function=link_or_copy, symlinks=True,
                     ignore=shutil.ignore_patterns(".lock", ".staging-*"))
     return dest

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgeclip.edgeapp.cli.commands_classify import Precision, PrecisionOpt
-from edgeclip.edgeapp.cli.commands_manage import TableOrJson, weights_note
+from edgeclip.edgeapp.cli.commands_manage import TableOrJson
 from edgeclip.edgeapp.cli.console import err_console, out_console, progress
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, open_bundle
 from edgeclip.edgeapp.errors import UsageError
@@ -53,7 +53,7 @@ def bench(
     if output_format is TableOrJson.json:
         typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
         return
-    table = Table(title=f"{loaded.root} {loaded.version}: {loaded.manifest['backbone']['model']}, {weights_note(loaded)}")
+    table = Table(title=f"{loaded.root} {loaded.version}: {loaded.manifest['backbone']['model']}, {loaded.weights_label}")
     for col in ("backend", "precision", "graph", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "gated/plain p50",
                 "vs fp32 p50"):
         table.add_column(col, justify="right")

@@ -30,13 +30,6 @@ class TableOrJson(str, Enum):
     json = "json"
 
 
-def weights_note(bundle: Bundle) -> str:
-    weights = bundle.manifest["backbone"]["weights"]
-    if weights["kind"] == "random":
-        return f"random weights (seed {weights['ref']})"
-    return f"pretrained {weights['ref']}" if weights["kind"] == "tag" else f"checkpoint {Path(weights['ref']).name}"
-
-
 def init(
     bundle: BundleOpt = None,
     model: Annotated[str, typer.Option(help="open_clip model name, e.g. ViT-B-16, or edgeclip-tiny / edgeclip-small.")] = "ViT-B-16",
@@ -72,7 +65,7 @@ def init(
         created = init_bundle(root, model, pretrained, random_weights=random_weights, seed=seed, settings=settings,
                               zero_shot_labels=parse_labels(labels, None))
     if not quiet:
-        err_console().print(escape(f"created {root} ({created.version}): {model}, {weights_note(created)}, method {method.value}"))
+        err_console().print(escape(f"created {root} ({created.version}): {model}, {created.weights_label}, method {method.value}"))
 
 
 def add_task(
@@ -104,7 +97,7 @@ def add_task(
         task = learned.tasks[-1]
         err_console().print(escape(
             f"learned task '{task['name']}' ({len(task['classes'])} classes, {task['n_images']} images) "
-            f"-> {learned.root} {learned.version} [{weights_note(learned)}]"), highlight=False)
+            f"-> {learned.root} {learned.version} [{learned.weights_label}]"), highlight=False)
 
 
 def tasks(
@@ -124,7 +117,7 @@ def tasks(
         }
         typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
-    table = Table(title=f"{loaded.root} {loaded.version} - {loaded.method}, {weights_note(loaded)}")
+    table = Table(title=f"{loaded.root} {loaded.version} - {loaded.method}, {loaded.weights_label}")
     for col in ("#", "task", "classes", "images", "threshold", "learned"):
         table.add_column(col)
     for i, task in enumerate(loaded.tasks):
@@ -213,7 +206,7 @@ def info(bundle: BundleOpt = None) -> None:
     else:
         backbone = loaded.manifest["backbone"]
         table.add_row("bundle", escape(f"{loaded.root} ({loaded.version}; versions {', '.join(list_versions(loaded.root))})"))
-        table.add_row("backbone", f"{backbone['model']}, {weights_note(loaded)}")
+        table.add_row("backbone", f"{backbone['model']}, {loaded.weights_label}")
         table.add_row("method", f"{loaded.method} {json.dumps(loaded.manifest['method']['settings'].get('fusion', ''))}")
         table.add_row("tasks", escape(", ".join(t["name"] for t in loaded.tasks)) or "none (zero-shot only)")
         table.add_row("classes", str(len(loaded.learned_classes)))
