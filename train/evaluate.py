@@ -168,23 +168,16 @@ def build_suite(bundle: Bundle, domains: list[EvalDomain], backend: str = "auto"
     start = time.perf_counter()
     feats, labels, texts, pixels, unreadable = [], [], [], [], []
     for d in domains:
-        x, y, errors = pipeline.embed_domain(bundle, d.test, backend, progress=progress)
-        keep = {p for p, _ in d.test.samples} - {p for p, _ in errors}
+        batches: list[np.ndarray] | None = [] if keep_pixels else None
+        x, y, errors = pipeline.embed_domain(bundle, d.test, backend, progress=progress, pixels_out=batches)
         feats.append(x)
         labels.append(y)
         texts.append(pipeline.class_text_embeddings(bundle, d.test, backend))
         unreadable += [(str(p), msg) for p, msg in errors]
-        if keep_pixels:
-            pixels.append(_pixels(bundle, [p for p, _ in d.test.samples if p in keep]))
+        if batches is not None:
+            pixels.append(np.concatenate(batches))
     return TestSuite(domains, feats, labels, texts, unreadable, time.perf_counter() - start,
                      pixels if keep_pixels else None)
-
-
-def _pixels(bundle: Bundle, paths: list[Path]) -> np.ndarray:
-    from edgeclip.edgeapp.images import PreprocessConfig, iter_batches
-
-    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
-    return np.concatenate([b.pixels for b in iter_batches(paths, cfg, batch_size=32) if b.paths])
 
 
 # --------------------------------------------------------------------------- one step's scores

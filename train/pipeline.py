@@ -157,9 +157,13 @@ def check_new_task(bundle: Bundle, domain: Domain, name: str) -> None:
 
 
 def embed_domain(
-    bundle: Bundle, domain: Domain, backend: str = "auto", batch_size: int = 32, progress: ProgressFn | None = None
+    bundle: Bundle, domain: Domain, backend: str = "auto", batch_size: int = 32, progress: ProgressFn | None = None,
+    pixels_out: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[Path, str]]]:
-    """Frozen image embeddings [N, D] of a domain's images with the exported encoder (torch-free)."""
+    """Frozen image embeddings [N, D] of a domain's images with the exported encoder (torch-free).
+
+    ``pixels_out``, when given, receives the preprocessed batches in the same order, for callers
+    that need the pixels too (each image is decoded once)."""
     from edgeclip.edgeapp.images import PreprocessConfig, iter_batches
     from edgeclip.edgeapp.runtime import ImageEncoderRunner
 
@@ -172,6 +176,8 @@ def embed_domain(
         errors.extend(batch.errors)
         if batch.paths:
             feats.append(runner.embed(batch.pixels))
+            if pixels_out is not None:
+                pixels_out.append(batch.pixels)
             labels.extend(label_of[p] for p in batch.paths)
         done += len(batch.paths) + len(batch.errors)
         if progress:
