@@ -262,19 +262,20 @@ def task_record(domain: Domain, name: str, n_images: int, threshold: float, gate
     }
 
 
-def rail_learner(bundle: Bundle) -> Any:
-    """The bundle's RAIL learner, restored from its inference tensors and its learning state."""
+def rail_learner(bundle: Bundle, learned: dict[str, np.ndarray] | None = None) -> Any:
+    """The bundle's RAIL learner, restored from its inference tensors (``learned``, read from the
+    bundle unless the caller has them already) and its learning state."""
     from edgeclip.export.compose import RAIL_KEYS
     from edgeclip.train.rail import RailDual, RailPrimal
 
     settings = bundle.manifest["method"]["settings"]
+    learned = bundle.tensors(LEARNED) if learned is None else learned
     if not bundle.tasks:
         if bundle.method == "rail-primal":
-            w_r = bundle.tensors(LEARNED)["rail.w_r"]
+            w_r = learned["rail.w_r"]
             return RailPrimal(int(settings["dim"]), int(settings["hidden"]), float(settings["gamma"]),
                               int(settings["seed"]), w_r=w_r)
         return RailDual(float(settings["gamma_kernel"]), float(settings["lam"]))
-    learned = bundle.tensors(LEARNED)
     state = dict(bundle.tensors(RAIL_STATE))
     for key in RAIL_KEYS[bundle.method]:
         state[key] = learned[f"rail.{key}"]
@@ -290,7 +291,7 @@ def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "aut
     feats, labels, _errors = embed_domain(bundle, domain, backend, progress=progress)
     learned = bundle.tensors(LEARNED)
     offset = learned["zs_text"].shape[0]
-    learner = rail_learner(bundle)
+    learner = rail_learner(bundle, learned)
     if progress:
         progress("solving", 0, 1)
     learner.add_domain(feats, labels + offset, offset + len(domain.classes))
