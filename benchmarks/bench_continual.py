@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import cpu_name
+from edgeclip.edgeapp import evaluate
+from edgeclip.edgeapp import tasks as pipeline
+from edgeclip.train.decision import RAIL_KEYS
 from rich.console import Console
 from rich.table import Table
 
-from common import cpu_name
-from edgeclip.edgeapp.bundle import Bundle
-from edgeclip.export.compose import RAIL_KEYS
-from edgeclip.train import evaluate, pipeline
+from edgeclip.bundle import Bundle
 
 ORDER = ("caltech101", "cifar10", "dtd10", "mnist", "fashion_mnist")
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from common import percentile_ms, sample_interleaved
 
 
@@ -34,11 +33,11 @@ def main() -> None:
 
     import onnxruntime as ort
     import torch
-
-    from edgeclip.export.compose import build_gated_graph, learned_tensors
+    from edgeclip.export.compose import build_gated_graph
     from edgeclip.export.trace import export_image_encoder
     from edgeclip.train import ddas
     from edgeclip.train.backbone import load_backbone
+    from edgeclip.train.decision import learned_tensors
     from edgeclip.train.rail import RailDual
 
     torch.set_num_threads(args.threads)

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import time_interleaved
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,18 +87,19 @@ def main() -> None:
 
     import onnxruntime as ort
     import torch
-    from edgeclip.edgeapp.bundle import Bundle
-    from edgeclip.edgeapp.images import PreprocessConfig, load_and_preprocess
-    from edgeclip.edgeapp.runtime import (
+    from edgeclip.edgeapp.runtime import TextEncoderRunner
+    from edgeclip.edgeapp.tasks import MethodSettings, add_task, init_bundle
+    from edgeclip.export.quantize import export_int8
+
+    from edgeclip.bundle import Bundle
+    from edgeclip.images import PreprocessConfig, load_and_preprocess
+    from edgeclip.layout import (
         GATED_GRAPH,
         GATED_INT8_GRAPH,
         IMAGE_GRAPH,
         IMAGE_INT8_GRAPH,
-        TextEncoderRunner,
-        bundle_file,
+        graph_file,
     )
-    from edgeclip.export.quantize import export_int8
-    from edgeclip.train.pipeline import MethodSettings, add_task, init_bundle
 
     torch.set_num_threads(args.threads)
     eager = time_eager(args.model, args.repeats)  # first and apart: see time_eager
@@ -123,7 +123,7 @@ def main() -> None:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # sessions take turns here
 
     def session(name: str) -> ort.InferenceSession:
-        return ort.InferenceSession(str(bundle.path(bundle_file(name))), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(bundle.path(graph_file(name))), options, providers=["CPUExecutionProvider"])
 
     gated = {"fp32": session(GATED_GRAPH), "int8": session(GATED_INT8_GRAPH)}
     plain = {"fp32": session(IMAGE_GRAPH), "int8": session(IMAGE_INT8_GRAPH)}

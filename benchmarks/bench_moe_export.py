@@ -62,13 +62,12 @@ def main() -> None:
     import onnx
     import onnxruntime as ort
     import torch
-
-    from edgeclip.export.compose import learned_tensors
     from edgeclip.export.compose_moe import build_moe_gated_graph, weight_sharing
     from edgeclip.export.trace import export_image_encoder
     from edgeclip.export.trace_moe import export_moe_encoder
     from edgeclip.train import ddas
     from edgeclip.train.backbone import load_backbone
+    from edgeclip.train.decision import learned_tensors
     from edgeclip.train.moe import MoECLIP, MoEConfig
 
     torch.set_num_threads(args.threads)

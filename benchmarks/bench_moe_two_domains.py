@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from edgeclip.train import evaluate
-from edgeclip.train.pipeline import MethodSettings, init_bundle
+from edgeclip.edgeapp import evaluate
+from edgeclip.edgeapp.tasks import MethodSettings, init_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import scipy
-
 from common import cpu_name
 from edgeclip.train.rail import RailPrimal
 

@@ -12,9 +12,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from edgeclip.edgeapp.bundle import Bundle
-from edgeclip.edgeapp.discover import display_path
-from edgeclip.edgeapp.errors import UsageError
+from edgeclip.bundle import Bundle
+from edgeclip.discover import display_path
+from edgeclip.errors import UsageError
 
 ZERO_SHOT = "zero-shot"
 
@@ -134,7 +134,7 @@ def classify_files(
     on_batch: Callable[[int], None] | None = None,
 ) -> Iterator[Prediction]:
     """Yield one Prediction per file, in input order per batch; unreadable files give an error Prediction."""
-    from edgeclip.edgeapp.images import PreprocessConfig, iter_batches
+    from edgeclip.images import PreprocessConfig, iter_batches
 
     cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
     names = task_route_names(bundle)

@@ -1,7 +1,6 @@
 """Runners over a bundle's graphs: onnxruntime (CPU, CUDA, TensorRT providers) or TensorRT itself.
 
-No torch here. Graph file names and tensor names are defined once below and used by the
-exporter (`edgeclip.export.trace`, `edgeclip.export.compose`) as well.
+No torch here. Graph file names and tensor names come from `edgeclip.layout`.
 
 Backends:
 - `ort-cpu`: onnxruntime, CPUExecutionProvider.
@@ -26,34 +25,33 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle
-from .errors import BackendUnavailableError, BundleError, UsageError
+from edgeclip.bundle import Bundle
+from edgeclip.errors import BackendUnavailableError, BundleError, UsageError
+from edgeclip.layout import (
+    EMBEDDING,
+    GATE_RATIO,
+    GATED_GRAPH,
+    GATED_INT8_GRAPH,
+    GATED_OUTPUTS,
+    IMAGE_DATA,
+    IMAGE_GRAPH,
+    IMAGE_INT8_DATA,
+    IMAGE_INT8_GRAPH,
+    LABEL_TEXT,
+    PIXELS,
+    ROUTE,
+    SCORES,
+    TEXT_DATA,
+    TEXT_EMBEDDING,
+    TEXT_GRAPH,
+    TOKENS,
+    VOCAB_FILE,
+    graph_file,
+)
 
 log = logging.getLogger(__name__)
 
-# -- graph contract (shared with the exporter) ------------------------------------------------
-OPSET = 18  # run by onnxruntime >= 1.14 and TensorRT 10
-GRAPHS_DIR = "graphs"
-IMAGE_GRAPH, IMAGE_DATA = "image_encoder.onnx", "image_encoder.data"
-TEXT_GRAPH, TEXT_DATA = "text_encoder.onnx", "text_encoder.data"
-GATED_GRAPH = "gated.onnx"
-# optional int8 CPU variant (`edgeclip export --int8`, edgeclip.export.quantize): the encoder with its
-# MatMul/Gemm weights quantised to int8 (dynamic), and the gated graph composed on top of it
-IMAGE_INT8_GRAPH, IMAGE_INT8_DATA = "image_encoder_int8.onnx", "image_encoder_int8.data"
-GATED_INT8_GRAPH = "gated_int8.onnx"
 PRECISIONS = ("fp32", "int8")
-VOCAB_IN_BUNDLE = "tokenizer/bpe_simple_vocab_16e6.txt.gz"
-
-PIXELS, EMBEDDING = "pixels", "embedding"  # image encoder: [B,3,S,S] float32 -> [B,D]
-TOKENS, TEXT_EMBEDDING = "tokens", "text_embedding"  # text encoder: [N,77] int64 -> [N,D]
-LABEL_TEXT = "label_text"  # gated graph's second input [L,D]
-SCORES, ROUTE, GATE_RATIO = "scores", "route", "gate_ratio"
-GATED_OUTPUTS = (SCORES, ROUTE, GATE_RATIO, EMBEDDING)
-
-
-def bundle_file(name: str) -> str:
-    """A graph's path inside a bundle version ("graphs/<name>")."""
-    return f"{GRAPHS_DIR}/{name}"
 
 
 # -- backend selection --------------------------------------------------------------------------
@@ -219,8 +217,8 @@ class GraphSession:
 
 def _graph_path(bundle: Bundle, graph: str, data: str) -> Path:
     """A bundle graph whose external-data file lies beside it (ONNX resolves it by relative name)."""
-    path = bundle.path(bundle_file(graph))
-    data_path = bundle.path(bundle_file(data))
+    path = bundle.path(graph_file(graph))
+    data_path = bundle.path(graph_file(data))
     if data_path.parent != path.parent:
         raise BundleError(
             f"Bundle {bundle.root} version {bundle.version}: {graph} and its weights {data} must lie in the same "
@@ -230,7 +228,7 @@ def _graph_path(bundle: Bundle, graph: str, data: str) -> Path:
 
 
 def _graph_id(bundle: Bundle, *names: str) -> str:
-    return "+".join(bundle.manifest["files"][bundle_file(n)]["sha256"] for n in names)
+    return "+".join(bundle.manifest["files"][graph_file(n)]["sha256"] for n in names)
 
 
 def _pixels(bundle: Bundle, pixels: np.ndarray) -> np.ndarray:
@@ -255,7 +253,7 @@ def resolve_precision(bundle: Bundle, backend: str | Backend, precision: str) ->
     if resolved.name != "ort-cpu":
         raise UsageError(f"--precision int8 runs on onnxruntime's CPU only (--backend ort-cpu or auto), "
                          f"not on '{resolved.name}'; on a GPU use --backend tensorrt with --fp16 instead.")
-    if not bundle.has(bundle_file(IMAGE_INT8_GRAPH)) or not bundle.has(bundle_file(GATED_INT8_GRAPH)):
+    if not bundle.has(graph_file(IMAGE_INT8_GRAPH)) or not bundle.has(graph_file(GATED_INT8_GRAPH)):
         raise BundleError(f"Bundle {bundle.root} version {bundle.version} has no int8 graphs; "
                           f"run `edgeclip export --int8 --bundle {bundle.root}` first.")
     return resolved
@@ -302,10 +300,10 @@ class TextEncoderRunner:
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from .tokenizer import ClipTokenizer
+            from edgeclip.tokenizer import ClipTokenizer
 
             ctx = int(self.bundle.manifest["backbone"].get("context_length", 77))
-            self._tokenizer = ClipTokenizer(self.bundle.path(VOCAB_IN_BUNDLE), context_length=ctx)
+            self._tokenizer = ClipTokenizer(self.bundle.path(VOCAB_FILE), context_length=ctx)
         return self._tokenizer
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

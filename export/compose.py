@@ -19,23 +19,24 @@ The decision, for the encoder's output x = embedding [B,D] and the input label_t
 Every step is row-wise, so a mixed batch equals its images run one by one; there are no loops.
 With zero tasks the graph is plain zero-shot (route -1, gate_ratio [B,0]).
 
-`learned_tensors` defines the layout of learned.safetensors that this module reads.
+The layout of learned.safetensors is `edgeclip.layout`'s; `edgeclip.train.decision.learned_tensors` packs it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+from edgeclip.train.decision import MOE, DecisionSpec  # numpy only, no torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeclip.edgeapp.errors import BundleError, UsageError
-from edgeclip.edgeapp.runtime import (
+from edgeclip.errors import BundleError
+from edgeclip.layout import (
     EMBEDDING,
+    GATE_KEYS,
     GATE_RATIO,
     GATED_GRAPH,
     IMAGE_DATA,
@@ -45,150 +46,8 @@ from edgeclip.edgeapp.runtime import (
     ROUTE,
     SCORES,
 )
-from edgeclip.train.ddas import ROUTE_RULE, ROUTE_RULES  # numpy only, no torch
 
-FUSIONS = ("ddas", "paper")
-RAIL_METHODS = ("rail-primal", "rail-dual")
-DEFAULT_BETA = 0.8
-DEFAULT_LOGIT_SCALE = 100.0
-DEFAULT_KERNEL_GAMMA = 0.1
-
-# learned.safetensors keys read here
-ZS_TEXT, TASK_OFFSET, TASK_SIZE = "zs_text", "task.offset", "task.size"
-GATE_K = "gate.k"  # [T] int64, linear gate: rank of each task (components are zero-padded to max k)
-GATE_KEYS = {
-    "linear": ("mu", "components"),  # [T,D], [T,K,D]
-    # error = mean((z - relu(z W1 + b1) W2 - b2)^2) / scale^2 with z = (x - mu) scale
-    "mlp": ("mu", "scale", "w1", "b1", "w2", "b2"),  # [T,D], [T], [T,D,H], [T,H], [T,H,D], [T,D]
-}
-RAIL_KEYS = {"rail-primal": ("w_r", "w"), "rail-dual": ("memory", "alpha")}  # [D,H],[H,C] | [N,D],[N,C]
-MOE = "moe"
-TASK_TEXT = "task_text"  # MoE head [C,D]: each task's adapted text classifier (its own router), global order
-METHODS = (*RAIL_METHODS, MOE)
 _NAMESPACE = "decision/"  # prefix of every node, value and initialiser added to the encoder graph
-
-
-# -- learned tensors layout -------------------------------------------------------------------
-def learned_tensors(
-    zs_text: np.ndarray,
-    task_sizes: Sequence[int],
-    gate_kind: str,
-    gate_states: Sequence[Mapping[str, np.ndarray]],
-    method: str,
-    head_state: Mapping[str, np.ndarray],
-) -> dict[str, np.ndarray]:
-    """Pack what the gated graph needs into learned.safetensors' tensors.
-
-    gate_states: each task's autoencoder `.state()` (edgeclip.train.ddas); head_state: the RAIL
-    learner's `.state()` (only the inference tensors are kept; the primal statistics live in
-    rail_stats.safetensors), or for method "moe" {"task_text": [C,D]} (the tasks' adapted text
-    classifiers concatenated in global class order, rows L2-normalised as `moe.text_classifier` gives).
-    """
-    if gate_kind not in GATE_KEYS:
-        raise UsageError(f"unknown gate kind {gate_kind!r}; known: {sorted(GATE_KEYS)}")
-    if method not in METHODS:
-        raise UsageError(f"unknown method {method!r}; known: {METHODS}")
-    if len(gate_states) != len(task_sizes):
-        raise UsageError(f"{len(gate_states)} gates for {len(task_sizes)} tasks")
-    sizes = np.asarray(task_sizes, dtype=np.int64)
-    out = {ZS_TEXT: np.asarray(zs_text, np.float32), TASK_SIZE: sizes,
-           TASK_OFFSET: (np.cumsum(sizes) - sizes).astype(np.int64)}
-    if len(gate_states):
-        out.update(_stack_gates(gate_kind, gate_states))
-    if method == MOE:
-        task_text = np.asarray(head_state[TASK_TEXT], np.float32)
-        if task_text.shape != (int(sizes.sum()), out[ZS_TEXT].shape[1]):
-            raise UsageError(f"task_text must be [{int(sizes.sum())}, {out[ZS_TEXT].shape[1]}] (one row per "
-                             f"learned class), got {list(task_text.shape)}")
-        out[TASK_TEXT] = task_text
-        return out
-    for key in RAIL_KEYS[method]:
-        out[f"rail.{key}"] = np.asarray(head_state[key], np.float32)
-    return out
-
-
-def _stack_gates(kind: str, states: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if kind == "mlp":
-        return {f"gate.{key}": np.stack([np.asarray(s[key], np.float32).reshape(
-            () if key == "scale" else np.shape(s[key])) for s in states]) for key in GATE_KEYS["mlp"]}
-    ks = [int(np.shape(s["components"])[0]) for s in states]
-    dim = int(np.shape(states[0]["mu"])[0])
-    comps = np.zeros((len(states), max(ks), dim), np.float32)  # zero rows project nothing
-    for t, s in enumerate(states):
-        comps[t, : ks[t]] = s["components"]
-    return {"gate.mu": np.stack([np.asarray(s["mu"], np.float32) for s in states]),
-            "gate.components": comps, GATE_K: np.asarray(ks, np.int64)}
-
-
-def gate_states(learned: Mapping[str, np.ndarray], kind: str) -> list[dict[str, np.ndarray]]:
-    """The inverse of the packing: each task's autoencoder state (for `ddas.autoencoder_from_state`)."""
-    n_tasks = len(learned[TASK_SIZE])
-    states = []
-    for t in range(n_tasks):
-        state = {key: np.asarray(learned[f"gate.{key}"][t]) for key in GATE_KEYS[kind]}
-        if kind == "linear":
-            state["components"] = state["components"][: int(learned[GATE_K][t])]
-        else:
-            state["scale"] = state["scale"].reshape(1)
-        states.append(state)
-    return states
-
-
-# -- what the graph is built from -------------------------------------------------------------
-@dataclass(frozen=True)
-class DecisionSpec:
-    """The settings of the decision, read from the manifest and checked against the tensors."""
-
-    method: str
-    fusion: str
-    beta: float
-    logit_scale: float
-    gate_kind: str
-    route_rule: str  # ddas.ROUTE_RULES
-    thresholds: np.ndarray  # [T] float32
-    offsets: np.ndarray  # [T] int64
-    sizes: np.ndarray  # [T] int64
-    kernel_gamma: float
-
-    @property
-    def n_tasks(self) -> int:
-        return len(self.sizes)
-
-    @property
-    def n_learned(self) -> int:
-        return int(self.sizes.sum())
-
-    @classmethod
-    def from_bundle(cls, learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> DecisionSpec:
-        method = manifest["method"]["name"]
-        settings = manifest["method"].get("settings", {}) or {}
-        tasks = manifest.get("tasks", [])
-        fusion = settings.get("fusion", "ddas")
-        if fusion not in FUSIONS:
-            raise BundleError(f"unknown fusion rule {fusion!r}; known: {FUSIONS}")
-        if method not in METHODS:
-            raise BundleError(f"unknown method {method!r}; known: {METHODS}")
-        sizes = np.asarray(learned.get(TASK_SIZE, np.zeros(0, np.int64)), np.int64)
-        offsets = np.asarray(learned.get(TASK_OFFSET, np.zeros(0, np.int64)), np.int64)
-        if len(sizes) != len(tasks) or [len(t["classes"]) for t in tasks] != sizes.tolist():
-            raise BundleError(f"learned tensors describe tasks of sizes {sizes.tolist()}, "
-                              f"the manifest {[len(t['classes']) for t in tasks]}")
-        if not np.array_equal(offsets, np.cumsum(sizes) - sizes):
-            raise BundleError(f"task offsets {offsets.tolist()} do not follow the task sizes {sizes.tolist()}")
-        gate = manifest.get("gate") or {}
-        route_rule = (gate.get("settings") or {}).get("route_rule", ROUTE_RULE)
-        if route_rule not in ROUTE_RULES:
-            raise BundleError(f"unknown gate routing rule {route_rule!r}; known: {ROUTE_RULES}")
-        thresholds = np.asarray([float(t["threshold"]) for t in tasks], np.float32)
-        if np.any(~(thresholds > 0)):
-            raise BundleError(f"gate thresholds must be positive, got {thresholds.tolist()}")
-        return cls(
-            method=method, fusion=fusion, beta=float(settings.get("beta", DEFAULT_BETA)),
-            logit_scale=float((manifest.get("zero_shot") or {}).get("logit_scale", DEFAULT_LOGIT_SCALE)),
-            gate_kind=gate.get("kind", "linear"), route_rule=route_rule, thresholds=thresholds,
-            offsets=offsets, sizes=sizes,
-            kernel_gamma=float(settings.get("gamma_kernel", DEFAULT_KERNEL_GAMMA)),
-        )
 
 
 # -- a small graph builder ----------------------------------------------------------------------

@@ -27,14 +27,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-
-from edgeclip.edgeapp.errors import BundleError
-from edgeclip.edgeapp.runtime import EMBEDDING, GATE_RATIO, IMAGE_DATA, PIXELS
 from edgeclip.export.compose import (
-    MOE,
-    TASK_TEXT,
-    DecisionSpec,
     _Builder,
     _ddas_route,
     _fuse,
@@ -47,7 +40,11 @@ from edgeclip.export.compose import (
     build_gated_graph,
     load_graph,
 )
-from edgeclip.export.trace_moe import ADAPTED, MOE_DATA, MOE_GRAPH, TASK_IDS
+from edgeclip.train.decision import MOE, DecisionSpec
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeclip.errors import BundleError
+from edgeclip.layout import ADAPTED, EMBEDDING, GATE_RATIO, IMAGE_DATA, MOE_DATA, MOE_GRAPH, PIXELS, TASK_IDS, TASK_TEXT
 
 _MOE_PREFIX = "moe/"  # every name of the inlined adapted encoder that is not shared with the frozen one
 _BRANCH_PREFIX = "decision/moe_branch/"

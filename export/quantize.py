@@ -27,20 +27,22 @@ from typing import Any
 
 import numpy as np
 import onnx
-from edgeclip.edgeapp.bundle import Bundle
-from edgeclip.edgeapp.errors import BundleError, UsageError
-from edgeclip.edgeapp.runtime import (
+from edgeclip.export.compose import build_gated_graph, check_structure
+
+from edgeclip.bundle import Bundle
+from edgeclip.errors import BundleError, UsageError
+from edgeclip.layout import (
     GATED_INT8_GRAPH,
     IMAGE_DATA,
     IMAGE_GRAPH,
     IMAGE_INT8_DATA,
     IMAGE_INT8_GRAPH,
-    bundle_file,
+    INT8_GRAPHS,
+    graph_file,
 )
-from edgeclip.export.compose import build_gated_graph, check_structure
 
 QUANTIZED_OPS = ("MatMul", "Gemm")
-INT8_FILES = (IMAGE_INT8_GRAPH, IMAGE_INT8_DATA, GATED_INT8_GRAPH)
+
 _INLINE_BELOW = 1024  # bytes; smaller tensors stay inline (onnxruntime's shape inference reads them)
 
 
@@ -98,7 +100,7 @@ def build_gated_int8(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], 
 
 def has_int8(files: Mapping[str, Any]) -> bool:
     """Whether a version's file table (manifest `files`) holds the int8 graphs."""
-    return all(bundle_file(name) in files for name in INT8_FILES)
+    return all(graph_file(name) in files for name in INT8_GRAPHS)
 
 
 def export_int8(bundle: Bundle) -> Bundle:
@@ -113,11 +115,12 @@ def export_int8(bundle: Bundle) -> Bundle:
     if has_int8(bundle.manifest["files"]):
         return bundle
     import onnxruntime
-    from edgeclip.train.pipeline import LEARNED  # torch-free module
+
+    from edgeclip.layout import LEARNED
 
     with bundle.new_version() as writer:
-        for name in INT8_FILES:
-            writer.writable_path(bundle_file(name))
+        for name in INT8_GRAPHS:
+            writer.writable_path(graph_file(name))
         graphs = writer.staging / "graphs"
         quantize_image_encoder(graphs)
         build_gated_int8(graphs, bundle.tensors(LEARNED), writer.manifest)

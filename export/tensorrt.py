@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeclip.edgeapp.bundle import sha256_of
-from edgeclip.edgeapp.errors import BackendUnavailableError, EdgeclipError
+from edgeclip.bundle import sha256_of
+from edgeclip.errors import BackendUnavailableError, EdgeclipError
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeclip.edgeapp.errors import EdgeclipError
-from edgeclip.edgeapp.runtime import (
+from edgeclip.errors import EdgeclipError
+from edgeclip.layout import (
     EMBEDDING,
     IMAGE_DATA,
     IMAGE_GRAPH,

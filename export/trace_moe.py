@@ -23,13 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from edgeclip.edgeapp.errors import UsageError
-from edgeclip.edgeapp.runtime import IMAGE_DATA, IMAGE_GRAPH, OPSET, PIXELS
 from edgeclip.export.trace import PARITY_ATOL, ExportParityError, _check_standard_ops, _quiet, _torch
 
-MOE_GRAPH, MOE_DATA = "moe_encoder.onnx", "moe_encoder.data"
-TASK_IDS, ADAPTED = "task_ids", "adapted_embedding"  # the graph's second input [B] int64, its output [B,D]
+from edgeclip.errors import UsageError
+from edgeclip.layout import ADAPTED, IMAGE_DATA, IMAGE_GRAPH, MOE_DATA, MOE_GRAPH, OPSET, PIXELS, TASK_IDS
+
 _EXAMPLE_BATCH = 2
 _CHECK_BATCH = 5  # mixes every task and zero-shot (-1) where the model has few tasks
 
@@ -96,7 +94,7 @@ def export_moe_encoder(moe_model: Any, out_dir: Path | str, seed: int = 0) -> Pa
                     location=MOE_DATA, size_threshold=1024)
     onnx.checker.check_model(str(graph))
     if (graph.parent / IMAGE_GRAPH).is_file() and (graph.parent / IMAGE_DATA).is_file():
-        from edgeclip.export.compose_moe import share_frozen_weights  # imports this module
+        from edgeclip.export.compose_moe import share_frozen_weights
 
         share_frozen_weights(graph.parent)
     check_moe_parity(graph, moe_model, seed)

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from edgeclip.export.compose import learned_tensors
+from edgeclip.train.decision import learned_tensors
 
 TINY = "edgeclip-tiny"
 TASK_CLASSES = [["ant", "bee", "cat"], ["dog", "eel"]]  # task 0, task 1 (global order)
@@ -115,8 +114,8 @@ def mixed_batch(per_cluster: int = 4) -> np.ndarray:
 
 def make_bundle(root: Path, graphs: Path, learned: dict[str, np.ndarray] | None, manifest: dict) -> Any:
     """A real bundle version holding the exported graphs, the vocabulary and the learned tensors."""
-    from edgeclip.edgeapp.bundle import Bundle, create_bundle
-    from edgeclip.edgeapp.tokenizer import default_vocab_path
+    from edgeclip.bundle import Bundle, create_bundle
+    from edgeclip.tokenizer import default_vocab_path
 
     with create_bundle(root, manifest) as writer:
         for name in ("image_encoder.onnx", "image_encoder.data", "text_encoder.onnx", "text_encoder.data",

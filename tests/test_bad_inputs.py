@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeclip.edgeapp.discover import display_path
-from edgeclip.edgeapp.errors import ImageError
-from edgeclip.edgeapp.images import PreprocessConfig, iter_batches, load_image
+from edgeclip.discover import display_path
+from edgeclip.errors import ImageError
+from edgeclip.images import PreprocessConfig, iter_batches, load_image
 
 CFG = PreprocessConfig(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 

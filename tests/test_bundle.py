@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeclip.edgeapp.bundle import Bundle, create_bundle, list_versions, rollback
-from edgeclip.edgeapp.errors import BundleError
+from edgeclip.bundle import Bundle, create_bundle, list_versions, rollback
+from edgeclip.errors import BundleError
 
 BASE = {"backbone": {"model": "m", "weights": {"kind": "random", "ref": "0"}}, "preprocess": {}, "method": {"name": "rail-primal"}}
 
@@ -108,7 +108,7 @@ def test_validation_errors(tmp_path: Path, damage: str) -> None:
 
 WRITER = """
 import sys, time, numpy as np
-from edgeclip.edgeapp.bundle import Bundle
+from edgeclip.bundle import Bundle
 bundle = Bundle.open(sys.argv[1])
 writer = bundle.new_version()
 writer.manifest["tasks"].append({"name": "killed"})
@@ -150,7 +150,7 @@ def test_killed_writer_leaves_previous_version_loadable(tmp_path: Path, delay: f
 def test_crash_between_version_rename_and_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A version folder renamed into place but never made current is ignored; the old one stays current."""
     first = make_bundle(tmp_path / "b")
-    import edgeclip.edgeapp.bundle as module
+    import edgeclip.bundle as module
 
     def crash(*_args: object) -> None:
         raise KeyboardInterrupt("killed before the switch")

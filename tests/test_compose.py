@@ -1,4 +1,4 @@
-"""The composed gated graph (export/compose.py) against the numpy reference (train/gated_reference.py).
+"""The composed gated graph (export/compose.py) against the numpy reference (train/decision.py).
 
 Learned tensors come from the project's learners (ddas gates, RAIL heads) fitted on embeddings of
 the tiny random-weight backbone. Checks: same route and top-1, scores within 1e-4, a mixed batch
@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import export_helpers as eh
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from edgeclip.export.compose import build_gated_graph, check_structure
+from edgeclip.train.decision import gated_reference, learned_tensors
 
-import export_helpers as eh
-from edgeclip.edgeapp.errors import BundleError
-from edgeclip.export.compose import build_gated_graph, check_structure, learned_tensors
-from edgeclip.train.gated_reference import gated_reference
+from edgeclip.errors import BundleError
 
 pytestmark = pytest.mark.slow  # the tiny backbone is exported once per session (~15 s)
 

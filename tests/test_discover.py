@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, features
 
-import edgeclip.edgeapp.discover as discover_module
-from edgeclip.edgeapp.discover import HEADER_BYTES, discover_images, display_path, looks_like_image
+import edgeclip.discover as discover_module
+from edgeclip.discover import HEADER_BYTES, discover_images, display_path, looks_like_image
 
 
 def save(path: Path, fmt: str = "PNG") -> Path:

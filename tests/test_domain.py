@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from edgeclip.edgeapp.domain import DEFAULT_TEMPLATES, Domain, few_shot, read_domain
-from edgeclip.edgeapp.errors import DomainError, UsageError
+from edgeclip.domain import DEFAULT_TEMPLATES, Domain, few_shot, read_domain
+from edgeclip.errors import DomainError, UsageError
 
 
 def make_domain(root: Path, classes: dict[str, int], split: str | None = None) -> Path:

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
+from edgeclip.edgeapp import evaluate
+from edgeclip.edgeapp.demo_data import write_demo_images
 from PIL import Image
 from typer.testing import CliRunner
 
-from edgeclip.edgeapp.demo_data import write_demo_images
-from edgeclip.edgeapp.errors import DomainError, UsageError
-from edgeclip.train import evaluate
+from edgeclip.errors import DomainError, UsageError
 
 pytest.importorskip("open_clip")
 
@@ -56,7 +56,7 @@ def domains(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def source_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edgeclip.train.pipeline import MethodSettings, init_bundle
+    from edgeclip.edgeapp.tasks import MethodSettings, init_bundle
 
     root = tmp_path_factory.mktemp("eval-bundle") / "bundle"
     init_bundle(root, "edgeclip-tiny", random_weights=True, seed=0, settings=MethodSettings(hidden=256))
@@ -135,7 +135,7 @@ def both_protocols(source_bundle: Path, domains: list[Path], tmp_path_factory: p
 def test_the_source_bundle_is_never_changed(both_protocols, source_bundle: Path) -> None:
     run, before = both_protocols
     assert tree_digest(source_bundle) == before
-    from edgeclip.edgeapp.bundle import Bundle
+    from edgeclip.bundle import Bundle
 
     assert [t["name"] for t in Bundle.open(run.bundle_dir).tasks] == ["shapes", "stripes"]
     assert Bundle.open(source_bundle).tasks == []
@@ -216,9 +216,9 @@ def test_eval_on_real_image_subsets(extract_subset, source_bundle: Path, tmp_pat
 def test_moe_bundles_are_scored_through_their_gated_graph(domains: list[Path], tmp_path: Path) -> None:
     """X-TAIL on a MoE bundle runs graphs/gated.onnx on the cached pixels; MTIL forces each learned
     task's router (torch) and, under the strict freeze rule, task 1 keeps its accuracy after task 2."""
-    pytest.importorskip("edgeclip.train.moe_task")
+    pytest.importorskip("edgeclip.edgeapp.moe_task")
+    from edgeclip.edgeapp.tasks import MethodSettings, init_bundle
     from edgeclip.train import fusion
-    from edgeclip.train.pipeline import MethodSettings, init_bundle
 
     init_bundle(tmp_path / "moe", "edgeclip-tiny", random_weights=True, settings=MethodSettings(method="moe"))
     run = evaluate.run_protocols(tmp_path / "moe", domains, tmp_path / "w", protocols=["mtil", "xtail"], shots=4,

@@ -1,5 +1,5 @@
 """The MoE gated graph (export/trace_moe.py + export/compose_moe.py) against the reference
-(train/gated_reference.py with the adapted embeddings of the torch MoECLIP).
+(train/decision.py with the adapted embeddings of the torch MoECLIP).
 
 A tiny random backbone with 2 tasks whose experts and routers are random (non-zero), linear DDAS
 gates fitted on two synthetic clusters. Checks: same route and top-1, scores within 1e-4, a mixed
@@ -12,18 +12,19 @@ from __future__ import annotations
 import functools
 import shutil
 
+import export_helpers as eh
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
-import export_helpers as eh
-from edgeclip.edgeapp.errors import BundleError, UsageError
-from edgeclip.export.compose import build_gated_graph, check_structure, gate_states, learned_tensors
+from edgeclip.export.compose import build_gated_graph, check_structure
 from edgeclip.export.compose_moe import build_moe_gated_graph, share_frozen_weights, weight_sharing
 from edgeclip.export.trace import ExportParityError
-from edgeclip.export.trace_moe import MOE_DATA, check_moe_parity, export_moe_encoder
-from edgeclip.train.gated_reference import gated_reference
+from edgeclip.export.trace_moe import check_moe_parity, export_moe_encoder
+from edgeclip.train.decision import gate_states, gated_reference, learned_tensors
+
+from edgeclip.errors import BundleError, UsageError
+from edgeclip.layout import MOE_DATA
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.slow  # two tiny exports (~20 s)
@@ -223,5 +224,5 @@ def test_composing_needs_no_torch():
     """compose_moe (run on a device after a task was learned elsewhere) and the reference import without torch."""
     from test_torch_free import run_without_torch
 
-    result = run_without_torch("import edgeclip.export.compose_moe, edgeclip.train.gated_reference\nprint('ok')")
+    result = run_without_torch("import edgeclip.export.compose_moe, edgeclip.train.decision\nprint('ok')")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

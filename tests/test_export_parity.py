@@ -7,13 +7,12 @@ tiny random-weight backbone in torch; same route and top-1 for every image, scor
 
 from __future__ import annotations
 
+import export_helpers as eh
 import numpy as np
 import onnxruntime as ort
 import pytest
-
-import export_helpers as eh
 from edgeclip.export.compose import build_gated_graph
-from edgeclip.train.gated_reference import gated_reference
+from edgeclip.train.decision import gated_reference
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
@@ -21,7 +20,7 @@ UNSEEN = "cifar10"
 
 
 def _pixels(root, split):
-    from edgeclip.edgeapp.images import PreprocessConfig, load_and_preprocess
+    from edgeclip.images import PreprocessConfig, load_and_preprocess
 
     cfg = PreprocessConfig.from_dict(eh.tiny_backbone().preprocess)
     classes = sorted(p.name for p in (root / split).iterdir())

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeclip.edgeapp.errors import BundleError, UsageError
-from edgeclip.edgeapp.images import (
+from edgeclip.errors import BundleError, UsageError
+from edgeclip.images import (
     Batch,
     PreprocessConfig,
     iter_batches,
@@ -247,7 +247,7 @@ def test_iter_batches_trailing_errors_and_empty_input(tmp_path):
 def test_iter_batches_runs_ahead_but_bounded(tmp_path, monkeypatch):
     """Decoding runs ahead of the consumer by at most `prefetch` files, and an early
     stop cancels the rest."""
-    import edgeclip.edgeapp.images as images
+    import edgeclip.images as images
 
     paths = write_images(tmp_path, 40)
     started: list[Path] = []

@@ -10,9 +10,6 @@ import pytest
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from edgeclip.edgeapp.errors import UsageError  # noqa: E402
 from edgeclip.train.backbone import register_model_configs  # noqa: E402
 from edgeclip.train.moe import (  # noqa: E402
     ZERO_SHOT,
@@ -29,6 +26,9 @@ from edgeclip.train.moe import (  # noqa: E402
     set_trainable,
     text_classifier,
 )
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from edgeclip.errors import UsageError  # noqa: E402
 
 
 def frozen_clip(name: str = "edgeclip-tiny", seed: int = 0):

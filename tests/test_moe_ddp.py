@@ -14,10 +14,9 @@ import pytest
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
-from safetensors.torch import load_file  # noqa: E402
-
 from edgeclip.train.moe import ZERO_SHOT, MoECLIP, MoEConfig, load_moe_state, moe_state  # noqa: E402
 from edgeclip.train.moe_trainer import TrainSettings, train_task  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from test_moe import frozen_clip  # noqa: E402
 from test_moe_trainer import TEMPLATE, make_domain  # noqa: E402
 

@@ -10,27 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgeclip.edgeapp.bundle import Bundle, list_versions
 from edgeclip.edgeapp.cli.app import app
 from edgeclip.edgeapp.demo_data import write_demo_images
-from edgeclip.edgeapp.errors import BundleError, UsageError
-from edgeclip.edgeapp.runtime import (
-    GATED_INT8_GRAPH,
-    IMAGE_INT8_DATA,
-    IMAGE_INT8_GRAPH,
-    Backend,
-    GatedRunner,
-    ImageEncoderRunner,
-    bundle_file,
-)
+from edgeclip.edgeapp.runtime import Backend, GatedRunner, ImageEncoderRunner
 from edgeclip.export.quantize import export_int8
 from typer.testing import CliRunner
+
+from edgeclip.bundle import Bundle, list_versions
+from edgeclip.errors import BundleError, UsageError
+from edgeclip.layout import GATED_INT8_GRAPH, IMAGE_INT8_DATA, IMAGE_INT8_GRAPH, graph_file
 
 pytest.importorskip("open_clip")
 pytest.importorskip("onnxruntime")
 
 runner = CliRunner()
-INT8_FILES = [bundle_file(n) for n in (IMAGE_INT8_GRAPH, IMAGE_INT8_DATA, GATED_INT8_GRAPH)]
+INT8_FILES = [graph_file(n) for n in (IMAGE_INT8_GRAPH, IMAGE_INT8_DATA, GATED_INT8_GRAPH)]
 # Measured on the tiny random-weight backbone (64 px), 60 real test images (mnist + cifar10):
 # gated top-1 agreement 59/60, route 60/60 (2026-11-25); the floor leaves room for other CPUs.
 AGREEMENT_FLOOR = 0.9
@@ -74,8 +68,8 @@ def test_export_int8_on_a_fresh_bundle_then_add_task_keeps_it_in_step(tmp_path: 
     learned = Bundle.open(root)
     assert learned.version == "v0003" and all(learned.has(f) for f in INT8_FILES)
     files = learned.manifest["files"]
-    assert files[bundle_file(GATED_INT8_GRAPH)]["sha256"] != first.manifest["files"][bundle_file(GATED_INT8_GRAPH)]["sha256"]
-    assert files[bundle_file(IMAGE_INT8_DATA)]["sha256"] == first.manifest["files"][bundle_file(IMAGE_INT8_DATA)]["sha256"]
+    assert files[graph_file(GATED_INT8_GRAPH)]["sha256"] != first.manifest["files"][graph_file(GATED_INT8_GRAPH)]["sha256"]
+    assert files[graph_file(IMAGE_INT8_DATA)]["sha256"] == first.manifest["files"][graph_file(IMAGE_INT8_DATA)]["sha256"]
     pixels = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
     labels = learned.tensors("learned.safetensors")["zs_text"]
     out8 = GatedRunner(learned, "ort-cpu", precision="int8").run(pixels, labels)
@@ -109,7 +103,7 @@ def test_export_int8_on_an_inherited_version_and_the_cli(tmp_path: Path, images:
 
 @pytest.mark.slow
 def test_int8_agrees_with_fp32_on_real_images(extract_subset, tmp_path: Path) -> None:
-    from edgeclip.edgeapp.images import PreprocessConfig, load_and_preprocess
+    from edgeclip.images import PreprocessConfig, load_and_preprocess
 
     root = new_bundle(tmp_path / "b")
     train = extract_subset("mnist", "train", ["0", "1", "2"], per_class=8)

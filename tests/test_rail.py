@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-from safetensors.numpy import load, save
-
-from edgeclip.edgeapp.errors import UsageError
 from edgeclip.train import rail
 from edgeclip.train.rail import RailDual, RailPrimal, RailPrimalWoodbury
+from safetensors.numpy import load, save
+
+from edgeclip.errors import UsageError
 
 DIM, HIDDEN = 16, 96
 
@@ -140,7 +140,7 @@ import sys
 for name in ("torch", "open_clip", "torchvision"):
     sys.modules[name] = None  # import fails as if not installed
 import numpy as np
-from edgeclip.edgeapp.errors import MissingExtraError
+from edgeclip.errors import MissingExtraError
 from edgeclip.train import ddas, fusion, rail
 x = np.eye(8, dtype=np.float32)[np.arange(40) % 8]
 y = np.arange(40) % 4

@@ -5,12 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import export_helpers as eh
 import numpy as np
 import onnxruntime as ort
 import pytest
-
-import export_helpers as eh
-from edgeclip.edgeapp.errors import BackendUnavailableError, UsageError
 from edgeclip.edgeapp.runtime import (
     GatedRunner,
     ImageEncoderRunner,
@@ -18,7 +16,9 @@ from edgeclip.edgeapp.runtime import (
     select_backend,
 )
 from edgeclip.export.compose import build_gated_graph
-from edgeclip.train.gated_reference import gated_reference
+from edgeclip.train.decision import gated_reference
+
+from edgeclip.errors import BackendUnavailableError, UsageError
 
 
 def test_backend_selection_cpu():

@@ -8,8 +8,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from edgeclip.edgeapp.errors import BundleError, MissingExtraError
-from edgeclip.edgeapp.tokenizer import ClipTokenizer, default_vocab_path
+from edgeclip.errors import BundleError, MissingExtraError
+from edgeclip.tokenizer import ClipTokenizer, default_vocab_path
 
 TRICKY = [
     "a photo of a cat.",

@@ -9,11 +9,11 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 
 RUNTIME_MODULES = [
-    "edgeclip.edgeapp.bundle",
-    "edgeclip.edgeapp.images",
-    "edgeclip.edgeapp.discover",
-    "edgeclip.edgeapp.domain",
-    "edgeclip.edgeapp.tokenizer",
+    "edgeclip.bundle",
+    "edgeclip.images",
+    "edgeclip.discover",
+    "edgeclip.domain",
+    "edgeclip.tokenizer",
     "edgeclip.edgeapp.runtime",
     "edgeclip.edgeapp.classify",
     "edgeclip.edgeapp.bench",
@@ -21,7 +21,7 @@ RUNTIME_MODULES = [
     "edgeclip.train.rail",
     "edgeclip.train.fusion",
     "edgeclip.train.ddas",
-    "edgeclip.train.pipeline",
+    "edgeclip.edgeapp.tasks",
     "edgeclip.export.compose",
 ]
 

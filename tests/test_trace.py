@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import export_helpers as eh
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
-import export_helpers as eh
 from edgeclip.export.compose import check_structure
 from edgeclip.export.trace import PARITY_ATOL, ExportParityError, check_parity
 
@@ -66,7 +65,7 @@ def test_parity_check_refuses_a_wrong_graph(graphs):
 
 @pytest.mark.realdata
 def test_image_encoder_parity_on_real_images(graphs, extract_subset):
-    from edgeclip.edgeapp.images import PreprocessConfig, load_and_preprocess
+    from edgeclip.images import PreprocessConfig, load_and_preprocess
 
     bb = eh.tiny_backbone()
     cfg = PreprocessConfig.from_dict(bb.preprocess)

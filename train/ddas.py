@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from edgeclip.edgeapp.errors import BundleError, MissingExtraError, UsageError
+from edgeclip.errors import BundleError, MissingExtraError, UsageError
 
 QUANTILE = 0.95  # threshold = this quantile of a task's held-out reconstruction errors
 HOLDOUT = 0.2

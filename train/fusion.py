@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeclip.edgeapp.errors import UsageError
+from edgeclip.errors import UsageError
 
 BETA = 0.8  # the paper's weight of the learned scores
 LOGIT_SCALE = 100.0  # CLIP's learned temperature, fixed at its trained value

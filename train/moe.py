@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeclip.edgeapp.errors import UsageError
+from edgeclip.errors import UsageError
 
 ZERO_SHOT = -1  # task id of a sample that must get plain CLIP (no adapter)
 ENCODERS = ("image", "text")

@@ -25,11 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-
-from edgeclip.edgeapp.errors import DomainError, UsageError
 from edgeclip.train.moe import (
     FREEZE_RULES,
     MoECLIP,
@@ -41,6 +36,11 @@ from edgeclip.train.moe import (
     mask_frozen_grads,
     set_trainable,
 )
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from edgeclip.errors import DomainError, UsageError
 
 log = logging.getLogger(__name__)
 

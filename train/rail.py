@@ -18,7 +18,7 @@ import numpy as np
 from scipy.linalg import cho_factor, cho_solve, cholesky, solve_triangular
 from scipy.linalg.blas import dsyrk
 
-from edgeclip.edgeapp.errors import BundleError, UsageError
+from edgeclip.errors import BundleError, UsageError
 
 _CHUNK = 1024  # rows of Phi materialised at once: 1024 x hidden float64 (123 MB at hidden 15000)
 

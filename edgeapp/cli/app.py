@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
-import typer
-from rich.markup import escape
 
+import typer
 from edgeclip.edgeapp.cli import commands_bench, commands_classify, commands_eval, commands_manage
 from edgeclip.edgeapp.cli.console import err_console
-from edgeclip.edgeapp.errors import EdgeclipError
+from rich.markup import escape
+
+from edgeclip.errors import EdgeclipError
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 every input done; 3 some inputs could not be read (the rest were still classified); "

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.table import Table
-
 from edgeclip.edgeapp.cli.console import err_console, out_console, progress, stage_reporter
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path
+from rich.table import Table
 
 
 class Protocol(str, Enum):
@@ -84,7 +83,7 @@ def eval_command(
     Prints the accuracy matrix, Transfer / Average / Last and the routing accuracy; writes
     results.json and matrix.png (a heatmap) to --out. The bundle must have no task yet (edgeclip init).
     """
-    from edgeclip.train.evaluate import run_protocols, run_summary, write_heatmap
+    from edgeclip.edgeapp.evaluate import run_protocols, run_summary, write_heatmap
 
     source = bundle_path(bundle)
     with tempfile.TemporaryDirectory(prefix="edgeclip-eval-") as tmp, progress(quiet) as bar:

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from edgeclip.edgeapp.cli.console import err_console, out_console, progress, stage_reporter
+from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, open_bundle
 from rich.markup import escape
 from rich.table import Table
 
-from edgeclip import __version__
-from edgeclip.edgeapp.bundle import Bundle, list_versions
-from edgeclip.edgeapp.bundle import rollback as rollback_bundle
-from edgeclip.edgeapp.cli.console import err_console, out_console, progress, stage_reporter
-from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, open_bundle
+from edgeclip.bundle import Bundle, list_versions
+from edgeclip.bundle import rollback as rollback_bundle
+from edgeclip.version import __version__
 
 
 class Method(str, Enum):
@@ -52,7 +52,7 @@ def init(
 ) -> None:
     """Create a new bundle with no task (zero-shot CLIP only), exporting the frozen encoders to ONNX."""
     from edgeclip.edgeapp.classify import parse_labels
-    from edgeclip.train.pipeline import MethodSettings, init_bundle, require_torch
+    from edgeclip.edgeapp.tasks import MethodSettings, init_bundle, require_torch
 
     require_torch("edgeclip init (reading open_clip models)")
     moe = {"n_experts": experts, "last_blocks": last_blocks,
@@ -84,7 +84,7 @@ def add_task(
     adapters with torch (pip install 'edgeclip[train]'). An interrupted add-task leaves
     the previous version intact.
     """
-    from edgeclip.train.pipeline import add_task as learn
+    from edgeclip.edgeapp.tasks import add_task as learn
 
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter(f"expected auto, cpu or cuda, got '{device}'", param_hint="--device")
@@ -143,9 +143,9 @@ def export(
     keep them in step).
     """
     import onnx
-
-    from edgeclip.edgeapp.runtime import GATED_INT8_GRAPH, IMAGE_INT8_GRAPH, bundle_file
     from edgeclip.export.compose import check_structure
+
+    from edgeclip.layout import GATED_INT8_GRAPH, IMAGE_INT8_GRAPH, graph_file
 
     loaded = open_bundle(bundle)
     if int8:
@@ -162,7 +162,7 @@ def export(
     table.add_column("graph")
     table.add_column("MB", justify="right")
     names = ["graphs/gated.onnx", "graphs/image_encoder.onnx", "graphs/text_encoder.onnx"]
-    names += [bundle_file(n) for n in (GATED_INT8_GRAPH, IMAGE_INT8_GRAPH) if loaded.has(bundle_file(n))]
+    names += [graph_file(n) for n in (GATED_INT8_GRAPH, IMAGE_INT8_GRAPH) if loaded.has(graph_file(n))]
     for name in names:
         path = loaded.path(name)
         # onnx refuses to read external weights through hard links (inherited files are): check the

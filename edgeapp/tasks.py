@@ -14,19 +14,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-
-from edgeclip.edgeapp.bundle import Bundle, VersionWriter, create_bundle, utc_now
-from edgeclip.edgeapp.domain import Domain, few_shot, read_domain
-from edgeclip.edgeapp.errors import DomainError, MissingExtraError, UsageError
-from edgeclip.export.compose import FUSIONS
-from edgeclip.train.ddas import K as GATE_K
 from edgeclip.train.ddas import QUANTILE as GATE_QUANTILE
+from edgeclip.train.ddas import K as GATE_K
+from edgeclip.train.decision import FUSIONS
+
+from edgeclip.bundle import Bundle, VersionWriter, create_bundle, utc_now
+from edgeclip.domain import Domain, few_shot, read_domain
+from edgeclip.errors import DomainError, MissingExtraError, UsageError
+from edgeclip.layout import LEARNED, RAIL_STATE, VOCAB_NAME
 
 METHODS = ("moe", "rail-primal", "rail-dual")
 DEFAULT_TEMPLATES = ["a photo of a {}."]
-LEARNED = "learned.safetensors"
-RAIL_STATE = "rail_state.safetensors"
-VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -70,9 +68,10 @@ def init_bundle(
     zero_shot_labels: list[str] | None = None,
 ) -> Bundle:
     """A new bundle with no task: the frozen encoders exported to ONNX, zero-shot only."""
-    from edgeclip.edgeapp.tokenizer import default_vocab_path
     from edgeclip.export.trace import export_image_encoder, export_text_encoder
     from edgeclip.train.backbone import load_backbone
+
+    from edgeclip.tokenizer import default_vocab_path
 
     settings = settings or MethodSettings()
     settings.validate()
@@ -103,8 +102,10 @@ def init_bundle(
         learned = initial_learned(settings, backbone.embed_dim)
         writer.write_tensors(LEARNED, learned)
         if settings.method == "moe":
+            from edgeclip.edgeapp.moe_task import initial_moe_state
             from edgeclip.train.moe import MoEConfig
-            from edgeclip.train.moe_task import MOE_STATE, initial_moe_state
+
+            from edgeclip.layout import MOE_STATE
 
             config = MoEConfig.from_dict(manifest["method"]["settings"]["moe"])
             writer.write_tensors(MOE_STATE, initial_moe_state(backbone, config, settings.seed))
@@ -114,7 +115,7 @@ def init_bundle(
 
 def initial_learned(settings: MethodSettings, dim: int) -> dict[str, np.ndarray]:
     """The learned tensors of a bundle with no task: an empty label space and an untrained head."""
-    from edgeclip.export.compose import learned_tensors
+    from edgeclip.train.decision import learned_tensors
 
     if settings.method == "rail-primal":
         from edgeclip.train.rail import RailPrimal
@@ -133,8 +134,8 @@ def _method_settings(s: MethodSettings, dim: int) -> dict[str, Any]:
         return {**common, "hidden": s.hidden, "gamma": s.gamma, "dim": dim}
     if s.method == "rail-dual":
         return {**common, "gamma_kernel": s.gamma_kernel, "lam": s.lam, "dim": dim}
+    from edgeclip.edgeapp.moe_task import moe_settings
     from edgeclip.train.moe import MoEConfig
-    from edgeclip.train.moe_task import moe_settings
 
     return {**common, **moe_settings(MoEConfig.from_dict(s.moe), s.moe_train)}
 
@@ -164,8 +165,9 @@ def embed_domain(
 
     ``pixels_out``, when given, receives the preprocessed batches in the same order, for callers
     that need the pixels too (each image is decoded once)."""
-    from edgeclip.edgeapp.images import PreprocessConfig, iter_batches
     from edgeclip.edgeapp.runtime import ImageEncoderRunner
+
+    from edgeclip.images import PreprocessConfig, iter_batches
 
     cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
     runner = ImageEncoderRunner(bundle, backend)
@@ -232,7 +234,7 @@ def add_task(
     name = name or domain.name
     check_new_task(bundle, domain, name)
     if bundle.method == "moe":
-        from edgeclip.train.moe_task import add_moe_task
+        from edgeclip.edgeapp.moe_task import add_moe_task
 
         return add_moe_task(bundle, domain, name, iterations=iterations, device=device, progress=progress,
                             options=moe_options or {})
@@ -265,7 +267,7 @@ def task_record(domain: Domain, name: str, n_images: int, threshold: float, gate
 def rail_learner(bundle: Bundle, learned: dict[str, np.ndarray] | None = None) -> Any:
     """The bundle's RAIL learner, restored from its inference tensors (``learned``, read from the
     bundle unless the caller has them already) and its learning state."""
-    from edgeclip.export.compose import RAIL_KEYS
+    from edgeclip.train.decision import RAIL_KEYS
     from edgeclip.train.rail import RailDual, RailPrimal
 
     settings = bundle.manifest["method"]["settings"]
@@ -286,7 +288,7 @@ def rail_learner(bundle: Bundle, learned: dict[str, np.ndarray] | None = None) -
 def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "auto",
                   progress: ProgressFn | None = None) -> Bundle:
     """RAIL add-task, torch-free: embed, update the closed-form head, fit the gate, re-compose the graph."""
-    from edgeclip.export.compose import RAIL_KEYS, gate_states, learned_tensors
+    from edgeclip.train.decision import RAIL_KEYS, gate_states, learned_tensors
 
     feats, labels, _errors = embed_domain(bundle, domain, backend, progress=progress)
     learned = bundle.tensors(LEARNED)
@@ -326,11 +328,9 @@ def write_gated_graph(writer: VersionWriter, learned: dict[str, np.ndarray]) -> 
         build_moe_gated_graph(writer.staging / "graphs", learned, writer.manifest)
     else:
         from edgeclip.export.compose import build_gated_graph
-        from edgeclip.export.quantize import (
-            GATED_INT8_GRAPH,
-            build_gated_int8,
-            has_int8,
-        )
+        from edgeclip.export.quantize import build_gated_int8, has_int8
+
+        from edgeclip.layout import GATED_INT8_GRAPH
 
         build_gated_graph(writer.staging / "graphs", learned, writer.manifest)
         if has_int8(writer.manifest["files"]):

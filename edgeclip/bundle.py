@@ -30,8 +30,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from edgeclip import __version__
-from edgeclip.edgeapp.errors import BundleError
+from edgeclip.errors import BundleError
+from edgeclip.version import __version__
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .discover import discover_images, display_path
-from .errors import DomainError, UsageError
+from edgeclip.discover import discover_images, display_path
+from edgeclip.errors import DomainError, UsageError
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 SPLIT_NAMES = ("train", "val", "test")

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .discover import display_path
-from .errors import BundleError, ImageError, UsageError
+from edgeclip.discover import display_path
+from edgeclip.errors import BundleError, ImageError, UsageError
 
 # Pillow's own limit: it warns above it and refuses anything above twice it, so a larger
 # `max_pixels` cannot take effect without changing Pillow's global setting.

@@ -13,14 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from edgeclip.edgeapp.bundle import Bundle, VersionWriter
-from edgeclip.edgeapp.domain import Domain
-from edgeclip.train.backbone import Backbone, WeightsSource, load_backbone
-from edgeclip.train.moe import MoECLIP, MoEConfig, load_moe_state, moe_state, text_classifier
-from edgeclip.train.moe_trainer import TrainSettings, train_task
-from edgeclip.train.pipeline import (
-    LEARNED,
+from edgeclip.edgeapp.tasks import (
     ProgressFn,
     class_text_embeddings,
     embed_domain,
@@ -28,9 +21,13 @@ from edgeclip.train.pipeline import (
     task_record,
     write_gated_graph,
 )
+from edgeclip.train.backbone import Backbone, WeightsSource, load_backbone
+from edgeclip.train.moe import MoECLIP, MoEConfig, load_moe_state, moe_state, text_classifier
+from edgeclip.train.moe_trainer import TrainSettings, train_task
 
-MOE_STATE = "moe.safetensors"
-MOE_GRAPH_FILES = ("graphs/moe_encoder.onnx", "graphs/moe_encoder.data")
+from edgeclip.bundle import Bundle, VersionWriter
+from edgeclip.domain import Domain
+from edgeclip.layout import LEARNED, MOE_GRAPH_FILES, MOE_STATE
 
 
 def moe_settings(config: MoEConfig | None = None, train: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -78,7 +75,7 @@ def add_moe_task(
     options: dict[str, Any] | None = None,
 ) -> Bundle:
     """Train the task's router and the free experts, fit its gate, export, write a new version."""
-    from edgeclip.export.compose import gate_states, learned_tensors
+    from edgeclip.train.decision import gate_states, learned_tensors
 
     recipe = dict(bundle.manifest["method"]["settings"]["train"])
     recipe.update(options or {})

@@ -18,7 +18,7 @@ import ftfy
 import numpy as np
 import regex
 
-from .errors import BundleError, EdgeclipError, MissingExtraError
+from edgeclip.errors import BundleError, EdgeclipError, MissingExtraError
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 DEFAULT_CONTEXT_LENGTH = 77

@@ -12,7 +12,7 @@ domain's test split:
 
 The backbone is frozen, so each test image is embedded once per run (`TestSuite`) and every
 step re-scores the cached embeddings. For RAIL bundles the decision is computed by
-`train/gated_reference.py`, the numpy reference that the tests prove equal to graphs/gated.onnx;
+`train/decision.py`, the numpy reference that the tests prove equal to graphs/gated.onnx;
 `decision="graph"` instead runs graphs/gated.onnx itself on the cached pixels (the only way for
 MoE X-TAIL, whose adapters change the image features; MoE MTIL forces the task through the torch
 model, which needs the train extra). RAIL scoring is numpy only, no torch.
@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgeclip.edgeapp import tasks as pipeline
+from edgeclip.train import fusion
 
-from edgeclip.edgeapp.bundle import Bundle, link_or_copy
-from edgeclip.edgeapp.domain import Domain, few_shot, read_domain
-from edgeclip.edgeapp.errors import DomainError, UsageError
-from edgeclip.train import fusion, pipeline
+from edgeclip.bundle import Bundle, link_or_copy
+from edgeclip.domain import Domain, few_shot, read_domain
+from edgeclip.errors import DomainError, UsageError
 
 PROTOCOLS = ("mtil", "xtail")
 GATES = ("ddas", "paper")  # X-TAIL gates of RAIL; MTIL needs none (task identity known)
@@ -245,8 +246,7 @@ class Scorer:
     def _mtil(self, bundle: Bundle, tensors: Mapping[str, np.ndarray], learned: Sequence[int]) -> list[float]:
         if bundle.tasks and bundle.method not in RAIL_METHODS:
             return self._mtil_moe(bundle, tensors, learned)
-        from edgeclip.export.compose import DecisionSpec
-        from edgeclip.train.gated_reference import rail_head
+        from edgeclip.train.decision import DecisionSpec, rail_head
 
         spec = DecisionSpec.from_bundle(tensors, bundle.manifest)
         head = rail_head(tensors, spec) if bundle.tasks else None
@@ -270,7 +270,7 @@ class Scorer:
         routed to that task, run by torch here because the graph routes by the gate); others zero-shot."""
         if self.suite.pixels is None:
             raise UsageError("MoE MTIL scoring needs a test suite built with keep_pixels=True")
-        from edgeclip.train.moe_task import adapted_embeddings, load_moe_model
+        from edgeclip.edgeapp.moe_task import adapted_embeddings, load_moe_model
 
         _, model = load_moe_model(bundle)
         scale = float(bundle.manifest.get("zero_shot", {}).get("logit_scale", 100.0))
@@ -306,7 +306,7 @@ class Scorer:
         """(scores [N_j, L], route [N_j]) per domain."""
         if self.decision == "graph" or bundle.method not in RAIL_METHODS:
             return self._decide_graph(bundle, label_text, gate)
-        from edgeclip.train.gated_reference import gated_reference
+        from edgeclip.train.decision import gated_reference
 
         manifest = _with_gate(bundle.manifest, gate)
         out = gated_reference(np.concatenate(self.suite.features), label_text, tensors, manifest)
@@ -482,7 +482,7 @@ def run_summary(run: ContinualRun, source: Path) -> dict[str, Any]:
         "shots": run.shots,
         "decision": ("graphs/gated.onnx run on the test pixels" if run.decision == "graph" or
                      run.method not in RAIL_METHODS else
-                     "train/gated_reference.py on cached frozen embeddings (tested equal to graphs/gated.onnx)"),
+                     "train/decision.py on cached frozen embeddings (tested equal to graphs/gated.onnx)"),
         "random_weights": run.random_weights,
     }
 

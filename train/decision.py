@@ -1,0 +1,240 @@
+"""The gated decision (METHODS.md sections 2 and 3), from image embeddings to scores: its settings
+(``DecisionSpec``), the packing of the learned tensors it reads, and its numpy reference.
+
+The decision for an embedding x [B,D] and the label space's text embeddings [L,D]:
+
+    p_zs  = softmax(logit_scale * norm(x) norm(label_text)^T)                     [B,L]
+    err   = per-task DDAS autoencoder errors (``ddas``)                            [B,T]
+    route = ``ddas.route(err, thresholds)``: a task index or -1 (zero-shot)        [B]
+    s_A   = the learner's head scores (``rail``: RAIL primal/dual; MoE: adapted)   [B,C]
+    fusion "ddas":  routed -> (1-beta) p_zs + beta s_A on the route's columns, -1 -> p_zs
+    fusion "paper": RAIL's rule, route by the zero-shot top-1 class (``fusion.fuse_paper``)
+
+``edgeclip.export.compose`` writes the same decision as ONNX and is tested against
+``gated_reference``: each formula exists once in numpy and once as the exported graph.
+numpy only (no torch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from edgeclip.train import ddas, fusion
+from edgeclip.train.ddas import ROUTE_RULE, ROUTE_RULES
+from edgeclip.train.rail import RailDual, RailPrimal
+
+from edgeclip.errors import BundleError, UsageError
+from edgeclip.layout import (
+    GATE_K,
+    GATE_KEYS,
+    TASK_OFFSET,
+    TASK_SIZE,
+    TASK_TEXT,
+    ZS_TEXT,
+)
+
+FUSIONS = ("ddas", "paper")
+RAIL_METHODS = ("rail-primal", "rail-dual")
+DEFAULT_BETA = 0.8
+DEFAULT_LOGIT_SCALE = 100.0
+DEFAULT_KERNEL_GAMMA = 0.1
+
+RAIL_KEYS = {"rail-primal": ("w_r", "w"), "rail-dual": ("memory", "alpha")}  # [D,H],[H,C] | [N,D],[N,C]
+MOE = "moe"
+METHODS = (*RAIL_METHODS, MOE)
+
+
+# -- learned tensors layout -------------------------------------------------------------------
+def learned_tensors(
+    zs_text: np.ndarray,
+    task_sizes: Sequence[int],
+    gate_kind: str,
+    gate_states: Sequence[Mapping[str, np.ndarray]],
+    method: str,
+    head_state: Mapping[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """Pack what the gated graph needs into learned.safetensors' tensors.
+
+    gate_states: each task's autoencoder `.state()` (edgeclip.train.ddas); head_state: the RAIL
+    learner's `.state()` (only the inference tensors are kept; the primal statistics live in
+    rail_stats.safetensors), or for method "moe" {"task_text": [C,D]} (the tasks' adapted text
+    classifiers concatenated in global class order, rows L2-normalised as `moe.text_classifier` gives).
+    """
+    if gate_kind not in GATE_KEYS:
+        raise UsageError(f"unknown gate kind {gate_kind!r}; known: {sorted(GATE_KEYS)}")
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; known: {METHODS}")
+    if len(gate_states) != len(task_sizes):
+        raise UsageError(f"{len(gate_states)} gates for {len(task_sizes)} tasks")
+    sizes = np.asarray(task_sizes, dtype=np.int64)
+    out = {ZS_TEXT: np.asarray(zs_text, np.float32), TASK_SIZE: sizes,
+           TASK_OFFSET: (np.cumsum(sizes) - sizes).astype(np.int64)}
+    if len(gate_states):
+        out.update(_stack_gates(gate_kind, gate_states))
+    if method == MOE:
+        task_text = np.asarray(head_state[TASK_TEXT], np.float32)
+        if task_text.shape != (int(sizes.sum()), out[ZS_TEXT].shape[1]):
+            raise UsageError(f"task_text must be [{int(sizes.sum())}, {out[ZS_TEXT].shape[1]}] (one row per "
+                             f"learned class), got {list(task_text.shape)}")
+        out[TASK_TEXT] = task_text
+        return out
+    for key in RAIL_KEYS[method]:
+        out[f"rail.{key}"] = np.asarray(head_state[key], np.float32)
+    return out
+
+
+def _stack_gates(kind: str, states: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if kind == "mlp":
+        return {f"gate.{key}": np.stack([np.asarray(s[key], np.float32).reshape(
+            () if key == "scale" else np.shape(s[key])) for s in states]) for key in GATE_KEYS["mlp"]}
+    ks = [int(np.shape(s["components"])[0]) for s in states]
+    dim = int(np.shape(states[0]["mu"])[0])
+    comps = np.zeros((len(states), max(ks), dim), np.float32)  # zero rows project nothing
+    for t, s in enumerate(states):
+        comps[t, : ks[t]] = s["components"]
+    return {"gate.mu": np.stack([np.asarray(s["mu"], np.float32) for s in states]),
+            "gate.components": comps, GATE_K: np.asarray(ks, np.int64)}
+
+
+def gate_states(learned: Mapping[str, np.ndarray], kind: str) -> list[dict[str, np.ndarray]]:
+    """The inverse of the packing: each task's autoencoder state (for `ddas.autoencoder_from_state`)."""
+    n_tasks = len(learned[TASK_SIZE])
+    states = []
+    for t in range(n_tasks):
+        state = {key: np.asarray(learned[f"gate.{key}"][t]) for key in GATE_KEYS[kind]}
+        if kind == "linear":
+            state["components"] = state["components"][: int(learned[GATE_K][t])]
+        else:
+            state["scale"] = state["scale"].reshape(1)
+        states.append(state)
+    return states
+
+
+# -- what the graph is built from -------------------------------------------------------------
+@dataclass(frozen=True)
+class DecisionSpec:
+    """The settings of the decision, read from the manifest and checked against the tensors."""
+
+    method: str
+    fusion: str
+    beta: float
+    logit_scale: float
+    gate_kind: str
+    route_rule: str  # ddas.ROUTE_RULES
+    thresholds: np.ndarray  # [T] float32
+    offsets: np.ndarray  # [T] int64
+    sizes: np.ndarray  # [T] int64
+    kernel_gamma: float
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def n_learned(self) -> int:
+        return int(self.sizes.sum())
+
+    @classmethod
+    def from_bundle(cls, learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> DecisionSpec:
+        method = manifest["method"]["name"]
+        settings = manifest["method"].get("settings", {}) or {}
+        tasks = manifest.get("tasks", [])
+        fusion = settings.get("fusion", "ddas")
+        if fusion not in FUSIONS:
+            raise BundleError(f"unknown fusion rule {fusion!r}; known: {FUSIONS}")
+        if method not in METHODS:
+            raise BundleError(f"unknown method {method!r}; known: {METHODS}")
+        sizes = np.asarray(learned.get(TASK_SIZE, np.zeros(0, np.int64)), np.int64)
+        offsets = np.asarray(learned.get(TASK_OFFSET, np.zeros(0, np.int64)), np.int64)
+        if len(sizes) != len(tasks) or [len(t["classes"]) for t in tasks] != sizes.tolist():
+            raise BundleError(f"learned tensors describe tasks of sizes {sizes.tolist()}, "
+                              f"the manifest {[len(t['classes']) for t in tasks]}")
+        if not np.array_equal(offsets, np.cumsum(sizes) - sizes):
+            raise BundleError(f"task offsets {offsets.tolist()} do not follow the task sizes {sizes.tolist()}")
+        gate = manifest.get("gate") or {}
+        route_rule = (gate.get("settings") or {}).get("route_rule", ROUTE_RULE)
+        if route_rule not in ROUTE_RULES:
+            raise BundleError(f"unknown gate routing rule {route_rule!r}; known: {ROUTE_RULES}")
+        thresholds = np.asarray([float(t["threshold"]) for t in tasks], np.float32)
+        if np.any(~(thresholds > 0)):
+            raise BundleError(f"gate thresholds must be positive, got {thresholds.tolist()}")
+        return cls(
+            method=method, fusion=fusion, beta=float(settings.get("beta", DEFAULT_BETA)),
+            logit_scale=float((manifest.get("zero_shot") or {}).get("logit_scale", DEFAULT_LOGIT_SCALE)),
+            gate_kind=gate.get("kind", "linear"), route_rule=route_rule, thresholds=thresholds,
+            offsets=offsets, sizes=sizes,
+            kernel_gamma=float(settings.get("gamma_kernel", DEFAULT_KERNEL_GAMMA)),
+        )
+
+
+
+def rail_head(learned: Mapping[str, np.ndarray], spec: DecisionSpec) -> RailPrimal | RailDual:
+    """The RAIL learner rebuilt from its inference tensors (enough to call `.scores`)."""
+    if spec.method == "rail-primal":
+        w_r, w = np.asarray(learned["rail.w_r"]), np.asarray(learned["rail.w"])
+        settings = {"dim": w_r.shape[0], "hidden": w_r.shape[1], "gamma": 1.0, "seed": 0,
+                    "n_classes": w.shape[1], "n_seen": 0}
+        # The statistics A, C are only needed to keep learning; scoring reads w_r and w.
+        return RailPrimal.from_state({"w_r": w_r, "w": w, "a": np.zeros((0, 0)), "c": np.zeros((0, 0))}, settings)
+    head = RailDual(gamma_kernel=spec.kernel_gamma)
+    head.memory = np.asarray(learned["rail.memory"], np.float32)
+    head.alpha = np.asarray(learned["rail.alpha"], np.float32)
+    head.n_classes = head.alpha.shape[1]
+    return head
+
+
+def paper_route(p_zs: np.ndarray, spec: DecisionSpec) -> np.ndarray:
+    """The paper's gate as a route: the task owning the zero-shot top-1 class, -1 if it is unseen."""
+    top = p_zs.argmax(axis=1)
+    task_of_column = np.repeat(np.arange(spec.n_tasks, dtype=np.int64), spec.sizes)
+    if spec.n_learned == 0:
+        return np.full(len(top), -1, np.int64)
+    return np.where(top < spec.n_learned, task_of_column[np.minimum(top, spec.n_learned - 1)], -1).astype(np.int64)
+
+
+def moe_scores(adapted: np.ndarray, route: np.ndarray, task_text: np.ndarray, spec: DecisionSpec) -> np.ndarray:
+    """[B,C]: row b routed to t gets softmax(logit_scale * adapted_b task_text_t^T) on task t's
+    columns, zero elsewhere; rows routed to -1 are zero."""
+    route = np.asarray(route, np.int64)
+    logits = spec.logit_scale * np.asarray(adapted, np.float32) @ np.asarray(task_text, np.float32).T
+    own = fusion.task_masks(spec.offsets, spec.sizes, spec.n_learned)[np.maximum(route, 0)] > 0  # [B,C]
+    probs = fusion.softmax(np.where(own, logits, -np.inf))
+    return np.where(own & (route >= 0)[:, None], probs, 0.0).astype(np.float32)
+
+
+Adapt = Callable[[np.ndarray], np.ndarray]  # route [B] -> adapted embeddings [B,D] (rows of -1 ignored)
+
+
+def gated_reference(embedding: np.ndarray, label_text: np.ndarray, learned: Mapping[str, np.ndarray],
+                    manifest: Mapping[str, Any], adapt: Adapt | None = None) -> dict[str, np.ndarray]:
+    """{"scores" [B,L], "route" [B], "gate_ratio" [B,T]} for image embeddings [B,D].
+
+    MoE bundles need `adapt`: given the gate's routes, the images' adapted embeddings (e.g.
+    `MoECLIP.encode_image(pixels, route, normalize=True)`).
+    """
+    spec = DecisionSpec.from_bundle(learned, manifest)
+    x = np.asarray(embedding, np.float32)
+    p_zs = fusion.zero_shot_probs(x, label_text, spec.logit_scale)
+    if spec.n_tasks == 0:
+        return {"scores": p_zs, "route": np.full(len(x), -1, np.int64),
+                "gate_ratio": np.zeros((len(x), 0), np.float32)}
+    gates = [ddas.autoencoder_from_state(state, {"kind": spec.gate_kind})
+             for state in gate_states(learned, spec.gate_kind)]
+    errors = np.stack([gate.errors(x) for gate in gates], axis=1)  # [B,T]
+    route, ratios = ddas.route(errors, spec.thresholds, spec.route_rule)
+    if spec.method == MOE:
+        if adapt is None:
+            raise UsageError("the MoE reference needs the adapted embeddings (adapt)")
+        s_moe = moe_scores(adapt(route), route, learned[TASK_TEXT], spec)
+        scores = fusion.fuse_gated(p_zs, s_moe, route, spec.offsets, spec.sizes, beta=1.0)
+        return {"scores": scores, "route": route, "gate_ratio": ratios.astype(np.float32)}
+    s_a = rail_head(learned, spec).scores(x)
+    if spec.fusion == "ddas":
+        scores = fusion.fuse_gated(p_zs, s_a, route, spec.offsets, spec.sizes, spec.beta)
+    else:
+        route = paper_route(p_zs, spec)
+        scores = fusion.fuse_paper(p_zs, s_a, spec.beta)
+    return {"scores": scores, "route": route, "gate_ratio": ratios.astype(np.float32)}
