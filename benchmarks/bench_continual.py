@@ -32,13 +32,14 @@ from typing import Any
 
 import numpy as np
 from common import cpu_name
-from edgeclip.edgeapp import evaluate
-from edgeclip.edgeapp import tasks as pipeline
-from edgeclip.train.decision import RAIL_KEYS
 from rich.console import Console
 from rich.table import Table
 
 from edgeclip.bundle import Bundle
+from edgeclip.edgeapp import evaluate
+from edgeclip.edgeapp import tasks as pipeline
+from edgeclip.edgeapp.create import init_bundle
+from edgeclip.train.decision import RAIL_KEYS
 
 ORDER = ("caltech101", "cifar10", "dtd10", "mnist", "fashion_mnist")
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def run_method(method: str, args: argparse.Namespace, dirs: list[Path], work: Pa
     iterations = args.moe_iterations if method == "moe" else None
     t0 = time.perf_counter()
     source = work / method / "source"
-    pipeline.init_bundle(source, args.model, random_weights=True, seed=args.seed, settings=settings)
+    init_bundle(source, args.model, random_weights=True, seed=args.seed, settings=settings)
     init_s = time.perf_counter() - t0
     gates = list(evaluate.GATES) if method in evaluate.RAIL_METHODS else ["ddas"]
     protocols = ["mtil", "xtail"]

@@ -33,6 +33,7 @@ def main() -> None:
 
     import onnxruntime as ort
     import torch
+
     from edgeclip.export.compose import build_gated_graph
     from edgeclip.export.trace import export_image_encoder
     from edgeclip.train import ddas

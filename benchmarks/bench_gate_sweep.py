@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 from common import cpu_name
-from edgeclip.train import ddas
-from edgeclip.train.backbone import load_backbone
 
 from edgeclip.images import PreprocessConfig, iter_batches
+from edgeclip.train import ddas
+from edgeclip.train.backbone import load_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"

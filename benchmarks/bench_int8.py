@@ -63,6 +63,7 @@ def time_eager(model: str, repeats: int) -> dict[int, float]:
     Timed apart: interleaved with the onnxruntime sessions of this script, eager ran 40-70x slower
     (several hundred ms per image) on this machine, an interaction not seen in a fresh process."""
     import torch
+
     from edgeclip.train.backbone import load_backbone
 
     bb = load_backbone(model, random_weights=True, seed=0)
@@ -87,11 +88,12 @@ def main() -> None:
 
     import onnxruntime as ort
     import torch
-    from edgeclip.edgeapp.runtime import TextEncoderRunner
-    from edgeclip.edgeapp.tasks import MethodSettings, add_task, init_bundle
-    from edgeclip.export.quantize import export_int8
 
     from edgeclip.bundle import Bundle
+    from edgeclip.edgeapp.create import init_bundle
+    from edgeclip.edgeapp.runtime import TextEncoderRunner
+    from edgeclip.edgeapp.tasks import MethodSettings, add_task
+    from edgeclip.export.quantize import export_int8
     from edgeclip.images import PreprocessConfig, load_and_preprocess
     from edgeclip.layout import (
         GATED_GRAPH,

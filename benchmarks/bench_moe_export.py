@@ -62,6 +62,7 @@ def main() -> None:
     import onnx
     import onnxruntime as ort
     import torch
+
     from edgeclip.export.compose_moe import build_moe_gated_graph, weight_sharing
     from edgeclip.export.trace import export_image_encoder
     from edgeclip.export.trace_moe import export_moe_encoder

@@ -23,8 +23,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from edgeclip.edgeapp import evaluate
-from edgeclip.edgeapp.tasks import MethodSettings, init_bundle
+from edgeclip.edgeapp.create import init_bundle
+from edgeclip.edgeapp.tasks import MethodSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"

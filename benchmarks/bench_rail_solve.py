@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import scipy
 from common import cpu_name
+
 from edgeclip.train.rail import RailPrimal
 
 

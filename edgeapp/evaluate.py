@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgeclip.edgeapp import tasks as pipeline
-from edgeclip.train import fusion
 
 from edgeclip.bundle import Bundle, link_or_copy
 from edgeclip.domain import Domain, few_shot, read_domain
+from edgeclip.edgeapp import tasks as pipeline
 from edgeclip.errors import DomainError, UsageError
+from edgeclip.extras import import_torch_module
+from edgeclip.train import fusion
 
 PROTOCOLS = ("mtil", "xtail")
 GATES = ("ddas", "paper")  # X-TAIL gates of RAIL; MTIL needs none (task identity known)
@@ -270,9 +271,9 @@ class Scorer:
         routed to that task, run by torch here because the graph routes by the gate); others zero-shot."""
         if self.suite.pixels is None:
             raise UsageError("MoE MTIL scoring needs a test suite built with keep_pixels=True")
-        from edgeclip.edgeapp.moe_task import adapted_embeddings, load_moe_model
-
-        _, model = load_moe_model(bundle)
+        moe_task = import_torch_module("edgeclip.edgeapp.moe_task", "MoE evaluation")
+        adapted_embeddings = moe_task.adapted_embeddings
+        _, model = moe_task.load_moe_model(bundle)
         scale = float(bundle.manifest.get("zero_shot", {}).get("logit_scale", 100.0))
         offsets = np.cumsum([0] + [len(t["classes"]) for t in bundle.tasks])
         out = []

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgeclip.bundle import Bundle, VersionWriter
+from edgeclip.domain import Domain
 from edgeclip.edgeapp.tasks import (
     ProgressFn,
     class_text_embeddings,
@@ -21,13 +24,10 @@ from edgeclip.edgeapp.tasks import (
     task_record,
     write_gated_graph,
 )
+from edgeclip.layout import LEARNED, MOE_GRAPH_FILES, MOE_STATE
 from edgeclip.train.backbone import Backbone, WeightsSource, load_backbone
 from edgeclip.train.moe import MoECLIP, MoEConfig, load_moe_state, moe_state, text_classifier
 from edgeclip.train.moe_trainer import TrainSettings, train_task
-
-from edgeclip.bundle import Bundle, VersionWriter
-from edgeclip.domain import Domain
-from edgeclip.layout import LEARNED, MOE_GRAPH_FILES, MOE_STATE
 
 
 def moe_settings(config: MoEConfig | None = None, train: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -97,7 +97,8 @@ def add_moe_task(
     feats, _labels, _errors = embed_domain(bundle, domain, progress=progress)
     gate_state, gate_settings, threshold = fit_task_gate(bundle, feats)
     learned = bundle.tensors(LEARNED)
-    tasks = bundle.tasks + [task_record(domain, name, len(result.samples), threshold, gate_settings)]
+    tasks = bundle.tasks + [task_record(name, domain.classes, domain.templates, str(domain.root), len(result.samples), threshold,
+                                         gate_settings)]
     tasks[-1]["training"] = {
         "iterations": settings.iterations,
         "final_loss": float(np.mean(result.losses[-10:])) if result.losses else None,

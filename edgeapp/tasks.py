@@ -1,29 +1,44 @@
-"""Bundle-level steps: create a bundle from an open_clip model, and learn a task into a new version.
+"""Learn a task into a new bundle version (and the settings and learned tensors a new bundle starts with).
 
-``init_bundle`` needs torch (it reads open_clip and traces the encoders). ``add_task`` for the
-RAIL methods needs no torch: features come from the exported image encoder through
+Creating a bundle is ``edgeclip.edgeapp.create`` (torch). ``add_task`` for the RAIL methods needs no torch: features come from the exported image encoder through
 onnxruntime, the ridge update and the linear DDAS gate are numpy, and the gated graph is
 re-composed with onnx alone. MoE add-task imports torch (``train`` extra).
 """
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from edgeclip.bundle import Bundle, VersionWriter, utc_now
+from edgeclip.domain import Domain, few_shot, read_domain
+from edgeclip.edgeapp.runtime import ImageEncoderRunner, TextEncoderRunner
+from edgeclip.errors import DomainError, UsageError
+from edgeclip.export.compose import build_gated_graph
+from edgeclip.export.compose_moe import build_moe_gated_graph
+from edgeclip.export.quantize import build_gated_int8, has_int8
+from edgeclip.extras import import_torch_module, require_torch
+from edgeclip.images import PreprocessConfig, iter_batches
+from edgeclip.layout import (
+    GATED_GRAPH,
+    GATED_INT8_GRAPH,
+    GRAPHS_DIR,
+    LEARNED,
+    RAIL_STATE,
+    TASK_TEXT,
+    ZS_TEXT,
+    graph_file,
+    rail_key,
+)
 from edgeclip.train.ddas import QUANTILE as GATE_QUANTILE
 from edgeclip.train.ddas import K as GATE_K
-from edgeclip.train.decision import FUSIONS
+from edgeclip.train.decision import FUSIONS, gate_states, learned_tensors
+from edgeclip.train.rail import RailDual, RailPrimal
+from edgeclip.train.registry import learner_spec, load_learner
 
-from edgeclip.bundle import Bundle, VersionWriter, create_bundle, utc_now
-from edgeclip.domain import Domain, few_shot, read_domain
-from edgeclip.errors import DomainError, MissingExtraError, UsageError
-from edgeclip.layout import LEARNED, RAIL_STATE, VOCAB_NAME
-
-METHODS = ("moe", "rail-primal", "rail-dual")
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -48,8 +63,7 @@ class MethodSettings:
     moe_train: dict[str, Any] = field(default_factory=dict)  # training recipe fields (iterations, lr, ...)
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise UsageError(f"Unknown method '{self.method}'; expected one of {', '.join(METHODS)}.")
+        learner_spec(self.method)  # UsageError naming the known methods
         if self.fusion not in FUSIONS:
             raise UsageError(f"Unknown fusion '{self.fusion}'; expected one of {', '.join(FUSIONS)}.")
         if self.gate_kind not in ("linear", "mlp"):
@@ -58,97 +72,29 @@ class MethodSettings:
             raise UsageError("Expected hidden >= 1, 0 <= beta <= 1 and 0 < gate quantile <= 1.")
 
 
-def init_bundle(
-    root: Path,
-    model: str,
-    pretrained: str | None = None,
-    random_weights: bool = False,
-    seed: int = 0,
-    settings: MethodSettings | None = None,
-    zero_shot_labels: list[str] | None = None,
-) -> Bundle:
-    """A new bundle with no task: the frozen encoders exported to ONNX, zero-shot only."""
-    from edgeclip.export.trace import export_image_encoder, export_text_encoder
-    from edgeclip.train.backbone import load_backbone
-
-    from edgeclip.tokenizer import default_vocab_path
-
-    settings = settings or MethodSettings()
-    settings.validate()
-    backbone = load_backbone(model, pretrained, random_weights=random_weights, seed=seed)
-    manifest: dict[str, Any] = {
-        "backbone": {
-            "model": model,
-            "weights": backbone.source.to_dict(),
-            "embed_dim": backbone.embed_dim,
-            "context_length": backbone.context_length,
-        },
-        "preprocess": backbone.preprocess,
-        "method": {"name": settings.method, "settings": _method_settings(settings, backbone.embed_dim)},
-        "gate": {"kind": settings.gate_kind, "k": settings.gate_k, "quantile": settings.gate_quantile},
-        "zero_shot": {"templates": list(DEFAULT_TEMPLATES), "logit_scale": 100.0, "labels": zero_shot_labels or []},
-        "tasks": [],
-    }
-    writer = create_bundle(root, manifest)
-    with writer:
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp_dir = Path(tmp)
-            for export in (export_image_encoder, export_text_encoder):
-                onnx_path = Path(export(backbone, tmp_dir))
-                for produced in sorted(tmp_dir.iterdir()):
-                    if produced.stem == onnx_path.stem:
-                        writer.write_file(f"graphs/{produced.name}", produced)
-        writer.write_file(f"tokenizer/{VOCAB_NAME}", default_vocab_path())
-        learned = initial_learned(settings, backbone.embed_dim)
-        writer.write_tensors(LEARNED, learned)
-        if settings.method == "moe":
-            from edgeclip.edgeapp.moe_task import initial_moe_state
-            from edgeclip.train.moe import MoEConfig
-
-            from edgeclip.layout import MOE_STATE
-
-            config = MoEConfig.from_dict(manifest["method"]["settings"]["moe"])
-            writer.write_tensors(MOE_STATE, initial_moe_state(backbone, config, settings.seed))
-        write_gated_graph(writer, learned)
-    return Bundle.open(root)
+_INITIAL_HEAD: dict[str, Callable[[MethodSettings, int], dict[str, np.ndarray]]] = {
+    "ridge": lambda s, dim: RailPrimal(dim, s.hidden, s.gamma, s.seed).state(),  # seeded W_r, empty W
+    "kernel": lambda s, dim: {"memory": np.zeros((0, dim), np.float32), "alpha": np.zeros((0, 0), np.float32)},
+    "adapted-text": lambda s, dim: {TASK_TEXT: np.zeros((0, dim), np.float32)},
+}
 
 
 def initial_learned(settings: MethodSettings, dim: int) -> dict[str, np.ndarray]:
-    """The learned tensors of a bundle with no task: an empty label space and an untrained head."""
-    from edgeclip.train.decision import learned_tensors
-
-    if settings.method == "rail-primal":
-        from edgeclip.train.rail import RailPrimal
-
-        head = RailPrimal(dim, settings.hidden, settings.gamma, settings.seed).state()
-    elif settings.method == "rail-dual":
-        head = {"memory": np.zeros((0, dim), np.float32), "alpha": np.zeros((0, 0), np.float32)}
-    else:
-        head = {"task_text": np.zeros((0, dim), np.float32)}
+    """The learned tensors of a bundle with no task (an empty label space, an untrained head) for
+    embeddings of width ``dim``; layout in ``edgeclip.layout``."""
+    head = _INITIAL_HEAD[learner_spec(settings.method).head](settings, dim)
     return learned_tensors(np.zeros((0, dim), np.float32), [], settings.gate_kind, [], settings.method, head)
-
-
-def _method_settings(s: MethodSettings, dim: int) -> dict[str, Any]:
-    common = {"beta": s.beta, "fusion": s.fusion, "seed": s.seed}
-    if s.method == "rail-primal":
-        return {**common, "hidden": s.hidden, "gamma": s.gamma, "dim": dim}
-    if s.method == "rail-dual":
-        return {**common, "gamma_kernel": s.gamma_kernel, "lam": s.lam, "dim": dim}
-    from edgeclip.edgeapp.moe_task import moe_settings
-    from edgeclip.train.moe import MoEConfig
-
-    return {**common, **moe_settings(MoEConfig.from_dict(s.moe), s.moe_train)}
 
 
 # --------------------------------------------------------------------------- add-task
 
 
-def check_new_task(bundle: Bundle, domain: Domain, name: str) -> None:
+def check_new_task(bundle: Bundle, classes: Sequence[str], name: str) -> None:
     """Refuse what would corrupt the bundle: a used task name or a class name already learned."""
     if any(task["name"] == name for task in bundle.tasks):
         raise DomainError(f"A task named '{name}' is already learned; pass --name to choose another.")
     learned = {c.lower(): task["name"] for task in bundle.tasks for c in task["classes"]}
-    clashes = [c for c in domain.classes if c.lower() in learned]
+    clashes = [c for c in classes if c.lower() in learned]
     if clashes:
         shown = ", ".join(f"'{c}' (task '{learned[c.lower()]}')" for c in clashes[:5])
         raise DomainError(
@@ -165,10 +111,6 @@ def embed_domain(
 
     ``pixels_out``, when given, receives the preprocessed batches in the same order, for callers
     that need the pixels too (each image is decoded once)."""
-    from edgeclip.edgeapp.runtime import ImageEncoderRunner
-
-    from edgeclip.images import PreprocessConfig, iter_batches
-
     cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
     runner = ImageEncoderRunner(bundle, backend)
     label_of = {path: label for path, label in domain.samples}
@@ -191,22 +133,7 @@ def embed_domain(
 
 def class_text_embeddings(bundle: Bundle, domain: Domain, backend: str = "auto") -> np.ndarray:
     """Frozen zero-shot classifier of the domain's classes: templates averaged, re-normalised."""
-    from edgeclip.edgeapp.runtime import TextEncoderRunner
-
     return TextEncoderRunner(bundle, backend).class_embeddings(domain.classes, domain.templates)
-
-
-def require_torch(what: str) -> None:
-    """Fail early, saying which extra to install, when torch or open_clip is missing."""
-    import importlib.util
-
-    for module, package in (("torch", "torch"), ("open_clip", "open_clip_torch")):
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ImportError:  # a broken or blocked installation
-            found = False
-        if not found:
-            raise MissingExtraError(what, "train", package)
 
 
 def load_domain(directory: Path, shots: int | None, seed: int) -> Domain:
@@ -227,17 +154,17 @@ def add_task(
 ) -> Bundle:
     """Learn one domain into a new bundle version (the previous one stays intact until the switch)."""
     bundle = Bundle.open(root)
-    if bundle.method == "moe":
-        require_torch("MoE add-task (training adapters)")
+    learner = learner_spec(bundle.method)
+    if learner.needs_torch:
+        require_torch(f"{bundle.method} add-task (training)")
     settings = bundle.manifest["method"]["settings"]
     domain = load_domain(Path(domain_dir), shots, int(settings.get("seed", 0)))
     name = name or domain.name
-    check_new_task(bundle, domain, name)
-    if bundle.method == "moe":
-        from edgeclip.edgeapp.moe_task import add_moe_task
-
-        return add_moe_task(bundle, domain, name, iterations=iterations, device=device, progress=progress,
-                            options=moe_options or {})
+    check_new_task(bundle, domain.classes, name)
+    if learner.learns_from == "images":  # MoE: gradients through the adapted backbone, with torch
+        moe_task = import_torch_module("edgeclip.edgeapp.moe_task", f"{bundle.method} add-task (training)")
+        return moe_task.add_moe_task(bundle, domain, name, iterations=iterations, device=device, progress=progress,
+                                     options=moe_options or {})
     return add_rail_task(bundle, domain, name, backend=backend, progress=progress)
 
 
@@ -251,15 +178,17 @@ def fit_task_gate(bundle: Bundle, feats: np.ndarray) -> tuple[dict[str, np.ndarr
     return autoencoder.state(), autoencoder.settings(), float(threshold)
 
 
-def task_record(domain: Domain, name: str, n_images: int, threshold: float, gate_settings: dict[str, Any]) -> dict[str, Any]:
+def task_record(name: str, classes: Sequence[str], templates: Sequence[str], source: str, n_images: int,
+                threshold: float, gate_settings: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's record of a learned task (``tasks[i]``)."""
     return {
         "name": name,
-        "classes": list(domain.classes),
-        "templates": list(domain.templates),
+        "classes": list(classes),
+        "templates": list(templates),
         "n_images": int(n_images),
         "threshold": float(threshold),
         "gate": gate_settings,
-        "source": str(domain.root),
+        "source": source,
         "created_at": utc_now(),
     }
 
@@ -267,50 +196,74 @@ def task_record(domain: Domain, name: str, n_images: int, threshold: float, gate
 def rail_learner(bundle: Bundle, learned: dict[str, np.ndarray] | None = None) -> Any:
     """The bundle's RAIL learner, restored from its inference tensors (``learned``, read from the
     bundle unless the caller has them already) and its learning state."""
-    from edgeclip.train.decision import RAIL_KEYS
-    from edgeclip.train.rail import RailDual, RailPrimal
-
+    spec = learner_spec(bundle.method)
     settings = bundle.manifest["method"]["settings"]
     learned = bundle.tensors(LEARNED) if learned is None else learned
     if not bundle.tasks:
-        if bundle.method == "rail-primal":
-            w_r = learned["rail.w_r"]
+        if spec.head == "ridge":
+            w_r = learned[rail_key("w_r")]
             return RailPrimal(int(settings["dim"]), int(settings["hidden"]), float(settings["gamma"]),
                               int(settings["seed"]), w_r=w_r)
         return RailDual(float(settings["gamma_kernel"]), float(settings["lam"]))
     state = dict(bundle.tensors(RAIL_STATE))
-    for key in RAIL_KEYS[bundle.method]:
-        state[key] = learned[f"rail.{key}"]
-    cls = RailPrimal if bundle.method == "rail-primal" else RailDual
-    return cls.from_state(state, settings["learner"])
+    for key in spec.head_keys:
+        state[key] = learned[spec.tensor_name(key)]
+    return load_learner(bundle.method).from_state(state, settings["learner"])
 
 
 def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "auto",
                   progress: ProgressFn | None = None) -> Bundle:
-    """RAIL add-task, torch-free: embed, update the closed-form head, fit the gate, re-compose the graph."""
-    from edgeclip.train.decision import RAIL_KEYS, gate_states, learned_tensors
-
+    """RAIL add-task, torch-free: embed the domain's images with the exported frozen encoder, then
+    ``add_rail_embeddings``."""
     feats, labels, _errors = embed_domain(bundle, domain, backend, progress=progress)
+    return add_rail_embeddings(bundle, name, feats, labels, domain.classes, domain.templates, str(domain.root),
+                               backend=backend, progress=progress)
+
+
+def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np.ndarray, classes: Sequence[str],
+                        templates: Sequence[str], source: str, backend: str = "auto",
+                        progress: ProgressFn | None = None) -> Bundle:
+    """Learn a task from frozen image embeddings the caller already has (RAIL only, torch-free).
+
+    feats: [N,D] float32, the bundle's frozen image embeddings (L2-normalised rows); labels: [N] int64
+    indices into ``classes``. Updates the closed-form head (RAIL, METHODS.md section 3), fits the
+    task's DDAS gate (section 2), encodes the classes' prompts with the exported text encoder,
+    re-composes the gated graph and writes a new version. Raises DomainError (a name or class already
+    learned), UsageError (shapes, a learner that does not learn from embeddings).
+    """
+    spec = learner_spec(bundle.method)
+    if spec.learns_from != "embeddings":
+        raise UsageError(f"A '{bundle.method}' bundle learns from images, not embeddings: add the task from a folder.")
+    feats = np.asarray(feats, np.float32)
+    labels = np.asarray(labels, np.int64)
+    dim = int(bundle.manifest["backbone"]["embed_dim"])
+    if feats.ndim != 2 or feats.shape[1] != dim or labels.shape != (len(feats),):
+        raise UsageError(f"expected embeddings [N, {dim}] and labels [N], got {list(feats.shape)} and {list(labels.shape)}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise UsageError(f"labels must index the {len(classes)} classes")
+    check_new_task(bundle, list(classes), name)
     learned = bundle.tensors(LEARNED)
-    offset = learned["zs_text"].shape[0]
+    offset = learned[ZS_TEXT].shape[0]
     learner = rail_learner(bundle, learned)
     if progress:
         progress("solving", 0, 1)
-    learner.add_domain(feats, labels + offset, offset + len(domain.classes))
+    learner.add_domain(feats, labels + offset, offset + len(classes))
     learner.solve()
     if progress:
         progress("solving", 1, 1)
     gate_state, gate_settings, threshold = fit_task_gate(bundle, feats)
-    zs_text = np.concatenate([learned["zs_text"], class_text_embeddings(bundle, domain, backend)])
+    text = TextEncoderRunner(bundle, backend).class_embeddings(list(classes), list(templates))
+    zs_text = np.concatenate([learned[ZS_TEXT], text])
     kind = bundle.manifest["gate"]["kind"]
     gates = gate_states(learned, kind) + [gate_state]
-    sizes = [len(t["classes"]) for t in bundle.tasks] + [len(domain.classes)]
+    sizes = [len(t["classes"]) for t in bundle.tasks] + [len(classes)]
     state = learner.state()
     new_learned = learned_tensors(zs_text, sizes, kind, gates, bundle.method, state)
-    inference_keys = RAIL_KEYS[bundle.method]
+    inference_keys = spec.head_keys
+    record = task_record(name, classes, templates, source, len(feats), threshold, gate_settings)
     with bundle.new_version() as writer:
         writer.manifest["method"]["settings"]["learner"] = learner.settings()
-        writer.manifest["tasks"].append(task_record(domain, name, len(feats), threshold, gate_settings))
+        writer.manifest["tasks"].append(record)
         writer.write_tensors(LEARNED, new_learned)
         writer.write_tensors(RAIL_STATE, {k: v for k, v in state.items() if k not in inference_keys and v is not None})
         write_gated_graph(writer, new_learned)
@@ -321,18 +274,12 @@ def write_gated_graph(writer: VersionWriter, learned: dict[str, np.ndarray]) -> 
     """Re-compose the version's gated graph (and its int8 twin when the version has the int8
     encoder, `edgeclip export --int8`). The inherited file is a hard link into the parent
     version, so it is unlinked (``writable_path``) before the new graph is written."""
-    writer.writable_path("graphs/gated.onnx")
-    if writer.manifest["method"]["name"] == "moe" and writer.manifest["tasks"]:
-        from edgeclip.export.compose_moe import build_moe_gated_graph
-
-        build_moe_gated_graph(writer.staging / "graphs", learned, writer.manifest)
+    writer.writable_path(graph_file(GATED_GRAPH))
+    graphs = writer.staging / GRAPHS_DIR
+    if learner_spec(writer.manifest["method"]["name"]).head == "adapted-text" and writer.manifest["tasks"]:
+        build_moe_gated_graph(graphs, learned, writer.manifest)  # onnx only: torch-free like the RAIL graph
     else:
-        from edgeclip.export.compose import build_gated_graph
-        from edgeclip.export.quantize import build_gated_int8, has_int8
-
-        from edgeclip.layout import GATED_INT8_GRAPH
-
-        build_gated_graph(writer.staging / "graphs", learned, writer.manifest)
+        build_gated_graph(graphs, learned, writer.manifest)
         if has_int8(writer.manifest["files"]):
-            writer.writable_path(f"graphs/{GATED_INT8_GRAPH}")
-            build_gated_int8(writer.staging / "graphs", learned, writer.manifest)
+            writer.writable_path(graph_file(GATED_INT8_GRAPH))
+            build_gated_int8(graphs, learned, writer.manifest)

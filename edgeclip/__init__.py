@@ -1,8 +1,32 @@
 """edgeclip: continual learning of CLIP models on edge devices.
 
-The three stages live in top-level folders mapped into this namespace:
-``edgeclip.edgeapp`` (torch-free runtime and CLI), ``edgeclip.train`` (learners)
-and ``edgeclip.export`` (ONNX/TensorRT graphs).
+The public API (``edgeclip.edgeapp.api``), reached lazily so that importing any part of the package
+stays cheap and torch-free::
+
+    import edgeclip
+    clf = edgeclip.load("models/bundles/default")
+    print(clf.classify("photo.jpg")[0].label)
+
+Layers, one way (``.importlinter``): core ``edgeclip/`` (this folder: errors, bundle store, layout,
+images, tokenizer, domain folders) < ``edgeclip.train`` < ``edgeclip.export`` < ``edgeclip.edgeapp``.
+No module below imports this facade.
 """
 
-__version__ = "0.1.0"
+from typing import Any
+
+from edgeclip.version import __version__
+
+__all__ = ["Classifier", "Prediction", "TaskInfo", "__version__", "create", "load"]
+_API = {"Classifier", "TaskInfo", "create", "load"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from edgeclip.edgeapp import api
+
+        return getattr(api, name)
+    if name == "Prediction":
+        from edgeclip.edgeapp.classify import Prediction
+
+        return Prediction
+    raise AttributeError(f"module 'edgeclip' has no attribute {name!r}")

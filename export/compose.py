@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-from edgeclip.train.decision import MOE, DecisionSpec  # numpy only, no torch
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeclip.errors import BundleError
@@ -45,7 +44,9 @@ from edgeclip.layout import (
     OPSET,
     ROUTE,
     SCORES,
+    rail_key,
 )
+from edgeclip.train.decision import DecisionSpec  # numpy only, no torch
 
 _NAMESPACE = "decision/"  # prefix of every node, value and initialiser added to the encoder graph
 
@@ -134,17 +135,17 @@ def _ddas_route(g: _Builder, err: str, ratio: str, rule: str) -> str:
 
 def _rail_scores(g: _Builder, x: str, learned: Mapping[str, np.ndarray], spec: DecisionSpec) -> str:
     """s_A [B,C]."""
-    if spec.method == "rail-primal":
-        hidden = g.op("Relu", g.op("MatMul", x, g.const(learned["rail.w_r"], "rail_w_r")))
-        return g.op("MatMul", hidden, g.const(learned["rail.w"], "rail_w"))
-    memory = np.asarray(learned["rail.memory"], np.float32)  # [N,D]
+    if spec.learner.head == "ridge":
+        hidden = g.op("Relu", g.op("MatMul", x, g.const(learned[rail_key("w_r")], "rail_w_r")))
+        return g.op("MatMul", hidden, g.const(learned[rail_key("w")], "rail_w"))
+    memory = np.asarray(learned[rail_key("memory")], np.float32)  # [N,D]
     x_sq = g.op("ReduceSumSquare", x, g.ints(1), keepdims=1)  # [B,1]
     cross = g.op("MatMul", x, g.const(memory.T, "rail_memory_t"))  # [B,N]
     sq = g.op("Sub", g.op("Add", x_sq, g.const((memory * memory).sum(1)[None, :], "rail_memory_sq")),
               g.op("Mul", g.const(2.0, "two"), cross))
     kernel = g.op("Exp", g.op("Mul", g.const(-spec.kernel_gamma, "neg_gamma"),
                               g.op("Max", sq, g.const(0.0, "zero"))))
-    return g.op("MatMul", kernel, g.const(learned["rail.alpha"], "rail_alpha"))
+    return g.op("MatMul", kernel, g.const(learned[rail_key("alpha")], "rail_alpha"))
 
 
 def _slice_columns(g: _Builder, x: str, start: int, end: int) -> str:
@@ -235,7 +236,7 @@ def build_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray],
     """
     graphs_dir = Path(graphs_dir)
     spec = DecisionSpec.from_bundle(learned, manifest)
-    if spec.method == MOE and spec.n_tasks:
+    if spec.learner.learns_from == "images" and spec.n_tasks:
         raise BundleError("an MoE bundle with tasks needs the adapted encoder: "
                           "use edgeclip.export.compose_moe.build_moe_gated_graph")
     model = _load_encoder(graphs_dir, encoder, encoder_data)

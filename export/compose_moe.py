@@ -27,6 +27,9 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeclip.errors import BundleError
 from edgeclip.export.compose import (
     _Builder,
     _ddas_route,
@@ -40,11 +43,18 @@ from edgeclip.export.compose import (
     build_gated_graph,
     load_graph,
 )
-from edgeclip.train.decision import MOE, DecisionSpec
-from onnx import TensorProto, helper, numpy_helper
-
-from edgeclip.errors import BundleError
-from edgeclip.layout import ADAPTED, EMBEDDING, GATE_RATIO, IMAGE_DATA, MOE_DATA, MOE_GRAPH, PIXELS, TASK_IDS, TASK_TEXT
+from edgeclip.layout import (
+    ADAPTED,
+    EMBEDDING,
+    GATE_RATIO,
+    IMAGE_DATA,
+    MOE_DATA,
+    MOE_GRAPH,
+    PIXELS,
+    TASK_IDS,
+    TASK_TEXT,
+)
+from edgeclip.train.decision import DecisionSpec
 
 _MOE_PREFIX = "moe/"  # every name of the inlined adapted encoder that is not shared with the frozen one
 _BRANCH_PREFIX = "decision/moe_branch/"
@@ -243,7 +253,7 @@ def build_moe_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarr
     """
     graphs_dir = Path(graphs_dir)
     spec = DecisionSpec.from_bundle(learned, manifest)
-    if spec.method != MOE:
+    if spec.learner.head != "adapted-text":
         raise BundleError(f"build_moe_gated_graph serves MoE bundles, not {spec.method!r}")
     if spec.n_tasks == 0:
         return build_gated_graph(graphs_dir, learned, manifest)

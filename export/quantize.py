@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-from edgeclip.export.compose import build_gated_graph, check_structure
 
 from edgeclip.bundle import Bundle
 from edgeclip.errors import BundleError, UsageError
+from edgeclip.export.compose import build_gated_graph, check_structure
 from edgeclip.layout import (
     GATED_INT8_GRAPH,
     IMAGE_DATA,
@@ -40,6 +40,7 @@ from edgeclip.layout import (
     INT8_GRAPHS,
     graph_file,
 )
+from edgeclip.train.registry import learner_spec
 
 QUANTIZED_OPS = ("MatMul", "Gemm")
 
@@ -109,7 +110,7 @@ def export_int8(bundle: Bundle) -> Bundle:
 
     MoE bundles are refused: their adapted encoder is not quantised.
     """
-    if bundle.method == "moe":
+    if learner_spec(bundle.method).learns_from == "images":
         raise UsageError("--int8 is offered for RAIL bundles only: an MoE bundle's adapted image encoder "
                          "(graphs/moe_encoder.onnx) is not quantised.")
     if has_int8(bundle.manifest["files"]):

@@ -23,10 +23,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgeclip.export.trace import PARITY_ATOL, ExportParityError, _check_standard_ops, _quiet, _torch
 
 from edgeclip.errors import UsageError
-from edgeclip.layout import ADAPTED, IMAGE_DATA, IMAGE_GRAPH, MOE_DATA, MOE_GRAPH, OPSET, PIXELS, TASK_IDS
+from edgeclip.export.trace import (
+    PARITY_ATOL,
+    ExportParityError,
+    _check_standard_ops,
+    _quiet,
+    _torch,
+)
+from edgeclip.layout import (
+    ADAPTED,
+    IMAGE_DATA,
+    IMAGE_GRAPH,
+    MOE_DATA,
+    MOE_GRAPH,
+    OPSET,
+    PIXELS,
+    TASK_IDS,
+)
 
 _EXAMPLE_BATCH = 2
 _CHECK_BATCH = 5  # mixes every task and zero-shot (-1) where the model has few tasks

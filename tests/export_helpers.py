@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgeclip.train.decision import learned_tensors
 
 TINY = "edgeclip-tiny"

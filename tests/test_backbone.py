@@ -9,9 +9,8 @@ import pytest
 
 pytest.importorskip("open_clip")
 
-from edgeclip.train import backbone as bb  # noqa: E402
-
 from edgeclip.errors import BackboneLoadError  # noqa: E402
+from edgeclip.train import backbone as bb  # noqa: E402
 
 
 def test_small_configs_are_registered_models() -> None:

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from edgeclip.edgeapp.cli.app import app
-from edgeclip.edgeapp.demo_data import write_demo_images
 from typer.testing import CliRunner
 
 from edgeclip.bundle import Bundle, list_versions
+from edgeclip.edgeapp.cli.app import app
+from edgeclip.edgeapp.demo_data import write_demo_images
 
 pytest.importorskip("open_clip")
 
@@ -230,6 +230,7 @@ def test_moe_end_to_end(tmp_path: Path, images: dict) -> None:
     assert bundle.tasks[0]["training"]["iterations"] == 3
     # the adapted encoder of each version stores only the adapters; the backbone is shared
     import onnx
+
     from edgeclip.export.compose_moe import weight_sharing
 
     sharing = weight_sharing(onnx.load(str(bundle.dir / "graphs" / "moe_encoder.onnx"), load_external_data=False))

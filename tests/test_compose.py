@@ -14,10 +14,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from edgeclip.export.compose import build_gated_graph, check_structure
-from edgeclip.train.decision import gated_reference, learned_tensors
 
 from edgeclip.errors import BundleError
+from edgeclip.export.compose import build_gated_graph, check_structure
+from edgeclip.train.decision import gated_reference, learned_tensors
 
 pytestmark = pytest.mark.slow  # the tiny backbone is exported once per session (~15 s)
 

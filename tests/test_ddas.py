@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from safetensors.numpy import load, save
+
+from edgeclip.errors import BundleError, UsageError
 from edgeclip.train.ddas import (
     LinearAutoencoder,
     MLPAutoencoder,
@@ -12,9 +15,6 @@ from edgeclip.train.ddas import (
     fit_gate,
     route,
 )
-from safetensors.numpy import load, save
-
-from edgeclip.errors import BundleError, UsageError
 
 
 def _blob(seed: int, n: int = 120, dim: int = 12, rank: int = 3) -> np.ndarray:
@@ -152,9 +152,8 @@ FLOORS = {"linear": {"mnist": 0.85, "dtd10": 0.85, "cifar10": 0.02}, "mlp": {"mn
 def embeddings(extract_subset) -> dict[str, np.ndarray]:
     """~100 train and test embeddings of mnist and dtd10 (5 classes), 100 cifar10 test images."""
     pytest.importorskip("open_clip")
-    from edgeclip.train.backbone import load_backbone
-
     from edgeclip.images import PreprocessConfig, load_and_preprocess
+    from edgeclip.train.backbone import load_backbone
 
     backbone = load_backbone("edgeclip-small", random_weights=True, seed=0)
     cfg = PreprocessConfig.from_dict(backbone.preprocess)

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
-from edgeclip.edgeapp import evaluate
-from edgeclip.edgeapp.demo_data import write_demo_images
 from PIL import Image
 from typer.testing import CliRunner
 
+from edgeclip.edgeapp import evaluate
+from edgeclip.edgeapp.demo_data import write_demo_images
 from edgeclip.errors import DomainError, UsageError
 
 pytest.importorskip("open_clip")
@@ -56,7 +56,8 @@ def domains(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def source_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edgeclip.edgeapp.tasks import MethodSettings, init_bundle
+    from edgeclip.edgeapp.create import init_bundle
+    from edgeclip.edgeapp.tasks import MethodSettings
 
     root = tmp_path_factory.mktemp("eval-bundle") / "bundle"
     init_bundle(root, "edgeclip-tiny", random_weights=True, seed=0, settings=MethodSettings(hidden=256))
@@ -217,7 +218,8 @@ def test_moe_bundles_are_scored_through_their_gated_graph(domains: list[Path], t
     """X-TAIL on a MoE bundle runs graphs/gated.onnx on the cached pixels; MTIL forces each learned
     task's router (torch) and, under the strict freeze rule, task 1 keeps its accuracy after task 2."""
     pytest.importorskip("edgeclip.edgeapp.moe_task")
-    from edgeclip.edgeapp.tasks import MethodSettings, init_bundle
+    from edgeclip.edgeapp.create import init_bundle
+    from edgeclip.edgeapp.tasks import MethodSettings
     from edgeclip.train import fusion
 
     init_bundle(tmp_path / "moe", "edgeclip-tiny", random_weights=True, settings=MethodSettings(method="moe"))

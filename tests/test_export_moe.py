@@ -17,14 +17,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+
+from edgeclip.errors import BundleError, UsageError
 from edgeclip.export.compose import build_gated_graph, check_structure
 from edgeclip.export.compose_moe import build_moe_gated_graph, share_frozen_weights, weight_sharing
 from edgeclip.export.trace import ExportParityError
 from edgeclip.export.trace_moe import check_moe_parity, export_moe_encoder
-from edgeclip.train.decision import gate_states, gated_reference, learned_tensors
-
-from edgeclip.errors import BundleError, UsageError
 from edgeclip.layout import MOE_DATA
+from edgeclip.train.decision import gate_states, gated_reference, learned_tensors
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.slow  # two tiny exports (~20 s)

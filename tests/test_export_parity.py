@@ -11,6 +11,7 @@ import export_helpers as eh
 import numpy as np
 import onnxruntime as ort
 import pytest
+
 from edgeclip.export.compose import build_gated_graph
 from edgeclip.train.decision import gated_reference
 

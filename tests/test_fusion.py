@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+
+from edgeclip.errors import UsageError
 from edgeclip.train.fusion import (
     domain_mass_route,
     fuse_domain_mass,
@@ -9,8 +11,6 @@ from edgeclip.train.fusion import (
     fuse_paper,
     zero_shot_probs,
 )
-
-from edgeclip.errors import UsageError
 
 # Label space of 5: learned classes 0,1 (task 0) and 2 (task 1); labels 3,4 from unseen domains.
 P_ZS = np.array([

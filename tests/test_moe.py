@@ -10,6 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from edgeclip.errors import UsageError  # noqa: E402
 from edgeclip.train.backbone import register_model_configs  # noqa: E402
 from edgeclip.train.moe import (  # noqa: E402
     ZERO_SHOT,
@@ -26,9 +29,6 @@ from edgeclip.train.moe import (  # noqa: E402
     set_trainable,
     text_classifier,
 )
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from edgeclip.errors import UsageError  # noqa: E402
 
 
 def frozen_clip(name: str = "edgeclip-tiny", seed: int = 0):

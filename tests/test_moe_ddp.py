@@ -14,11 +14,12 @@ import pytest
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
-from edgeclip.train.moe import ZERO_SHOT, MoECLIP, MoEConfig, load_moe_state, moe_state  # noqa: E402
-from edgeclip.train.moe_trainer import TrainSettings, train_task  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from test_moe import frozen_clip  # noqa: E402
 from test_moe_trainer import TEMPLATE, make_domain  # noqa: E402
+
+from edgeclip.train.moe import ZERO_SHOT, MoECLIP, MoEConfig, load_moe_state, moe_state  # noqa: E402
+from edgeclip.train.moe_trainer import TrainSettings, train_task  # noqa: E402
 
 TESTS_DIR = Path(__file__).resolve().parent
 # Dropout and routing noise off: they draw different random numbers per rank, so with them on the

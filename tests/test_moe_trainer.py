@@ -11,6 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
+from PIL import Image  # noqa: E402
+from test_moe import frozen_clip  # noqa: E402
+
+from edgeclip.errors import DomainError, UsageError  # noqa: E402
 from edgeclip.train.moe import MoECLIP, MoEConfig, moe_state, text_classifier  # noqa: E402
 from edgeclip.train.moe_trainer import (  # noqa: E402
     TrainSettings,
@@ -19,10 +23,6 @@ from edgeclip.train.moe_trainer import (  # noqa: E402
     select_samples,
     train_task,
 )
-from PIL import Image  # noqa: E402
-from test_moe import frozen_clip  # noqa: E402
-
-from edgeclip.errors import DomainError, UsageError  # noqa: E402
 
 TEMPLATE = "a photo of a {}."
 

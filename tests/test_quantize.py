@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgeclip.edgeapp.cli.app import app
-from edgeclip.edgeapp.demo_data import write_demo_images
-from edgeclip.edgeapp.runtime import Backend, GatedRunner, ImageEncoderRunner
-from edgeclip.export.quantize import export_int8
 from typer.testing import CliRunner
 
 from edgeclip.bundle import Bundle, list_versions
+from edgeclip.edgeapp.cli.app import app
+from edgeclip.edgeapp.demo_data import write_demo_images
+from edgeclip.edgeapp.runtime import Backend, GatedRunner, ImageEncoderRunner
 from edgeclip.errors import BundleError, UsageError
+from edgeclip.export.quantize import export_int8
 from edgeclip.layout import GATED_INT8_GRAPH, IMAGE_INT8_DATA, IMAGE_INT8_GRAPH, graph_file
 
 pytest.importorskip("open_clip")

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-from edgeclip.train import rail
-from edgeclip.train.rail import RailDual, RailPrimal, RailPrimalWoodbury
 from safetensors.numpy import load, save
 
 from edgeclip.errors import UsageError
+from edgeclip.train import rail
+from edgeclip.train.rail import RailDual, RailPrimal, RailPrimalWoodbury
 
 DIM, HIDDEN = 16, 96
 

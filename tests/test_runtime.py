@@ -9,16 +9,16 @@ import export_helpers as eh
 import numpy as np
 import onnxruntime as ort
 import pytest
+
 from edgeclip.edgeapp.runtime import (
     GatedRunner,
     ImageEncoderRunner,
     TextEncoderRunner,
     select_backend,
 )
+from edgeclip.errors import BackendUnavailableError, UsageError
 from edgeclip.export.compose import build_gated_graph
 from edgeclip.train.decision import gated_reference
-
-from edgeclip.errors import BackendUnavailableError, UsageError
 
 
 def test_backend_selection_cpu():

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+
 from edgeclip.export.compose import check_structure
 from edgeclip.export.trace import PARITY_ATOL, ExportParityError, check_parity
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from edgeclip.models import CONFIG_DIR
 
 from edgeclip.bundle import sha256_of, weights_label
 from edgeclip.errors import BackboneLoadError, MissingExtraError
+from edgeclip.models import CONFIG_DIR
 
 _HUB_HOST = ("huggingface.co", 443)
 

@@ -18,7 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
-from edgeclip.errors import BundleError, MissingExtraError, UsageError
+from edgeclip.errors import BundleError, UsageError
+from edgeclip.extras import import_torch_module
 
 QUANTILE = 0.95  # threshold = this quantile of a task's held-out reconstruction errors
 HOLDOUT = 0.2
@@ -105,39 +106,11 @@ class MLPAutoencoder:
     @classmethod
     def fit(cls, x: np.ndarray, hidden: int = 128, steps: int = 300, lr: float = 1e-3,
             batch: int = 256, seed: int = 0) -> MLPAutoencoder:
-        """Adam on MSE, minibatches drawn by a seeded generator; deterministic on CPU."""
-        try:
-            import torch
-        except ImportError as err:
-            raise MissingExtraError("training an MLP gate", "train", "torch") from err
-        x = _check_x(x)
-        mu = x.mean(axis=0)
-        scale = 1.0 / float(np.sqrt(((x - mu) ** 2).mean()) + 1e-12)
-        z = torch.from_numpy((x - mu) * scale)
-        gen = torch.Generator().manual_seed(seed)
-        enc, dec = torch.nn.Linear(x.shape[1], hidden), torch.nn.Linear(hidden, x.shape[1])
-        with torch.no_grad():  # seeded init independent of the global torch RNG
-            for layer in (enc, dec):
-                bound = 1.0 / layer.in_features ** 0.5
-                layer.weight.uniform_(-bound, bound, generator=gen)
-                layer.bias.uniform_(-bound, bound, generator=gen)
-        opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=lr)
-        # Matmuls this small run fastest on one thread; more threads on a busy CPU ran 10x slower.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for _ in range(steps):
-                idx = torch.randint(0, z.shape[0], (min(batch, z.shape[0]),), generator=gen)
-                zb = z[idx]  # [batch, D]
-                loss = ((dec(torch.relu(enc(zb))) - zb) ** 2).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        finally:
-            torch.set_num_threads(threads)
-        with torch.no_grad():
-            return cls(mu, scale, enc.weight.T.numpy().copy(), enc.bias.numpy().copy(),
-                       dec.weight.T.numpy().copy(), dec.bias.numpy().copy())
+        """Adam on MSE over x [N,D] (float32, unit rows), minibatches drawn by a seeded generator;
+        deterministic on CPU. Needs torch (``edgeclip.train.ddas_mlp``); raises MissingExtraError without it."""
+        trainer = import_torch_module("edgeclip.train.ddas_mlp", "training an MLP gate")
+        mu, scale, w1, b1, w2, b2 = trainer.fit_mlp_autoencoder(_check_x(x), hidden, steps, lr, batch, seed)
+        return cls(mu, scale, w1, b1, w2, b2)
 
     def errors(self, x: np.ndarray) -> np.ndarray:
         """Mean squared reconstruction error per image [N] in embedding units, numpy only."""

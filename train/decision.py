@@ -22,9 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from edgeclip.train import ddas, fusion
-from edgeclip.train.ddas import ROUTE_RULE, ROUTE_RULES
-from edgeclip.train.rail import RailDual, RailPrimal
 
 from edgeclip.errors import BundleError, UsageError
 from edgeclip.layout import (
@@ -34,17 +31,19 @@ from edgeclip.layout import (
     TASK_SIZE,
     TASK_TEXT,
     ZS_TEXT,
+    gate_key,
+    rail_key,
 )
+from edgeclip.train import ddas, fusion
+from edgeclip.train.ddas import ROUTE_RULE, ROUTE_RULES
+from edgeclip.train.rail import RailDual, RailPrimal
+from edgeclip.train.registry import LEARNERS, LearnerSpec, learner_spec
 
 FUSIONS = ("ddas", "paper")
-RAIL_METHODS = ("rail-primal", "rail-dual")
 DEFAULT_BETA = 0.8
 DEFAULT_LOGIT_SCALE = 100.0
 DEFAULT_KERNEL_GAMMA = 0.1
 
-RAIL_KEYS = {"rail-primal": ("w_r", "w"), "rail-dual": ("memory", "alpha")}  # [D,H],[H,C] | [N,D],[N,C]
-MOE = "moe"
-METHODS = (*RAIL_METHODS, MOE)
 
 
 # -- learned tensors layout -------------------------------------------------------------------
@@ -58,15 +57,15 @@ def learned_tensors(
 ) -> dict[str, np.ndarray]:
     """Pack what the gated graph needs into learned.safetensors' tensors.
 
-    gate_states: each task's autoencoder `.state()` (edgeclip.train.ddas); head_state: the RAIL
-    learner's `.state()` (only the inference tensors are kept; the primal statistics live in
-    rail_stats.safetensors), or for method "moe" {"task_text": [C,D]} (the tasks' adapted text
-    classifiers concatenated in global class order, rows L2-normalised as `moe.text_classifier` gives).
+    zs_text: [C,D] float32; task_sizes: [T] class counts; gate_states: each task's autoencoder
+    `.state()` (edgeclip.train.ddas); head_state: at least the learner's head keys
+    (``registry.learner_spec(method).head_keys``; other keys, the learning state, are left out): the RAIL
+    learner's `.state()`, or for MoE {"task_text": [C,D]} (the tasks' adapted text classifiers in global
+    class order, rows L2-normalised as `moe.text_classifier` gives). Raises UsageError on a shape mismatch.
     """
     if gate_kind not in GATE_KEYS:
         raise UsageError(f"unknown gate kind {gate_kind!r}; known: {sorted(GATE_KEYS)}")
-    if method not in METHODS:
-        raise UsageError(f"unknown method {method!r}; known: {METHODS}")
+    learner = learner_spec(method)
     if len(gate_states) != len(task_sizes):
         raise UsageError(f"{len(gate_states)} gates for {len(task_sizes)} tasks")
     sizes = np.asarray(task_sizes, dtype=np.int64)
@@ -74,29 +73,25 @@ def learned_tensors(
            TASK_OFFSET: (np.cumsum(sizes) - sizes).astype(np.int64)}
     if len(gate_states):
         out.update(_stack_gates(gate_kind, gate_states))
-    if method == MOE:
-        task_text = np.asarray(head_state[TASK_TEXT], np.float32)
-        if task_text.shape != (int(sizes.sum()), out[ZS_TEXT].shape[1]):
-            raise UsageError(f"task_text must be [{int(sizes.sum())}, {out[ZS_TEXT].shape[1]}] (one row per "
-                             f"learned class), got {list(task_text.shape)}")
-        out[TASK_TEXT] = task_text
-        return out
-    for key in RAIL_KEYS[method]:
-        out[f"rail.{key}"] = np.asarray(head_state[key], np.float32)
+    for key in learner.head_keys:
+        out[learner.tensor_name(key)] = np.asarray(head_state[key], np.float32)
+    if learner.head == "adapted-text" and out[TASK_TEXT].shape != (int(sizes.sum()), out[ZS_TEXT].shape[1]):
+        raise UsageError(f"task_text must be [{int(sizes.sum())}, {out[ZS_TEXT].shape[1]}] (one row per "
+                         f"learned class), got {list(out[TASK_TEXT].shape)}")
     return out
 
 
 def _stack_gates(kind: str, states: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if kind == "mlp":
-        return {f"gate.{key}": np.stack([np.asarray(s[key], np.float32).reshape(
+        return {gate_key(key): np.stack([np.asarray(s[key], np.float32).reshape(
             () if key == "scale" else np.shape(s[key])) for s in states]) for key in GATE_KEYS["mlp"]}
     ks = [int(np.shape(s["components"])[0]) for s in states]
     dim = int(np.shape(states[0]["mu"])[0])
     comps = np.zeros((len(states), max(ks), dim), np.float32)  # zero rows project nothing
     for t, s in enumerate(states):
         comps[t, : ks[t]] = s["components"]
-    return {"gate.mu": np.stack([np.asarray(s["mu"], np.float32) for s in states]),
-            "gate.components": comps, GATE_K: np.asarray(ks, np.int64)}
+    return {gate_key("mu"): np.stack([np.asarray(s["mu"], np.float32) for s in states]),
+            gate_key("components"): comps, GATE_K: np.asarray(ks, np.int64)}
 
 
 def gate_states(learned: Mapping[str, np.ndarray], kind: str) -> list[dict[str, np.ndarray]]:
@@ -104,7 +99,7 @@ def gate_states(learned: Mapping[str, np.ndarray], kind: str) -> list[dict[str, 
     n_tasks = len(learned[TASK_SIZE])
     states = []
     for t in range(n_tasks):
-        state = {key: np.asarray(learned[f"gate.{key}"][t]) for key in GATE_KEYS[kind]}
+        state = {key: np.asarray(learned[gate_key(key)][t]) for key in GATE_KEYS[kind]}
         if kind == "linear":
             state["components"] = state["components"][: int(learned[GATE_K][t])]
         else:
@@ -130,6 +125,11 @@ class DecisionSpec:
     kernel_gamma: float
 
     @property
+    def learner(self) -> LearnerSpec:
+        """The method's registry entry."""
+        return learner_spec(self.method)
+
+    @property
     def n_tasks(self) -> int:
         return len(self.sizes)
 
@@ -145,8 +145,8 @@ class DecisionSpec:
         fusion = settings.get("fusion", "ddas")
         if fusion not in FUSIONS:
             raise BundleError(f"unknown fusion rule {fusion!r}; known: {FUSIONS}")
-        if method not in METHODS:
-            raise BundleError(f"unknown method {method!r}; known: {METHODS}")
+        if method not in LEARNERS:
+            raise BundleError(f"unknown method {method!r}; known: {', '.join(LEARNERS)}")
         sizes = np.asarray(learned.get(TASK_SIZE, np.zeros(0, np.int64)), np.int64)
         offsets = np.asarray(learned.get(TASK_OFFSET, np.zeros(0, np.int64)), np.int64)
         if len(sizes) != len(tasks) or [len(t["classes"]) for t in tasks] != sizes.tolist():
@@ -173,15 +173,15 @@ class DecisionSpec:
 
 def rail_head(learned: Mapping[str, np.ndarray], spec: DecisionSpec) -> RailPrimal | RailDual:
     """The RAIL learner rebuilt from its inference tensors (enough to call `.scores`)."""
-    if spec.method == "rail-primal":
-        w_r, w = np.asarray(learned["rail.w_r"]), np.asarray(learned["rail.w"])
+    if spec.learner.head == "ridge":
+        w_r, w = np.asarray(learned[rail_key("w_r")]), np.asarray(learned[rail_key("w")])
         settings = {"dim": w_r.shape[0], "hidden": w_r.shape[1], "gamma": 1.0, "seed": 0,
                     "n_classes": w.shape[1], "n_seen": 0}
         # The statistics A, C are only needed to keep learning; scoring reads w_r and w.
         return RailPrimal.from_state({"w_r": w_r, "w": w, "a": np.zeros((0, 0)), "c": np.zeros((0, 0))}, settings)
     head = RailDual(gamma_kernel=spec.kernel_gamma)
-    head.memory = np.asarray(learned["rail.memory"], np.float32)
-    head.alpha = np.asarray(learned["rail.alpha"], np.float32)
+    head.memory = np.asarray(learned[rail_key("memory")], np.float32)
+    head.alpha = np.asarray(learned[rail_key("alpha")], np.float32)
     head.n_classes = head.alpha.shape[1]
     return head
 
@@ -225,7 +225,7 @@ def gated_reference(embedding: np.ndarray, label_text: np.ndarray, learned: Mapp
              for state in gate_states(learned, spec.gate_kind)]
     errors = np.stack([gate.errors(x) for gate in gates], axis=1)  # [B,T]
     route, ratios = ddas.route(errors, spec.thresholds, spec.route_rule)
-    if spec.method == MOE:
+    if spec.learner.head == "adapted-text":
         if adapt is None:
             raise UsageError("the MoE reference needs the adapted embeddings (adapt)")
         s_moe = moe_scores(adapt(route), route, learned[TASK_TEXT], spec)

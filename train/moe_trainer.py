@@ -25,6 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from edgeclip.errors import DomainError, UsageError
 from edgeclip.train.moe import (
     FREEZE_RULES,
     MoECLIP,
@@ -36,11 +41,6 @@ from edgeclip.train.moe import (
     mask_frozen_grads,
     set_trainable,
 )
-from PIL import Image
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-
-from edgeclip.errors import DomainError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +424,13 @@ class _progress:
     def __enter__(self) -> Callable[[float, float], None]:
         if not self.enabled:
             return lambda loss, speed: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(
             TextColumn("[bold]task {task.fields[task]}"),

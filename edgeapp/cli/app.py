@@ -10,10 +10,10 @@ import os
 import sys
 
 import typer
-from edgeclip.edgeapp.cli import commands_bench, commands_classify, commands_eval, commands_manage
-from edgeclip.edgeapp.cli.console import err_console
 from rich.markup import escape
 
+from edgeclip.edgeapp.cli import commands_bench, commands_classify, commands_eval, commands_manage
+from edgeclip.edgeapp.cli.console import err_console
 from edgeclip.errors import EdgeclipError
 
 EXIT_CODES_HELP = (

@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
+from rich.table import Table
+
 from edgeclip.edgeapp.cli.commands_classify import Precision, PrecisionOpt
 from edgeclip.edgeapp.cli.commands_manage import TableOrJson
 from edgeclip.edgeapp.cli.console import err_console, out_console, progress
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, open_bundle
-from rich.markup import escape
-from rich.table import Table
-
 from edgeclip.errors import UsageError
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Annotated, Optional, TextIO
 
 import typer
-from edgeclip.edgeapp.classify import Prediction
-from edgeclip.edgeapp.cli.console import err_console, out_console, progress
-from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, open_bundle
 from rich.markup import escape
 from rich.table import Table
 
+from edgeclip.edgeapp.classify import Prediction
+from edgeclip.edgeapp.cli.console import err_console, out_console, progress
+from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, open_bundle
 from edgeclip.errors import UsageError
 
 EXIT_UNREADABLE = 3
@@ -85,10 +85,9 @@ def classify(
     Exit codes: 0 all inputs done; 3 some inputs could not be read (the rest are still
     classified); 2 usage error; 1 other failure.
     """
+    from edgeclip.discover import discover_images, display_path
     from edgeclip.edgeapp.classify import build_label_space, classify_files, parse_labels
     from edgeclip.edgeapp.runtime import GatedRunner, TextEncoderRunner
-
-    from edgeclip.discover import discover_images, display_path
 
     loaded = open_bundle(bundle)
     extra = parse_labels(labels, labels_file)

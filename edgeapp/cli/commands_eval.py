@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.table import Table
+
 from edgeclip.edgeapp.cli.console import err_console, out_console, progress, stage_reporter
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path
-from rich.table import Table
 
 
 class Protocol(str, Enum):

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from edgeclip.edgeapp.cli.console import err_console, out_console, progress, stage_reporter
-from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, open_bundle
 from rich.markup import escape
 from rich.table import Table
 
 from edgeclip.bundle import Bundle, list_versions
 from edgeclip.bundle import rollback as rollback_bundle
+from edgeclip.edgeapp.cli.console import err_console, out_console, progress, stage_reporter
+from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, open_bundle
 from edgeclip.version import __version__
 
 
@@ -51,19 +51,18 @@ def init(
     quiet: QuietOpt = False,
 ) -> None:
     """Create a new bundle with no task (zero-shot CLIP only), exporting the frozen encoders to ONNX."""
+    from edgeclip.edgeapp.api import create
     from edgeclip.edgeapp.classify import parse_labels
-    from edgeclip.edgeapp.tasks import MethodSettings, init_bundle, require_torch
 
-    require_torch("edgeclip init (reading open_clip models)")
     moe = {"n_experts": experts, "last_blocks": last_blocks,
            "encoders": [e.strip() for e in encoders.split(",") if e.strip()]}
-    settings = MethodSettings(method=method.value, hidden=hidden, beta=beta, fusion=fusion, gate_kind=gate, seed=seed,
-                              moe=moe, moe_train={"freeze_rule": freeze_rule, "batch_size": batch_size, "lr": lr})
     root = bundle_path(bundle)
     with progress(quiet) as bar:
         bar.add_task("exporting the frozen encoders", total=None, info="")
-        created = init_bundle(root, model, pretrained, random_weights=random_weights, seed=seed, settings=settings,
-                              zero_shot_labels=parse_labels(labels, None))
+        created = create(root, model, pretrained, method=method.value, random_weights=random_weights, seed=seed,
+                         zero_shot_labels=parse_labels(labels, None), hidden=hidden, beta=beta, fusion=fusion,
+                         gate_kind=gate, moe=moe,
+                         moe_train={"freeze_rule": freeze_rule, "batch_size": batch_size, "lr": lr}).bundle
     if not quiet:
         err_console().print(escape(f"created {root} ({created.version}): {model}, {created.weights_label}, method {method.value}"))
 
@@ -143,8 +142,8 @@ def export(
     keep them in step).
     """
     import onnx
-    from edgeclip.export.compose import check_structure
 
+    from edgeclip.export.compose import check_structure
     from edgeclip.layout import GATED_INT8_GRAPH, IMAGE_INT8_GRAPH, graph_file
 
     loaded = open_bundle(bundle)

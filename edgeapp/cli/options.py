@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from edgeclip.models import DEFAULT_BUNDLE_DIR
 
 from edgeclip.bundle import Bundle
+from edgeclip.models import DEFAULT_BUNDLE_DIR
 
 BUNDLE_ENV = "EDGECLIP_BUNDLE"
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")

@@ -1,0 +1,234 @@
+"""edgeclip's public Python API: the library the ``edgeclip`` CLI is a thin layer over.
+
+    import edgeclip
+    clf = edgeclip.load("models/bundles/default")          # onnxruntime, no torch
+    for p in clf.classify(["photo.jpg", pil_image, uint8_array], top_k=3):
+        print(p.path, p.label, p.score, p.route)
+    clf = clf.add_task("birds", "./birds")                # a new bundle version
+
+``load`` opens a bundle (torch-free); ``create`` makes one from an open_clip model (the ``train``
+extra). Errors are ``edgeclip.errors`` exceptions (``UsageError`` for bad arguments, ``BundleError``
+for a missing or damaged bundle, ``MissingExtraError`` when torch is needed and missing).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image
+
+from edgeclip.bundle import Bundle, rollback
+from edgeclip.edgeapp.classify import (
+    LabelSpace,
+    Prediction,
+    build_label_space,
+    classify_files,
+    predictions_from_scores,
+    task_route_names,
+)
+from edgeclip.edgeapp.runtime import GatedRunner, ImageEncoderRunner, TextEncoderRunner
+from edgeclip.edgeapp.tasks import MethodSettings, ProgressFn, add_rail_embeddings, add_task
+from edgeclip.errors import UsageError
+from edgeclip.extras import import_torch_module
+from edgeclip.images import PreprocessConfig, preprocess
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]  # a file, a PIL image, or uint8 [H,W,3] RGB
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A learned task: its name, classes (global label order), training images and DDAS threshold."""
+
+    name: str
+    classes: list[str]
+    n_images: int
+    threshold: float
+
+
+def _as_image(item: Image.Image | np.ndarray) -> Image.Image:
+    if isinstance(item, Image.Image):
+        return item
+    array = np.asarray(item)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise UsageError(f"an image array must be uint8 [H, W, 3] RGB, got {array.dtype} {list(array.shape)}")
+    return Image.fromarray(array, "RGB")
+
+
+class Classifier:
+    """A loaded bundle version with its runners (sessions open on first use).
+
+    ``bundle``: the validated version read; methods that learn return a new Classifier on the new version.
+    """
+
+    def __init__(self, bundle: Bundle, backend: str = "auto", precision: str = "fp32", threads: int | None = None):
+        self.bundle = bundle
+        self.backend, self.precision, self.threads = backend, precision, threads
+        self._gated = GatedRunner(bundle, backend, threads=threads, precision=precision)  # checks int8 graphs now
+        self._image: ImageEncoderRunner | None = None
+        self._text: TextEncoderRunner | None = None
+        self._cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
+
+    # -- facts -----------------------------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        return self.bundle.root
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @property
+    def tasks(self) -> list[TaskInfo]:
+        """The learned tasks, in learning order."""
+        return [TaskInfo(t["name"], list(t["classes"]), int(t["n_images"]), float(t["threshold"]))
+                for t in self.bundle.tasks]
+
+    @property
+    def text_runner(self) -> TextEncoderRunner:
+        if self._text is None:
+            self._text = TextEncoderRunner(self.bundle, self.backend, threads=self.threads)
+        return self._text
+
+    # -- inference -------------------------------------------------------------------------------
+    def label_space(self, labels: Sequence[str] = ()) -> LabelSpace:
+        """The learned classes, then the bundle's default zero-shot labels and ``labels``."""
+        return build_label_space(self.bundle, list(labels), self.text_runner.class_embeddings)
+
+    def _pixels(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, 3, self._cfg.image_size, self._cfg.image_size), np.float32)
+        return np.stack([preprocess(_as_image(img), self._cfg) for img in images])  # [B,3,S,S] float32
+
+    def classify(self, images: ImageInput | Iterable[ImageInput], labels: Sequence[str] = (), top_k: int = 5,
+                 batch_size: int = 16) -> list[Prediction]:
+        """One ``Prediction`` per input, in input order: label, score, route (task name or "zero-shot"),
+        top-k and error (the reason a file could not be read; the other fields are then empty).
+
+        images: file paths, PIL images or uint8 [H,W,3] RGB arrays (one or an iterable); labels: extra
+        zero-shot labels beside the learned classes. Raises UsageError (nothing to classify into, bad array).
+        """
+        items = [images] if isinstance(images, (str, Path, Image.Image, np.ndarray)) else list(images)
+        if top_k < 1:
+            raise UsageError(f"top_k must be at least 1, not {top_k}")
+        space = self.label_space(labels)
+        names = task_route_names(self.bundle)
+        out: list[Prediction | None] = [None] * len(items)
+        files = [(i, Path(x)) for i, x in enumerate(items) if isinstance(x, (str, Path))]
+        in_memory = [(i, x) for i, x in enumerate(items) if not isinstance(x, (str, Path))]
+        if files:
+            by_path: dict[str, list[int]] = {}
+            for i, path in files:
+                by_path.setdefault(str(path), []).append(i)
+            preds = classify_files(self.bundle, [p for _, p in files], self._gated, space, top_k=top_k,
+                                   batch_size=batch_size)
+            for pred, (i, _) in zip(_in_input_order(preds, [p for _, p in files]), files):
+                out[i] = pred
+        for start in range(0, len(in_memory), batch_size):
+            chunk = in_memory[start:start + batch_size]
+            result = self._gated.run(self._pixels([x for _, x in chunk]), space.text)
+            preds = predictions_from_scores([f"<image {i}>" for i, _ in chunk], result["scores"], result["route"],
+                                            space, names, top_k)
+            for (i, _), pred in zip(chunk, preds):
+                out[i] = pred
+        return [p for p in out if p is not None]
+
+    def embed_images(self, images: Iterable[Image.Image | np.ndarray | str | Path]) -> np.ndarray:
+        """Frozen CLIP image embeddings [N,D] float32, unit rows (the plain encoder, no task)."""
+        if self._image is None:
+            self._image = ImageEncoderRunner(self.bundle, self.backend, threads=self.threads, precision=self.precision)
+        loaded = [Image.open(x) if isinstance(x, (str, Path)) else x for x in images]
+        return self._image.embed(self._pixels(loaded))
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Frozen CLIP text embeddings [N,D] float32, unit rows, of the texts as given (no template)."""
+        return self.text_runner.embed(list(texts))
+
+    # -- learning --------------------------------------------------------------------------------
+    def add_task(self, name: str, data: str | Path | Sequence[tuple[Image.Image | np.ndarray, str]], *,
+                 shots: int | None = None, iterations: int | None = None, device: str = "auto",
+                 progress: ProgressFn | None = None) -> Classifier:
+        """Learn a new task into a new bundle version and return a Classifier on it.
+
+        data: a domain folder (DIR/<class>/* or DIR/train/<class>/*), or (image, class name) pairs, which
+        are written to a temporary domain folder first. RAIL learns torch-free; MoE trains with torch.
+        Raises DomainError (too few classes or images, a name or class already learned).
+        """
+        if isinstance(data, (str, Path)):
+            add_task(self.root, Path(data), name=name, shots=shots, iterations=iterations, device=device,
+                     backend=self.backend, progress=progress)
+        else:
+            with tempfile.TemporaryDirectory(prefix="edgeclip-task-") as tmp:
+                folder = _write_domain(Path(tmp) / name, data)
+                add_task(self.root, folder, name=name, shots=shots, iterations=iterations, device=device,
+                         backend=self.backend, progress=progress)
+        return self.reload()
+
+    def add_task_embeddings(self, name: str, embeddings: np.ndarray, labels: Sequence[int] | np.ndarray,
+                            classes: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",)) -> Classifier:
+        """RAIL: learn a task from frozen embeddings the caller already has ([N,D] float32 from
+        ``embed_images``; labels [N] index ``classes``). Returns a Classifier on the new version."""
+        add_rail_embeddings(self.bundle, name, embeddings, np.asarray(labels), list(classes), list(templates),
+                            source="embeddings", backend=self.backend)
+        return self.reload()
+
+    def rollback(self, to: str | None = None) -> Classifier:
+        """Make an earlier version current (the parent unless ``to`` names one); a Classifier on it."""
+        rollback(self.root, to)
+        return self.reload()
+
+    def reload(self) -> Classifier:
+        """A Classifier on the bundle's current version."""
+        return Classifier(Bundle.open(self.root), self.backend, self.precision, self.threads)
+
+
+def _in_input_order(preds: Iterable[Prediction], paths: Sequence[Path]) -> list[Prediction]:
+    """classify_files yields a batch's unreadable files first: put results back in input order."""
+    from edgeclip.discover import display_path
+
+    position: dict[str, list[int]] = {}
+    for i, path in enumerate(paths):
+        position.setdefault(display_path(path), []).append(i)
+    ordered: list[Prediction | None] = [None] * len(paths)
+    for pred in preds:
+        ordered[position[pred.path].pop(0)] = pred
+    return [p for p in ordered if p is not None]
+
+
+def _write_domain(folder: Path, pairs: Sequence[tuple[Image.Image | np.ndarray, str]]) -> Path:
+    for i, (image, label) in enumerate(pairs):
+        if not isinstance(label, str) or not label.strip() or "/" in label or label.startswith("."):
+            raise UsageError(f"class name {label!r} must be a non-empty name without '/' or a leading '.'")
+        target = folder / label
+        target.mkdir(parents=True, exist_ok=True)
+        _as_image(image).convert("RGB").save(target / f"{i:06d}.png")
+    return folder
+
+
+def load(bundle: str | Path, backend: str = "auto", precision: str = "fp32", threads: int | None = None) -> Classifier:
+    """Open a bundle's current version for classification and learning (torch-free).
+
+    backend: auto, ort-cpu, ort-cuda, ort-trt or tensorrt; precision: fp32 or int8 (after
+    ``edgeclip export --int8``). Raises BundleError, BackendUnavailableError, UsageError.
+    """
+    return Classifier(Bundle.open(Path(bundle)), backend, precision, threads)
+
+
+def create(bundle: str | Path, model: str = "ViT-B-16", pretrained: str | None = None, method: str = "rail-primal",
+           random_weights: bool = False, seed: int = 0, zero_shot_labels: Sequence[str] = (),
+           **settings: Any) -> Classifier:
+    """Create a bundle from an open_clip model (the ``train`` extra): the counterpart of ``edgeclip init``.
+
+    pretrained: an open_clip tag (e.g. "openai") or a checkpoint file; random_weights with seed for offline
+    tests. ``settings``: further ``MethodSettings`` fields (hidden, beta, fusion, gate_kind, ...). Raises
+    MissingExtraError without torch, BackboneLoadError when the weights cannot be had.
+    """
+    create_module = import_torch_module("edgeclip.edgeapp.create", "creating a bundle (reading open_clip models)")
+    method_settings = MethodSettings(method=method, seed=seed, **settings)
+    created = create_module.init_bundle(Path(bundle), model, pretrained, random_weights=random_weights, seed=seed,
+                                        settings=method_settings, zero_shot_labels=list(zero_shot_labels))
+    return Classifier(created)
