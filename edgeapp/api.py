@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from edgeclip.bundle import Bundle, rollback
+from edgeclip.discover import discover_images, display_path
 from edgeclip.edgeapp.classify import (
     LabelSpace,
     Prediction,
@@ -109,10 +110,11 @@ class Classifier:
         """One ``Prediction`` per input, in input order: label, score, route (task name or "zero-shot"),
         top-k and error (the reason a file could not be read; the other fields are then empty).
 
-        images: file paths, PIL images or uint8 [H,W,3] RGB arrays (one or an iterable); labels: extra
+        images: files, folders (their images), PIL images or uint8 [H,W,3] RGB arrays (one or an iterable); labels: extra
         zero-shot labels beside the learned classes. Raises UsageError (nothing to classify into, bad array).
         """
         items = [images] if isinstance(images, (str, Path, Image.Image, np.ndarray)) else list(images)
+        items = _expand_folders(items)
         if top_k < 1:
             raise UsageError(f"top_k must be at least 1, not {top_k}")
         space = self.label_space(labels)
@@ -186,10 +188,19 @@ class Classifier:
         return Classifier(Bundle.open(self.root), self.backend, self.precision, self.threads)
 
 
+def _expand_folders(items: list[ImageInput]) -> list[ImageInput]:
+    """Folders become their images (recognised by content, hidden files skipped), in place."""
+    out: list[ImageInput] = []
+    for item in items:
+        if isinstance(item, (str, Path)) and Path(item).is_dir():
+            out.extend(discover_images([Path(item)]).images)
+        else:
+            out.append(item)
+    return out
+
+
 def _in_input_order(preds: Iterable[Prediction], paths: Sequence[Path]) -> list[Prediction]:
     """classify_files yields a batch's unreadable files first: put results back in input order."""
-    from edgeclip.discover import display_path
-
     position: dict[str, list[int]] = {}
     for i, path in enumerate(paths):
         position.setdefault(display_path(path), []).append(i)

@@ -7,7 +7,6 @@ text classifier) are computed exactly as for RAIL, through the exported frozen e
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,8 +42,9 @@ def initial_moe_state(backbone: Backbone, config: MoEConfig, seed: int) -> dict[
     """The adapters of a bundle with no task (seeded down-projections, zero up-projections)."""
     import torch
 
-    torch.manual_seed(seed)
-    return {k: v.numpy() for k, v in moe_state(MoECLIP(backbone.model, config)).items()}
+    with torch.random.fork_rng(devices=[]):  # seeded expert init; the caller's global RNG is left as it was
+        torch.manual_seed(seed)
+        return {k: v.numpy() for k, v in moe_state(MoECLIP(backbone.model, config)).items()}
 
 
 def load_moe_model(bundle: Bundle) -> tuple[Backbone, MoECLIP]:
@@ -85,7 +85,8 @@ def add_moe_task(
         iterations=int(recipe["iterations"]), batch_size=int(recipe["batch_size"]), lr=float(recipe["lr"]),
         warmup=min(int(recipe["warmup"]), max(int(recipe["iterations"]) // 10, 0)),
         freeze_rule=recipe["freeze_rule"], seed=int(bundle.manifest["method"]["settings"].get("seed", 0)),
-        device=device, progress=sys.stderr.isatty() and progress is not None,
+        device=device, on_step=(lambda step, total, loss: progress("training", step, total))
+        if progress else None,
     )
     backbone, model = load_moe_model(bundle)
     samples = [(str(path), label) for path, label in domain.samples]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -189,9 +188,3 @@ def export_text_encoder(backbone: Any, out_dir: Path | str, seed: int = 0) -> Pa
     check = backbone.tokenize(["a photo of a dog.", "an origami airplane.", "x"]).to(torch.int64).numpy()
     check_parity(graph, _run_torch(tower, torch.int64), check)
     return graph
-
-
-def export_backbone(backbone: Any, out_dir: Path | str) -> dict[str, Path]:
-    """Both towers; returns {"image": path, "text": path}."""
-    os.makedirs(out_dir, exist_ok=True)
-    return {"image": export_image_encoder(backbone, out_dir), "text": export_text_encoder(backbone, out_dir)}

@@ -87,3 +87,29 @@ def dataset_meta(shared_datasets: Path) -> Callable[[str], dict]:
             return json.loads(f.read().decode("utf-8"))
 
     return read
+
+
+# -- markers -------------------------------------------------------------------------------------
+# `pytest -m "not slow"` is the fast subset (under a minute on 2 cores): tests that train, export
+# graphs or read the real image sets are marked here from what they use, so a new test that uses
+# such a fixture or lives in such a module is marked without remembering to.
+REALDATA_FIXTURES = {"shared_datasets", "extract_subset", "dataset_meta"}
+# module-scoped fixtures that export a bundle or graphs
+EXPORTING_FIXTURES = {"bundle", "source_bundle", "fp32_only", "both_protocols", "domains_bundle"}
+# modules whose every test exports graphs or trains
+EXPORTING_MODULES = {"test_compose", "test_export_moe", "test_export_parity", "test_moe_ddp", "test_moe_trainer",
+                     "test_quantize", "test_runtime", "test_trace"}
+# single tests that export or train inline
+EXPORTING_TESTS = {"test_rollback_then_add_task_without_torch", "test_interrupted_add_task_leaves_previous_version",
+                   "test_moe_end_to_end", "test_demo_runs_the_whole_flow", "test_moe_bundles_are_scored_through_their_gated_graph"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & REALDATA_FIXTURES:
+            item.add_marker(pytest.mark.realdata)
+            item.add_marker(pytest.mark.slow)
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if fixtures & EXPORTING_FIXTURES or module in EXPORTING_MODULES or item.originalname in EXPORTING_TESTS:
+            item.add_marker(pytest.mark.slow)

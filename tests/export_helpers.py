@@ -32,10 +32,13 @@ _GRAPHS: dict[str, Path] = {}
 def tiny_graphs(base: Path) -> Path:
     """A folder holding the tiny backbone's image_encoder.onnx/.data and text_encoder.onnx/.data."""
     if "dir" not in _GRAPHS:
-        from edgeclip.export.trace import export_backbone
+        from edgeclip.export.trace import export_image_encoder, export_text_encoder
 
         out = base / "tiny-graphs"
-        export_backbone(tiny_backbone(), out)
+        out.mkdir(parents=True, exist_ok=True)
+        backbone = tiny_backbone()
+        export_image_encoder(backbone, out)
+        export_text_encoder(backbone, out)
         _GRAPHS["dir"] = out
     return _GRAPHS["dir"]
 

@@ -5,8 +5,6 @@ import pytest
 
 from edgeclip.errors import UsageError
 from edgeclip.train.fusion import (
-    domain_mass_route,
-    fuse_domain_mass,
     fuse_gated,
     fuse_paper,
     zero_shot_probs,
@@ -60,17 +58,6 @@ def test_fuse_gated_restricts_scores_to_the_routed_task():
         [0.05, 0.05 + 0.5, 0.20, 0.10, 0.10],  # task 0: classes 0, 1 (scores 0, 1)
     ])
     np.testing.assert_allclose(got, expected, rtol=1e-12)
-
-
-def test_domain_mass_route_and_fusion():
-    # masses: row 0: task0 0.6, task1 0.1, unseen 0.3 -> 0; row 1: 0.1, 0.3, 0.6 -> -1;
-    # row 2: 0.2, 0.4, 0.4 -> task 1 (a tie goes to the task)
-    route = domain_mass_route(P_ZS, OFFSETS, SIZES, n_learned=3)
-    np.testing.assert_array_equal(route, [0, -1, 1])
-    assert route.dtype == np.int64
-    np.testing.assert_allclose(fuse_domain_mass(P_ZS, S_A, OFFSETS, SIZES, beta=0.8),
-                               fuse_gated(P_ZS, S_A, route, OFFSETS, SIZES, beta=0.8))
-    np.testing.assert_array_equal(domain_mass_route(P_ZS, np.zeros(0, int), np.zeros(0, int), 0), [-1, -1, -1])
 
 
 def test_bad_inputs_raise():

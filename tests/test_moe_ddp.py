@@ -25,7 +25,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 # Dropout and routing noise off: they draw different random numbers per rank, so with them on the
 # two runs are equally valid but not comparable number for number.
 CONFIG = dict(dropout=0.0, noisy_gating=False, n_experts=4)
-SETTINGS = dict(iterations=3, batch_size=8, lr=1e-2, warmup=1, progress=False, freeze_rule="strict")
+SETTINGS = dict(iterations=3, batch_size=8, lr=1e-2, warmup=1, freeze_rule="strict")
 
 WORKER = textwrap.dedent(
     """

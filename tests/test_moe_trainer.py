@@ -44,7 +44,7 @@ def make_domain(root: Path, n_classes: int = 3, per_class: int = 4, seed: int = 
 
 
 def quick(**overrides) -> TrainSettings:
-    base = dict(iterations=4, batch_size=4, lr=5e-3, warmup=1, progress=False, seed=0)
+    base = dict(iterations=4, batch_size=4, lr=5e-3, warmup=1, seed=0)
     base.update(overrides)
     return TrainSettings(**base)
 
@@ -170,7 +170,7 @@ def test_real_images_task_one_drift_per_freeze_rule(extract_subset, dataset_meta
     start = time.perf_counter()
     for rule in ("strict", "paper"):
         model = MoECLIP(frozen_clip())
-        settings = dict(iterations=20, batch_size=8, lr=1e-2, warmup=3, progress=False, freeze_rule=rule)
+        settings = dict(iterations=20, batch_size=8, lr=1e-2, warmup=3, freeze_rule=rule)
         train_task(model, mnist_train, digits, TEMPLATE, TrainSettings(**settings))
         seen_before, text_before = task_outputs(model, 0, mnist_train, digits)
         unseen_before, _ = task_outputs(model, 0, mnist_test, digits)

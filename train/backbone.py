@@ -8,7 +8,6 @@ in the local cache fails at once with a message that says how to pass a local fi
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from dataclasses import dataclass, field
@@ -190,10 +189,10 @@ def load_backbone(
         source = resolve_weights(model, pretrained, random_weights, seed)
     else:
         register_model_configs()
-    logging.getLogger("root").setLevel(logging.ERROR)  # open_clip warns through the root logger
     if source.kind == "random":
-        torch.manual_seed(int(source.ref))
-        clip = open_clip.create_model(model, pretrained=None)
+        with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's global RNG is left as it was
+            torch.manual_seed(int(source.ref))
+            clip = open_clip.create_model(model, pretrained=None)
     elif source.kind == "file":
         path = Path(source.ref)
         if not path.is_file():

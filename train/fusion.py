@@ -7,7 +7,6 @@ first), columns C_learned..L-1 are the labels of domains never learned.
 Rules:
 - `fuse_paper`: the paper's gate, on the zero-shot top-1 class.
 - `fuse_gated`: per-image routes (a task index or -1), e.g. from the DDAS gate (`ddas.route`).
-- `domain_mass_route` + `fuse_gated`: route by the zero-shot probability mass of each domain.
 """
 
 from __future__ import annotations
@@ -78,22 +77,3 @@ def fuse_gated(p_zs: np.ndarray, s_a: np.ndarray, route: np.ndarray, task_offset
     own = s_a * masks[np.maximum(route, 0)]  # [B, C]; rows routed to -1 are discarded below
     mixed = (1.0 - beta) * p_zs + beta * _pad(own, p_zs.shape[1])
     return np.where((route >= 0)[:, None], mixed, p_zs)
-
-
-def domain_mass_route(p_zs: np.ndarray, task_offsets: np.ndarray, task_sizes: np.ndarray,
-                      n_learned: int) -> np.ndarray:
-    """Route [B] int64: the task whose classes hold the most zero-shot probability, or -1 when
-    the unseen labels (columns >= n_learned) hold more than every task."""
-    if len(task_sizes) == 0:
-        return np.full(p_zs.shape[0], -1, dtype=np.int64)
-    task_mass = p_zs[:, :n_learned] @ task_masks(task_offsets, task_sizes, n_learned).T  # [B, T]
-    unseen_mass = p_zs[:, n_learned:].sum(axis=1)  # [B]
-    best = task_mass.argmax(axis=1)
-    return np.where(task_mass.max(axis=1) >= unseen_mass, best, -1).astype(np.int64)
-
-
-def fuse_domain_mass(p_zs: np.ndarray, s_a: np.ndarray, task_offsets: np.ndarray,
-                     task_sizes: np.ndarray, beta: float = BETA) -> np.ndarray:
-    """`fuse_gated` with routes from `domain_mass_route`."""
-    route = domain_mass_route(p_zs, task_offsets, task_sizes, s_a.shape[1])
-    return fuse_gated(p_zs, s_a, route, task_offsets, task_sizes, beta)

@@ -65,7 +65,8 @@ class TrainSettings:
     device: str = "auto"  # 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'
     precision: str = "auto"  # 'auto' (bf16/fp16 autocast on CUDA, fp32 on CPU), 'fp32', 'bf16', 'fp16'
     workers: int = 0  # DataLoader worker processes
-    progress: bool = True
+    # called on rank 0 after every step with (step, iterations, loss): the caller reports progress (on stderr)
+    on_step: Callable[[int, int, float], None] | None = None
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.batch_size < 1 or self.lr <= 0 or self.warmup < 0:
@@ -329,9 +330,8 @@ def train_task(
         if layer.encoder == "image" or dist_.rank == 0:  # every rank encodes the same prompts: count once
             count_selections(layer, task_ids, idx)
 
-    with _progress(settings.progress and dist_.rank == 0, settings.iterations, task) as advance, model.recording(
-        record
-    ):
+    report = settings.on_step if dist_.rank == 0 else None
+    with model.recording(record):
         for images, labels in loader:
             images = images.to(dist_.device, non_blocking=True)
             labels = labels.to(dist_.device, non_blocking=True)
@@ -354,7 +354,8 @@ def train_task(
             schedule.step()
             mean_loss = _all_reduce(loss.detach().float().clone(), dist_.world) / dist_.world
             losses.append(float(mean_loss))
-            advance(losses[-1], len(losses) / (time.perf_counter() - start))
+            if report is not None:
+                report(len(losses), settings.iterations, losses[-1])
     elapsed = time.perf_counter() - start
     del net
     model.eval()
@@ -413,40 +414,6 @@ def task_selections(
 def _load_rgb(path: str | Path) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")
-
-
-class _progress:
-    """A rich progress bar with the loss and iterations/s, or nothing when disabled."""
-
-    def __init__(self, enabled: bool, total: int, task: int) -> None:
-        self.enabled, self.total, self.task = enabled, total, task
-
-    def __enter__(self) -> Callable[[float, float], None]:
-        if not self.enabled:
-            return lambda loss, speed: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("[bold]task {task.fields[task]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TextColumn("{task.fields[speed]:.2f} it/s"),
-            TimeRemainingColumn(),
-        )
-        self.bar.__enter__()
-        self.id = self.bar.add_task("train", total=self.total, task=self.task, loss=float("nan"), speed=0.0)
-        return lambda loss, speed: self.bar.update(self.id, advance=1, loss=loss, speed=speed)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)
 
 
 __all__ = ["TrainSettings", "TaskResult", "cosine_with_warmup", "select_samples", "task_selections", "train_task"]
