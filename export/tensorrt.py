@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgeclip.bundle import sha256_of
-from edgeclip.errors import BackendUnavailableError, EdgeclipError
+from edgeclip.errors import BackendUnavailableError, EdgeclipError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,12 @@ class EngineSpec:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise EdgeclipError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+            raise UsageError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
         for name, shapes in self.profile.items():
             if len(shapes) != 3 or any(len(s) != len(shapes[0]) for s in shapes):
-                raise EdgeclipError(f"profile of {name!r} must be three shapes of one rank, got {shapes}")
+                raise UsageError(f"profile of {name!r} must be three shapes of one rank, got {shapes}")
             if any(not (a <= b <= c) for a, b, c in zip(*shapes)):
-                raise EdgeclipError(f"profile of {name!r} needs min <= opt <= max per dimension, got {shapes}")
+                raise UsageError(f"profile of {name!r} needs min <= opt <= max per dimension, got {shapes}")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -95,7 +95,7 @@ def dataset_meta(shared_datasets: Path) -> Callable[[str], dict]:
 # such a fixture or lives in such a module is marked without remembering to.
 REALDATA_FIXTURES = {"shared_datasets", "extract_subset", "dataset_meta"}
 # module-scoped fixtures that export a bundle or graphs
-EXPORTING_FIXTURES = {"bundle", "source_bundle", "fp32_only", "both_protocols", "domains_bundle"}
+EXPORTING_FIXTURES = {"bundle", "source_bundle", "fp32_only", "both_protocols", "make_tiny_bundle"}
 # modules whose every test exports graphs or trains
 EXPORTING_MODULES = {"test_compose", "test_export_moe", "test_export_parity", "test_moe_ddp", "test_moe_trainer",
                      "test_quantize", "test_runtime", "test_trace"}
@@ -113,3 +113,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if fixtures & EXPORTING_FIXTURES or module in EXPORTING_MODULES or item.originalname in EXPORTING_TESTS:
             item.add_marker(pytest.mark.slow)
+
+
+# -- bundles -------------------------------------------------------------------------------------
+MakeBundle = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def make_tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> MakeBundle:
+    """A function `make_tiny_bundle(dest, method="rail-primal", hidden=256, labels=(), seed=0) -> dest`.
+
+    The first call for a setting creates an edgeclip-tiny bundle with random weights (exporting its
+    encoders, a few seconds); later calls copy it, so each test gets its own bundle cheaply.
+    """
+    import shutil
+
+    import edgeclip
+
+    templates: dict[tuple, Path] = {}
+
+    def make(dest: Path, method: str = "rail-primal", hidden: int = 256, labels: tuple[str, ...] = (),
+             seed: int = 0) -> Path:
+        key = (method, hidden, tuple(labels), seed)
+        if key not in templates:
+            root = tmp_path_factory.mktemp("tiny-bundle") / "bundle"
+            edgeclip.create(root, "edgeclip-tiny", method=method, random_weights=True, seed=seed,
+                            zero_shot_labels=list(labels), hidden=hidden)
+            templates[key] = root
+        shutil.copytree(templates[key], dest)
+        return Path(dest)
+
+    return make

@@ -46,12 +46,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory, images: dict) -> Path:
+def bundle(tmp_path_factory: pytest.TempPathFactory, images: dict, make_tiny_bundle) -> Path:
     """A rail-primal bundle with the two demo domains learned (built once for the module)."""
-    root = tmp_path_factory.mktemp("cli") / "bundle"
-    result = invoke("init", "--bundle", root, "--model", "edgeclip-tiny", "--random-weights", "--seed", "0",
-                    "--method", "rail-primal", "--hidden", "512", "--quiet")
-    assert result.exit_code == 0, result.output
+    root = make_tiny_bundle(tmp_path_factory.mktemp("cli") / "bundle", hidden=512)
     for domain in images["domains"]:
         result = invoke("add-task", domain, "--bundle", root, "--quiet")
         assert result.exit_code == 0, result.output
@@ -142,11 +139,9 @@ def test_usage_errors_exit_2(bundle: Path, images: dict, tmp_path: Path) -> None
     assert result.returncode == 1 and "No bundle" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_rollback_then_add_task_without_torch(tmp_path: Path, images: dict) -> None:
+def test_rollback_then_add_task_without_torch(tmp_path: Path, images: dict, make_tiny_bundle) -> None:
     """RAIL add-task and classify run with torch unimportable; rollback restores the previous version."""
-    root = tmp_path / "b"
-    assert invoke("init", "--bundle", root, "--model", "edgeclip-tiny", "--random-weights", "--method", "rail-dual",
-                  "--labels", "a tree", "--quiet").exit_code == 0
+    root = make_tiny_bundle(tmp_path / "b", method="rail-dual", labels=("a tree",))
     result = edgeclip_main(["add-task", str(images["domains"][0]), "--bundle", str(root), "--quiet"], block_torch=True)
     assert result.returncode == 0, result.stderr
     result = edgeclip_main(["classify", str(images["query"]), "--bundle", str(root), "--format", "json", "--quiet"],
@@ -160,10 +155,8 @@ def test_rollback_then_add_task_without_torch(tmp_path: Path, images: dict) -> N
     assert Bundle.open(root).version == "v0001" and not Bundle.open(root).tasks
 
 
-def test_interrupted_add_task_leaves_previous_version(tmp_path: Path, images: dict) -> None:
-    root = tmp_path / "b"
-    assert invoke("init", "--bundle", root, "--model", "edgeclip-tiny", "--random-weights", "--hidden", "4096",
-                  "--quiet").exit_code == 0
+def test_interrupted_add_task_leaves_previous_version(tmp_path: Path, images: dict, make_tiny_bundle) -> None:
+    root = make_tiny_bundle(tmp_path / "b", hidden=4096)
     before = Bundle.open(root)
     args = ["add-task", str(images["domains"][0]), "--bundle", str(root), "--quiet"]
     code = f"import sys\nsys.argv = ['edgeclip'] + {args!r}\nfrom edgeclip.edgeapp.cli.app import main\nmain()"
@@ -266,11 +259,9 @@ def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
     assert edgeclip_main(["demo", "--dir", str(tmp_path / "demo")]).returncode == 2  # refuses to overwrite
 
 
-def test_add_task_and_classify_real_images(extract_subset, tmp_path: Path) -> None:
+def test_add_task_and_classify_real_images(extract_subset, tmp_path: Path, make_tiny_bundle) -> None:
     """The CLI on real images: learn two small real domains, classify their test images."""
-    root = tmp_path / "b"
-    assert invoke("init", "--bundle", root, "--model", "edgeclip-tiny", "--random-weights", "--hidden", "1024",
-                  "--quiet").exit_code == 0
+    root = make_tiny_bundle(tmp_path / "b", hidden=1024)
     tests = []
     for name, classes in (("mnist", ["0", "1", "2"]), ("dtd10", None)):
         train = extract_subset(name, "train", classes, per_class=8)

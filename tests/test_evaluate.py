@@ -55,13 +55,8 @@ def domains(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def source_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edgeclip.edgeapp.create import init_bundle
-    from edgeclip.edgeapp.tasks import MethodSettings
-
-    root = tmp_path_factory.mktemp("eval-bundle") / "bundle"
-    init_bundle(root, "edgeclip-tiny", random_weights=True, seed=0, settings=MethodSettings(hidden=256))
-    return root
+def source_bundle(tmp_path_factory: pytest.TempPathFactory, make_tiny_bundle) -> Path:
+    return make_tiny_bundle(tmp_path_factory.mktemp("eval-bundle") / "bundle")
 
 
 # ----------------------------------------------------------------------------- metrics

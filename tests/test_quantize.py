@@ -34,11 +34,6 @@ def invoke(*args: object) -> object:
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-def new_bundle(root: Path) -> Path:
-    result = invoke("init", "--bundle", root, "--model", "edgeclip-tiny", "--random-weights", "--seed", "0",
-                    "--method", "rail-primal", "--hidden", "256", "--quiet")
-    assert result.exit_code == 0, result.output
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +43,13 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def fp32_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return new_bundle(tmp_path_factory.mktemp("int8") / "plain")
+def fp32_only(tmp_path_factory: pytest.TempPathFactory, make_tiny_bundle) -> Path:
+    return make_tiny_bundle(tmp_path_factory.mktemp("int8") / "plain")
 
 
 @pytest.mark.slow
-def test_export_int8_on_a_fresh_bundle_then_add_task_keeps_it_in_step(tmp_path: Path, images: dict) -> None:
-    root = new_bundle(tmp_path / "b")
+def test_export_int8_on_a_fresh_bundle_then_add_task_keeps_it_in_step(tmp_path: Path, images: dict, make_tiny_bundle) -> None:
+    root = make_tiny_bundle(tmp_path / "b")
     result = invoke("export", "--bundle", root, "--int8")
     assert result.exit_code == 0, result.output
     assert "gated_int8.onnx" in result.output and list_versions(root) == ["v0001", "v0002"]
@@ -81,9 +76,9 @@ def test_export_int8_on_a_fresh_bundle_then_add_task_keeps_it_in_step(tmp_path: 
 
 
 @pytest.mark.slow
-def test_export_int8_on_an_inherited_version_and_the_cli(tmp_path: Path, images: dict) -> None:
+def test_export_int8_on_an_inherited_version_and_the_cli(tmp_path: Path, images: dict, make_tiny_bundle) -> None:
     """The encoder files of v0002 are hard links into v0001 (onnx refuses to read those directly)."""
-    root = new_bundle(tmp_path / "b")
+    root = make_tiny_bundle(tmp_path / "b")
     assert invoke("add-task", images["domains"][0], "--bundle", root, "--quiet").exit_code == 0
     assert export_int8(Bundle.open(root)).version == "v0003"
     result = invoke("classify", images["query"], "--bundle", root, "--precision", "int8", "--format", "json", "--quiet")
@@ -102,10 +97,10 @@ def test_export_int8_on_an_inherited_version_and_the_cli(tmp_path: Path, images:
 
 
 @pytest.mark.slow
-def test_int8_agrees_with_fp32_on_real_images(extract_subset, tmp_path: Path) -> None:
+def test_int8_agrees_with_fp32_on_real_images(extract_subset, tmp_path: Path, make_tiny_bundle) -> None:
     from edgeclip.images import PreprocessConfig, load_and_preprocess
 
-    root = new_bundle(tmp_path / "b")
+    root = make_tiny_bundle(tmp_path / "b")
     train = extract_subset("mnist", "train", ["0", "1", "2"], per_class=8)
     assert invoke("add-task", train, "--bundle", root, "--quiet").exit_code == 0
     bundle = export_int8(Bundle.open(root))

@@ -111,9 +111,9 @@ def test_engine_spec_and_cache_key():
             engine_key({**base, "tensorrt": "10.4", **fp32.to_json()}),
             engine_key({**base, "compute_capability": "9.0", **fp32.to_json()})}
     assert len(keys) == 4
-    with pytest.raises(Exception, match="min <= opt <= max"):
+    with pytest.raises(UsageError, match="min <= opt <= max"):
         EngineSpec("fp32", {"pixels": ((8, 3, 64, 64), (1, 3, 64, 64), (32, 3, 64, 64))})
-    with pytest.raises(Exception, match="precision"):
+    with pytest.raises(UsageError, match="precision"):
         EngineSpec("int4")
 
 
