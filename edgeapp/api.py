@@ -43,7 +43,8 @@ ImageInput = Union[str, Path, Image.Image, np.ndarray]  # a file, a PIL image, o
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """A learned task: its name, classes (global label order), training images and DDAS threshold."""
+    """A learned task: its name, classes (global label order), training images and DDAS threshold
+    (in the gate's error units, METHODS.md section 2)."""
 
     name: str
     classes: list[str]
@@ -64,6 +65,9 @@ class Classifier:
     """A loaded bundle version with its runners (sessions open on first use).
 
     ``bundle``: the validated version read; methods that learn return a new Classifier on the new version.
+    backend: auto, ort-cpu, ort-cuda, ort-trt or tensorrt; precision: fp32 or int8; threads: CPU
+    threads of onnxruntime (None: its default). Raises UsageError, BackendUnavailableError, or
+    BundleError (e.g. int8 graphs missing) when the gated graph's session cannot be made.
     """
 
     def __init__(self, bundle: Bundle, backend: str = "auto", precision: str = "fp32", threads: int | None = None):
@@ -77,10 +81,12 @@ class Classifier:
     # -- facts -----------------------------------------------------------------------------------
     @property
     def root(self) -> Path:
+        """The bundle's root folder (holding every version)."""
         return self.bundle.root
 
     @property
     def version(self) -> str:
+        """The id of the version this Classifier reads."""
         return self.bundle.version
 
     @property
@@ -91,13 +97,15 @@ class Classifier:
 
     @property
     def text_runner(self) -> TextEncoderRunner:
+        """The frozen text encoder's runner, opened on first use."""
         if self._text is None:
             self._text = TextEncoderRunner(self.bundle, self.backend, threads=self.threads)
         return self._text
 
     # -- inference -------------------------------------------------------------------------------
     def label_space(self, labels: Sequence[str] = ()) -> LabelSpace:
-        """The learned classes, then the bundle's default zero-shot labels and ``labels``."""
+        """The learned classes, then the bundle's default zero-shot labels and ``labels``, with their
+        frozen text embeddings (``LabelSpace.text`` [L,D] float32, unit rows)."""
         return build_label_space(self.bundle, list(labels), self.text_runner.class_embeddings)
 
     def _pixels(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
@@ -140,7 +148,11 @@ class Classifier:
         return [p for p in out if p is not None]
 
     def embed_images(self, images: Iterable[Image.Image | np.ndarray | str | Path]) -> np.ndarray:
-        """Frozen CLIP image embeddings [N,D] float32, unit rows (the plain encoder, no task)."""
+        """Frozen CLIP image embeddings [N,D] float32, unit rows (the plain encoder, no task).
+
+        images: files, PIL images or uint8 [H,W,3] RGB arrays. Raises UsageError on a bad array, OSError
+        (PIL's) when a file cannot be read.
+        """
         if self._image is None:
             self._image = ImageEncoderRunner(self.bundle, self.backend, threads=self.threads, precision=self.precision)
         loaded = [Image.open(x) if isinstance(x, (str, Path)) else x for x in images]
@@ -158,7 +170,8 @@ class Classifier:
 
         data: a domain folder (DIR/<class>/* or DIR/train/<class>/*), or (image, class name) pairs, which
         are written to a temporary domain folder first. RAIL learns torch-free; MoE trains with torch.
-        Raises DomainError (too few classes or images, a name or class already learned).
+        Raises DomainError (too few classes or images, a name or class already learned), UsageError (a bad
+        class name or image among the pairs), MissingExtraError (MoE without torch).
         """
         if isinstance(data, (str, Path)):
             add_task(self.root, Path(data), name=name, shots=shots, iterations=iterations, device=device,
@@ -173,18 +186,25 @@ class Classifier:
     def add_task_embeddings(self, name: str, embeddings: np.ndarray, labels: Sequence[int] | np.ndarray,
                             classes: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",)) -> Classifier:
         """RAIL: learn a task from frozen embeddings the caller already has ([N,D] float32 from
-        ``embed_images``; labels [N] index ``classes``). Returns a Classifier on the new version."""
+        ``embed_images``; labels [N] index ``classes``). Returns a Classifier on the new version.
+
+        RAIL closed form (METHODS.md section 3), torch-free. Raises UsageError for an MoE bundle, shapes
+        other than [N,D] and [N], or labels outside ``classes``; DomainError for a name already learned.
+        """
         add_rail_embeddings(self.bundle, name, embeddings, np.asarray(labels), list(classes), list(templates),
                             source="embeddings", backend=self.backend)
         return self.reload()
 
     def rollback(self, to: str | None = None) -> Classifier:
-        """Make an earlier version current (the parent unless ``to`` names one); a Classifier on it."""
+        """Make an earlier version current (the parent unless ``to`` names one); a Classifier on it.
+
+        Raises BundleError when there is no earlier version or ``to`` names no complete version.
+        """
         rollback(self.root, to)
         return self.reload()
 
     def reload(self) -> Classifier:
-        """A Classifier on the bundle's current version."""
+        """A Classifier on the bundle's current version (BundleError when it cannot be opened)."""
         return Classifier(Bundle.open(self.root), self.backend, self.precision, self.threads)
 
 

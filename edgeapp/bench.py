@@ -11,6 +11,9 @@ import numpy as np
 
 @dataclass
 class LatencyResult:
+    """One timed (backend, graph, batch size, precision): latency percentiles in milliseconds per call
+    (one call = one batch) and throughput in images per second (batch size / median latency)."""
+
     backend: str
     graph: str  # "gated" or "plain"
     batch_size: int
@@ -21,11 +24,13 @@ class LatencyResult:
     precision: str = "fp32"  # "fp32" or "int8"
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (for benchmarks/results/*.json)."""
         return asdict(self)
 
 
 def time_calls(call: Callable[[], object], iterations: int, warmup: int = 2) -> np.ndarray:
-    """Wall-clock milliseconds of ``iterations`` calls after ``warmup`` untimed ones."""
+    """Wall-clock milliseconds of ``iterations`` calls after ``warmup`` untimed ones: [iterations] float64
+    (``time.perf_counter``)."""
     for _ in range(warmup):
         call()
     times = np.empty(iterations)
@@ -38,13 +43,19 @@ def time_calls(call: Callable[[], object], iterations: int, warmup: int = 2) -> 
 
 def summarise(backend: str, graph: str, batch_size: int, times_ms: np.ndarray,
               precision: str = "fp32") -> LatencyResult:
+    """Percentiles (p50, p90, p99 of ``times_ms``, milliseconds per batch) and images per second
+    (batch_size * 1000 / median) of one timed configuration."""
     p50, p90, p99 = np.percentile(times_ms, [50, 90, 99])
     return LatencyResult(backend, graph, batch_size, float(p50), float(p90), float(p99),
                          float(batch_size * 1000.0 / np.median(times_ms)), precision)
 
 
 def warm_up_engines(bundle, backend: str, fp16: bool = False) -> None:
-    """Run the gated and plain graphs once on a backend, which builds (or loads cached) engines."""
+    """Run the gated and plain graphs once on a backend, which builds (or loads cached) engines.
+
+    bundle: an open ``edgeclip.bundle.Bundle``; backend: a runtime backend name. Raises UsageError on
+    an unknown backend, BackendUnavailableError when it is not usable here.
+    """
     from edgeclip.edgeapp.classify import build_label_space
     from edgeclip.edgeapp.runtime import GatedRunner, ImageEncoderRunner, TextEncoderRunner, select_backend
 
@@ -62,7 +73,13 @@ def bench_bundle(bundle, backend: str, batch_sizes: list[int], iterations: int, 
     """Time the gated and the plain graph on the same random pixels, interleaved per batch size
     so that both see the same machine state (the ratio is what is comparable).
 
-    precision "int8" times the fp32 and the int8 graphs (both on onnxruntime CPU), interleaved too."""
+    precision "int8" times the fp32 and the int8 graphs (both on onnxruntime CPU), interleaved too.
+
+    bundle: an open ``edgeclip.bundle.Bundle``; pixels are standard-normal [B,3,S,S] float32 drawn
+    with ``seed``; ``on_step`` is called after each batch size. Returns two results (gated, plain) per
+    batch size and precision. Raises UsageError on an unknown backend or precision (int8 off
+    onnxruntime CPU), BackendUnavailableError, BundleError when an int8 graph is missing.
+    """
     from edgeclip.edgeapp.classify import build_label_space
     from edgeclip.edgeapp.runtime import GatedRunner, ImageEncoderRunner, TextEncoderRunner, resolve_precision
 

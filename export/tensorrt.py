@@ -68,7 +68,8 @@ def _cuda(result: Any) -> Any:
 
 
 def gpu_identity(device: int = 0) -> dict[str, str]:
-    """The GPU an engine is built for: name and compute capability."""
+    """The GPU an engine is built for: {"gpu": name, "compute_capability": "major.minor"} of CUDA
+    device ``device``. Raises BackendUnavailableError without cuda-python or a GPU, or when a CUDA call fails."""
     cudart = _import_cudart()
     count = _cuda(cudart.cudaGetDeviceCount())
     if count < 1:
@@ -86,7 +87,12 @@ def check_available() -> None:
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """How to build: precision and one optimisation profile {input: (min, opt, max) shape}."""
+    """How to build: precision and one optimisation profile {input: (min, opt, max) shape}.
+
+    precision: "fp32" or "fp16"; workspace_bytes: TensorRT's workspace memory pool limit in bytes
+    (4 GiB by default). Raises UsageError on an unknown precision, or a profile that is not three
+    shapes of one rank with min <= opt <= max in every dimension.
+    """
 
     precision: str = "fp32"
     profile: dict[str, tuple[Shape, Shape, Shape]] = field(default_factory=dict)
@@ -102,13 +108,17 @@ class EngineSpec:
                 raise UsageError(f"profile of {name!r} needs min <= opt <= max per dimension, got {shapes}")
 
     def to_json(self) -> dict[str, Any]:
+        """JSON-ready fields (shapes as lists, profile sorted by input), part of the engine cache key."""
         data = asdict(self)
         data["profile"] = {k: [list(s) for s in v] for k, v in sorted(self.profile.items())}
         return data
 
 
 def graph_digest(onnx_path: Path) -> str:
-    """The graph's identity: its file and every external-data file beside it that it names."""
+    """The graph's identity: its file and every external-data file beside it that it names.
+
+    Their sha256 hex digests joined with "+". Raises OSError when a file cannot be read.
+    """
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
@@ -117,11 +127,16 @@ def graph_digest(onnx_path: Path) -> str:
 
 
 def engine_metadata(graph_id: str, spec: EngineSpec) -> dict[str, Any]:
+    """Everything an engine's validity depends on: graph identity, TensorRT version, GPU and ``spec``.
+
+    Raises BackendUnavailableError without TensorRT 10, cuda-python or a GPU.
+    """
     trt = _import_trt()
     return {"graph": graph_id, "tensorrt": trt.__version__, **gpu_identity(), **spec.to_json()}
 
 
 def engine_key(meta: dict[str, Any]) -> str:
+    """The cache key of ``engine_metadata`` output: 32 hex characters of the sha256 of its sorted JSON."""
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -129,7 +144,9 @@ def build_engine(onnx_path: Path | str, spec: EngineSpec, cache_dir: Path | str,
     """The engine file for (graph, spec, this GPU, this TensorRT), built when the cache lacks it.
 
     `graph_id`: the graph's content identity when the caller knows it (a bundle manifest's sha256s);
-    else the files are hashed.
+    else the files are hashed. Returns ``<cache_dir>/<key>.engine``; files are written atomically,
+    metadata last. Raises BackendUnavailableError (no TensorRT 10, cuda-python or GPU) and
+    EngineBuildError (graph not parsed, a dynamic input without a profile, or the build failed).
     """
     onnx_path, cache_dir = Path(onnx_path), Path(cache_dir)
     meta = engine_metadata(graph_id or graph_digest(onnx_path), spec)
@@ -187,7 +204,9 @@ class TrtRunner:
     """Runs an engine: `run({input: array}) -> {output: array}` on GPU 0, one CUDA stream.
 
     Batches larger than the profile's max batch are split (every edgeclip graph is row-wise
-    in its first dimension). Device buffers are kept and grown as needed.
+    in its first dimension). Device buffers are kept and grown as needed; ``close`` frees them.
+    Raises BackendUnavailableError without TensorRT or cuda-python, EngineBuildError when the engine
+    file cannot be deserialised (another GPU or TensorRT version: delete it to rebuild).
     """
 
     def __init__(self, engine_path: Path | str) -> None:
@@ -218,6 +237,10 @@ class TrtRunner:
         return ptr
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the engine: input name -> host array (cast to the engine's dtype), output name -> new
+        host array. Inputs batched beyond the profile's max batch are split along dimension 0.
+        Raises EdgeclipError for a shape outside the profile or a failed execution,
+        BackendUnavailableError when a CUDA call fails, KeyError when an input is missing."""
         first = feeds[self.inputs[0]]
         if self.max_batch and len(first) > self.max_batch:  # split along the batch dimension
             batched = {n for n in self.inputs if len(feeds[n]) == len(first)}
@@ -255,6 +278,7 @@ class TrtRunner:
         return results
 
     def close(self) -> None:
+        """Free the device buffers and the CUDA stream (idempotent; also called on garbage collection)."""
         for ptr, _ in self._buffers.values():
             self._cudart.cudaFree(ptr)
         self._buffers.clear()

@@ -36,17 +36,29 @@ def _check_x(x: np.ndarray, dim: int | None = None) -> np.ndarray:
 
 
 class Autoencoder(Protocol):
+    """One task's DDAS gate (METHODS.md section 2): ``LinearAutoencoder`` or ``MLPAutoencoder``."""
+
     kind: str
 
-    def errors(self, x: np.ndarray) -> np.ndarray: ...
-    def state(self) -> dict[str, np.ndarray]: ...
-    def settings(self) -> dict: ...
+    def errors(self, x: np.ndarray) -> np.ndarray:
+        """Reconstruction errors [N] float32 of embeddings x [N, D], in embedding units (mean squared)."""
+        ...
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The weights as named float32 arrays (for safetensors)."""
+        ...
+
+    def settings(self) -> dict:
+        """JSON-ready settings, with "kind" ("linear" or "mlp")."""
+        ...
 
 
 class LinearAutoencoder:
-    """Optimal linear autoencoder of rank k: reconstruct x as mu + (x - mu) P^T P.
+    """Optimal linear autoencoder of rank k: reconstruct x as mu + (x - mu) P^T P (METHODS.md section 2).
 
-    mu [D] and P [k, D] (orthonormal rows: the top-k right singular vectors of the centred data).
+    mu [D] and P [k, D] float32 (orthonormal rows: the top-k right singular vectors of the centred data).
+    The closed form replaces the paper's gradient-trained AlexNet-feature autoencoder (MoE-Adapters'
+    DDAS, arXiv 2403.11549), so it learns torch-free. Raises BundleError when the shapes disagree.
     """
 
     kind = "linear"
@@ -59,6 +71,10 @@ class LinearAutoencoder:
 
     @classmethod
     def fit(cls, x: np.ndarray, k: int) -> LinearAutoencoder:
+        """The rank-``k`` optimum for embeddings x [N, D] (float32, unit rows), by SVD in float64.
+
+        Raises UsageError when x is not 2-D or k is outside [0, min(N, D)].
+        """
         x = _check_x(x).astype(np.float64)
         if not 0 <= k <= min(x.shape):
             raise UsageError(f"k must lie in [0, {min(x.shape)}] for {x.shape[0]} images of dim {x.shape[1]}")
@@ -67,19 +83,26 @@ class LinearAutoencoder:
         return cls(mu, vt[:k])
 
     def errors(self, x: np.ndarray) -> np.ndarray:
-        """Mean squared residual per image [N] after projecting x - mu onto span(P)."""
+        """Mean squared residual per image [N] float32 after projecting x - mu onto span(P).
+
+        x: [N, D] float32. Raises UsageError on another shape.
+        """
         r = _check_x(x, self.mu.shape[0]) - self.mu  # [N, D]
         residual = r - (r @ self.components.T) @ self.components
         return (residual * residual).mean(axis=1)
 
     def state(self) -> dict[str, np.ndarray]:
+        """{"mu": [D], "components": [k, D]} float32."""
         return {"mu": self.mu, "components": self.components}
 
     def settings(self) -> dict:
+        """{"kind": "linear", "k": rank}."""
         return {"kind": self.kind, "k": int(self.components.shape[0])}
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray], settings: dict) -> LinearAutoencoder:
+        """Rebuild from ``state()`` output (settings unused); raises BundleError on inconsistent shapes,
+        KeyError on a missing key."""
         return cls(state["mu"], state["components"])
 
 
@@ -89,6 +112,9 @@ class MLPAutoencoder:
     Centring and the scalar scale (1 / RMS of the centred data) put the input near unit
     variance, so one learning rate suits any embedding size; dividing by scale^2 returns the
     error to embedding units, comparable with other tasks' gates of either kind.
+
+    mu [D], w1 [D, H], b1 [H], w2 [H, D], b2 [D] float32 (METHODS.md section 2, the "small MLP
+    autoencoder", e.g. 512 -> 128 -> 512). Raises BundleError when the shapes disagree.
     """
 
     kind = "mlp"
@@ -107,26 +133,35 @@ class MLPAutoencoder:
     def fit(cls, x: np.ndarray, hidden: int = 128, steps: int = 300, lr: float = 1e-3,
             batch: int = 256, seed: int = 0) -> MLPAutoencoder:
         """Adam on MSE over x [N,D] (float32, unit rows), minibatches drawn by a seeded generator;
-        deterministic on CPU. Needs torch (``edgeclip.train.ddas_mlp``); raises MissingExtraError without it."""
+        deterministic on CPU. hidden: H units; steps: optimiser steps; lr: Adam learning rate; batch:
+        minibatch size. Needs torch (``edgeclip.train.ddas_mlp``); raises MissingExtraError without it,
+        UsageError when x is not 2-D."""
         trainer = import_torch_module("edgeclip.train.ddas_mlp", "training an MLP gate")
         mu, scale, w1, b1, w2, b2 = trainer.fit_mlp_autoencoder(_check_x(x), hidden, steps, lr, batch, seed)
         return cls(mu, scale, w1, b1, w2, b2)
 
     def errors(self, x: np.ndarray) -> np.ndarray:
-        """Mean squared reconstruction error per image [N] in embedding units, numpy only."""
+        """Mean squared reconstruction error per image [N] float32 in embedding units, numpy only.
+
+        x: [N, D] float32. Raises UsageError on another shape.
+        """
         z = (_check_x(x, self.mu.shape[0]) - self.mu) * self.scale
         residual = z - (np.maximum(z @ self.w1 + self.b1, 0.0) @ self.w2 + self.b2)
         return (residual * residual).mean(axis=1) / (self.scale * self.scale)
 
     def state(self) -> dict[str, np.ndarray]:
+        """{"mu" [D], "scale" [1], "w1" [D, H], "b1" [H], "w2" [H, D], "b2" [D]} float32."""
         return {"mu": self.mu, "scale": np.array([self.scale], np.float32),
                 "w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2}
 
     def settings(self) -> dict:
+        """{"kind": "mlp", "hidden": H}."""
         return {"kind": self.kind, "hidden": int(self.b1.shape[0])}
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray], settings: dict) -> MLPAutoencoder:
+        """Rebuild from ``state()`` output (settings unused); raises BundleError on inconsistent shapes,
+        KeyError on a missing key."""
         return cls(state["mu"], float(np.asarray(state["scale"]).reshape(-1)[0]),
                    state["w1"], state["b1"], state["w2"], state["b2"])
 
@@ -135,7 +170,10 @@ _KINDS = {"linear": LinearAutoencoder, "mlp": MLPAutoencoder}
 
 
 def autoencoder_from_state(state: dict[str, np.ndarray], settings: dict) -> Autoencoder:
-    """Rebuild either kind from its state and settings (settings["kind"] picks the class)."""
+    """Rebuild either kind from its state and settings (settings["kind"] picks the class).
+
+    Raises BundleError on an unknown kind or inconsistent shapes.
+    """
     kind = settings.get("kind")
     if kind not in _KINDS:
         raise BundleError(f"unknown autoencoder kind {kind!r}; known: {sorted(_KINDS)}")
@@ -143,7 +181,12 @@ def autoencoder_from_state(state: dict[str, np.ndarray], settings: dict) -> Auto
 
 
 def calibrate_threshold(errors_heldout: np.ndarray, quantile: float = QUANTILE) -> float:
-    """The `quantile` of held-out reconstruction errors: that share of the task's images is accepted."""
+    """The `quantile` of held-out reconstruction errors: that share of the task's images is accepted.
+
+    errors_heldout: [M] float (``Autoencoder.errors`` of held-out images). The calibrated threshold
+    replaces the paper's hand-set 0.0655 (METHODS.md section 2). Raises UsageError when there are no
+    errors or the quantile is outside (0, 1].
+    """
     errors_heldout = np.asarray(errors_heldout)
     if errors_heldout.size == 0 or not 0.0 < quantile <= 1.0:
         raise UsageError(f"need held-out errors and a quantile in (0, 1], got {errors_heldout.size}, {quantile}")
@@ -153,7 +196,14 @@ def calibrate_threshold(errors_heldout: np.ndarray, quantile: float = QUANTILE) 
 def fit_gate(x: np.ndarray, kind: str = "linear", k: int = K, holdout_fraction: float = HOLDOUT,
              quantile: float = QUANTILE, seed: int = 0, **mlp_options) -> tuple[Autoencoder, float]:
     """Fit one task's autoencoder on a random (1 - holdout_fraction) of x and calibrate its
-    threshold on the rest. `k`: principal directions (linear); mlp_options go to MLPAutoencoder.fit."""
+    threshold on the rest (METHODS.md section 2). `k`: principal directions (linear); mlp_options go to
+    MLPAutoencoder.fit.
+
+    x: [N, D] float32, unit rows (frozen CLIP image embeddings of the task). Returns (autoencoder,
+    threshold in the autoencoder's error units). Raises UsageError when x is not 2-D, cannot be split
+    (at least one held-out image and two training images), or ``kind`` is unknown; MissingExtraError
+    for "mlp" without torch.
+    """
     x = _check_x(x)
     n_hold = int(round(holdout_fraction * x.shape[0]))
     if not 1 <= n_hold < x.shape[0] - 1:
@@ -171,7 +221,11 @@ def fit_gate(x: np.ndarray, kind: str = "linear", k: int = K, holdout_fraction: 
 
 def route(errors: np.ndarray, thresholds: np.ndarray, rule: str = ROUTE_RULE) -> tuple[np.ndarray, np.ndarray]:
     """Per image, never per batch: (route [B] int64, a task index or -1 for zero-shot;
-    ratios [B, T] = err / thr). errors [B, T], thresholds [T] > 0. See the module docstring."""
+    ratios [B, T] = err / thr). errors [B, T], thresholds [T] > 0. See the module docstring.
+
+    METHODS.md section 2 (edgeclip's per-image DDAS decision). Raises UsageError on mismatched shapes,
+    a non-positive threshold or an unknown ``rule``.
+    """
     errors, thresholds = np.asarray(errors), np.asarray(thresholds)
     if errors.ndim != 2 or thresholds.shape != (errors.shape[1],) or np.any(thresholds <= 0):
         raise UsageError(f"need errors [B, T] and positive thresholds [T], got {list(errors.shape)}, "

@@ -61,7 +61,10 @@ def learned_tensors(
     `.state()` (edgeclip.train.ddas); head_state: at least the learner's head keys
     (``registry.learner_spec(method).head_keys``; other keys, the learning state, are left out): the RAIL
     learner's `.state()`, or for MoE {"task_text": [C,D]} (the tasks' adapted text classifiers in global
-    class order, rows L2-normalised as `moe.text_classifier` gives). Raises UsageError on a shape mismatch.
+    class order, rows L2-normalised as `moe.text_classifier` gives). Names of the keys: ``edgeclip.layout``.
+    Returns name -> array (float32; ``task.size``, ``task.offset``, ``gate.k`` int64). Raises UsageError on
+    an unknown gate kind or method, a gate count other than the task count, or a shape mismatch; KeyError
+    when head_state lacks a head key.
     """
     if gate_kind not in GATE_KEYS:
         raise UsageError(f"unknown gate kind {gate_kind!r}; known: {sorted(GATE_KEYS)}")
@@ -95,7 +98,12 @@ def _stack_gates(kind: str, states: Sequence[Mapping[str, np.ndarray]]) -> dict[
 
 
 def gate_states(learned: Mapping[str, np.ndarray], kind: str) -> list[dict[str, np.ndarray]]:
-    """The inverse of the packing: each task's autoencoder state (for `ddas.autoencoder_from_state`)."""
+    """The inverse of the packing: each task's autoencoder state (for `ddas.autoencoder_from_state`).
+
+    learned: ``learned_tensors`` output (as read from learned.safetensors); kind: "linear" or "mlp".
+    The linear gate's zero-padded components are cut back to each task's rank. Raises KeyError when a
+    gate tensor is missing.
+    """
     n_tasks = len(learned[TASK_SIZE])
     states = []
     for t in range(n_tasks):
@@ -111,7 +119,13 @@ def gate_states(learned: Mapping[str, np.ndarray], kind: str) -> list[dict[str, 
 # -- what the graph is built from -------------------------------------------------------------
 @dataclass(frozen=True)
 class DecisionSpec:
-    """The settings of the decision, read from the manifest and checked against the tensors."""
+    """The settings of the decision, read from the manifest and checked against the tensors.
+
+    method: a registry name; fusion: "ddas" or "paper" (``FUSIONS``); beta: weight of the learned scores;
+    logit_scale: CLIP's temperature (100); gate_kind: "linear" or "mlp"; thresholds: each task's DDAS
+    threshold; offsets / sizes: each task's columns; kernel_gamma: RAIL dual's RBF gamma (0.1).
+    Build it with ``from_bundle``.
+    """
 
     method: str
     fusion: str
@@ -131,14 +145,22 @@ class DecisionSpec:
 
     @property
     def n_tasks(self) -> int:
+        """T, the learned tasks."""
         return len(self.sizes)
 
     @property
     def n_learned(self) -> int:
+        """C_learned, the learned classes over all tasks."""
         return int(self.sizes.sum())
 
     @classmethod
     def from_bundle(cls, learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> DecisionSpec:
+        """The spec of a bundle version: ``learned`` (learned.safetensors' tensors) and its manifest dict.
+
+        Raises BundleError on an unknown fusion, method or routing rule, task sizes or offsets that
+        disagree with the manifest's tasks, or a non-positive threshold; KeyError on a manifest without
+        ``method.name``.
+        """
         method = manifest["method"]["name"]
         settings = manifest["method"].get("settings", {}) or {}
         tasks = manifest.get("tasks", [])
@@ -172,7 +194,12 @@ class DecisionSpec:
 
 
 def rail_head(learned: Mapping[str, np.ndarray], spec: DecisionSpec) -> RailPrimal | RailDual:
-    """The RAIL learner rebuilt from its inference tensors (enough to call `.scores`)."""
+    """The RAIL learner rebuilt from its inference tensors (enough to call `.scores`, not to learn).
+
+    Primal (head "ridge"): ``rail.w_r`` [D,H], ``rail.w`` [H,C]; dual (head "kernel"): ``rail.memory``
+    [N,D], ``rail.alpha`` [N,C] with ``spec.kernel_gamma`` (METHODS.md section 3). KeyError when a
+    tensor is missing.
+    """
     if spec.learner.head == "ridge":
         w_r, w = np.asarray(learned[rail_key("w_r")]), np.asarray(learned[rail_key("w")])
         settings = {"dim": w_r.shape[0], "hidden": w_r.shape[1], "gamma": 1.0, "seed": 0,
@@ -187,7 +214,10 @@ def rail_head(learned: Mapping[str, np.ndarray], spec: DecisionSpec) -> RailPrim
 
 
 def paper_route(p_zs: np.ndarray, spec: DecisionSpec) -> np.ndarray:
-    """The paper's gate as a route: the task owning the zero-shot top-1 class, -1 if it is unseen."""
+    """The paper's gate as a route: the task owning the zero-shot top-1 class, -1 if it is unseen.
+
+    p_zs: [B, L] zero-shot probabilities -> [B] int64 (RAIL-Fusion's rule, METHODS.md section 3).
+    """
     top = p_zs.argmax(axis=1)
     task_of_column = np.repeat(np.arange(spec.n_tasks, dtype=np.int64), spec.sizes)
     if spec.n_learned == 0:
@@ -196,8 +226,12 @@ def paper_route(p_zs: np.ndarray, spec: DecisionSpec) -> np.ndarray:
 
 
 def moe_scores(adapted: np.ndarray, route: np.ndarray, task_text: np.ndarray, spec: DecisionSpec) -> np.ndarray:
-    """[B,C]: row b routed to t gets softmax(logit_scale * adapted_b task_text_t^T) on task t's
-    columns, zero elsewhere; rows routed to -1 are zero."""
+    """[B,C] float32: row b routed to t gets softmax(logit_scale * adapted_b task_text_t^T) on task t's
+    columns, zero elsewhere; rows routed to -1 are zero.
+
+    adapted: [B,D] unit rows (the image through task t's router); route: [B] int64; task_text: [C,D]
+    unit rows (each task's adapted text classifier). MoE-Adapters' head (METHODS.md section 1).
+    """
     route = np.asarray(route, np.int64)
     logits = spec.logit_scale * np.asarray(adapted, np.float32) @ np.asarray(task_text, np.float32).T
     own = fusion.task_masks(spec.offsets, spec.sizes, spec.n_learned)[np.maximum(route, 0)] > 0  # [B,C]
@@ -214,6 +248,12 @@ def gated_reference(embedding: np.ndarray, label_text: np.ndarray, learned: Mapp
 
     MoE bundles need `adapt`: given the gate's routes, the images' adapted embeddings (e.g.
     `MoECLIP.encode_image(pixels, route, normalize=True)`).
+
+    embedding: [B,D] float32 frozen CLIP image embeddings; label_text: [L,D] float32, rows 0..C-1 the
+    learned classes in global order. Outputs: scores float32, route int64 (-1 = zero-shot), gate_ratio
+    float32 (err_t / thr_t). The numpy reference of the exported gated graph (METHODS.md sections 2
+    and 3). Raises BundleError as ``DecisionSpec.from_bundle`` does, UsageError for an MoE bundle
+    without ``adapt`` or on mismatched shapes.
     """
     spec = DecisionSpec.from_bundle(learned, manifest)
     x = np.asarray(embedding, np.float32)

@@ -20,6 +20,8 @@ LOGIT_SCALE = 100.0  # CLIP's learned temperature, fixed at its trained value
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable softmax over the last axis; same shape as ``logits``; -inf entries give 0
+    (a row needs one finite entry)."""
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
@@ -30,7 +32,11 @@ def _normalise(v: np.ndarray) -> np.ndarray:
 
 
 def zero_shot_probs(img: np.ndarray, text: np.ndarray, logit_scale: float = LOGIT_SCALE) -> np.ndarray:
-    """softmax(logit_scale * cos(img, text)): img [B, D], text [L, D] -> [B, L] float32."""
+    """softmax(logit_scale * cos(img, text)): img [B, D], text [L, D] -> [B, L] float32.
+
+    RAIL-Fusion's p_zs (METHODS.md section 3; RAIL, arXiv 2406.18868); rows need not be normalised.
+    Raises UsageError on mismatched shapes.
+    """
     img, text = np.asarray(img, np.float32), np.asarray(text, np.float32)
     if img.ndim != 2 or text.ndim != 2 or img.shape[1] != text.shape[1]:
         raise UsageError(f"need img [B, D] and text [L, D], got {list(img.shape)} and {list(text.shape)}")
@@ -51,6 +57,8 @@ def fuse_paper(p_zs: np.ndarray, s_a: np.ndarray, beta: float = BETA) -> np.ndar
     """(1 - beta) p_zs + beta pad(s_a) where argmax p_zs is a learned class, else p_zs.
 
     p_zs [B, L]; s_a [B, C_learned] (the learned classes are p_zs's first C_learned columns).
+    RAIL-Fusion as published (METHODS.md section 3; RAIL, arXiv 2406.18868), beta = 0.8 there.
+    Returns [B, L]. Raises UsageError on mismatched shapes.
     """
     _check(p_zs, s_a)
     seen = p_zs.argmax(axis=1) < s_a.shape[1]  # [B]
@@ -59,7 +67,10 @@ def fuse_paper(p_zs: np.ndarray, s_a: np.ndarray, beta: float = BETA) -> np.ndar
 
 
 def task_masks(task_offsets: np.ndarray, task_sizes: np.ndarray, n_learned: int) -> np.ndarray:
-    """[T, C_learned] float32, 1 on each task's own classes."""
+    """[T, C_learned] float32, 1 on each task's own classes.
+
+    task_offsets, task_sizes: [T] int (each task's first column and class count in global order).
+    """
     cols = np.arange(n_learned)
     offsets, sizes = np.asarray(task_offsets)[:, None], np.asarray(task_sizes)[:, None]
     return ((cols >= offsets) & (cols < offsets + sizes)).astype(np.float32)
@@ -68,7 +79,12 @@ def task_masks(task_offsets: np.ndarray, task_sizes: np.ndarray, n_learned: int)
 def fuse_gated(p_zs: np.ndarray, s_a: np.ndarray, route: np.ndarray, task_offsets: np.ndarray,
                task_sizes: np.ndarray, beta: float = BETA) -> np.ndarray:
     """Per image: route t >= 0 -> (1 - beta) p_zs + beta pad(s_a restricted to task t's classes);
-    route -1 -> p_zs. route [B] int, task_offsets / task_sizes [T] (column ranges in s_a)."""
+    route -1 -> p_zs. route [B] int, task_offsets / task_sizes [T] (column ranges in s_a).
+
+    edgeclip's gated fusion (METHODS.md section 3, "a better gate": the DDAS route of section 2).
+    p_zs [B, L], s_a [B, C_learned] -> [B, L]. Raises UsageError on mismatched shapes or a route
+    outside [-1, T).
+    """
     _check(p_zs, s_a)
     route = np.asarray(route, dtype=np.int64)
     if route.shape != (p_zs.shape[0],) or route.min(initial=0) < -1 or route.max(initial=0) >= len(task_sizes):

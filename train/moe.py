@@ -39,7 +39,15 @@ ENCODERS = ("image", "text")
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Adapter settings; the defaults are the paper's."""
+    """Adapter settings; the defaults are the paper's (MoE-Adapters, arXiv 2403.11549; METHODS.md section 1).
+
+    n_experts E = 22 and top_k = 2 per block per encoder; bottleneck r = 64; expert output scale 0.1;
+    noisy top-k gating while training (std = softplus(c W_n) + noise_eps). ``encoders``: which of
+    ("image", "text") get adapters; ``last_blocks``: only the last N blocks (None = all); ``dense``:
+    run all E experts weighted by the sparse gate (same result, for export). Raises UsageError on
+    top_k outside [1, n_experts], bottleneck < 1, dropout outside [0, 1), unknown or empty encoders,
+    or last_blocks < 1.
+    """
 
     n_experts: int = 22
     top_k: int = 2
@@ -64,12 +72,15 @@ class MoEConfig:
             raise UsageError("last_blocks must be >= 1 (or None for all blocks).")
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (``encoders`` as a list); ``from_dict`` inverts it."""
         data = asdict(self)
         data["encoders"] = list(self.encoders)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
+        """Settings from ``to_dict`` output (missing keys take the defaults); raises UsageError as the
+        constructor does, TypeError on an unknown key."""
         data = dict(data)
         data["encoders"] = tuple(data.get("encoders", ENCODERS))
         return cls(**data)
@@ -88,7 +99,15 @@ class Routing:
 
 
 class MoELayer(nn.Module):
-    """The experts of one block and one router per task (gate ``w_gate`` and noise ``w_noise``)."""
+    """The experts of one block and one router per task (METHODS.md section 1, MoE-Adapters arXiv 2403.11549).
+
+    Parameters (float32, E experts, width d, bottleneck r, T tasks): ``down_w`` [E, d, r] (Kaiming-uniform),
+    ``down_b`` [E, r], ``up_w`` [E, r, d] and ``up_b`` [E, d] (zero: a fresh layer adds exactly nothing);
+    routers ``w_gate`` and ``w_noise`` [T, E, d] (zero-init, no bias). Buffers: ``router_valid`` [T, E]
+    bool (experts a task's router may select), ``frozen`` [E] bool (activate-freeze), ``counts`` [T, E]
+    int64 (training selections per task). ``routing`` is shared with the model's other layers and carries
+    each sample's task id; ``encoder`` is "image" or "text".
+    """
 
     def __init__(self, width: int, config: MoEConfig, routing: Routing, encoder: str = "image") -> None:
         super().__init__()
@@ -110,15 +129,18 @@ class MoELayer(nn.Module):
 
     @property
     def n_experts(self) -> int:
+        """E, the experts in this layer's pool (grows with ``grow``)."""
         return int(self.down_w.shape[0])
 
     @property
     def n_tasks(self) -> int:
+        """T, the routers (one per task) this layer holds."""
         return int(self.w_gate.shape[0])
 
     # ----- pool and routers -------------------------------------------------------------------
     def add_router(self) -> None:
-        """A new task's router: zero gate and noise weights; it may select every expert of the pool."""
+        """Append a new task's router: zero gate and noise weights [E, d]; it may select every expert of
+        the pool, frozen ones included (METHODS.md section 1: one router per task, no fixed limit)."""
         d, e = self.width, self.n_experts
         zeros = self.w_gate.new_zeros(1, e, d)
         self.w_gate = nn.Parameter(torch.cat([self.w_gate.detach(), zeros]))
@@ -143,7 +165,10 @@ class MoELayer(nn.Module):
         self.counts = torch.cat([self.counts, self.counts.new_zeros(t, n_new)], dim=1)
 
     def resize(self, n_experts: int, n_tasks: int) -> None:
-        """Shape the layer for a saved state (fresh pool and routers; the values come from the state)."""
+        """Shape the layer for a saved state (fresh pool and routers; the values come from the state).
+
+        Raises UsageError when the layer already has more experts or routers than asked for.
+        """
         self.grow(n_experts - self.n_experts)
         while self.n_tasks < n_tasks:
             self.add_router()
@@ -155,9 +180,12 @@ class MoELayer(nn.Module):
 
     # ----- forward ----------------------------------------------------------------------------
     def gate(self, cls_token: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k routing. Returns (selected experts [B, k] int64, their weights [B, k]).
+        """Top-k routing of each sample by its task's router (METHODS.md section 1).
 
-        Weights are softmax over the k selected logits, set to 0 for ``ZERO_SHOT`` samples.
+        cls_token: [B, d], the first token of h; task_ids: [B] int64 (``ZERO_SHOT`` = -1 allowed).
+        logits = c W_g^t, plus N(0,1) * (softplus(c W_n^t) + noise_eps) in train mode with noisy gating;
+        experts the task's router may not select get -inf. Returns (selected experts [B, k] int64, their
+        weights [B, k] in cls_token's dtype): softmax over the k selected logits, 0 for ``ZERO_SHOT`` samples.
         """
         safe_ids = task_ids.clamp(min=0)  # [B]
         logits = _row_dot(cls_token, _rows(self.w_gate, safe_ids))  # [B, E]
@@ -173,7 +201,11 @@ class MoELayer(nn.Module):
         return top_idx, weights
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """The adapter term sum_e g_e Expert_e(h) for batch-first ``h`` [B, L, d]."""
+        """The adapter term scale * sum_e g_e Expert_e(h) for batch-first ``h`` [B, L, d] -> [B, L, d].
+
+        The tasks come from the shared ``routing`` (set by ``MoECLIP.route``); raises UsageError when
+        none are set. Calls the routing's recorder, if any, with the selections.
+        """
         task_ids = self.routing.task_ids
         if task_ids is None:
             raise UsageError("An MoE-adapted model needs task ids: call encode_image/encode_text with task_ids.")
@@ -227,7 +259,8 @@ def _kaiming_down(n: int, width: int, bottleneck: int) -> torch.Tensor:
 
 
 class MoEResidualBlock(nn.Module):
-    """open_clip's ResidualAttentionBlock with an MoE adapter in parallel to the MLP.
+    """open_clip's ResidualAttentionBlock with an MoE adapter in parallel to the MLP (METHODS.md section 1):
+    out = h + ls_2(MLP(ln_2(h))) + MoE(h) with h = x + ls_1(Attn(ln_1(x))); the experts read h, not ln_2(h).
 
     It takes over the original block's submodules under the same names, so the backbone's
     parameter names are unchanged; the adapter adds ``<block>.moe.*``.
@@ -241,6 +274,7 @@ class MoEResidualBlock(nn.Module):
         self.moe = moe
 
     def get_weight_dtype(self) -> torch.dtype:  # open_clip's Transformer.get_cast_dtype asks block 0
+        """The dtype of the block's MLP weights (what open_clip casts inputs to)."""
         return self.mlp.c_fc.weight.dtype
 
     def forward(
@@ -250,6 +284,10 @@ class MoEResidualBlock(nn.Module):
         v_x: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """open_clip's block signature: ``q_x`` [B, L, d] (or [L, B, d] when not batch_first) -> same shape.
+
+        k_x and v_x are ignored (self-attention only); ``attn_mask`` [L, L] (the text encoder's causal mask).
+        """
         mask = attn_mask.to(q_x.dtype) if attn_mask is not None else None
         y = self.ln_1(q_x)
         h = q_x + self.ls_1(self.attn(y, y, y, need_weights=False, attn_mask=mask)[0])
@@ -274,7 +312,13 @@ def encoder_transformers(clip: nn.Module) -> dict[str, nn.Module]:
 
 
 class MoECLIP(nn.Module):
-    """A frozen open_clip model with MoE adapters. ``clip`` is modified in place (its blocks replaced)."""
+    """A frozen open_clip model with MoE adapters (MoE-Adapters, arXiv 2403.11549; METHODS.md section 1).
+
+    ``clip`` is modified in place: its parameters are frozen and the chosen residual blocks of each
+    encoder in ``config.encoders`` are replaced by ``MoEResidualBlock``. The model starts with no task:
+    call ``add_task`` before encoding with a task id >= 0. Raises UsageError when the model lacks an
+    asked-for encoder or its blocks are not open_clip's plain ResidualAttentionBlock.
+    """
 
     def __init__(self, clip: nn.Module, config: MoEConfig | None = None) -> None:
         super().__init__()
@@ -309,29 +353,35 @@ class MoECLIP(nn.Module):
                 yield name, module
 
     def encoder_of(self, layer_name: str) -> str:
+        """The encoder ("image" or "text") of the MoE layer named ``layer_name`` (as ``named_layers`` names it)."""
         return self.clip.get_submodule(layer_name).encoder
 
     @property
     def n_tasks(self) -> int:
+        """The number of tasks (routers per layer) learned or being learned."""
         return next(layer for _, layer in self.named_layers()).n_tasks
 
     def add_task(self) -> int:
-        """Add one router per layer for a new task; returns its task index."""
+        """Add one zero-initialised router per layer for a new task; returns its task index (0-based)."""
         for _, layer in self.named_layers():
             layer.add_router()
         return self.n_tasks - 1
 
     def backbone_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the frozen CLIP backbone: every parameter outside the MoE layers."""
         for name, param in self.clip.named_parameters():
             if ".moe." not in name:
                 yield name, param
 
     def adapter_parameters(self) -> list[nn.Parameter]:
+        """Every MoE layer's parameters: experts and all tasks' routers (what the optimiser is given)."""
         return [p for _, layer in self.named_layers() for p in layer.parameters()]
 
     # ----- forward ----------------------------------------------------------------------------
     @contextmanager
     def route(self, task_ids: torch.Tensor | int, batch: int, device: torch.device) -> Iterator[None]:
+        """Context in which every MoE layer routes by ``task_ids`` ([B] int64, or one int for all ``batch``
+        samples; -1 = plain CLIP); the previous routing is restored on exit."""
         if isinstance(task_ids, int):
             task_ids = torch.full((batch,), task_ids, dtype=torch.long, device=device)
         previous = self.routing.task_ids
@@ -354,13 +404,16 @@ class MoECLIP(nn.Module):
     def encode_image(
         self, images: torch.Tensor, task_ids: torch.Tensor | int, normalize: bool = False
     ) -> torch.Tensor:
-        """Image embeddings routed by each sample's task (LongTensor [B] or one int; -1 = plain CLIP)."""
+        """Image embeddings [B, D] of preprocessed ``images`` [B, 3, S, S], routed by each sample's task
+        (LongTensor [B] or one int; -1 = plain CLIP); unit rows when ``normalize``."""
         with self.route(task_ids, images.shape[0], images.device):
             return self.clip.encode_image(images, normalize=normalize)
 
     def encode_text(
         self, tokens: torch.Tensor, task_ids: torch.Tensor | int, normalize: bool = False
     ) -> torch.Tensor:
+        """Text embeddings [N, D] of ``tokens`` [N, ctx] int64, routed by task (LongTensor [N] or one int;
+        -1 = plain CLIP); unit rows when ``normalize``."""
         with self.route(task_ids, tokens.shape[0], tokens.device):
             return self.clip.encode_text(tokens, normalize=normalize)
 
@@ -371,7 +424,8 @@ class MoECLIP(nn.Module):
         tokens: torch.Tensor,
         text_tasks: torch.Tensor | int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised image and text embeddings in one call (what DistributedDataParallel wraps)."""
+        """Normalised image [B, D] and text [N, D] embeddings in one call (what DistributedDataParallel
+        wraps); ``image_tasks`` / ``text_tasks`` as in ``encode_image`` / ``encode_text``."""
         return (
             self.encode_image(images, image_tasks, normalize=True),
             self.encode_text(tokens, text_tasks, normalize=True),
@@ -380,7 +434,11 @@ class MoECLIP(nn.Module):
 
 # ----- activate-freeze -----------------------------------------------------------------------------
 def set_trainable(model: MoECLIP, task: int) -> None:
-    """Backbone frozen; adapters trainable (their frozen experts and other tasks' routers are masked)."""
+    """Backbone frozen; adapters trainable for ``task`` (activate-freeze, METHODS.md section 1).
+
+    Frozen experts and other tasks' routers stay ``requires_grad`` but are masked by ``mask_frozen_grads``.
+    Raises UsageError when ``task`` has no router.
+    """
     if not 0 <= task < model.n_tasks:
         raise UsageError(f"Task {task} has no router (the model has {model.n_tasks}).")
     for _, param in model.backbone_parameters():
@@ -405,7 +463,10 @@ def mask_frozen_grads(model: MoECLIP, task: int) -> None:
 
 
 def count_selections(layer: MoELayer, task_ids: torch.Tensor, idx: torch.Tensor) -> None:
-    """Recorder that adds each sample's selected experts to ``layer.counts[task]`` (activate-freeze counts)."""
+    """Recorder that adds each sample's selected experts to ``layer.counts[task]`` (activate-freeze counts).
+
+    task_ids: [B] int64 (``ZERO_SHOT`` samples are skipped); idx: [B, k] int64 selected experts.
+    """
     with torch.no_grad():
         seen = task_ids >= 0
         rows = task_ids[seen][:, None].expand(-1, idx.shape[1])
@@ -413,7 +474,10 @@ def count_selections(layer: MoELayer, task_ids: torch.Tensor, idx: torch.Tensor)
 
 
 class SelectionSet:
-    """Recorder collecting which experts each layer selected (for the strict freeze rule)."""
+    """Recorder collecting which experts each layer selected (for the strict freeze rule).
+
+    ``selected``: id(layer) -> [E] bool; called as a ``Recorder`` (layer, task_ids [B], idx [B, k]).
+    """
 
     def __init__(self, model: MoECLIP) -> None:
         self.selected = {
@@ -431,11 +495,13 @@ FREEZE_RULES = ("strict", "paper")
 def freeze_experts(
     model: MoECLIP, task: int, rule: str, selected: SelectionSet | None = None
 ) -> dict[str, np.ndarray]:
-    """Freeze experts after ``task``; returns the newly frozen mask per layer.
+    """Freeze experts after ``task`` (activate-freeze, METHODS.md section 1); returns the newly frozen mask
+    per layer (layer name -> [E] bool numpy).
 
     'paper': the top_k most-selected experts per block during training (``layer.counts[task]``).
     'strict': every expert in ``selected`` (the task router's clean selections on its training
     images and prompts), so the task's outputs on those inputs can never change again.
+    Raises UsageError on an unknown rule, or 'strict' without ``selected``.
     """
     if rule not in FREEZE_RULES:
         raise UsageError(f"Unknown freeze rule '{rule}'; use one of {FREEZE_RULES}.")
@@ -456,7 +522,8 @@ def freeze_experts(
 
 
 def grow_pools(model: MoECLIP) -> dict[str, int]:
-    """Give every block at least top_k unfrozen experts; returns the experts added per layer."""
+    """Give every block at least top_k unfrozen experts (``MoELayer.grow``); returns layer name -> experts
+    added, for the layers that grew. The paper's fixed pool of 22 may otherwise freeze completely."""
     added: dict[str, int] = {}
     for name, layer in model.named_layers():
         free = int((~layer.frozen).sum())
@@ -469,12 +536,15 @@ def grow_pools(model: MoECLIP) -> dict[str, int]:
 # ----- parameter counts ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ParameterCount:
+    """Adapter parameter counts (numbers of scalars, not bytes) of an ``MoECLIP``."""
+
     experts: int
     routers: int  # gate + noise matrices of all tasks
     per_router: int  # one task's gate + noise matrices over all layers
 
     @property
     def total(self) -> int:
+        """Experts plus routers."""
         return self.experts + self.routers
 
 
@@ -490,7 +560,8 @@ def parameter_count(model: MoECLIP, n_tasks: int | None = None) -> ParameterCoun
 
 # ----- state (safetensors: flat string keys, no pickle) ----------------------------------------------
 def moe_state(model: MoECLIP) -> dict[str, torch.Tensor]:
-    """Every adapter tensor (experts, routers, router masks, frozen masks, counts) under '<layer>.<name>'."""
+    """Every adapter tensor (experts, routers, router masks, frozen masks, counts) under '<layer>.<name>',
+    as detached CPU copies (for safetensors; no pickle)."""
     return {
         f"{name}.{key}": value.detach().cpu().clone()  # a snapshot, not a view of live parameters
         for name, layer in model.named_layers()
@@ -499,7 +570,9 @@ def moe_state(model: MoECLIP) -> dict[str, torch.Tensor]:
 
 
 def load_moe_state(model: MoECLIP, state: dict[str, Any]) -> None:
-    """Load ``moe_state`` output (torch tensors or numpy arrays) into a model built with the same config."""
+    """Load ``moe_state`` output (torch tensors or numpy arrays) into a model built with the same config;
+    layers are resized to the state's experts and routers first. Raises UsageError when a layer's tensors
+    are missing or the state has layers this model lacks (another config)."""
     for name, layer in model.named_layers():
         prefix = f"{name}."
         own = {k[len(prefix):]: torch.as_tensor(v) for k, v in state.items() if k.startswith(prefix)}
@@ -523,8 +596,13 @@ def text_classifier(
     tokenize: Callable[[list[str]], torch.Tensor],
     batch_size: int = 256,
 ) -> np.ndarray:
-    """Class text embeddings [C, D] through the adapted text encoder with ``task``'s router
-    (``ZERO_SHOT`` for plain CLIP): each class's prompts averaged, then re-normalised."""
+    """Class text embeddings [C, D] float32 numpy, unit rows, through the adapted text encoder with ``task``'s
+    router (``ZERO_SHOT`` for plain CLIP): each class's prompts averaged, then re-normalised.
+
+    templates: format strings with one ``{}``; tokenize: list of prompts -> [N, ctx] int64. Since the
+    text routing reads only the start token, this is computed once per task (METHODS.md section 1).
+    The model's train/eval mode is restored.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

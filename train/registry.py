@@ -54,6 +54,7 @@ class LearnerSpec:
 
     @property
     def tensor_names(self) -> tuple[str, ...]:
+        """The learned-tensor names of every head key, in ``head_keys`` order."""
         return tuple(self.tensor_name(k) for k in self.head_keys)
 
 
@@ -84,7 +85,10 @@ def learner_spec(name: str) -> LearnerSpec:
 
 
 def load_learner(name: str) -> Any:
-    """The learner class of ``name``, imported now (MissingExtraError for a torch learner without torch)."""
+    """The learner class of ``name``, imported now (``RailPrimal``, ``RailDual`` or ``MoECLIP``).
+
+    Raises UsageError for an unknown name, MissingExtraError for a torch learner without torch.
+    """
     spec = learner_spec(name)
     if spec.needs_torch:
         module = import_torch_module(spec.module, f"the '{name}' learner")
