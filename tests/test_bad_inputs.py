@@ -16,7 +16,7 @@ from PIL import Image
 
 from edgeclip.discover import display_path
 from edgeclip.errors import ImageError
-from edgeclip.images import PreprocessConfig, iter_batches, load_image
+from edgeclip.images import BACKGROUND, PreprocessConfig, iter_batches, load_image
 
 CFG = PreprocessConfig(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -88,7 +88,7 @@ def check_16bit(a: np.ndarray) -> None:
 
 
 def check_palette(a: np.ndarray) -> None:
-    assert tuple(a[0, 0]) == (10, 20, 30) and tuple(a[0, 5]) == (200, 100, 50)
+    assert tuple(a[0, 0]) == BACKGROUND and tuple(a[0, 5]) == (200, 100, 50)  # index 0 is transparent
 
 
 def sixteen_bit_png() -> bytes:
@@ -103,8 +103,15 @@ GOOD: dict[str, tuple[bytes, Check]] = {
     "sixteen.png": (sixteen_bit_png(), check_16bit),
     "cmyk.jpg": (cmyk_jpeg(), solid((255, 0, 0), tol=8)),
     "palette_transparent.png": (palette_with_transparency(), check_palette),
-    "la.png": (encoded(Image.new("LA", (8, 8), (90, 0)), "PNG"), solid((90, 90, 90))),
-    "rgba.png": (encoded(Image.new("RGBA", (8, 8), (9, 8, 7, 128)), "PNG"), solid((9, 8, 7))),
+    "la.png": (encoded(Image.new("LA", (8, 8), (90, 0)), "PNG"), solid(BACKGROUND)),
+    "la_opaque.png": (encoded(Image.new("LA", (8, 8), (90, 255)), "PNG"), solid((90, 90, 90))),
+    "rgba.png": (encoded(Image.new("RGBA", (8, 8), (9, 8, 7, 128)), "PNG"), solid((132, 131, 131), tol=1)),
+    "float.tiff": (encoded(Image.fromarray(np.full((8, 8), 0.5, np.float32)), "TIFF"), solid((128, 128, 128))),
+    "int32.tiff": (encoded(Image.fromarray(np.full((8, 8), 40000, np.int32)), "TIFF"), solid((156, 156, 156))),
+    "sixteen.tiff": (encoded(Image.fromarray(np.full((8, 8), 65535, np.uint16)), "TIFF"), solid((255, 255, 255))),
+    "cmyk.tiff": (encoded(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "TIFF"), solid((255, 0, 0))),
+    "bigtiff.tif": (encoded(Image.new("RGB", (8, 8), (5, 6, 7)), "TIFF", big_tiff=True), solid((5, 6, 7))),
+    "plain.tga": (encoded(Image.new("RGB", (8, 8), (5, 6, 7)), "TGA"), solid((5, 6, 7))),
     "rotated.jpg": (exif_rotated_jpeg(), check_exif),
     "anim.gif": (encoded(Image.new("P", (8, 8), 0), "GIF"), solid((0, 0, 0))),
     "plain.bmp": (encoded(Image.new("RGB", (8, 8), (5, 6, 7)), "BMP"), solid((5, 6, 7))),
