@@ -98,6 +98,7 @@ def add_moe_task(
     gate_state, gate_settings, threshold = fit_task_gate(bundle, feats)
     learned = bundle.tensors(LEARNED)
     tasks = bundle.tasks + [task_record(domain, name, len(result.samples), threshold, gate_settings)]
+    tasks[-1]["unreadable_images"] = len(_errors)
     tasks[-1]["training"] = {
         "iterations": settings.iterations,
         "final_loss": float(np.mean(result.losses[-10:])) if result.losses else None,

@@ -161,12 +161,19 @@ def embed_domain(
     bundle: Bundle, domain: Domain, backend: str = "auto", batch_size: int = 32, progress: ProgressFn | None = None,
     pixels_out: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[Path, str]]]:
-    """Frozen image embeddings [N, D] of a domain's images with the exported encoder (torch-free).
+    """Frozen image embeddings [N, D] of a domain's readable images with the exported encoder
+    (torch-free), their class indices [N], and the unreadable files with the error message.
 
-    ``pixels_out``, when given, receives the preprocessed batches in the same order, for callers
-    that need the pixels too (each image is decoded once)."""
+    Images are decoded as classify decodes them (`edgeclip.images`, the bundle's `preprocess`).
+    Each unreadable file is named in a logged warning; a domain left with fewer readable images
+    than `MIN_IMAGES_PER_CLASS` in a class or `MIN_TASK_IMAGES` in all is refused with a
+    DomainError, before anything is learned. ``pixels_out``, when given, receives the
+    preprocessed batches in the same order, for callers that need the pixels too (each image
+    is decoded once)."""
     from edgeclip.edgeapp.runtime import ImageEncoderRunner
 
+    from edgeclip.discover import display_path
+    from edgeclip.domain import require_enough_images
     from edgeclip.images import PreprocessConfig, iter_batches
 
     cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
@@ -184,8 +191,19 @@ def embed_domain(
         done += len(batch.paths) + len(batch.errors)
         if progress:
             progress("embedding", done, len(domain.samples))
-    if not feats:
-        raise DomainError(f"No image of {domain.root} could be read.")
+    import logging
+
+    log = logging.getLogger(__name__)
+    for _path, message in errors:
+        log.warning("left out of training: %s", message)
+    if errors:
+        log.warning("%d of %d training images of %s are unreadable and were left out",
+                    len(errors), len(domain.samples), display_path(domain.root))
+    readable = {int(k): int(v) for k, v in zip(*np.unique(np.asarray(labels, np.int64), return_counts=True))}
+    unreadable: dict[int, int] = {}
+    for path, _message in errors:
+        unreadable[label_of[path]] = unreadable.get(label_of[path], 0) + 1
+    require_enough_images(domain, readable, unreadable)
     return np.concatenate(feats), np.asarray(labels, np.int64), errors
 
 
@@ -290,7 +308,7 @@ def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "aut
     """RAIL add-task, torch-free: embed, update the closed-form head, fit the gate, re-compose the graph."""
     from edgeclip.train.decision import RAIL_KEYS, gate_states, learned_tensors
 
-    feats, labels, _errors = embed_domain(bundle, domain, backend, progress=progress)
+    feats, labels, errors = embed_domain(bundle, domain, backend, progress=progress)
     learned = bundle.tensors(LEARNED)
     offset = learned["zs_text"].shape[0]
     learner = rail_learner(bundle, learned)
@@ -311,6 +329,7 @@ def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "aut
     with bundle.new_version() as writer:
         writer.manifest["method"]["settings"]["learner"] = learner.settings()
         writer.manifest["tasks"].append(task_record(domain, name, len(feats), threshold, gate_settings))
+        writer.manifest["tasks"][-1]["unreadable_images"] = len(errors)
         writer.write_tensors(LEARNED, new_learned)
         writer.write_tensors(RAIL_STATE, {k: v for k, v in state.items() if k not in inference_keys and v is not None})
         write_gated_graph(writer, new_learned)
