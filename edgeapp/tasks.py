@@ -159,15 +159,15 @@ def check_new_task(bundle: Bundle, domain: Domain, name: str) -> None:
 
 def embed_domain(
     bundle: Bundle, domain: Domain, backend: str = "auto", batch_size: int = 32, progress: ProgressFn | None = None,
-    pixels_out: list[np.ndarray] | None = None,
+    pixels_out: list[np.ndarray] | None = None, for_learning: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[Path, str]]]:
     """Frozen image embeddings [N, D] of a domain's readable images with the exported encoder
     (torch-free), their class indices [N], and the unreadable files with the error message.
 
     Images are decoded as classify decodes them (`edgeclip.images`, the bundle's `preprocess`).
-    Each unreadable file is named in a logged warning; a domain left with fewer readable images
-    than `MIN_IMAGES_PER_CLASS` in a class or `MIN_TASK_IMAGES` in all is refused with a
-    DomainError, before anything is learned. ``pixels_out``, when given, receives the
+    Each unreadable file is named in a logged warning. DomainError when no image can be read and,
+    ``for_learning``, when a class is left with fewer readable images than `MIN_IMAGES_PER_CLASS`
+    or the task with fewer than `MIN_TASK_IMAGES` (before anything is learned). ``pixels_out``, when given, receives the
     preprocessed batches in the same order, for callers that need the pixels too (each image
     is decoded once)."""
     from edgeclip.edgeapp.runtime import ImageEncoderRunner
@@ -194,16 +194,20 @@ def embed_domain(
     import logging
 
     log = logging.getLogger(__name__)
+    use = "training" if for_learning else "evaluation"
     for _path, message in errors:
-        log.warning("left out of training: %s", message)
+        log.warning("left out of %s: %s", use, message)
     if errors:
-        log.warning("%d of %d training images of %s are unreadable and were left out",
-                    len(errors), len(domain.samples), display_path(domain.root))
+        log.warning("%d of %d %s images of %s are unreadable and were left out",
+                    len(errors), len(domain.samples), use, display_path(domain.root))
     readable = {int(k): int(v) for k, v in zip(*np.unique(np.asarray(labels, np.int64), return_counts=True))}
     unreadable: dict[int, int] = {}
     for path, _message in errors:
         unreadable[label_of[path]] = unreadable.get(label_of[path], 0) + 1
-    require_enough_images(domain, readable, unreadable)
+    if for_learning:
+        require_enough_images(domain, readable, unreadable)
+    if not feats:
+        raise DomainError(f"No image of {display_path(domain.root)} could be read.")
     return np.concatenate(feats), np.asarray(labels, np.int64), errors
 
 
@@ -308,7 +312,7 @@ def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "aut
     """RAIL add-task, torch-free: embed, update the closed-form head, fit the gate, re-compose the graph."""
     from edgeclip.train.decision import RAIL_KEYS, gate_states, learned_tensors
 
-    feats, labels, errors = embed_domain(bundle, domain, backend, progress=progress)
+    feats, labels, errors = embed_domain(bundle, domain, backend, progress=progress, for_learning=True)
     learned = bundle.tensors(LEARNED)
     offset = learned["zs_text"].shape[0]
     learner = rail_learner(bundle, learned)
