@@ -1,0 +1,263 @@
+"""Photo folders: the marginal cost of a 12 MP phone JPEG in `edgeclip classify`, next to Pillow's
+DCT-scaled decode of the same files measured in the same run, and the difference between the fast
+(reduced) decode and the exact (full-resolution, open_clip) decode.
+
+Part 1, speed (`--part speed`):
+  * generates phone-like 12 MP JPEGs (4032x3024, EXIF orientation 6 on every other one, about 3 MB
+    each: smooth light plus sensor-like noise and edges) with a fixed seed; no internet needed;
+  * makes (or reuses, `--bundle`) an edgeclip-small bundle with random weights;
+  * times the real CLI (`edgeclip classify DIR --format json --quiet`, a fresh process each) on a
+    folder of N/2 and of N photos, fast and `--exact-preprocess`, in interleaved rounds; the
+    marginal cost per photo is (t(N) - t(N/2)) / (N/2), so start-up and model loading cancel out;
+  * times Pillow's DCT-scaled decode (`Image.open`, `draft("RGB", (S, S))`, `load()`, one thread)
+    of the same files, in the same rounds;
+  * reports the ratio marginal / Pillow (the goal: at most 1.5).
+
+Part 2, quality (`--part quality`): the real images of ../shared/datasets (caltech101, dtd10) decoded
+fast and exact, each as it is and upscaled to 12 MP phone resolution (bicubic, saved as JPEG
+quality 92), through the bundle's image encoder: embedding cosine and top-1 agreement over the
+dataset's classes (zero-shot through the bundle's text encoder). The weights are random, so the
+figures measure how much the inputs differ as the encoder sees them, not accuracy.
+
+Usage: python benchmarks/bench_photos.py [--photos 24] [--rounds 5] [--bundle DIR] [--part both]
+Writes benchmarks/results/photos.json and prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import cpu_name  # noqa: E402
+
+SHARED = HERE.parent.parent / "shared" / "datasets"
+if not SHARED.is_dir():
+    SHARED = Path("/work/shared/datasets")
+PHONE = (4032, 3024)
+
+
+def phone_jpeg(path: Path, seed: int) -> None:
+    """A 12 MP phone-like photo: smooth light, a few edges, sensor noise; EXIF-rotated on odd seeds."""
+    rng = np.random.default_rng(seed)
+    w, h = PHONE
+    x = np.linspace(0, 1, w, dtype=np.float32)[None, :]
+    y = np.linspace(0, 1, h, dtype=np.float32)[:, None]
+    phase = rng.uniform(0, 6, 3).astype(np.float32)
+    img = np.empty((h, w, 3), np.float32)
+    for c in range(3):
+        img[..., c] = 128 + 90 * np.sin(3 * x + 2 * y + phase[c]) * np.cos(2 * y - x + phase[c])
+    for _ in range(12):  # objects with hard edges
+        x0, y0 = rng.integers(0, w - 400), rng.integers(0, h - 400)
+        img[y0:y0 + rng.integers(100, 400), x0:x0 + rng.integers(100, 400)] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 7, (h, w, 1)).astype(np.float32)  # luminance noise
+    exif = Image.Exif()
+    exif[0x0112] = 6 if seed % 2 else 1
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, "JPEG", quality=90, exif=exif)
+
+
+CLI = "import sys; from edgeclip.edgeapp.cli.app import main; sys.argv = ['edgeclip'] + sys.argv[1:]; main()"
+
+
+def make_bundle(root: Path, labels: str) -> None:
+    """An edgeclip-small RAIL bundle with random weights (needs the train extra to export)."""
+    subprocess.run([sys.executable, "-c", CLI, "init", "--bundle", str(root), "--model", "edgeclip-small",
+                    "--random-weights", "--seed", "0", "--method", "rail-primal", "--labels", labels, "--quiet"],
+                   check=True)
+
+
+def classify_seconds(folder: Path, bundle: Path, exact: bool) -> float:
+    args = [sys.executable, "-c", CLI, "classify", str(folder), "--bundle", str(bundle), "--format", "json", "--quiet"]
+    if exact:
+        args.append("--exact-preprocess")
+    start = time.perf_counter()
+    done = subprocess.run(args, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"classify failed: {done.stderr}")
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert all(r["error"] is None for r in rows), rows
+    return elapsed
+
+
+def pillow_draft_ms(files: list[Path], size: int) -> float:
+    """Mean ms per file of Pillow's DCT-scaled decode (one thread)."""
+    start = time.perf_counter()
+    for f in files:
+        with Image.open(f) as img:
+            img.draft("RGB", (size, size))
+            img.load()
+    return (time.perf_counter() - start) * 1000 / len(files)
+
+
+def speed(args: argparse.Namespace, bundle: Path, work: Path) -> dict:
+    photos = work / "photos"
+    half, full = photos / "half", photos / "full"
+    half.mkdir(parents=True, exist_ok=True)
+    full.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(args.photos):
+        path = full / f"IMG_{i:04d}.jpg"
+        if not path.exists():
+            phone_jpeg(path, i)
+        files.append(path)
+        if i < args.photos // 2 and not (half / path.name).exists():
+            os.link(path, half / path.name)
+    n_half = args.photos // 2
+    size = 224
+    timings: dict[str, list[float]] = {"fast_half": [], "fast_full": [], "exact_half": [], "exact_full": [],
+                                       "pillow_draft_ms": []}
+    classify_seconds(half, bundle, False)  # warm the file cache and the bundle
+    for r in range(args.rounds):
+        order = [("fast", False), ("exact", True)]
+        if r % 2:
+            order.reverse()
+        for name, exact in order:
+            timings[f"{name}_half"].append(classify_seconds(half, bundle, exact))
+            timings[f"{name}_full"].append(classify_seconds(full, bundle, exact))
+        timings["pillow_draft_ms"].append(pillow_draft_ms(files, size))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in timings.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in timings.items()}
+    pillow = med["pillow_draft_ms"]
+    out = {"photos": args.photos, "photo_size": list(PHONE), "file_mb": round(sum(f.stat().st_size for f in files)
+                                                                              / len(files) / 1e6, 2),
+           "rounds": args.rounds, "pillow_draft_ms": round(pillow, 1), "timings_s": timings}
+    for name in ("fast", "exact"):
+        marginal = (med[f"{name}_full"] - med[f"{name}_half"]) * 1000 / (args.photos - n_half)
+        out[f"{name}_marginal_ms"] = round(marginal, 1)
+        out[f"{name}_ratio"] = round(marginal / pillow, 2)
+    return out
+
+
+def _extract(name: str, per_class: int, classes: int, dest: Path) -> tuple[list[Path], list[int], list[str], list[str]]:
+    """Up to `per_class` test images of the first `classes` classes of a shared data set."""
+    with tarfile.open(SHARED / f"{name}.tar") as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and "/test/" in m.name]
+        meta = json.load(tar.extractfile(f"{name}/meta.json"))
+        names = sorted({m.name.split("/")[2] for m in members})[:classes]
+        chosen = []
+        for c in names:
+            chosen += sorted((m for m in members if m.name.split("/")[2] == c), key=lambda m: m.name)[:per_class]
+        tar.extractall(dest, members=chosen, filter="data")
+    paths = [dest / m.name for m in chosen]
+    labels = [names.index(m.name.split("/")[2]) for m in chosen]
+    return paths, labels, names, list(meta.get("templates") or ["a photo of a {}."])
+
+
+def quality(args: argparse.Namespace, bundle_dir: Path, work: Path) -> dict:
+    from edgeclip.edgeapp.runtime import ImageEncoderRunner, TextEncoderRunner
+
+    from edgeclip.bundle import Bundle
+    from edgeclip.images import PreprocessConfig, iter_batches
+
+    bundle = Bundle.open(bundle_dir)
+    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
+    images = ImageEncoderRunner(bundle)
+    texts = TextEncoderRunner(bundle)
+    results = {}
+    for name in ("caltech101", "dtd10"):
+        if not (SHARED / f"{name}.tar").exists():
+            print(f"skipping {name}: {SHARED} not found")
+            continue
+        dest = work / "real"
+        paths, labels, classes, templates = _extract(name, args.per_class, args.classes, dest)
+        text = texts.class_embeddings(classes, templates[:4])
+        upscaled = []
+        for p in paths:
+            out = work / "upscaled" / name / (p.stem + ".jpg")
+            if not out.exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with Image.open(p) as img:
+                    img = img.convert("RGB")
+                    scale = max(PHONE) / max(img.size)  # the long side becomes 4032
+                    img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC).save(
+                        out, "JPEG", quality=92)
+            upscaled.append(out)
+        for variant, files in (("as stored", paths), ("upscaled to 12 MP", upscaled)):
+            emb = {}
+            for mode, exact in (("fast", False), ("exact", True)):
+                c = cfg.with_exact(exact)
+                emb[mode] = np.concatenate([images.embed(b.pixels) for b in iter_batches(files, c, batch_size=32)])
+            cos = np.sum(emb["fast"] * emb["exact"], axis=1) / (
+                np.linalg.norm(emb["fast"], axis=1) * np.linalg.norm(emb["exact"], axis=1))
+            top_fast = np.argmax(emb["fast"] @ text.T, axis=1)
+            top_exact = np.argmax(emb["exact"] @ text.T, axis=1)
+            sizes = [Image.open(f).size for f in files[:50]]
+            results[f"{name} ({variant})"] = {
+                "images": len(files), "classes": len(classes),
+                "median_size": [int(np.median([s[0] for s in sizes])), int(np.median([s[1] for s in sizes]))],
+                "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+                "top1_agreement": float(np.mean(top_fast == top_exact)),
+                "top1_exact_accuracy": float(np.mean(top_exact == np.asarray(labels))),
+            }
+            print(name, variant, json.dumps(results[f"{name} ({variant})"]), flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--photos", type=int, default=24, help="12 MP photos in the full folder (half in the other)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--bundle", type=Path, help="an edgeclip-small bundle to reuse (made with random weights if absent)")
+    parser.add_argument("--work", type=Path, help="folder for the generated files (default: a temporary one)")
+    parser.add_argument("--part", choices=("speed", "quality", "both"), default="both")
+    parser.add_argument("--per-class", type=int, default=10)
+    parser.add_argument("--classes", type=int, default=20)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-photos-") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        bundle = args.bundle or work / "bundle"
+        if not bundle.exists():
+            make_bundle(bundle, "a cat,a dog,a car,a tree,a person,a building")
+        import onnxruntime
+        import PIL
+
+        report: dict = {
+            "machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "versions": {"pillow": PIL.__version__, "onnxruntime": onnxruntime.__version__},
+            "model": "edgeclip-small (random weights), 224 px",
+        }
+        if args.part in ("speed", "both"):
+            report["speed"] = speed(args, bundle, work)
+        if args.part in ("quality", "both"):
+            report["quality"] = quality(args, bundle, work)
+
+    out = HERE / "results" / "photos.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nmachine: {report['machine']}; {report['date']}; {report['model']}")
+    if "speed" in report:
+        s = report["speed"]
+        print(f"\n{s['photos']} photos of {s['photo_size'][0]}x{s['photo_size'][1]} ({s['file_mb']} MB each)")
+        print("| path | marginal ms / photo | Pillow draft decode ms | ratio |")
+        print("|---|---|---|---|")
+        for name in ("fast", "exact"):
+            print(f"| classify, {name} decode | {s[f'{name}_marginal_ms']} | {s['pillow_draft_ms']} | "
+                  f"{s[f'{name}_ratio']}x |")
+    if report.get("quality"):
+        print("\n| images | n | median size | cosine mean | cosine min | top-1 agreement |")
+        print("|---|---|---|---|---|---|")
+        for key, q in report["quality"].items():
+            print(f"| {key} | {q['images']} | {q['median_size'][0]}x{q['median_size'][1]} | {q['cosine_mean']:.5f} | "
+                  f"{q['cosine_min']:.5f} | {100 * q['top1_agreement']:.1f} % |")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
