@@ -79,28 +79,33 @@ def make_bundle(root: Path, labels: str) -> None:
                    check=True)
 
 
-def classify_seconds(folder: Path, bundle: Path, exact: bool) -> float:
+def classify_seconds(folder: Path, bundle: Path, exact: bool) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process: user + system) of one `edgeclip classify` run."""
+    import resource
+
     args = [sys.executable, "-c", CLI, "classify", str(folder), "--bundle", str(bundle), "--format", "json", "--quiet"]
     if exact:
         args.append("--exact-preprocess")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(args, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"classify failed: {done.stderr}")
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert all(r["error"] is None for r in rows), rows
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def pillow_draft_ms(files: list[Path], size: int) -> float:
-    """Mean ms per file of Pillow's DCT-scaled decode (one thread)."""
-    start = time.perf_counter()
+def pillow_draft_ms(files: list[Path], size: int) -> tuple[float, float]:
+    """(wall, CPU) mean ms per file of Pillow's DCT-scaled decode (one thread)."""
+    start, cpu = time.perf_counter(), time.process_time()
     for f in files:
         with Image.open(f) as img:
             img.draft("RGB", (size, size))
             img.load()
-    return (time.perf_counter() - start) * 1000 / len(files)
+    return ((time.perf_counter() - start) * 1000 / len(files), (time.process_time() - cpu) * 1000 / len(files))
 
 
 def speed(args: argparse.Namespace, bundle: Path, work: Path) -> dict:
@@ -118,27 +123,34 @@ def speed(args: argparse.Namespace, bundle: Path, work: Path) -> dict:
             os.link(path, half / path.name)
     n_half = args.photos // 2
     size = 224
-    timings: dict[str, list[float]] = {"fast_half": [], "fast_full": [], "exact_half": [], "exact_full": [],
-                                       "pillow_draft_ms": []}
+    keys = ["fast_half", "fast_full", "exact_half", "exact_full"]
+    timings: dict[str, list[float]] = {k: [] for k in keys + ["pillow_draft_ms"]}
+    cpu: dict[str, list[float]] = {k: [] for k in keys + ["pillow_draft_ms"]}
     classify_seconds(half, bundle, False)  # warm the file cache and the bundle
     for r in range(args.rounds):
         order = [("fast", False), ("exact", True)]
         if r % 2:
             order.reverse()
         for name, exact in order:
-            timings[f"{name}_half"].append(classify_seconds(half, bundle, exact))
-            timings[f"{name}_full"].append(classify_seconds(full, bundle, exact))
-        timings["pillow_draft_ms"].append(pillow_draft_ms(files, size))
+            for part, folder in (("half", half), ("full", full)):
+                wall, used = classify_seconds(folder, bundle, exact)
+                timings[f"{name}_{part}"].append(wall)
+                cpu[f"{name}_{part}"].append(used)
+        wall, used = pillow_draft_ms(files, size)
+        timings["pillow_draft_ms"].append(wall)
+        cpu["pillow_draft_ms"].append(used)
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in timings.items()), flush=True)
-    med = {k: statistics.median(v) for k, v in timings.items()}
-    pillow = med["pillow_draft_ms"]
     out = {"photos": args.photos, "photo_size": list(PHONE), "file_mb": round(sum(f.stat().st_size for f in files)
                                                                               / len(files) / 1e6, 2),
-           "rounds": args.rounds, "pillow_draft_ms": round(pillow, 1), "timings_s": timings}
-    for name in ("fast", "exact"):
-        marginal = (med[f"{name}_full"] - med[f"{name}_half"]) * 1000 / (args.photos - n_half)
-        out[f"{name}_marginal_ms"] = round(marginal, 1)
-        out[f"{name}_ratio"] = round(marginal / pillow, 2)
+           "rounds": args.rounds, "wall_s": timings, "cpu_s": cpu}
+    for measure, data in (("wall", timings), ("cpu", cpu)):
+        med = {k: statistics.median(v) for k, v in data.items()}
+        pillow = med["pillow_draft_ms"]
+        out[f"pillow_draft_{measure}_ms"] = round(pillow, 1)
+        for name in ("fast", "exact"):
+            marginal = (med[f"{name}_full"] - med[f"{name}_half"]) * 1000 / (args.photos - n_half)
+            out[f"{name}_marginal_{measure}_ms"] = round(marginal, 1)
+            out[f"{name}_{measure}_ratio"] = round(marginal / pillow, 2)
     return out
 
 
@@ -245,11 +257,12 @@ def main() -> None:
     if "speed" in report:
         s = report["speed"]
         print(f"\n{s['photos']} photos of {s['photo_size'][0]}x{s['photo_size'][1]} ({s['file_mb']} MB each)")
-        print("| path | marginal ms / photo | Pillow draft decode ms | ratio |")
-        print("|---|---|---|---|")
+        print("| path | measure | classify marginal ms / photo | Pillow draft decode ms / photo | ratio |")
+        print("|---|---|---|---|---|")
         for name in ("fast", "exact"):
-            print(f"| classify, {name} decode | {s[f'{name}_marginal_ms']} | {s['pillow_draft_ms']} | "
-                  f"{s[f'{name}_ratio']}x |")
+            for measure in ("wall", "cpu"):
+                print(f"| classify, {name} decode | {measure} | {s[f'{name}_marginal_{measure}_ms']} | "
+                      f"{s[f'pillow_draft_{measure}_ms']} | {s[f'{name}_{measure}_ratio']}x |")
     if report.get("quality"):
         print("\n| images | n | median size | cosine mean | cosine min | top-1 agreement |")
         print("|---|---|---|---|---|---|")
