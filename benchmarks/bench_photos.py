@@ -140,7 +140,8 @@ def speed(args: argparse.Namespace, bundle: Path, work: Path) -> dict:
         timings["pillow_draft_ms"].append(wall)
         cpu["pillow_draft_ms"].append(used)
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in timings.items()), flush=True)
-    out = {"photos": args.photos, "photo_size": list(PHONE), "file_mb": round(sum(f.stat().st_size for f in files)
+    out = {"breakdown": breakdown(files, bundle, size, args.rounds)}
+    out |= {"photos": args.photos, "photo_size": list(PHONE), "file_mb": round(sum(f.stat().st_size for f in files)
                                                                               / len(files) / 1e6, 2),
            "rounds": args.rounds, "wall_s": timings, "cpu_s": cpu}
     for measure, data in (("wall", timings), ("cpu", cpu)):
@@ -152,6 +153,50 @@ def speed(args: argparse.Namespace, bundle: Path, work: Path) -> dict:
             out[f"{name}_marginal_{measure}_ms"] = round(marginal, 1)
             out[f"{name}_{measure}_ratio"] = round(marginal / pillow, 2)
     return out
+
+
+def breakdown(files: list[Path], bundle_dir: Path, size: int, rounds: int) -> dict:
+    """Per-photo ms (wall and CPU, medians over interleaved rounds, one thread) of the parts of
+    classify's marginal cost: Pillow's DCT-scaled decode alone, edgeclip's fast decode + preprocess,
+    the exact decode + preprocess, and the gated graph's inference per photo at batch 16."""
+    from edgeclip.edgeapp.classify import build_label_space
+    from edgeclip.edgeapp.runtime import GatedRunner, TextEncoderRunner
+
+    from edgeclip.bundle import Bundle
+    from edgeclip.images import PreprocessConfig, decode_and_preprocess
+
+    bundle = Bundle.open(bundle_dir)
+    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
+    runner = GatedRunner(bundle, "auto")
+    labels = build_label_space(bundle, [], TextEncoderRunner(bundle, "auto").class_embeddings)
+    pixels = np.stack([decode_and_preprocess(f, cfg)[0] for f in files[:16]])
+
+    def per_photo(fn, items) -> tuple[float, float]:
+        start, cpu = time.perf_counter(), time.process_time()
+        for item in items:
+            fn(item)
+        return ((time.perf_counter() - start) * 1000 / len(items), (time.process_time() - cpu) * 1000 / len(items))
+
+    def draft(f: Path) -> None:
+        with Image.open(f) as img:
+            img.draft("RGB", (size, size))
+            img.load()
+
+    parts = {
+        "pillow draft decode": lambda: per_photo(draft, files),
+        "edgeclip fast decode + preprocess": lambda: per_photo(lambda f: decode_and_preprocess(f, cfg), files),
+        "edgeclip exact decode + preprocess": lambda: per_photo(
+            lambda f: decode_and_preprocess(f, cfg.with_exact(True)), files[:6]),
+        "gated graph inference (batch 16)": lambda: tuple(
+            v / 16 for v in per_photo(lambda _: runner.run(pixels, labels.text), [0, 1])),
+    }
+    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in parts}
+    for r in range(rounds):
+        keys = list(parts)[r % len(parts):] + list(parts)[:r % len(parts)]
+        for key in keys:
+            samples[key].append(parts[key]())
+    return {k: {"wall_ms": round(statistics.median(w for w, _ in v), 1), "cpu_ms": round(statistics.median(c for _, c in v), 1)}
+            for k, v in samples.items()}
 
 
 def _extract(name: str, per_class: int, classes: int, dest: Path) -> tuple[list[Path], list[int], list[str], list[str]]:
@@ -199,20 +244,33 @@ def quality(args: argparse.Namespace, bundle_dir: Path, work: Path) -> dict:
                         out, "JPEG", quality=92)
             upscaled.append(out)
         for variant, files in (("as stored", paths), ("upscaled to 12 MP", upscaled)):
-            emb = {}
+            emb, pix = {}, {}
             for mode, exact in (("fast", False), ("exact", True)):
                 c = cfg.with_exact(exact)
-                emb[mode] = np.concatenate([images.embed(b.pixels) for b in iter_batches(files, c, batch_size=32)])
-            cos = np.sum(emb["fast"] * emb["exact"], axis=1) / (
-                np.linalg.norm(emb["fast"], axis=1) * np.linalg.norm(emb["exact"], axis=1))
+                batches = list(iter_batches(files, c, batch_size=32))
+                pix[mode] = np.concatenate([b.pixels for b in batches])
+                emb[mode] = np.concatenate([images.embed(b.pixels) for b in batches])
+                emb[mode] /= np.linalg.norm(emb[mode], axis=1, keepdims=True)
+            cos = np.sum(emb["fast"] * emb["exact"], axis=1)
+            others = emb["exact"] @ emb["exact"].T
+            between = others[~np.eye(len(files), dtype=bool)]  # different images, exact path
             top_fast = np.argmax(emb["fast"] @ text.T, axis=1)
             top_exact = np.argmax(emb["exact"] @ text.T, axis=1)
+            # nearest other image (retrieval) by each path's embedding: does the neighbour change?
+            nn = {m: np.argmax(np.where(np.eye(len(files), dtype=bool), -np.inf, emb[m] @ emb["exact"].T), axis=1)
+                  for m in emb}
+            std = np.asarray(cfg.std, np.float32)[None, :, None, None]
             sizes = [Image.open(f).size for f in files[:50]]
             results[f"{name} ({variant})"] = {
                 "images": len(files), "classes": len(classes),
                 "median_size": [int(np.median([s[0] for s in sizes])), int(np.median([s[1] for s in sizes]))],
+                "pixel_mean_abs_diff_8bit": float(np.mean(np.abs(pix["fast"] - pix["exact"]) * std) * 255),
                 "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+                "cosine_between_different_images_mean": float(between.mean()),
+                "relative_distance": float(np.mean(1 - cos) / np.mean(1 - between)),
                 "top1_agreement": float(np.mean(top_fast == top_exact)),
+                "top1_distinct_labels_exact": int(len(np.unique(top_exact))),
+                "nearest_neighbour_agreement": float(np.mean(nn["fast"] == nn["exact"])),
                 "top1_exact_accuracy": float(np.mean(top_exact == np.asarray(labels))),
             }
             print(name, variant, json.dumps(results[f"{name} ({variant})"]), flush=True)
@@ -256,6 +314,10 @@ def main() -> None:
     print(f"\nmachine: {report['machine']}; {report['date']}; {report['model']}")
     if "speed" in report:
         s = report["speed"]
+        print("\n| part (one thread) | wall ms / photo | CPU ms / photo |")
+        print("|---|---|---|")
+        for key, v in s["breakdown"].items():
+            print(f"| {key} | {v['wall_ms']} | {v['cpu_ms']} |")
         print(f"\n{s['photos']} photos of {s['photo_size'][0]}x{s['photo_size'][1]} ({s['file_mb']} MB each)")
         print("| path | measure | classify marginal ms / photo | Pillow draft decode ms / photo | ratio |")
         print("|---|---|---|---|---|")
@@ -264,11 +326,15 @@ def main() -> None:
                 print(f"| classify, {name} decode | {measure} | {s[f'{name}_marginal_{measure}_ms']} | "
                       f"{s[f'pillow_draft_{measure}_ms']} | {s[f'{name}_{measure}_ratio']}x |")
     if report.get("quality"):
-        print("\n| images | n | median size | cosine mean | cosine min | top-1 agreement |")
-        print("|---|---|---|---|---|---|")
+        print("\n| images | n | median size | pixel diff (8-bit) | cosine mean | cosine min | cosine, different images "
+              "| relative distance | top-1 agreement (distinct labels) | nearest-neighbour agreement |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for key, q in report["quality"].items():
-            print(f"| {key} | {q['images']} | {q['median_size'][0]}x{q['median_size'][1]} | {q['cosine_mean']:.5f} | "
-                  f"{q['cosine_min']:.5f} | {100 * q['top1_agreement']:.1f} % |")
+            print(f"| {key} | {q['images']} | {q['median_size'][0]}x{q['median_size'][1]} | "
+                  f"{q['pixel_mean_abs_diff_8bit']:.2f} | {q['cosine_mean']:.5f} | {q['cosine_min']:.5f} | "
+                  f"{q['cosine_between_different_images_mean']:.4f} | {q['relative_distance']:.4f} | "
+                  f"{100 * q['top1_agreement']:.1f} % ({q['top1_distinct_labels_exact']}) | "
+                  f"{100 * q['nearest_neighbour_agreement']:.1f} % |")
     print(f"\nwrote {out}")
 
 
