@@ -86,6 +86,7 @@ def add_moe_task(
         warmup=min(int(recipe["warmup"]), max(int(recipe["iterations"]) // 10, 0)),
         freeze_rule=recipe["freeze_rule"], seed=int(bundle.manifest["method"]["settings"].get("seed", 0)),
         device=device, progress=sys.stderr.isatty() and progress is not None,
+        exact_preprocess=bool(bundle.manifest["preprocess"].get("exact", False)),
     )
     backbone, model = load_moe_model(bundle)
     samples = [(str(path), label) for path, label in domain.samples]

@@ -332,3 +332,15 @@ def test_add_task_refuses_an_all_unreadable_class_and_names_unreadable_files(tin
     assert "7 images, 2 unreadable left out" in result.stderr
     task = Bundle.open(tiny_bundle).tasks[-1]
     assert task["n_images"] == 7 and task["unreadable_images"] == 2
+
+
+def test_minimum_readable_images_message():
+    from edgeclip.domain import Domain, require_enough_images
+    from edgeclip.errors import DomainError
+
+    domain = Domain("pets", Path("pets"), ["cat", "dog"], [])
+    require_enough_images(domain, {0: 2, 1: 1}, {})
+    with pytest.raises(DomainError, match=r"'dog' \(0 readable, 3 unreadable\).*at least 1 readable image per class"):
+        require_enough_images(domain, {0: 5}, {1: 3})
+    with pytest.raises(DomainError, match=r"only 2 readable image\(s\).*1 unreadable.*3 in the task"):
+        require_enough_images(domain, {0: 1, 1: 1}, {0: 1})
