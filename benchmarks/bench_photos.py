@@ -310,6 +310,13 @@ def main() -> None:
 
     out = HERE / "results" / "photos.json"
     out.parent.mkdir(exist_ok=True)
+    if args.part != "both" and out.exists():  # keep the other part's last figures, with their own date
+        previous = json.loads(out.read_text())
+        other = "quality" if args.part == "speed" else "speed"
+        if other in previous:
+            report[other] = previous[other]
+            report[f"{other}_date"] = previous.get(f"{other}_date", previous.get("date"))
+    report[f"{args.part}_date" if args.part != "both" else "date"] = report["date"]
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nmachine: {report['machine']}; {report['date']}; {report['model']}")
     if "speed" in report:
