@@ -21,7 +21,8 @@ ZERO_SHOT = "zero-shot"
 
 @dataclass
 class Prediction:
-    """One input's result; ``error`` is set (and the rest empty) when the input could not be read."""
+    """One input's result; ``error`` is set (and the rest empty) when the input could not be read.
+    ``note``: what the decoder remarked about a file it could read (Pillow's warnings), or None."""
 
     path: str
     label: str | None = None
@@ -29,6 +30,7 @@ class Prediction:
     route: str | None = None
     topk: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -38,6 +40,7 @@ class Prediction:
             "route": self.route,
             "topk": self.topk,
             "error": self.error,
+            "note": self.note,
         }
 
 
@@ -103,8 +106,9 @@ def predictions_from_scores(
     labels: LabelSpace,
     task_names: Sequence[str],
     top_k: int,
+    notes: Sequence[str | None] | None = None,
 ) -> list[Prediction]:
-    """Turn the graph's outputs into per-input results (top-k by score)."""
+    """Turn the graph's outputs into per-input results (top-k by score); ``notes[i]`` is input i's note."""
     k = min(top_k, scores.shape[1])
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     out = []
@@ -118,6 +122,7 @@ def predictions_from_scores(
                 score=top[0]["score"],
                 route=ZERO_SHOT if route < 0 else task_names[route],
                 topk=top,
+                note=notes[i] if notes else None,
             )
         )
     return out
@@ -132,17 +137,27 @@ def classify_files(
     batch_size: int = 32,
     workers: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    exact: bool | None = None,
+    max_pixels: int | None = None,
 ) -> Iterator[Prediction]:
-    """Yield one Prediction per file, in input order per batch; unreadable files give an error Prediction."""
-    from edgeclip.images import PreprocessConfig, iter_batches
+    """Yield one Prediction per file, in input order per batch; unreadable files give an error Prediction
+    (its ``error`` names the file and the cause).
 
-    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
+    Decoding runs ``workers`` threads (default: one per core) ahead of the engine, so decoding
+    overlaps inference. ``exact``: True decodes at full resolution (open_clip's pixels), False
+    uses the fast reduced decode, None follows the bundle's ``preprocess.exact`` (default fast).
+    ``max_pixels``: the decompression-bomb limit (default ``images.DEFAULT_MAX_PIXELS``)."""
+    from edgeclip.images import DEFAULT_MAX_PIXELS, PreprocessConfig, iter_batches
+
+    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"]).with_exact(exact)
     names = task_route_names(bundle)
-    for batch in iter_batches(list(files), cfg, batch_size=batch_size, workers=workers):
+    for batch in iter_batches(list(files), cfg, batch_size=batch_size, workers=workers,
+                              max_pixels=max_pixels or DEFAULT_MAX_PIXELS):
         for path, message in batch.errors:
             yield Prediction(path=display_path(path), error=message)
         if len(batch.paths):
             result = runner.run(batch.pixels, labels.text)
-            yield from predictions_from_scores(batch.paths, result["scores"], result["route"], labels, names, top_k)
+            yield from predictions_from_scores(batch.paths, result["scores"], result["route"], labels, names, top_k,
+                                               notes=batch.notes)
         if on_batch is not None:
             on_batch(len(batch.paths) + len(batch.errors))

@@ -87,6 +87,7 @@ def add_moe_task(
         freeze_rule=recipe["freeze_rule"], seed=int(bundle.manifest["method"]["settings"].get("seed", 0)),
         device=device, on_step=(lambda step, total, loss: progress("training", step, total))
         if progress else None,
+        exact_preprocess=bool(bundle.manifest["preprocess"].get("exact", False)),
     )
     backbone, model = load_moe_model(bundle)
     samples = [(str(path), label) for path, label in domain.samples]
@@ -98,8 +99,9 @@ def add_moe_task(
     feats, _labels, _errors = embed_domain(bundle, domain, progress=progress)
     gate_state, gate_settings, threshold = fit_task_gate(bundle, feats)
     learned = bundle.tensors(LEARNED)
-    tasks = bundle.tasks + [task_record(name, domain.classes, domain.templates, str(domain.root), len(result.samples), threshold,
-                                         gate_settings)]
+    tasks = bundle.tasks + [task_record(name, domain.classes, domain.templates, str(domain.root), len(result.samples),
+                                        threshold, gate_settings)]
+    tasks[-1]["unreadable_images"] = len(_errors)
     tasks[-1]["training"] = {
         "iterations": settings.iterations,
         "final_loss": float(np.mean(result.losses[-10:])) if result.losses else None,

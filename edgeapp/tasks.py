@@ -7,6 +7,7 @@ re-composed with onnx alone. MoE add-task imports torch (``train`` extra).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -14,7 +15,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edgeclip.bundle import Bundle, VersionWriter, utc_now
-from edgeclip.domain import Domain, few_shot, read_domain
+from edgeclip.discover import display_path
+from edgeclip.domain import Domain, few_shot, read_domain, require_enough_images
 from edgeclip.edgeapp.runtime import ImageEncoderRunner, TextEncoderRunner
 from edgeclip.errors import DomainError, UsageError
 from edgeclip.export.compose import build_gated_graph
@@ -41,6 +43,7 @@ from edgeclip.train.registry import learner_spec, load_learner
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 
+log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -105,12 +108,17 @@ def check_new_task(bundle: Bundle, classes: Sequence[str], name: str) -> None:
 
 def embed_domain(
     bundle: Bundle, domain: Domain, backend: str = "auto", batch_size: int = 32, progress: ProgressFn | None = None,
-    pixels_out: list[np.ndarray] | None = None,
+    pixels_out: list[np.ndarray] | None = None, for_learning: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[Path, str]]]:
-    """Frozen image embeddings [N, D] of a domain's images with the exported encoder (torch-free).
+    """Frozen image embeddings [N, D] of a domain's readable images with the exported encoder
+    (torch-free), their class indices [N], and the unreadable files with the error message.
 
-    ``pixels_out``, when given, receives the preprocessed batches in the same order, for callers
-    that need the pixels too (each image is decoded once)."""
+    Images are decoded as classify decodes them (`edgeclip.images`, the bundle's `preprocess`).
+    Each unreadable file is named in a logged warning. DomainError when no image can be read and,
+    ``for_learning``, when a class is left with fewer readable images than `MIN_IMAGES_PER_CLASS`
+    or the task with fewer than `MIN_TASK_IMAGES` (before anything is learned). ``pixels_out``, when given, receives the
+    preprocessed batches in the same order, for callers that need the pixels too (each image
+    is decoded once)."""
     cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
     runner = ImageEncoderRunner(bundle, backend)
     label_of = {path: label for path, label in domain.samples}
@@ -126,8 +134,20 @@ def embed_domain(
         done += len(batch.paths) + len(batch.errors)
         if progress:
             progress("embedding", done, len(domain.samples))
+    use = "training" if for_learning else "evaluation"
+    for _path, message in errors:
+        log.warning("left out of %s: %s", use, message)
+    if errors:
+        log.warning("%d of %d %s images of %s are unreadable and were left out",
+                    len(errors), len(domain.samples), use, display_path(domain.root))
+    readable = {int(k): int(v) for k, v in zip(*np.unique(np.asarray(labels, np.int64), return_counts=True))}
+    unreadable: dict[int, int] = {}
+    for path, _message in errors:
+        unreadable[label_of[path]] = unreadable.get(label_of[path], 0) + 1
+    if for_learning:
+        require_enough_images(domain, readable, unreadable)
     if not feats:
-        raise DomainError(f"No image of {domain.root} could be read.")
+        raise DomainError(f"No image of {display_path(domain.root)} could be read.")
     return np.concatenate(feats), np.asarray(labels, np.int64), errors
 
 
@@ -213,23 +233,24 @@ def rail_learner(bundle: Bundle, learned: dict[str, np.ndarray] | None = None) -
 
 def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "auto",
                   progress: ProgressFn | None = None) -> Bundle:
-    """RAIL add-task, torch-free: embed the domain's images with the exported frozen encoder, then
-    ``add_rail_embeddings``."""
-    feats, labels, _errors = embed_domain(bundle, domain, backend, progress=progress)
+    """RAIL add-task, torch-free: embed the domain's images with the exported frozen encoder (unreadable
+    files named in a warning and counted in the task record), then ``add_rail_embeddings``."""
+    feats, labels, errors = embed_domain(bundle, domain, backend, progress=progress, for_learning=True)
     return add_rail_embeddings(bundle, name, feats, labels, domain.classes, domain.templates, str(domain.root),
-                               backend=backend, progress=progress)
+                               backend=backend, progress=progress, unreadable=len(errors))
 
 
 def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np.ndarray, classes: Sequence[str],
                         templates: Sequence[str], source: str, backend: str = "auto",
-                        progress: ProgressFn | None = None) -> Bundle:
+                        progress: ProgressFn | None = None, unreadable: int = 0) -> Bundle:
     """Learn a task from frozen image embeddings the caller already has (RAIL only, torch-free).
 
     feats: [N,D] float32, the bundle's frozen image embeddings (L2-normalised rows); labels: [N] int64
-    indices into ``classes``. Updates the closed-form head (RAIL, METHODS.md section 3), fits the
-    task's DDAS gate (section 2), encodes the classes' prompts with the exported text encoder,
-    re-composes the gated graph and writes a new version. Raises DomainError (a name or class already
-    learned), UsageError (shapes, a learner that does not learn from embeddings).
+    indices into ``classes``; unreadable: how many of the task's files could not be read (recorded).
+    Updates the closed-form head (RAIL, METHODS.md section 3), fits the task's DDAS gate (section 2),
+    encodes the classes' prompts with the exported text encoder, re-composes the gated graph and writes
+    a new version. Raises DomainError (a name or class already learned), UsageError (shapes, a learner
+    that does not learn from embeddings).
     """
     spec = learner_spec(bundle.method)
     if spec.learns_from != "embeddings":
@@ -264,6 +285,7 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
     with bundle.new_version() as writer:
         writer.manifest["method"]["settings"]["learner"] = learner.settings()
         writer.manifest["tasks"].append(record)
+        writer.manifest["tasks"][-1]["unreadable_images"] = int(unreadable)
         writer.write_tensors(LEARNED, new_learned)
         writer.write_tensors(RAIL_STATE, {k: v for k, v in state.items() if k not in inference_keys and v is not None})
         write_gated_graph(writer, new_learned)

@@ -1,9 +1,16 @@
 """Finding the image files among the paths a user names: files as given, folders walked.
 
-Inside folders an image is recognised by its first bytes (the signatures of the formats
-Pillow can decode here), never by its extension, so `scan.JPG`, `photo` and `x.png.bak`
-are judged alike. Files named explicitly are always returned, image or not, so that the
-decoder reports a clear error for each instead of the file vanishing silently.
+Inside folders a file is an image when its first bytes say so (the same 16-byte test Pillow
+uses to pick a decoder, for every format this Pillow build and pillow-heif decode) or when
+its name ends with an extension of such a format. So `scan.JPG`, `photo` and `x.png.bak` are
+judged by content, and a broken `holiday.jpg` (empty, text, truncated, even a FIFO) is an
+input whose decoding error is reported, never a file that silently vanishes. Everything
+else in a folder is skipped and counted, with the reason; hidden entries (`.name`, which
+includes macOS AppleDouble `._name` files) are ignored. Files named explicitly are always
+inputs, image or not.
+
+HEIC/HEIF (iPhone photos) are read through `pillow-heif`, a core dependency (it also reads
+AVIF where Pillow lacks it); without it installed, such files are reported as unreadable.
 """
 
 from __future__ import annotations
@@ -14,9 +21,32 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import features
+from PIL import Image, ImageFile
 
-HEADER_BYTES = 16
+HEADER_BYTES = 16  # what Image.open reads to choose a decoder
+HEIF_EXTENSIONS = (".heic", ".heif", ".heics", ".heifs", ".hif", ".avif", ".avifs")
+# Formats Pillow identifies but cannot decode here (no pixel decoder, or a stub handler).
+_NOT_DECODABLE = {"MPEG", "BUFR", "GRIB", "HDF5", "WMF"}
+
+_registered = False
+
+
+def register_formats() -> None:
+    """Register pillow-heif's HEIF opener (and its AVIF opener when Pillow lacks AVIF) with
+    Pillow, once; a no-op when pillow-heif is not installed."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    try:
+        import pillow_heif
+    except ImportError:
+        return
+    pillow_heif.register_heif_opener()
+    from PIL import features
+
+    if not features.check("avif") and hasattr(pillow_heif, "register_avif_opener"):
+        pillow_heif.register_avif_opener()
 
 
 def display_path(path: Path | str | bytes) -> str:
@@ -25,37 +55,69 @@ def display_path(path: Path | str | bytes) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _is_ppm(h: bytes) -> bool:
-    return len(h) >= 3 and h[0:1] == b"P" and h[1:2] in b"123456" and h[2:3].isspace()
+def _decodable_formats() -> set[str]:
+    register_formats()
+    Image.init()
+    formats = {f for f, (factory, _) in Image.OPEN.items() if f not in _NOT_DECODABLE}
+    formats = {f for f in formats if not (isinstance(Image.OPEN[f][0], type)
+                                         and issubclass(Image.OPEN[f][0], ImageFile.StubImageFile))}
+    if "EPS" in formats:
+        from PIL import EpsImagePlugin
+
+        if not EpsImagePlugin.has_ghostscript():
+            formats.discard("EPS")
+    return formats
 
 
-def _signatures() -> list:
-    """Tests on a file's first bytes, one per format this Pillow build decodes."""
-    tests = [
-        lambda h: h.startswith(b"\xff\xd8\xff"),  # JPEG, MPO
-        lambda h: h.startswith(b"\x89PNG\r\n\x1a\n"),
-        lambda h: h[:6] in (b"GIF87a", b"GIF89a"),
-        lambda h: h.startswith(b"BM"),
-        lambda h: h[:4] in (b"II*\x00", b"MM\x00*"),  # TIFF
-        lambda h: h.startswith(b"\x00\x00\x01\x00"),  # ICO
-        lambda h: h.startswith(b"qoif"),
-        _is_ppm,
-    ]
-    if features.check("webp"):
-        tests.append(lambda h: h[:4] == b"RIFF" and h[8:12] == b"WEBP")
-    if features.check("jpg_2000"):
-        tests.append(lambda h: h.startswith((b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  \r\n\x87\n")))
-    if features.check("avif"):
-        tests.append(lambda h: h[4:12] in (b"ftypavif", b"ftypavis"))
-    return tests
+_FORMATS: set[str] | None = None
+_EXTENSIONS: set[str] | None = None
 
 
-_SIGNATURES = _signatures()
+def _tables() -> tuple[set[str], set[str]]:
+    global _FORMATS, _EXTENSIONS
+    if _FORMATS is None or _EXTENSIONS is None:
+        formats = _decodable_formats()
+        extensions = {ext for ext, fmt in Image.registered_extensions().items() if fmt in formats}
+        try:
+            import pillow_heif  # noqa: F401 - HEIF names are images even where the module is missing
+
+            extensions |= set(HEIF_EXTENSIONS)
+        except ImportError:
+            extensions |= set(HEIF_EXTENSIONS)
+        _FORMATS, _EXTENSIONS = formats, extensions
+    return _FORMATS, _EXTENSIONS
+
+
+def image_extensions() -> set[str]:
+    """Lower-case file extensions (with the dot) of every format that can be decoded here."""
+    return set(_tables()[1])
+
+
+def has_image_extension(name: str | Path) -> bool:
+    """True when `name` ends with the extension of a decodable image format (any case)."""
+    return Path(name).suffix.lower() in _tables()[1]
+
+
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1",
+                b"avif", b"avis")
 
 
 def looks_like_image(header: bytes) -> bool:
-    """True when `header` (a file's first bytes) starts like an image Pillow can decode."""
-    return any(test(header) for test in _SIGNATURES)
+    """True when `header` (a file's first 16 bytes) starts like an image of a format that can be
+    decoded here: Pillow's own `_accept` tests, plus HEIF/AVIF brands."""
+    formats, _ = _tables()
+    if len(header) >= 12 and header[4:8] == b"ftyp" and header[8:12] in _HEIF_BRANDS:
+        return True
+    for fmt in formats:
+        accept = Image.OPEN[fmt][1]
+        if accept is None:
+            continue  # formats without a signature (TGA, ...) are recognised by extension
+        try:
+            if accept(header[:HEADER_BYTES]):
+                return True
+        except Exception:  # noqa: BLE001 - a plugin's test on a short header
+            continue
+    return False
 
 
 def _reason(err: OSError) -> str:
@@ -64,8 +126,10 @@ def _reason(err: OSError) -> str:
 
 @dataclass
 class DiscoveryResult:
-    """`images`: the inputs to classify, in order; `skipped`: things inside folders left out,
-    with why; `missing`: named paths that do not exist or cannot be listed, with why."""
+    """`images`: the inputs to decode, in order; `skipped`: files inside folders that are not
+    images, with why; `missing`: named paths that do not exist, and entries found in folders
+    that cannot be read (an unlistable folder, a broken link, a file that cannot be opened),
+    with why. Each becomes an error row."""
 
     images: list[Path] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
@@ -76,8 +140,10 @@ def discover_images(paths: Iterable[Path | str | bytes], recursive: bool = True)
     """Expand `paths` into image files: each named file as is, each folder walked in sorted
     order (recursively unless `recursive` is False), hidden entries (`.name`) ignored.
 
-    Symbolic links to folders are followed once each (a link loop is walked only once). A
-    path that appears twice is returned once.
+    Every other entry under a folder lands in exactly one of `images` (recognised by content
+    or extension), `skipped` (not an image) or `missing` (cannot be read). Symbolic links to
+    folders are followed once each (a link loop is walked only once). A path that appears
+    twice is returned once.
     """
     result = DiscoveryResult()
     seen: set[Path] = set()
@@ -109,7 +175,7 @@ def _walk(folder: Path, recursive: bool, result: DiscoveryResult, visited: set[s
         with os.scandir(folder) as it:
             entries = sorted(it, key=lambda e: e.name)
     except OSError as err:
-        result.skipped.append((folder, f"cannot list folder: {_reason(err)}"))
+        result.missing.append((folder, f"cannot list folder: {_reason(err)}"))
         return
     for entry in entries:
         if entry.name.startswith("."):
@@ -119,19 +185,23 @@ def _walk(folder: Path, recursive: bool, result: DiscoveryResult, visited: set[s
             is_dir = entry.is_dir()  # follows symbolic links
             is_file = entry.is_file()
         except OSError as err:
-            result.skipped.append((path, _reason(err)))
+            result.missing.append((path, _reason(err)))
             continue
         if is_dir:
             if recursive:
                 yield from _walk(path, recursive, result, visited)
+        elif entry.is_symlink() and not is_file:
+            result.missing.append((path, "broken symbolic link"))
+        elif has_image_extension(entry.name):
+            yield path  # named like an image: decoded, or reported as unreadable
         elif is_file:
             reason = _sniff(path)
             if reason is None:
                 yield path
+            elif reason.startswith("cannot read"):
+                result.missing.append((path, reason))
             else:
                 result.skipped.append((path, reason))
-        elif entry.is_symlink():
-            result.skipped.append((path, "broken symbolic link"))
         else:
             result.skipped.append((path, "not a regular file"))
 

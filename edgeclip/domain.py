@@ -18,6 +18,12 @@ from edgeclip.errors import DomainError, UsageError
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 SPLIT_NAMES = ("train", "val", "test")
+# The fewest readable images add-task learns from: one per class, and three in the task, since
+# the DDAS gate fits on most of them and holds a fifth (at least one) out to calibrate its threshold.
+MIN_IMAGES_PER_CLASS = 1
+MIN_TASK_IMAGES = 3
+MINIMUM_TEXT = (f"add-task needs at least {MIN_IMAGES_PER_CLASS} readable image per class "
+                f"and {MIN_TASK_IMAGES} in the task")
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,23 @@ def read_domain(directory: Path | str, split: str = "train") -> Domain:
         samples=samples,
         templates=list(meta.get("templates") or DEFAULT_TEMPLATES),
     )
+
+
+def require_enough_images(domain: Domain, readable: dict[int, int], unreadable: dict[int, int]) -> None:
+    """Refuse (DomainError) a domain whose readable images fall below `MIN_IMAGES_PER_CLASS` in a
+    class or `MIN_TASK_IMAGES` in all; `readable`/`unreadable`: image counts by class index."""
+    short = [i for i in range(len(domain.classes)) if readable.get(i, 0) < MIN_IMAGES_PER_CLASS]
+    if short:
+        shown = ", ".join(
+            f"'{domain.classes[i]}' ({readable.get(i, 0)} readable, {unreadable.get(i, 0)} unreadable)" for i in short[:5]
+        )
+        raise DomainError(f"too few readable images in {display_path(domain.root)}: {shown}; {MINIMUM_TEXT}")
+    total = sum(readable.values())
+    if total < MIN_TASK_IMAGES:
+        raise DomainError(
+            f"only {total} readable image(s) in {display_path(domain.root)} "
+            f"({sum(unreadable.values())} unreadable); {MINIMUM_TEXT}"
+        )
 
 
 def _shuffle_key(seed: int, path: Path, root: Path) -> bytes:

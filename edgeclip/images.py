@@ -1,52 +1,90 @@
 """Decoding image files and turning them into CLIP input tensors, without torch.
 
-`preprocess` reproduces open_clip's eval transform (`open_clip.image_transform(size,
-is_train=False, ...)`: torchvision `Resize` of the shorter side with Pillow's filter,
-`CenterCrop`, `ToTensor`, `Normalize`) to float32 rounding: the same size rounding, the
-same crop offsets, the same float32 operations.
+One decode path serves inference (`edgeclip classify`, eval) and training (RAIL and gate
+embeddings, MoE adapters): `decode_image` opens a file, reduces it, maps its pixels to
+8-bit RGB and turns it upright; `preprocess` then makes the model input.
 
-One deliberate difference: open_clip resizes the image in its file's mode and converts
-to RGB afterwards; here `load_image` converts first. For RGB and grey ('L') files, all
-the real data sets, the result is the same. For the rest it is better: a palette image is
-resized with the bicubic filter rather than Pillow's forced nearest neighbour, and a
-16-bit image is scaled to 8 bits instead of saturating to white.
+Decoding (`decode_image`)
+    1. The file must be a regular, non-empty file; its declared size is checked against
+       `max_pixels` (decompression-bomb guard) before any pixel is decoded.
+    2. Fast path (the default): a JPEG is decoded at the smallest DCT scale (1/2, 1/4,
+       1/8, Pillow's `Image.draft`) that still covers the model input, and any other large
+       image is shrunk by the largest integer factor that still covers it (`Image.reduce`,
+       a box filter). "Covers" follows the resize mode: the short side (`shortest`), the
+       long side (`longest`) or both sides (`squash`) stay at least `image_size` pixels.
+       With this reduction the bomb guard applies to the pixels actually decoded, so a
+       108 MP photo is read (at 1/8 scale: 1.7 MP) within bounded memory.
+       Exact path (`exact=True`): the full resolution is decoded, as open_clip does.
+    3. Colours map to 8-bit RGB by their real value range (`to_rgb`): transparency is
+       composited onto `BACKGROUND` (white); 16-bit samples are scaled from 0..65535;
+       32-bit integer samples from the smallest of 0..255, 0..65535 that holds them (else
+       their own min..max); float samples from 0..1, 0..255 or 0..65535 when they fit (else
+       their own min..max, NaN read as the minimum); 1-bit, palette, CMYK, YCbCr and LAB
+       convert as Pillow (LAB through ImageCms) converts them.
+    4. EXIF orientation is applied last, on the reduced image (a lossless transpose).
+    Pillow's warnings about the file (palette transparency, corrupt EXIF, ...) are caught
+    and returned as the file's `notes`, not printed.
+
+Preprocessing (`preprocess`) reproduces open_clip's eval transform (`open_clip.image_transform(
+size, is_train=False, ...)`: torchvision `Resize` of the shorter side with Pillow's filter,
+`CenterCrop`, `ToTensor`, `Normalize`) to float32 rounding. With `exact=True` decoding, the
+result is bit-identical to open_clip's for RGB and grey files (the parity test) with two
+deliberate exceptions: colours are mapped as above before resizing (open_clip resizes in the
+file's mode and drops alpha), and where the resized intermediate would exceed
+`MAX_INTERMEDIATE_PIXELS` (a thin strip: 20000x1 would need 4 GB) only the centre-crop's
+region is resized (Pillow's `box`), which keeps memory bounded and differs by rounding.
+The fast path differs from exact only for images it reduced; docs/IMAGES.md gives the
+measured difference.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import sys
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from edgeclip.discover import display_path
+from edgeclip.discover import display_path, register_formats
 from edgeclip.errors import BundleError, ImageError, UsageError
 
-# Pillow's own limit: it warns above it and refuses anything above twice it, so a larger
-# `max_pixels` cannot take effect without changing Pillow's global setting.
-DEFAULT_MAX_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+# Pillow's default limit (about 89.5 MP). `max_pixels` is edgeclip's own guard, checked on the
+# declared (exact path) or reduced (fast path) size before decoding; Pillow's global limit is
+# raised when a caller allows more, so that its own check does not refuse first.
+DEFAULT_MAX_PIXELS: int = 89_478_485
+# Where the resized intermediate of the `shortest` transform would hold more pixels than this,
+# only the centre crop's source region is resized (memory bounded for any aspect ratio).
+MAX_INTERMEDIATE_PIXELS: int = 1 << 22
+# Transparent pixels are composited onto this colour (white, as a viewer shows a transparent PNG).
+BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 RESIZE_MODES = ("shortest", "longest", "squash")
+_CONFIG_KEYS = {"image_size", "mean", "std", "interpolation", "resize_mode", "exact"}
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """How an image becomes a `[3, image_size, image_size]` input; the manifest's `preprocess`."""
+    """How an image becomes a `[3, image_size, image_size]` input; the manifest's `preprocess`.
+
+    `exact`: decode at full resolution (today's open_clip-identical pixels) instead of the
+    fast reduced decode; stored in the manifest only when true."""
 
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
+    exact: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
@@ -66,22 +104,27 @@ class PreprocessConfig:
             raise UsageError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, not {self.interpolation!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise UsageError(f"resize_mode must be one of {list(RESIZE_MODES)}, not {self.resize_mode!r}")
+        if not isinstance(self.exact, bool):
+            raise UsageError(f"exact must be true or false, not {self.exact!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "image_size": self.image_size,
             "mean": list(self.mean),
             "std": list(self.std),
             "interpolation": self.interpolation,
             "resize_mode": self.resize_mode,
         }
+        if self.exact:
+            d["exact"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
         """Read the manifest form; anything malformed is a BundleError."""
         if not isinstance(d, dict):
             raise BundleError(f"preprocess config must be a JSON object, not {type(d).__name__}")
-        unknown = set(d) - {"image_size", "mean", "std", "interpolation", "resize_mode"}
+        unknown = set(d) - _CONFIG_KEYS
         if unknown:
             raise BundleError(f"preprocess config has unknown keys {sorted(unknown)}")
         try:
@@ -91,8 +134,79 @@ class PreprocessConfig:
         except UsageError as err:
             raise BundleError(f"invalid preprocess config: {err}") from None
 
+    def with_exact(self, exact: bool | None) -> PreprocessConfig:
+        """This config with `exact` overridden, unless `exact` is None."""
+        if exact is None or exact == self.exact:
+            return self
+        return PreprocessConfig(self.image_size, self.mean, self.std, self.interpolation, self.resize_mode, exact)
 
-# ---------------------------------------------------------------- decoding
+
+# ---------------------------------------------------------------- Pillow's warnings
+
+_local = threading.local()
+_patch_lock = threading.Lock()
+_patched: set[str] = set()
+
+
+class _WarningsRouter:
+    """Stands in for the `warnings` module inside Pillow's modules: while this thread decodes a
+    file, a warning becomes one of that file's notes; otherwise it goes to `warnings.warn`.
+    (`warnings.catch_warnings` changes process-wide state and cannot be used from decoding
+    threads running side by side.)"""
+
+    def __init__(self, module: Any) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+    def warn(self, message: Any, category: Any = None, stacklevel: int = 1, source: Any = None, **kwargs: Any) -> None:
+        notes = getattr(_local, "notes", None)
+        if notes is not None:
+            text = " ".join(str(message).split())
+            if text not in notes:
+                notes.append(text)
+            return
+        self._module.warn(message, category, stacklevel + 1, source, **kwargs)
+
+
+def _route_pillow_warnings() -> None:
+    """Route the warnings of every loaded Pillow (and pillow-heif) module through `_WarningsRouter`."""
+    import warnings
+
+    with _patch_lock:
+        for name, module in list(sys.modules.items()):
+            if name in _patched or not (name.startswith(("PIL.", "pillow_heif"))):
+                continue
+            if getattr(module, "warnings", None) is warnings:
+                module.warnings = _WarningsRouter(warnings)  # type: ignore[attr-defined]
+            _patched.add(name)
+
+
+_limit_lock = threading.Lock()
+
+
+def _allow_pixels(pixels: int) -> None:
+    """Raise Pillow's own decompression-bomb limit (never lower it) so that `pixels` opens;
+    edgeclip's guard (`max_pixels`) is the one that refuses."""
+    with _limit_lock:
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < pixels:
+            Image.MAX_IMAGE_PIXELS = pixels
+
+
+_READY = False
+
+
+def _ready() -> None:
+    global _READY
+    if not _READY:
+        register_formats()
+        Image.init()
+        _route_pillow_warnings()
+        _READY = True
+
+
+# ---------------------------------------------------------------- colours
 
 
 def _to_8bit(values: np.ndarray) -> np.ndarray:
@@ -101,16 +215,94 @@ def _to_8bit(values: np.ndarray) -> np.ndarray:
     return ((wide * 255 + 32767) // 65535).astype(np.uint8)
 
 
+def _by_range(values: np.ndarray, ranges: tuple[float, ...]) -> np.ndarray:
+    """Samples to uint8 by the first of `ranges` (0..r) that holds them all, else by their own
+    min..max; NaN is read as the minimum, infinities as the finite extremes."""
+    data = values.astype(np.float64)
+    finite = np.isfinite(data)
+    if not finite.any():
+        return np.zeros(data.shape, np.uint8)
+    lo, hi = float(data[finite].min()), float(data[finite].max())
+    data = np.where(np.isnan(data), lo, np.clip(data, lo, hi))
+    for top in ranges:
+        if lo >= 0 and hi <= top:
+            return np.rint(data * (255.0 / top)).astype(np.uint8)
+    if hi == lo:
+        return np.zeros(data.shape, np.uint8)
+    return np.rint((data - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _composite(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    out = Image.new("RGB", rgba.size, BACKGROUND)
+    out.paste(rgba, (0, 0), rgba)
+    return out
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode in ("P", "L", "RGB") and img.info.get("transparency") is not None
+    )
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """`img` in RGB. Alpha is dropped as open_clip's `convert('RGB')` drops it; 16-bit
-    and 32-bit integer grey ('I;16*', 'I') is read as 0..65535 and scaled, not clipped."""
-    if img.mode == "RGB":
+    """`img` as 8-bit RGB, by the rules in the module docstring: transparency composited on
+    `BACKGROUND`, 16-bit, 32-bit integer and float samples mapped by their value range."""
+    mode = img.mode
+    if mode == "RGB" and img.info.get("transparency") is None:
         return img
-    if img.mode == "I" or img.mode.startswith("I;16"):
+    if _has_alpha(img):
+        return _composite(img)
+    if mode.startswith("I;16"):
         return Image.fromarray(_to_8bit(np.asarray(img))).convert("RGB")
-    if img.mode == "F":
-        return img.convert("L").convert("RGB")
+    if mode == "I":
+        return Image.fromarray(_by_range(np.asarray(img), (255.0, 65535.0))).convert("RGB")
+    if mode == "F":
+        return Image.fromarray(_by_range(np.asarray(img), (1.0, 255.0, 65535.0))).convert("RGB")
+    if mode == "LAB":
+        from PIL import ImageCms
+
+        transform = ImageCms.buildTransformFromOpenProfiles(
+            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
+        )
+        return ImageCms.applyTransform(img, transform)
     return img.convert("RGB")
+
+
+# ---------------------------------------------------------------- decoding
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+@dataclass
+class Decoded:
+    """`image`: RGB, upright, possibly reduced; `stored_size`: (width, height) as stored in the
+    file; `notes`: Pillow's warnings and edgeclip's remarks about the file, one line each."""
+
+    image: Image.Image
+    stored_size: tuple[int, int]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def note(self) -> str | None:
+        """The notes as one line, or None."""
+        return "; ".join(self.notes) or None
+
+
+def reduction_factor(size: tuple[int, int], cover: int, resize_mode: str = "shortest") -> int:
+    """The largest integer factor k such that `size` / k still covers `cover` pixels on the
+    side(s) that `resize_mode` scales to `cover` (1 when no reduction is possible)."""
+    width, height = size
+    side = {"shortest": min(width, height), "longest": max(width, height), "squash": min(width, height)}[resize_mode]
+    return max(1, side // max(1, cover))
 
 
 def _cause(err: BaseException) -> str:
@@ -133,17 +325,30 @@ def _cause(err: BaseException) -> str:
     return f"corrupt image data ({type(err).__name__}: {text})"
 
 
-def load_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode `path` fully into an RGB image, EXIF orientation applied.
+def decode_image(
+    path: Path | str,
+    cover: int | None = None,
+    resize_mode: str = "shortest",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Decoded:
+    """Decode `path` into upright 8-bit RGB (module docstring: steps 1-4).
 
-    Raises ImageError, naming the file and the cause, for a missing, empty, unreadable,
-    unrecognised, truncated or corrupt file and for one of more than `max_pixels` pixels.
+    `cover`: None decodes the full resolution (the exact path); a pixel count lets a JPEG be
+    decoded at a DCT scale and any image be reduced by an integer factor, as long as the result
+    still covers `cover` pixels on the side(s) `resize_mode` scales (the fast path).
+    `max_pixels`: refuse images with more pixels than this to decode (after the DCT scale).
+
+    Raises ImageError, naming the file and the cause, for a missing, empty, non-regular,
+    unreadable, unrecognised, truncated or corrupt file and for one over `max_pixels`.
     """
+    _ready()
     path = Path(path)
 
     def fail(cause: str) -> ImageError:
         return ImageError(f"cannot read image {display_path(path)}: {' '.join(cause.split())}")
 
+    notes: list[str] = []
+    _local.notes = notes
     try:
         st = path.stat()
         if stat.S_ISDIR(st.st_mode):
@@ -152,28 +357,65 @@ def load_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
             raise fail("not a regular file")
         if st.st_size == 0:
             raise fail("file is empty")
+        # Let Pillow open what a DCT scale of 1/8 may bring within the limit; edgeclip refuses below.
+        _allow_pixels(max_pixels * (64 if cover else 1))
         with Image.open(path) as img:
-            width, height = img.size
-            if width * height > max_pixels:
+            stored = img.size
+            width, height = stored
+            if cover and img.format in ("JPEG", "MPO"):
+                scale = reduction_factor(stored, cover, resize_mode)
+                scale = next(s for s in (8, 4, 2, 1) if s <= scale)
+                if scale > 1:
+                    img.draft(None, (width // scale, height // scale))
+            if img.size[0] * img.size[1] > max_pixels:
                 raise fail(
                     f"image too large ({width}x{height} = {width * height} pixels, limit {max_pixels}), "
-                    "refused as a possible decompression bomb"
+                    "refused as a possible decompression bomb; --max-pixels raises the limit"
                 )
+            orientation = _orientation(img, notes)
             img.load()
-            return to_rgb(_oriented(img))
+            out = img
+            if cover:
+                factor = reduction_factor(out.size, cover, resize_mode)
+                if factor > 1:
+                    if out.mode in ("1", "P") or out.mode.startswith("I;16"):
+                        out = to_rgb(out)
+                    out = out.reduce(factor)
+            out = to_rgb(out)
+            if orientation in _TRANSPOSE:
+                out = out.transpose(_TRANSPOSE[orientation])
+            elif out is img:
+                out = img.copy()  # outlives the open file
+            return Decoded(out, stored, notes)
     except ImageError:
         raise
     except Exception as err:  # noqa: BLE001 - a decoder on untrusted input may raise anything
         raise fail(_cause(err)) from err
+    finally:
+        _local.notes = None
 
 
-def _oriented(img: Image.Image) -> Image.Image:
-    """`img` turned upright by its EXIF orientation; a copy, so it outlives the open file.
-    Broken EXIF data does not make a decodable picture unusable: it is left as stored."""
+def _orientation(img: Image.Image, notes: list[str]) -> int:
+    """The EXIF orientation tag (1 when absent); broken EXIF data leaves the image as stored."""
     try:
-        return ImageOps.exif_transpose(img)
+        value = img.getexif().get(0x0112, 1)
+        return int(value) if value in _TRANSPOSE or value == 1 else 1
     except Exception:  # noqa: BLE001 - malformed metadata in an otherwise good file
-        return img.copy()
+        notes.append("EXIF data unreadable: orientation not applied")
+        return 1
+
+
+def load_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, cover: int | None = None,
+               resize_mode: str = "shortest") -> Image.Image:
+    """`decode_image(...).image`: RGB, upright; full resolution unless `cover` is given."""
+    return decode_image(path, cover, resize_mode, max_pixels).image
+
+
+def decode_for(path: Path | str, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
+               cover: int | None = None) -> Decoded:
+    """Decode `path` as `cfg` asks: the full image when `cfg.exact`, else reduced while it still
+    covers `cover` pixels (default `cfg.image_size`; training asks more, for its random crops)."""
+    return decode_image(path, None if cfg.exact else (cover or cfg.image_size), cfg.resize_mode, max_pixels)
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -214,7 +456,14 @@ def _resized(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     # torchvision Resize(int): the short side becomes `size`, the long side is truncated.
     short, long = min(width, height), max(width, height)
     new_long = int(size * long / short)
-    img = _resize(img, (size, new_long) if width <= height else (new_long, size), resample)
+    new_wh = (size, new_long) if width <= height else (new_long, size)
+    if size * new_long > MAX_INTERMEDIATE_PIXELS:
+        # Resize only the source region that the centre crop keeps: memory bounded by the output.
+        left = int(round((new_wh[0] - size) / 2.0))
+        top = int(round((new_wh[1] - size) / 2.0))
+        sx, sy = width / new_wh[0], height / new_wh[1]
+        return img.resize((size, size), resample, box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
+    img = _resize(img, new_wh, resample)
     return _center_crop_or_pad(img, size)
 
 
@@ -228,28 +477,50 @@ def _lookup_table(cfg: PreprocessConfig) -> np.ndarray:
     return (unit[None, :] - mean) / std
 
 
-def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """`img` as the model input: float32 `[3, S, S]`, equal to open_clip's eval transform."""
+def normalize(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """uint8 `[S, S, 3]` RGB to the float32 `[3, S, S]` model input (ToTensor + Normalize)."""
     table = _lookup_table(cfg)
-    pixels = np.asarray(_resized(to_rgb(img), cfg))  # [S, S, 3] uint8
     return np.stack([table[c][pixels[:, :, c]] for c in range(3)])
 
 
-def load_and_preprocess(path: Path, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    return preprocess(load_image(path, max_pixels), cfg)
+def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """`img` (any mode, mapped by `to_rgb`) as the model input: float32 `[3, S, S]`, S =
+    `cfg.image_size`, equal to open_clip's eval transform (module docstring)."""
+    return normalize(np.asarray(_resized(to_rgb(img), cfg)), cfg)
+
+
+def decode_and_preprocess(path: Path | str, cfg: PreprocessConfig,
+                          max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str | None]:
+    """(float32 `[3, S, S]` model input, the file's note or None); ImageError when unreadable."""
+    decoded = decode_for(path, cfg, max_pixels)
+    return preprocess(decoded.image, cfg), decoded.note
+
+
+def load_and_preprocess(path: Path | str, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The model input of one file, float32 `[3, S, S]` (fast or exact per `cfg.exact`)."""
+    return decode_and_preprocess(path, cfg, max_pixels)[0]
 
 
 # ---------------------------------------------------------------- batching
 
 
+def default_workers() -> int:
+    """Decoding threads: one per core this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclass
 class Batch:
-    """`pixels[i]` is the input for `paths[i]`; `errors` are the files of this stretch of
-    the input that could not be decoded, with the message."""
+    """`pixels[i]` is the input for `paths[i]` and `notes[i]` its note (or None); `errors` are
+    the files of this stretch of the input that could not be decoded, with the message."""
 
     pixels: np.ndarray
     paths: list[Path]
     errors: list[tuple[Path, str]]
+    notes: list[str | None] = field(default_factory=list)
 
 
 def iter_batches(
@@ -260,8 +531,9 @@ def iter_batches(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     prefetch: int | None = None,
 ) -> Iterator[Batch]:
-    """Decode and preprocess `paths` in a thread pool, running up to `prefetch` files
-    (default two batches) ahead of the consumer, and yield them in input order.
+    """Decode and preprocess `paths` in a thread pool (`workers`, default one per core), running
+    up to `prefetch` files (default two batches) ahead of the consumer, so that decoding
+    overlaps the consumer's inference, and yield them in input order.
 
     Every batch but the last holds exactly `batch_size` decoded images, so an engine sees
     full batches; files that fail are reported in the batch whose stretch they fall in.
@@ -269,10 +541,10 @@ def iter_batches(
     """
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, not {batch_size}")
-    workers = workers or min(4, os.cpu_count() or 1)
+    workers = workers or default_workers()
     ahead = max(prefetch or 2 * batch_size, workers)
     source = iter(paths)
-    pending: deque[tuple[Path, Future[np.ndarray]]] = deque()
+    pending: deque[tuple[Path, Future[tuple[np.ndarray, str | None]]]] = deque()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgeclip-decode")
 
     def top_up() -> None:
@@ -281,7 +553,7 @@ def iter_batches(
                 path = Path(next(source))
             except StopIteration:
                 return
-            pending.append((path, pool.submit(load_and_preprocess, path, cfg, max_pixels)))
+            pending.append((path, pool.submit(decode_and_preprocess, path, cfg, max_pixels)))
 
     def empty() -> Batch:
         return Batch(np.empty((0, 3, cfg.image_size, cfg.image_size), np.float32), [], [])
@@ -293,8 +565,10 @@ def iter_batches(
             path, future = pending.popleft()
             top_up()
             try:
-                arrays.append(future.result())
+                array, note = future.result()
+                arrays.append(array)
                 batch.paths.append(path)
+                batch.notes.append(note)
             except ImageError as err:
                 batch.errors.append((path, str(err)))
             if len(arrays) == batch_size:

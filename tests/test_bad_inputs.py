@@ -4,6 +4,7 @@ one-line ImageError naming the file; nothing else escapes, alone or in `iter_bat
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import zlib
@@ -16,7 +17,7 @@ from PIL import Image
 
 from edgeclip.discover import display_path
 from edgeclip.errors import ImageError
-from edgeclip.images import PreprocessConfig, iter_batches, load_image
+from edgeclip.images import BACKGROUND, PreprocessConfig, iter_batches, load_image
 
 CFG = PreprocessConfig(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -88,7 +89,7 @@ def check_16bit(a: np.ndarray) -> None:
 
 
 def check_palette(a: np.ndarray) -> None:
-    assert tuple(a[0, 0]) == (10, 20, 30) and tuple(a[0, 5]) == (200, 100, 50)
+    assert tuple(a[0, 0]) == BACKGROUND and tuple(a[0, 5]) == (200, 100, 50)  # index 0 is transparent
 
 
 def sixteen_bit_png() -> bytes:
@@ -103,8 +104,15 @@ GOOD: dict[str, tuple[bytes, Check]] = {
     "sixteen.png": (sixteen_bit_png(), check_16bit),
     "cmyk.jpg": (cmyk_jpeg(), solid((255, 0, 0), tol=8)),
     "palette_transparent.png": (palette_with_transparency(), check_palette),
-    "la.png": (encoded(Image.new("LA", (8, 8), (90, 0)), "PNG"), solid((90, 90, 90))),
-    "rgba.png": (encoded(Image.new("RGBA", (8, 8), (9, 8, 7, 128)), "PNG"), solid((9, 8, 7))),
+    "la.png": (encoded(Image.new("LA", (8, 8), (90, 0)), "PNG"), solid(BACKGROUND)),
+    "la_opaque.png": (encoded(Image.new("LA", (8, 8), (90, 255)), "PNG"), solid((90, 90, 90))),
+    "rgba.png": (encoded(Image.new("RGBA", (8, 8), (9, 8, 7, 128)), "PNG"), solid((132, 131, 131), tol=1)),
+    "float.tiff": (encoded(Image.fromarray(np.full((8, 8), 0.5, np.float32)), "TIFF"), solid((128, 128, 128))),
+    "int32.tiff": (encoded(Image.fromarray(np.full((8, 8), 40000, np.int32)), "TIFF"), solid((156, 156, 156))),
+    "sixteen.tiff": (encoded(Image.fromarray(np.full((8, 8), 65535, np.uint16)), "TIFF"), solid((255, 255, 255))),
+    "cmyk.tiff": (encoded(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "TIFF"), solid((255, 0, 0))),
+    "bigtiff.tif": (encoded(Image.new("RGB", (8, 8), (5, 6, 7)), "TIFF", big_tiff=True), solid((5, 6, 7))),
+    "plain.tga": (encoded(Image.new("RGB", (8, 8), (5, 6, 7)), "TGA"), solid((5, 6, 7))),
     "rotated.jpg": (exif_rotated_jpeg(), check_exif),
     "anim.gif": (encoded(Image.new("P", (8, 8), 0), "GIF"), solid((0, 0, 0))),
     "plain.bmp": (encoded(Image.new("RGB", (8, 8), (5, 6, 7)), "BMP"), solid((5, 6, 7))),
@@ -224,3 +232,115 @@ def test_iter_batches_keeps_good_reports_bad_in_order(tmp_path):
         assert np.isfinite(b.pixels).all()
         for path, message in b.errors:
             assert message.startswith(f"cannot read image {display_path(path)}: ")
+
+
+# ---------------------------------------------------------------- through the CLI
+
+
+def run_cli(args: list[str]) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    code = f"import sys\nsys.argv = ['edgeclip'] + {[str(a) for a in args]!r}\nfrom edgeclip.edgeapp.cli.app import main\nmain()"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A RAIL bundle of the tiny config with random weights and no task (zero-shot labels)."""
+    pytest.importorskip("open_clip")
+    root = tmp_path_factory.mktemp("bad-inputs") / "bundle"
+    result = run_cli(["init", "--bundle", root, "--model", "edgeclip-tiny", "--random-weights", "--seed", "0",
+                      "--method", "rail-primal", "--hidden", "256", "--labels", "a cat,a dog", "--quiet"])
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+@pytest.mark.slow
+def test_every_file_in_a_folder_is_accounted_for(tiny_bundle, tmp_path):
+    """Each unreadable kind inside a folder is an error row (exit 3), a HEIC photo is classified,
+    non-images are counted as skipped (listed with --verbose), hidden and AppleDouble files ignored."""
+    folder = tmp_path / "camera roll"
+    folder.mkdir()
+    write(folder, {"good.jpg": GOOD["rotated.jpg"], "empty.jpg": BAD["empty.jpg"],
+                   "truncated.jpg": BAD["truncated.jpg"], "random.png": BAD["random.jpg"],
+                   "text.png": BAD["text.png"], "bomb.png": BAD["bomb.png"], "plain.tga": GOOD["plain.tga"],
+                   "float.tiff": GOOD["float.tiff"]})
+    expected_ok = {"good.jpg", "plain.tga", "float.tiff"}
+    pytest.importorskip("pillow_heif").register_heif_opener()
+    Image.new("RGB", (64, 48), (10, 120, 200)).save(folder / "IMG_0001.HEIC", "HEIF")
+    expected_ok.add("IMG_0001.HEIC")
+    (folder / "IMG_0002.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 20)  # a broken HEIC
+    expected_bad = {"empty.jpg", "truncated.jpg", "random.png", "text.png", "bomb.png", "IMG_0002.HEIC"}
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(folder / "pipe.jpg")
+        expected_bad.add("pipe.jpg")
+    (folder / "notes.txt").write_text("shopping list")
+    (folder / "clip.mov").write_bytes(b"\x00\x00\x00\x14ftypqt  " + b"\x00" * 30)
+    (folder / "._good.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00")
+    (folder / ".thumbnail.png").write_bytes(GOOD["grey.png"][0])
+
+    result = run_cli(["classify", folder, "--bundle", tiny_bundle, "--format", "json", "--verbose"])
+    assert result.returncode == 3, result.stderr
+    rows = {Path(r["path"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    assert {n for n, r in rows.items() if r["error"] is None and r["label"]} == expected_ok
+    assert {n for n, r in rows.items() if r["error"]} == expected_bad
+    assert "empty" in rows["empty.jpg"]["error"] and "not a regular file" in rows.get("pipe.jpg", {"error": "not a regular file"})["error"]
+    assert "decompression bomb" in rows["bomb.png"]["error"]
+    assert f"{len(expected_ok)} classified, {len(expected_bad)} unreadable, 2 skipped (not images)" in result.stderr
+    assert "skipped" in result.stderr and "notes.txt: not an image" in result.stderr and "clip.mov" in result.stderr
+    assert "._good.jpg" not in result.stdout + result.stderr and ".thumbnail.png" not in result.stdout
+
+    exact = run_cli(["classify", folder / "good.jpg", "--bundle", tiny_bundle, "--format", "json", "--quiet",
+                     "--exact-preprocess", "--max-pixels", "1000000"])
+    assert exact.returncode == 0, exact.stderr
+    refused = run_cli(["classify", folder / "good.jpg", "--bundle", tiny_bundle, "--format", "json", "--quiet",
+                       "--exact-preprocess", "--max-pixels", "100"])
+    assert refused.returncode == 3 and "--max-pixels" in json.loads(refused.stdout)["error"]
+
+
+def _domain(root: Path, good: dict[str, int], bad: dict[str, int]) -> Path:
+    for cls, n in good.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(np.random.default_rng(i).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(
+                root / cls / f"{i}.png")
+    for cls, n in bad.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (root / cls / f"broken{i}.jpg").write_bytes(b"" if i % 2 else b"\xff\xd8\xff\xe0 truncated")
+    return root
+
+
+@pytest.mark.slow
+def test_add_task_refuses_an_all_unreadable_class_and_names_unreadable_files(tiny_bundle, tmp_path):
+    from edgeclip.bundle import Bundle
+
+    before = Bundle.open(tiny_bundle).version
+    domain = _domain(tmp_path / "pets", {"cat": 4}, {"dog": 3})
+    result = run_cli(["add-task", domain, "--bundle", tiny_bundle, "--quiet"])
+    assert result.returncode == 2, result.stderr
+    assert "'dog' (0 readable, 3 unreadable)" in result.stderr
+    assert "at least 1 readable image per class and 3 in the task" in result.stderr
+    assert "broken0.jpg" in result.stderr  # the warning names the files
+    assert Bundle.open(tiny_bundle).version == before  # nothing learned
+
+    domain = _domain(tmp_path / "pets2", {"cat": 4, "dog": 3}, {"dog": 2})
+    result = run_cli(["add-task", domain, "--bundle", tiny_bundle])
+    assert result.returncode == 0, result.stderr
+    assert "broken0.jpg" in result.stderr and "broken1.jpg" in result.stderr
+    assert "7 images, 2 unreadable left out" in result.stderr
+    task = Bundle.open(tiny_bundle).tasks[-1]
+    assert task["n_images"] == 7 and task["unreadable_images"] == 2
+
+
+def test_minimum_readable_images_message():
+    from edgeclip.domain import Domain, require_enough_images
+    from edgeclip.errors import DomainError
+
+    domain = Domain("pets", Path("pets"), ["cat", "dog"], [])
+    require_enough_images(domain, {0: 2, 1: 1}, {})
+    with pytest.raises(DomainError, match=r"'dog' \(0 readable, 3 unreadable\).*at least 1 readable image per class"):
+        require_enough_images(domain, {0: 5}, {1: 3})
+    with pytest.raises(DomainError, match=r"only 2 readable image\(s\).*1 unreadable.*3 in the task"):
+        require_enough_images(domain, {0: 1, 1: 1}, {0: 1})

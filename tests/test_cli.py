@@ -70,7 +70,7 @@ def test_classify_json_lines(bundle: Path, images: dict) -> None:
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == len(list(images["query"].iterdir()))
     for row in rows:
-        assert set(row) == {"path", "label", "score", "route", "topk", "error"}
+        assert set(row) == {"path", "label", "score", "route", "topk", "error", "note"}
         assert row["error"] is None and len(row["topk"]) == 2
         assert row["route"] in ("shapes", "stripes", "zero-shot")
         assert row["label"] == row["topk"][0]["label"]
@@ -79,7 +79,7 @@ def test_classify_json_lines(bundle: Path, images: dict) -> None:
 def test_classify_csv_table_and_output_file(bundle: Path, images: dict, tmp_path: Path) -> None:
     result = invoke("classify", images["query"], "--bundle", bundle, "--format", "csv", "--quiet")
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert rows and set(rows[0]) == {"path", "label", "score", "route", "topk", "error"}
+    assert rows and set(rows[0]) == {"path", "label", "score", "route", "topk", "error", "note"}
     out = tmp_path / "result.txt"
     result = invoke("classify", images["query"], "--bundle", bundle, "--output", out, "--quiet")
     written = out.read_text()

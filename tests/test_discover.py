@@ -42,17 +42,16 @@ def rel(paths, root: Path) -> list[str]:
 
 def test_walks_by_content_sorted_skipping_hidden(tree):
     result = discover_images([tree])
-    assert rel(result.images, tree) == ["a.jpg", "b.PNG", "noext", "sub/c.gif", "sub/deeper/d.bmp"]
-    assert {p.name: why for p, why in result.skipped} == {
-        "empty.png": "not an image",
-        "fake.jpg": "not an image",
-        "notes.txt": "not an image",
-    }
+    # named like an image (empty.png, fake.jpg): inputs, so that decoding reports them
+    assert rel(result.images, tree) == ["a.jpg", "b.PNG", "empty.png", "fake.jpg", "noext", "sub/c.gif",
+                                        "sub/deeper/d.bmp"]
+    assert {p.name: why for p, why in result.skipped} == {"notes.txt": "not an image"}
     assert result.missing == []
 
 
 def test_not_recursive(tree):
-    assert rel(discover_images([tree], recursive=False).images, tree) == ["a.jpg", "b.PNG", "noext"]
+    assert rel(discover_images([tree], recursive=False).images, tree) == ["a.jpg", "b.PNG", "empty.png", "fake.jpg",
+                                                                           "noext"]
 
 
 def test_named_files_are_always_inputs_in_argument_order(tree):
@@ -65,7 +64,7 @@ def test_named_files_are_always_inputs_in_argument_order(tree):
 def test_missing_paths_and_duplicates(tree):
     result = discover_images([tree / "a.jpg", tree / "gone.jpg", tree, tree / "a.jpg"])
     assert result.images[0] == tree / "a.jpg"
-    assert len(result.images) == len(set(result.images)) == 5
+    assert len(result.images) == len(set(result.images)) == 7
     assert result.missing == [(tree / "gone.jpg", "no such file or directory")]
 
 
@@ -76,8 +75,8 @@ def test_symlink_loops_are_survived(tree):
     (tree / "dangling.png").symlink_to(tree / "nowhere.png")
     result = discover_images([tree])
     images = rel(result.images, tree)
-    assert images == ["a.jpg", "again/c.gif", "again/deeper/d.bmp", "b.PNG", "noext"]
-    assert (tree / "dangling.png", "broken symbolic link") in result.skipped
+    assert images == ["a.jpg", "again/c.gif", "again/deeper/d.bmp", "b.PNG", "empty.png", "fake.jpg", "noext"]
+    assert (tree / "dangling.png", "broken symbolic link") in result.missing
     missing = discover_images([tree / "dangling.png"]).missing
     assert missing == [(tree / "dangling.png", "broken symbolic link")]
 
@@ -93,8 +92,8 @@ def test_unreadable_folder_is_reported(tree, monkeypatch):
 
     monkeypatch.setattr(discover_module.os, "scandir", scandir)
     result = discover_images([tree])
-    assert rel(result.images, tree) == ["a.jpg", "b.PNG", "noext"]
-    assert (locked, "cannot list folder: permission denied") in result.skipped
+    assert rel(result.images, tree) == ["a.jpg", "b.PNG", "empty.png", "fake.jpg", "noext"]
+    assert (locked, "cannot list folder: permission denied") in result.missing
 
 
 def test_unicode_and_non_utf8_names(tmp_path):
@@ -128,7 +127,7 @@ def _encoded(fmt: str, **kwargs) -> bytes:
     return buf.getvalue()
 
 
-FORMATS = ["JPEG", "PNG", "GIF", "BMP", "TIFF", "PPM", "ICO", "QOI"]
+FORMATS = ["JPEG", "PNG", "GIF", "BMP", "TIFF", "PPM", "ICO", "QOI", "PCX", "SGI", "DDS", "ICNS"]
 FORMATS += [f for f, feature in [("WEBP", "webp"), ("JPEG2000", "jpg_2000"), ("AVIF", "avif")] if features.check(feature)]
 
 
@@ -142,7 +141,51 @@ def test_every_decodable_format_is_recognised(fmt):
 
 @pytest.mark.parametrize(
     "header",
-    [b"", b"hello world", b"%PDF-1.7\n", b"PK\x03\x04", b"\x7fELF\x02\x01", b"RIFF\x00\x00\x00\x00WAVEfmt ", b"P7x", b"{}"],
+    [b"", b"hello world", b"%PDF-1.7\n", b"PK\x03\x04", b"\x7fELF\x02\x01", b"RIFF\x00\x00\x00\x00WAVEfmt ", b"P7x", b"{}",
+     b"\x00\x00\x00\x18ftypmp42", b"\x00\x00\x00\x14ftypqt  ", b"<?xml version=", b"\x00\x00\x01\xb3\x14\x00"],
 )
 def test_non_images_are_not_recognised(header):
     assert not looks_like_image(header)
+
+
+def test_bigtiff_and_formats_without_a_signature(tmp_path):
+    """BigTIFF is recognised by content; TGA, which has no signature, by its extension."""
+    img = Image.new("RGB", (8, 8), (1, 2, 3))
+    img.save(tmp_path / "big", "TIFF", big_tiff=True)
+    img.save(tmp_path / "a.tga", "TGA")
+    result = discover_images([tmp_path])
+    assert [p.name for p in result.images] == ["a.tga", "big"]
+    for path in result.images:
+        with Image.open(path) as opened:
+            opened.load()
+
+
+def test_heic_is_recognised(tmp_path):
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "IMG_0001", "HEIF")
+    assert discover_images([tmp_path]).images == [tmp_path / "IMG_0001"]
+
+
+def test_every_entry_is_accounted_for_once(tmp_path):
+    """Each entry under a folder is an input, a skipped file or an unreadable entry; hidden
+    files and AppleDouble files are ignored."""
+    save(tmp_path / "good.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 10)
+    (tmp_path / "zero.JPG").write_bytes(b"")
+    (tmp_path / "random.png").write_bytes(os.urandom(300))
+    (tmp_path / "readme.txt").write_text("words")
+    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 40)
+    (tmp_path / "._good.png").write_bytes(b"\x00\x05\x16\x07")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.jpg")
+        os.mkfifo(tmp_path / "pipe")
+    result = discover_images([tmp_path])
+    names = [p.name for p in result.images]
+    assert names == ["broken.jpg", "good.png"] + (["pipe.jpg"] if hasattr(os, "mkfifo") else []) + ["random.png",
+                                                                                                 "zero.JPG"]
+    skipped = {p.name: why for p, why in result.skipped}
+    assert skipped == {"clip.mp4": "not an image", "readme.txt": "not an image",
+                       **({"pipe": "not a regular file"} if hasattr(os, "mkfifo") else {})}
+    assert result.missing == [(tmp_path / "dangling", "broken symbolic link")]

@@ -11,13 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeclip.errors import BundleError, UsageError
+from edgeclip.errors import BundleError, ImageError, UsageError
 from edgeclip.images import (
+    BACKGROUND,
     Batch,
     PreprocessConfig,
+    decode_image,
     iter_batches,
+    load_and_preprocess,
     load_image,
     preprocess,
+    reduction_factor,
     to_rgb,
 )
 
@@ -25,8 +29,9 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def config(size: int, resize_mode: str = "shortest", interpolation: str = "bicubic") -> PreprocessConfig:
-    return PreprocessConfig(size, OPENAI_MEAN, OPENAI_STD, interpolation=interpolation, resize_mode=resize_mode)
+def config(size: int, resize_mode: str = "shortest", interpolation: str = "bicubic", exact: bool = False) -> PreprocessConfig:
+    return PreprocessConfig(size, OPENAI_MEAN, OPENAI_STD, interpolation=interpolation, resize_mode=resize_mode,
+                            exact=exact)
 
 
 @pytest.fixture(scope="module")
@@ -121,14 +126,37 @@ def test_16_bit_grey_is_scaled_not_saturated(mode):
     np.testing.assert_array_equal(out[..., 0], out[..., 2])
 
 
-def test_alpha_is_dropped_like_open_clip():
+def test_alpha_is_composited_on_the_background():
     rgba = Image.new("RGBA", (2, 2), (10, 20, 30, 0))
-    assert to_rgb(rgba).getpixel((0, 0)) == (10, 20, 30)
-    la = Image.new("LA", (2, 2), (77, 0))
+    assert to_rgb(rgba).getpixel((0, 0)) == BACKGROUND
+    half = Image.new("RGBA", (2, 2), (0, 0, 0, 128))
+    assert to_rgb(half).getpixel((0, 0)) == (127, 127, 127)
+    la = Image.new("LA", (2, 2), (77, 255))
     assert to_rgb(la).getpixel((0, 0)) == (77, 77, 77)
+    pa = Image.new("PA", (2, 2), (1, 0))
+    assert to_rgb(pa).getpixel((0, 0)) == BACKGROUND
 
 
-def test_palette_bilevel_cmyk_float():
+def test_transparent_png_pair_gives_the_same_input(tmp_path):
+    """Two PNGs that look the same (a red disc on transparency) but hide different colours
+    under alpha=0 decode to the same pixels."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:64, :64]
+    disc = (yy - 32) ** 2 + (xx - 32) ** 2 < 400
+    paths = []
+    for i, hidden in enumerate([np.zeros((64, 64, 3), np.uint8), rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)]):
+        rgba = np.dstack([hidden, np.where(disc, 255, 0).astype(np.uint8)])
+        rgba[disc, :3] = (220, 30, 30)
+        paths.append(tmp_path / f"logo{i}.png")
+        Image.fromarray(rgba, "RGBA").save(paths[-1])
+    cfg = config(32)
+    a, b = (load_and_preprocess(p, cfg) for p in paths)
+    np.testing.assert_array_equal(a, b)
+    corner = np.asarray(load_image(paths[1]))[0, 0]
+    assert tuple(corner) == BACKGROUND
+
+
+def test_palette_bilevel_cmyk():
     pal = Image.new("P", (2, 2), 1)
     pal.putpalette([0, 0, 0, 200, 100, 50] + [0, 0, 0] * 254)
     assert to_rgb(pal).getpixel((0, 0)) == (200, 100, 50)
@@ -136,8 +164,38 @@ def test_palette_bilevel_cmyk_float():
     assert to_rgb(bilevel).getpixel((0, 0)) == (255, 255, 255)
     cmyk = Image.new("CMYK", (2, 2), (0, 255, 255, 0))  # magenta + yellow ink, no cyan: red
     assert to_rgb(cmyk).getpixel((0, 0)) == (255, 0, 0)
-    flt = Image.fromarray(np.array([[-5.0, 100.4, 300.0]], dtype=np.float32))
-    assert [to_rgb(flt).getpixel((x, 0))[0] for x in range(3)] == [0, 100, 255]
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([0.0, 0.5, 1.0], [0, 128, 255]),  # 0..1: the usual float range
+        ([0.0, 100.0, 200.0], [0, 100, 200]),  # 0..255
+        ([0.0, 1000.0, 65535.0], [0, 4, 255]),  # 0..65535
+        ([-5.0, 100.0, 300.0], [0, 88, 255]),  # no standard range: its own min..max
+        ([float("nan"), 0.25, 1.0], [64, 64, 255]),  # NaN read as the minimum
+        ([0.4, 0.4, 0.4], [102, 102, 102]),  # a flat 0..1 image stays grey, not black
+    ],
+)
+def test_float_samples_by_value_range(values, expected):
+    img = Image.fromarray(np.array([values], dtype=np.float32))
+    assert img.mode == "F"
+    assert [to_rgb(img).getpixel((x, 0))[0] for x in range(3)] == expected
+
+
+def test_32_bit_integer_by_value_range():
+    small = Image.fromarray(np.array([[0, 100, 255]], dtype=np.int32))
+    assert [to_rgb(small).getpixel((x, 0))[0] for x in range(3)] == [0, 100, 255]
+    wide = Image.fromarray(np.array([[0, 70000, 140000]], dtype=np.int32))
+    assert [to_rgb(wide).getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
+
+
+def test_float_tiff_file_is_not_black(tmp_path):
+    """A float TIFF with values 0..1 (the issue's example) decodes to its real brightness."""
+    ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (16, 1))
+    Image.fromarray(ramp, "F").save(tmp_path / "ramp.tif")
+    out = np.asarray(load_image(tmp_path / "ramp.tif"))[..., 0]
+    assert out[0, 0] == 0 and out[0, -1] == 255 and 120 <= out[0, 32] <= 135
 
 
 def test_preprocess_converts_any_mode():
@@ -252,14 +310,14 @@ def test_iter_batches_runs_ahead_but_bounded(tmp_path, monkeypatch):
     paths = write_images(tmp_path, 40)
     started: list[Path] = []
     lock = threading.Lock()
-    real = images.load_and_preprocess
+    real = images.decode_and_preprocess
 
     def counting(path, cfg, max_pixels):
         with lock:
             started.append(path)
         return real(path, cfg, max_pixels)
 
-    monkeypatch.setattr(images, "load_and_preprocess", counting)
+    monkeypatch.setattr(images, "decode_and_preprocess", counting)
     it = iter_batches(paths, config(8), batch_size=2, workers=2, prefetch=6)
     first = next(it)
     assert first.paths == paths[:2]
@@ -271,3 +329,175 @@ def test_iter_batches_runs_ahead_but_bounded(tmp_path, monkeypatch):
     it.close()
     time.sleep(0.1)
     assert len(started) == 2 + 6
+
+
+# ---------------------------------------------------------------- fast and exact decoding
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth photo-like RGB image (gradients plus mild noise), quick to make at any size."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :]
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    r = 255 * (0.5 + 0.5 * np.sin(6 * x + 3 * y))
+    g = 255 * (0.5 + 0.5 * np.cos(5 * y - 2 * x))
+    b = np.broadcast_to(255 * x * y, (height, width))
+    img = np.dstack([r, np.broadcast_to(g, (height, width)), b])
+    img += rng.normal(0, 4, (1, width, 1)).astype(np.float32)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def test_reduction_factor_keeps_the_input_covered():
+    assert reduction_factor((4000, 3000), 224) == 13
+    assert reduction_factor((4000, 3000), 224, "longest") == 17
+    assert reduction_factor((100, 3000), 224) == 1
+    for size in [(4000, 3000), (225, 5000), (4032, 3024), (999, 448)]:
+        for mode in ("shortest", "longest", "squash"):
+            k = reduction_factor(size, 224, mode)
+            side = max(size) if mode == "longest" else min(size)
+            assert side // k >= 224
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
+def test_fast_decode_reduces_but_still_covers(tmp_path, fmt, resize_mode):
+    path = tmp_path / f"big.{fmt.lower()}"
+    photo(1600, 1200).save(path, fmt)
+    cfg = config(64, resize_mode)
+    fast = decode_image(path, cover=64, resize_mode=resize_mode)
+    assert fast.stored_size == (1600, 1200)
+    w, h = fast.image.size
+    covered = max(w, h) if resize_mode == "longest" else min(w, h)
+    assert 64 <= covered < 2 * 64 * (1.5 if fmt == "JPEG" else 1.1)  # DCT scales are powers of two
+    exact = preprocess(load_image(path), cfg)
+    got = load_and_preprocess(path, cfg)
+    assert got.shape == exact.shape == (3, 64, 64)
+    assert np.abs(got - exact).mean() < 0.05  # same picture, slightly different filtering
+    np.testing.assert_array_equal(load_and_preprocess(path, config(64, resize_mode, exact=True)), exact)
+
+
+def test_small_images_are_not_reduced_so_fast_equals_exact(tmp_path):
+    for i, (w, h) in enumerate([(28, 28), (100, 60), (224, 300), (447, 400)]):
+        photo(w, h, seed=i).save(tmp_path / f"{i}.jpg", quality=90)
+        cfg = config(224)
+        np.testing.assert_array_equal(load_and_preprocess(tmp_path / f"{i}.jpg", cfg),
+                                      load_and_preprocess(tmp_path / f"{i}.jpg", config(224, exact=True)))
+
+
+def test_exif_orientation_is_applied_after_the_reduction(tmp_path):
+    """A 1600x800 JPEG stored sideways (orientation 6) comes out upright and reduced."""
+    img = Image.new("RGB", (1600, 800), (255, 0, 0))
+    img.paste((0, 0, 255), (800, 0, 1600, 800))  # stored: red left, blue right
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "side.jpg", quality=95, exif=exif)
+    fast = decode_image(tmp_path / "side.jpg", cover=64).image
+    assert fast.size == (100, 200)  # 1/8 DCT scale, then turned: taller than wide
+    a = np.asarray(fast).astype(int)
+    assert np.abs(a[20, 50] - (255, 0, 0)).max() < 40 and np.abs(a[180, 50] - (0, 0, 255)).max() < 40
+    assert load_image(tmp_path / "side.jpg").size == (800, 1600)
+
+
+def test_config_exact_round_trips_and_is_only_stored_when_set():
+    cfg = config(64)
+    assert "exact" not in cfg.to_dict()
+    exact = cfg.with_exact(True)
+    assert exact.to_dict()["exact"] is True and PreprocessConfig.from_dict(exact.to_dict()) == exact
+    assert exact.with_exact(None) is exact and cfg.with_exact(False) is cfg
+    with pytest.raises(BundleError):
+        PreprocessConfig.from_dict({**cfg.to_dict(), "exact": "yes"})
+
+
+def test_pillow_warnings_become_the_files_note(tmp_path, recwarn):
+    """A JPEG with truncated EXIF data makes Pillow warn; the warning is the file's note, every
+    time (not once per process), and nothing reaches the console."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Maker"
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "exif.jpg", exif=exif.tobytes()[:-6])
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "clean.jpg")
+    for _ in range(2):
+        batches = list(iter_batches([tmp_path / "exif.jpg", tmp_path / "clean.jpg"] * 2, config(8), batch_size=4,
+                                    workers=2))
+        assert batches[0].errors == []
+        notes = batches[0].notes
+        assert [n is None for n in notes] == [False, True, False, True]
+        assert "Truncated File Read" in notes[0], notes
+    assert not [w for w in recwarn if "Truncated" in str(w.message)]
+
+
+def test_large_jpeg_is_read_when_reduced_and_max_pixels_raises_the_limit(tmp_path):
+    """A JPEG over the pixel limit: refused at full resolution, read at 1/8 DCT scale, and read
+    at full resolution once `max_pixels` allows it."""
+    path = tmp_path / "large.jpg"
+    photo(4000, 3000).save(path, quality=80)  # 12 MP
+    limit = 10_000_000
+    with pytest.raises(ImageError, match="decompression bomb.*--max-pixels"):
+        decode_image(path, max_pixels=limit)
+    assert decode_image(path, cover=224, max_pixels=limit).image.size == (500, 375)
+    assert decode_image(path, max_pixels=13_000_000).image.size == (4000, 3000)
+
+
+def test_heic_file_decodes(tmp_path):
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()
+    photo(640, 480).save(tmp_path / "IMG_0001.HEIC", "HEIF", quality=90)
+    decoded = decode_image(tmp_path / "IMG_0001.HEIC", cover=64)
+    assert decoded.image.mode == "RGB" and min(decoded.image.size) >= 64
+    reference = np.asarray(photo(640, 480)).astype(int)
+    full = np.asarray(load_image(tmp_path / "IMG_0001.HEIC")).astype(int)
+    assert np.abs(full - reference).mean() < 8
+
+
+def _peak_rss_mb(code: str) -> tuple[float, str]:
+    """Growth of the peak resident memory (MB) of a fresh Python running `code` after importing
+    edgeclip.images (VmHWM: ru_maxrss would carry the forking test process's peak over)."""
+    import subprocess
+    import sys
+
+    prog = (
+        "import re\n"
+        "import edgeclip.images as images\n"
+        "def peak(): return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "before = peak()\n"
+        f"{code}\n"
+        "print(peak() - before, result)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120, check=True).stdout
+    kb, _, rest = out.strip().partition(" ")
+    return int(kb) / 1024, rest
+
+
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_thin_strip_memory_is_bounded(tmp_path, exact):
+    """A 20000x1 strip (a 143-byte PNG) took 4.2 GB to resize to 224; now a few MB."""
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (20000, 1), (10, 200, 30)).save(path)
+    assert path.stat().st_size < 200
+    cfg = "images.PreprocessConfig(224, (0.5,) * 3, (0.5,) * 3, exact=%s)" % exact
+    grown, result = _peak_rss_mb(f"x = images.load_and_preprocess({str(path)!r}, {cfg}); result = x.shape")
+    assert result == "(3, 224, 224)"
+    assert grown < 100, f"{grown:.0f} MB"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_large_jpeg_decode_time_and_memory(tmp_path):
+    """A 48 MP JPEG: the fast path decodes at 1/8 scale (a 144 MB full decode avoided), in a
+    fraction of the full decode's time."""
+    path = tmp_path / "48mp.jpg"
+    photo(8000, 6000).save(path, quality=85)
+    cfg = "images.PreprocessConfig(224, (0.5,) * 3, (0.5,) * 3)"
+    fast_mb, _ = _peak_rss_mb(f"x = images.load_and_preprocess({str(path)!r}, {cfg}); result = 0")
+    full_mb, _ = _peak_rss_mb(f"x = images.load_image({str(path)!r}); result = 0")
+    assert fast_mb < 40 and full_mb > 130, (fast_mb, full_mb)
+    timing = (
+        "import time\n"
+        "cfg = " + cfg + "\n"
+        "t = time.perf_counter(); images.load_and_preprocess(%r, cfg); fast = time.perf_counter() - t\n"
+        "t = time.perf_counter(); images.load_image(%r); full = time.perf_counter() - t\n"
+        "result = fast / full"
+    ) % (str(path), str(path))
+    _, ratio = _peak_rss_mb(timing)
+    assert float(ratio) < 0.4, ratio

@@ -29,7 +29,9 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from edgeclip.errors import DomainError, UsageError
+from edgeclip.domain import MIN_IMAGES_PER_CLASS, MIN_TASK_IMAGES, MINIMUM_TEXT
+from edgeclip.errors import DomainError, ImageError, UsageError
+from edgeclip.images import PreprocessConfig, decode_for, decode_image, default_workers, preprocess
 from edgeclip.train.moe import (
     FREEZE_RULES,
     MoECLIP,
@@ -67,6 +69,7 @@ class TrainSettings:
     workers: int = 0  # DataLoader worker processes
     # called on rank 0 after every step with (step, iterations, loss): the caller reports progress (on stderr)
     on_step: Callable[[int, int, float], None] | None = None
+    exact_preprocess: bool = False  # decode at full resolution (the bundle's preprocess.exact), else reduced
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.batch_size < 1 or self.lr <= 0 or self.warmup < 0:
@@ -94,22 +97,47 @@ class TaskResult:
 
 
 # ----- data ----------------------------------------------------------------------------------------
-def _check_image(path: str) -> str | None:
-    """None when the image decodes, otherwise the reason."""
+# Training decodes with edgeclip.images, the path classify and the RAIL/gate embeddings use (EXIF
+# orientation, colour mapping, fast reduced decode); the random crop is applied on top of it.
+def _preprocess_config(clip: nn.Module, exact: bool = False) -> PreprocessConfig:
+    """The model's preprocessing as edgeclip.images reads it (the manifest's ``preprocess``)."""
+    cfg = clip.visual.preprocess_cfg
+    size = cfg["size"]
+    return PreprocessConfig(
+        image_size=int(size[0] if isinstance(size, (tuple, list)) else size),
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+        interpolation=cfg.get("interpolation") or "bicubic",
+        resize_mode=cfg.get("resize_mode") or "shortest",
+        exact=exact,
+    )
+
+
+def _train_cover(cfg: PreprocessConfig, crop_scale: tuple[float, float]) -> int:
+    """Pixels a training decode must keep so that the smallest random crop still covers the input."""
+    return math.ceil(cfg.image_size / math.sqrt(crop_scale[0]))
+
+
+def _check_image(path: str, cfg: PreprocessConfig | None = None) -> str | None:
+    """None when the image decodes (the shared decoder), otherwise the error message naming the file."""
     try:
-        with Image.open(path) as image:
-            image.convert("RGB").load()
+        if cfg is None:
+            decode_image(path, cover=1)
+        else:
+            decode_for(path, cfg)
         return None
-    except Exception as exc:  # PIL raises many types for broken files
-        return f"{type(exc).__name__}: {exc}"
+    except ImageError as exc:
+        return str(exc)
 
 
 def select_samples(
-    samples: Sequence[Sample], n_classes: int, shots: int | None, seed: int
+    samples: Sequence[Sample], n_classes: int, shots: int | None, seed: int, cfg: PreprocessConfig | None = None
 ) -> tuple[list[Sample], list[tuple[str, str]]]:
-    """Readable training images: up to ``shots`` per class (a seeded choice), unreadable ones reported.
+    """Readable training images: up to ``shots`` per class (a seeded choice), unreadable ones reported
+    (each named in a logged warning).
 
-    Refuses a task with fewer than 2 classes or a class left without a readable image.
+    Refuses (DomainError), before anything is trained, a task with fewer than 2 classes, a class left
+    with fewer than ``MIN_IMAGES_PER_CLASS`` readable images or a task with fewer than ``MIN_TASK_IMAGES``.
     """
     if n_classes < 2:
         raise DomainError(f"A task needs at least 2 classes, got {n_classes}.")
@@ -121,34 +149,43 @@ def select_samples(
     rng = np.random.default_rng(seed)
     chosen: list[Sample] = []
     skipped: list[tuple[str, str]] = []
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    short: list[str] = []
+    with ThreadPoolExecutor(max_workers=default_workers()) as pool:
         for label, paths in by_class.items():
             order = [paths[i] for i in rng.permutation(len(paths))]
             taken: list[str] = []
+            bad = 0
             step = len(order) if shots is None else shots
             start = 0
             while start < len(order) and (shots is None or len(taken) < shots):
                 batch = order[start : start + step]
-                for path, reason in zip(batch, pool.map(_check_image, batch)):
+                for path, reason in zip(batch, pool.map(lambda p: _check_image(p, cfg), batch)):
                     if reason is None:
                         if shots is None or len(taken) < shots:
                             taken.append(path)
                     else:
                         skipped.append((path, reason))
+                        bad += 1
                 start += step
-            if not taken:
-                raise DomainError(f"Class {label} has no readable training image.")
+            if len(taken) < MIN_IMAGES_PER_CLASS:
+                short.append(f"Class {label} ({len(taken)} readable, {bad} unreadable)")
             chosen += [(p, label) for p in taken]
-    for path, reason in skipped:
-        log.warning("skipped unreadable image %s (%s)", path, reason)
+    for _path, reason in skipped:
+        log.warning("left out of training: %s", reason)
+    if short:
+        raise DomainError(f"Too few readable training images: {', '.join(short)}; {MINIMUM_TEXT}.")
+    if len(chosen) < MIN_TASK_IMAGES:
+        raise DomainError(f"Only {len(chosen)} readable training image(s) ({len(skipped)} unreadable); {MINIMUM_TEXT}.")
     return chosen, skipped
 
 
 class _Draws(Dataset):
     """Item n = the n-th image drawn for training: epochs of seeded permutations, a seeded crop per draw."""
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable, seed: int) -> None:
+    def __init__(self, samples: Sequence[Sample], transform: Callable, seed: int,
+                 decode: Callable[[str | Path], Image.Image] | None = None) -> None:
         self.samples, self.transform, self.seed = list(samples), transform, seed
+        self.decode = decode or (lambda path: decode_image(path).image)
         self._epoch, self._order = -1, np.arange(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -160,8 +197,7 @@ class _Draws(Dataset):
     def __getitem__(self, draw: int) -> tuple[torch.Tensor, int]:
         n = len(self.samples)
         path, label = self.samples[int(self._permutation(draw // n)[draw % n])]
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
+        rgb = self.decode(path)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + draw) % 2**63)
             return self.transform(rgb), label
@@ -183,26 +219,24 @@ class _RankBatches:
 
 
 def _transforms(clip: nn.Module, crop_scale: tuple[float, float]) -> tuple[Callable, Callable]:
-    """(training, eval) transforms from the model's own preprocessing config."""
-    import open_clip
+    """(training, eval) transforms of a decoded RGB image (``edgeclip.images.decode_image``) to a
+    float32 tensor [3, S, S]: training is a random resized crop (the augmentation) with the model's
+    filter, ToTensor and Normalize; eval is ``edgeclip.images.preprocess``, classify's transform."""
     from torchvision import transforms as T
 
-    cfg = clip.visual.preprocess_cfg
-    size = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"], cfg["size"])
-    interpolation = T.InterpolationMode.BICUBIC if cfg.get("interpolation", "bicubic") == "bicubic" else (
-        T.InterpolationMode.BILINEAR
-    )
+    cfg = _preprocess_config(clip)
+    interpolation = T.InterpolationMode.BICUBIC if cfg.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
     train = T.Compose(
         [
-            T.RandomResizedCrop(tuple(size), scale=crop_scale, interpolation=interpolation),
+            T.RandomResizedCrop((cfg.image_size, cfg.image_size), scale=crop_scale, interpolation=interpolation),
             T.ToTensor(),
-            T.Normalize(cfg["mean"], cfg["std"]),
+            T.Normalize(cfg.mean, cfg.std),
         ]
     )
-    evaluate = open_clip.image_transform(
-        tuple(size), is_train=False, mean=cfg["mean"], std=cfg["std"],
-        resize_mode=cfg.get("resize_mode"), interpolation=cfg.get("interpolation"),
-    )
+
+    def evaluate(image: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(preprocess(image, cfg))
+
     return train, evaluate
 
 
@@ -286,7 +320,8 @@ def train_task(
         import open_clip
 
         tokenize = open_clip.tokenize
-    chosen, skipped = select_samples(samples, len(class_names), settings.shots, settings.seed)
+    cfg = _preprocess_config(model.clip, settings.exact_preprocess)
+    chosen, skipped = select_samples(samples, len(class_names), settings.shots, settings.seed, cfg)
 
     task = model.add_task()
     model.to(dist_.device)
@@ -294,7 +329,8 @@ def train_task(
     torch.manual_seed(settings.seed + dist_.rank)  # routing noise and dropout, different per rank
     train_tf, eval_tf = _transforms(model.clip, settings.crop_scale)
     loader = DataLoader(
-        _Draws(chosen, train_tf, settings.seed),
+        _Draws(chosen, train_tf, settings.seed,
+               decode=_Decoder(cfg, _train_cover(cfg, settings.crop_scale))),
         batch_sampler=_RankBatches(settings.iterations, settings.batch_size, dist_.rank, dist_.world),
         num_workers=settings.workers,
         pin_memory=dist_.device.type == "cuda",
@@ -365,7 +401,7 @@ def train_task(
 
     selected = None
     if settings.freeze_rule == "strict":
-        selected = task_selections(model, task, chosen, tokens, eval_tf, dist_)
+        selected = task_selections(model, task, chosen, tokens, eval_tf, dist_, cfg=cfg)
     frozen = freeze_experts(model, task, settings.freeze_rule, selected)
     torch.manual_seed(settings.seed)  # new experts start identical on every rank
     grown = grow_pools(model)
@@ -392,9 +428,12 @@ def task_selections(
     transform: Callable,
     dist_: _Dist | None = None,
     batch_size: int = 64,
+    cfg: PreprocessConfig | None = None,
 ) -> SelectionSet:
-    """Every expert ``task``'s router selects with clean gating on its training images (eval transform)
-    and its prompts (text routing is prompt-independent). Ranks share the images and merge the sets."""
+    """Every expert ``task``'s router selects with clean gating on its training images (decoded as
+    classify decodes them, for ``cfg``; then ``transform``) and its prompts (text routing is
+    prompt-independent). Ranks share the images and merge the sets."""
+    cfg = cfg or _preprocess_config(model.clip)
     dist_ = dist_ or _Dist(0, 1, next(model.parameters()).device)
     selected = SelectionSet(model)
     model.eval()
@@ -402,7 +441,7 @@ def task_selections(
     with model.recording(selected):
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
-            images = torch.stack([transform(_load_rgb(p)) for p, _ in chunk]).to(dist_.device)
+            images = torch.stack([transform(decode_for(p, cfg).image) for p, _ in chunk]).to(dist_.device)
             model.encode_image(images, task)
         model.encode_text(tokens[:1], task)
     for layer_id, mask in selected.selected.items():
@@ -411,9 +450,15 @@ def task_selections(
     return selected
 
 
-def _load_rgb(path: str | Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+@dataclass(frozen=True)
+class _Decoder:
+    """Picklable (DataLoader workers) shared decode of a training image, reduced to ``cover`` pixels."""
+
+    cfg: PreprocessConfig
+    cover: int
+
+    def __call__(self, path: str | Path) -> Image.Image:
+        return decode_for(path, self.cfg, cover=self.cover).image
 
 
 __all__ = ["TrainSettings", "TaskResult", "cosine_with_warmup", "select_samples", "task_selections", "train_task"]

@@ -45,10 +45,11 @@ def _write_json_lines(preds: list[Prediction], stream: TextIO) -> None:
 
 def _write_csv(preds: list[Prediction], stream: TextIO) -> None:
     writer = csv.writer(stream)
-    writer.writerow(["path", "label", "score", "route", "topk", "error"])
+    writer.writerow(["path", "label", "score", "route", "topk", "error", "note"])
     for p in preds:
         topk = ";".join(f"{t['label']}:{t['score']:.6f}" for t in p.topk)
-        writer.writerow([p.path, p.label or "", "" if p.score is None else f"{p.score:.6f}", p.route or "", topk, p.error or ""])
+        writer.writerow([p.path, p.label or "", "" if p.score is None else f"{p.score:.6f}", p.route or "", topk, p.error or "",
+                         p.note or ""])
 
 
 def _table(preds: list[Prediction], title: str) -> Table:
@@ -77,11 +78,22 @@ def classify(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 16,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results to this file instead of stdout.")] = None,
     quiet: QuietOpt = False,
+    exact_preprocess: Annotated[bool, typer.Option(
+        "--exact-preprocess",
+        help="Decode every image at full resolution, exactly as open_clip does (slower). By default large "
+             "images are decoded reduced (JPEG DCT scaling, integer reduce) to just cover the model input.")] = False,
+    max_pixels: Annotated[Optional[int], typer.Option(
+        "--max-pixels", min=1,
+        help="Refuse images with more pixels than this to decode, as possible decompression bombs "
+             "[default: 89478485]. Large JPEGs count at their reduced size.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List the skipped non-image files on stderr.")] = False,
 ) -> None:
     """Classify images and folders (recursively, images recognised by content).
 
     Each image is routed by the DDAS gate to the task it belongs to, or to zero-shot CLIP.
-    --format json writes JSON Lines: path, label, score, route, topk, error.
+    Every file ends up as a row with a label, a row with an error, or a skipped non-image
+    (counted; --verbose lists them); a file named like an image (.jpg, .heic, ...) is never skipped.
+    --format json writes JSON Lines: path, label, score, route, topk, error, note.
     Exit codes: 0 all inputs done; 3 some inputs could not be read (the rest are still
     classified); 2 usage error; 1 other failure.
     """
@@ -103,7 +115,7 @@ def classify(
         task = bar.add_task("classifying", total=len(found.images), info="")
         for pred in classify_files(
             loaded, found.images, runner, label_space, top_k=top_k, batch_size=batch_size,
-            on_batch=lambda n: bar.advance(task, n),
+            on_batch=lambda n: bar.advance(task, n), exact=True if exact_preprocess else None, max_pixels=max_pixels,
         ):
             preds.append(pred)
     elapsed = time.perf_counter() - start
@@ -132,10 +144,14 @@ def classify(
     finally:
         if output:
             stream.close()
+    if verbose:
+        for path, reason in found.skipped:
+            err_console().print(escape(f"skipped {display_path(path)}: {reason}"), highlight=False)
     if not quiet:
         rate = done / elapsed if elapsed > 0 else 0.0
         note = " (random weights: predictions are not meaningful)" if loaded.random_weights else ""
-        err_console().print(f"{done} classified, {failed} unreadable, {rate:.1f} images/s{note}", highlight=False)
+        skipped = f", {len(found.skipped)} skipped (not images)" if found.skipped else ""
+        err_console().print(f"{done} classified, {failed} unreadable{skipped}, {rate:.1f} images/s{note}", highlight=False)
     if failed:
         raise typer.Exit(EXIT_UNREADABLE)
 

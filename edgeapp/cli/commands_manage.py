@@ -81,7 +81,8 @@ def add_task(
 
     RAIL learns in closed form from the exported encoder (no torch needed); MoE trains
     adapters with torch (pip install 'edgeclip[train]'). An interrupted add-task leaves
-    the previous version intact.
+    the previous version intact. Unreadable images are named in a warning and left out;
+    each class needs at least 1 readable image and the task at least 3.
     """
     from edgeclip.edgeapp.tasks import add_task as learn
 
@@ -94,8 +95,9 @@ def add_task(
                         backend=backend, progress=report)
     if not quiet:
         task = learned.tasks[-1]
+        unreadable = f", {task['unreadable_images']} unreadable left out" if task.get("unreadable_images") else ""
         err_console().print(escape(
-            f"learned task '{task['name']}' ({len(task['classes'])} classes, {task['n_images']} images) "
+            f"learned task '{task['name']}' ({len(task['classes'])} classes, {task['n_images']} images{unreadable}) "
             f"-> {learned.root} {learned.version} [{learned.weights_label}]"), highlight=False)
 
 
