@@ -21,7 +21,7 @@ from edgeclip.train.decision import FUSIONS
 from edgeclip.bundle import Bundle, VersionWriter, create_bundle, utc_now
 from edgeclip.domain import Domain, few_shot, read_domain
 from edgeclip.errors import DomainError, MissingExtraError, UsageError
-from edgeclip.layout import LEARNED, RAIL_STATE, VOCAB_NAME
+from edgeclip.layout import LEARNED, RAIL_STATE
 
 METHODS = ("moe", "rail-primal", "rail-dual")
 DEFAULT_TEMPLATES = ["a photo of a {}."]
@@ -66,27 +66,25 @@ def init_bundle(
     seed: int = 0,
     settings: MethodSettings | None = None,
     zero_shot_labels: list[str] | None = None,
+    tokenizer: str | None = None,
 ) -> Bundle:
-    """A new bundle with no task: the frozen encoders exported to ONNX, zero-shot only."""
+    """A new bundle with no task: the frozen encoders exported to ONNX, zero-shot only.
+    ``tokenizer``: the tokenizer.json of a Hugging Face tokenizer model (SigLIP), see docs/MODELS.md."""
     from edgeclip.export.trace import export_image_encoder, export_text_encoder
-    from edgeclip.train.backbone import load_backbone
-
-    from edgeclip.tokenizer import default_vocab_path
+    from edgeclip.train.backbone import check_method, load_backbone
 
     settings = settings or MethodSettings()
     settings.validate()
-    backbone = load_backbone(model, pretrained, random_weights=random_weights, seed=seed)
+    backbone = load_backbone(model, pretrained, random_weights=random_weights, seed=seed, tokenizer=tokenizer)
+    check_method(backbone, settings.method)
+    text = backbone.manifest_entry()["text"]  # the model's own text side (tokenizer, scale, bias)
     manifest: dict[str, Any] = {
-        "backbone": {
-            "model": model,
-            "weights": backbone.source.to_dict(),
-            "embed_dim": backbone.embed_dim,
-            "context_length": backbone.context_length,
-        },
+        "backbone": backbone.manifest_entry(),
         "preprocess": backbone.preprocess,
         "method": {"name": settings.method, "settings": _method_settings(settings, backbone.embed_dim)},
         "gate": {"kind": settings.gate_kind, "k": settings.gate_k, "quantile": settings.gate_quantile},
-        "zero_shot": {"templates": list(DEFAULT_TEMPLATES), "logit_scale": 100.0, "labels": zero_shot_labels or []},
+        "zero_shot": {"templates": list(DEFAULT_TEMPLATES), "logit_scale": text["logit_scale"],
+                      "labels": zero_shot_labels or []},
         "tasks": [],
     }
     writer = create_bundle(root, manifest)
@@ -98,7 +96,7 @@ def init_bundle(
                 for produced in sorted(tmp_dir.iterdir()):
                     if produced.stem == onnx_path.stem:
                         writer.write_file(f"graphs/{produced.name}", produced)
-        writer.write_file(f"tokenizer/{VOCAB_NAME}", default_vocab_path())
+        writer.write_file(text["file"], backbone.text.source)
         learned = initial_learned(settings, backbone.embed_dim)
         writer.write_tensors(LEARNED, learned)
         if settings.method == "moe":
