@@ -26,7 +26,7 @@ def test_random_weights_are_seeded_and_recorded() -> None:
     b = bb.load_backbone("edgeclip-tiny", random_weights=True, seed=3)
     pixels = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
     np.testing.assert_array_equal(a.encode_images(pixels), b.encode_images(pixels))
-    assert a.source.to_dict() == {"kind": "random", "ref": "3", "sha256": None}
+    assert a.source.to_dict() == {"kind": "random", "ref": "3", "sha256": None, "quick_gelu": False}
     assert "random weights" in a.source.label
     assert a.preprocess["image_size"] == 64 and a.embed_dim == 64
     feats = a.class_text_embeddings(["cat", "dog"], ["a photo of a {}.", "a {}."])

@@ -337,6 +337,52 @@ def _hf_reference(open_clip: Any, folder: Path, ctx: int, kwargs: dict[str, Any]
         return None
 
 
+def text_tokenizer(model: str, tokenizer: str | None = None) -> tuple[dict[str, Any], Path, Any, Any]:
+    """The runtime tokenizer of ``model`` from its open_clip config, without building the model.
+
+    Returns ``(spec, source, runtime, reference)``: the tokenizer part of ``backbone.text`` (see
+    ``text_side``), the local file to store in the bundle, the torch-free runtime tokenizer, and
+    open_clip's own tokenizer for the same model (None when it cannot be built here: a Hugging
+    Face tokenizer without the ``transformers`` package). Raises ``BackboneLoadError``."""
+    _, open_clip = import_torch_stack()
+    text_cfg = model_config(model).get("text_cfg", {})
+    kwargs = dict(text_cfg.get("tokenizer_kwargs", {}))
+    ctx = int(text_cfg.get("context_length", 77))
+    hf_name = text_cfg.get("hf_tokenizer_name", "")
+    if not hf_name:
+        if tokenizer:
+            raise BackboneLoadError(f"Model '{model}' uses the CLIP tokenizer shipped with edgeclip; "
+                                    "--tokenizer is only for Hugging Face tokenizer models (SigLIP, CLIPA).")
+        clean = kwargs.get("clean", "lower")
+        source = default_vocab_path()
+        runtime: ClipTokenizer | HFTokenizer = ClipTokenizer(source, ctx, clean=clean)
+        spec = {"tokenizer": "clip-bpe", "file": VOCAB_FILE, "clean": clean, "context_length": ctx,
+                "sot_id": runtime.sot_token_id, "eot_id": runtime.eot_token_id, "pad_id": 0}
+        return spec, source, runtime, open_clip.get_tokenizer(model)
+    source = _hf_tokenizer_file(model, hf_name, tokenizer)
+    clean = kwargs.get("clean", "whitespace")  # open_clip HFTokenizer's default
+    ref = _hf_reference(open_clip, source.parent, ctx, kwargs)
+    if ref is not None:
+        hf = ref.tokenizer
+        pad_id, padding_side, truncation_side = hf.pad_token_id, hf.padding_side, hf.truncation_side
+        sep_id = hf.sep_token_id
+    else:
+        padding_side = truncation_side = "right"
+        pad_id, sep_id = _pad_and_sep_from_files(source)
+    if pad_id is None:
+        raise BackboneLoadError(f"The tokenizer {source} of model '{model}' names no pad token: pass the "
+                                "tokenizer folder with its tokenizer_config.json (--tokenizer DIR).")
+    strip_sep_id = sep_id if kwargs.get("strip_sep_token") else None
+    if kwargs.get("strip_sep_token") and sep_id is None:
+        raise BackboneLoadError(f"Model '{model}' strips the separator token, but {source} names none.")
+    runtime = HFTokenizer(source, ctx, clean=clean, pad_id=int(pad_id), strip_sep_id=strip_sep_id,
+                          padding_side=padding_side, truncation_side=truncation_side)
+    spec = {"tokenizer": "hf", "file": HF_TOKENIZER_FILE, "hf_name": hf_name, "clean": clean, "context_length": ctx,
+            "pad_id": int(pad_id), "padding_side": padding_side, "truncation_side": truncation_side,
+            "strip_sep_id": None if strip_sep_id is None else int(strip_sep_id)}
+    return spec, source, runtime, ref
+
+
 def text_side(model: str, clip: Any, tokenizer: str | None = None) -> TextSide:
     """Read the text side of ``model`` from its open_clip config and the built ``clip``.
 
@@ -352,55 +398,15 @@ def text_side(model: str, clip: Any, tokenizer: str | None = None) -> TextSide:
     CLIPA); without it the local Hugging Face cache is used. Raises ``BackboneLoadError`` when the
     tokenizer cannot be had or when the runtime tokenizer differs from open_clip's on
     ``AWKWARD_LABELS`` (the bundle would give wrong results)."""
-    _, open_clip = import_torch_stack()
-    cfg = model_config(model)
-    text_cfg = cfg.get("text_cfg", {})
-    kwargs = dict(text_cfg.get("tokenizer_kwargs", {}))
-    ctx = int(text_cfg.get("context_length", 77))
-    hf_name = text_cfg.get("hf_tokenizer_name", "")
-    common = {"context_length": ctx, "embed_dim": int(cfg["embed_dim"]), "pool": _text_pool(clip), **_scoring(clip)}
-    reference: Callable[[list[str]], Any] | None
-    if not hf_name:
-        if tokenizer:
-            raise BackboneLoadError(f"Model '{model}' uses the CLIP tokenizer shipped with edgeclip; "
-                                    "--tokenizer is only for Hugging Face tokenizer models (SigLIP, CLIPA).")
-        clean = kwargs.get("clean", "lower")
-        source = default_vocab_path()
-        runtime: ClipTokenizer | HFTokenizer = ClipTokenizer(source, ctx, clean=clean)
-        spec = {"tokenizer": "clip-bpe", "file": VOCAB_FILE, "clean": clean, "sot_id": runtime.sot_token_id,
-                "eot_id": runtime.eot_token_id, "pad_id": 0, **common}
-        reference = open_clip.get_tokenizer(model)
-    else:
-        source = _hf_tokenizer_file(model, hf_name, tokenizer)
-        clean = kwargs.get("clean", "whitespace")  # open_clip HFTokenizer's default
-        ref = _hf_reference(open_clip, source.parent, ctx, kwargs)
-        if ref is not None:
-            hf = ref.tokenizer
-            pad_id, padding_side, truncation_side = hf.pad_token_id, hf.padding_side, hf.truncation_side
-            sep_id = hf.sep_token_id
-        else:
-            padding_side = truncation_side = "right"
-            pad_id, sep_id = _pad_and_sep_from_files(source)
-        if pad_id is None:
-            raise BackboneLoadError(f"The tokenizer {source} of model '{model}' names no pad token: pass the "
-                                    "tokenizer folder with its tokenizer_config.json (--tokenizer DIR).")
-        strip_sep_id = sep_id if kwargs.get("strip_sep_token") else None
-        if kwargs.get("strip_sep_token") and sep_id is None:
-            raise BackboneLoadError(f"Model '{model}' strips the separator token, but {source} names none.")
-        runtime = HFTokenizer(source, ctx, clean=clean, pad_id=int(pad_id), strip_sep_id=strip_sep_id,
-                              padding_side=padding_side, truncation_side=truncation_side)
-        spec = {"tokenizer": "hf", "file": HF_TOKENIZER_FILE, "hf_name": hf_name, "clean": clean,
-                "pad_id": int(pad_id), "padding_side": padding_side, "truncation_side": truncation_side,
-                "strip_sep_id": None if strip_sep_id is None else int(strip_sep_id), **common}
-        reference = ref
-    spec["checked"] = reference is not None
+    spec, source, runtime, reference = text_tokenizer(model, tokenizer)
+    spec.update({"embed_dim": int(model_config(model)["embed_dim"]), "pool": _text_pool(clip), **_scoring(clip),
+                 "checked": reference is not None})
     if reference is not None:
         want = reference(list(AWKWARD_LABELS))
-        want = want.numpy() if hasattr(want, "numpy") else want
+        want = want.numpy() if hasattr(want, "numpy") else np.asarray(want)
         got = runtime(list(AWKWARD_LABELS))
-        if got.shape != tuple(want.shape) or not (got == want).all():
-            bad = [AWKWARD_LABELS[i] for i in range(len(AWKWARD_LABELS))
-                   if got.shape != tuple(want.shape) or not (got[i] == want[i]).all()]
+        if got.shape != want.shape or not (got == want).all():
+            bad = [label for i, label in enumerate(AWKWARD_LABELS) if got.shape != want.shape or (got[i] != want[i]).any()]
             raise BackboneLoadError(f"Model '{model}' is refused: the edgeclip runtime tokenizer differs from "
                                     f"open_clip's on {len(bad)} test labels (e.g. {bad[0][:40]!r}).")
     return TextSide(spec=spec, source=Path(source), tokenizer=runtime)
