@@ -52,17 +52,18 @@ class Family:
 
 FAMILIES = [
     Family("CLIP ViT (edgeclip config)", "edgeclip-tiny"),
-    Family("CLIP ViT", "ViT-S-32"),
-    Family("CLIP ResNet", "RN50"),
-    Family("MobileCLIP", "MobileCLIP-S1"),
+    # same text tower class (open_clip CLIP) as edgeclip-tiny: tokens checked, embeddings covered there
+    Family("CLIP ViT", "ViT-S-32", embed=False),
+    Family("CLIP ResNet", "RN50", embed=False),
+    Family("ConvNeXt", "convnext_tiny", embed=False),
+    Family("MobileCLIP", "MobileCLIP-S1", embed=False),  # same TextTransformer as MobileCLIP2-S0
     Family("MobileCLIP2", "MobileCLIP2-S0"),
     Family("SigLIP", "ViT-B-16-SigLIP", "t5"),
     Family("SigLIP2", "ViT-B-32-SigLIP2-256", "gemma"),
     Family("CLIPA", "ViT-L-14-CLIPA", "bert", embed=False),  # 400M+ parameters: tokenizer only
-    Family("MetaCLIP worldwide", "ViT-L-14-worldwide", "t5", embed=False),
+    Family("MetaCLIP worldwide", "ViT-L-14-worldwide", "t5", embed=False),  # ViT-L: tokenizer only
     Family("PE-Core", "PE-Core-T-16-384"),
     Family("ViTamin", "ViTamin-S"),
-    Family("ConvNeXt", "convnext_tiny"),
     Family("CoCa", "coca_ViT-B-32"),
     Family("EVA02", "EVA02-B-16"),
 ]
@@ -199,3 +200,104 @@ def test_moe_on_a_non_vit_image_tower_is_refused() -> None:
     assert "MobileCLIP2-S0" in message and "fastvit" in message and "rail-primal" in message
     bb.check_method(mobile, "rail-primal")
     assert bb.moe_refusal(bb.load_backbone("edgeclip-tiny", random_weights=True)) is None
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+def _cli(*args: str, cwd: Path | None = None):
+    """The console entry point in a fresh interpreter: what a user sees (stderr, exit code)."""
+    import subprocess
+
+    code = f"import sys; sys.argv = ['edgeclip'] + {list(map(str, args))!r}\nfrom edgeclip.edgeapp.cli.app import main\nmain()"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=cwd)
+
+
+def _one_line_error(result, *needles: str) -> None:
+    assert result.returncode != 0, result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr, result.stderr
+    text = " ".join(lines)
+    assert lines and lines[0].startswith("error:"), result.stderr
+    for needle in needles:
+        assert needle in text, result.stderr
+
+
+def test_cli_refuses_an_unsupported_family_in_one_line(tmp_path: Path) -> None:
+    _one_line_error(_cli("init", "--bundle", tmp_path / "a", "--model", "roberta-ViT-B-32", "--random-weights"),
+                    "roberta-ViT-B-32", "not supported")
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.slow
+def test_cli_refuses_moe_on_fastvit_in_one_line(tmp_path: Path) -> None:
+    moe = _cli("init", "--bundle", tmp_path / "b", "--model", "MobileCLIP2-S0", "--random-weights", "--method", "moe")
+    _one_line_error(moe, "MobileCLIP2-S0", "--method moe is not supported")
+    assert moe.returncode == 2 and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_mobileclip2_with_rail_end_to_end(tmp_path: Path) -> None:
+    """MobileCLIP2-S0 (FastViT image tower): init, add-task, classify, eval, int8 export, bench."""
+    import json
+
+    from edgeclip.edgeapp.demo_data import write_demo_images
+
+    from edgeclip.bundle import Bundle
+
+    import shutil
+
+    domains, query = write_demo_images(tmp_path / "images", train_per_class=6, query_per_class=2)
+    tests, _ = write_demo_images(tmp_path / "test-images", train_per_class=2, query_per_class=0, seed=1)
+    for domain, test in zip(domains, tests):
+        shutil.move(str(test / "train"), str(domain / "test"))
+    root = tmp_path / "bundle"
+    result = _cli("init", "--bundle", root, "--model", "MobileCLIP2-S0", "--random-weights", "--hidden", "256", "--quiet")
+    assert result.returncode == 0, result.stderr
+    manifest = Bundle.open(root).manifest
+    text = manifest["backbone"]["text"]
+    assert manifest["backbone"]["image_tower"].startswith("TimmModel:fastvit")
+    assert text["tokenizer"] == "clip-bpe" and text["checked"] and text["scoring"] == "softmax"
+    assert manifest["zero_shot"]["logit_scale"] == pytest.approx(text["logit_scale"])  # the model's own scale
+    result = _cli("eval", *map(str, domains), "--bundle", root, "--out", tmp_path / "eval", "--shots", "4")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "eval" / "results.json").is_file()
+    result = _cli("add-task", domains[0], "--bundle", root, "--quiet")
+    assert result.returncode == 0, result.stderr
+    result = _cli("classify", query, "--bundle", root, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]  # JSON Lines
+    assert rows and all(r["label"] for r in rows)
+    result = _cli("export", "--int8", "--bundle", root)
+    assert result.returncode == 0, result.stderr
+    result = _cli("classify", query, "--bundle", root, "--precision", "int8", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    result = _cli("bench", "--bundle", root, "--batch-sizes", "1", "--iterations", "2", "--format", "json")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_siglip_with_a_tokenizer_file_end_to_end(tmp_path: Path) -> None:
+    """SigLIP (timm ViT, HF tokenizer, sigmoid scoring): init with --tokenizer, add-task, classify;
+    the bundle carries the tokenizer file and the runtime classifies without open_clip's."""
+    import json
+
+    from edgeclip.edgeapp.demo_data import write_demo_images
+
+    from edgeclip.bundle import Bundle
+
+    folder = hf_tokenizers.t5_like(tmp_path / "t5")
+    domains, query = write_demo_images(tmp_path / "images", train_per_class=4, query_per_class=1)
+    root = tmp_path / "bundle"
+    result = _cli("init", "--bundle", root, "--model", "ViT-B-16-SigLIP", "--random-weights", "--hidden", "128",
+                  "--tokenizer", folder, "--quiet")
+    assert result.returncode == 0, result.stderr
+    bundle = Bundle.open(root)
+    text = bundle.manifest["backbone"]["text"]
+    assert (text["tokenizer"], text["clean"], text["context_length"], text["scoring"]) == ("hf", "canonicalize", 64, "sigmoid")
+    assert text["logit_bias"] == pytest.approx(-10.0) and bundle.path(text["file"]).read_bytes() == (folder / "tokenizer.json").read_bytes()
+    result = _cli("add-task", domains[0], "--bundle", root, "--quiet")
+    assert result.returncode == 0, result.stderr
+    result = _cli("classify", query, "--bundle", root, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
