@@ -513,6 +513,9 @@ def moe_refusal(backbone: Backbone) -> str | None:
 
     clip = backbone.model
     tower = image_tower(clip)
+    if type(clip).__name__ == "CoCa":
+        return (f"--method moe is not supported for '{backbone.name}': MoE-Adapters are implemented for CLIP's "
+                "contrastive towers, not CoCa's captioning model; use --method rail-primal or rail-dual.")
     if not isinstance(clip.visual, VisionTransformer):
         return (f"--method moe is not supported for '{backbone.name}': MoE-Adapters need open_clip's ViT image "
                 f"tower to insert experts into, and its image tower is {tower}; use --method rail-primal or "
