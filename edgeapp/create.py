@@ -14,9 +14,8 @@ from typing import Any
 from edgeclip.bundle import Bundle, create_bundle
 from edgeclip.edgeapp.tasks import DEFAULT_TEMPLATES, MethodSettings, initial_learned, write_gated_graph
 from edgeclip.export.trace import export_image_encoder, export_text_encoder
-from edgeclip.layout import LEARNED, MOE_STATE, VOCAB_FILE, graph_file
-from edgeclip.tokenizer import default_vocab_path
-from edgeclip.train.backbone import load_backbone
+from edgeclip.layout import LEARNED, MOE_STATE, graph_file
+from edgeclip.train.backbone import check_method, load_backbone
 from edgeclip.train.registry import learner_spec
 
 
@@ -28,27 +27,27 @@ def init_bundle(
     seed: int = 0,
     settings: MethodSettings | None = None,
     zero_shot_labels: list[str] | None = None,
+    tokenizer: str | None = None,
 ) -> Bundle:
     """A new bundle at ``root`` with no task: the frozen encoders of open_clip ``model`` exported to ONNX.
 
     Weights: ``pretrained`` (an open_clip tag or a checkpoint file) or ``random_weights`` with ``seed``.
     Raises BackboneLoadError (model or weights cannot be had), BundleError (``root`` holds something),
-    UsageError (invalid settings), ExportParityError (ONNX differs from torch).
+    UsageError (invalid settings, a method the model cannot take), ExportParityError (ONNX differs from torch).
+    ``tokenizer``: the tokenizer.json of a Hugging Face tokenizer model (SigLIP), see docs/MODELS.md.
     """
     settings = settings or MethodSettings()
     settings.validate()
-    backbone = load_backbone(model, pretrained, random_weights=random_weights, seed=seed)
+    backbone = load_backbone(model, pretrained, random_weights=random_weights, seed=seed, tokenizer=tokenizer)
+    check_method(backbone, settings.method)
+    text = backbone.manifest_entry()["text"]  # the model's own text side (tokenizer, scale, bias)
     manifest: dict[str, Any] = {
-        "backbone": {
-            "model": model,
-            "weights": backbone.source.to_dict(),
-            "embed_dim": backbone.embed_dim,
-            "context_length": backbone.context_length,
-        },
+        "backbone": backbone.manifest_entry(),
         "preprocess": backbone.preprocess,
         "method": {"name": settings.method, "settings": _method_settings(settings, backbone.embed_dim)},
         "gate": {"kind": settings.gate_kind, "k": settings.gate_k, "quantile": settings.gate_quantile},
-        "zero_shot": {"templates": list(DEFAULT_TEMPLATES), "logit_scale": 100.0, "labels": zero_shot_labels or []},
+        "zero_shot": {"templates": list(DEFAULT_TEMPLATES), "logit_scale": text["logit_scale"],
+                      "labels": zero_shot_labels or []},
         "tasks": [],
     }
     writer = create_bundle(root, manifest)
@@ -60,7 +59,7 @@ def init_bundle(
                 for produced in sorted(tmp_dir.iterdir()):
                     if produced.stem == onnx_path.stem:
                         writer.write_file(graph_file(produced.name), produced)
-        writer.write_file(VOCAB_FILE, default_vocab_path())
+        writer.write_file(text["file"], backbone.text.source)
         learned = initial_learned(settings, backbone.embed_dim)
         writer.write_tensors(LEARNED, learned)
         if learner_spec(settings.method).learns_from == "images":  # MoE: the adapters of a bundle with no task

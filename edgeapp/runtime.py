@@ -287,26 +287,40 @@ class ImageEncoderRunner:
 
 
 class TextEncoderRunner:
-    """The frozen text encoder with the torch-free tokenizer: `embed(texts) -> [N,D]` (L2-normalised)."""
+    """The frozen text encoder with the torch-free tokenizer: `embed(texts) -> [N,D]` (L2-normalised).
+
+    The tokenizer is the one the manifest's ``backbone.text`` describes (CLIP BPE or a Hugging Face
+    tokenizer.json stored in the bundle, with the model's cleaning, context length and pad rules);
+    bundles made before that section existed use the CLIP BPE defaults."""
 
     def __init__(self, bundle: Bundle, backend: str | Backend = "auto", threads: int | None = None,
                  batch_size: int = 64) -> None:
         self.bundle = bundle
         self.batch_size = int(batch_size)
         resolved = backend if isinstance(backend, Backend) else select_backend(backend)
-        ctx = int(bundle.manifest["backbone"].get("context_length", 77))
+        ctx = int(self.text_spec["context_length"])
         profile = {TOKENS: ((1, ctx), (batch_size, ctx), (batch_size, ctx))}
         self.session = GraphSession(_graph_path(bundle, TEXT_GRAPH, TEXT_DATA), resolved, threads, profile,
                                     _graph_id(bundle, TEXT_GRAPH, TEXT_DATA))
         self._tokenizer: Any = None
 
     @property
+    def text_spec(self) -> dict[str, Any]:
+        """The manifest's ``backbone.text`` (CLIP BPE defaults for older bundles)."""
+        backbone = self.bundle.manifest["backbone"]
+        spec = backbone.get("text")
+        if spec:
+            return spec
+        return {"tokenizer": "clip-bpe", "file": VOCAB_FILE, "clean": "lower",
+                "context_length": int(backbone.get("context_length", 77))}
+
+    @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from edgeclip.tokenizer import ClipTokenizer
+            from edgeclip.tokenizer import tokenizer_from_spec
 
-            ctx = int(self.bundle.manifest["backbone"].get("context_length", 77))
-            self._tokenizer = ClipTokenizer(self.bundle.path(VOCAB_FILE), context_length=ctx)
+            spec = self.text_spec
+            self._tokenizer = tokenizer_from_spec(spec, self.bundle.path(spec["file"]))
         return self._tokenizer
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

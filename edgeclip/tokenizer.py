@@ -1,9 +1,17 @@
-"""CLIP's byte-pair-encoding tokenizer without torch, equal to `open_clip.tokenize`.
+"""The runtime's tokenizers, without torch, equal to open_clip's for each model family.
 
-A port of open_clip's `SimpleTokenizer` with its defaults (clean='lower', no extra special
-tokens, truncation that keeps the first `context_length - 1` tokens and ends on
-`<end_of_text>`). The merges file is open_clip's `bpe_simple_vocab_16e6.txt.gz`; a bundle
-carries its own copy so the runtime does not need open_clip installed.
+Two kinds, chosen by the bundle manifest's ``backbone.text`` (written by ``edgeclip init`` from the
+model's own open_clip config, see ``edgeclip.train.backbone.text_side``):
+
+- ``clip-bpe``: a port of open_clip's ``SimpleTokenizer`` (CLIP, MobileCLIP, EVA, ConvNeXt, ...):
+  cleaning ``lower`` by default (or ``whitespace``/``canonicalize`` when the config says so), no
+  extra special tokens, truncation that keeps the first ``context_length - 1`` tokens and ends on
+  ``<end_of_text>``, zero padding. The merges file is open_clip's ``bpe_simple_vocab_16e6.txt.gz``;
+  a bundle carries its own copy so the runtime does not need open_clip installed.
+- ``hf``: a Hugging Face ``tokenizer.json`` run by the ``tokenizers`` library (SigLIP/SigLIP2,
+  CLIPA, ...), with open_clip's ``HFTokenizer`` rules: clean, then encode with the file's own
+  special tokens, truncate and pad to ``context_length`` with the model's pad id; optionally the
+  separator token replaced by 0 (``strip_sep_token``, CLIPA). The file is stored in the bundle.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import gzip
 import html
 import importlib.util
+import string
 from functools import lru_cache
 from pathlib import Path
 
@@ -57,19 +66,42 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-def clean_text(text: str) -> str:
-    """open_clip's 'lower' cleaning: ftfy, HTML entities unescaped twice, whitespace runs
-    collapsed, lower case."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return " ".join(text.split()).strip().lower()
+CLEANINGS = ("lower", "whitespace", "canonicalize")
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def _basic_clean(text: str) -> str:
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def clean_text(text: str, clean: str = "lower") -> str:
+    """open_clip's cleaning functions (``open_clip.tokenizer.get_clean_fn``).
+
+    All start with ftfy and HTML entities unescaped twice, then: ``lower`` collapses whitespace
+    runs and lower-cases; ``whitespace`` only collapses whitespace; ``canonicalize`` (SigLIP,
+    big_vision) replaces '_' by ' ', removes ASCII punctuation, lower-cases, collapses whitespace.
+    Raises ``EdgeclipError`` for another name."""
+    text = _basic_clean(text)
+    if clean == "lower":
+        return " ".join(text.split()).strip().lower()
+    if clean == "whitespace":
+        return " ".join(text.split()).strip()
+    if clean == "canonicalize":
+        text = text.replace("_", " ").translate(_NO_PUNCTUATION).lower()
+        return " ".join(text.split()).strip()
+    raise EdgeclipError(f"Unknown text cleaning '{clean}'; expected one of {', '.join(CLEANINGS)}")
 
 
 class ClipTokenizer:
     """`tokenizer(texts)` -> int64 `[len(texts), context_length]` token ids, zero padded."""
 
-    def __init__(self, vocab_path: Path | str, context_length: int = DEFAULT_CONTEXT_LENGTH) -> None:
+    def __init__(self, vocab_path: Path | str, context_length: int = DEFAULT_CONTEXT_LENGTH,
+                 clean: str = "lower") -> None:
         if context_length < 2:
             raise EdgeclipError(f"context_length must be at least 2, not {context_length}")
+        if clean not in CLEANINGS:
+            raise EdgeclipError(f"Unknown text cleaning '{clean}'; expected one of {', '.join(CLEANINGS)}")
+        self.clean = clean
         path = Path(vocab_path)
         try:
             with gzip.open(path, "rt", encoding="utf-8") as f:
@@ -119,7 +151,7 @@ class ClipTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without start/end tokens."""
         ids: list[int] = []
-        for piece in _PATTERN.findall(clean_text(text)):
+        for piece in _PATTERN.findall(clean_text(text, self.clean)):
             cached = self._cache.get(piece)
             if cached is None:
                 mapped = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
@@ -139,3 +171,73 @@ class ClipTokenizer:
                 ids[-1] = self.eot_token_id
             out[row, : len(ids)] = ids
         return out
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` with open_clip's ``HFTokenizer`` rules, torch-free.
+
+    `tokenizer(texts)` -> int64 ``[len(texts), context_length]``: each text cleaned (``clean``),
+    encoded with the file's special tokens (its post-processor, e.g. T5's trailing ``</s>``),
+    truncated to ``context_length`` (room kept for the special tokens, as transformers does) and
+    padded with ``pad_id`` on ``padding_side``; with ``strip_sep_id`` every separator token
+    becomes 0 (open_clip's ``strip_sep_token``, CLIPA). Raises ``BundleError`` for a file that is
+    not a tokenizer, ``MissingExtraError`` without the ``tokenizers`` package.
+    """
+
+    def __init__(self, path: Path | str, context_length: int, clean: str = "whitespace", pad_id: int = 0,
+                 strip_sep_id: int | None = None, padding_side: str = "right",
+                 truncation_side: str = "right") -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as exc:  # pragma: no cover - a core dependency
+            raise MissingExtraError("Hugging Face tokenizers (SigLIP, CLIPA)", "train", "tokenizers") from exc
+        if context_length < 2:
+            raise EdgeclipError(f"context_length must be at least 2, not {context_length}")
+        if clean not in CLEANINGS:
+            raise EdgeclipError(f"Unknown text cleaning '{clean}'; expected one of {', '.join(CLEANINGS)}")
+        path = Path(path)
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception for unreadable/invalid files
+            raise BundleError(f"cannot read the tokenizer file {path}: {str(err).splitlines()[0][:200]}") from err
+        tok.no_padding()
+        tok.no_truncation()
+        tok.enable_truncation(max_length=context_length, direction=truncation_side)
+        tok.enable_padding(length=context_length, pad_id=int(pad_id), pad_token=tok.id_to_token(int(pad_id)) or "",
+                           direction=padding_side)
+        self._tok = tok
+        self.context_length = int(context_length)
+        self.clean = clean
+        self.pad_id = int(pad_id)
+        self.strip_sep_id = None if strip_sep_id is None else int(strip_sep_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def __call__(self, texts: list[str] | str) -> np.ndarray:
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            return np.zeros((0, self.context_length), np.int64)
+        encodings = self._tok.encode_batch([clean_text(t, self.clean) for t in texts])
+        out = np.asarray([e.ids for e in encodings], dtype=np.int64)
+        if self.strip_sep_id is not None:
+            out[out == self.strip_sep_id] = 0
+        return out
+
+
+def tokenizer_from_spec(spec: dict, file_path: Path | str) -> ClipTokenizer | HFTokenizer:
+    """The runtime tokenizer that a manifest's ``backbone.text`` describes; ``file_path`` is the
+    local copy of its file (``spec["file"]`` inside the bundle). Raises ``BundleError`` for an
+    unknown kind."""
+    kind = spec.get("tokenizer", "clip-bpe")
+    ctx = int(spec.get("context_length", DEFAULT_CONTEXT_LENGTH))
+    if kind == "clip-bpe":
+        return ClipTokenizer(file_path, context_length=ctx, clean=spec.get("clean", "lower"))
+    if kind == "hf":
+        return HFTokenizer(file_path, ctx, clean=spec.get("clean", "whitespace"), pad_id=int(spec.get("pad_id", 0)),
+                           strip_sep_id=spec.get("strip_sep_id"), padding_side=spec.get("padding_side", "right"),
+                           truncation_side=spec.get("truncation_side", "right"))
+    raise BundleError(f"Unknown tokenizer kind '{kind}' in the bundle manifest (expected clip-bpe or hf); "
+                      "a newer edgeclip made this bundle")

@@ -72,7 +72,7 @@ def _text_tower(model: Any) -> Any:
     torch = _torch()
 
     class TextTower(torch.nn.Module):
-        """tokens [N,77] int64 -> L2-normalised text embedding [N,D]."""
+        """tokens [N,ctx] int64 -> L2-normalised text embedding [N,D]."""
 
         def __init__(self, clip: Any) -> None:
             super().__init__()
@@ -163,11 +163,33 @@ def _run_torch(module: Any, dtype: Any) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
+@contextlib.contextmanager
+def _explained(backbone: Any, tower: str) -> Any:
+    """Any exporter failure becomes one line naming the model and the tower (never a traceback)."""
+    try:
+        yield
+    except EdgeclipError:
+        raise
+    except Exception as exc:  # torch.export / onnx raise many kinds
+        lines = str(exc).strip().splitlines()
+        raise EdgeclipError(
+            f"Cannot export the {tower} encoder of '{getattr(backbone, 'name', '?')}' to ONNX: {type(exc).__name__}: "
+            f"{(lines[0] if lines else '')[:300]} (see docs/MODELS.md for the supported families)"
+        ) from exc
+
+
 def export_image_encoder(backbone: Any, out_dir: Path | str, seed: int = 0) -> Path:
     """Write `image_encoder.onnx` + `image_encoder.data` in `out_dir`; returns the graph's path.
 
     `backbone`: an `edgeclip.train.backbone.Backbone` (its `.model` and `.preprocess` are used).
+    Raises `ExportParityError` when onnxruntime disagrees with torch, `EdgeclipError` when the
+    exporter fails.
     """
+    with _explained(backbone, "image"):
+        return _export_image_encoder(backbone, out_dir, seed)
+
+
+def _export_image_encoder(backbone: Any, out_dir: Path | str, seed: int) -> Path:
     torch = _torch()
     size = int(backbone.preprocess["image_size"])
     tower = _image_tower(backbone.model)
@@ -179,12 +201,20 @@ def export_image_encoder(backbone: Any, out_dir: Path | str, seed: int = 0) -> P
 
 
 def export_text_encoder(backbone: Any, out_dir: Path | str, seed: int = 0) -> Path:
-    """Write `text_encoder.onnx` + `text_encoder.data` in `out_dir`; returns the graph's path."""
+    """Write `text_encoder.onnx` + `text_encoder.data` in `out_dir`; returns the graph's path.
+
+    The example and check tokens come from `backbone.tokenize`, the bundle's runtime tokenizer
+    (so the graph is checked on the very ids the runtime feeds it: [N, context_length] int64)."""
+    with _explained(backbone, "text"):
+        return _export_text_encoder(backbone, out_dir)
+
+
+def _export_text_encoder(backbone: Any, out_dir: Path | str) -> Path:
     torch = _torch()
     tower = _text_tower(backbone.model)
     prompts = ["a photo of a cat.", "a blurry photo of a large red bus."]
     example = backbone.tokenize(prompts).to(torch.int64)
     graph = _export(tower, example, TOKENS, TEXT_EMBEDDING, Path(out_dir) / TEXT_GRAPH, TEXT_DATA)
-    check = backbone.tokenize(["a photo of a dog.", "an origami airplane.", "x"]).to(torch.int64).numpy()
+    check = backbone.tokenize(["a photo of a dog.", "Café naïve, A LONG LABEL " * 8, "x"]).to(torch.int64).numpy()
     check_parity(graph, _run_torch(tower, torch.int64), check)
     return graph

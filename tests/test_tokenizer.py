@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edgeclip.errors import BundleError, MissingExtraError
-from edgeclip.tokenizer import ClipTokenizer, default_vocab_path
+from edgeclip.errors import BundleError, EdgeclipError, MissingExtraError
+from edgeclip.tokenizer import ClipTokenizer, HFTokenizer, clean_text, default_vocab_path, tokenizer_from_spec
 
 TRICKY = [
     "a photo of a cat.",
@@ -97,3 +98,57 @@ def test_bad_vocabulary_files(tmp_path):
         f.write("#version: 0.2\na b\nc d\n")
     with pytest.raises(BundleError, match="not a CLIP BPE merges file"):
         ClipTokenizer(tmp_path / "short.txt.gz")
+
+
+@pytest.mark.parametrize("clean", ["lower", "whitespace", "canonicalize"])
+def test_cleanings_match_open_clip(clean):
+    """The three cleaning functions model configs name (SigLIP: canonicalize; HF default: whitespace)."""
+    tokenizer_module = pytest.importorskip("open_clip.tokenizer")
+    reference = tokenizer_module.get_clean_fn(clean)
+    for text in TRICKY:
+        assert clean_text(text, clean) == reference(text), text
+
+
+@pytest.mark.parametrize("clean", ["whitespace", "canonicalize"])
+def test_clip_bpe_with_another_cleaning_matches_open_clip(clean):
+    tokenizer_module = pytest.importorskip("open_clip.tokenizer")
+    reference = tokenizer_module.SimpleTokenizer(clean=clean, context_length=40)
+    ours = ClipTokenizer(default_vocab_path(), context_length=40, clean=clean)
+    np.testing.assert_array_equal(ours(TRICKY), reference(TRICKY).numpy())
+
+
+def test_unknown_cleaning_and_kind_are_refused(tmp_path):
+    with pytest.raises(EdgeclipError, match="Unknown text cleaning 'upper'"):
+        clean_text("x", "upper")
+    with pytest.raises(EdgeclipError, match="Unknown text cleaning"):
+        ClipTokenizer(default_vocab_path(), clean="upper")
+    with pytest.raises(BundleError, match="Unknown tokenizer kind 'sentencepiece'"):
+        tokenizer_from_spec({"tokenizer": "sentencepiece", "file": "x"}, tmp_path / "x")
+
+
+def test_hf_tokenizer_rules(tmp_path):
+    """Truncation keeps room for the end token, padding uses the pad id, strip_sep zeroes [SEP]."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import hf_tokenizers
+
+    t5 = hf_tokenizers.t5_like(tmp_path / "t5") / "tokenizer.json"
+    tok = HFTokenizer(t5, context_length=8, clean="canonicalize", pad_id=1)
+    ids = tok(["a photo of a cat", "x " * 50, ""])
+    assert ids.shape == (3, 8) and ids.dtype == np.int64
+    assert ids[1, -1] == 1 and (ids[2] == 1).all()  # ends on </s>; the empty label is </s> + pads
+    spec = {"tokenizer": "hf", "file": "tokenizer/tokenizer.json", "context_length": 8, "clean": "canonicalize", "pad_id": 1}
+    np.testing.assert_array_equal(tokenizer_from_spec(spec, t5)(["a photo of a cat"]), ids[:1])
+    bert = hf_tokenizers.bert_like(tmp_path / "bert") / "tokenizer.json"
+    stripped = HFTokenizer(bert, context_length=6, pad_id=0, strip_sep_id=3)(["a photo", "a photo of a cat dog"])
+    assert 3 not in stripped and stripped[0, 0] == 2
+    assert tok(["a"]).shape == (1, 8) and tok([]).shape == (0, 8)
+
+
+def test_bad_hf_tokenizer_file(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(BundleError, match="cannot read the tokenizer file"):
+        HFTokenizer(tmp_path / "tokenizer.json", context_length=8)
+    with pytest.raises(BundleError, match="cannot read the tokenizer file"):
+        HFTokenizer(tmp_path / "missing.json", context_length=8)

@@ -1,15 +1,25 @@
 """The frozen open_clip backbone: resolve a model name and weights source, build, freeze.
 
 Three steps kept apart (open_clip's ``create_model`` does all of them in one function):
-``resolve_weights`` decides where the weights come from, ``load_backbone`` builds the model
-and loads them, ``Backbone`` encodes images and texts. Offline, a pretrained tag that is not
-in the local cache fails at once with a message that says how to pass a local file.
+``resolve_weights`` decides where the weights come from (and, once, the activation: QuickGELU
+or GELU), ``load_backbone`` builds the model and loads them, ``Backbone`` encodes images and
+texts. Offline, a pretrained tag that is not in the local cache fails at once with a message
+that says how to pass a local file.
+
+Model families (docs/MODELS.md): ``check_supported`` refuses, in one line naming the model and
+the reason, what edgeclip cannot run right; ``text_side`` reads the text side of each model from
+its own open_clip config (tokenizer kind and file, cleaning, context length, pad/end rules,
+pooling, width, logit scale and bias) into the manifest's ``backbone.text``, builds the
+torch-free runtime tokenizer from it and checks it against open_clip's own tokenizer.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,10 +27,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgeclip.bundle import sha256_of, weights_label
-from edgeclip.errors import BackboneLoadError, MissingExtraError
+from edgeclip.errors import BackboneLoadError, MissingExtraError, UsageError
+from edgeclip.layout import HF_TOKENIZER_FILE, VOCAB_FILE
 from edgeclip.models import CONFIG_DIR
+from edgeclip.tokenizer import ClipTokenizer, HFTokenizer, default_vocab_path
 
 _HUB_HOST = ("huggingface.co", 443)
+log = logging.getLogger(__name__)
 
 
 def import_torch_stack() -> tuple[Any, Any]:
@@ -44,17 +57,40 @@ def register_model_configs() -> None:
         open_clip.add_model_config(CONFIG_DIR)
 
 
+# Labels the runtime tokenizer must tokenize exactly as open_clip does before a bundle is written:
+# long, unicode, punctuation, case, HTML entities, whitespace (tests use the same set).
+AWKWARD_LABELS = [
+    "a photo of a cat.",
+    "",
+    "A PHOTO OF A DOG",
+    "Café naïve façade — “quotes” ‘single’ … ellipsis",
+    "日本語のテキスト 中文 한국어 русский",
+    "emoji 😀👍🏽",
+    "&amp;amp; &lt;b&gt;bold&lt;/b&gt; &quot;x&quot;",
+    "it's they're we've I'm you'll",
+    "numbers 1234567890 3.14159 -42",
+    "punctuation!!! ??? ... --- ((( ))) [x] {y} <z>",
+    "under_score snake_case CamelCase kebab-case",
+    "tab\tseparated\nnew line",
+    " ".join(f"word{i}" for i in range(120)),
+    "x " * 76,
+]
+
+
 @dataclass(frozen=True)
 class WeightsSource:
     """Where the weights come from, as recorded in the bundle manifest.
 
     ``kind`` is ``random`` (seeded), ``tag`` (an open_clip pretrained tag) or ``file``.
     ``ref`` is the seed, the tag, or the file's path; ``sha256`` is set for files.
+    ``quick_gelu``: the activation decided once at init (``decide_quick_gelu``) and used by every
+    later load; None in bundles made before it was recorded (then decided again the same way).
     """
 
     kind: str
     ref: str
     sha256: str | None = None
+    quick_gelu: bool | None = None
 
     @property
     def label(self) -> str:
@@ -62,11 +98,65 @@ class WeightsSource:
         return weights_label(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "ref": self.ref, "sha256": self.sha256}
+        return {"kind": self.kind, "ref": self.ref, "sha256": self.sha256, "quick_gelu": self.quick_gelu}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "WeightsSource":
-        return cls(kind=data["kind"], ref=str(data["ref"]), sha256=data.get("sha256"))
+        qg = data.get("quick_gelu")
+        return cls(kind=data["kind"], ref=str(data["ref"]), sha256=data.get("sha256"),
+                   quick_gelu=None if qg is None else bool(qg))
+
+
+def model_config(model: str) -> dict[str, Any]:
+    """open_clip's config of a known model (``embed_dim``, ``vision_cfg``, ``text_cfg``, ...)."""
+    _, open_clip = import_torch_stack()
+    register_model_configs()
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise BackboneLoadError(f"Unknown model '{model}'.")
+    return cfg
+
+
+def check_supported(model: str) -> None:
+    """Refuse, in one line naming the model and the reason, a model family edgeclip cannot run right.
+
+    Refused: text towers that are Hugging Face ``transformers`` models (``text_cfg.hf_model_name``:
+    roberta, xlm-roberta, mT5, NLLB; they need transformers and the hub to build, and edgeclip does
+    not export them); tokenizer modes and options open_clip has but the runtime does not implement.
+    Raises ``BackboneLoadError``."""
+    text_cfg = model_config(model).get("text_cfg", {})
+    hf_model = text_cfg.get("hf_model_name")
+    if hf_model:
+        raise BackboneLoadError(
+            f"Model '{model}' is not supported: its text tower is the Hugging Face transformers model "
+            f"'{hf_model}', which edgeclip does not build offline or export (see docs/MODELS.md)."
+        )
+    if text_cfg.get("tokenizer_mode"):
+        raise BackboneLoadError(f"Model '{model}' is not supported: tokenizer mode "
+                                f"'{text_cfg['tokenizer_mode']}' is not implemented by the edgeclip runtime.")
+    known = {"clean", "strip_sep_token"} if text_cfg.get("hf_tokenizer_name") else {"clean"}
+    extra = sorted(set(text_cfg.get("tokenizer_kwargs", {})) - known)
+    if extra:
+        raise BackboneLoadError(f"Model '{model}' is not supported: tokenizer options {', '.join(extra)} are not "
+                                "implemented by the edgeclip runtime.")
+    if not text_cfg.get("hf_tokenizer_name") and "siglip" in model.lower():
+        raise BackboneLoadError(f"Model '{model}' is not supported: open_clip would download a SentencePiece "
+                                "vocabulary for it at run time, and its config names no Hugging Face tokenizer.")
+
+
+def decide_quick_gelu(model: str, kind: str, ref: str) -> bool:
+    """The activation of the text and image towers, decided once for a bundle.
+
+    True when the model config says so (``*-quickgelu`` names) or, for a pretrained tag, when
+    open_clip's pretrained metadata says the weights were trained with QuickGELU (``openai`` and
+    some others); a random or file model follows its config (an OpenAI-trained file needs the
+    ``-quickgelu`` model name, as the checkpoint holds no activation)."""
+    _, open_clip = import_torch_stack()
+    if bool(model_config(model).get("quick_gelu", False)):
+        return True
+    if kind == "tag":
+        return bool(open_clip.get_pretrained_cfg(model, ref).get("quick_gelu", False))
+    return False
 
 
 def resolve_weights(
@@ -78,10 +168,11 @@ def resolve_weights(
     if model not in open_clip.list_models():
         known = ", ".join(sorted(open_clip.list_models()))
         raise BackboneLoadError(f"Unknown model '{model}'. Known models: {known}")
+    check_supported(model)
     if random_weights:
         if pretrained:
             raise BackboneLoadError("Give either --pretrained or --random-weights, not both.")
-        return WeightsSource("random", str(seed))
+        return WeightsSource("random", str(seed), quick_gelu=decide_quick_gelu(model, "random", str(seed)))
     if not pretrained:
         raise BackboneLoadError(
             f"No weights given for '{model}': pass --pretrained TAG (e.g. 'openai') or a local "
@@ -89,7 +180,8 @@ def resolve_weights(
         )
     path = Path(pretrained).expanduser()
     if path.is_file():
-        return WeightsSource("file", str(path.resolve()), sha256_of(path))
+        return WeightsSource("file", str(path.resolve()), sha256_of(path),
+                             quick_gelu=decide_quick_gelu(model, "file", str(path)))
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained.lower() not in [t.lower() for t in tags]:
         if os.sep in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors")):
@@ -98,7 +190,8 @@ def resolve_weights(
         raise BackboneLoadError(
             f"'{pretrained}' is neither a file nor a pretrained tag of '{model}'. Known tags: {choices}"
         )
-    return WeightsSource("tag", pretrained.lower())
+    tag = pretrained.lower()
+    return WeightsSource("tag", tag, quick_gelu=decide_quick_gelu(model, "tag", tag))
 
 
 def _cached_tag_file(open_clip: Any, model: str, tag: str) -> str | None:
@@ -122,6 +215,19 @@ def _cached_tag_file(open_clip: Any, model: str, tag: str) -> str | None:
     return None
 
 
+def _download_tag(open_clip: Any, model: str, tag: str) -> str:
+    """Download a pretrained tag's weights (open_clip's own downloader) and return the local file."""
+    try:
+        path = open_clip.pretrained.download_pretrained(open_clip.get_pretrained_cfg(model, tag))
+    except Exception as exc:  # network and hub errors of every kind
+        raise BackboneLoadError(f"Cannot download pretrained weights '{tag}' for model '{model}': "
+                                f"{_first_line(exc)}") from exc
+    if not path or not Path(path).is_file():
+        raise BackboneLoadError(f"Cannot download pretrained weights '{tag}' for model '{model}' "
+                                "(open_clip gave no file).")
+    return str(path)
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     try:
         with socket.create_connection(_HUB_HOST, timeout=timeout):
@@ -130,23 +236,244 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
+
+
+# --------------------------------------------------------------------------- text side
+
+
+@dataclass
+class TextSide:
+    """The text side of a model as the runtime will run it.
+
+    ``spec``: the manifest's ``backbone.text`` (see ``text_side``); ``source``: the local file to
+    store in the bundle at ``spec["file"]``; ``tokenizer``: the torch-free runtime tokenizer."""
+
+    spec: dict[str, Any]
+    source: Path
+    tokenizer: ClipTokenizer | HFTokenizer
+
+
+def _text_pool(clip: Any) -> str:
+    text = getattr(clip, "text", None)
+    if text is not None:
+        return str(getattr(text, "pool_type", type(text).__name__))
+    return str(getattr(clip, "text_pool_type", "argmax"))
+
+
+def _scoring(clip: Any) -> dict[str, Any]:
+    scale = float(clip.logit_scale.detach().float().exp().reshape(-1)[0])
+    bias = getattr(clip, "logit_bias", None)
+    bias_value = None if bias is None else float(bias.detach().float().reshape(-1)[0])
+    return {"logit_scale": scale, "logit_bias": bias_value, "scoring": "softmax" if bias is None else "sigmoid"}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _token_content(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _hf_tokenizer_file(model: str, hf_name: str, tokenizer: str | None) -> Path:
+    """The ``tokenizer.json`` of a Hugging Face tokenizer model: ``tokenizer`` (a file, or a folder
+    holding one) or the local Hugging Face cache, downloading it when the hub can be reached."""
+    if tokenizer:
+        path = Path(tokenizer).expanduser()
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise BackboneLoadError(f"Tokenizer file not found: {path} (pass the tokenizer.json of '{hf_name}', "
+                                    "or the folder that holds it)")
+        return path.resolve()
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    except ImportError as exc:  # pragma: no cover - installed with open_clip
+        raise MissingExtraError(f"Finding the tokenizer of '{model}'", "train", "huggingface_hub") from exc
+    found = try_to_load_from_cache(repo_id=hf_name, filename="tokenizer.json")
+    if isinstance(found, str):
+        for extra in ("tokenizer_config.json", "special_tokens_map.json"):
+            try_to_load_from_cache(repo_id=hf_name, filename=extra)
+        return Path(found)
+    if not _hub_reachable():
+        raise BackboneLoadError(
+            f"Model '{model}' tokenizes with the Hugging Face tokenizer '{hf_name}', which is not in the local "
+            "cache, and the hub cannot be reached (offline): pass --tokenizer /path/to/tokenizer.json (a copy "
+            f"of {hf_name}'s tokenizer.json, with its tokenizer_config.json beside it)."
+        )
+    try:
+        path = Path(hf_hub_download(repo_id=hf_name, filename="tokenizer.json"))
+        for extra in ("tokenizer_config.json", "special_tokens_map.json"):
+            try:
+                hf_hub_download(repo_id=hf_name, filename=extra)
+            except Exception:  # optional files
+                pass
+    except Exception as exc:
+        raise BackboneLoadError(f"Cannot download the tokenizer '{hf_name}' of model '{model}': "
+                                f"{_first_line(exc)}; pass --tokenizer /path/to/tokenizer.json") from exc
+    return path
+
+
+def _hf_reference(open_clip: Any, folder: Path, ctx: int, kwargs: dict[str, Any]) -> Any | None:
+    """open_clip's own ``HFTokenizer`` built from the same folder (needs ``transformers``); None
+    when transformers is missing or cannot read the folder."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        return None
+    try:
+        return open_clip.tokenizer.HFTokenizer(str(folder), context_length=ctx, **kwargs)
+    except Exception as exc:  # transformers cannot make a tokenizer of the folder
+        log.info("open_clip HFTokenizer unavailable for %s: %s", folder, _first_line(exc))
+        return None
+
+
+def text_tokenizer(model: str, tokenizer: str | None = None) -> tuple[dict[str, Any], Path, Any, Any]:
+    """The runtime tokenizer of ``model`` from its open_clip config, without building the model.
+
+    Returns ``(spec, source, runtime, reference)``: the tokenizer part of ``backbone.text`` (see
+    ``text_side``), the local file to store in the bundle, the torch-free runtime tokenizer, and
+    open_clip's own tokenizer for the same model (None when it cannot be built here: a Hugging
+    Face tokenizer without the ``transformers`` package). Raises ``BackboneLoadError``."""
+    _, open_clip = import_torch_stack()
+    text_cfg = model_config(model).get("text_cfg", {})
+    kwargs = dict(text_cfg.get("tokenizer_kwargs", {}))
+    ctx = int(text_cfg.get("context_length", 77))
+    hf_name = text_cfg.get("hf_tokenizer_name", "")
+    if not hf_name:
+        if tokenizer:
+            raise BackboneLoadError(f"Model '{model}' uses the CLIP tokenizer shipped with edgeclip; "
+                                    "--tokenizer is only for Hugging Face tokenizer models (SigLIP, CLIPA).")
+        clean = kwargs.get("clean", "lower")
+        source = default_vocab_path()
+        runtime: ClipTokenizer | HFTokenizer = ClipTokenizer(source, ctx, clean=clean)
+        spec = {"tokenizer": "clip-bpe", "file": VOCAB_FILE, "clean": clean, "context_length": ctx,
+                "sot_id": runtime.sot_token_id, "eot_id": runtime.eot_token_id, "pad_id": 0}
+        return spec, source, runtime, open_clip.get_tokenizer(model)
+    source = _hf_tokenizer_file(model, hf_name, tokenizer)
+    clean = kwargs.get("clean", "whitespace")  # open_clip HFTokenizer's default
+    ref = _hf_reference(open_clip, source.parent, ctx, kwargs)
+    if ref is not None:
+        hf = ref.tokenizer
+        pad_id, padding_side, truncation_side = hf.pad_token_id, hf.padding_side, hf.truncation_side
+        sep_id = hf.sep_token_id
+    else:
+        padding_side = truncation_side = "right"
+        pad_id, sep_id = _pad_and_sep_from_files(source)
+    if pad_id is None:
+        raise BackboneLoadError(f"The tokenizer {source} of model '{model}' names no pad token: pass the "
+                                "tokenizer folder with its tokenizer_config.json (--tokenizer DIR).")
+    strip_sep_id = sep_id if kwargs.get("strip_sep_token") else None
+    if kwargs.get("strip_sep_token") and sep_id is None:
+        raise BackboneLoadError(f"Model '{model}' strips the separator token, but {source} names none.")
+    runtime = HFTokenizer(source, ctx, clean=clean, pad_id=int(pad_id), strip_sep_id=strip_sep_id,
+                          padding_side=padding_side, truncation_side=truncation_side)
+    spec = {"tokenizer": "hf", "file": HF_TOKENIZER_FILE, "hf_name": hf_name, "clean": clean, "context_length": ctx,
+            "pad_id": int(pad_id), "padding_side": padding_side, "truncation_side": truncation_side,
+            "strip_sep_id": None if strip_sep_id is None else int(strip_sep_id)}
+    return spec, source, runtime, ref
+
+
+def text_side(model: str, clip: Any, tokenizer: str | None = None) -> TextSide:
+    """Read the text side of ``model`` from its open_clip config and the built ``clip``.
+
+    The returned ``spec`` (manifest ``backbone.text``) holds: ``tokenizer`` ("clip-bpe" | "hf"),
+    ``file`` (its path in the bundle), ``hf_name`` (hf only), ``clean`` ("lower" | "whitespace" |
+    "canonicalize"), ``context_length``, ``sot_id``/``eot_id`` (clip-bpe), ``pad_id``,
+    ``padding_side``/``truncation_side``/``strip_sep_id`` (hf), ``pool`` (the text tower's pooling:
+    argmax = end-of-text token, last, first, eos), ``embed_dim``, ``logit_scale`` (exp of the
+    model's learned temperature), ``logit_bias`` (SigLIP) and ``scoring`` ("softmax" | "sigmoid"),
+    and ``checked`` (whether the runtime tokenizer was compared with open_clip's own).
+
+    ``tokenizer``: a tokenizer.json (or its folder) for Hugging Face tokenizer models (SigLIP,
+    CLIPA); without it the local Hugging Face cache is used. Raises ``BackboneLoadError`` when the
+    tokenizer cannot be had or when the runtime tokenizer differs from open_clip's on
+    ``AWKWARD_LABELS`` (the bundle would give wrong results)."""
+    spec, source, runtime, reference = text_tokenizer(model, tokenizer)
+    spec.update({"embed_dim": int(model_config(model)["embed_dim"]), "pool": _text_pool(clip), **_scoring(clip),
+                 "checked": reference is not None})
+    if reference is not None:
+        want = reference(list(AWKWARD_LABELS))
+        want = want.numpy() if hasattr(want, "numpy") else np.asarray(want)
+        got = runtime(list(AWKWARD_LABELS))
+        if got.shape != want.shape or not (got == want).all():
+            bad = [label for i, label in enumerate(AWKWARD_LABELS) if got.shape != want.shape or (got[i] != want[i]).any()]
+            raise BackboneLoadError(f"Model '{model}' is refused: the edgeclip runtime tokenizer differs from "
+                                    f"open_clip's on {len(bad)} test labels (e.g. {bad[0][:40]!r}).")
+    return TextSide(spec=spec, source=Path(source), tokenizer=runtime)
+
+
+def _pad_and_sep_from_files(tokenizer_json: Path) -> tuple[int | None, int | None]:
+    """Pad and separator token ids of a tokenizer.json without transformers: the token names from
+    tokenizer_config.json / special_tokens_map.json beside it, else the file's own padding."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    names: dict[str, str] = {}
+    for extra in ("special_tokens_map.json", "tokenizer_config.json"):
+        data = _read_json(tokenizer_json.parent / extra)
+        for key in ("pad_token", "sep_token"):
+            value = _token_content(data.get(key))
+            if value is not None:
+                names[key] = value
+    pad = tok.token_to_id(names["pad_token"]) if "pad_token" in names else None
+    if pad is None:
+        padding = _read_json(tokenizer_json).get("padding") or {}
+        pad = padding.get("pad_id") if isinstance(padding, dict) else None
+    sep = tok.token_to_id(names["sep_token"]) if "sep_token" in names else None
+    return pad, sep
+
+
+def image_tower(clip: Any) -> str:
+    """The image tower's kind: open_clip's class name, with the timm model for timm towers
+    (e.g. 'VisionTransformer', 'TimmModel:fastvit_mci0')."""
+    visual = clip.visual
+    trunk = getattr(visual, "trunk", None)
+    if trunk is None:
+        return type(visual).__name__
+    cfg = getattr(trunk, "pretrained_cfg", None) or getattr(trunk, "default_cfg", None) or {}
+    return f"{type(visual).__name__}:{cfg.get('architecture') or type(trunk).__name__}"
+
+
+# --------------------------------------------------------------------------- the backbone
+
+
 @dataclass
 class Backbone:
     """A frozen open_clip model with the facts the bundle records about it."""
 
     name: str
     source: WeightsSource
-    model: Any  # open_clip.CLIP, eval mode, requires_grad False
+    model: Any  # open_clip.CLIP / CustomTextCLIP, eval mode, requires_grad False
     preprocess: dict[str, Any]
     embed_dim: int
     context_length: int
-    _tokenizer: Any = field(default=None, repr=False)
+    text: TextSide | None = field(default=None, repr=False)
 
     def tokenize(self, texts: Sequence[str]) -> Any:
-        if self._tokenizer is None:
-            _, open_clip = import_torch_stack()
-            self._tokenizer = open_clip.get_tokenizer(self.name)
-        return self._tokenizer(list(texts))
+        """int64 token ids [N, context_length] (torch) by the runtime tokenizer of the bundle."""
+        torch, _ = import_torch_stack()
+        if self.text is None:
+            self.text = text_side(self.name, self.model)
+        return torch.from_numpy(self.text.tokenizer(list(texts)))
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """The manifest's ``backbone`` section: model, weights (with ``quick_gelu``), ``embed_dim``,
+        ``context_length``, ``image_tower`` and ``text`` (see ``text_side``)."""
+        if self.text is None:
+            self.text = text_side(self.name, self.model)
+        return {"model": self.name, "weights": self.source.to_dict(), "embed_dim": self.embed_dim,
+                "context_length": self.context_length, "image_tower": image_tower(self.model),
+                "text": dict(self.text.spec)}
 
     def encode_images(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """L2-normalised image embeddings [N, D] (float32) of preprocessed pixels [N, 3, S, S]."""
@@ -176,46 +503,99 @@ class Backbone:
         return (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32)
 
 
+def moe_refusal(backbone: Backbone) -> str | None:
+    """Why MoE-Adapters cannot run on this backbone (one line), or None when they can.
+
+    MoE-Adapters insert experts into the transformer blocks of open_clip's own ViT image tower and
+    text transformer; timm towers (MobileCLIP's FastViT, SigLIP's timm ViT, ConvNeXt), ResNets and
+    Hugging Face tokenizers are refused. RAIL works on any image embedding."""
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+    clip = backbone.model
+    tower = image_tower(clip)
+    if type(clip).__name__ == "CoCa":
+        return (f"--method moe is not supported for '{backbone.name}': MoE-Adapters are implemented for CLIP's "
+                "contrastive towers, not CoCa's captioning model; use --method rail-primal or rail-dual.")
+    if not isinstance(clip.visual, VisionTransformer):
+        return (f"--method moe is not supported for '{backbone.name}': MoE-Adapters need open_clip's ViT image "
+                f"tower to insert experts into, and its image tower is {tower}; use --method rail-primal or "
+                "rail-dual (any image tower).")
+    text = getattr(clip, "transformer", None) or getattr(getattr(clip, "text", None), "transformer", None)
+    blocks = getattr(text, "resblocks", None)
+    if blocks is None or any(type(b) is not ResidualAttentionBlock for b in blocks):
+        return (f"--method moe is not supported for '{backbone.name}': its text tower is not open_clip's "
+                "transformer; use --method rail-primal or rail-dual.")
+    if backbone.text is not None and backbone.text.spec["tokenizer"] != "clip-bpe":
+        return (f"--method moe is not supported for '{backbone.name}': MoE add-task supports the CLIP tokenizer "
+                "only; use --method rail-primal or rail-dual.")
+    return None
+
+
+def check_method(backbone: Backbone, method: str) -> None:
+    """Refuse a learner the backbone cannot run (``UsageError``, one line): MoE needs a ViT."""
+    if method == "moe":
+        reason = moe_refusal(backbone)
+        if reason:
+            raise UsageError(reason)
+
+
 def load_backbone(
     model: str,
     pretrained: str | None = None,
     random_weights: bool = False,
     seed: int = 0,
     source: WeightsSource | None = None,
+    tokenizer: str | None = None,
 ) -> Backbone:
-    """Build a frozen open_clip model. ``source`` (from a bundle) replaces the other weight arguments."""
+    """Build a frozen open_clip model. ``source`` (from a bundle) replaces the other weight arguments.
+
+    The activation is ``source.quick_gelu`` for every way the weights come (random, file, cached
+    tag, downloaded tag). ``tokenizer``: see ``text_side``. Every failure is a one-line
+    ``BackboneLoadError`` naming the model (never a traceback of open_clip's)."""
     torch, open_clip = import_torch_stack()
     if source is None:
         source = resolve_weights(model, pretrained, random_weights, seed)
     else:
         register_model_configs()
+    quick_gelu = source.quick_gelu
+    if quick_gelu is None:  # a bundle from before the activation was recorded
+        quick_gelu = decide_quick_gelu(model, source.kind, source.ref)
+    hf_name = model_config(model).get("text_cfg", {}).get("hf_tokenizer_name")
+    if hf_name:  # find the tokenizer before building a large model, so that offline fails at once
+        tokenizer = str(_hf_tokenizer_file(model, hf_name, tokenizer))
     if source.kind == "random":
         with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's global RNG is left as it was
             torch.manual_seed(int(source.ref))
-            clip = open_clip.create_model(model, pretrained=None)
+            try:
+                clip = open_clip.create_model(model, pretrained=None, force_quick_gelu=quick_gelu)
+            except Exception as exc:
+                raise BackboneLoadError(f"Cannot build model '{model}': {type(exc).__name__}: {_first_line(exc)}") from exc
     elif source.kind == "file":
         path = Path(source.ref)
         if not path.is_file():
             raise BackboneLoadError(f"Checkpoint file of '{model}' is gone: {path}")
         if source.sha256 and sha256_of(path) != source.sha256:
             raise BackboneLoadError(f"Checkpoint {path} changed since the bundle was made (sha256 mismatch).")
-        clip = _create_or_explain(open_clip, model, str(path))
+        _refuse_torchscript(path, model)
+        clip = _create_or_explain(open_clip, model, str(path), quick_gelu)
     else:
         cached = _cached_tag_file(open_clip, model, source.ref)
-        if cached is None and not _hub_reachable():
-            raise BackboneLoadError(
-                f"Cannot load pretrained weights '{source.ref}' for model '{model}': they are not in the "
-                "local cache and the model hub cannot be reached (offline). Download them on a machine "
-                "with internet access, or pass a local checkpoint file with --pretrained /path/to/weights "
-                "(.safetensors, .bin or .pt); use --random-weights --seed N for an offline test model."
-            )
-        pretrained_cfg = open_clip.get_pretrained_cfg(model, source.ref)
-        if cached is not None:
-            clip = _create_or_explain(
-                open_clip, model, cached, force_quick_gelu=bool(pretrained_cfg.get("quick_gelu", False))
-            )
-        else:
-            clip = _create_or_explain(open_clip, model, source.ref)
+        if cached is None:
+            if not _hub_reachable():
+                raise BackboneLoadError(
+                    f"Cannot load pretrained weights '{source.ref}' for model '{model}': they are not in the "
+                    "local cache and the model hub cannot be reached (offline). Download them on a machine "
+                    "with internet access, or pass a local checkpoint file with --pretrained /path/to/weights "
+                    "(.safetensors, .bin or .pt); use --random-weights --seed N for an offline test model."
+                )
+            cached = _download_tag(open_clip, model, source.ref)
+        _refuse_torchscript(Path(cached), model)
+        clip = _create_or_explain(open_clip, model, cached, quick_gelu)
+        # a tag's preprocessing (MobileCLIP: mean 0, std 1) is open_clip's pretrained metadata, not the file's
+        tag_cfg = open_clip.get_pretrained_cfg(model, source.ref)
+        for key in ("mean", "std", "interpolation", "resize_mode"):
+            if tag_cfg.get(key):
+                clip.visual.preprocess_cfg[key] = tag_cfg[key]
     clip.eval()
     for param in clip.parameters():
         param.requires_grad_(False)
@@ -228,25 +608,100 @@ def load_backbone(
         "interpolation": cfg.get("interpolation", "bicubic"),
         "resize_mode": cfg.get("resize_mode", "shortest"),
     }
-    embed_dim = int(clip.text_projection.shape[1]) if clip.text_projection is not None else int(
-        clip.visual.output_dim
-    )
+    embed_dim = int(model_config(model)["embed_dim"])
+    text = text_side(model, clip, tokenizer)
     return Backbone(
         name=model,
-        source=source,
+        source=WeightsSource(source.kind, source.ref, source.sha256, quick_gelu),
         model=clip,
         preprocess=preprocess,
         embed_dim=embed_dim,
-        context_length=int(clip.context_length),
+        context_length=int(text.spec["context_length"]),
+        text=text,
     )
 
 
-def _create_or_explain(open_clip: Any, model: str, pretrained: str, **kwargs: Any) -> Any:
+# --------------------------------------------------------------------------- checkpoint errors
+
+
+def _refuse_torchscript(path: Path, model: str) -> None:
+    """An OpenAI TorchScript archive is never loaded (it holds pickled code): say how to convert it."""
     try:
-        return open_clip.create_model(model, pretrained=pretrained, **kwargs)
-    except Exception as exc:  # open_clip raises RuntimeError for every failure
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return
+    if any(n.endswith("/constants.pkl") or "/code/__torch__" in n for n in names):
+        qg = model if model.endswith("-quickgelu") else f"{model}-quickgelu"
         raise BackboneLoadError(
-            f"Cannot load weights '{pretrained}' into model '{model}': {str(exc).splitlines()[0][:300]}. "
-            "If the file is for another architecture, pass the matching model name "
-            "(OpenAI checkpoints need the '-quickgelu' variant, e.g. ViT-B-16-quickgelu)."
-        ) from exc
+            f"'{path}' is a TorchScript archive (OpenAI's original CLIP release), which edgeclip never loads "
+            f"(it runs pickled code): use --pretrained openai, or convert it once on a trusted machine with "
+            f"python -c \"import open_clip, safetensors.torch as st; m = open_clip.load_openai_model('{path}', "
+            f"device='cpu'); st.save_file({{k: v.contiguous() for k, v in m.state_dict().items()}}, "
+            f"'weights.safetensors')\" and pass --model {qg} --pretrained weights.safetensors"
+        )
+
+
+def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a checkpoint, read safely (safetensors, or torch.load weights_only)."""
+    torch, _ = import_torch_stack()
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise BackboneLoadError(f"'{path}' holds no state dict")
+    shapes = {k: tuple(v.shape) for k, v in data.items() if hasattr(v, "shape")}
+    if shapes and next(iter(shapes)).startswith("module."):
+        shapes = {k[7:]: v for k, v in shapes.items()}
+    return shapes
+
+
+def _shown(keys: list[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def explain_checkpoint(open_clip: Any, model: str, path: str, quick_gelu: bool, exc: BaseException) -> str:
+    """One line on why a checkpoint does not load: the missing and unexpected keys (first few plus
+    counts) or the shape mismatches; the -quickgelu hint only when keys and shapes match."""
+    head = f"Cannot load weights '{path}' into model '{model}'"
+    try:
+        have = _checkpoint_shapes(path)
+    except BackboneLoadError as err:
+        return f"{head}: {err}"
+    except Exception as err:
+        return f"{head}: the file cannot be read as a weights file ({_first_line(err, 200)})"
+    try:
+        want = {k: tuple(v.shape) for k, v in
+                open_clip.create_model(model, pretrained=None, force_quick_gelu=quick_gelu).state_dict().items()}
+    except Exception:
+        return f"{head}: {_first_line(exc)}"
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    shapes = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if missing or unexpected:
+        return (f"{head}: {len(missing)} of the model's {len(want)} keys are missing ({_shown(missing)}) and "
+                f"{len(unexpected)} of the file's {len(have)} are unexpected ({_shown(unexpected)}); the file is "
+                "probably for another architecture: pass the model name it was trained as.")
+    if shapes:
+        shown = ", ".join(f"{k} file {list(have[k])} vs model {list(want[k])}" for k in shapes[:3])
+        return (f"{head}: {len(shapes)} tensors differ in shape ({shown}{', ...' if len(shapes) > 3 else ''}); "
+                "the file is for another size of this architecture.")
+    hint = ""
+    if not quick_gelu and f"{model}-quickgelu" in open_clip.list_models():
+        hint = (f" The keys and shapes match; if the file is an OpenAI-trained checkpoint, use "
+                f"--model {model}-quickgelu (its activation).")
+    return f"{head}: {_first_line(exc)}.{hint}"
+
+
+def _create_or_explain(open_clip: Any, model: str, pretrained: str, quick_gelu: bool) -> Any:
+    try:
+        return open_clip.create_model(model, pretrained=pretrained, force_quick_gelu=quick_gelu)
+    except Exception as exc:  # open_clip raises RuntimeError (and others) for every failure
+        raise BackboneLoadError(explain_checkpoint(open_clip, model, pretrained, quick_gelu, exc)) from exc

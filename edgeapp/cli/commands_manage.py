@@ -42,6 +42,7 @@ def init(
     fusion: Annotated[str, typer.Option(help="RAIL: 'ddas' (gate by autoencoders, default) or 'paper' (zero-shot top-1).")] = "ddas",
     gate: Annotated[str, typer.Option(help="DDAS autoencoder: 'linear' (closed form, torch-free) or 'mlp'.")] = "linear",
     labels: Annotated[Optional[str], typer.Option(help='Default zero-shot labels, comma separated.')] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="SigLIP and other Hugging Face tokenizer models: their tokenizer.json (or its folder); default: the local Hugging Face cache.")] = None,
     experts: Annotated[int, typer.Option(min=2, help="MoE: experts per block (paper 22).")] = 22,
     last_blocks: Annotated[Optional[int], typer.Option(min=1, help="MoE: adapters only in the last N blocks of each encoder (default all).")] = None,
     encoders: Annotated[str, typer.Option(help="MoE: adapted encoders, 'image,text' (paper), 'image' or 'text'.")] = "image,text",
@@ -60,8 +61,8 @@ def init(
     with progress(quiet) as bar:
         bar.add_task("exporting the frozen encoders", total=None, info="")
         created = create(root, model, pretrained, method=method.value, random_weights=random_weights, seed=seed,
-                         zero_shot_labels=parse_labels(labels, None), hidden=hidden, beta=beta, fusion=fusion,
-                         gate_kind=gate, moe=moe,
+                         zero_shot_labels=parse_labels(labels, None), tokenizer=tokenizer, hidden=hidden, beta=beta,
+                         fusion=fusion, gate_kind=gate, moe=moe,
                          moe_train={"freeze_rule": freeze_rule, "batch_size": batch_size, "lr": lr}).bundle
     if not quiet:
         err_console().print(escape(f"created {root} ({created.version}): {model}, {created.weights_label}, method {method.value}"))
