@@ -15,7 +15,13 @@ import pytest
 from edgeclip.bundle import Bundle, create_bundle, list_versions, rollback
 from edgeclip.errors import BundleError
 
-BASE = {"backbone": {"model": "m", "weights": {"kind": "random", "ref": "0"}}, "preprocess": {}, "method": {"name": "rail-primal"}}
+BASE = {"backbone": {"model": "m", "weights": {"kind": "random", "ref": "0"}},
+        "preprocess": {"image_size": 8, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+        "method": {"name": "rail-primal"}}
+
+
+def task(name: str) -> dict:
+    return {"name": name, "classes": [f"{name}-a", f"{name}-b"], "threshold": 1.0}
 
 
 def make_bundle(root: Path) -> Bundle:
@@ -28,7 +34,7 @@ def make_bundle(root: Path) -> Bundle:
 def test_versions_inherit_and_switch(tmp_path: Path) -> None:
     first = make_bundle(tmp_path / "b")
     with first.new_version() as writer:
-        writer.manifest["tasks"].append({"name": "t0"})
+        writer.manifest["tasks"].append(task("t0"))
         writer.write_tensors("learned.safetensors", {"w": np.zeros((3, 5), np.float32)})
     second = Bundle.open(tmp_path / "b")
     assert (first.version, second.version) == ("v0001", "v0002")
@@ -92,7 +98,14 @@ def test_validation_errors(tmp_path: Path, damage: str) -> None:
         data = bytearray(tensors.read_bytes())
         data[-1] ^= 0xFF
         tensors.write_bytes(bytes(data))
-        expected = "sha256"
+        # opening reads no content; the damaged file is refused on its first use, and by verify
+        opened = Bundle.open(tmp_path / "b")
+        assert opened.path("graphs/g.onnx").read_bytes() == b"graph-v1"
+        with pytest.raises(BundleError, match="sha256"):
+            opened.tensors("learned.safetensors")
+        with pytest.raises(BundleError, match="sha256"):
+            Bundle.open(tmp_path / "b").verify()
+        return
     elif damage == "shape":
         manifest["tensors"]["learned.safetensors"]["w"] = [4, 3]
         manifest_path.write_text(json.dumps(manifest))
@@ -111,7 +124,7 @@ import sys, time, numpy as np
 from edgeclip.bundle import Bundle
 bundle = Bundle.open(sys.argv[1])
 writer = bundle.new_version()
-writer.manifest["tasks"].append({"name": "killed"})
+writer.manifest["tasks"].append({"name": "killed", "classes": ["k"], "threshold": 1.0})
 for i in range(40):
     writer.write_tensors(f"part{i}.safetensors", {"x": np.random.rand(200, 200)})
     if i == 5:
