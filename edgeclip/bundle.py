@@ -921,3 +921,22 @@ def verify_bundle(root: Path | str, versions: list[str] | None = None) -> list[t
         except BundleError as exc:
             problems.append((name, str(exc)))
     return problems
+
+
+def set_retention(root: Path | str, keep: int) -> Bundle:
+    """Record ``keep`` (0: keep all) as the bundle's retention setting, in a new version with the
+    same files (hard links, hashes reused), then prune to it. Returns the new current version."""
+    if keep < 0:
+        raise BundleError("--keep must be 0 (keep all) or more.")
+    bundle = Bundle.open(root)
+    with bundle.new_version() as writer:
+        writer.manifest["retention"] = {"keep": int(keep)}
+    return Bundle.open(root)
+
+
+def format_size(n_bytes: int) -> str:
+    """Bytes as text for reports: ``12.3 MB`` (decimal units)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"
