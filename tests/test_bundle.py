@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,3 +179,194 @@ def test_crash_between_version_rename_and_switch(tmp_path: Path, monkeypatch: py
     with Bundle.open(tmp_path / "b").new_version():
         pass
     assert Bundle.open(tmp_path / "b").version == "v0003"
+
+
+# --------------------------------------------------------------------------- the typed manifest
+
+INIT_MANIFEST = {  # what `edgeclip init` writes (edgeclip-tiny, rail-primal), files left out
+    "backbone": {"model": "edgeclip-tiny", "weights": {"kind": "random", "ref": "0", "sha256": None},
+                 "embed_dim": 64, "context_length": 77},
+    "preprocess": {"image_size": 64, "mean": [0.48145466, 0.4578275, 0.40821073],
+                   "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic", "resize_mode": "shortest"},
+    "method": {"name": "rail-primal", "settings": {"beta": 0.8, "fusion": "ddas", "seed": 0, "hidden": 15000,
+                                                   "gamma": 0.1, "dim": 64}},
+    "gate": {"kind": "linear", "k": 4, "quantile": 0.95},
+    "zero_shot": {"templates": ["a photo of a {}."], "logit_scale": 100.0, "labels": []},
+    "tasks": [],
+}
+TASK_RECORD = {"name": "shapes", "classes": ["circle", "square"], "templates": ["a photo of a {}."], "n_images": 12,
+               "threshold": 0.000127, "gate": {"kind": "linear", "k": 4}, "source": "/tmp/shapes",
+               "created_at": "2026-11-30T11:00:28+00:00"}
+MOE_SETTINGS = {"beta": 0.8, "fusion": "ddas", "seed": 0,
+                "moe": {"n_experts": 22, "top_k": 2, "encoders": ["image", "text"], "last_blocks": None},
+                "train": {"iterations": 1000, "batch_size": 64, "lr": 0.001, "warmup": 100, "freeze_rule": "strict"}}
+
+
+def test_manifests_as_written_today_validate_with_typed_access() -> None:
+    from edgeclip.manifest import validate_manifest
+
+    meta = validate_manifest(INIT_MANIFEST, complete=False)
+    assert meta.method.settings.hidden == 15000 and meta.gate.k == 4 and meta.backbone.weights.kind == "random"
+    with_task = json.loads(json.dumps(INIT_MANIFEST))
+    with_task["tasks"] = [TASK_RECORD]
+    with_task["method"]["settings"]["learner"] = {"kind": "rail_primal", "n_classes": 2}
+    with_task["quantization"] = {"image_encoder": {"method": "dynamic", "weights": "int8", "activations": "uint8",
+                                                   "op_types": ["MatMul"], "onnxruntime": "1.20"}}
+    assert validate_manifest(with_task, complete=False).tasks[0].gate.k == 4
+    moe = json.loads(json.dumps(INIT_MANIFEST))
+    moe["method"] = {"name": "moe", "settings": MOE_SETTINGS}
+    moe["tasks"] = [dict(TASK_RECORD, training={"iterations": 5, "final_loss": 0.5, "images_per_s": 3.0,
+                                                "experts_frozen": 2, "experts_added": 0, "skipped_images": 0})]
+    assert validate_manifest(moe, complete=False).method.name == "moe"
+    # defaults are defined once, in the schema
+    minimal = validate_manifest(BASE, complete=False)
+    assert minimal.zero_shot.templates == ["a photo of a {}."] and minimal.zero_shot.logit_scale == 100.0
+    assert minimal.method.settings.beta == 0.8 and minimal.gate.kind == "linear" and minimal.retention.keep == 0
+
+
+@pytest.mark.parametrize("path, value, field", [
+    (("gate", "bogus"), 1, "$.gate"),
+    (("colour",), "red", "colour"),
+    (("gate", "k"), "four", "$.gate.k"),
+    (("method", "name"), "svm", "$.method.name"),
+    (("method", "settings", "beta"), 2.0, "$.method.settings.beta"),
+    (("tasks",), [{"name": "t", "classes": [], "threshold": 1.0}], "$.tasks[0].classes"),
+    (("tasks",), [{"name": "t", "classes": ["a"], "threshold": -1.0}], "$.tasks[0].threshold"),
+    (("tasks",), [{"name": "t", "classes": ["a"], "threshold": 1.0, "extra": 1}], "$.tasks[0]"),
+    (("backbone", "weights", "kind"), "url", "$.backbone.weights.kind"),
+    (("preprocess", "mean"), [0.5], "$.preprocess.mean"),
+])
+def test_invalid_or_unknown_manifest_fields_are_refused_by_name(tmp_path: Path, path: tuple, value: object,
+                                                                 field: str) -> None:
+    from edgeclip.manifest import validate_manifest
+
+    bad = json.loads(json.dumps(INIT_MANIFEST))
+    node = bad
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(BundleError, match=re.escape(field)):
+        validate_manifest(bad, complete=False)
+    # refused before anything is written ...
+    with pytest.raises(BundleError, match=re.escape(field)):
+        create_bundle(tmp_path / "new", bad)
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new.init-*"))
+    # ... at commit (the previous version stays current) ...
+    first = make_bundle(tmp_path / "b")
+    with pytest.raises(BundleError, match=re.escape(field)):
+        with first.new_version() as writer:
+            node = writer.manifest
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = value
+    assert Bundle.open(tmp_path / "b").version == "v0001" and not list((tmp_path / "b").glob(".staging-*"))
+    # ... and when read
+    manifest_path = first.dir / "manifest.json"
+    written = json.loads(manifest_path.read_text())
+    node = written
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+    manifest_path.write_text(json.dumps(written))
+    with pytest.raises(BundleError, match=re.escape(field)):
+        Bundle.open(tmp_path / "b")
+
+
+def test_non_finite_numbers_in_a_manifest_are_refused(tmp_path: Path) -> None:
+    first = make_bundle(tmp_path / "b")
+    path = first.dir / "manifest.json"
+    path.write_text(path.read_text().replace('"tasks": []', '"tasks": [{"name": "t", "classes": ["a"], "threshold": NaN}]'))
+    with pytest.raises(BundleError, match="NaN"):
+        Bundle.open(tmp_path / "b")
+
+
+# --------------------------------------------------------------------------- concurrency (real processes)
+
+RACER = """
+import sys, time, numpy as np
+from pathlib import Path
+from edgeclip.bundle import Bundle
+from edgeclip.errors import BundleError
+root, name, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+bundle = Bundle.open(root)                      # reads the parent, without the lock (like add-task)
+print("opened", bundle.version, flush=True)
+while not go.exists():
+    time.sleep(0.01)
+try:
+    with bundle.new_version() as writer:
+        writer.manifest["tasks"].append({"name": name, "classes": [name + "-c"], "threshold": 1.0})
+        writer.write_tensors("learned.safetensors", {"w": np.full((3, 4), len(name), np.float32)})
+        time.sleep(float(sys.argv[4]))
+except BundleError as exc:
+    print("refused:", exc, flush=True)
+    sys.exit(1)
+print("committed", flush=True)
+"""
+
+
+def _racer(root: Path, name: str, go: Path, hold: float = 0.3) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", RACER, str(root), name, str(go), str(hold)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("opened")
+    return proc
+
+
+def test_two_concurrent_writers_never_lose_an_update(tmp_path: Path) -> None:
+    """Both start from v0001; exactly one commits, the other refuses with a clear message, and the
+    winner's task is in the bundle (the store's compare-and-swap at commit)."""
+    make_bundle(tmp_path / "b")
+    go = tmp_path / "go"
+    procs = {name: _racer(tmp_path / "b", name, go) for name in ("alpha", "beta")}
+    go.touch()
+    outs = {name: proc.communicate(timeout=60) for name, proc in procs.items()}
+    codes = {name: proc.returncode for name, proc in procs.items()}
+    assert sorted(codes.values()) == [0, 1], outs
+    winner = next(n for n, c in codes.items() if c == 0)
+    loser = next(n for n, c in codes.items() if c == 1)
+    assert "changed while this command ran" in outs[loser][0] and "Traceback" not in outs[loser][1]
+    bundle = Bundle.open(tmp_path / "b")
+    assert [t["name"] for t in bundle.tasks] == [winner]
+    assert bundle.tensors("learned.safetensors")["w"][0, 0] == len(winner)
+    assert list_versions(tmp_path / "b") == ["v0001", "v0002"]
+
+
+def test_rollback_during_a_write_is_not_undone(tmp_path: Path) -> None:
+    """A rollback that succeeds while a writer is learning stays in effect: the writer refuses."""
+    first = make_bundle(tmp_path / "b")
+    with first.new_version() as writer:
+        writer.manifest["tasks"].append(task("t0"))
+    go = tmp_path / "go"
+    proc = _racer(tmp_path / "b", "late", go, hold=0.0)
+    done = subprocess.run([sys.executable, "-m", "edgeclip.edgeapp.cli.app", "rollback", "--bundle", str(tmp_path / "b")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    go.touch()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "v0001" in out and "Traceback" not in err
+    assert Bundle.open(tmp_path / "b").version == "v0001"
+
+
+def test_readers_never_block_on_a_writer(tmp_path: Path) -> None:
+    first = make_bundle(tmp_path / "b")
+    writer = first.new_version()  # holds the lock
+    try:
+        start = time.perf_counter()
+        assert Bundle.open(tmp_path / "b").tensors("learned.safetensors")["w"].shape == (3, 4)
+        assert time.perf_counter() - start < 1.0
+    finally:
+        writer.abort()
+
+
+def test_a_second_writer_waits_then_refuses_a_held_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeclip.bundle as module
+
+    first = make_bundle(tmp_path / "b")
+    monkeypatch.setattr(module, "LOCK_WAIT_S", 0.2)
+    holder = first.new_version()
+    try:
+        with pytest.raises(BundleError, match="Another edgeclip process"):
+            first.new_version()
+    finally:
+        holder.abort()
+    with first.new_version():  # free again
+        pass
