@@ -370,3 +370,139 @@ def test_a_second_writer_waits_then_refuses_a_held_lock(tmp_path: Path, monkeypa
         holder.abort()
     with first.new_version():  # free again
         pass
+
+
+# --------------------------------------------------------------------------- containment
+
+def _rewrite_manifest(bundle: Bundle, edit) -> None:
+    path = bundle.dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def _entry_for(path: Path) -> dict:
+    import hashlib
+
+    return {"blob": False, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "size": path.stat().st_size}
+
+
+@pytest.mark.parametrize("name", ["../outside/secret.bin", "/etc/hostname", "graphs/../../outside/secret.bin",
+                                  "graphs//g.onnx", ".hidden", "graphs/./g.onnx", "a\\b"])
+def test_manifest_names_outside_the_bundle_are_refused_without_disclosure(tmp_path: Path, name: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.bin"
+    secret.write_bytes(b"s" * 4321)
+    bundle = make_bundle(tmp_path / "b")
+    _rewrite_manifest(bundle, lambda m: m["files"].__setitem__(name, _entry_for(secret)))
+    with pytest.raises(BundleError, match="invalid bundle file name") as err:
+        Bundle.open(tmp_path / "b")
+    assert "4321" not in str(err.value) and "secret" not in str(err.value).replace(name[:80], "")
+    assert secret.read_bytes() == b"s" * 4321
+
+
+def test_symlinks_and_special_files_in_a_bundle_are_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "g.onnx").write_bytes(b"graph-v1")  # same content: its hash would match
+    bundle = make_bundle(tmp_path / "b")
+    target = bundle.dir / "graphs" / "g.onnx"
+    target.unlink()
+    target.symlink_to(outside / "g.onnx")
+    with pytest.raises(BundleError, match="symlink") as err:
+        Bundle.open(tmp_path / "b")
+    assert str(outside) not in str(err.value)
+    # a symlinked folder on the way
+    target.unlink()
+    (outside / "graphs").mkdir()
+    (outside / "graphs" / "g.onnx").write_bytes(b"graph-v1")
+    os.rmdir(bundle.dir / "graphs")
+    (bundle.dir / "graphs").symlink_to(outside / "graphs")
+    with pytest.raises(BundleError, match="not a plain folder"):
+        Bundle.open(tmp_path / "b")
+    # a fifo where a file should be
+    (bundle.dir / "graphs").unlink()
+    (bundle.dir / "graphs").mkdir()
+    os.mkfifo(bundle.dir / "graphs" / "g.onnx")
+    with pytest.raises(BundleError, match="not a regular file"):
+        Bundle.open(tmp_path / "b")
+
+
+def test_a_symlinked_lock_or_current_is_refused(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b")
+    elsewhere = tmp_path / "elsewhere.txt"
+    (tmp_path / "b" / ".lock").unlink()
+    (tmp_path / "b" / ".lock").symlink_to(elsewhere)
+    with pytest.raises(BundleError, match="symlink"):
+        bundle.new_version()
+    with pytest.raises(BundleError, match="symlink"):
+        rollback(tmp_path / "b", "v0001")
+    assert not elsewhere.exists()
+    (tmp_path / "b" / ".lock").unlink()
+    (tmp_path / "b" / "CURRENT").unlink()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("v0001-top-secret\n")
+    (tmp_path / "b" / "CURRENT").symlink_to(secret)
+    with pytest.raises(BundleError, match="CURRENT") as err:
+        Bundle.open(tmp_path / "b")
+    assert "top-secret" not in str(err.value)
+
+
+PICKLE_MARKER = "pickle-ran"
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_named_like_a_tensor_file_is_never_unpickled(tmp_path: Path) -> None:
+    import pickle
+
+    bundle = make_bundle(tmp_path / "b")
+    marker = tmp_path / PICKLE_MARKER
+    tensors = bundle.dir / "learned.safetensors"
+    tensors.unlink()
+    tensors.write_bytes(pickle.dumps({"w": _Evil(str(marker))}))
+    _rewrite_manifest(bundle, lambda m: m["files"].__setitem__("learned.safetensors", _entry_for(tensors)))
+    with pytest.raises(BundleError, match="not a valid safetensors file"):
+        Bundle.open(tmp_path / "b").tensors("learned.safetensors")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "graphs/../../x", "manifest.json", ".lock"])
+def test_the_writer_refuses_names_outside_its_version(tmp_path: Path, name: str) -> None:
+    bundle = make_bundle(tmp_path / "b")
+    with pytest.raises(BundleError, match="invalid bundle file name"):
+        with bundle.new_version() as writer:
+            writer.write_bytes(name, b"x")
+    assert not (tmp_path / "x").exists() and Bundle.open(tmp_path / "b").version == "v0001"
+
+
+# --------------------------------------------------------------------------- finite numbers
+
+def test_writing_non_finite_tensors_is_refused(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b")
+    for bad in (np.nan, np.inf):
+        with pytest.raises(BundleError, match="'w'.*non-finite"):
+            with bundle.new_version() as writer:
+                writer.write_tensors("learned.safetensors", {"w": np.array([[1.0, bad]], np.float32)})
+    assert Bundle.open(tmp_path / "b").version == "v0001"
+
+
+def test_loading_non_finite_tensors_names_file_and_tensor(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    bundle = make_bundle(tmp_path / "b")
+    tensors = bundle.dir / "learned.safetensors"
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    values[1, 2] = np.nan
+    tensors.unlink()
+    save_file({"w": values}, str(tensors))
+    _rewrite_manifest(bundle, lambda m: m["files"].__setitem__("learned.safetensors", _entry_for(tensors)))
+    with pytest.raises(BundleError, match=r"'learned.safetensors'.*tensor 'w'.*non-finite"):
+        Bundle.open(tmp_path / "b").tensors("learned.safetensors")
