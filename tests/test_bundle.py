@@ -506,3 +506,257 @@ def test_loading_non_finite_tensors_names_file_and_tensor(tmp_path: Path) -> Non
     _rewrite_manifest(bundle, lambda m: m["files"].__setitem__("learned.safetensors", _entry_for(tensors)))
     with pytest.raises(BundleError, match=r"'learned.safetensors'.*tensor 'w'.*non-finite"):
         Bundle.open(tmp_path / "b").tensors("learned.safetensors")
+
+
+# --------------------------------------------------------------------------- fast open
+
+@pytest.fixture
+def count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    import edgeclip.bundle as module
+
+    seen: list[str] = []
+    real = module.sha256_of
+
+    def counting(path: Path) -> str:
+        seen.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(module, "sha256_of", counting)
+    return seen
+
+
+def test_open_reads_no_content_and_stamps_skip_verified_files(tmp_path: Path, count_hashes: list[str]) -> None:
+    make_bundle(tmp_path / "b")
+    count_hashes.clear()
+    bundle = Bundle.open(tmp_path / "b")
+    assert count_hashes == []  # sizes only
+    bundle.tensors("learned.safetensors")
+    bundle.tensors("learned.safetensors")
+    assert count_hashes == []  # the writer stamped what it hashed
+    (tmp_path / "b" / ".stamps" / "v0001.json").unlink()
+    fresh = Bundle.open(tmp_path / "b")
+    fresh.tensors("learned.safetensors")
+    assert count_hashes == ["learned.safetensors"]  # only the file used, once
+    Bundle.open(tmp_path / "b").tensors("learned.safetensors")
+    assert count_hashes == ["learned.safetensors"]  # stamped now
+    # the same size, new content: the stamp no longer matches, the hash catches it
+    path = fresh.dir / "graphs" / "g.onnx"
+    path.write_bytes(b"graph-v9")
+    with pytest.raises(BundleError, match="sha256"):
+        Bundle.open(tmp_path / "b").path("graphs/g.onnx")
+    count_hashes.clear()
+    with pytest.raises(BundleError, match="sha256"):
+        Bundle.open(tmp_path / "b").verify()  # verify hashes everything, stamps or not
+    assert set(count_hashes) <= {"learned.safetensors", "g.onnx"} and "g.onnx" in count_hashes
+
+
+def test_a_new_version_does_not_rehash_inherited_files(tmp_path: Path, count_hashes: list[str]) -> None:
+    first = make_bundle(tmp_path / "b")
+    count_hashes.clear()
+    with first.new_version() as writer:
+        writer.write_bytes("notes.txt", b"new")
+    assert count_hashes == ["notes.txt"]
+    second = Bundle.open(tmp_path / "b")
+    assert second.manifest["files"]["graphs/g.onnx"] == first.manifest["files"]["graphs/g.onnx"]
+    second.verify()
+
+
+def test_a_damaged_parent_file_is_not_laundered_into_a_new_version(tmp_path: Path) -> None:
+    first = make_bundle(tmp_path / "b")
+    (first.dir / "graphs" / "g.onnx").write_bytes(b"graph-XX")
+    with pytest.raises(BundleError, match="sha256"):
+        Bundle.open(tmp_path / "b").new_version()
+    assert list_versions(tmp_path / "b") == ["v0001"]
+
+
+# --------------------------------------------------------------------------- init, failures, temporary files
+
+INIT_KILLED = """
+import sys, time, numpy as np
+from edgeclip.bundle import create_bundle
+sys.path.insert(0, sys.argv[2])
+from test_bundle import BASE
+writer = create_bundle(sys.argv[1], dict(BASE))
+for i in range(30):
+    writer.write_tensors(f"part{i}.safetensors", {"x": np.random.rand(100, 100)})
+    if i == 3:
+        print("writing", flush=True)
+time.sleep(float(sys.argv[3]))
+writer.commit()
+print("committed", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 5.0])
+def test_an_interrupted_init_leaves_nothing_or_a_complete_bundle(tmp_path: Path, delay: float) -> None:
+    root = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-c", INIT_KILLED, str(root), str(Path(__file__).parent), str(delay)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    time.sleep(0.05 if delay else 0.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if root.exists():
+        assert len(Bundle.open(root).manifest["files"]) == 30
+        return
+    assert list(tmp_path.glob(".b.init-*"))  # the killed init's work folder, hidden beside the bundle
+    with pytest.raises(BundleError, match="No bundle"):
+        Bundle.open(root)
+    make_bundle(root)  # re-running works, and removes the dead init's leftovers
+    assert Bundle.open(root).version == "v0001" and not list(tmp_path.glob(".b.init-*"))
+
+
+def test_init_into_an_empty_folder_and_refusals(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    make_bundle(tmp_path / "empty")
+    assert Bundle.open(tmp_path / "empty").version == "v0001"
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("mine")
+    with pytest.raises(BundleError, match="not empty"):
+        create_bundle(tmp_path / "full", dict(BASE))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(BundleError, match="is a file"):
+        create_bundle(tmp_path / "afile", dict(BASE))
+    with pytest.raises(BundleError, match="is a file"):
+        Bundle.open(tmp_path / "afile")
+
+
+@pytest.mark.parametrize("code, words", [(28, "disk is full"), (30, "read-only"), (13, "permission denied")])
+def test_disk_errors_while_writing_are_one_line_bundle_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              code: int, words: str) -> None:
+    import safetensors.numpy
+
+    first = make_bundle(tmp_path / "b")
+
+    def failing(*_args: object, **_kwargs: object) -> None:
+        raise OSError(code, os.strerror(code), str(tmp_path / "b" / "somewhere"))
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", failing)
+    with pytest.raises(BundleError, match=words) as err:
+        with first.new_version() as writer:
+            writer.write_tensors("learned.safetensors", {"w": np.zeros(3, np.float32)})
+    assert "\n" not in str(err.value) and "somewhere" not in str(err.value)
+    assert Bundle.open(tmp_path / "b").version == "v0001" and not list((tmp_path / "b").glob(".staging-*"))
+
+
+def test_temporary_files_are_removed_by_the_next_write(tmp_path: Path) -> None:
+    first = make_bundle(tmp_path / "b")
+    root = tmp_path / "b"
+    old = time.time() - 3600
+    leftovers = [root / ".CURRENT.abc.tmp", root / ".stamps" / ".v0001.abc.tmp"]
+    for path in leftovers:
+        path.write_text("x")
+        os.utime(path, (old, old))
+    (root / ".staging-dead").mkdir()
+    (root / ".trash-dead").mkdir()
+    with first.new_version():
+        pass
+    assert not any(p.exists() for p in leftovers + [root / ".staging-dead", root / ".trash-dead"])
+
+
+# --------------------------------------------------------------------------- history and retention
+
+def _grow(root: Path, names: list[str]) -> None:
+    for name in names:
+        with Bundle.open(root).new_version() as writer:
+            writer.manifest["tasks"].append(task(name))
+            writer.write_tensors("learned.safetensors", {"w": np.full((3, 4), len(writer.manifest["tasks"]), np.float32)})
+
+
+def test_history_rollback_to_and_prune(tmp_path: Path) -> None:
+    from edgeclip.bundle import prune, version_history
+
+    root = tmp_path / "b"
+    make_bundle(root)
+    _grow(root, ["t1", "t2", "t3"])
+    history = version_history(root)
+    assert [r["version"] for r in history] == ["v0001", "v0002", "v0003", "v0004"]
+    assert history[-1]["tasks"] == ["t1", "t2", "t3"] and history[-1]["current"]
+    assert history[1]["own"] > 0 and history[1]["size"] >= history[1]["own"]
+    assert rollback(root, "v0002") == "v0002"
+    with pytest.raises(BundleError, match="no complete version 'v0009'"):
+        rollback(root, "v0009")
+    with pytest.raises(BundleError, match="invalid version name"):
+        rollback(root, "../v0001")
+    _grow(root, ["t2b"])  # v0005, parent v0002: v0003 and v0004 are off the current line
+    assert prune(root, keep=2) == ["v0001", "v0003", "v0004"]
+    assert list_versions(root) == ["v0002", "v0005"]
+    bundle = Bundle.open(root)
+    assert [t["name"] for t in bundle.tasks] == ["t1", "t2b"]
+    bundle.verify()
+    Bundle.open(root, "v0002").verify()
+    assert not (root / ".stamps" / "v0001.json").exists()
+
+
+def test_retention_setting_prunes_after_each_write(tmp_path: Path) -> None:
+    from edgeclip.bundle import set_retention
+
+    root = tmp_path / "b"
+    make_bundle(root)
+    _grow(root, ["t1", "t2"])
+    set_retention(root, 2)
+    assert list_versions(root) == ["v0003", "v0004"]
+    _grow(root, ["t3", "t4"])
+    assert list_versions(root) == ["v0005", "v0006"]
+    assert Bundle.open(root).meta.retention.keep == 2
+    assert [t["name"] for t in Bundle.open(root).tasks] == ["t1", "t2", "t3", "t4"]
+
+
+# --------------------------------------------------------------------------- the store commands
+
+def _cli(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgeclip.edgeapp.cli.app", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_store_commands_end_to_end(tmp_path: Path) -> None:
+    root = tmp_path / "b"
+    make_bundle(root)
+    _grow(root, ["t1", "t2"])
+    done = _cli("versions", "--bundle", root, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert [v["tasks"] for v in data["versions"]] == [[], ["t1"], ["t1", "t2"]] and data["size_on_disk"] > 0
+    assert _cli("verify", "--bundle", root).returncode == 0
+    assert _cli("rollback", "--bundle", root, "--to", "v0002").returncode == 0
+    assert Bundle.open(root).version == "v0002"
+    damaged = root / "versions" / "v0003" / "learned.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 1
+    damaged.write_bytes(bytes(data))
+    done = _cli("verify", "--bundle", root)
+    assert done.returncode == 1 and "v0003" in done.stderr and "learned.safetensors" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = _cli("prune", "--bundle", root, "--keep", "1")
+    assert done.returncode == 0 and "v0001, v0003" in done.stderr
+    assert list_versions(root) == ["v0002"] and _cli("verify", "--bundle", root).returncode == 0
+
+
+@pytest.mark.parametrize("case", ["file", "missing", "readonly"])
+def test_store_failures_are_one_line_without_traceback(tmp_path: Path, case: str) -> None:
+    root = tmp_path / "b"
+    if case == "file":
+        root.write_text("not a bundle")
+        args: tuple = ("rollback", "--bundle", root)
+        code = ""
+    elif case == "missing":
+        args = ("versions", "--bundle", root)
+        code = ""
+    else:  # EROFS on every write in the bundle (the tests may run as root, which ignores chmod)
+        make_bundle(root)
+        _grow(root, ["t1"])
+        args = ("rollback", "--bundle", root)
+        code = ("import errno, os\nreal = os.open\n"
+                "def ro(path, flags, *a, **k):\n"
+                f"    if str(path).startswith({str(root)!r}) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):\n"
+                "        raise OSError(errno.EROFS, 'Read-only file system', str(path))\n"
+                "    return real(path, flags, *a, **k)\n"
+                "os.open = ro\n")
+    script = code + f"import sys\nsys.argv = ['edgeclip'] + {[str(a) for a in args]!r}\n" \
+                    "from edgeclip.edgeapp.cli.app import main\nmain()"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode in (1, 2), done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    if case == "readonly":
+        assert "read-only" in done.stderr and Bundle.open(root).version == "v0002"
