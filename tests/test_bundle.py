@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -760,3 +761,72 @@ def test_store_failures_are_one_line_without_traceback(tmp_path: Path, case: str
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     if case == "readonly":
         assert "read-only" in done.stderr and Bundle.open(root).version == "v0002"
+
+
+# --------------------------------------------------------------------------- the real CLI (slow: exports a tiny model)
+
+@pytest.fixture(scope="module")
+def tiny_cli_bundle(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    pytest.importorskip("open_clip")
+    from edgeclip.edgeapp.demo_data import write_demo_images
+
+    base = tmp_path_factory.mktemp("store-cli")
+    domains, query = write_demo_images(base / "images", train_per_class=6, query_per_class=1)
+    root = base / "bundle"
+    done = _cli("init", "--bundle", root, "--model", "edgeclip-tiny", "--random-weights", "--hidden", "256", "--quiet")
+    assert done.returncode == 0, done.stderr
+    return {"root": root, "domains": domains, "query": query}
+
+
+def _fresh_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns(".lock", ".stamps"))
+    return dst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("same_name", [False, True])
+def test_two_concurrent_add_tasks_lose_nothing(tiny_cli_bundle: dict, tmp_path: Path, same_name: bool) -> None:
+    root = _fresh_copy(tiny_cli_bundle["root"], tmp_path / "b")
+    names = ["same", "same"] if same_name else ["one", "two"]
+    procs = [subprocess.Popen([sys.executable, "-m", "edgeclip.edgeapp.cli.app", "add-task", str(domain),
+                               "--bundle", str(root), "--name", name],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for domain, name in zip(tiny_cli_bundle["domains"], names)]
+    results = [(proc, *proc.communicate(timeout=300)) for proc in procs]
+    ok = [name for (proc, _out, _err), name in zip(results, names) if proc.returncode == 0]
+    for proc, _out, err in results:
+        assert "Traceback" not in err
+        if proc.returncode != 0:
+            assert proc.returncode == 1 and ("changed while" in err or "already learned" in err), err
+    assert ok, [r[2] for r in results]
+    learned = [t["name"] for t in Bundle.open(root).tasks]
+    assert sorted(learned) == sorted(ok)  # every reported success is in the bundle, nothing else
+    if same_name:
+        assert learned == ["same"]
+
+
+@pytest.mark.slow
+def test_classify_refuses_non_finite_learned_tensors(tiny_cli_bundle: dict, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    root = _fresh_copy(tiny_cli_bundle["root"], tmp_path / "b")
+    bundle = Bundle.open(root)
+    path = bundle.dir / "learned.safetensors"
+    arrays = load_file(str(path))
+    arrays["rail.w_r"][0, 0] = np.nan
+    path.unlink()
+    save_file(arrays, str(path))
+    _rewrite_manifest(bundle, lambda m: m["files"].__setitem__("learned.safetensors", _entry_for(path)))
+    query = next(iter(sorted(tiny_cli_bundle["query"].iterdir())))
+    done = _cli("classify", query, "--bundle", root, "--format", "json")
+    assert done.returncode == 1 and "NaN" not in done.stdout
+    assert "learned.safetensors" in done.stderr and "rail.w_r" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_info_and_add_task_print_the_size_on_disk(tiny_cli_bundle: dict, tmp_path: Path) -> None:
+    root = _fresh_copy(tiny_cli_bundle["root"], tmp_path / "b")
+    done = _cli("add-task", tiny_cli_bundle["domains"][0], "--bundle", root)
+    assert done.returncode == 0 and "size on disk" in done.stderr, done.stderr
+    done = _cli("info", "--bundle", root)
+    assert done.returncode == 0 and "size on disk" in done.stdout
