@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "store.json")
     args = parser.parse_args()
 
-    from edgeclip.bundle import Bundle, disk_usage
+    from edgeclip.bundle import Bundle, disk_usage, stamps_path
     from edgeclip.layout import LEARNED, VOCAB_FILE, graph_file
 
     work = Path(tempfile.mkdtemp(prefix="bench-store-"))
@@ -92,7 +92,7 @@ def main() -> None:
         classify_files = [graph_file("gated.onnx"), graph_file("image_encoder.onnx"), graph_file("image_encoder.data"),
                           LEARNED, VOCAB_FILE, graph_file("text_encoder.onnx"), graph_file("text_encoder.data")]
         classify_files = [f for f in classify_files if bundle.has(f)]
-        stamps = root / ".stamps" / f"{bundle.version}.json"
+        stamps = stamps_path(root, bundle.version)
         saved = stamps.read_bytes()
 
         def first_use(cold: bool) -> None:

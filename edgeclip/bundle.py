@@ -6,7 +6,6 @@ Layout::
       CURRENT                 name of the active version ("v0003"), replaced atomically
       versions/v0001/         one complete version: manifest.json, *.safetensors, small files
       blobs/<sha256><suffix>  large files shared by versions (backbone graphs, tokenizer vocabulary)
-      .stamps/v0001.json      per-file stamps (size, mtime_ns, inode) of content verified by hash
       .lock                   the writers' advisory lock (readers never take it)
       .staging-*/             a version being written; never read, removed by the next writer
 
@@ -25,7 +24,8 @@ no device, no fifo). Error messages name bundle files by their manifest name onl
 
 Fast open: ``Bundle.open`` reads the manifest and ``lstat``s the files (sizes). A file's content
 is verified by sha256 the first time a command uses it (``Bundle.path``); a verified file gets a
-stamp (size, mtime_ns, inode), and a later use whose stamp matches skips the hash.
+stamp (size, mtime_ns, inode) in a cache outside the bundle (``stamps_dir``), and a later use
+whose stamp matches skips the hash.
 ``Bundle.verify`` (``edgeclip verify``) hashes everything regardless of stamps.
 """
 
@@ -54,7 +54,6 @@ from edgeclip.version import __version__
 
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
-STAMPS = ".stamps"
 LOCK = ".lock"
 _VERSION_RE = VERSION_RE
 LOCK_WAIT_S = float(os.environ.get("EDGECLIP_LOCK_WAIT", "30"))  # how long a writer waits for the lock
@@ -230,9 +229,12 @@ def _clean_temporary(root: Path) -> None:
     now = time.time()
     for stale in list(root.glob(".staging-*")) + list(root.glob(".trash-*")):
         shutil.rmtree(stale, ignore_errors=True)
-    for tmp in list(root.glob(f".{CURRENT}.*.tmp")) + list((root / STAMPS).glob(".*.tmp")):
+    for tmp in root.glob(f".{CURRENT}.*.tmp"):
         with contextlib.suppress(OSError):
-            if now - tmp.lstat().st_mtime > _STALE_TMP_S or tmp.name.startswith(f".{CURRENT}."):
+            tmp.unlink()
+    for tmp in stamps_dir().glob(".*.tmp"):  # killed stamp writers (any bundle's; old ones only)
+        with contextlib.suppress(OSError):
+            if now - tmp.lstat().st_mtime > _STALE_TMP_S:
                 tmp.unlink()
 
 
@@ -287,10 +289,31 @@ def _stamp_of(st: os.stat_result) -> list[int]:
     return [int(st.st_size), int(st.st_mtime_ns), int(st.st_ino)]
 
 
-def _read_stamps(root: Path, version: str) -> dict[str, list[Any]]:
-    path = root / STAMPS / f"{version}.json"
+def stamps_dir() -> Path:
+    """Where verification stamps live: ``$EDGECLIP_STAMPS_DIR``, else ``$XDG_CACHE_HOME/edgeclip/stamps``,
+    else ``~/.cache/edgeclip/stamps``. Outside the bundle, so readers never write into a bundle and a
+    read-only bundle keeps its stamps."""
+    env = os.environ.get("EDGECLIP_STAMPS_DIR")
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "edgeclip" / "stamps"
+
+
+def stamps_path(root: Path | str, version: str) -> Path | None:
+    """The stamp file of one version, keyed by the version folder's (device, inode): a copied or
+    re-created bundle gets its own. None when the version folder cannot be read."""
     try:
-        if not stat.S_ISDIR(os.lstat(root / STAMPS).st_mode) or not stat.S_ISREG(os.lstat(path).st_mode):
+        st = os.lstat(Path(root) / "versions" / version)
+    except OSError:
+        return None
+    return stamps_dir() / f"{st.st_dev}-{st.st_ino}-{version}.json"
+
+
+def _read_stamps(root: Path, version: str) -> dict[str, list[Any]]:
+    path = stamps_path(root, version)
+    try:
+        if path is None or not stat.S_ISREG(os.lstat(path).st_mode):
             return {}
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -299,17 +322,21 @@ def _read_stamps(root: Path, version: str) -> dict[str, list[Any]]:
 
 
 def _write_stamps(root: Path, version: str, stamps: Mapping[str, list[Any]]) -> None:
-    """Best effort (a read-only bundle keeps working, it only re-hashes files on use)."""
-    folder = root / STAMPS
+    """Best effort: without a writable cache, files are simply hashed again on their next use."""
+    path = stamps_path(root, version)
+    if path is None:
+        return
     with contextlib.suppress(OSError):
-        folder.mkdir(exist_ok=True)
-        if not stat.S_ISDIR(os.lstat(folder).st_mode):
-            return
-        tmp = folder / f".{version}.{uuid.uuid4().hex}.tmp"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(dict(stamps), handle)
-        os.replace(tmp, folder / f"{version}.json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(dict(stamps), handle)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 @dataclass
@@ -744,7 +771,7 @@ class VersionWriter:
         self._release()
 
 
-_OWN_LEFTOVERS = (LOCK, STAMPS)  # what an older, interrupted init may leave in a bundle folder
+_OWN_LEFTOVERS = (LOCK, ".stamps")  # what an older, interrupted init may leave in a bundle folder
 
 
 def create_bundle(root: Path | str, manifest: dict[str, Any]) -> VersionWriter:
@@ -838,11 +865,13 @@ def _prune_locked(root: Path, keep: int) -> list[str]:
     for name in list_versions(root):
         if name in kept:
             continue
+        stamps = stamps_path(root, name)
         trash = root / f".trash-{uuid.uuid4().hex[:12]}"
         os.rename(root / "versions" / name, trash)  # atomic: readers see the version whole or not at all
         shutil.rmtree(trash, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            (root / STAMPS / f"{name}.json").unlink()
+        if stamps is not None:
+            with contextlib.suppress(OSError):
+                stamps.unlink()
         removed.append(name)
     return removed
 

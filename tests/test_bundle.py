@@ -27,6 +27,14 @@ def task(name: str) -> dict:
     return {"name": name, "classes": [f"{name}-a", f"{name}-b"], "threshold": 1.0}
 
 
+@pytest.fixture(autouse=True)
+def own_stamp_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test its own verification-stamp cache (subprocesses inherit it)."""
+    folder = tmp_path_factory.mktemp("stamps")
+    monkeypatch.setenv("EDGECLIP_STAMPS_DIR", str(folder))
+    return folder
+
+
 def make_bundle(root: Path) -> Bundle:
     with create_bundle(root, dict(BASE)) as writer:
         writer.write_tensors("learned.safetensors", {"w": np.arange(12, dtype=np.float32).reshape(3, 4)})
@@ -534,7 +542,9 @@ def test_open_reads_no_content_and_stamps_skip_verified_files(tmp_path: Path, co
     bundle.tensors("learned.safetensors")
     bundle.tensors("learned.safetensors")
     assert count_hashes == []  # the writer stamped what it hashed
-    (tmp_path / "b" / ".stamps" / "v0001.json").unlink()
+    from edgeclip.bundle import stamps_path
+
+    stamps_path(tmp_path / "b", "v0001").unlink()
     fresh = Bundle.open(tmp_path / "b")
     fresh.tensors("learned.safetensors")
     assert count_hashes == ["learned.safetensors"]  # only the file used, once
@@ -645,7 +655,9 @@ def test_temporary_files_are_removed_by_the_next_write(tmp_path: Path) -> None:
     first = make_bundle(tmp_path / "b")
     root = tmp_path / "b"
     old = time.time() - 3600
-    leftovers = [root / ".CURRENT.abc.tmp", root / ".stamps" / ".v0001.abc.tmp"]
+    from edgeclip.bundle import stamps_dir
+
+    leftovers = [root / ".CURRENT.abc.tmp", stamps_dir() / ".v0001.abc.tmp"]
     for path in leftovers:
         path.write_text("x")
         os.utime(path, (old, old))
@@ -680,6 +692,10 @@ def test_history_rollback_to_and_prune(tmp_path: Path) -> None:
         rollback(root, "v0009")
     with pytest.raises(BundleError, match="invalid version name"):
         rollback(root, "../v0001")
+    from edgeclip.bundle import stamps_path
+
+    first_stamps = stamps_path(root, "v0001")
+    assert first_stamps.is_file()
     _grow(root, ["t2b"])  # v0005, parent v0002: v0003 and v0004 are off the current line
     assert prune(root, keep=2) == ["v0001", "v0003", "v0004"]
     assert list_versions(root) == ["v0002", "v0005"]
@@ -687,7 +703,7 @@ def test_history_rollback_to_and_prune(tmp_path: Path) -> None:
     assert [t["name"] for t in bundle.tasks] == ["t1", "t2b"]
     bundle.verify()
     Bundle.open(root, "v0002").verify()
-    assert not (root / ".stamps" / "v0001.json").exists()
+    assert not first_stamps.exists()
 
 
 def test_retention_setting_prunes_after_each_write(tmp_path: Path) -> None:
