@@ -66,8 +66,10 @@ def init_bundle(
     seed: int = 0,
     settings: MethodSettings | None = None,
     zero_shot_labels: list[str] | None = None,
+    keep: int = 0,
 ) -> Bundle:
-    """A new bundle with no task: the frozen encoders exported to ONNX, zero-shot only."""
+    """A new bundle with no task: the frozen encoders exported to ONNX, zero-shot only. ``keep``: the
+    retention setting (versions kept after each write, 0 = all; ``edgeclip.bundle.prune``)."""
     from edgeclip.export.trace import export_image_encoder, export_text_encoder
     from edgeclip.train.backbone import load_backbone
 
@@ -89,6 +91,8 @@ def init_bundle(
         "zero_shot": {"templates": list(DEFAULT_TEMPLATES), "logit_scale": 100.0, "labels": zero_shot_labels or []},
         "tasks": [],
     }
+    if keep:
+        manifest["retention"] = {"keep": int(keep)}
     writer = create_bundle(root, manifest)
     with writer:
         with tempfile.TemporaryDirectory() as tmp:

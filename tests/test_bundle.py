@@ -794,6 +794,18 @@ def tiny_cli_bundle(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "domains": domains, "query": query}
 
 
+@pytest.mark.slow
+def test_init_keep_sets_the_retention(tiny_cli_bundle: dict, tmp_path: Path) -> None:
+    root = tmp_path / "b"
+    done = _cli("init", "--bundle", root, "--model", "edgeclip-tiny", "--random-weights", "--hidden", "64",
+                "--keep", "2", "--quiet")
+    assert done.returncode == 0, done.stderr
+    for domain, name in zip(tiny_cli_bundle["domains"], ["a", "b"]):
+        done = _cli("add-task", domain, "--bundle", root, "--name", name, "--quiet")
+        assert done.returncode == 0, done.stderr
+    assert list_versions(root) == ["v0002", "v0003"] and Bundle.open(root).meta.retention.keep == 2
+
+
 def _fresh_copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns(".lock", ".stamps"))
     return dst

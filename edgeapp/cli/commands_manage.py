@@ -48,6 +48,7 @@ def init(
     freeze_rule: Annotated[str, typer.Option(help="MoE activate-freeze: 'strict' (learned tasks never drift) or 'paper'.")] = "strict",
     batch_size: Annotated[int, typer.Option(min=1, help="MoE: training batch size (paper 64).")] = 64,
     lr: Annotated[float, typer.Option(min=0.0, help="MoE: AdamW learning rate (paper 1e-3).")] = 1e-3,
+    keep: Annotated[int, typer.Option(min=0, help="Retention: after each new version (add-task, export --int8) keep only the current one and its N-1 nearest ancestors (0: keep all; see 'edgeclip prune').")] = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """Create a new bundle with no task (zero-shot CLIP only), exporting the frozen encoders to ONNX."""
@@ -63,7 +64,7 @@ def init(
     with progress(quiet) as bar:
         bar.add_task("exporting the frozen encoders", total=None, info="")
         created = init_bundle(root, model, pretrained, random_weights=random_weights, seed=seed, settings=settings,
-                              zero_shot_labels=parse_labels(labels, None))
+                              zero_shot_labels=parse_labels(labels, None), keep=keep)
     if not quiet:
         err_console().print(escape(f"created {root} ({created.version}): {model}, {created.weights_label}, method {method.value}"))
 
