@@ -145,6 +145,8 @@ def _safe_lstat(base: Path, rel: str, root: Path, label: str) -> os.stat_result:
             st = os.lstat(path)
         except FileNotFoundError:
             raise BundleError(f"Bundle {root} {label}: file '{rel}' is missing.") from None
+        except OSError as exc:
+            raise _io_error(root, "read", exc) from exc
         if not stat.S_ISDIR(st.st_mode):
             raise BundleError(f"Bundle {root} {label}: '{rel}' lies in '{part}', which is not a plain folder "
                               "(a symlink or a file); refusing it.")
@@ -165,6 +167,8 @@ def _check_dir(path: Path, root: Path, what: str) -> None:
         st = os.lstat(path)
     except FileNotFoundError:
         raise BundleError(f"Bundle {root}: {what} is missing.") from None
+    except OSError as exc:
+        raise _io_error(root, "read", exc) from exc
     if not stat.S_ISDIR(st.st_mode):
         raise BundleError(f"Bundle {root}: {what} is not a plain folder (a symlink or a file); refusing it.")
 
@@ -502,6 +506,8 @@ class Bundle:
 def _read_manifest(root: Path, version: str) -> tuple[dict[str, Any], Manifest]:
     vdir = root / "versions" / version
     label = f"version {version}"
+    _check_dir(root / "versions", root, "its versions folder")
+    _check_dir(vdir, root, label)
     try:
         st = os.lstat(vdir / MANIFEST)
     except FileNotFoundError:

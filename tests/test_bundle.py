@@ -858,3 +858,16 @@ def test_info_and_add_task_print_the_size_on_disk(tiny_cli_bundle: dict, tmp_pat
     assert done.returncode == 0 and "size on disk" in done.stderr, done.stderr
     done = _cli("info", "--bundle", root)
     assert done.returncode == 0 and "size on disk" in done.stdout
+
+
+def test_a_symlinked_version_folder_is_never_read(tmp_path: Path) -> None:
+    from edgeclip.bundle import version_history
+
+    make_bundle(tmp_path / "b")
+    shutil.copytree(tmp_path / "b" / "versions" / "v0001", tmp_path / "outside")
+    (tmp_path / "b" / "versions" / "v0002").symlink_to(tmp_path / "outside")
+    with pytest.raises(BundleError, match="not a plain folder"):
+        Bundle.open(tmp_path / "b", "v0002")
+    with pytest.raises(BundleError, match="not a plain folder"):
+        rollback(tmp_path / "b", "v0002")
+    assert "not a plain folder" in version_history(tmp_path / "b")[-1]["error"]
