@@ -1,7 +1,7 @@
 """Bundle store: how long opening a bundle takes, and classifying one image against `edgeclip --help`.
 
     python benchmarks/bench_store.py [--bundle DIR] [--model edgeclip-small] [--hidden 15000]
-        [--domain dtd10] [--shots 16] [--repeats 7] [--out benchmarks/results/store.json]
+        [--domain dtd10] [--shots 16] [--repeats 7] [--keep-work] [--out benchmarks/results/store.json]
 
 Without --bundle it makes one with the defaults (`edgeclip init --model MODEL --random-weights`,
 RAIL primal, hidden 15000) and learns one 16-shot task (a shared dataset, or the demo images where
@@ -11,7 +11,8 @@ reads. Then it measures, in interleaved rounds (median ms):
 - `Bundle.open` in-process (manifest read and validated, one lstat per file), the first use of the
   files classify needs with stamps (warm) and without (cold: hashed), and the full hash of every file
   (`Bundle.verify`, what every command paid before the store kept stamps);
-- wall time of fresh processes: `edgeclip --help`, `edgeclip tasks`, `edgeclip classify ONE_IMAGE`;
+- wall time of fresh processes: `edgeclip --help`, `edgeclip tasks`, `edgeclip classify ONE_IMAGE`,
+  and a bare `python -c "import <the classify path's modules>"` (the share of imports);
   the goal (issue 11) is classify within 0.5 s of `--help`.
 
 Random weights: the timings do not depend on the weights' values.
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--domain", default="dtd10")
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--keep-work", action="store_true", help="Keep the bundle made (its path is printed).")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "store.json")
     args = parser.parse_args()
 
@@ -120,6 +122,10 @@ def main() -> None:
             "edgeclip --help": proc("--help"),
             "edgeclip tasks": proc("tasks"),
             "edgeclip classify ONE_IMAGE": proc("classify", str(image), "--format", "json", "--backend", "ort-cpu"),
+            # the share of imports: the classify path's modules, nothing run
+            "python: import the classify path": lambda: subprocess.run(
+                [sys.executable, "-c", "import edgeclip.edgeapp.cli.app, edgeclip.edgeapp.classify, "
+                 "edgeclip.edgeapp.runtime, onnxruntime"], check=True),
         }, args.repeats)
     finally:
         pass
@@ -153,8 +159,10 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
-    if not args.bundle:
+    if not args.bundle and not args.keep_work:
         shutil.rmtree(work, ignore_errors=True)
+    elif not args.bundle:
+        print(f"kept {root}")
 
 
 if __name__ == "__main__":
