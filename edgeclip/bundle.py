@@ -62,10 +62,12 @@ _FINITE_CHUNK = 1 << 24  # elements checked at a time by the finiteness check
 
 
 def utc_now() -> str:
+    """The current UTC time as ISO 8601 text, to the second (manifest timestamps)."""
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file's content, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(1 << 20):
