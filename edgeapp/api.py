@@ -251,16 +251,16 @@ def load(bundle: str | Path, backend: str = "auto", precision: str = "fp32", thr
 
 def create(bundle: str | Path, model: str = "ViT-B-16", pretrained: str | None = None, method: str = "rail-primal",
            random_weights: bool = False, seed: int = 0, zero_shot_labels: Sequence[str] = (),
-           tokenizer: str | None = None, **settings: Any) -> Classifier:
+           tokenizer: str | None = None, keep: int = 0, **settings: Any) -> Classifier:
     """Create a bundle from an open_clip model (the ``train`` extra): the counterpart of ``edgeclip init``.
 
     pretrained: an open_clip tag (e.g. "openai") or a checkpoint file; random_weights with seed for offline
-    tests; tokenizer: a tokenizer.json for Hugging Face tokenizer models (SigLIP, docs/MODELS.md). ``settings``: further ``MethodSettings`` fields (hidden, beta, fusion, gate_kind, ...). Raises
+    tests; keep: versions kept after each write (0 = all); tokenizer: a tokenizer.json for Hugging Face tokenizer models (SigLIP, docs/MODELS.md). ``settings``: further ``MethodSettings`` fields (hidden, beta, fusion, gate_kind, ...). Raises
     MissingExtraError without torch, BackboneLoadError when the weights cannot be had.
     """
     create_module = import_torch_module("edgeclip.edgeapp.create", "creating a bundle (reading open_clip models)")
     method_settings = MethodSettings(method=method, seed=seed, **settings)
     created = create_module.init_bundle(Path(bundle), model, pretrained, random_weights=random_weights, seed=seed,
                                         settings=method_settings, zero_shot_labels=list(zero_shot_labels),
-                                        tokenizer=tokenizer)
+                                        tokenizer=tokenizer, keep=keep)
     return Classifier(created)

@@ -28,6 +28,7 @@ def init_bundle(
     settings: MethodSettings | None = None,
     zero_shot_labels: list[str] | None = None,
     tokenizer: str | None = None,
+    keep: int = 0,
 ) -> Bundle:
     """A new bundle at ``root`` with no task: the frozen encoders of open_clip ``model`` exported to ONNX.
 
@@ -35,6 +36,7 @@ def init_bundle(
     Raises BackboneLoadError (model or weights cannot be had), BundleError (``root`` holds something),
     UsageError (invalid settings, a method the model cannot take), ExportParityError (ONNX differs from torch).
     ``tokenizer``: the tokenizer.json of a Hugging Face tokenizer model (SigLIP), see docs/MODELS.md.
+    ``keep``: the retention setting (versions kept after each write, 0 = all; ``edgeclip.bundle.prune``).
     """
     settings = settings or MethodSettings()
     settings.validate()
@@ -50,6 +52,8 @@ def init_bundle(
                       "labels": zero_shot_labels or []},
         "tasks": [],
     }
+    if keep:
+        manifest["retention"] = {"keep": int(keep)}
     writer = create_bundle(root, manifest)
     with writer:
         with tempfile.TemporaryDirectory() as tmp:

@@ -6,11 +6,27 @@ Layout::
       CURRENT                 name of the active version ("v0003"), replaced atomically
       versions/v0001/         one complete version: manifest.json, *.safetensors, small files
       blobs/<sha256><suffix>  large files shared by versions (backbone graphs, tokenizer vocabulary)
-      .staging-*/             a version being written; never read, removed when stale
+      .lock                   the writers' advisory lock (readers never take it)
+      .staging-*/             a version being written; never read, removed by the next writer
 
 A change never edits a version: it writes a complete new one in a staging folder, renames
 it into ``versions/`` and only then replaces ``CURRENT``. A writer killed at any point
 leaves the previous version loadable. Tensors are safetensors, metadata JSON; no pickle.
+
+Concurrency: a writer takes the lock when it starts writing (``Bundle.new_version``) and keeps
+it until CURRENT is switched. Its parent was read before, without the lock, so the writer checks
+that CURRENT still names its parent, when it takes the lock and again at commit (compare and
+swap): a writer that lost a race raises ``BundleError`` and changes nothing. Readers never block.
+
+Containment: every file name in a manifest is a plain relative name (``edgeclip.manifest``); every
+file is opened only after ``lstat`` showed a regular file reached through real folders (no symlink,
+no device, no fifo). Error messages name bundle files by their manifest name only.
+
+Fast open: ``Bundle.open`` reads the manifest and ``lstat``s the files (sizes). A file's content
+is verified by sha256 the first time a command uses it (``Bundle.path``); a verified file gets a
+stamp (size, mtime_ns, inode) in a cache outside the bundle (``stamps_dir``), and a later use
+whose stamp matches skips the hash.
+``Bundle.verify`` (``edgeclip verify``) hashes everything regardless of stamps.
 """
 
 from __future__ import annotations
@@ -18,32 +34,47 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
-import re
 import shutil
+import stat
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from edgeclip.errors import BundleError
+from edgeclip.manifest import (
+    SCHEMA_VERSION,
+    VERSION_RE,
+    Manifest,
+    check_file_name,
+    check_version_name,
+    validate_manifest,
+)
 from edgeclip.version import __version__
 
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
-_VERSION_RE = re.compile(r"^v(\d{4,})$")
+LOCK = ".lock"
+_VERSION_RE = VERSION_RE
+LOCK_WAIT_S = float(os.environ.get("EDGECLIP_LOCK_WAIT", "30"))  # how long a writer waits for the lock
+_STALE_TMP_S = 120.0  # temporary files older than this are removed by the next writer
+_FINITE_CHUNK = 1 << 24  # elements checked at a time by the finiteness check
 
 
 def utc_now() -> str:
+    """The current UTC time as ISO 8601 text, to the second (manifest timestamps)."""
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file's content, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(1 << 20):
@@ -70,7 +101,8 @@ def _fsync_path(path: Path) -> None:
 
 def _write_atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
@@ -78,24 +110,148 @@ def _write_atomic_text(path: Path, text: str) -> None:
     _fsync_path(path.parent)
 
 
+# --------------------------------------------------------------------------- errors and containment
+
+_WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+                 errno.EROFS: "it lies on a read-only file system", errno.EACCES: "permission denied",
+                 errno.EPERM: "permission denied", errno.ENOTDIR: "a part of its path is a file, not a folder",
+                 errno.EEXIST: "a file is in the way"}
+
+
+def _io_error(root: Path, action: str, exc: OSError) -> BundleError:
+    """One line for an OS error while using the bundle, without the path of the file involved."""
+    reason = _WRITE_ERRNOS.get(exc.errno or 0, exc.strerror or type(exc).__name__)
+    return BundleError(f"Cannot {action} the bundle {root}: {reason}.")
+
+
 @contextlib.contextmanager
-def _writer_lock(root: Path) -> Iterator[None]:
-    """One writer at a time per bundle (advisory lock; released when the process dies)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "a+") as handle:
+def _io_errors(root: Path, action: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise _io_error(root, action, exc) from exc
+
+
+def _check_root(root: Path) -> None:
+    """Refuse a bundle path that exists and is not a folder."""
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _io_error(root, "read", exc) from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise BundleError(f"{root} is a file, not a bundle folder.")
+
+
+def _safe_lstat(base: Path, rel: str, root: Path, label: str) -> os.stat_result:
+    """lstat of ``base/rel`` after checking that ``base`` and every folder on the way are real
+    folders (not symlinks) and the file a regular file. Raises BundleError naming only ``label``."""
+    path = base
+    for part in Path(rel).parts[:-1]:
+        path = path / part
         try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: no advisory lock
-            yield
-            return
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise BundleError(f"Bundle {root} {label}: file '{rel}' is missing.") from None
+        except OSError as exc:
+            raise _io_error(root, "read", exc) from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise BundleError(f"Bundle {root} {label}: '{rel}' lies in '{part}', which is not a plain folder "
+                              "(a symlink or a file); refusing it.")
+    try:
+        st = os.lstat(base / rel)
+    except FileNotFoundError:
+        raise BundleError(f"Bundle {root} {label}: file '{rel}' is missing.") from None
+    except OSError as exc:
+        raise _io_error(root, "read", exc) from exc
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        raise BundleError(f"Bundle {root} {label}: file '{rel}' is {kind}; refusing it.")
+    return st
+
+
+def _check_dir(path: Path, root: Path, what: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise BundleError(f"Bundle {root}: {what} is missing.") from None
+    except OSError as exc:
+        raise _io_error(root, "read", exc) from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise BundleError(f"Bundle {root}: {what} is not a plain folder (a symlink or a file); refusing it.")
+
+
+def _check_finite_arrays(arrays: Mapping[str, np.ndarray], where: str) -> None:
+    """BundleError naming the first tensor holding NaN or Inf (checked in chunks: no full-size copy)."""
+    for key, value in arrays.items():
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "fc":
+            continue
+        flat = arr.reshape(-1)
+        for start in range(0, flat.size, _FINITE_CHUNK):
+            if not np.isfinite(flat[start:start + _FINITE_CHUNK]).all():
+                raise BundleError(f"{where}: tensor '{key}' holds non-finite values (NaN or Inf).")
+
+
+# --------------------------------------------------------------------------- the writers' lock
+
+
+@contextlib.contextmanager
+def _writer_lock(root: Path, wait: float | None = None) -> Iterator[None]:
+    """One writer at a time per bundle (advisory flock on ``.lock``; released when the process dies).
+
+    The lock file is opened with O_NOFOLLOW and must be a regular file, so a planted symlink never
+    makes edgeclip create or touch a file elsewhere. Waits up to ``wait`` seconds (default
+    ``LOCK_WAIT_S``, env ``EDGECLIP_LOCK_WAIT``) for another writer, then raises BundleError."""
+    import fcntl
+
+    wait = LOCK_WAIT_S if wait is None else wait
+    with _io_errors(root, "write"):
+        root.mkdir(parents=True, exist_ok=True)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise BundleError(f"Another edgeclip process is writing the bundle {root}; try again when it ends.") from exc
+            fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise BundleError(f"Bundle {root}: its {LOCK} is a symlink; refusing to use it.") from None
+            raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BundleError(f"Bundle {root}: its {LOCK} is not a regular file; refusing to use it.")
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise BundleError(f"Another edgeclip process is writing the bundle {root}; "
+                                      "try again when it ends.") from None
+                time.sleep(0.05)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _clean_temporary(root: Path) -> None:
+    """Remove what killed writers left (staging folders, half-written CURRENT and stamp files,
+    versions being pruned). Only called under the writer lock."""
+    now = time.time()
+    for stale in list(root.glob(".staging-*")) + list(root.glob(".trash-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+    for tmp in root.glob(f".{CURRENT}.*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    for tmp in stamps_dir().glob(".*.tmp"):  # killed stamp writers (any bundle's; old ones only)
+        with contextlib.suppress(OSError):
+            if now - tmp.lstat().st_mtime > _STALE_TMP_S:
+                tmp.unlink()
+
+
+# --------------------------------------------------------------------------- reading
 
 
 def list_versions(root: Path) -> list[str]:
@@ -108,14 +264,24 @@ def list_versions(root: Path) -> list[str]:
 
 
 def current_version(root: Path) -> str:
+    """The name CURRENT holds (a complete version); BundleError when there is no bundle at ``root``."""
     root = Path(root)
+    _check_root(root)
     marker = root / CURRENT
-    if not marker.is_file():
+    try:
+        st = os.lstat(marker)
+    except FileNotFoundError:
         if not root.exists():
-            raise BundleError(f"No bundle at {root}. Create one with 'edgeclip init --bundle {root} ...'.")
-        raise BundleError(f"{root} is not an edgeclip bundle (no {CURRENT} file).")
-    name = marker.read_text(encoding="utf-8").strip()
-    if not _VERSION_RE.match(name) or not (root / "versions" / name / MANIFEST).is_file():
+            raise BundleError(f"No bundle at {root}. Create one with 'edgeclip init --bundle {root} ...'.") from None
+        raise BundleError(f"{root} is not an edgeclip bundle (no {CURRENT} file).") from None
+    except OSError as exc:
+        raise _io_error(root, "read", exc) from exc
+    if not stat.S_ISREG(st.st_mode) or st.st_size > 64:
+        raise BundleError(f"Bundle {root}: {CURRENT} is not a small regular file; refusing it.")
+    name = marker.read_text(encoding="utf-8", errors="replace").strip()
+    if not _VERSION_RE.match(name):
+        raise BundleError(f"Bundle {root}: {CURRENT} does not name a version.")
+    if not (root / "versions" / name / MANIFEST).is_file():
         raise BundleError(f"Bundle {root}: {CURRENT} names '{name}', which is not a complete version.")
     return name
 
@@ -132,50 +298,164 @@ def weights_label(weights: Mapping[str, Any]) -> str:
     return f"checkpoint {Path(ref).name} (sha256 {sha[:12] if sha else '?'})"
 
 
+def _stamp_of(st: os.stat_result) -> list[int]:
+    return [int(st.st_size), int(st.st_mtime_ns), int(st.st_ino)]
+
+
+def stamps_dir() -> Path:
+    """Where verification stamps live: ``$EDGECLIP_STAMPS_DIR``, else ``$XDG_CACHE_HOME/edgeclip/stamps``,
+    else ``~/.cache/edgeclip/stamps``. Outside the bundle, so readers never write into a bundle and a
+    read-only bundle keeps its stamps."""
+    env = os.environ.get("EDGECLIP_STAMPS_DIR")
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "edgeclip" / "stamps"
+
+
+def stamps_path(root: Path | str, version: str) -> Path | None:
+    """The stamp file of one version, keyed by the version folder's (device, inode): a copied or
+    re-created bundle gets its own. None when the version folder cannot be read."""
+    try:
+        st = os.lstat(Path(root) / "versions" / version)
+    except OSError:
+        return None
+    return stamps_dir() / f"{st.st_dev}-{st.st_ino}-{version}.json"
+
+
+def _read_stamps(root: Path, version: str) -> dict[str, list[Any]]:
+    path = stamps_path(root, version)
+    try:
+        if path is None or not stat.S_ISREG(os.lstat(path).st_mode):
+            return {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_stamps(root: Path, version: str, stamps: Mapping[str, list[Any]]) -> None:
+    """Best effort: without a writable cache, files are simply hashed again on their next use."""
+    path = stamps_path(root, version)
+    if path is None:
+        return
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(dict(stamps), handle)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
 @dataclass
 class Bundle:
-    """One loaded, validated version of a bundle (read-only)."""
+    """One loaded, validated version of a bundle (read-only).
+
+    ``manifest`` is the manifest dict exactly as written; ``meta`` its typed form
+    (``edgeclip.manifest.Manifest``). ``verify_hashes``: check each file's sha256 when it is first
+    used (skipped when its stamp shows it was verified before and not changed since)."""
 
     root: Path
     version: str
     manifest: dict[str, Any]
+    meta: Manifest | None = None
+    verify_hashes: bool = True
+    _verified: set[str] = field(default_factory=set, repr=False)
+    _stamps: dict[str, list[Any]] | None = field(default=None, repr=False)
 
     @property
     def dir(self) -> Path:
         return self.root / "versions" / self.version
 
+    @property
+    def label(self) -> str:
+        return f"version {self.version}"
+
     @classmethod
     def open(cls, root: Path | str, version: str | None = None, verify_hashes: bool = True) -> "Bundle":
+        """Open ``version`` (default: CURRENT) of the bundle at ``root``: read and validate the
+        manifest, check every file is a regular file of the recorded size. No content is read
+        here; ``path`` verifies each file's hash on first use. Raises BundleError."""
         root = Path(root)
-        version = version or current_version(root)
-        manifest = _read_manifest(root / "versions" / version)
-        bundle = cls(root=root, version=version, manifest=manifest)
-        bundle.validate(verify_hashes=verify_hashes)
+        _check_root(root)
+        version = check_version_name(version) if version else current_version(root)
+        _check_dir(root / "versions", root, "its versions folder")
+        _check_dir(root / "versions" / version, root, f"version {version}")
+        manifest, meta = _read_manifest(root, version)
+        bundle = cls(root=root, version=version, manifest=manifest, meta=meta, verify_hashes=verify_hashes)
+        bundle.validate(verify_hashes=False)
         return bundle
 
     # -- files -------------------------------------------------------------------------
-    def path(self, name: str) -> Path:
-        """Where a file of this version lies (blobs resolve into the shared blob store)."""
+    def _location(self, name: str) -> tuple[Path, str]:
+        """(base folder, relative name) of a file of this version."""
         entry = self.manifest["files"].get(name)
         if entry is None:
             raise BundleError(f"Bundle version {self.version} has no file '{name}'.")
         if entry.get("blob"):
-            return self.root / "blobs" / f"{entry['sha256']}{Path(name).suffix}"
-        return self.dir / name
+            return self.root / "blobs", f"{entry['sha256']}{Path(name).suffix}"
+        return self.dir, name
+
+    def path(self, name: str) -> Path:
+        """Where a file of this version lies (blobs resolve into the shared blob store), after
+        checking it is a regular file inside the bundle and, on first use, that its content
+        matches the manifest's sha256. Raises BundleError."""
+        base, rel = self._location(name)
+        if name not in self._verified:
+            st = self._check_file(name)
+            if self.verify_hashes:
+                self._verify_content(name, st)
+            self._verified.add(name)
+        return base / rel
 
     def has(self, name: str) -> bool:
         return name in self.manifest["files"]
 
+    def _check_file(self, name: str) -> os.stat_result:
+        base, rel = self._location(name)
+        if base != self.dir:
+            _check_dir(base, self.root, "its blobs folder")
+        st = _safe_lstat(base, rel, self.root, self.label)
+        size = self.manifest["files"][name]["size"]
+        if st.st_size != size:
+            raise BundleError(
+                f"Bundle {self.root} {self.label}: file '{name}' has {st.st_size} bytes, "
+                f"expected {size} (truncated or replaced)."
+            )
+        return st
+
+    def _verify_content(self, name: str, st: os.stat_result, use_stamp: bool = True) -> None:
+        entry = self.manifest["files"][name]
+        if self._stamps is None:
+            self._stamps = _read_stamps(self.root, self.version)
+        stamp = self._stamps.get(name)
+        if use_stamp and isinstance(stamp, list) and stamp == [*_stamp_of(st), entry["sha256"]]:
+            return
+        base, rel = self._location(name)
+        if sha256_of(base / rel) != entry["sha256"]:
+            raise BundleError(
+                f"Bundle {self.root} {self.label}: file '{name}' does not match its sha256 "
+                "(corrupt or modified). Restore it or roll back with 'edgeclip rollback'."
+            )
+        self._stamps[name] = [*_stamp_of(st), entry["sha256"]]
+        _write_stamps(self.root, self.version, self._stamps)
+
     def tensors(self, name: str) -> dict[str, np.ndarray]:
-        """Load a safetensors file of this version, checking the shapes the manifest records."""
+        """Load a safetensors file of this version: shapes checked against the manifest, float
+        tensors checked finite. Raises BundleError naming the file and tensor."""
         from safetensors.numpy import load_file
 
+        path = self.path(name)
         try:
-            arrays = load_file(str(self.path(name)))
-        except BundleError:
-            raise
-        except Exception as exc:
-            raise BundleError(f"Bundle {self.root}: cannot read tensors '{name}': {exc}") from exc
+            arrays = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types; it never unpickles
+            raise BundleError(f"Bundle {self.root} {self.label}: cannot read tensors '{name}' "
+                              f"({type(exc).__name__}: not a valid safetensors file).") from None
         expected = self.manifest.get("tensors", {}).get(name, {})
         for key, shape in expected.items():
             if key not in arrays:
@@ -185,25 +465,24 @@ class Bundle:
                     f"Bundle {self.root}: tensor '{key}' in '{name}' has shape {list(arrays[key].shape)}, "
                     f"the manifest says {list(shape)}."
                 )
+        _check_finite_arrays(arrays, f"Bundle {self.root} {self.label}, file '{name}'")
         return arrays
 
     def validate(self, verify_hashes: bool = True) -> None:
-        """Every file present with the recorded size (and hash); raise BundleError otherwise."""
-        for name, entry in self.manifest["files"].items():
-            path = self.path(name)
-            if not path.is_file():
-                raise BundleError(f"Bundle {self.root} version {self.version}: file '{name}' is missing ({path}).")
-            size = path.stat().st_size
-            if size != entry["size"]:
-                raise BundleError(
-                    f"Bundle {self.root} version {self.version}: file '{name}' has {size} bytes, "
-                    f"expected {entry['size']} (truncated or replaced)."
-                )
-            if verify_hashes and sha256_of(path) != entry["sha256"]:
-                raise BundleError(
-                    f"Bundle {self.root} version {self.version}: file '{name}' does not match its sha256 "
-                    "(corrupt or modified). Restore it or roll back with 'edgeclip rollback'."
-                )
+        """Every file a regular file inside the bundle with the recorded size; with
+        ``verify_hashes`` also its sha256 (stamps honoured). Raises BundleError otherwise."""
+        for name in self.manifest["files"]:
+            st = self._check_file(name)
+            if verify_hashes:
+                self._verify_content(name, st)
+
+    def verify(self) -> None:
+        """Hash every file of this version, ignoring stamps (``edgeclip verify``); refreshes the
+        stamps of what matched. Raises BundleError at the first damaged file."""
+        for name in self.manifest["files"]:
+            st = self._check_file(name)
+            self._verify_content(name, st, use_stamp=False)
+            self._verified.add(name)
 
     # -- facts used everywhere -----------------------------------------------------------
     @property
@@ -228,52 +507,82 @@ class Bundle:
         return self.manifest["backbone"]["weights"]["kind"] == "random"
 
     def new_version(self) -> "VersionWriter":
-        """Start writing the next version, inheriting every file of this one."""
+        """Start writing the next version, inheriting every file of this one. Raises BundleError
+        when another writer holds the bundle or CURRENT moved away from this version."""
         return VersionWriter(self.root, parent=self)
 
 
-def _read_manifest(vdir: Path) -> dict[str, Any]:
-    path = vdir / MANIFEST
+def _read_manifest(root: Path, version: str) -> tuple[dict[str, Any], Manifest]:
+    vdir = root / "versions" / version
+    label = f"version {version}"
+    _check_dir(root / "versions", root, "its versions folder")
+    _check_dir(vdir, root, label)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise BundleError(f"{vdir} has no {MANIFEST}.") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON ({exc}); the version is corrupt.") from exc
+        st = os.lstat(vdir / MANIFEST)
+    except FileNotFoundError:
+        raise BundleError(f"Bundle {root} {label} has no {MANIFEST}.") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"Bundle {root} {label}: {MANIFEST} is not a regular file; refusing it.")
+
+    def refuse_constant(token: str) -> Any:
+        raise ValueError(f"non-finite number {token}")
+
+    try:
+        manifest = json.loads((vdir / MANIFEST).read_text(encoding="utf-8"), parse_constant=refuse_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"Bundle {root} {label}: {MANIFEST} is not valid JSON ({exc}); the version is corrupt.") from None
     schema = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if schema != SCHEMA_VERSION:
         raise BundleError(
-            f"{path} has schema version {schema!r}; this edgeclip ({__version__}) reads schema {SCHEMA_VERSION}. "
-            "Upgrade edgeclip or re-create the bundle."
+            f"Bundle {root} {label}: {MANIFEST} has schema version {schema!r}; this edgeclip ({__version__}) reads "
+            f"schema {SCHEMA_VERSION}. Upgrade edgeclip or re-create the bundle."
         )
-    for key in ("backbone", "preprocess", "method", "tasks", "files"):
-        if key not in manifest:
-            raise BundleError(f"{path} lacks the '{key}' section.")
-    return manifest
+    try:
+        meta = validate_manifest(manifest)
+    except BundleError as exc:
+        raise BundleError(f"Bundle {root} {label}: {exc}") from None
+    return manifest, meta
+
+
+# --------------------------------------------------------------------------- writing
 
 
 class VersionWriter:
     """Writes one new version in a staging folder; ``commit`` makes it current atomically.
 
     Use as a context manager: leaving the block without an exception commits, an exception
-    discards the staging folder and the current version stays as it was.
+    discards the staging folder and the current version stays as it was. Holds the writer lock
+    from construction to commit or abort; refuses (BundleError) when CURRENT is no longer the
+    parent's version, at construction and at commit.
     """
 
-    def __init__(self, root: Path | str, parent: Bundle | None = None, manifest: dict[str, Any] | None = None):
+    def __init__(self, root: Path | str, parent: Bundle | None = None, manifest: dict[str, Any] | None = None,
+                 final_root: Path | None = None):
         self.root = Path(root)
+        self.final_root = final_root  # init: the staged bundle folder is renamed there at commit
         self.parent = parent
         self.manifest: dict[str, Any] = copy.deepcopy(parent.manifest if parent else (manifest or {}))
         self._files: dict[str, dict[str, Any]] = dict(self.manifest.get("files", {}))
         self._tensor_shapes: dict[str, dict[str, list[int]]] = dict(self.manifest.get("tensors", {}))
+        self._inherited: dict[str, int] = {}  # name -> inode of the hard link to the parent's file
         self._lock = _writer_lock(self.root)
         self._lock.__enter__()
-        self.staging = self.root / f".staging-{uuid.uuid4().hex[:12]}"
-        self._clean_stale_staging()
-        self.staging.mkdir(parents=True)
-        if parent is not None:
-            for name, entry in self._files.items():
-                if not entry.get("blob"):
-                    self._inherit(parent.dir / name, self.staging / name)
+        self._locked = True
+        try:
+            self._check_parent_is_current()
+            with _io_errors(self.root, "write"):
+                _clean_temporary(self.root)
+                self.staging = self.root / f".staging-{uuid.uuid4().hex[:12]}"
+                self.staging.mkdir(parents=True)
+            if parent is not None:
+                for name, entry in self._files.items():
+                    if not entry.get("blob"):
+                        self._inherit(parent, name)
+        except BaseException:
+            if hasattr(self, "staging"):
+                shutil.rmtree(self.staging, ignore_errors=True)
+            self._release()
+            raise
 
     def __enter__(self) -> "VersionWriter":
         return self
@@ -281,26 +590,43 @@ class VersionWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             self.commit()
-        else:
-            self.abort()
+            return
+        self.abort()
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+            raise _io_error(self.final_root or self.root, "write", exc) from exc
 
-    def _clean_stale_staging(self) -> None:
-        # Safe: we hold the writer lock, so no other writer is using a staging folder.
-        for stale in self.root.glob(".staging-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    def _release(self) -> None:
+        if self._locked:
+            self._locked = False
+            self._lock.__exit__(None, None, None)
 
-    @staticmethod
-    def _inherit(src: Path, dst: Path) -> None:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        link_or_copy(src, dst)
+    def _check_parent_is_current(self) -> None:
+        if self.parent is None:
+            return
+        now = current_version(self.root)
+        if now != self.parent.version:
+            raise BundleError(
+                f"The bundle {self.root} changed while this command ran: it started from {self.parent.version}, "
+                f"and another command has since made {now} current. Nothing was written; run the command again."
+            )
+
+    def _inherit(self, parent: Bundle, name: str) -> None:
+        src = parent.path(name)  # checked regular, inside the bundle, content verified (or stamped)
+        dst = self.staging / name
+        with _io_errors(self.root, "write"):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(src, dst)
+            st = os.lstat(dst)
+        if st.st_ino == os.lstat(src).st_ino:
+            self._inherited[name] = st.st_ino
 
     def _target(self, name: str) -> Path:
-        if Path(name).is_absolute() or ".." in Path(name).parts or name == MANIFEST:
-            raise BundleError(f"Invalid bundle file name '{name}'.")
+        check_file_name(name)
         target = self.staging / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
+        if target.exists() or target.is_symlink():
             target.unlink()  # never write through a hard link into the parent version
+        self._inherited.pop(name, None)
         return target
 
     def writable_path(self, name: str) -> Path:
@@ -319,12 +645,15 @@ class VersionWriter:
         self._files[name] = {"blob": False}
 
     def write_json(self, name: str, data: Any) -> None:
-        self.write_bytes(name, json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8"))
+        self.write_bytes(name, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False).encode("utf-8"))
 
     def write_tensors(self, name: str, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write a safetensors file; refuses (BundleError, nothing written) a float tensor holding
+        NaN or Inf."""
         from safetensors.numpy import save_file
 
         clean = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        _check_finite_arrays(clean, f"Refusing to write '{name}' into the bundle {self.final_root or self.root}")
         save_file(clean, str(self._target(name)))
         self._files[name] = {"blob": False}
         self._tensor_shapes[name] = {k: list(v.shape) for k, v in clean.items()}
@@ -350,6 +679,7 @@ class VersionWriter:
     def remove(self, name: str) -> None:
         self._files.pop(name, None)
         self._tensor_shapes.pop(name, None)
+        self._inherited.pop(name, None)
         path = self.staging / name
         if path.exists():
             path.unlink()
@@ -363,80 +693,294 @@ class VersionWriter:
             return self.root / "blobs" / f"{entry['sha256']}{Path(name).suffix}"
         return self.staging / name
 
-    def _finalise_files(self) -> dict[str, dict[str, Any]]:
-        table = {}
+    def _finalise_files(self) -> tuple[dict[str, dict[str, Any]], dict[str, list[Any]]]:
+        """The file table of the new version and the stamps of its files. A file still hard-linked
+        to the parent's verified file keeps the parent's hash (not re-read); others are hashed."""
+        table, stamps = {}, {}
         for name, entry in sorted(self._files.items()):
             if entry.get("blob"):
                 table[name] = entry
                 continue
             path = self.staging / name
-            if not path.is_file():
-                raise BundleError(f"The new version lost its file '{name}' while being written.")
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-            table[name] = {"blob": False, "sha256": sha256_of(path), "size": path.stat().st_size}
-        return table
+            try:
+                st = _safe_lstat(self.staging, name, self.root, "new version")
+            except BundleError:
+                raise BundleError(f"The new version lost its file '{name}' while being written.") from None
+            inherited = self._inherited.get(name)
+            if inherited is not None and inherited == st.st_ino and self.parent is not None:
+                parent_entry = self.parent.manifest["files"][name]
+                table[name] = {"blob": False, "sha256": parent_entry["sha256"], "size": parent_entry["size"]}
+            else:
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+                table[name] = {"blob": False, "sha256": sha256_of(path), "size": st.st_size}
+            stamps[name] = [*_stamp_of(st), table[name]["sha256"]]
+        return table, stamps
 
     def commit(self) -> Bundle:
+        """Make the staged version current; BundleError (nothing changed) when the manifest is
+        invalid, the disk refuses, or another writer moved CURRENT."""
         try:
+            self._check_parent_is_current()
             versions = list_versions(self.root)
             all_dirs = [p.name for p in (self.root / "versions").glob("v*")] if (self.root / "versions").is_dir() else []
             numbers = [int(n[1:]) for n in all_dirs if _VERSION_RE.match(n)] + [int(v[1:]) for v in versions]
             name = f"v{(max(numbers) + 1 if numbers else 1):04d}"
+            files, stamps = self._finalise_files()
             self.manifest.update(
                 schema_version=SCHEMA_VERSION,
                 edgeclip_version=__version__,
                 version=name,
                 parent=self.parent.version if self.parent else None,
                 created_at=utc_now(),
-                files=self._finalise_files(),
+                files=files,
                 tensors={k: v for k, v in self._tensor_shapes.items() if k in self._files},
             )
             self.manifest.setdefault("bundle_created_at", self.manifest["created_at"])
-            manifest_path = self.staging / MANIFEST
-            manifest_path.write_text(json.dumps(self.manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-            _fsync_path(manifest_path)
-            (self.root / "versions").mkdir(exist_ok=True)
-            final = self.root / "versions" / name
-            os.replace(self.staging, final)
-            _fsync_path(final.parent)
-            _write_atomic_text(self.root / CURRENT, name + "\n")
+            meta = validate_manifest(self.manifest)
+            text = json.dumps(self.manifest, indent=2, ensure_ascii=False, allow_nan=False)
+            with _io_errors(self.final_root or self.root, "write"):
+                manifest_path = self.staging / MANIFEST
+                manifest_path.write_text(text, encoding="utf-8")
+                _fsync_path(manifest_path)
+                (self.root / "versions").mkdir(exist_ok=True)
+                final = self.root / "versions" / name
+                os.replace(self.staging, final)
+                _fsync_path(final.parent)
+                _write_atomic_text(self.root / CURRENT, name + "\n")
+            _write_stamps(self.root, name, stamps)
+            keep = int((self.manifest.get("retention") or {}).get("keep", 0) or 0)
+            if keep and self.final_root is None:
+                with contextlib.suppress(OSError, BundleError):
+                    _prune_locked(self.root, keep)
+            root = self.root
+            if self.final_root is not None:
+                root = self._move_into_place()
         except BaseException:
             self.abort()
             raise
-        self._lock.__exit__(None, None, None)
-        return Bundle(root=self.root, version=name, manifest=self.manifest)
+        self._release()
+        return Bundle(root=root, version=name, manifest=self.manifest, meta=meta)
+
+    def _move_into_place(self) -> Path:
+        """init: rename the complete staged bundle onto its final (absent or empty) folder."""
+        final = self.final_root
+        assert final is not None
+        try:
+            os.rename(self.root, final)
+        except OSError as exc:
+            shutil.rmtree(self.root, ignore_errors=True)
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise BundleError(f"{final} was filled by another process while the bundle was being made; "
+                                  "nothing was written.") from None
+            raise _io_error(final, "create", exc) from exc
+        with contextlib.suppress(OSError):
+            _fsync_path(final.parent)
+        return final
 
     def abort(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self._lock.__exit__(None, None, None)
+        if hasattr(self, "staging"):
+            shutil.rmtree(self.staging, ignore_errors=True)
+        if self.final_root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+        self._release()
+
+
+_OWN_LEFTOVERS = (LOCK, ".stamps")  # what an older, interrupted init may leave in a bundle folder
 
 
 def create_bundle(root: Path | str, manifest: dict[str, Any]) -> VersionWriter:
-    """Start the first version of a new bundle (refuses a folder that already holds one)."""
+    """Start the first version of a new bundle at ``root`` (absent or an empty folder).
+
+    Atomic: the bundle is written in a hidden sibling folder (``.<name>.init-<pid>-*``) and renamed
+    onto ``root`` at commit, so an interrupted init leaves no bundle folder (its leftovers are removed
+    by the next init). Raises BundleError for an invalid manifest, a ``root`` that is a file, holds
+    a bundle or is not empty, or a parent folder that cannot be written."""
     root = Path(root)
+    _check_root(root)
     if (root / CURRENT).exists():
         raise BundleError(f"{root} already holds a bundle; choose another folder or delete it first.")
-    if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
-        raise BundleError(f"{root} exists and is not empty; give an empty or new folder for the bundle.")
     manifest = dict(manifest)
     manifest.setdefault("tasks", [])
     manifest.setdefault("files", {})
-    return VersionWriter(root, parent=None, manifest=manifest)
+    validate_manifest(manifest, complete=False)
+    if root.exists():
+        entries = list(root.iterdir())
+        if any(p.name not in _OWN_LEFTOVERS and not p.name.startswith(".staging-") for p in entries):
+            raise BundleError(f"{root} exists and is not empty; give an empty or new folder for the bundle.")
+        with _io_errors(root, "create"):
+            for p in entries:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    parent = root.absolute().parent
+    with _io_errors(root, "create"):
+        parent.mkdir(parents=True, exist_ok=True)
+        for stale in parent.glob(f".{root.name}.init-*"):
+            pid = stale.name.split("-")[-2] if stale.name.count("-") >= 2 else ""
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        temp = parent / f".{root.name}.init-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        temp.mkdir()
+    try:
+        return VersionWriter(temp, parent=None, manifest=manifest, final_root=root)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def rollback(root: Path | str, to: str | None = None) -> str:
-    """Make an earlier version current (the parent of the current one unless ``to`` is given)."""
+    """Make an earlier version current (the parent of the current one unless ``to`` is given).
+    Holds the writer lock; a writer that started from the version replaced here will refuse at its
+    commit. Raises BundleError."""
     root = Path(root)
+    now = current_version(root)
     with _writer_lock(root):
         now = current_version(root)
         if to is None:
-            parent = _read_manifest(root / "versions" / now).get("parent")
+            parent = _read_manifest(root, now)[0].get("parent")
             if not parent:
                 raise BundleError(f"Version {now} of {root} is the first one; there is nothing to roll back to.")
             to = parent
+        check_version_name(to)
         if to not in list_versions(root):
             raise BundleError(f"Bundle {root} has no complete version '{to}'. Versions: {', '.join(list_versions(root))}")
-        Bundle.open(root, to)  # refuse to switch to a damaged version
-        _write_atomic_text(root / CURRENT, to + "\n")
+        Bundle.open(root, to).validate()  # refuse to switch to a damaged version
+        with _io_errors(root, "write"):
+            _write_atomic_text(root / CURRENT, to + "\n")
     return to
+
+
+# --------------------------------------------------------------------------- history, retention, size
+
+
+def _lineage(root: Path, start: str, limit: int) -> list[str]:
+    """``start`` and its ancestors, newest first, at most ``limit``."""
+    chain, name = [], start
+    while name and len(chain) < limit and name not in chain:
+        chain.append(name)
+        try:
+            name = _read_manifest(root, name)[0].get("parent")
+        except BundleError:
+            break
+    return chain
+
+
+def _prune_locked(root: Path, keep: int) -> list[str]:
+    kept = set(_lineage(root, current_version(root), max(1, keep)))
+    removed = []
+    for name in list_versions(root):
+        if name in kept:
+            continue
+        stamps = stamps_path(root, name)
+        trash = root / f".trash-{uuid.uuid4().hex[:12]}"
+        os.rename(root / "versions" / name, trash)  # atomic: readers see the version whole or not at all
+        shutil.rmtree(trash, ignore_errors=True)
+        if stamps is not None:
+            with contextlib.suppress(OSError):
+                stamps.unlink()
+        removed.append(name)
+    return removed
+
+
+def prune(root: Path | str, keep: int | None = None) -> list[str]:
+    """Remove every version except the current one and its ``keep - 1`` nearest ancestors (``keep``
+    default: the manifest's ``retention.keep``, else 1). Versions off the current line (left behind
+    by a rollback) are removed too. Returns the removed names, oldest first. Raises BundleError."""
+    root = Path(root)
+    if keep is None:
+        keep = int(Bundle.open(root, verify_hashes=False).manifest.get("retention", {}).get("keep", 0) or 0) or 1
+    if keep < 1:
+        raise BundleError("--keep must be at least 1 (the current version is always kept).")
+    current_version(root)  # a bundle is there (never create a folder by locking it)
+    with _writer_lock(root), _io_errors(root, "prune"):
+        return _prune_locked(root, keep)
+
+
+def disk_usage(root: Path | str) -> int:
+    """Bytes the bundle folder takes on disk (allocated blocks, each hard-linked file counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(folder, name))
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+    return total
+
+
+def version_history(root: Path | str) -> list[dict[str, Any]]:
+    """One record per complete version, oldest first: ``version``, ``parent``, ``created_at``,
+    ``tasks`` (names), ``current`` (bool), ``size`` (bytes of its files) and ``own`` (bytes of the
+    files no other version shares with it: what removing it frees). Damaged versions get ``error``."""
+    root = Path(root)
+    now = current_version(root)
+    records, owners = [], {}
+    for name in list_versions(root):
+        record: dict[str, Any] = {"version": name, "current": name == now}
+        try:
+            manifest = _read_manifest(root, name)[0]
+        except BundleError as exc:
+            record["error"] = str(exc)
+            records.append(record)
+            continue
+        inodes = set()
+        for fname, entry in manifest["files"].items():
+            base = root / "blobs" if entry.get("blob") else root / "versions" / name
+            rel = f"{entry['sha256']}{Path(fname).suffix}" if entry.get("blob") else fname
+            with contextlib.suppress(OSError):
+                st = os.lstat(base / rel)
+                if stat.S_ISREG(st.st_mode):
+                    inodes.add((st.st_ino, st.st_size))
+        for key in inodes:
+            owners.setdefault(key, set()).add(name)
+        record.update(parent=manifest.get("parent"), created_at=manifest.get("created_at"),
+                      tasks=[t["name"] for t in manifest.get("tasks", [])],
+                      size=sum(e.get("size", 0) for e in manifest["files"].values()), _inodes=inodes)
+        records.append(record)
+    for record in records:
+        inodes = record.pop("_inodes", set())
+        record["own"] = sum(size for key in inodes for size in [key[1]] if owners[key] == {record["version"]})
+    return records
+
+
+def verify_bundle(root: Path | str, versions: list[str] | None = None) -> list[tuple[str, str]]:
+    """Hash every file of every (or the given) version. Returns (version, problem) pairs; empty
+    when all is intact."""
+    root = Path(root)
+    problems = []
+    for name in versions or list_versions(root):
+        try:
+            Bundle.open(root, name).verify()
+        except BundleError as exc:
+            problems.append((name, str(exc)))
+    return problems
+
+
+def set_retention(root: Path | str, keep: int) -> Bundle:
+    """Record ``keep`` (0: keep all) as the bundle's retention setting, in a new version with the
+    same files (hard links, hashes reused), then prune to it. Returns the new current version."""
+    if keep < 0:
+        raise BundleError("--keep must be 0 (keep all) or more.")
+    bundle = Bundle.open(root)
+    with bundle.new_version() as writer:
+        writer.manifest["retention"] = {"keep": int(keep)}
+    return Bundle.open(root)
+
+
+def format_size(n_bytes: int) -> str:
+    """Bytes as text for reports: ``12.3 MB`` (decimal units)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"

@@ -1,4 +1,4 @@
-"""Bundle management commands: init, add-task, tasks, export, rollback, info."""
+"""Bundle management commands: init, add-task, tasks, export, rollback, info, versions, verify, prune."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgeclip.bundle import Bundle, list_versions
+from edgeclip.bundle import Bundle, disk_usage, format_size, list_versions
 from edgeclip.bundle import rollback as rollback_bundle
 from edgeclip.edgeapp.cli.console import err_console, out_console, progress, stage_reporter
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, open_bundle
@@ -49,6 +49,7 @@ def init(
     freeze_rule: Annotated[str, typer.Option(help="MoE activate-freeze: 'strict' (learned tasks never drift) or 'paper'.")] = "strict",
     batch_size: Annotated[int, typer.Option(min=1, help="MoE: training batch size (paper 64).")] = 64,
     lr: Annotated[float, typer.Option(min=0.0, help="MoE: AdamW learning rate (paper 1e-3).")] = 1e-3,
+    keep: Annotated[int, typer.Option(min=0, help="Retention: after each new version (add-task, export --int8) keep only the current one and its N-1 nearest ancestors (0: keep all; see 'edgeclip prune').")] = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """Create a new bundle with no task (zero-shot CLIP only), exporting the frozen encoders to ONNX."""
@@ -61,8 +62,8 @@ def init(
     with progress(quiet) as bar:
         bar.add_task("exporting the frozen encoders", total=None, info="")
         created = create(root, model, pretrained, method=method.value, random_weights=random_weights, seed=seed,
-                         zero_shot_labels=parse_labels(labels, None), tokenizer=tokenizer, hidden=hidden, beta=beta,
-                         fusion=fusion, gate_kind=gate, moe=moe,
+                         zero_shot_labels=parse_labels(labels, None), tokenizer=tokenizer, keep=keep, hidden=hidden,
+                         beta=beta, fusion=fusion, gate_kind=gate, moe=moe,
                          moe_train={"freeze_rule": freeze_rule, "batch_size": batch_size, "lr": lr}).bundle
     if not quiet:
         err_console().print(escape(f"created {root} ({created.version}): {model}, {created.weights_label}, method {method.value}"))
@@ -99,7 +100,8 @@ def add_task(
         unreadable = f", {task['unreadable_images']} unreadable left out" if task.get("unreadable_images") else ""
         err_console().print(escape(
             f"learned task '{task['name']}' ({len(task['classes'])} classes, {task['n_images']} images{unreadable}) "
-            f"-> {learned.root} {learned.version} [{learned.weights_label}]"), highlight=False)
+            f"-> {learned.root} {learned.version} [{learned.weights_label}]; "
+            f"bundle size on disk {format_size(disk_usage(learned.root))}"), highlight=False)
 
 
 def tasks(
@@ -184,10 +186,13 @@ def export(
         out_console().print(table)
 
 
-def rollback(bundle: BundleOpt = None) -> None:
-    """Make the previous bundle version current again (the newer one is kept on disk)."""
+def rollback(
+    bundle: BundleOpt = None,
+    to: Annotated[Optional[str], typer.Option("--to", help="Version to make current (e.g. v0002); default: the current version's parent.")] = None,
+) -> None:
+    """Make an earlier bundle version current again (newer versions stay on disk until 'edgeclip prune')."""
     root = bundle_path(bundle)
-    version = rollback_bundle(root)
+    version = rollback_bundle(root, to)
     err_console().print(escape(f"{root}: now at {version}"))
 
 
@@ -212,7 +217,78 @@ def info(bundle: BundleOpt = None) -> None:
         table.add_row("method", f"{loaded.method} {json.dumps(loaded.manifest['method']['settings'].get('fusion', ''))}")
         table.add_row("tasks", escape(", ".join(t["name"] for t in loaded.tasks)) or "none (zero-shot only)")
         table.add_row("classes", str(len(loaded.learned_classes)))
+        table.add_row("size on disk", format_size(disk_usage(loaded.root)))
     out_console().print(table)
+
+
+def versions(
+    bundle: BundleOpt = None,
+    output_format: Annotated[TableOrJson, typer.Option("--format", help="table or json.")] = TableOrJson.table,
+) -> None:
+    """The bundle's version history: parent, date, tasks, size (all files) and own size (what pruning it frees)."""
+    from edgeclip.bundle import version_history
+
+    root = bundle_path(bundle)
+    history = version_history(root)
+    total = disk_usage(root)
+    if output_format is TableOrJson.json:
+        typer.echo(json.dumps({"bundle": str(root), "size_on_disk": total, "versions": history}, indent=2,
+                              ensure_ascii=False))
+        return
+    table = Table(title=escape(f"{root} - {len(history)} versions, {format_size(total)} on disk"))
+    for col in ("version", "parent", "created", "tasks", "size", "own"):
+        table.add_column(col, justify="right" if col in ("size", "own") else "left")
+    for rec in history:
+        name = rec["version"] + (" *" if rec["current"] else "")
+        if "error" in rec:
+            table.add_row(name, "", "", escape(rec["error"]), "", "")
+            continue
+        table.add_row(name, rec["parent"] or "-", rec["created_at"] or "", escape(", ".join(rec["tasks"])) or "-",
+                      format_size(rec["size"]), format_size(rec["own"]))
+    out_console().print(table)
+
+
+def verify(
+    bundle: BundleOpt = None,
+    version: Annotated[Optional[str], typer.Option(help="Verify only this version (default: every version).")] = None,
+) -> None:
+    """Hash every file of every version against its manifest (slow on large bundles; other commands
+    only check the files they use). Exit 1 when any file is damaged."""
+    from edgeclip.bundle import current_version, verify_bundle
+
+    root = bundle_path(bundle)
+    current_version(root)  # a bundle is there
+    names = [version] if version else list_versions(root)
+    problems = verify_bundle(root, names)
+    for _name, problem in problems:
+        err_console().print(f"[bold red]damaged:[/] {escape(problem)}", highlight=False)
+    if problems:
+        raise typer.Exit(1)
+    err_console().print(escape(f"{root}: {len(names)} version(s) intact ({format_size(disk_usage(root))} on disk)"),
+                        highlight=False)
+
+
+def prune(
+    bundle: BundleOpt = None,
+    keep: Annotated[Optional[int], typer.Option(min=1, help="Versions to keep: the current one and its nearest ancestors (default: the bundle's retention setting, else 1).")] = None,
+    save: Annotated[bool, typer.Option("--save", help="Also record --keep as the bundle's retention setting, applied after every later write.")] = False,
+) -> None:
+    """Remove old versions: all but the current one and its KEEP-1 nearest ancestors (versions left
+    behind by a rollback are removed too). Readers of the current version are never disturbed."""
+    from edgeclip.bundle import prune as prune_bundle
+    from edgeclip.bundle import set_retention
+
+    root = bundle_path(bundle)
+    before = disk_usage(root) if (root / "CURRENT").exists() else 0
+    if save:
+        if keep is None:
+            raise typer.BadParameter("--save needs --keep N", param_hint="--save")
+        set_retention(root, keep)
+    removed = prune_bundle(root, keep)
+    after = disk_usage(root)
+    err_console().print(escape(
+        f"{root}: removed {len(removed)} version(s){' (' + ', '.join(removed) + ')' if removed else ''}; "
+        f"{format_size(after)} on disk (freed {format_size(max(0, before - after))})"), highlight=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -222,3 +298,6 @@ def register(app: typer.Typer) -> None:
     app.command()(export)
     app.command()(rollback)
     app.command()(info)
+    app.command()(versions)
+    app.command()(verify)
+    app.command()(prune)

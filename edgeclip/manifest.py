@@ -1,0 +1,290 @@
+"""The typed schema of a bundle version's ``manifest.json`` (msgspec Structs).
+
+Every section has a Struct; each default is defined here once. ``validate_manifest`` checks a
+manifest dict against the schema: an unknown field, a missing required field or a value of the
+wrong type or range is refused with a ``BundleError`` naming the field (``$.gate.k``). File names
+in ``files`` and ``tensors`` must be plain relative names (no ``..``, no absolute path, no hidden
+component), so that no manifest can point outside its bundle.
+
+The bundle store validates every manifest when it reads it and before it writes it
+(``edgeclip.bundle``). Code reads typed values through ``Bundle.meta`` (a ``Manifest``); the plain
+dict (``Bundle.manifest``) stays available, exactly as written.
+
+Sections (and who writes them):
+
+- ``backbone``: model name, weights source, embedding size, text context length (init);
+- ``preprocess``: image size, normalisation, resize rule (init);
+- ``method``: learner name and its settings; RAIL adds ``settings.learner`` at each add-task;
+- ``gate``: the DDAS gate kind and its fit settings (init);
+- ``zero_shot``: prompt templates, logit scale, default extra labels (init);
+- ``tasks``: one record per learned task, in learning order (add-task);
+- ``files``: every file of the version with its sha256 and size; ``tensors``: the shapes of each
+  safetensors file (the store);
+- ``quantization``: how the int8 encoder was made (``export --int8``);
+- ``retention``: how many versions the store keeps (``init --keep``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Literal, Mapping
+
+import msgspec
+
+from edgeclip.errors import BundleError
+
+SCHEMA_VERSION = 1
+VERSION_RE = re.compile(r"^v(\d{4,})$")
+# one path component of a bundle file: starts with a letter, digit or underscore (never a dot)
+_NAME_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}$")
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+DEFAULT_LOGIT_SCALE = 100.0
+DEFAULT_BETA = 0.8
+DEFAULT_FUSION = "ddas"
+
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of every manifest section: unknown fields are refused."""
+
+
+class Weights(_Section):
+    """Where the backbone's weights come from (``train.backbone.WeightsSource``)."""
+
+    kind: Literal["random", "tag", "file"]
+    ref: str  # the seed (random), the open_clip tag, or the checkpoint's path
+    sha256: Sha256 | None = None  # of the checkpoint file (kind "file")
+    quick_gelu: bool | None = None  # the activation, decided once at init (None: a bundle from before)
+
+
+class TextSide(_Section):
+    """The model's own text side, read at init (``train.backbone.text_side``); the runtime follows it."""
+
+    tokenizer: Literal["clip-bpe", "hf"]
+    file: str  # the tokenizer's file in the bundle
+    clean: str  # "lower", "whitespace" or "canonicalize" (edgeclip.tokenizer)
+    context_length: PosInt
+    pad_id: int
+    embed_dim: PosInt
+    pool: str  # the text tower's pooling: argmax (end-of-text token), last, first, eos
+    logit_scale: Annotated[float, msgspec.Meta(gt=0.0)]
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    logit_bias: float | None = None  # SigLIP
+    sot_id: int | None = None  # clip-bpe
+    eot_id: int | None = None  # clip-bpe
+    hf_name: str | None = None  # hf
+    padding_side: str | None = None  # hf
+    truncation_side: str | None = None  # hf
+    strip_sep_id: int | None = None  # hf
+    checked: bool = False  # the runtime tokenizer was compared with open_clip's at init
+
+
+class Backbone(_Section):
+    model: str  # open_clip model name or an edgeclip config (edgeclip-tiny, ...)
+    weights: Weights
+    embed_dim: PosInt | None = None  # D, the embedding size
+    context_length: PosInt | None = None  # the text encoder's token count
+    image_tower: str | None = None  # open_clip's image tower class (with the timm model for timm towers)
+    text: TextSide | None = None  # None: a bundle from before (CLIP BPE, logit scale 100)
+
+
+class Preprocess(_Section):
+    """The image preprocessing (``edgeclip.images.PreprocessConfig`` checks the values further)."""
+
+    image_size: PosInt
+    mean: Annotated[list[float], msgspec.Meta(min_length=3, max_length=3)]
+    std: Annotated[list[float], msgspec.Meta(min_length=3, max_length=3)]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    exact: bool = False  # decode at full resolution (open_clip's transform bit for bit), not reduced first
+
+
+class MethodSettings(_Section):
+    """The learner's settings. Which fields a method uses: every method ``beta``, ``fusion``,
+    ``seed``; rail-primal ``hidden``, ``gamma``, ``dim``; rail-dual ``gamma_kernel``, ``lam``,
+    ``dim``; moe ``moe`` (MoEConfig fields) and ``train`` (the training recipe). ``learner`` is the
+    RAIL learner's own record (``RailPrimal.settings()``), written by add-task."""
+
+    beta: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = DEFAULT_BETA
+    fusion: Literal["ddas", "paper"] = DEFAULT_FUSION
+    seed: int = 0
+    hidden: PosInt | None = None
+    gamma: float | None = None
+    dim: PosInt | None = None
+    gamma_kernel: float | None = None
+    lam: float | None = None
+    learner: dict[str, Any] | None = None
+    moe: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+
+
+class Method(_Section):
+    name: Literal["rail-primal", "rail-dual", "moe"]
+    settings: MethodSettings = msgspec.field(default_factory=MethodSettings)
+
+
+class GateSettings(_Section):
+    route_rule: str | None = None  # train.ddas.ROUTE_RULES; None: the default rule
+
+
+class Gate(_Section):
+    """The DDAS gate: one autoencoder per task, thresholded at a quantile of its training errors."""
+
+    kind: Literal["linear", "mlp"] = "linear"
+    k: PosInt | None = None  # linear autoencoder rank (None: train.ddas.K)
+    quantile: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None  # (None: train.ddas.QUANTILE)
+    settings: GateSettings | None = None
+
+
+class ZeroShot(_Section):
+    templates: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    logit_scale: Annotated[float, msgspec.Meta(gt=0.0)] = DEFAULT_LOGIT_SCALE
+    labels: list[str] = msgspec.field(default_factory=list)
+
+
+class TaskGate(_Section):
+    """One task's fitted autoencoder (``Autoencoder.settings()``)."""
+
+    kind: Literal["linear", "mlp"]
+    k: PosInt | None = None
+    hidden: PosInt | None = None
+
+
+class Training(_Section):
+    """What MoE training reported for a task."""
+
+    iterations: NonNegInt | None = None
+    final_loss: float | None = None
+    images_per_s: float | None = None
+    experts_frozen: NonNegInt | None = None
+    experts_added: NonNegInt | None = None
+    skipped_images: NonNegInt | None = None
+
+
+class Task(_Section):
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    classes: Annotated[list[str], msgspec.Meta(min_length=1)]
+    threshold: Annotated[float, msgspec.Meta(gt=0.0)]  # the gate's error threshold
+    templates: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    n_images: NonNegInt = 0
+    gate: TaskGate | None = None
+    source: str | None = None  # the domain folder it was learned from
+    created_at: str | None = None
+    training: Training | None = None
+    unreadable_images: NonNegInt = 0  # training files that could not be read (left out, named in a warning)
+
+
+class FileEntry(_Section):
+    blob: bool = False
+    sha256: Sha256 | None = None  # None only while a version is being written
+    size: NonNegInt | None = None
+
+
+class QuantizedEncoder(_Section):
+    method: str
+    weights: str
+    activations: str
+    op_types: list[str] = msgspec.field(default_factory=list)
+    onnxruntime: str | None = None
+
+
+class Quantization(_Section):
+    image_encoder: QuantizedEncoder
+
+
+class Retention(_Section):
+    keep: NonNegInt = 0  # versions kept after each write (0: all); see bundle.prune
+
+
+class Manifest(_Section):
+    """A whole version's manifest."""
+
+    backbone: Backbone
+    preprocess: Preprocess
+    method: Method
+    schema_version: int = SCHEMA_VERSION
+    edgeclip_version: str | None = None
+    version: str | None = None
+    parent: str | None = None
+    created_at: str | None = None
+    bundle_created_at: str | None = None
+    gate: Gate = msgspec.field(default_factory=Gate)
+    zero_shot: ZeroShot = msgspec.field(default_factory=ZeroShot)
+    tasks: list[Task] = msgspec.field(default_factory=list)
+    files: dict[str, FileEntry] = msgspec.field(default_factory=dict)
+    tensors: dict[str, dict[str, list[NonNegInt]]] = msgspec.field(default_factory=dict)
+    quantization: Quantization | None = None
+    retention: Retention = msgspec.field(default_factory=Retention)
+
+
+def check_file_name(name: str) -> str:
+    """Refuse a bundle file name that is not a plain relative name: ``graphs/gated.onnx`` passes;
+    an absolute path, ``..``, ``.``, an empty or hidden component, a backslash or a control
+    character raise ``BundleError`` (the name is not echoed beyond its first 80 characters)."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or len(name) > 400 or not all(_NAME_PART.match(p) for p in parts) or name == "manifest.json":
+        raise BundleError(f"invalid bundle file name {name[:80]!r}: expected a plain relative name "
+                          "such as 'graphs/gated.onnx'")
+    return name
+
+
+def check_version_name(name: Any) -> str:
+    """A version name ``vNNNN``; BundleError otherwise."""
+    if not isinstance(name, str) or not VERSION_RE.match(name):
+        raise BundleError(f"invalid version name {str(name)[:40]!r}: expected v0001, v0002, ...")
+    return name
+
+
+def _check_finite(value: Any, where: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BundleError(f"invalid manifest: non-finite number at `{where}`")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
+
+
+def validate_manifest(data: Mapping[str, Any], complete: bool = True) -> Manifest:
+    """The typed manifest of ``data``; ``BundleError`` naming the field when it does not fit.
+
+    ``complete``: also require what a committed version has (schema version, version name and
+    every file's sha256 and size); ``False`` for a manifest still being written.
+    """
+    if not isinstance(data, Mapping):
+        raise BundleError("invalid manifest: expected a JSON object")
+    _check_finite(dict(data), "$")
+    try:
+        meta = msgspec.convert(dict(data), Manifest)
+    except msgspec.ValidationError as exc:
+        raise BundleError(f"invalid manifest: {exc}") from None
+    if meta.schema_version != SCHEMA_VERSION:
+        raise BundleError(f"manifest schema version {meta.schema_version!r}; this edgeclip reads schema "
+                          f"{SCHEMA_VERSION}. Upgrade edgeclip or re-create the bundle.")
+    for name in list(meta.files) + list(meta.tensors):
+        check_file_name(name)
+    for name in meta.tensors:
+        if name not in meta.files:
+            raise BundleError(f"invalid manifest: `$.tensors` names '{name}', which is not in `$.files`")
+    names = [t.name for t in meta.tasks]
+    if len(set(names)) != len(names):
+        raise BundleError("invalid manifest: two tasks share a name at `$.tasks`")
+    if complete:
+        check_version_name(meta.version)
+        if meta.parent is not None:
+            check_version_name(meta.parent)
+        for name, entry in meta.files.items():
+            if entry.sha256 is None or entry.size is None:
+                raise BundleError(f"invalid manifest: `$.files.{name}` lacks its sha256 or size")
+    return meta
+
+
+def to_builtins(meta: Manifest) -> dict[str, Any]:
+    """The JSON-ready dict of a typed manifest (fields at their default are left out)."""
+    return msgspec.to_builtins(meta)
