@@ -19,7 +19,7 @@ from edgeclip.train.ddas import K as GATE_K
 from edgeclip.train.decision import FUSIONS
 
 from edgeclip.bundle import Bundle, VersionWriter, create_bundle, utc_now
-from edgeclip.domain import Domain, few_shot, read_domain
+from edgeclip.domain import Domain, class_key, few_shot, read_domain
 from edgeclip.errors import DomainError, MissingExtraError, UsageError
 from edgeclip.layout import LEARNED, RAIL_STATE, VOCAB_NAME
 
@@ -147,10 +147,11 @@ def check_new_task(bundle: Bundle, domain: Domain, name: str) -> None:
     """Refuse what would corrupt the bundle: a used task name or a class name already learned."""
     if any(task["name"] == name for task in bundle.tasks):
         raise DomainError(f"A task named '{name}' is already learned; pass --name to choose another.")
-    learned = {c.lower(): task["name"] for task in bundle.tasks for c in task["classes"]}
-    clashes = [c for c in domain.classes if c.lower() in learned]
+    learned = {class_key(c): (c, task["name"]) for task in bundle.tasks for c in task["classes"]}
+    clashes = [c for c in domain.classes if class_key(c) in learned]
     if clashes:
-        shown = ", ".join(f"'{c}' (task '{learned[c.lower()]}')" for c in clashes[:5])
+        shown = ", ".join(f"'{c}' (as '{learned[class_key(c)][0]}' in task '{learned[class_key(c)][1]}')"
+                          for c in clashes[:5])
         raise DomainError(
             f"Class names already learned by earlier tasks: {shown}. Each label must belong to one task, "
             "so that a prediction names its task unambiguously; rename those class folders."
@@ -294,13 +295,16 @@ def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "aut
     learned = bundle.tensors(LEARNED)
     offset = learned["zs_text"].shape[0]
     learner = rail_learner(bundle, learned)
-    if progress:
-        progress("solving", 0, 1)
+    def stage(name: str) -> None:  # a step of unknown length (total 0): the bar shows a spinner
+        if progress:
+            progress(name, 0, 0)
+
+    stage(f"solving the {bundle.method} head ({len(feats)} images)")
     learner.add_domain(feats, labels + offset, offset + len(domain.classes))
     learner.solve()
-    if progress:
-        progress("solving", 1, 1)
+    stage("fitting the DDAS gate")
     gate_state, gate_settings, threshold = fit_task_gate(bundle, feats)
+    stage(f"encoding {len(domain.classes)} class names")
     zs_text = np.concatenate([learned["zs_text"], class_text_embeddings(bundle, domain, backend)])
     kind = bundle.manifest["gate"]["kind"]
     gates = gate_states(learned, kind) + [gate_state]
@@ -308,6 +312,7 @@ def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "aut
     state = learner.state()
     new_learned = learned_tensors(zs_text, sizes, kind, gates, bundle.method, state)
     inference_keys = RAIL_KEYS[bundle.method]
+    stage("composing the gated graph and writing the new version")
     with bundle.new_version() as writer:
         writer.manifest["method"]["settings"]["learner"] = learner.settings()
         writer.manifest["tasks"].append(task_record(domain, name, len(feats), threshold, gate_settings))

@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 from edgeclip.edgeapp.cli.commands_classify import Precision, PrecisionOpt
 from edgeclip.edgeapp.cli.commands_manage import TableOrJson
-from edgeclip.edgeapp.cli.console import err_console, out_console, progress
+from edgeclip.edgeapp.cli.console import err_console, new_table, out_console, progress
+from edgeclip.edgeapp.cli.output import markup
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, open_bundle
 from rich.markup import escape
 from rich.table import Table
@@ -53,10 +54,10 @@ def bench(
     if output_format is TableOrJson.json:
         typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
         return
-    table = Table(title=f"{loaded.root} {loaded.version}: {loaded.manifest['backbone']['model']}, {loaded.weights_label}")
-    for col in ("backend", "precision", "graph", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "gated/plain p50",
-                "vs fp32 p50"):
-        table.add_column(col, justify="right")
+    columns = ("backend", "precision", "graph", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "gated/plain p50",
+               "vs fp32 p50")
+    table = new_table(*columns, right=columns,
+                      title=markup(f"{loaded.root} {loaded.version}: {loaded.manifest['backbone']['model']}, {loaded.weights_label}"))
     by_key = {(r.precision, r.graph, r.batch_size): r for r in results}
     for r in results:
         plain = by_key[(r.precision, "plain", r.batch_size)]

@@ -10,7 +10,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 from edgeclip.edgeapp.cli.console import err_console, out_console, progress, stage_reporter
-from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path
+from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, require_bundle
+from edgeclip.edgeapp.cli.output import Interrupted, visible
 from rich.table import Table
 
 
@@ -85,12 +86,18 @@ def eval_command(
     """
     from edgeclip.edgeapp.evaluate import run_protocols, run_summary, write_heatmap
 
-    source = bundle_path(bundle)
-    with tempfile.TemporaryDirectory(prefix="edgeclip-eval-") as tmp, progress(quiet) as bar:
-        report = stage_reporter(bar)
-        run = run_protocols(source, domain_dirs, Path(tmp) / "work", protocols=[protocol.value],
-                            gates=[gate.value] if gate else None, shots=shots, test_per_class=test_per_class,
-                            decision=decision.value, backend=backend, iterations=iterations, progress=report)
+    source = require_bundle(bundle_path(bundle))
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgeclip-eval-") as tmp, progress(quiet, lines=True) as bar:
+            report = stage_reporter(bar)
+            run = run_protocols(source, domain_dirs, Path(tmp) / "work", protocols=[protocol.value],
+                                gates=[gate.value] if gate else None, shots=shots, test_per_class=test_per_class,
+                                decision=decision.value, backend=backend, iterations=iterations, progress=report)
+    except KeyboardInterrupt as exc:
+        from edgeclip.bundle import current_version
+
+        raise Interrupted(f"interrupted: no results written; eval works on a copy, {visible(source)} is still at "
+                          f"{current_version(source)}") from exc
     summary = run_summary(run, source)
     result = next(iter(run.results.values()))
     out.mkdir(parents=True, exist_ok=True)

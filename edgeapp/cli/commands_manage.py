@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from edgeclip.edgeapp.cli.console import err_console, out_console, progress, stage_reporter
-from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, open_bundle
-from rich.markup import escape
-from rich.table import Table
+from edgeclip.edgeapp.cli.console import err_console, new_table, out_console, progress, stage_reporter
+from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, open_bundle, require_bundle
+from edgeclip.edgeapp.cli.output import Interrupted, markup, visible
 
 from edgeclip.bundle import Bundle, list_versions
+from edgeclip.bundle import current_version
 from edgeclip.bundle import rollback as rollback_bundle
+from edgeclip.errors import UsageError
 from edgeclip.version import __version__
 
 
@@ -55,6 +56,7 @@ def init(
     from edgeclip.edgeapp.tasks import MethodSettings, init_bundle, require_torch
 
     require_torch("edgeclip init (reading open_clip models)")
+    check_model_name(model)
     moe = {"n_experts": experts, "last_blocks": last_blocks,
            "encoders": [e.strip() for e in encoders.split(",") if e.strip()]}
     settings = MethodSettings(method=method.value, hidden=hidden, beta=beta, fusion=fusion, gate_kind=gate, seed=seed,
@@ -65,7 +67,26 @@ def init(
         created = init_bundle(root, model, pretrained, random_weights=random_weights, seed=seed, settings=settings,
                               zero_shot_labels=parse_labels(labels, None))
     if not quiet:
-        err_console().print(escape(f"created {root} ({created.version}): {model}, {created.weights_label}, method {method.value}"))
+        err_console().print(markup(f"created {root} ({created.version}): {model}, {created.weights_label}, method {method.value}"),
+                            highlight=False)
+
+
+def check_model_name(model: str) -> None:
+    """UsageError (exit 2) for a model open_clip does not know, suggesting the closest names."""
+    import difflib
+
+    from edgeclip.train.backbone import import_torch_stack, register_model_configs
+
+    _, open_clip = import_torch_stack()
+    register_model_configs()
+    known = list(open_clip.list_models())
+    if model in known:
+        return
+    by_lower = {name.lower(): name for name in known}
+    close = difflib.get_close_matches(model.lower(), list(by_lower), n=4, cutoff=0.5)
+    hint = f"; did you mean {', '.join(by_lower[c] for c in close)}?" if close else \
+        " (open_clip.list_models() lists them; edgeclip-tiny is the offline test model)"
+    raise UsageError(f"Unknown model '{visible(model)}'{hint}")
 
 
 def add_task(
@@ -88,14 +109,19 @@ def add_task(
 
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter(f"expected auto, cpu or cuda, got '{device}'", param_hint="--device")
-    root = bundle_path(bundle)
-    with progress(quiet) as bar:
-        report = stage_reporter(bar)
-        learned = learn(root, domain_dir, name=name, shots=shots, iterations=iterations, device=device,
-                        backend=backend, progress=report)
+    if name is not None and not name.strip():
+        raise UsageError("--name is empty: give the task a name, or leave --name out to use the folder's")
+    root = require_bundle(bundle_path(bundle))
+    try:
+        with progress(quiet, lines=True) as bar:
+            report = stage_reporter(bar)
+            learned = learn(root, domain_dir, name=name.strip() if name else None, shots=shots, iterations=iterations,
+                            device=device, backend=backend, progress=report)
+    except KeyboardInterrupt as exc:
+        raise Interrupted(f"interrupted: nothing was learned; {visible(root)} is still at {current_version(root)}") from exc
     if not quiet:
         task = learned.tasks[-1]
-        err_console().print(escape(
+        err_console().print(markup(
             f"learned task '{task['name']}' ({len(task['classes'])} classes, {task['n_images']} images) "
             f"-> {learned.root} {learned.version} [{learned.weights_label}]"), highlight=False)
 
@@ -117,13 +143,13 @@ def tasks(
         }
         typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
-    table = Table(title=f"{loaded.root} {loaded.version} - {loaded.method}, {loaded.weights_label}")
-    for col in ("#", "task", "classes", "images", "threshold", "learned"):
-        table.add_column(col)
+    table = new_table("#", "task", "classes", "images", "threshold", "learned",
+                      title=markup(f"{loaded.root} {loaded.version} - {loaded.method}, {loaded.weights_label}"),
+                      right=("#", "images", "threshold"))
     for i, task in enumerate(loaded.tasks):
         shown = ", ".join(task["classes"][:6]) + (" ..." if len(task["classes"]) > 6 else "")
-        table.add_row(str(i), escape(task["name"]), escape(f"{len(task['classes'])}: {shown}"), str(task["n_images"]),
-                      f"{task['threshold']:.4g}", task["created_at"])
+        table.add_row(str(i), markup(task["name"]), markup(f"{len(task['classes'])}: {shown}"), str(task["n_images"]),
+                      f"{task['threshold']:.4g}", markup(task["created_at"]))
     out_console().print(table)
     if not loaded.tasks:
         err_console().print("no task learned yet: zero-shot only")
@@ -147,6 +173,8 @@ def export(
 
     from edgeclip.layout import GATED_INT8_GRAPH, IMAGE_INT8_GRAPH, graph_file
 
+    if fp16 and not tensorrt:
+        raise UsageError("--fp16 applies to TensorRT engines only: add --tensorrt (or leave --fp16 out)")
     loaded = open_bundle(bundle)
     if int8:
         from edgeclip.export.quantize import export_int8
@@ -157,10 +185,8 @@ def export(
             loaded = export_int8(loaded)
         if not quiet:
             done = f"wrote {loaded.version}" if loaded.version != before else "already present"
-            err_console().print(escape(f"{loaded.root}: int8 graphs {done}"), highlight=False)
-    table = Table(title=f"{loaded.root} {loaded.version} graphs")
-    table.add_column("graph")
-    table.add_column("MB", justify="right")
+            err_console().print(markup(f"{loaded.root}: int8 graphs {done}"), highlight=False)
+    table = new_table("graph", "MB", title=markup(f"{loaded.root} {loaded.version} graphs"), right=("MB",))
     names = ["graphs/gated.onnx", "graphs/image_encoder.onnx", "graphs/text_encoder.onnx"]
     names += [graph_file(n) for n in (GATED_INT8_GRAPH, IMAGE_INT8_GRAPH) if loaded.has(graph_file(n))]
     for name in names:
@@ -177,40 +203,50 @@ def export(
         with progress(quiet) as bar:
             bar.add_task("building TensorRT engines", total=None, info="")
             warm_up_engines(loaded, "tensorrt", fp16=fp16)
-        table.add_row(escape(f"TensorRT engines ({'fp16' if fp16 else 'fp32'}) cached in {engine_cache_dir()}"), "")
+        table.add_row(markup(f"TensorRT engines ({'fp16' if fp16 else 'fp32'}) cached in {engine_cache_dir()}"), "")
     if not quiet:
         out_console().print(table)
 
 
 def rollback(bundle: BundleOpt = None) -> None:
     """Make the previous bundle version current again (the newer one is kept on disk)."""
-    root = bundle_path(bundle)
+    root = require_bundle(bundle_path(bundle))
     version = rollback_bundle(root)
-    err_console().print(escape(f"{root}: now at {version}"))
+    err_console().print(markup(f"{root}: now at {version}"), highlight=False)
 
 
 def info(bundle: BundleOpt = None) -> None:
-    """Version, available backends, GPU, and a summary of the bundle."""
+    """Version, available backends, GPU, and a summary of the bundle (plain "key: value" lines)."""
     from edgeclip.edgeapp.runtime import describe_backends
 
-    table = Table(title=f"edgeclip {__version__}", show_header=False)
-    table.add_row("python", platform.python_version())
-    table.add_row("platform", f"{platform.system()} {platform.machine()}")
-    for key, value in describe_backends().items():
-        table.add_row(key, escape(str(value)))
+    rows: list[tuple[str, object]] = [
+        ("edgeclip", __version__),
+        ("python", platform.python_version()),
+        ("platform", f"{platform.system()} {platform.machine()}"),
+    ]
+    rows += list(describe_backends().items())
     root = bundle_path(bundle)
     try:
         loaded = Bundle.open(root, verify_hashes=False)
     except Exception as exc:  # info must work without a bundle
-        table.add_row("bundle", escape(f"{root}: {exc}"))
+        rows.append(("bundle", f"{root}: {exc}"))
     else:
         backbone = loaded.manifest["backbone"]
-        table.add_row("bundle", escape(f"{loaded.root} ({loaded.version}; versions {', '.join(list_versions(loaded.root))})"))
-        table.add_row("backbone", f"{backbone['model']}, {loaded.weights_label}")
-        table.add_row("method", f"{loaded.method} {json.dumps(loaded.manifest['method']['settings'].get('fusion', ''))}")
-        table.add_row("tasks", escape(", ".join(t["name"] for t in loaded.tasks)) or "none (zero-shot only)")
-        table.add_row("classes", str(len(loaded.learned_classes)))
-    out_console().print(table)
+        settings = loaded.manifest["method"]["settings"]
+        rows += [
+            ("bundle", f"{loaded.root} ({loaded.version}; versions {', '.join(list_versions(loaded.root))})"),
+            ("backbone", f"{backbone['model']}, {loaded.weights_label}"),
+            ("method", loaded.method + (f", fusion {settings['fusion']}" if settings.get("fusion") else "")),
+            ("tasks", ", ".join(t["name"] for t in loaded.tasks) or "none (zero-shot only)"),
+            ("classes", len(loaded.learned_classes)),
+        ]
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        if isinstance(value, (list, tuple)):
+            value = ", ".join(str(v) for v in value) or "none"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        typer.echo(visible(f"{key + ':':<{width + 1}} {value}"))
 
 
 def register(app: typer.Typer) -> None:
