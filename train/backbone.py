@@ -19,7 +19,7 @@ import numpy as np
 from edgeclip.models import CONFIG_DIR
 
 from edgeclip.bundle import sha256_of, weights_label
-from edgeclip.errors import BackboneLoadError, MissingExtraError
+from edgeclip.errors import BackboneLoadError, MissingExtraError, UnknownModelError
 
 _HUB_HOST = ("huggingface.co", 443)
 
@@ -70,6 +70,20 @@ class WeightsSource:
         return cls(kind=data["kind"], ref=str(data["ref"]), sha256=data.get("sha256"))
 
 
+def unknown_model_message(model: str, known: list[str]) -> str:
+    """'Unknown model ...' naming the closest few known names (difflib), not all of them."""
+    import difflib
+
+    by_lower = {name.lower(): name for name in known}
+    close = [by_lower[c] for c in difflib.get_close_matches(model.lower(), list(by_lower), n=4, cutoff=0.5)]
+    if close:
+        return (f"Unknown model '{model}'. Known models: {', '.join(close)} (the closest of {len(known)}; "
+                "open_clip.list_models() lists them all)")
+    common = [m for m in ("edgeclip-tiny", "edgeclip-small", "ViT-B-16", "ViT-B-32", "ViT-L-14") if m in by_lower.values()]
+    return (f"Unknown model '{model}'. Known models: {', '.join(common)}, ... ({len(known)} in all; "
+            "open_clip.list_models() lists them)")
+
+
 def resolve_weights(
     model: str, pretrained: str | None, random_weights: bool = False, seed: int = 0
 ) -> WeightsSource:
@@ -77,8 +91,7 @@ def resolve_weights(
     _, open_clip = import_torch_stack()
     register_model_configs()
     if model not in open_clip.list_models():
-        known = ", ".join(sorted(open_clip.list_models()))
-        raise BackboneLoadError(f"Unknown model '{model}'. Known models: {known}")
+        raise UnknownModelError(unknown_model_message(model, open_clip.list_models()))
     if random_weights:
         if pretrained:
             raise BackboneLoadError("Give either --pretrained or --random-weights, not both.")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from edgeclip.edgeapp.cli.commands_manage import Method, check_model_name
+from edgeclip.edgeapp.cli.commands_manage import Method
 from edgeclip.edgeapp.cli.console import err_console, new_table, out_console, progress, stage_reporter
 from edgeclip.edgeapp.cli.options import QuietOpt
 from edgeclip.edgeapp.cli.output import markup
@@ -63,7 +63,6 @@ def demo(
     from edgeclip.edgeapp.demo_data import UNSEEN, write_demo
 
     require_torch("edgeclip demo (creating a bundle from an open_clip model)")
-    check_model_name(model)
     prepare_dir(directory)
     say = (lambda text: None) if quiet else (lambda text: err_console().print(markup(text), highlight=False))
     images = write_demo(directory / "images")
