@@ -1,7 +1,7 @@
 """The ``edgeclip`` command: a thin Typer layer over the library.
 
 Library code raises ``EdgeclipError``s; this module is the one place that turns them into a
-message on stderr and an exit code. Set ``EDGECLIP_DEBUG=1`` to see tracebacks.
+message on stderr and an exit code. Set ``EDGECLIP_DEBUG=1`` to see the traceback as well.
 
 Typer turns Ctrl-C into a silent exit 130 and a closed pipe into a silent exit 1 before a
 caller can react, so every command is wrapped (``_guard``): an interrupt becomes an
@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import traceback
 from typing import Any, Callable, Optional
 
 import typer
@@ -101,7 +102,7 @@ def main() -> None:
         app()
     except EdgeclipError as exc:
         if os.environ.get("EDGECLIP_DEBUG"):
-            raise
+            traceback.print_exc()
         label = "" if isinstance(exc, Interrupted) else "[bold red]error:[/] "
         err_console().print(f"{label}{markup(exc)}", highlight=False)
         sys.exit(exc.exit_code)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from enum import Enum
 from pathlib import Path
@@ -91,7 +93,7 @@ def classify(
     start = time.perf_counter()
     try:
         writer.start()
-        with progress(quiet) as bar:
+        with progress(quiet) as bar, StopAtBatchEnd() as stop:
             task = bar.add_task("classifying", total=total, info="")
 
             def on_batch(n: int) -> None:  # the batch is complete: its rows go out now, in input order
@@ -102,6 +104,7 @@ def classify(
                 done += sum(1 for p in pending if p.error is None)
                 pending.clear()
                 bar.advance(task, n)
+                stop.check()
 
             for pred in classify_files(loaded, found.images, runner, label_space, top_k=top_k,
                                        batch_size=batch_size, on_batch=on_batch):
@@ -121,6 +124,36 @@ def classify(
         err_console().print(f"{done} classified, {failed} unreadable, {rate:.1f} images/s{note}", highlight=False)
     if failed:
         raise typer.Exit(EXIT_UNREADABLE)
+
+
+class StopAtBatchEnd:
+    """Ctrl-C during classify stops at the end of the running batch, after its rows are written,
+    so "interrupted after N" counts exactly the rows written. A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: object = None
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "StopAtBatchEnd":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+            if self._previous is signal.SIG_IGN:  # started with Ctrl-C ignored (nohup, a background job)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                self._previous = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
 
 
 def _writer(fmt: OutputFormat, output: Path | None, loaded: "Bundle", images: list[Path], label_space: "LabelSpace",
