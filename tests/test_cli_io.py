@@ -130,13 +130,16 @@ def test_tables_wrap_on_a_narrow_terminal() -> None:
     assert first_column == "a/very/long/path/to/an/image/file.png"  # wrapped over lines, nothing cut
 
 
-def test_ctrl_c_keeps_the_rows_written_so_far(bundle: Path, images: dict, tmp_path: Path) -> None:
-    """A real SIGINT: rows already written stay (valid JSON lines), one line says how far it got, exit 130."""
+@pytest.mark.parametrize("debug", [False, True])
+def test_ctrl_c_keeps_the_rows_written_so_far(debug: bool, bundle: Path, images: dict, tmp_path: Path) -> None:
+    """A real SIGINT: rows already written stay (valid JSON lines), one line says how far it got, exit 130
+    (with EDGECLIP_DEBUG=1 too, after the traceback)."""
     folder = copies(a_png(images), tmp_path / "many", 3000)
     out = tmp_path / "out.jsonl"
+    env = env_with(EDGECLIP_DEBUG="1") if debug else env_with()
     proc = subprocess.Popen([sys.executable, "-c", entry_code(["classify", str(folder), "--bundle", str(bundle),
                                                                "--format", "json", "--batch-size", "2", "-o", str(out)])],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 240
     while (not out.exists() or out.stat().st_size == 0) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -146,7 +149,8 @@ def test_ctrl_c_keeps_the_rows_written_so_far(bundle: Path, images: dict, tmp_pa
     rows = [json.loads(line) for line in lines]  # every line complete
     assert proc.returncode == 130, err
     assert 0 < len(rows) < 3000
-    assert err.strip() == f"interrupted after {len(rows)} of 3000 images; results so far in {out}"
+    assert err.strip().splitlines()[-1] == f"interrupted after {len(rows)} of 3000 images; results so far in {out}"
+    assert ("Traceback" in err) == debug
 
 
 def test_ctrl_c_in_add_task_says_the_version(bundle: Path, images: dict, tmp_path: Path) -> None:

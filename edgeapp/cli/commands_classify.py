@@ -113,10 +113,7 @@ def classify(
         where = f"in {visible(display_path(output))}" if output else "above" if stdout_is_terminal() else "on stdout"
         raise Interrupted(f"interrupted after {done + failed} of {total} images; results so far {where}") from exc
     finally:
-        if output:
-            writer_file = getattr(writer, "file", None)
-            if writer_file is not None:
-                writer_file.close()
+        writer.close()
     elapsed = time.perf_counter() - start
     if not quiet:
         rate = done / elapsed if elapsed > 0 else 0.0
@@ -178,7 +175,7 @@ def _writer(fmt: OutputFormat, output: Path | None, loaded: "Bundle", images: li
         width = out_console().width if output is None and stdout_is_terminal() else None
         writer = TableWriter(stream, title, [os.fspath(p) for p in images], label_space.names,
                              [t["name"] for t in loaded.tasks], width)
-    writer.file = file  # type: ignore[attr-defined]
+    writer.owned = file
     return writer
 
 

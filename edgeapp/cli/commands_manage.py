@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 from edgeclip.edgeapp.cli.console import err_console, new_table, out_console, progress, stage_reporter
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, open_bundle, require_bundle
-from edgeclip.edgeapp.cli.output import Interrupted, markup, visible
+from edgeclip.edgeapp.cli.output import Interrupted, is_utf, markup, visible
 
 from edgeclip.bundle import Bundle, list_versions
 from edgeclip.bundle import current_version
@@ -122,7 +123,7 @@ def tasks(
             "weights": loaded.manifest["backbone"]["weights"],
             "tasks": loaded.tasks,
         }
-        typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        typer.echo(json.dumps(data, indent=2, ensure_ascii=not is_utf(sys.stdout)))
         return
     table = new_table("#", "task", "classes", "images", "threshold", "learned",
                       title=markup(f"{loaded.root} {loaded.version} - {loaded.method}, {loaded.weights_label}"),

@@ -50,6 +50,12 @@ class ResultWriter:
 
     def __init__(self, stream: StreamFn) -> None:
         self._stream = stream
+        self.owned: TextIO | None = None  # a file the writer opened (-o FILE): closed by close()
+
+    def close(self) -> None:
+        if self.owned is not None:
+            self.owned.close()
+            self.owned = None
 
     def start(self) -> None:
         """Anything before the first row (a CSV header, a table title)."""
