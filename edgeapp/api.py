@@ -163,13 +163,14 @@ class Classifier:
         return self.text_runner.embed(list(texts))
 
     # -- learning --------------------------------------------------------------------------------
-    def add_task(self, name: str, data: str | Path | Sequence[tuple[Image.Image | np.ndarray, str]], *,
+    def add_task(self, name: str | None, data: str | Path | Sequence[tuple[Image.Image | np.ndarray, str]], *,
                  shots: int | None = None, iterations: int | None = None, device: str = "auto",
                  progress: ProgressFn | None = None) -> Classifier:
         """Learn a new task into a new bundle version and return a Classifier on it.
 
-        data: a domain folder (DIR/<class>/* or DIR/train/<class>/*), or (image, class name) pairs, which
-        are written to a temporary domain folder first. RAIL learns torch-free; MoE trains with torch.
+        name: the task's name (None: the folder's meta.json name, else its name); data: a domain folder
+        (DIR/<class>/* or DIR/train/<class>/*), or (image, class name) pairs, which are written to a
+        temporary domain folder first (a name is then required). RAIL learns torch-free; MoE trains with torch.
         Raises DomainError (too few classes or images, a name or class already learned), UsageError (a bad
         class name or image among the pairs), MissingExtraError (MoE without torch).
         """
@@ -177,6 +178,8 @@ class Classifier:
             add_task(self.root, Path(data), name=name, shots=shots, iterations=iterations, device=device,
                      backend=self.backend, progress=progress)
         else:
+            if not name:
+                raise UsageError("a task learned from (image, label) pairs needs a name")
             with tempfile.TemporaryDirectory(prefix="edgeclip-task-") as tmp:
                 folder = _write_domain(Path(tmp) / name, data)
                 add_task(self.root, folder, name=name, shots=shots, iterations=iterations, device=device,

@@ -6,6 +6,7 @@ so the engine is kept busy while the next batch is decoded.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -22,7 +23,15 @@ ZERO_SHOT = "zero-shot"
 @dataclass
 class Prediction:
     """One input's result; ``error`` is set (and the rest empty) when the input could not be read.
-    ``note``: what the decoder remarked about a file it could read (Pillow's warnings), or None."""
+    ``note``: what the decoder remarked about a file it could read (Pillow's warnings), or None.
+
+    ``path`` is the file name as Python decodes it (``os.fspath``: bytes that are not UTF-8
+    are lone surrogates, ``surrogateescape``), so ``os.fsencode(path)`` is the file's name.
+    ``route`` is the task the DDAS gate sent the image to (or ``zero-shot``); ``label`` is the
+    best-scoring label over the whole label space and ``task`` the task that label belongs to
+    (``zero-shot`` for an extra label). They differ when the gate routes an image to one task
+    but another task's class still scores higher; ``topk`` entries name their task likewise.
+    """
 
     path: str
     label: str | None = None
@@ -31,11 +40,13 @@ class Prediction:
     topk: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     note: str | None = None
+    task: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": self.path,
             "label": self.label,
+            "task": self.task,
             "score": self.score,
             "route": self.route,
             "topk": self.topk,
@@ -50,25 +61,52 @@ class LabelSpace:
 
     names: list[str]
     text: np.ndarray  # [L, D] frozen text embeddings, L2-normalised
+    owners: list[str] = field(default_factory=list)  # per label: its task's name, or "zero-shot"
+
+    def owner(self, index: int) -> str:
+        return self.owners[index] if index < len(self.owners) else ZERO_SHOT
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A text file people write: UTF-8, with or without a byte-order mark, any line ends.
+
+    Raises UsageError naming the file (and the byte offset of the first byte that is not
+    UTF-8) when it cannot be read or decoded."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"Cannot read the {what} {display_path(path)}: {exc.strerror or exc}") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        offset = exc.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        raise UsageError(f"The {what} {display_path(path)} is not UTF-8: byte 0x{data[offset]:02x} at offset "
+                         f"{offset} (save it as UTF-8)") from exc
 
 
 def parse_labels(labels: str | None, labels_file: Path | None) -> list[str]:
-    """Labels from ``--labels "a,b"`` or a file with one label a line (blank lines and # comments skipped)."""
-    if labels and labels_file:
+    """Labels from ``--labels "a,b"`` or a file with one label a line (blank lines and # comments
+    skipped; UTF-8 with or without BOM, LF or CRLF). Labels that are the same class name by
+    ``class_key`` (case, Unicode normalisation) are merged into the first one.
+
+    Raises UsageError for an empty list (``--labels ""`` included) or an unreadable file."""
+    from edgeclip.domain import class_key
+
+    if labels is not None and labels_file is not None:
         raise UsageError("Give either --labels or --labels-file, not both.")
-    if labels_file:
-        try:
-            lines = Path(labels_file).read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise UsageError(f"Cannot read the labels file {labels_file}: {exc.strerror}") from exc
+    if labels_file is not None:
+        lines = read_text_file(labels_file, "labels file").splitlines()
         names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
-    elif labels:
+    elif labels is not None:
         names = [part.strip() for part in labels.split(",") if part.strip()]
     else:
         return []
     if not names:
         raise UsageError("The label list is empty: expected --labels \"cat,dog\" or a file with one label a line.")
-    return list(dict.fromkeys(names))
+    merged: dict[str, str] = {}
+    for name in names:
+        merged.setdefault(class_key(name), name)
+    return list(merged.values())
 
 
 ClassEncoder = Callable[[Sequence[str], Sequence[str]], np.ndarray]  # (classes, templates) -> [C, D]
@@ -78,21 +116,29 @@ def build_label_space(bundle: Bundle, extra: Sequence[str], encode_classes: Clas
     """Learned classes (stored text embeddings, no text encoder needed) plus the bundle's default
     zero-shot labels and ``extra`` ones, encoded now by ``encode_classes``
     (``TextEncoderRunner.class_embeddings``, the exported text encoder)."""
+    from edgeclip.domain import class_key
+
     learned = bundle.learned_classes
+    owners = [task["name"] for task in bundle.tasks for _ in task["classes"]]
     stored = bundle.tensors("learned.safetensors")["zs_text"]
-    known = {name.lower() for name in learned}
+    known = {class_key(name) for name in learned}
     wanted = list(bundle.manifest.get("zero_shot", {}).get("labels", [])) + list(extra)
-    new = list(dict.fromkeys(name for name in wanted if name.lower() not in known))
+    new_by_key: dict[str, str] = {}
+    for name in wanted:  # the one rule: the same class_key is the same class (the learned one wins)
+        if class_key(name) not in known:
+            new_by_key.setdefault(class_key(name), name)
+    new = list(new_by_key.values())
     if not learned and not new:
         raise UsageError(
             "This bundle has learned no task yet, so there is nothing to classify into: "
             "pass --labels \"a,b,...\" (zero-shot) or learn a task with 'edgeclip add-task'."
         )
     if not new:
-        return LabelSpace(list(learned), stored.astype(np.float32))
+        return LabelSpace(list(learned), stored.astype(np.float32), owners)
     templates = bundle.manifest.get("zero_shot", {}).get("templates", ["a photo of a {}."])
     feats = encode_classes(new, templates)
-    return LabelSpace(list(learned) + new, np.concatenate([stored.astype(np.float32), feats]))
+    return LabelSpace(list(learned) + new, np.concatenate([stored.astype(np.float32), feats]),
+                      owners + [ZERO_SHOT] * len(new))
 
 
 def task_route_names(bundle: Bundle) -> list[str]:
@@ -113,12 +159,13 @@ def predictions_from_scores(
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     out = []
     for i, path in enumerate(paths):
-        top = [{"label": labels.names[j], "score": float(scores[i, j])} for j in order[i]]
+        top = [{"label": labels.names[j], "score": float(scores[i, j]), "task": labels.owner(int(j))} for j in order[i]]
         route = int(routes[i])
         out.append(
             Prediction(
-                path=display_path(path),
+                path=os.fspath(path),
                 label=top[0]["label"],
+                task=top[0]["task"],
                 score=top[0]["score"],
                 route=ZERO_SHOT if route < 0 else task_names[route],
                 topk=top,
@@ -154,7 +201,7 @@ def classify_files(
     for batch in iter_batches(list(files), cfg, batch_size=batch_size, workers=workers,
                               max_pixels=max_pixels or DEFAULT_MAX_PIXELS):
         for path, message in batch.errors:
-            yield Prediction(path=display_path(path), error=message)
+            yield Prediction(path=os.fspath(path), error=message)
         if len(batch.paths):
             result = runner.run(batch.pixels, labels.text)
             yield from predictions_from_scores(batch.paths, result["scores"], result["route"], labels, names, top_k,

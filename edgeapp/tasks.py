@@ -16,7 +16,7 @@ import numpy as np
 
 from edgeclip.bundle import Bundle, VersionWriter, utc_now
 from edgeclip.discover import display_path
-from edgeclip.domain import Domain, few_shot, read_domain, require_enough_images
+from edgeclip.domain import Domain, class_key, few_shot, read_domain, require_enough_images
 from edgeclip.edgeapp.runtime import ImageEncoderRunner, TextEncoderRunner
 from edgeclip.errors import DomainError, UsageError
 from edgeclip.export.compose import build_gated_graph
@@ -96,10 +96,11 @@ def check_new_task(bundle: Bundle, classes: Sequence[str], name: str) -> None:
     """Refuse what would corrupt the bundle: a used task name or a class name already learned."""
     if any(task["name"] == name for task in bundle.tasks):
         raise DomainError(f"A task named '{name}' is already learned; pass --name to choose another.")
-    learned = {c.lower(): task["name"] for task in bundle.tasks for c in task["classes"]}
-    clashes = [c for c in classes if c.lower() in learned]
+    learned = {class_key(c): (c, task["name"]) for task in bundle.tasks for c in task["classes"]}
+    clashes = [c for c in classes if class_key(c) in learned]
     if clashes:
-        shown = ", ".join(f"'{c}' (task '{learned[c.lower()]}')" for c in clashes[:5])
+        shown = ", ".join(f"'{c}' (as '{learned[class_key(c)][0]}' in task '{learned[class_key(c)][1]}')"
+                          for c in clashes[:5])
         raise DomainError(
             f"Class names already learned by earlier tasks: {shown}. Each label must belong to one task, "
             "so that a prediction names its task unambiguously; rename those class folders."
@@ -266,13 +267,16 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
     learned = bundle.tensors(LEARNED)
     offset = learned[ZS_TEXT].shape[0]
     learner = rail_learner(bundle, learned)
-    if progress:
-        progress("solving", 0, 1)
+    def stage(name: str) -> None:  # a step of unknown length (total 0): the bar shows a spinner
+        if progress:
+            progress(name, 0, 0)
+
+    stage(f"solving the {bundle.method} head ({len(feats)} images)")
     learner.add_domain(feats, labels + offset, offset + len(classes))
     learner.solve()
-    if progress:
-        progress("solving", 1, 1)
+    stage("fitting the DDAS gate")
     gate_state, gate_settings, threshold = fit_task_gate(bundle, feats)
+    stage(f"encoding {len(classes)} class names")
     text = TextEncoderRunner(bundle, backend).class_embeddings(list(classes), list(templates))
     zs_text = np.concatenate([learned[ZS_TEXT], text])
     kind = bundle.manifest["gate"]["kind"]
@@ -282,6 +286,7 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
     new_learned = learned_tensors(zs_text, sizes, kind, gates, bundle.method, state)
     inference_keys = spec.head_keys
     record = task_record(name, classes, templates, source, len(feats), threshold, gate_settings)
+    stage("composing the gated graph and writing the new version")
     with bundle.new_version() as writer:
         writer.manifest["method"]["settings"]["learner"] = learner.settings()
         writer.manifest["tasks"].append(record)

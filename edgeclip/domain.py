@@ -3,13 +3,22 @@
 Layout: `<dir>/<class name>/<image>` or, when split folders exist,
 `<dir>/<split>/<class name>/<image>`. Class names are the folder names (spaces allowed),
 in sorted order; images are found by content as `discover` finds them. An optional
-`<dir>/meta.json` may give the domain's `name` and its prompt `templates`.
+`<dir>/meta.json` may give the domain's `name` and its prompt `templates` (UTF-8, a byte-order
+mark is accepted). Given a split folder itself (`<dir>/train`), the domain is still named after
+`<dir>` (or `<dir>/meta.json`).
+
+Class names: a folder name must be valid UTF-8 (refused before any work otherwise). Two class
+names are the same class when their `class_key` is equal: Unicode NFC normalisation and case
+folding, so `Cat`/`cat` and NFC/NFD `café` are one class. Such twins are refused inside one
+domain and across learned tasks; zero-shot labels that match a learned class (or an earlier
+label) are merged into it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -41,12 +50,18 @@ class Domain:
         return [t.replace("{}", self.classes[class_index]) for t in self.templates]
 
 
+def class_key(name: str) -> str:
+    """The identity of a class name: NFC-normalised and case-folded (``Cat``, ``cat`` and ``CAT``,
+    or ``café`` in NFC and NFD, are one class)."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
 def _read_meta(root: Path) -> dict:
     path = root / "meta.json"
     if not path.is_file():
         return {}
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DomainError(f"cannot read {display_path(path)}: {err}") from err
     if not isinstance(meta, dict):
@@ -84,6 +99,21 @@ def read_domain(directory: Path | str, split: str = "train") -> Domain:
         classes = sorted(p.name for p in class_root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError as err:
         raise DomainError(f"cannot list {display_path(class_root)}: {err.strerror or err}") from err
+    undecodable = [name for name in classes if not _is_utf8(name)]
+    if undecodable:
+        raise DomainError(
+            f"class folder names must be UTF-8 text; rename {', '.join(display_path(class_root / n) for n in undecodable[:3])}"
+        )
+    twins: dict[str, list[str]] = {}
+    for name in classes:
+        twins.setdefault(class_key(name), []).append(name)
+    clashes = [names for names in twins.values() if len(names) > 1]
+    if clashes:
+        shown = "; ".join(" / ".join(f"'{n}'" for n in names) for names in clashes[:3])
+        raise DomainError(
+            f"{display_path(class_root)}: class folders that differ only in case or Unicode form name one class: "
+            f"{shown}; merge or rename them"
+        )
     if len(classes) < 2:
         raise DomainError(
             f"{display_path(class_root)} has {len(classes)} class folder(s); a domain needs at least 2 "
@@ -95,8 +125,14 @@ def read_domain(directory: Path | str, split: str = "train") -> Domain:
         if not images:
             raise DomainError(f"class folder {display_path(class_root / name)} holds no images")
         samples += [(p, label) for p in images]
+    name = meta.get("name")
+    if not name and class_root == root and root.resolve().name in SPLIT_NAMES:
+        # `add-task DIR/train`: the split folder itself; the domain is DIR (and DIR/meta.json)
+        parent = root.resolve().parent
+        meta = {**_read_meta(parent), **meta}
+        name = meta.get("name") or parent.name
     return Domain(
-        name=meta.get("name") or root.resolve().name,
+        name=name or root.resolve().name,
         root=root,
         classes=classes,
         samples=samples,
@@ -119,6 +155,14 @@ def require_enough_images(domain: Domain, readable: dict[int, int], unreadable: 
             f"only {total} readable image(s) in {display_path(domain.root)} "
             f"({sum(unreadable.values())} unreadable); {MINIMUM_TEXT}"
         )
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # surrogateescape'd bytes that are not UTF-8
+        return False
+    return True
 
 
 def _shuffle_key(seed: int, path: Path, root: Path) -> bytes:

@@ -29,6 +29,10 @@ class BackboneLoadError(EdgeclipError):
     """An open_clip model or its weights cannot be loaded (offline, unknown name, bad file)."""
 
 
+class UnknownModelError(BackboneLoadError, UsageError):
+    """A model name open_clip does not know: a usage error (exit code 2)."""
+
+
 class MissingExtraError(EdgeclipError):
     """A command needs an optional dependency that is not installed."""
 

@@ -13,46 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from cli_helpers import bundle, edgeclip_main, images, invoke  # noqa: F401  (fixtures)
 
 from edgeclip.bundle import Bundle, list_versions
-from edgeclip.edgeapp.cli.app import app
-from edgeclip.edgeapp.demo_data import write_demo_images
 
 pytest.importorskip("open_clip")
-
-TESTS = Path(__file__).resolve().parent
-runner = CliRunner()
-
-
-def invoke(*args: str) -> "object":
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def edgeclip_main(args: list[str], block_torch: bool = False, **kwargs) -> subprocess.CompletedProcess:
-    """Run the console entry point in a fresh interpreter (optionally with torch unimportable)."""
-    preamble = f"import sys; sys.path.insert(0, {str(TESTS)!r})\n"
-    if block_torch:
-        preamble += "import torch_blocker\n"
-    code = preamble + f"sys.argv = ['edgeclip'] + {args!r}\nfrom edgeclip.edgeapp.cli.app import main\nmain()"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("demo-images")
-    domains, query = write_demo_images(root, train_per_class=10, query_per_class=2)
-    return {"domains": domains, "query": query, "root": root}
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory, images: dict, make_tiny_bundle) -> Path:
-    """A rail-primal bundle with the two demo domains learned (built once for the module)."""
-    root = make_tiny_bundle(tmp_path_factory.mktemp("cli") / "bundle", hidden=512)
-    for domain in images["domains"]:
-        result = invoke("add-task", domain, "--bundle", root, "--quiet")
-        assert result.exit_code == 0, result.output
-    return root
 
 
 def test_help_of_every_command_is_complete() -> None:
@@ -70,7 +35,7 @@ def test_classify_json_lines(bundle: Path, images: dict) -> None:
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == len(list(images["query"].iterdir()))
     for row in rows:
-        assert set(row) == {"path", "label", "score", "route", "topk", "error", "note"}
+        assert set(row) == {"path", "label", "task", "score", "route", "topk", "error", "note"}
         assert row["error"] is None and len(row["topk"]) == 2
         assert row["route"] in ("shapes", "stripes", "zero-shot")
         assert row["label"] == row["topk"][0]["label"]
@@ -79,7 +44,9 @@ def test_classify_json_lines(bundle: Path, images: dict) -> None:
 def test_classify_csv_table_and_output_file(bundle: Path, images: dict, tmp_path: Path) -> None:
     result = invoke("classify", images["query"], "--bundle", bundle, "--format", "csv", "--quiet")
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert rows and set(rows[0]) == {"path", "label", "score", "route", "topk", "error", "note"}
+    assert rows and set(rows[0]) == {"path", "label", "task", "score", "route", "error", "note", "label_1", "score_1", "task_1",
+                                     "label_2", "score_2", "task_2", "label_3", "score_3", "task_3", "label_4",
+                                     "score_4", "task_4", "label_5", "score_5", "task_5"}
     out = tmp_path / "result.txt"
     result = invoke("classify", images["query"], "--bundle", bundle, "--output", out, "--quiet")
     written = out.read_text()
@@ -97,11 +64,11 @@ def test_unreadable_inputs_give_exit_3_and_the_rest_are_classified(bundle: Path,
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image at all")
     good = next(images["query"].iterdir())
-    result = invoke("classify", good, bad, tmp_path / "missing.png", "--bundle", bundle, "--format", "json", "--quiet")
+    result = invoke("classify", good, bad, "--bundle", bundle, "--format", "json", "--quiet")
     assert result.exit_code == 3
     rows = {Path(r["path"]).name: r for r in map(json.loads, result.stdout.splitlines())}
     assert rows[good.name]["error"] is None and rows[good.name]["label"]
-    assert rows["bad.jpg"]["error"] and rows["missing.png"]["error"]
+    assert rows["bad.jpg"]["error"]
 
 
 def test_tasks_and_info(bundle: Path) -> None:
@@ -136,7 +103,7 @@ def test_usage_errors_exit_2(bundle: Path, images: dict, tmp_path: Path) -> None
     result = edgeclip_main(["add-task", str(one_class), "--bundle", str(bundle)])
     assert result.returncode == 2 and "needs at least 2" in result.stderr
     result = edgeclip_main(["tasks", "--bundle", str(tmp_path / "nothing")])
-    assert result.returncode == 1 and "No bundle" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_rollback_then_add_task_without_torch(tmp_path: Path, images: dict, make_tiny_bundle) -> None:
@@ -250,13 +217,28 @@ def test_export_checks_graphs_and_explains_missing_tensorrt(bundle: Path) -> Non
         assert result.returncode == 1 and "tensorrt" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
+    """The demo teaches: expected label beside each prediction, an accuracy and routing summary,
+    unseen images routed to zero-shot, what to look at; a re-run works; a foreign folder is refused."""
     result = edgeclip_main(["demo", "--dir", str(tmp_path / "demo")], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "random weights" in result.stderr and "classified" in result.stderr
+    assert "random weights" in result.stderr and "accuracy on the learned domains" in result.stderr
+    assert "6/6 unseen images went to zero-shot" in result.stderr and "look at:" in result.stderr
+    rows = [line.replace("\u2502", " ").split() for line in result.stdout.splitlines()]  # table borders out
+    lines = {row[0]: " ".join(row) for row in rows if row and row[0].endswith(".png")}
+    assert len(lines) == 24
+    assert all("zero-shot" in line for name, line in lines.items() if name.startswith("unseen"))
+    assert lines["circle-0.png"].split()[1] == "circle"  # the expected label, beside the prediction
     bundle = Bundle.open(tmp_path / "demo" / "bundle")
     assert [t["name"] for t in bundle.tasks] == ["shapes", "stripes"] and bundle.random_weights
-    assert edgeclip_main(["demo", "--dir", str(tmp_path / "demo")]).returncode == 2  # refuses to overwrite
+    again = edgeclip_main(["demo", "--dir", str(tmp_path / "demo"), "--quiet"])
+    assert again.returncode == 0, again.stderr  # re-running replaces what the demo wrote
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    refused = edgeclip_main(["demo", "--dir", str(foreign)])
+    assert refused.returncode == 2 and (foreign / "keep.txt").read_text() == "mine"
 
 
 def test_add_task_and_classify_real_images(extract_subset, tmp_path: Path, make_tiny_bundle) -> None:

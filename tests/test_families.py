@@ -20,10 +20,9 @@ pytest.importorskip("open_clip")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hf_tokenizers  # noqa: E402
 
-from edgeclip.train import backbone as bb  # noqa: E402
-
 from edgeclip.errors import BackboneLoadError, UsageError  # noqa: E402
 from edgeclip.tokenizer import tokenizer_from_spec  # noqa: E402
+from edgeclip.train import backbone as bb  # noqa: E402
 
 # The awkward labels: long, unicode, punctuation, case, entities, whitespace, exact boundaries.
 LABELS = bb.AWKWARD_LABELS + [
@@ -240,12 +239,10 @@ def test_cli_refuses_moe_on_fastvit_in_one_line(tmp_path: Path) -> None:
 def test_mobileclip2_with_rail_end_to_end(tmp_path: Path) -> None:
     """MobileCLIP2-S0 (FastViT image tower): init, add-task, classify, eval, int8 export, bench."""
     import json
-
-    from edgeclip.edgeapp.demo_data import write_demo_images
+    import shutil
 
     from edgeclip.bundle import Bundle
-
-    import shutil
+    from edgeclip.edgeapp.demo_data import write_demo_images
 
     domains, query = write_demo_images(tmp_path / "images", train_per_class=6, query_per_class=2)
     tests, _ = write_demo_images(tmp_path / "test-images", train_per_class=2, query_per_class=0, seed=1)
@@ -282,9 +279,8 @@ def test_siglip_with_a_tokenizer_file_end_to_end(tmp_path: Path) -> None:
     the bundle carries the tokenizer file and the runtime classifies without open_clip's."""
     import json
 
-    from edgeclip.edgeapp.demo_data import write_demo_images
-
     from edgeclip.bundle import Bundle
+    from edgeclip.edgeapp.demo_data import write_demo_images
 
     folder = hf_tokenizers.t5_like(tmp_path / "t5")
     domains, query = write_demo_images(tmp_path / "images", train_per_class=4, query_per_class=1)

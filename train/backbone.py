@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgeclip.bundle import sha256_of, weights_label
-from edgeclip.errors import BackboneLoadError, MissingExtraError, UsageError
+from edgeclip.errors import BackboneLoadError, MissingExtraError, UnknownModelError, UsageError
 from edgeclip.layout import HF_TOKENIZER_FILE, VOCAB_FILE
 from edgeclip.models import CONFIG_DIR
 from edgeclip.tokenizer import ClipTokenizer, HFTokenizer, default_vocab_path
@@ -159,6 +159,20 @@ def decide_quick_gelu(model: str, kind: str, ref: str) -> bool:
     return False
 
 
+def unknown_model_message(model: str, known: list[str]) -> str:
+    """'Unknown model ...' naming the closest few known names (difflib), not all of them."""
+    import difflib
+
+    by_lower = {name.lower(): name for name in known}
+    close = [by_lower[c] for c in difflib.get_close_matches(model.lower(), list(by_lower), n=4, cutoff=0.5)]
+    if close:
+        return (f"Unknown model '{model}'. Known models: {', '.join(close)} (the closest of {len(known)}; "
+                "open_clip.list_models() lists them all)")
+    common = [m for m in ("edgeclip-tiny", "edgeclip-small", "ViT-B-16", "ViT-B-32", "ViT-L-14") if m in by_lower.values()]
+    return (f"Unknown model '{model}'. Known models: {', '.join(common)}, ... ({len(known)} in all; "
+            "open_clip.list_models() lists them)")
+
+
 def resolve_weights(
     model: str, pretrained: str | None, random_weights: bool = False, seed: int = 0
 ) -> WeightsSource:
@@ -166,8 +180,7 @@ def resolve_weights(
     _, open_clip = import_torch_stack()
     register_model_configs()
     if model not in open_clip.list_models():
-        known = ", ".join(sorted(open_clip.list_models()))
-        raise BackboneLoadError(f"Unknown model '{model}'. Known models: {known}")
+        raise UnknownModelError(unknown_model_message(model, open_clip.list_models()))
     check_supported(model)
     if random_weights:
         if pretrained:

@@ -1,19 +1,17 @@
-"""``edgeclip bench`` (latency) and ``edgeclip demo`` (the whole flow offline, in one command)."""
+"""``edgeclip bench``: latency and throughput of the gated and plain graphs."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
 from edgeclip.edgeapp.cli.commands_classify import Precision, PrecisionOpt
 from edgeclip.edgeapp.cli.commands_manage import TableOrJson
-from edgeclip.edgeapp.cli.console import err_console, out_console, progress
+from edgeclip.edgeapp.cli.console import new_table, out_console, progress
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, open_bundle
+from edgeclip.edgeapp.cli.output import markup
 from edgeclip.errors import UsageError
 
 
@@ -53,10 +51,10 @@ def bench(
     if output_format is TableOrJson.json:
         typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
         return
-    table = Table(title=f"{loaded.root} {loaded.version}: {loaded.manifest['backbone']['model']}, {loaded.weights_label}")
-    for col in ("backend", "precision", "graph", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "gated/plain p50",
-                "vs fp32 p50"):
-        table.add_column(col, justify="right")
+    columns = ("backend", "precision", "graph", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "gated/plain p50",
+               "vs fp32 p50")
+    table = new_table(*columns, right=columns,
+                      title=markup(f"{loaded.root} {loaded.version}: {loaded.manifest['backbone']['model']}, {loaded.weights_label}"))
     by_key = {(r.precision, r.graph, r.batch_size): r for r in results}
     for r in results:
         plain = by_key[(r.precision, "plain", r.batch_size)]
@@ -68,38 +66,5 @@ def bench(
     out_console().print(table)
 
 
-def demo(
-    directory: Annotated[Path, typer.Option("--dir", help="Where the demo writes its images and bundle.")] = Path("demo"),
-    model: Annotated[str, typer.Option(help="open_clip model name.")] = "edgeclip-tiny",
-    pretrained: Annotated[str, typer.Option(help="Pretrained tag or checkpoint; empty = seeded random weights.")] = "",
-    method: Annotated[str, typer.Option(help="moe, rail-primal or rail-dual.")] = "rail-primal",
-    quiet: QuietOpt = False,
-) -> None:
-    """The whole flow offline in one command: generate two image domains, create a bundle,
-    learn both domains one after the other, classify a folder of new images (learned and unseen).
-
-    Without --pretrained the backbone has seeded random weights (no download is possible offline),
-    so the numbers show the mechanics, not CLIP's accuracy.
-    """
-    from edgeclip.edgeapp.cli.commands_classify import classify
-    from edgeclip.edgeapp.cli.commands_manage import Method, add_task, init, tasks
-    from edgeclip.edgeapp.demo_data import write_demo_images
-
-    bundle_dir = directory / "bundle"
-    if bundle_dir.exists():
-        raise UsageError(f"{bundle_dir} exists already; remove it or pass --dir elsewhere.")
-    domains, query = write_demo_images(directory / "images")
-    hidden = 2000  # enough for the demo's few images; the paper's 15000 costs 1.8 GB of statistics
-    init(bundle=bundle_dir, model=model, pretrained=pretrained or None, random_weights=not pretrained,
-         method=Method(method), hidden=hidden, quiet=quiet)
-    for domain in domains:
-        add_task(domain_dir=domain, bundle=bundle_dir, iterations=60, quiet=quiet)
-    tasks(bundle=bundle_dir)
-    if not quiet:
-        err_console().print(escape(f"classifying {query} (images of both learned domains and of an unseen one)"))
-    classify(paths=[query], bundle=bundle_dir, top_k=3, quiet=quiet)
-
-
 def register(app: typer.Typer) -> None:
     app.command()(bench)
-    app.command()(demo)

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import sys
+import os
+import signal
+import threading
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional, TextIO
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
+from edgeclip.discover import discover_images, display_path
 from edgeclip.edgeapp.classify import Prediction
 from edgeclip.edgeapp.cli.console import err_console, out_console, progress
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, open_bundle
+from edgeclip.edgeapp.cli.output import Interrupted, markup, stdout_is_terminal, visible
+from edgeclip.edgeapp.cli.results import CsvWriter, JsonLinesWriter, ResultWriter, TableWriter, stdout
 from edgeclip.errors import UsageError
+
+if TYPE_CHECKING:
+    from edgeclip.bundle import Bundle
+    from edgeclip.edgeapp.classify import LabelSpace
 
 EXIT_UNREADABLE = 3
 
@@ -36,33 +40,6 @@ class OutputFormat(str, Enum):
     table = "table"
     json = "json"
     csv = "csv"
-
-
-def _write_json_lines(preds: list[Prediction], stream: TextIO) -> None:
-    for pred in preds:
-        stream.write(json.dumps(pred.to_dict(), ensure_ascii=False) + "\n")
-
-
-def _write_csv(preds: list[Prediction], stream: TextIO) -> None:
-    writer = csv.writer(stream)
-    writer.writerow(["path", "label", "score", "route", "topk", "error", "note"])
-    for p in preds:
-        topk = ";".join(f"{t['label']}:{t['score']:.6f}" for t in p.topk)
-        writer.writerow([p.path, p.label or "", "" if p.score is None else f"{p.score:.6f}", p.route or "", topk, p.error or "",
-                         p.note or ""])
-
-
-def _table(preds: list[Prediction], title: str) -> Table:
-    table = Table(title=title, show_lines=False)
-    for name in ("file", "label", "score", "route", "top-k"):
-        table.add_column(name, overflow="fold")
-    for p in preds:  # file names and labels are the user's text, never rich markup
-        if p.error:
-            table.add_row(escape(p.path), "[red]error[/]", "", "", f"[red]{escape(p.error)}[/]")
-        else:
-            others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p.topk[1:])
-            table.add_row(escape(p.path), escape(p.label), f"{p.score:.3f}", escape(p.route), escape(others))
-    return table
 
 
 def classify(
@@ -88,72 +65,135 @@ def classify(
              "[default: 89478485]. Large JPEGs count at their reduced size.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List the skipped non-image files on stderr.")] = False,
 ) -> None:
-    """Classify images and folders (recursively, images recognised by content).
+    """Classify images and folders (recursively; images recognised by content or extension).
 
-    Each image is routed by the DDAS gate to the task it belongs to, or to zero-shot CLIP.
     Every file ends up as a row with a label, a row with an error, or a skipped non-image
     (counted; --verbose lists them); a file named like an image (.jpg, .heic, ...) is never skipped.
-    --format json writes JSON Lines: path, label, score, route, topk, error, note.
+
+    Each image is routed by the DDAS gate to the task it belongs to (route), or to zero-shot
+    CLIP. The label is the best label over all learned classes and extra labels; task names
+    the task it belongs to, which differs from route when another task's class scores higher.
+
+    Rows are written as each batch finishes (Ctrl-C keeps them). --format json writes JSON
+    Lines: path, label, task, score, route, topk, error, note (exact paths; bytes that are not
+    UTF-8 as \\udcNN escapes). --format csv: path, label, task, score, route, error, note, then
+    label_N, score_N, task_N per rank.
+
     Exit codes: 0 all inputs done; 3 some inputs could not be read (the rest are still
-    classified); 2 usage error; 1 other failure.
+    classified); 2 usage error (a path that does not exist included); 130 interrupted.
     """
-    from edgeclip.discover import discover_images, display_path
     from edgeclip.edgeapp.classify import build_label_space, classify_files, parse_labels
     from edgeclip.edgeapp.runtime import GatedRunner, TextEncoderRunner
 
     loaded = open_bundle(bundle)
     extra = parse_labels(labels, labels_file)
     found = discover_images(paths, recursive=recursive)
-    missing = [Prediction(path=display_path(p), error=msg) for p, msg in found.missing]
-    if not found.images and not missing:
+    if found.missing:
+        shown = "; ".join(f"{visible(display_path(p))}: {msg}" for p, msg in found.missing[:3])
+        more = f" (and {len(found.missing) - 3} more)" if len(found.missing) > 3 else ""
+        raise UsageError(f"expected existing image files or folders: {shown}{more}")
+    if not found.images:
         raise UsageError("No images found in the given paths.")
     runner = GatedRunner(loaded, backend, precision=precision.value)  # refuses a missing int8 graph early
     label_space = build_label_space(loaded, extra, TextEncoderRunner(loaded, backend).class_embeddings)
-    preds: list[Prediction] = list(missing)
+    writer = _writer(output_format, output, loaded, found.images, label_space, top_k)
+    total = len(found.images)
+    position = {os.fspath(path): i for i, path in enumerate(found.images)}
+    pending: list[Prediction] = []
+    done = failed = 0
     start = time.perf_counter()
-    with progress(quiet) as bar:
-        task = bar.add_task("classifying", total=len(found.images), info="")
-        for pred in classify_files(
-            loaded, found.images, runner, label_space, top_k=top_k, batch_size=batch_size,
-            on_batch=lambda n: bar.advance(task, n), exact=True if exact_preprocess else None, max_pixels=max_pixels,
-        ):
-            preds.append(pred)
-    elapsed = time.perf_counter() - start
-    position = {display_path(path): i for i, path in enumerate(found.images)}
-    preds.sort(key=lambda p: position.get(p.path, -1))  # input order (unreadable files of a batch come first)
-    done = sum(1 for p in preds if p.error is None)
-    failed = len(preds) - done
-
-    stream: TextIO = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
     try:
-        if output_format is OutputFormat.json:
-            _write_json_lines(preds, stream)
-        elif output_format is OutputFormat.csv:
-            _write_csv(preds, stream)
-        else:
-            weights = " - random weights" if loaded.random_weights else ""
-            title = f"{loaded.root} {loaded.version} ({loaded.manifest['backbone']['model']}{weights})"
-            if output:
-                buffer = io.StringIO()
-                from rich.console import Console
+        writer.start()
+        with progress(quiet) as bar, StopAtBatchEnd() as stop:
+            task = bar.add_task("classifying", total=total, info="")
 
-                Console(file=buffer, width=160).print(_table(preds, title))
-                stream.write(buffer.getvalue())
-            else:
-                out_console().print(_table(preds, title))
+            def on_batch(n: int) -> None:  # the batch is complete: its rows go out now, in input order
+                nonlocal done, failed
+                pending.sort(key=lambda p: position.get(p.path, -1))
+                writer.write(pending)
+                failed += sum(1 for p in pending if p.error)
+                done += sum(1 for p in pending if p.error is None)
+                pending.clear()
+                bar.advance(task, n)
+                stop.check()
+
+            for pred in classify_files(loaded, found.images, runner, label_space, top_k=top_k,
+                                       batch_size=batch_size, on_batch=on_batch,
+                                       exact=True if exact_preprocess else None, max_pixels=max_pixels):
+                pending.append(pred)
+    except KeyboardInterrupt as exc:
+        where = f"in {visible(display_path(output))}" if output else "above" if stdout_is_terminal() else "on stdout"
+        raise Interrupted(f"interrupted after {done + failed} of {total} images; results so far {where}") from exc
     finally:
-        if output:
-            stream.close()
+        writer.close()
+    elapsed = time.perf_counter() - start
     if verbose:
         for path, reason in found.skipped:
-            err_console().print(escape(f"skipped {display_path(path)}: {reason}"), highlight=False)
+            err_console().print(markup(f"skipped {display_path(path)}: {reason}"), highlight=False)
     if not quiet:
         rate = done / elapsed if elapsed > 0 else 0.0
         note = " (random weights: predictions are not meaningful)" if loaded.random_weights else ""
         skipped = f", {len(found.skipped)} skipped (not images)" if found.skipped else ""
-        err_console().print(f"{done} classified, {failed} unreadable{skipped}, {rate:.1f} images/s{note}", highlight=False)
+        err_console().print(f"{done} classified, {failed} unreadable{skipped}, {rate:.1f} images/s{note}",
+                            highlight=False)
     if failed:
         raise typer.Exit(EXIT_UNREADABLE)
+
+
+class StopAtBatchEnd:
+    """Ctrl-C during classify stops at the end of the running batch, after its rows are written,
+    so "interrupted after N" counts exactly the rows written. A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: object = None
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "StopAtBatchEnd":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+            if self._previous is signal.SIG_IGN:  # started with Ctrl-C ignored (nohup, a background job)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                self._previous = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
+
+
+def _writer(fmt: OutputFormat, output: Path | None, loaded: "Bundle", images: list[Path], label_space: "LabelSpace",
+            top_k: int) -> ResultWriter:
+    """The streaming writer of ``fmt``, to ``output`` (UTF-8) or stdout."""
+    if output is not None:
+        try:
+            file = open(output, "w", encoding="utf-8", errors="backslashreplace", newline="")
+        except OSError as exc:
+            raise UsageError(f"Cannot write {visible(display_path(output))}: {exc.strerror or exc}") from exc
+        stream = lambda: file  # noqa: E731
+    else:
+        file = None
+        stream = stdout
+    if fmt is OutputFormat.json:
+        writer: ResultWriter = JsonLinesWriter(stream)
+    elif fmt is OutputFormat.csv:
+        writer = CsvWriter(stream, min(top_k, len(label_space.names)))
+    else:
+        weights = " - random weights" if loaded.random_weights else ""
+        title = visible(f"{loaded.root} {loaded.version} ({loaded.manifest['backbone']['model']}{weights})")
+        width = out_console().width if output is None and stdout_is_terminal() else None
+        writer = TableWriter(stream, title, [os.fspath(p) for p in images], label_space.names,
+                             [t["name"] for t in loaded.tasks], width)
+    writer.owned = file
+    return writer
 
 
 def register(app: typer.Typer) -> None:

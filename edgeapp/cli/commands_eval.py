@@ -12,7 +12,8 @@ import typer
 from rich.table import Table
 
 from edgeclip.edgeapp.cli.console import err_console, out_console, progress, stage_reporter
-from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path
+from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, require_bundle
+from edgeclip.edgeapp.cli.output import Interrupted, markup, visible
 
 
 class Protocol(str, Enum):
@@ -36,10 +37,10 @@ def _pct(value: float | None) -> str:
 
 def matrix_table(result: Any, timing: list[Any], title: str) -> Table:
     """Rows: zero-shot, then after each learning step; columns: domains, routing, learn time."""
-    table = Table(title=title)
-    table.add_column("after step")
+    table = Table(title=markup(title))
+    table.add_column("after step", overflow="fold")
     for name in result.domains:
-        table.add_column(name, justify="right")
+        table.add_column(markup(name), justify="right", overflow="fold")
     xtail = result.protocol == "xtail"
     if xtail:
         table.add_column("routed right %", justify="right")
@@ -48,7 +49,7 @@ def matrix_table(result: Any, timing: list[Any], title: str) -> Table:
     for i, row in enumerate(result.matrix):
         cells = [f"[bold]{v:.1f}[/]" if j == i else f"{v:.1f}" for j, v in enumerate(row)]
         route = [_pct(result.routing[i]["overall"])] if xtail else []
-        table.add_row(f"{i + 1} {result.domains[i]}", *cells, *route, f"{timing[i].learn_s:.1f}")
+        table.add_row(markup(f"{i + 1} {result.domains[i]}"), *cells, *route, f"{timing[i].learn_s:.1f}")
     return table
 
 
@@ -57,7 +58,7 @@ def metrics_table(result: Any) -> Table:
     table = Table(title="Transfer / Average / Last (%)")
     table.add_column("metric")
     for name in result.domains:
-        table.add_column(name, justify="right")
+        table.add_column(markup(name), justify="right", overflow="fold")
     table.add_column("mean", justify="right", style="bold")
     for key in ("transfer", "average", "last"):
         table.add_row(key.capitalize(), *[_pct(v) for v in m["per_domain"][key]], _pct(m[key]))
@@ -86,12 +87,18 @@ def eval_command(
     """
     from edgeclip.edgeapp.evaluate import run_protocols, run_summary, write_heatmap
 
-    source = bundle_path(bundle)
-    with tempfile.TemporaryDirectory(prefix="edgeclip-eval-") as tmp, progress(quiet) as bar:
-        report = stage_reporter(bar)
-        run = run_protocols(source, domain_dirs, Path(tmp) / "work", protocols=[protocol.value],
-                            gates=[gate.value] if gate else None, shots=shots, test_per_class=test_per_class,
-                            decision=decision.value, backend=backend, iterations=iterations, progress=report)
+    source = require_bundle(bundle_path(bundle))
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgeclip-eval-") as tmp, progress(quiet, lines=True) as bar:
+            report = stage_reporter(bar)
+            run = run_protocols(source, domain_dirs, Path(tmp) / "work", protocols=[protocol.value],
+                                gates=[gate.value] if gate else None, shots=shots, test_per_class=test_per_class,
+                                decision=decision.value, backend=backend, iterations=iterations, progress=report)
+    except KeyboardInterrupt as exc:
+        from edgeclip.bundle import current_version
+
+        raise Interrupted(f"interrupted: no results written; eval works on a copy, {visible(source)} is still at "
+                          f"{current_version(source)}") from exc
     summary = run_summary(run, source)
     result = next(iter(run.results.values()))
     out.mkdir(parents=True, exist_ok=True)
@@ -107,12 +114,13 @@ def eval_command(
     notes = err_console()
     for name, renames in summary["renamed_classes"].items():
         shown = ", ".join(f"'{a}' -> '{b}'" for a, b in renames.items())
-        notes.print(f"{name}: class names already used by an earlier domain were renamed: {shown}", highlight=False)
+        notes.print(markup(f"{name}: class names already used by an earlier domain were renamed: {shown}"), highlight=False)
     if run.suite.unreadable:
         notes.print(f"{len(run.suite.unreadable)} test images could not be read (listed in results.json)")
     if run.random_weights:
         notes.print("random weights: zero-shot is near chance; the numbers show the mechanics, not CLIP's accuracy")
-    notes.print(f"decision: {summary['decision']}; wrote {out / 'results.json'} and {out / 'matrix.png'}", highlight=False)
+    notes.print(markup(f"decision: {summary['decision']}; wrote {out / 'results.json'} and {out / 'matrix.png'}"),
+                highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
-from edgeclip.bundle import Bundle, disk_usage, format_size, list_versions
+from edgeclip.bundle import Bundle, current_version, disk_usage, format_size, list_versions
 from edgeclip.bundle import rollback as rollback_bundle
-from edgeclip.edgeapp.cli.console import err_console, out_console, progress, stage_reporter
-from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, open_bundle
+from edgeclip.edgeapp.cli.console import err_console, new_table, out_console, progress, stage_reporter
+from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, open_bundle, require_bundle
+from edgeclip.edgeapp.cli.output import Interrupted, is_utf, markup, visible
+from edgeclip.errors import UsageError
 from edgeclip.version import __version__
 
 
@@ -66,7 +67,8 @@ def init(
                          beta=beta, fusion=fusion, gate_kind=gate, moe=moe,
                          moe_train={"freeze_rule": freeze_rule, "batch_size": batch_size, "lr": lr}).bundle
     if not quiet:
-        err_console().print(escape(f"created {root} ({created.version}): {model}, {created.weights_label}, method {method.value}"))
+        err_console().print(markup(f"created {root} ({created.version}): {model}, {created.weights_label}, method {method.value}"),
+                            highlight=False)
 
 
 def add_task(
@@ -90,15 +92,20 @@ def add_task(
 
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter(f"expected auto, cpu or cuda, got '{device}'", param_hint="--device")
-    root = bundle_path(bundle)
-    with progress(quiet) as bar:
-        report = stage_reporter(bar)
-        learned = learn(root, domain_dir, name=name, shots=shots, iterations=iterations, device=device,
-                        backend=backend, progress=report)
+    if name is not None and not name.strip():
+        raise UsageError("--name is empty: give the task a name, or leave --name out to use the folder's")
+    root = require_bundle(bundle_path(bundle))
+    try:
+        with progress(quiet, lines=True) as bar:
+            report = stage_reporter(bar)
+            learned = learn(root, domain_dir, name=name.strip() if name else None, shots=shots, iterations=iterations,
+                            device=device, backend=backend, progress=report)
+    except KeyboardInterrupt as exc:
+        raise Interrupted(f"interrupted: nothing was learned; {visible(root)} is still at {current_version(root)}") from exc
     if not quiet:
         task = learned.tasks[-1]
         unreadable = f", {task['unreadable_images']} unreadable left out" if task.get("unreadable_images") else ""
-        err_console().print(escape(
+        err_console().print(markup(
             f"learned task '{task['name']}' ({len(task['classes'])} classes, {task['n_images']} images{unreadable}) "
             f"-> {learned.root} {learned.version} [{learned.weights_label}]; "
             f"bundle size on disk {format_size(disk_usage(learned.root))}"), highlight=False)
@@ -119,15 +126,15 @@ def tasks(
             "weights": loaded.manifest["backbone"]["weights"],
             "tasks": loaded.tasks,
         }
-        typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        typer.echo(json.dumps(data, indent=2, ensure_ascii=not is_utf(sys.stdout)))
         return
-    table = Table(title=f"{loaded.root} {loaded.version} - {loaded.method}, {loaded.weights_label}")
-    for col in ("#", "task", "classes", "images", "threshold", "learned"):
-        table.add_column(col)
+    table = new_table("#", "task", "classes", "images", "threshold", "learned",
+                      title=markup(f"{loaded.root} {loaded.version} - {loaded.method}, {loaded.weights_label}"),
+                      right=("#", "images", "threshold"))
     for i, task in enumerate(loaded.tasks):
         shown = ", ".join(task["classes"][:6]) + (" ..." if len(task["classes"]) > 6 else "")
-        table.add_row(str(i), escape(task["name"]), escape(f"{len(task['classes'])}: {shown}"), str(task["n_images"]),
-                      f"{task['threshold']:.4g}", task["created_at"])
+        table.add_row(str(i), markup(task["name"]), markup(f"{len(task['classes'])}: {shown}"), str(task["n_images"]),
+                      f"{task['threshold']:.4g}", markup(task["created_at"]))
     out_console().print(table)
     if not loaded.tasks:
         err_console().print("no task learned yet: zero-shot only")
@@ -151,6 +158,8 @@ def export(
     from edgeclip.export.compose import check_structure
     from edgeclip.layout import GATED_INT8_GRAPH, IMAGE_INT8_GRAPH, graph_file
 
+    if fp16 and not tensorrt:
+        raise UsageError("--fp16 applies to TensorRT engines only: add --tensorrt (or leave --fp16 out)")
     loaded = open_bundle(bundle)
     if int8:
         from edgeclip.export.quantize import export_int8
@@ -161,10 +170,8 @@ def export(
             loaded = export_int8(loaded)
         if not quiet:
             done = f"wrote {loaded.version}" if loaded.version != before else "already present"
-            err_console().print(escape(f"{loaded.root}: int8 graphs {done}"), highlight=False)
-    table = Table(title=f"{loaded.root} {loaded.version} graphs")
-    table.add_column("graph")
-    table.add_column("MB", justify="right")
+            err_console().print(markup(f"{loaded.root}: int8 graphs {done}"), highlight=False)
+    table = new_table("graph", "MB", title=markup(f"{loaded.root} {loaded.version} graphs"), right=("MB",))
     names = ["graphs/gated.onnx", "graphs/image_encoder.onnx", "graphs/text_encoder.onnx"]
     names += [graph_file(n) for n in (GATED_INT8_GRAPH, IMAGE_INT8_GRAPH) if loaded.has(graph_file(n))]
     for name in names:
@@ -181,7 +188,7 @@ def export(
         with progress(quiet) as bar:
             bar.add_task("building TensorRT engines", total=None, info="")
             warm_up_engines(loaded, "tensorrt", fp16=fp16)
-        table.add_row(escape(f"TensorRT engines ({'fp16' if fp16 else 'fp32'}) cached in {engine_cache_dir()}"), "")
+        table.add_row(markup(f"TensorRT engines ({'fp16' if fp16 else 'fp32'}) cached in {engine_cache_dir()}"), "")
     if not quiet:
         out_console().print(table)
 
@@ -191,34 +198,44 @@ def rollback(
     to: Annotated[Optional[str], typer.Option("--to", help="Version to make current (e.g. v0002); default: the current version's parent.")] = None,
 ) -> None:
     """Make an earlier bundle version current again (newer versions stay on disk until 'edgeclip prune')."""
-    root = bundle_path(bundle)
+    root = require_bundle(bundle_path(bundle))
     version = rollback_bundle(root, to)
-    err_console().print(escape(f"{root}: now at {version}"))
+    err_console().print(markup(f"{root}: now at {version}"), highlight=False)
 
 
 def info(bundle: BundleOpt = None) -> None:
-    """Version, available backends, GPU, and a summary of the bundle."""
+    """Version, available backends, GPU, and a summary of the bundle (plain "key: value" lines)."""
     from edgeclip.edgeapp.runtime import describe_backends
 
-    table = Table(title=f"edgeclip {__version__}", show_header=False)
-    table.add_row("python", platform.python_version())
-    table.add_row("platform", f"{platform.system()} {platform.machine()}")
-    for key, value in describe_backends().items():
-        table.add_row(key, escape(str(value)))
+    rows: list[tuple[str, object]] = [
+        ("edgeclip", __version__),
+        ("python", platform.python_version()),
+        ("platform", f"{platform.system()} {platform.machine()}"),
+    ]
+    rows += list(describe_backends().items())
     root = bundle_path(bundle)
     try:
         loaded = Bundle.open(root, verify_hashes=False)
     except Exception as exc:  # info must work without a bundle
-        table.add_row("bundle", escape(f"{root}: {exc}"))
+        rows.append(("bundle", f"{root}: {exc}"))
     else:
         backbone = loaded.manifest["backbone"]
-        table.add_row("bundle", escape(f"{loaded.root} ({loaded.version}; versions {', '.join(list_versions(loaded.root))})"))
-        table.add_row("backbone", f"{backbone['model']}, {loaded.weights_label}")
-        table.add_row("method", f"{loaded.method} {json.dumps(loaded.manifest['method']['settings'].get('fusion', ''))}")
-        table.add_row("tasks", escape(", ".join(t["name"] for t in loaded.tasks)) or "none (zero-shot only)")
-        table.add_row("classes", str(len(loaded.learned_classes)))
-        table.add_row("size on disk", format_size(disk_usage(loaded.root)))
-    out_console().print(table)
+        settings = loaded.manifest["method"]["settings"]
+        rows += [
+            ("bundle", f"{loaded.root} ({loaded.version}; versions {', '.join(list_versions(loaded.root))})"),
+            ("backbone", f"{backbone['model']}, {loaded.weights_label}"),
+            ("method", loaded.method + (f", fusion {settings['fusion']}" if settings.get("fusion") else "")),
+            ("tasks", ", ".join(t["name"] for t in loaded.tasks) or "none (zero-shot only)"),
+            ("classes", len(loaded.learned_classes)),
+            ("size on disk", format_size(disk_usage(loaded.root))),
+        ]
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        if isinstance(value, (list, tuple)):
+            value = ", ".join(str(v) for v in value) or "none"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        typer.echo(visible(f"{key + ':':<{width + 1}} {value}"))
 
 
 def versions(
@@ -228,22 +245,21 @@ def versions(
     """The bundle's version history: parent, date, tasks, size (all files) and own size (what pruning it frees)."""
     from edgeclip.bundle import version_history
 
-    root = bundle_path(bundle)
+    root = require_bundle(bundle_path(bundle))
     history = version_history(root)
     total = disk_usage(root)
     if output_format is TableOrJson.json:
         typer.echo(json.dumps({"bundle": str(root), "size_on_disk": total, "versions": history}, indent=2,
                               ensure_ascii=False))
         return
-    table = Table(title=escape(f"{root} - {len(history)} versions, {format_size(total)} on disk"))
-    for col in ("version", "parent", "created", "tasks", "size", "own"):
-        table.add_column(col, justify="right" if col in ("size", "own") else "left")
+    table = new_table("version", "parent", "created", "tasks", "size", "own", right=("size", "own"),
+                      title=markup(f"{root} - {len(history)} versions, {format_size(total)} on disk"))
     for rec in history:
         name = rec["version"] + (" *" if rec["current"] else "")
         if "error" in rec:
-            table.add_row(name, "", "", escape(rec["error"]), "", "")
+            table.add_row(name, "", "", markup(rec["error"]), "", "")
             continue
-        table.add_row(name, rec["parent"] or "-", rec["created_at"] or "", escape(", ".join(rec["tasks"])) or "-",
+        table.add_row(name, rec["parent"] or "-", rec["created_at"] or "", markup(", ".join(rec["tasks"])) or "-",
                       format_size(rec["size"]), format_size(rec["own"]))
     out_console().print(table)
 
@@ -254,17 +270,16 @@ def verify(
 ) -> None:
     """Hash every file of every version against its manifest (slow on large bundles; other commands
     only check the files they use). Exit 1 when any file is damaged."""
-    from edgeclip.bundle import current_version, verify_bundle
+    from edgeclip.bundle import verify_bundle
 
-    root = bundle_path(bundle)
-    current_version(root)  # a bundle is there
+    root = require_bundle(bundle_path(bundle))
     names = [version] if version else list_versions(root)
     problems = verify_bundle(root, names)
     for _name, problem in problems:
-        err_console().print(f"[bold red]damaged:[/] {escape(problem)}", highlight=False)
+        err_console().print(f"[bold red]damaged:[/] {markup(problem)}", highlight=False)
     if problems:
         raise typer.Exit(1)
-    err_console().print(escape(f"{root}: {len(names)} version(s) intact ({format_size(disk_usage(root))} on disk)"),
+    err_console().print(markup(f"{root}: {len(names)} version(s) intact ({format_size(disk_usage(root))} on disk)"),
                         highlight=False)
 
 
@@ -286,7 +301,7 @@ def prune(
         set_retention(root, keep)
     removed = prune_bundle(root, keep)
     after = disk_usage(root)
-    err_console().print(escape(
+    err_console().print(markup(
         f"{root}: removed {len(removed)} version(s){' (' + ', '.join(removed) + ')' if removed else ''}; "
         f"{format_size(after)} on disk (freed {format_size(max(0, before - after))})"), highlight=False)
 

@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from edgeclip.bundle import Bundle
+from edgeclip.discover import display_path
+from edgeclip.errors import UsageError
 from edgeclip.models import DEFAULT_BUNDLE_DIR
 
 BUNDLE_ENV = "EDGECLIP_BUNDLE"
@@ -45,5 +47,18 @@ def bundle_path(value: Path | None) -> Path:
     return Path(env) if env else DEFAULT_BUNDLE_DIR
 
 
+def require_bundle(root: Path) -> Path:
+    """``root`` when it holds a bundle; UsageError (exit 2) when nothing there is a bundle.
+    A bundle that is there but damaged stays a BundleError (exit 1)."""
+    from edgeclip.bundle import CURRENT
+
+    if not (root / CURRENT).is_file():
+        what = "does not exist" if not root.exists() else "is not an edgeclip bundle"
+        raise UsageError(f"--bundle {display_path(root)} {what}: expected a bundle folder made by "
+                         f"'edgeclip init --bundle {display_path(root)} ...' (or set ${BUNDLE_ENV})")
+    return root
+
+
 def open_bundle(value: Path | None) -> Bundle:
-    return Bundle.open(bundle_path(value))
+    """The bundle named by --bundle / $EDGECLIP_BUNDLE / the default; UsageError when there is none."""
+    return Bundle.open(require_bundle(bundle_path(value)))

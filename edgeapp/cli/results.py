@@ -1,0 +1,193 @@
+"""Writers of ``edgeclip classify`` results that stream: each batch's rows are written and
+flushed as soon as the batch is classified, so an interrupted run keeps what it did.
+
+Formats (README "Output formats"):
+
+- ``json``: JSON Lines, one object per input: ``path``, ``label``, ``task`` (the task the label
+  belongs to, or ``zero-shot``), ``score``, ``route`` (where the DDAS gate sent the image),
+  ``topk`` (a list of ``{label, score, task}``), ``error``. Paths are exact (``output.json_text``).
+- ``csv``: columns ``path, label, task, score, route, error``, then one group per rank
+  ``label_1, score_1, task_1, ..., label_K, score_K, task_K`` (empty past the label count),
+  so a class name holding ``,``, ``:`` or ``;`` is never split. Text is for people
+  (``output.visible``).
+- ``table``: aligned columns; on a terminal long values wrap inside their column, to a pipe or
+  file every value is printed whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from typing import Callable, Sequence, TextIO
+
+from rich.cells import cell_len
+from rich.console import Console
+from rich.table import Table
+
+from edgeclip.discover import display_path
+from edgeclip.edgeapp.classify import ZERO_SHOT, Prediction
+from edgeclip.edgeapp.cli.output import is_utf, json_text, markup, visible
+
+StreamFn = Callable[[], TextIO]  # the stream to write to now (stdout may be swapped by a progress bar)
+
+
+def shown_path(pred: Prediction) -> str:
+    """A prediction's file name as people read it: undecodable bytes and control codes escaped."""
+    return visible(display_path(pred.path))
+
+
+def shown_label(pred: Prediction) -> str:
+    """The label, followed by the task it belongs to when that is not the task the image was routed to."""
+    label = visible(pred.label or "")
+    if pred.task and pred.task != pred.route:
+        owner = "a zero-shot label" if pred.task == ZERO_SHOT else f"task {visible(pred.task)}"
+        label += f" ({owner})"
+    return label
+
+
+class ResultWriter:
+    """Base: ``write(batch)`` writes one batch's rows and flushes."""
+
+    def __init__(self, stream: StreamFn) -> None:
+        self._stream = stream
+        self.owned: TextIO | None = None  # a file the writer opened (-o FILE): closed by close()
+
+    def close(self) -> None:
+        if self.owned is not None:
+            self.owned.close()
+            self.owned = None
+
+    def start(self) -> None:
+        """Anything before the first row (a CSV header, a table title)."""
+
+    def write(self, preds: Sequence[Prediction]) -> None:
+        raise NotImplementedError
+
+    def _emit(self, text: str) -> None:
+        out = self._stream()
+        out.write(text)
+        out.flush()
+
+
+class JsonLinesWriter(ResultWriter):
+    def write(self, preds: Sequence[Prediction]) -> None:
+        ascii_only = not is_utf(self._stream())  # \uNNNN escapes lose nothing where UTF-8 cannot go
+        self._emit("".join(json_text(p.to_dict(), ascii_only) + "\n" for p in preds))
+
+
+class CsvWriter(ResultWriter):
+    def __init__(self, stream: StreamFn, ranks: int) -> None:
+        super().__init__(stream)
+        self.ranks = ranks
+
+    def _rows(self, rows: list[list[str]]) -> None:
+        buffer = _Collect()
+        writer = csv.writer(buffer, lineterminator="\r\n")
+        writer.writerows(rows)
+        self._emit(buffer.text())
+
+    def start(self) -> None:
+        header = ["path", "label", "task", "score", "route", "error", "note"]
+        for rank in range(1, self.ranks + 1):
+            header += [f"label_{rank}", f"score_{rank}", f"task_{rank}"]
+        self._rows([header])
+
+    def write(self, preds: Sequence[Prediction]) -> None:
+        rows = []
+        for p in preds:
+            row = [shown_path(p), visible(p.label or ""), visible(p.task or ""),
+                   "" if p.score is None else f"{p.score:.6f}", visible(p.route or ""), visible(p.error or ""),
+                   visible(p.note or "")]
+            for rank in range(self.ranks):
+                if rank < len(p.topk):
+                    t = p.topk[rank]
+                    row += [visible(t["label"]), f"{t['score']:.6f}", visible(t.get("task", ""))]
+                else:
+                    row += ["", "", ""]
+            rows.append(row)
+        self._rows(rows)
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.parts.append(text)
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+COLUMNS = ("file", "label", "score", "route", "other labels")
+
+
+def _cells(p: Prediction) -> list[str]:
+    if p.error:
+        return [shown_path(p), "error", "", "", visible(p.error)]
+    others = ", ".join(f"{visible(t['label'])} {t['score']:.3f}" for t in p.topk[1:])
+    return [shown_path(p), shown_label(p), f"{p.score:.3f}", visible(p.route or ""), others]
+
+
+class TableWriter(ResultWriter):
+    """Aligned columns whose widths are fixed before the first row (every path, label and
+    route is known then), so the rows of each batch line up with the first batch's.
+
+    ``width`` None: a pipe or file, values whole. Otherwise the terminal's width: columns
+    share it and long values wrap inside their column (rich)."""
+
+    def __init__(self, stream: StreamFn, title: str, paths: Sequence[str], labels: Sequence[str],
+                 routes: Sequence[str], width: int | None) -> None:
+        super().__init__(stream)
+        self.title = title
+        self.first = True
+        file_w = max([cell_len(visible(display_path(p))) for p in paths] + [len("file")])
+        label_w = max([cell_len(visible(n)) for n in labels] + [len("label")])
+        longest_route = max([cell_len(visible(r)) for r in routes] + [len(ZERO_SHOT)])
+        label_w = min(label_w + longest_route + 8, max(label_w, 40))  # room for "(task X)" mostly
+        widths = [file_w, label_w, 5, longest_route, 30]
+        if width is not None:
+            avail = max(width - 2 * len(widths), 40)
+            widths[3] = min(widths[3], 16)
+            widths[1] = min(widths[1], max(12, avail // 4))
+            rest = avail - widths[1] - widths[2] - widths[3]
+            widths[0] = min(widths[0], max(16, rest * 3 // 5))
+            widths[4] = max(10, rest - widths[0])
+        self.widths = widths
+        self.terminal = width is not None
+        self.width = width
+
+    def start(self) -> None:
+        self._emit(self.title + "\n")
+
+    def write(self, preds: Sequence[Prediction]) -> None:
+        if self.terminal:
+            self._write_rich(preds)
+        else:
+            lines = []
+            if self.first:
+                lines.append(self._line(list(COLUMNS)))
+                lines.append(self._line(["-" * w for w in self.widths]))
+            lines += [self._line(_cells(p)) for p in preds]
+            self._emit("".join(line + "\n" for line in lines))
+        self.first = False
+
+    def _line(self, cells: list[str]) -> str:
+        padded = [c + " " * max(0, w - cell_len(c)) for c, w in zip(cells[:-1], self.widths)]
+        return "  ".join(padded + [cells[-1]]).rstrip()
+
+    def _write_rich(self, preds: Sequence[Prediction]) -> None:
+        table = Table(box=None, show_header=self.first, padding=(0, 2, 0, 0), pad_edge=False,
+                      header_style="bold")
+        for name, w in zip(COLUMNS, self.widths):
+            table.add_column(name, width=w, overflow="fold", justify="right" if name == "score" else "left")
+        for p in preds:
+            cells = [markup(c) for c in _cells(p)]  # visible already; escape rich markup too
+            if p.error:
+                cells[1], cells[4] = "[red]error[/]", f"[red]{cells[4]}[/]"
+            table.add_row(*cells)
+        Console(file=self._stream(), width=self.width, highlight=False).print(table)
+
+
+def stdout() -> TextIO:
+    return sys.stdout
