@@ -94,10 +94,8 @@ def init_bundle(
         with tempfile.TemporaryDirectory() as tmp:
             tmp_dir = Path(tmp)
             for export in (export_image_encoder, export_text_encoder):
-                onnx_path = Path(export(backbone, tmp_dir))
-                for produced in sorted(tmp_dir.iterdir()):
-                    if produced.stem == onnx_path.stem:
-                        writer.write_file(f"graphs/{produced.name}", produced)
+                onnx_path = Path(export(backbone, tmp_dir))  # with its .data beside it
+                writer.write_graph(f"graphs/{onnx_path.name}", onnx_path, move=True)  # the shared graph store
         writer.write_file(f"tokenizer/{VOCAB_NAME}", default_vocab_path())
         learned = initial_learned(settings, backbone.embed_dim)
         writer.write_tensors(LEARNED, learned)
@@ -319,20 +317,17 @@ def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "aut
 
 def write_gated_graph(writer: VersionWriter, learned: dict[str, np.ndarray]) -> None:
     """Re-compose the version's gated graph (and its int8 twin when the version has the int8
-    encoder, `edgeclip export --int8`). The inherited file is a hard link into the parent
-    version, so it is unlinked (``writable_path``) before the new graph is written."""
-    writer.writable_path("graphs/gated.onnx")
-    if writer.manifest["method"]["name"] == "moe" and writer.manifest["tasks"]:
-        from edgeclip.export.compose_moe import build_moe_gated_graph
+    encoder, `edgeclip export --int8`) in the writer's graph folder; the new graphs go to the
+    bundle's shared graph store (``VersionWriter.graph_folder``)."""
+    with writer.graph_folder() as graphs:
+        if writer.manifest["method"]["name"] == "moe" and writer.manifest["tasks"]:
+            from edgeclip.export.compose_moe import build_moe_gated_graph
 
-        build_moe_gated_graph(writer.staging / "graphs", learned, writer.manifest)
-    else:
-        from edgeclip.export.compose import build_gated_graph
-        from edgeclip.export.quantize import build_gated_int8, has_int8
+            build_moe_gated_graph(graphs, learned, writer.manifest)
+        else:
+            from edgeclip.export.compose import build_gated_graph
+            from edgeclip.export.quantize import build_gated_int8, has_int8
 
-        from edgeclip.layout import GATED_INT8_GRAPH
-
-        build_gated_graph(writer.staging / "graphs", learned, writer.manifest)
-        if has_int8(writer.manifest["files"]):
-            writer.writable_path(f"graphs/{GATED_INT8_GRAPH}")
-            build_gated_int8(writer.staging / "graphs", learned, writer.manifest)
+            build_gated_graph(graphs, learned, writer.manifest)
+            if has_int8(writer.manifest["files"]):
+                build_gated_int8(graphs, learned, writer.manifest)

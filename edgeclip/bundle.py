@@ -5,8 +5,15 @@ Layout::
     BUNDLE/
       CURRENT                 name of the active version ("v0003"), replaced atomically
       versions/v0001/         one complete version: manifest.json, *.safetensors, small files
-      blobs/<sha256><suffix>  large files shared by versions (backbone graphs, tokenizer vocabulary)
+      graphs/<sha256>.onnx    the shared graph store: immutable, content-named ONNX graphs and their
+      graphs/<sha256>.data    external weights, each stored once per bundle (docs/EXPORT.md, "Graph store")
       .staging-*/             a version being written; never read, removed when stale
+
+A version's manifest names its graphs by role (``graphs/gated.onnx``, ``graphs/image_encoder.data``);
+an entry with ``"blob": true`` lies in the store as ``graphs/<sha256><suffix>``. A stored graph's
+external-data locations are plain names of ``.data`` files beside it in the store, every one of
+which the version lists too, so stock ``onnx.load`` reads any graph of any version: no hard link,
+no symlink, no ``..``.
 
 A change never edits a version: it writes a complete new one in a staging folder, renames
 it into ``versions/`` and only then replaces ``CURRENT``. A writer killed at any point
@@ -23,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +44,10 @@ from edgeclip.version import __version__
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
+GRAPH_STORE = "graphs"  # BUNDLE/graphs/: the shared, content-named graph store
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
+_STORED_RE = re.compile(r"^[0-9a-f]{64}\.(onnx|data)$")  # a file of the graph store
+_STORE_TMP = ".tmp-"  # prefix of a store file being written (removed by the next writer)
 
 
 def utc_now() -> str:
@@ -155,12 +166,12 @@ class Bundle:
 
     # -- files -------------------------------------------------------------------------
     def path(self, name: str) -> Path:
-        """Where a file of this version lies (blobs resolve into the shared blob store)."""
+        """Where a file of this version lies (graphs resolve into the shared graph store)."""
         entry = self.manifest["files"].get(name)
         if entry is None:
             raise BundleError(f"Bundle version {self.version} has no file '{name}'.")
         if entry.get("blob"):
-            return self.root / "blobs" / f"{entry['sha256']}{Path(name).suffix}"
+            return stored_path(self.root, name, entry)
         return self.dir / name
 
     def has(self, name: str) -> bool:
@@ -232,6 +243,40 @@ class Bundle:
         return VersionWriter(self.root, parent=self)
 
 
+def stored_path(root: Path, name: str, entry: Mapping[str, Any]) -> Path:
+    """The graph-store file of a manifest entry with ``"blob": true``: ``root/graphs/<sha256><suffix>``.
+    Raises BundleError for an entry that is not a store file (bad hash or suffix)."""
+    stored = f"{entry.get('sha256')}{Path(name).suffix}"
+    if not _STORED_RE.match(stored):
+        raise BundleError(f"Bundle {root}: file '{name}' is marked as a shared graph but '{stored}' is not a "
+                          "graph-store name (<sha256>.onnx or <sha256>.data).")
+    return Path(root) / GRAPH_STORE / stored
+
+
+def _external_tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor of an onnx GraphProto (initialisers and attribute tensors, subgraphs included)
+    whose data is external."""
+    from onnx import AttributeProto, TensorProto
+
+    def walk(g: Any) -> Iterator[Any]:
+        yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == AttributeProto.TENSORS:
+                    yield from attr.tensors
+                elif attr.type == AttributeProto.GRAPH:
+                    yield from walk(attr.g)
+                elif attr.type == AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        yield from walk(sub)
+
+    for tensor in walk(graph):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            yield tensor
+
+
 def _read_manifest(vdir: Path) -> dict[str, Any]:
     path = vdir / MANIFEST
     try:
@@ -285,9 +330,11 @@ class VersionWriter:
             self.abort()
 
     def _clean_stale_staging(self) -> None:
-        # Safe: we hold the writer lock, so no other writer is using a staging folder.
+        # Safe: we hold the writer lock, so no other writer is using a staging folder or store temp file.
         for stale in self.root.glob(".staging-*"):
             shutil.rmtree(stale, ignore_errors=True)
+        for stale in (self.root / GRAPH_STORE).glob(f"{_STORE_TMP}*"):
+            stale.unlink(missing_ok=True)
 
     @staticmethod
     def _inherit(src: Path, dst: Path) -> None:
@@ -329,23 +376,159 @@ class VersionWriter:
         self._files[name] = {"blob": False}
         self._tensor_shapes[name] = {k: list(v.shape) for k, v in clean.items()}
 
-    def write_blob(self, name: str, src: Path | str, move: bool = False) -> None:
-        """Store a large file once in the shared blob store, referenced by its hash."""
+    # -- the shared graph store -----------------------------------------------------------
+    def write_graph(self, name: str, src: Path | str, move: bool = False) -> None:
+        """Put an ONNX graph and its external-data files into the shared graph store as this version's
+        file ``name`` (e.g. ``graphs/gated.onnx``).
+
+        ``src``'s external-data locations must be plain file names beside it (no folder, no ``..``).
+        Each data file is stored once as ``graphs/<sha256>.data`` and listed as ``graphs/<location>``;
+        a location that already is a store file (a symlink into the store, as in ``graph_folder``) is
+        reused without copying. The graph, its locations rewritten to those names, is stored as
+        ``graphs/<sha256>.onnx``. ``move``: data files are moved into the store (a symlink to the store
+        file is left behind) and ``src`` is removed. Store files are written to a temporary name,
+        fsynced and renamed: never edited, never hard-linked. Raises BundleError for a bad location
+        or a missing data file.
+        """
+        import onnx
+
         src = Path(src)
-        digest = sha256_of(src)
-        blob_dir = self.root / "blobs"
-        blob_dir.mkdir(parents=True, exist_ok=True)
-        dst = blob_dir / f"{digest}{Path(name).suffix}"
-        if not dst.exists():
-            tmp = blob_dir / f".{uuid.uuid4().hex}.tmp"
+        self._check_graph_name(name)
+        try:
+            model = onnx.load(str(src), load_external_data=False)
+        except Exception as exc:
+            raise BundleError(f"cannot read the graph {src.name} to store it as '{name}': {exc}") from exc
+        stored: dict[str, str] = {}
+        for tensor in _external_tensors(model.graph):
+            info = {e.key: e.value for e in tensor.external_data}
+            location = info.get("location", "")
+            if location not in stored:
+                stored[location] = self._store_data(name, src.parent, location, move)
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = stored[location]
+        payload = model.SerializeToString()
+        digest = hashlib.sha256(payload).hexdigest()
+        self._store_bytes(f"{digest}.onnx", payload)
+        if move:
+            src.unlink(missing_ok=True)
+        self._set_stored(name, digest, len(payload))
+
+    @contextlib.contextmanager
+    def graph_folder(self) -> Iterator[Path]:
+        """A scratch folder holding this version's graphs under their own names, for exporters that
+        read and write graphs by name in one folder (``edgeclip.export``): each ``.onnx`` is a copy
+        whose external-data locations name the version's data files (``image_encoder.data``), each
+        data file a symlink into the store. Replace a file (unlink or rename over it), never write
+        through it. On leaving the block without an exception, every ``.onnx`` file that is new or
+        changed is stored with ``write_graph`` (new data moved into the store), then the folder is
+        removed.
+
+        Read external data through the symlinks with plain file reads only: onnx and onnxruntime
+        refuse symlinked external data (copy the files, as ``quantize`` does).
+        """
+        import onnx
+
+        work = Path(tempfile.mkdtemp(prefix=".graphs-", dir=self.staging))
+        try:
+            mine = {n: e for n, e in self._files.items() if n.startswith(f"{GRAPH_STORE}/") and n.count("/") == 1}
+            logical = {e["sha256"]: Path(n).name for n, e in sorted(mine.items()) if e.get("blob") and n.endswith(".data")}
+            untouched: dict[str, tuple[int, int]] = {}
+            for name in mine:
+                source, view = self.staged_path(name), work / Path(name).name
+                if name.endswith(".onnx"):
+                    model = onnx.load(str(source), load_external_data=False)
+                    for tensor in _external_tensors(model.graph):
+                        for entry in tensor.external_data:
+                            if entry.key == "location" and _STORED_RE.match(entry.value):
+                                entry.value = logical.get(entry.value[:-len(".data")], entry.value)
+                    view.write_bytes(model.SerializeToString())
+                    stat = view.stat()
+                    untouched[view.name] = (stat.st_ino, stat.st_mtime_ns)
+                    continue
+                try:
+                    os.symlink(source.resolve(), view)
+                except OSError:  # pragma: no cover - no symlinks (Windows without privilege)
+                    shutil.copyfile(source, view)
+            yield work
+            for path in sorted(work.glob("*.onnx")):
+                stat = path.stat()
+                if path.is_symlink() or untouched.get(path.name) == (stat.st_ino, stat.st_mtime_ns):
+                    continue
+                self.write_graph(f"{GRAPH_STORE}/{path.name}", path, move=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _check_graph_name(self, name: str) -> None:
+        parts = Path(name).parts
+        if len(parts) != 2 or parts[0] != GRAPH_STORE or Path(name).suffix not in (".onnx", ".data"):
+            raise BundleError(f"A shared graph must be named '{GRAPH_STORE}/<file>.onnx|.data', not '{name}'.")
+
+    def _store_dir(self) -> Path:
+        store = self.root / GRAPH_STORE
+        store.mkdir(parents=True, exist_ok=True)
+        return store
+
+    def _set_stored(self, name: str, digest: str, size: int) -> None:
+        self._files[name] = {"blob": True, "sha256": digest, "size": int(size)}
+        self._tensor_shapes.pop(name, None)
+        staged = self.staging / name
+        if staged.is_file() or staged.is_symlink():
+            staged.unlink()  # a version file of an older layout, now in the store
+
+    def _store_data(self, graph: str, folder: Path, location: str, move: bool) -> str:
+        """Store one external-data file of a graph; returns its store name ``<sha256>.data``."""
+        if not location or location != Path(location).name or location in (".", "..") or "\\" in location:
+            raise BundleError(f"Graph '{graph}': external-data location {location!r} is not a plain file name "
+                              "beside the graph.")
+        path = folder / location
+        if not path.is_file():
+            raise BundleError(f"Graph '{graph}': its external data '{location}' is missing.")
+        store = self._store_dir()
+        real = path.resolve()
+        if real.parent == store.resolve() and _STORED_RE.match(real.name) and real.suffix == ".data":
+            digest, size = real.stem, real.stat().st_size  # already in the store (immutable)
+        else:
+            digest, size = sha256_of(path), path.stat().st_size
+            dst = store / f"{digest}.data"
+            if not dst.exists():
+                tmp = store / f"{_STORE_TMP}{uuid.uuid4().hex}"
+                if move and not path.is_symlink() and path.stat().st_nlink == 1:
+                    try:
+                        os.replace(path, tmp)
+                    except OSError:  # another file system
+                        shutil.copyfile(path, tmp)
+                else:
+                    shutil.copyfile(path, tmp)
+                self._seal(tmp, dst)
             if move:
-                shutil.move(str(src), tmp)
-            else:
-                shutil.copyfile(src, tmp)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, dst)
-        self._files[name] = {"blob": True, "sha256": digest, "size": dst.stat().st_size}
+                path.unlink(missing_ok=True)
+                try:
+                    os.symlink(dst.resolve(), path)  # later graphs of the folder reuse the stored file
+                except OSError:  # pragma: no cover
+                    shutil.copyfile(dst, path)
+        if not _STORED_RE.match(location):
+            self._set_stored(f"{GRAPH_STORE}/{location}", digest, size)
+        elif not any(e.get("blob") and e.get("sha256") == digest for e in self._files.values()):
+            self._set_stored(f"{GRAPH_STORE}/{location}", digest, size)
+        return f"{digest}.data"
+
+    def _store_bytes(self, stored: str, payload: bytes) -> None:
+        dst = self._store_dir() / stored
+        if dst.exists():
+            return
+        tmp = dst.with_name(f"{_STORE_TMP}{uuid.uuid4().hex}")
+        tmp.write_bytes(payload)
+        self._seal(tmp, dst)
+
+    @staticmethod
+    def _seal(tmp: Path, dst: Path) -> None:
+        """fsync a finished store file, make it world-readable and rename it to its content name."""
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        tmp.chmod(0o644)  # onnx creates data files private; the other bundle files are world-readable
+        os.replace(tmp, dst)
+        _fsync_path(dst.parent)
 
     def remove(self, name: str) -> None:
         self._files.pop(name, None)
@@ -360,7 +543,7 @@ class VersionWriter:
         if entry is None:
             raise BundleError(f"The new version has no file '{name}'.")
         if entry.get("blob"):
-            return self.root / "blobs" / f"{entry['sha256']}{Path(name).suffix}"
+            return stored_path(self.root, name, entry)
         return self.staging / name
 
     def _finalise_files(self) -> dict[str, dict[str, Any]]:
