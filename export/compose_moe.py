@@ -102,15 +102,16 @@ def _frozen_twins(encoder: onnx.ModelProto, moe: onnx.ModelProto, folder: Path) 
     return twins
 
 
-def weight_sharing(gated: onnx.ModelProto) -> WeightSharing:
-    """Bytes of external data a gated graph reads from the frozen and from the adapted weights file."""
+def weight_sharing(gated: onnx.ModelProto, frozen: str = IMAGE_DATA, own: str = MOE_DATA) -> WeightSharing:
+    """Bytes of external data a gated graph reads from the frozen and from the adapted weights file,
+    named by their external-data locations (in a bundle's graph store: ``Bundle.path(...).name``)."""
     sizes = {}
     for init in gated.graph.initializer:
         location = _location(init)
         if location:
             length = int({e.key: e.value for e in init.external_data}["length"])
             sizes[location] = sizes.get(location, 0) + length
-    return WeightSharing(shared_bytes=sizes.get(IMAGE_DATA, 0), own_bytes=sizes.get(MOE_DATA, 0))
+    return WeightSharing(shared_bytes=sizes.get(frozen, 0), own_bytes=sizes.get(own, 0))
 
 
 def share_frozen_weights(graphs_dir: Path | str) -> WeightSharing:
