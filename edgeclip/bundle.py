@@ -422,7 +422,7 @@ class VersionWriter:
         data file a symlink into the store. Replace a file (unlink or rename over it), never write
         through it. On leaving the block without an exception, every ``.onnx`` file that is new or
         changed is stored with ``write_graph`` (new data moved into the store), then the folder is
-        removed.
+        removed. Graphs that an older edgeclip kept as version files are moved into the store too.
 
         Read external data through the symlinks with plain file reads only: onnx and onnxruntime
         refuse symlinked external data (copy the files, as ``quantize`` does).
@@ -443,8 +443,9 @@ class VersionWriter:
                             if entry.key == "location" and _STORED_RE.match(entry.value):
                                 entry.value = logical.get(entry.value[:-len(".data")], entry.value)
                     view.write_bytes(model.SerializeToString())
-                    stat = view.stat()
-                    untouched[view.name] = (stat.st_ino, stat.st_mtime_ns)
+                    if mine[name].get("blob"):  # a version file of an older layout is moved to the store
+                        stat = view.stat()
+                        untouched[view.name] = (stat.st_ino, stat.st_mtime_ns)
                     continue
                 try:
                     os.symlink(source.resolve(), view)
@@ -475,6 +476,8 @@ class VersionWriter:
         staged = self.staging / name
         if staged.is_file() or staged.is_symlink():
             staged.unlink()  # a version file of an older layout, now in the store
+            with contextlib.suppress(OSError):
+                staged.parent.rmdir()  # when it was the last one
 
     def _store_data(self, graph: str, folder: Path, location: str, move: bool) -> str:
         """Store one external-data file of a graph; returns its store name ``<sha256>.data``."""

@@ -211,3 +211,20 @@ def test_graph_folder_stores_only_what_changed(tmp_path: Path) -> None:
     assert files[graph_file("new.onnx")]["sha256"] != files[graph_file(GATED_GRAPH)]["sha256"]
     assert not list(second.dir.glob(".graphs-*")) and not list((tmp_path / "b").glob(".staging-*"))
     onnx.checker.check_model(str(second.path(graph_file("new.onnx"))), full_check=True)
+
+
+def test_graphs_of_an_older_layout_move_into_the_store(tmp_path: Path) -> None:
+    """A version whose graphs are hard-linked version files (edgeclip before the store): the next
+    graph_folder stores every graph, so stock onnx reads the new version."""
+    src = _tiny_graph(tmp_path / "src", "w.data")
+    with create_bundle(tmp_path / "b", {"backbone": {}, "preprocess": {}, "method": {"name": "x"}}) as writer:
+        writer.write_file(graph_file(GATED_GRAPH), src)
+        writer.write_file(graph_file("w.data"), src.with_name("w.data"))
+    old = Bundle.open(tmp_path / "b")
+    with old.new_version() as writer:
+        with writer.graph_folder():
+            pass
+    new = Bundle.open(tmp_path / "b")
+    assert all(e["blob"] for e in new.manifest["files"].values()) and not (new.dir / "graphs").exists()
+    onnx.checker.check_model(str(new.path(graph_file(GATED_GRAPH))), full_check=True)
+    assert old.path(graph_file(GATED_GRAPH)).is_file()  # the old version is untouched
