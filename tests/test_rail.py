@@ -59,15 +59,19 @@ def test_primal_one_by_one_equals_joint(hidden, reuse, monkeypatch):
     assert spaces == (["dual", "primal", "primal", "primal"] if hidden == HIDDEN else ["dual"] * 4)
 
 
-def test_primal_order_invariant():
-    """The solution depends on the set of examples, not on the order the domains came in."""
+def test_primal_order_invariant(monkeypatch):
+    """The solution depends on the set of examples, not on the order the domains came in (nor on
+    whether the dual solve keeps Phi or rebuilds it chunk by chunk)."""
     domains = _domains(reuse=True)
     forward, backward = RailPrimal(DIM, hidden=400, seed=3), RailPrimal(DIM, hidden=400, seed=3)
     for x, y, _total in domains:
         forward.add_domain(x, y, 10)
     for x, y, _total in reversed(domains):
         backward.add_domain(x, y, 10)
-    forward.solve(), backward.solve()
+    forward.solve()
+    monkeypatch.setattr(rail, "_CHUNK", 7)
+    monkeypatch.setattr(rail, "_KEEP_PHI_BYTES", 0)
+    backward.solve()
     assert _rel(forward.weights64(), backward.weights64()) < 1e-9
 
 
@@ -109,7 +113,8 @@ def test_primal_random_layer_is_the_spec():
 
 def test_primal_state_is_what_was_learned():
     """The learning state is the embeddings and labels (n x dim), never a hidden x hidden matrix; at
-    the paper's hidden 15000 three 16-shot tasks of 10 classes keep 1 MB and solve in ~2 MB."""
+    the paper's hidden 15000 three 16-shot tasks of 10 classes keep 1 MB and solve in the dual space
+    (Phi 480 x 15000 and the 480 x 480 Gram matrix, float64: 60 MB; the primal A would be 1.8 GB)."""
     domains = _domains(reuse=False)
     model = RailPrimal(DIM, hidden=HIDDEN, seed=1)
     for x, y, total in domains:
@@ -122,7 +127,7 @@ def test_primal_state_is_what_was_learned():
     rng = np.random.default_rng(0)
     big.add_domain(rng.normal(size=(480, 512)).astype(np.float32), np.arange(480) % 30, 30)
     mem = big.memory_bytes()
-    assert mem["x"] == 480 * (512 * 4 + 8) and mem["solve_peak"] < 20_000_000
+    assert big.space == "dual" and mem["x"] == 480 * (512 * 4 + 8) and mem["solve_peak"] < 100_000_000
 
 
 def test_primal_refuses_old_or_broken_state():

@@ -20,6 +20,7 @@ from scipy.linalg.blas import dsyrk
 from edgeclip.errors import BundleError, UsageError
 
 _CHUNK = 1024  # rows (primal) or columns (dual) of Phi materialised at once, float64
+_KEEP_PHI_BYTES = 256 << 20  # dual solve: keep the whole Phi (n x hidden float64) when it fits in this
 
 
 def _check_inputs(x: np.ndarray, labels: np.ndarray, dim: int | None, n_classes_total: int) -> None:
@@ -165,17 +166,21 @@ class RailPrimal(_RandomFeatures):
         x64 = self.x.astype(np.float64)
         n = len(x64)
         gram = np.zeros((n, n), dtype=np.float64, order="F")  # upper triangle of Phi Phi^T
+        keep = n * self.hidden * 8 <= _KEEP_PHI_BYTES  # small enough: build Phi once, not twice
+        chunks = []
         for start in range(0, self.hidden, _CHUNK):
             phi = np.maximum(x64 @ self._w_r64(start, start + _CHUNK), 0.0)  # [n, chunk]
             gram = dsyrk(1.0, phi, beta=1.0, c=gram, trans=0, lower=0, overwrite_c=1)
+            if keep:
+                chunks.append(phi)
         gram[np.diag_indices(n)] += self.gamma
         factor = cho_factor(gram, lower=False, overwrite_a=True, check_finite=False)
         y = np.zeros((n, self.n_classes))
         y[np.arange(n), self.labels] = 1.0
         alpha = cho_solve(factor, y, overwrite_b=True, check_finite=False)  # [n, n_classes]
         w = np.empty((self.hidden, self.n_classes))
-        for start in range(0, self.hidden, _CHUNK):
-            phi = np.maximum(x64 @ self._w_r64(start, start + _CHUNK), 0.0)
+        for i, start in enumerate(range(0, self.hidden, _CHUNK)):
+            phi = chunks[i] if keep else np.maximum(x64 @ self._w_r64(start, start + _CHUNK), 0.0)
             w[start:start + phi.shape[1]] = phi.T @ alpha
         return w
 
@@ -197,7 +202,8 @@ class RailPrimal(_RandomFeatures):
         and a Phi chunk; primal: A hidden x hidden float64, its right-hand side and a Phi chunk)."""
         h, c, n = self.hidden, max(self.n_classes, 1), self.n_seen
         if n <= h:
-            solve = n * n * 8 + n * min(_CHUNK, h) * 8 * 2 + n * c * 8 + h * c * 8
+            phi = n * h * 8 if n * h * 8 <= _KEEP_PHI_BYTES else n * min(_CHUNK, h) * 8 * 2
+            solve = n * n * 8 + phi + n * c * 8 + h * c * 8
         else:
             solve = h * h * 8 + h * c * 8 + min(_CHUNK, n) * h * 8
         return {"w_r": self.dim * h * 4, "x": n * (self.dim * 4 + 8), "w": h * c * 4, "solve_peak": solve}
