@@ -119,7 +119,8 @@ def share_frozen_weights(graphs_dir: Path | str) -> WeightSharing:
     read from `image_encoder.data` (same folder) and `moe_encoder.data` keeps only the rest.
 
     Afterwards the adapted encoder runs only beside image_encoder.data (as bundle graphs do).
-    Files are replaced, never written through: inherited hard links of a bundle version stay intact.
+    Files are replaced, never written through: links into the graph store (VersionWriter.graph_folder)
+    stay intact.
     """
     graphs_dir = Path(graphs_dir)
     encoder = _load_encoder(graphs_dir)
@@ -141,7 +142,7 @@ def share_frozen_weights(graphs_dir: Path | str) -> WeightSharing:
                     init.external_data.add(key=key, value=value)
     graph_tmp = graphs_dir / f".{MOE_GRAPH}.tmp"
     onnx.save_model(moe, str(graph_tmp))
-    data_tmp.replace(graphs_dir / MOE_DATA)  # rename: a hard-linked old file is unlinked, not overwritten
+    data_tmp.replace(graphs_dir / MOE_DATA)  # rename: an old file (a link into the store) is replaced, not overwritten
     graph_tmp.replace(graphs_dir / MOE_GRAPH)
     return weight_sharing(moe)
 
