@@ -112,18 +112,69 @@ def test_onnxruntime_and_the_reference_evaluator_agree(bundle_root: Path) -> Non
     assert len(seen) >= 8  # encoders (3), int8 encoder, gated graphs of v1, v2, v4/v5 and their int8 twins
 
 
-@pytest.mark.slow
-def test_polygraphy_lint_passes(bundle_root: Path) -> None:
+def _lint(path: Path) -> None:
+    """`polygraphy check lint` (its lint needs onnx_graphsurgeon; both in the `test` extra)."""
     pytest.importorskip("polygraphy")
-    pytest.importorskip("onnx_graphsurgeon")  # polygraphy's lint needs it
+    pytest.importorskip("onnx_graphsurgeon")
     polygraphy = Path(sys.executable).with_name("polygraphy")
     command = [str(polygraphy)] if polygraphy.is_file() else [shutil.which("polygraphy") or "polygraphy"]
+    out = subprocess.run([*command, "check", "lint", str(path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "PASSED" in out.stdout + out.stderr, (path.name, out.stdout[-2000:],
+                                                                        out.stderr[-2000:])
+
+
+@pytest.mark.slow
+def test_polygraphy_lint_passes(bundle_root: Path) -> None:
     bundle = Bundle.open(bundle_root)  # v0005 holds every kind of graph: encoders, int8, gated
     assert len(_graphs(bundle)) == 5
     for name in _graphs(bundle):
-        out = subprocess.run([*command, "check", "lint", str(bundle.path(name))], capture_output=True, text=True,
-                             timeout=300)
-        assert out.returncode == 0 and "PASSED" in out.stdout + out.stderr, (name, out.stdout[-2000:], out.stderr[-2000:])
+        _lint(bundle.path(name))
+
+
+def _same_in_ort_and_reference(path: Path, feeds: dict[str, np.ndarray]) -> None:
+    from onnx.reference import ReferenceEvaluator
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, feeds)
+    want = ReferenceEvaluator(onnx.load(str(path))).run(None, feeds)
+    for out, a, b in zip(session.get_outputs(), got, want):
+        assert a.shape == b.shape, (path.name, out.name)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{path.name} {out.name}")
+
+
+@pytest.mark.slow
+def test_moe_graphs_are_portable(tmp_path: Path) -> None:
+    """MoE: the adapted encoder reads the backbone from the image encoder's stored weights and
+    the gated graph inlines it; both pass the same checks as RAIL's graphs."""
+    pytest.importorskip("torch")
+    from edgeclip.edgeapp.tasks import MethodSettings, add_task, init_bundle
+
+    from edgeclip.layout import MOE_DATA, MOE_GRAPH, TASK_IDS
+
+    domains, _query = write_demo_images(tmp_path / "images", train_per_class=4, query_per_class=1)
+    root = tmp_path / "moe"
+    init_bundle(root, "edgeclip-tiny", random_weights=True, settings=MethodSettings(method="moe"))
+    add_task(root, domains[0], iterations=2)
+    add_task(root, domains[1], iterations=2)
+    bundle = Bundle.open(root)
+    files = bundle.manifest["files"]
+    assert files[graph_file(IMAGE_DATA)] == Bundle.open(root, "v0001").manifest["files"][graph_file(IMAGE_DATA)]
+    size = int(bundle.manifest["preprocess"]["image_size"])
+    pixels = np.random.default_rng(1).standard_normal((4, 3, size, size)).astype(np.float32)
+    for name in (graph_file(MOE_GRAPH), graph_file(GATED_GRAPH)):
+        path = bundle.path(name)
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+        _lint(path)
+        if name.endswith(MOE_GRAPH):
+            feeds = {PIXELS: pixels, TASK_IDS: np.array([-1, 0, 1, 0], np.int64)}
+        else:
+            zs = bundle.tensors(LEARNED)[ZS_TEXT]
+            feeds = {PIXELS: pixels, LABEL_TEXT: zs}
+        _same_in_ort_and_reference(path, feeds)
+    moe = onnx.load(str(bundle.path(graph_file(MOE_GRAPH))), load_external_data=False)
+    locations = {e.value for t in moe.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {bundle.path(graph_file(IMAGE_DATA)).name, bundle.path(graph_file(MOE_DATA)).name}
 
 
 @pytest.mark.slow
