@@ -225,3 +225,24 @@ except MissingExtraError as err:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok torch"
+
+
+def test_dual_state_is_what_was_learned():
+    """The dual state is the memory, labels and alpha; the n x n factor is computed again on load
+    and learning goes on to the same solution as a learner that never stopped."""
+    domains = _domains(reuse=True)
+    model, reference = RailDual(), RailDual()
+    for x, y, total in domains[:3]:
+        model.add_domain(x, y, total)
+        reference.add_domain(x, y, total)
+    state = model.state()
+    assert set(state) == {"memory", "labels", "alpha"}
+    restored = _roundtrip(model)
+    np.testing.assert_allclose(restored.chol, model.chol, rtol=0, atol=1e-10)
+    for m in (restored, reference):
+        m.add_domain(*domains[3])
+    assert _rel(restored.weights64(), reference.weights64()) < 1e-9
+    from edgeclip.errors import BundleError
+
+    with pytest.raises(BundleError, match="do not match"):
+        RailDual.from_state({**state, "labels": state["labels"][:-1]}, model.settings())

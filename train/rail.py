@@ -252,7 +252,8 @@ class RailDual:
     This is what a from-scratch Cholesky computes, so it equals the re-solve. (Growing the
     explicit inverse by the same block formula lost 2% relative accuracy at lam = 1e-3 on
     clustered unit vectors, where cond(K + lam I) ~ 3e5; the factor keeps ~1e-10.)
-    Memory: M float32 [n, D] and L float64 [n, n] (n = 16,000 images: 2 GB).
+    Memory: M float32 [n, D] and L float64 [n, n] (n = 16,000 images: 2 GB) while learning; the
+    state keeps M, the labels and alpha, and `from_state` re-factors (O(n^3 / 3)).
     """
 
     def __init__(self, gamma_kernel: float = 0.1, lam: float = 1e-3) -> None:
@@ -321,7 +322,9 @@ class RailDual:
         return {"memory": n * d * 4, "chol": n * n * 8, "alpha": n * c * 4}
 
     def state(self) -> dict[str, np.ndarray]:
-        return {"memory": self.memory, "labels": self.labels, "chol": self.chol, "alpha": self.alpha}
+        """memory, alpha (inference) and labels: what was learned. The Cholesky factor (n x n float64)
+        is not kept; `from_state` re-factors K + lam I from the memory (equal to ~1e-13)."""
+        return {"memory": self.memory, "labels": self.labels, "alpha": self.alpha}
 
     def settings(self) -> dict:
         return {"kind": "rail_dual", "gamma_kernel": self.gamma_kernel, "lam": self.lam,
@@ -329,10 +332,23 @@ class RailDual:
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray], settings: dict) -> RailDual:
+        """Restore from `state()` and `settings()`: the factor of K + lam I is computed again from the
+        memory (a state of an older edgeclip that kept it, key `chol`, is used as is); scores use the
+        stored float32 alpha, so a restored head scores exactly as the saved one. Raises BundleError
+        when memory, labels and alpha disagree in size."""
         obj = cls(float(settings["gamma_kernel"]), float(settings["lam"]))
         obj.memory = np.asarray(state["memory"], dtype=np.float32)
         obj.labels = np.asarray(state["labels"], dtype=np.int64)
-        obj.chol = np.asarray(state["chol"], dtype=np.float64)
         obj.n_classes = int(settings["n_classes"])
+        n = len(obj.memory)
+        if obj.memory.ndim != 2 or obj.labels.shape != (n,) or ("alpha" in state and len(state["alpha"]) != n):
+            raise BundleError(f"RAIL dual state: memory {list(obj.memory.shape)}, labels {list(obj.labels.shape)} "
+                              "and alpha do not match")
+        if "chol" in state:
+            obj.chol = np.asarray(state["chol"], dtype=np.float64)
+        elif n:
+            obj.chol = cholesky(obj._kernel64(obj.memory, obj.memory) + obj.lam * np.eye(n), lower=True)
         obj._set_alpha(cho_solve((obj.chol, True), obj._onehot(), check_finite=False))
+        if "alpha" in state:
+            obj.alpha = np.asarray(state["alpha"], dtype=np.float32)
         return obj
