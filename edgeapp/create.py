@@ -59,10 +59,8 @@ def init_bundle(
         with tempfile.TemporaryDirectory() as tmp:
             tmp_dir = Path(tmp)
             for export in (export_image_encoder, export_text_encoder):
-                onnx_path = Path(export(backbone, tmp_dir))
-                for produced in sorted(tmp_dir.iterdir()):
-                    if produced.stem == onnx_path.stem:
-                        writer.write_file(graph_file(produced.name), produced)
+                onnx_path = Path(export(backbone, tmp_dir))  # with its .data beside it
+                writer.write_graph(graph_file(onnx_path.name), onnx_path, move=True)  # the shared graph store
         writer.write_file(text["file"], backbone.text.source)
         learned = initial_learned(settings, backbone.embed_dim)
         writer.write_tensors(LEARNED, learned)

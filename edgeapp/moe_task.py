@@ -138,14 +138,15 @@ def adapted_embeddings(model: MoECLIP, pixels: np.ndarray, task: int, batch_size
 
 
 def write_moe_encoder(writer: VersionWriter, model: MoECLIP) -> None:
-    """Trace the adapted image encoder of this version into graphs/ (replacing the inherited one)."""
+    """Trace the adapted image encoder of this version into the shared graph store (replacing the
+    inherited one). It is exported and checked against torch on its own, then its frozen-backbone
+    tensors are pointed at the version's image_encoder.data, so the store adds only the adapters."""
+    from edgeclip.export.compose_moe import share_frozen_weights
     from edgeclip.export.trace_moe import export_moe_encoder
 
-    with tempfile.TemporaryDirectory(dir=writer.staging) as tmp:  # same file system: hard links work
-        # With the frozen encoder beside it, the export points the backbone tensors at
-        # image_encoder.data, so moe_encoder.data holds only the adapters.
-        for name in ("graphs/image_encoder.onnx", "graphs/image_encoder.data"):
-            os.link(writer.staged_path(name), Path(tmp) / Path(name).name)
+    with tempfile.TemporaryDirectory(dir=writer.staging) as tmp:  # same file system: moves are renames
         export_moe_encoder(model, Path(tmp))
-        for name in MOE_GRAPH_FILES:
-            writer.write_file(name, Path(tmp) / Path(name).name)
+        with writer.graph_folder() as graphs:
+            for name in MOE_GRAPH_FILES:
+                os.replace(Path(tmp) / Path(name).name, graphs / Path(name).name)
+            share_frozen_weights(graphs)

@@ -219,13 +219,15 @@ class GraphSession:
 
 
 def _graph_path(bundle: Bundle, graph: str, data: str) -> Path:
-    """A bundle graph whose external-data file lies beside it (ONNX resolves it by relative name)."""
+    """A bundle graph whose external-data file lies beside it (ONNX resolves it by plain name): both in
+    the shared graph store (``BUNDLE/graphs/``, docs/EXPORT.md), or both version files (bundles
+    written before the store)."""
     path = bundle.path(graph_file(graph))
     data_path = bundle.path(graph_file(data))
     if data_path.parent != path.parent:
         raise BundleError(
             f"Bundle {bundle.root} version {bundle.version}: {graph} and its weights {data} must lie in the same "
-            "folder (store graphs as version files, not blobs)."
+            "folder (both in the graph store, written with VersionWriter.write_graph)."
         )
     return path
 

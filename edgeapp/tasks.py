@@ -25,14 +25,10 @@ from edgeclip.export.quantize import build_gated_int8, has_int8
 from edgeclip.extras import import_torch_module, require_torch
 from edgeclip.images import PreprocessConfig, iter_batches
 from edgeclip.layout import (
-    GATED_GRAPH,
-    GATED_INT8_GRAPH,
-    GRAPHS_DIR,
     LEARNED,
     RAIL_STATE,
     TASK_TEXT,
     ZS_TEXT,
-    graph_file,
     rail_key,
 )
 from edgeclip.train.ddas import QUANTILE as GATE_QUANTILE
@@ -299,14 +295,12 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
 
 def write_gated_graph(writer: VersionWriter, learned: dict[str, np.ndarray]) -> None:
     """Re-compose the version's gated graph (and its int8 twin when the version has the int8
-    encoder, `edgeclip export --int8`). The inherited file is a hard link into the parent
-    version, so it is unlinked (``writable_path``) before the new graph is written."""
-    writer.writable_path(graph_file(GATED_GRAPH))
-    graphs = writer.staging / GRAPHS_DIR
-    if learner_spec(writer.manifest["method"]["name"]).head == "adapted-text" and writer.manifest["tasks"]:
-        build_moe_gated_graph(graphs, learned, writer.manifest)  # onnx only: torch-free like the RAIL graph
-    else:
-        build_gated_graph(graphs, learned, writer.manifest)
-        if has_int8(writer.manifest["files"]):
-            writer.writable_path(graph_file(GATED_INT8_GRAPH))
-            build_gated_int8(graphs, learned, writer.manifest)
+    encoder, `edgeclip export --int8`) in the writer's graph folder; the new graphs go to the
+    bundle's shared graph store (``VersionWriter.graph_folder``)."""
+    with writer.graph_folder() as graphs:
+        if learner_spec(writer.manifest["method"]["name"]).head == "adapted-text" and writer.manifest["tasks"]:
+            build_moe_gated_graph(graphs, learned, writer.manifest)  # onnx only: torch-free like the RAIL graph
+        else:
+            build_gated_graph(graphs, learned, writer.manifest)
+            if has_int8(writer.manifest["files"]):
+                build_gated_int8(graphs, learned, writer.manifest)

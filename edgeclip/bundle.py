@@ -5,9 +5,16 @@ Layout::
     BUNDLE/
       CURRENT                 name of the active version ("v0003"), replaced atomically
       versions/v0001/         one complete version: manifest.json, *.safetensors, small files
-      blobs/<sha256><suffix>  large files shared by versions (backbone graphs, tokenizer vocabulary)
+      graphs/<sha256>.onnx    the shared graph store: immutable, content-named ONNX graphs and their
+      graphs/<sha256>.data    external weights, each stored once per bundle (docs/EXPORT.md, "Graph store")
+      .staging-*/             a version being written; never read, removed when stale
       .lock                   the writers' advisory lock (readers never take it)
-      .staging-*/             a version being written; never read, removed by the next writer
+
+A version's manifest names its graphs by role (``graphs/gated.onnx``, ``graphs/image_encoder.data``);
+an entry with ``"blob": true`` lies in the store as ``graphs/<sha256><suffix>``. A stored graph's
+external-data locations are plain names of ``.data`` files beside it in the store, every one of
+which the version lists too, so stock ``onnx.load`` reads any graph of any version: no hard link,
+no symlink, no ``..``.
 
 A change never edits a version: it writes a complete new one in a staging folder, renames
 it into ``versions/`` and only then replaces ``CURRENT``. A writer killed at any point
@@ -38,8 +45,10 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -49,6 +58,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from edgeclip.errors import BundleError
+from edgeclip.layout import GRAPHS_DIR
 from edgeclip.manifest import (
     SCHEMA_VERSION,
     VERSION_RE,
@@ -66,6 +76,9 @@ _VERSION_RE = VERSION_RE
 LOCK_WAIT_S = float(os.environ.get("EDGECLIP_LOCK_WAIT", "30"))  # how long a writer waits for the lock
 _STALE_TMP_S = 120.0  # temporary files older than this are removed by the next writer
 _FINITE_CHUNK = 1 << 24  # elements checked at a time by the finiteness check
+GRAPH_STORE = GRAPHS_DIR  # BUNDLE/graphs/: the shared, content-named graph store
+_STORED_RE = re.compile(r"^[0-9a-f]{64}\.(onnx|data)$")  # a file of the graph store
+_STORE_TMP = ".tmp-"  # prefix of a store file being written (removed by the next writer)
 
 
 def utc_now() -> str:
@@ -245,6 +258,9 @@ def _clean_temporary(root: Path) -> None:
     for tmp in root.glob(f".{CURRENT}.*.tmp"):
         with contextlib.suppress(OSError):
             tmp.unlink()
+    for tmp in (root / GRAPH_STORE).glob(f"{_STORE_TMP}*"):  # graph-store files being written
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     for tmp in stamps_dir().glob(".*.tmp"):  # killed stamp writers (any bundle's; old ones only)
         with contextlib.suppress(OSError):
             if now - tmp.lstat().st_mtime > _STALE_TMP_S:
@@ -398,11 +414,12 @@ class Bundle:
         if entry is None:
             raise BundleError(f"Bundle version {self.version} has no file '{name}'.")
         if entry.get("blob"):
-            return self.root / "blobs", f"{entry['sha256']}{Path(name).suffix}"
+            stored = stored_path(self.root, name, entry)
+            return stored.parent, stored.name
         return self.dir, name
 
     def path(self, name: str) -> Path:
-        """Where a file of this version lies (blobs resolve into the shared blob store), after
+        """Where a file of this version lies (graphs resolve into the shared graph store), after
         checking it is a regular file inside the bundle and, on first use, that its content
         matches the manifest's sha256. Raises BundleError."""
         base, rel = self._location(name)
@@ -419,7 +436,7 @@ class Bundle:
     def _check_file(self, name: str) -> os.stat_result:
         base, rel = self._location(name)
         if base != self.dir:
-            _check_dir(base, self.root, "its blobs folder")
+            _check_dir(base, self.root, "its graph store")
         st = _safe_lstat(base, rel, self.root, self.label)
         size = self.manifest["files"][name]["size"]
         if st.st_size != size:
@@ -510,6 +527,40 @@ class Bundle:
         """Start writing the next version, inheriting every file of this one. Raises BundleError
         when another writer holds the bundle or CURRENT moved away from this version."""
         return VersionWriter(self.root, parent=self)
+
+
+def stored_path(root: Path, name: str, entry: Mapping[str, Any]) -> Path:
+    """The graph-store file of a manifest entry with ``"blob": true``: ``root/graphs/<sha256><suffix>``.
+    Raises BundleError for an entry that is not a store file (bad hash or suffix)."""
+    stored = f"{entry.get('sha256')}{Path(name).suffix}"
+    if not _STORED_RE.match(stored):
+        raise BundleError(f"Bundle {root}: file '{name}' is marked as a shared graph but '{stored}' is not a "
+                          "graph-store name (<sha256>.onnx or <sha256>.data).")
+    return Path(root) / GRAPH_STORE / stored
+
+
+def _external_tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor of an onnx GraphProto (initialisers and attribute tensors, subgraphs included)
+    whose data is external."""
+    from onnx import AttributeProto, TensorProto
+
+    def walk(g: Any) -> Iterator[Any]:
+        yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == AttributeProto.TENSORS:
+                    yield from attr.tensors
+                elif attr.type == AttributeProto.GRAPH:
+                    yield from walk(attr.g)
+                elif attr.type == AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        yield from walk(sub)
+
+    for tensor in walk(graph):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            yield tensor
 
 
 def _read_manifest(root: Path, version: str) -> tuple[dict[str, Any], Manifest]:
@@ -658,23 +709,162 @@ class VersionWriter:
         self._files[name] = {"blob": False}
         self._tensor_shapes[name] = {k: list(v.shape) for k, v in clean.items()}
 
-    def write_blob(self, name: str, src: Path | str, move: bool = False) -> None:
-        """Store a large file once in the shared blob store, referenced by its hash."""
+    # -- the shared graph store -----------------------------------------------------------
+    def write_graph(self, name: str, src: Path | str, move: bool = False) -> None:
+        """Put an ONNX graph and its external-data files into the shared graph store as this version's
+        file ``name`` (e.g. ``graphs/gated.onnx``).
+
+        ``src``'s external-data locations must be plain file names beside it (no folder, no ``..``).
+        Each data file is stored once as ``graphs/<sha256>.data`` and listed as ``graphs/<location>``;
+        a location that already is a store file (a symlink into the store, as in ``graph_folder``) is
+        reused without copying. The graph, its locations rewritten to those names, is stored as
+        ``graphs/<sha256>.onnx``. ``move``: data files are moved into the store (a symlink to the store
+        file is left behind) and ``src`` is removed. Store files are written to a temporary name,
+        fsynced and renamed: never edited, never hard-linked. Raises BundleError for a bad location
+        or a missing data file.
+        """
+        import onnx
+
         src = Path(src)
-        digest = sha256_of(src)
-        blob_dir = self.root / "blobs"
-        blob_dir.mkdir(parents=True, exist_ok=True)
-        dst = blob_dir / f"{digest}{Path(name).suffix}"
-        if not dst.exists():
-            tmp = blob_dir / f".{uuid.uuid4().hex}.tmp"
+        self._check_graph_name(name)
+        try:
+            model = onnx.load(str(src), load_external_data=False)
+        except Exception as exc:
+            raise BundleError(f"cannot read the graph {src.name} to store it as '{name}': {exc}") from exc
+        stored: dict[str, str] = {}
+        for tensor in _external_tensors(model.graph):
+            info = {e.key: e.value for e in tensor.external_data}
+            location = info.get("location", "")
+            if location not in stored:
+                stored[location] = self._store_data(name, src.parent, location, move)
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = stored[location]
+        payload = model.SerializeToString()
+        digest = hashlib.sha256(payload).hexdigest()
+        self._store_bytes(f"{digest}.onnx", payload)
+        if move:
+            src.unlink(missing_ok=True)
+        self._set_stored(name, digest, len(payload))
+
+    @contextlib.contextmanager
+    def graph_folder(self) -> Iterator[Path]:
+        """A scratch folder holding this version's graphs under their own names, for exporters that
+        read and write graphs by name in one folder (``edgeclip.export``): each ``.onnx`` is a copy
+        whose external-data locations name the version's data files (``image_encoder.data``), each
+        data file a symlink into the store. Replace a file (unlink or rename over it), never write
+        through it. On leaving the block without an exception, every ``.onnx`` file that is new or
+        changed is stored with ``write_graph`` (new data moved into the store), then the folder is
+        removed. Graphs that an older edgeclip kept as version files are moved into the store too.
+
+        Read external data through the symlinks with plain file reads only: onnx and onnxruntime
+        refuse symlinked external data (copy the files, as ``quantize`` does).
+        """
+        import onnx
+
+        work = Path(tempfile.mkdtemp(prefix=".graphs-", dir=self.staging))
+        try:
+            mine = {n: e for n, e in self._files.items() if n.startswith(f"{GRAPH_STORE}/") and n.count("/") == 1}
+            logical = {e["sha256"]: Path(n).name for n, e in sorted(mine.items()) if e.get("blob") and n.endswith(".data")}
+            untouched: dict[str, tuple[int, int]] = {}
+            for name in mine:
+                source, view = self.staged_path(name), work / Path(name).name
+                if name.endswith(".onnx"):
+                    model = onnx.load(str(source), load_external_data=False)
+                    for tensor in _external_tensors(model.graph):
+                        for entry in tensor.external_data:
+                            if entry.key == "location" and _STORED_RE.match(entry.value):
+                                entry.value = logical.get(entry.value[:-len(".data")], entry.value)
+                    view.write_bytes(model.SerializeToString())
+                    if mine[name].get("blob"):  # a version file of an older layout is moved to the store
+                        stat = view.stat()
+                        untouched[view.name] = (stat.st_ino, stat.st_mtime_ns)
+                    continue
+                try:
+                    os.symlink(source.resolve(), view)
+                except OSError:  # pragma: no cover - no symlinks (Windows without privilege)
+                    shutil.copyfile(source, view)
+            yield work
+            for path in sorted(work.glob("*.onnx")):
+                stat = path.stat()
+                if path.is_symlink() or untouched.get(path.name) == (stat.st_ino, stat.st_mtime_ns):
+                    continue
+                self.write_graph(f"{GRAPH_STORE}/{path.name}", path, move=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _check_graph_name(self, name: str) -> None:
+        parts = Path(name).parts
+        if len(parts) != 2 or parts[0] != GRAPH_STORE or Path(name).suffix not in (".onnx", ".data"):
+            raise BundleError(f"A shared graph must be named '{GRAPH_STORE}/<file>.onnx|.data', not '{name}'.")
+
+    def _store_dir(self) -> Path:
+        store = self.root / GRAPH_STORE
+        store.mkdir(parents=True, exist_ok=True)
+        return store
+
+    def _set_stored(self, name: str, digest: str, size: int) -> None:
+        self._files[name] = {"blob": True, "sha256": digest, "size": int(size)}
+        self._tensor_shapes.pop(name, None)
+        staged = self.staging / name
+        if staged.is_file() or staged.is_symlink():
+            staged.unlink()  # a version file of an older layout, now in the store
+            with contextlib.suppress(OSError):
+                staged.parent.rmdir()  # when it was the last one
+
+    def _store_data(self, graph: str, folder: Path, location: str, move: bool) -> str:
+        """Store one external-data file of a graph; returns its store name ``<sha256>.data``."""
+        if not location or location != Path(location).name or location in (".", "..") or "\\" in location:
+            raise BundleError(f"Graph '{graph}': external-data location {location!r} is not a plain file name "
+                              "beside the graph.")
+        path = folder / location
+        if not path.is_file():
+            raise BundleError(f"Graph '{graph}': its external data '{location}' is missing.")
+        store = self._store_dir()
+        real = path.resolve()
+        if real.parent == store.resolve() and _STORED_RE.match(real.name) and real.suffix == ".data":
+            digest, size = real.stem, real.stat().st_size  # already in the store (immutable)
+        else:
+            digest, size = sha256_of(path), path.stat().st_size
+            dst = store / f"{digest}.data"
+            if not dst.exists():
+                tmp = store / f"{_STORE_TMP}{uuid.uuid4().hex}"
+                if move and not path.is_symlink() and path.stat().st_nlink == 1:
+                    try:
+                        os.replace(path, tmp)
+                    except OSError:  # another file system
+                        shutil.copyfile(path, tmp)
+                else:
+                    shutil.copyfile(path, tmp)
+                self._seal(tmp, dst)
             if move:
-                shutil.move(str(src), tmp)
-            else:
-                shutil.copyfile(src, tmp)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, dst)
-        self._files[name] = {"blob": True, "sha256": digest, "size": dst.stat().st_size}
+                path.unlink(missing_ok=True)
+                try:
+                    os.symlink(dst.resolve(), path)  # later graphs of the folder reuse the stored file
+                except OSError:  # pragma: no cover
+                    shutil.copyfile(dst, path)
+        if not _STORED_RE.match(location):
+            self._set_stored(f"{GRAPH_STORE}/{location}", digest, size)
+        elif not any(e.get("blob") and e.get("sha256") == digest for e in self._files.values()):
+            self._set_stored(f"{GRAPH_STORE}/{location}", digest, size)
+        return f"{digest}.data"
+
+    def _store_bytes(self, stored: str, payload: bytes) -> None:
+        dst = self._store_dir() / stored
+        if dst.exists():
+            return
+        tmp = dst.with_name(f"{_STORE_TMP}{uuid.uuid4().hex}")
+        tmp.write_bytes(payload)
+        self._seal(tmp, dst)
+
+    @staticmethod
+    def _seal(tmp: Path, dst: Path) -> None:
+        """fsync a finished store file, make it world-readable and rename it to its content name."""
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        tmp.chmod(0o644)  # onnx creates data files private; the other bundle files are world-readable
+        os.replace(tmp, dst)
+        _fsync_path(dst.parent)
 
     def remove(self, name: str) -> None:
         self._files.pop(name, None)
@@ -690,7 +880,7 @@ class VersionWriter:
         if entry is None:
             raise BundleError(f"The new version has no file '{name}'.")
         if entry.get("blob"):
-            return self.root / "blobs" / f"{entry['sha256']}{Path(name).suffix}"
+            return stored_path(self.root, name, entry)
         return self.staging / name
 
     def _finalise_files(self) -> tuple[dict[str, dict[str, Any]], dict[str, list[Any]]]:
@@ -888,6 +1078,25 @@ def _prune_locked(root: Path, keep: int) -> list[str]:
             with contextlib.suppress(OSError):
                 stamps.unlink()
         removed.append(name)
+    if removed:
+        _collect_graph_store(root)
+    return removed
+
+
+def _collect_graph_store(root: Path) -> list[str]:
+    """Remove graph-store files no remaining version refers to (under the writer lock: no writer is
+    adding files, and every kept version's files stay). Returns the removed file names."""
+    referenced = set()
+    for name in list_versions(root):
+        manifest = _read_manifest(root, name)[0]
+        referenced |= {stored_path(root, f, e).name for f, e in manifest["files"].items() if e.get("blob")}
+    store = root / GRAPH_STORE
+    removed = []
+    if store.is_dir() and not store.is_symlink():
+        for path in store.iterdir():
+            if _STORED_RE.match(path.name) and path.name not in referenced:
+                path.unlink()
+                removed.append(path.name)
     return removed
 
 
@@ -936,10 +1145,9 @@ def version_history(root: Path | str) -> list[dict[str, Any]]:
             continue
         inodes = set()
         for fname, entry in manifest["files"].items():
-            base = root / "blobs" if entry.get("blob") else root / "versions" / name
-            rel = f"{entry['sha256']}{Path(fname).suffix}" if entry.get("blob") else fname
-            with contextlib.suppress(OSError):
-                st = os.lstat(base / rel)
+            with contextlib.suppress(OSError, BundleError):
+                path = stored_path(root, fname, entry) if entry.get("blob") else root / "versions" / name / fname
+                st = os.lstat(path)
                 if stat.S_ISREG(st.st_mode):
                     inodes.add((st.st_ino, st.st_size))
         for key in inodes:

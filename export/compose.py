@@ -49,6 +49,7 @@ from edgeclip.layout import (
 from edgeclip.train.decision import DecisionSpec  # numpy only, no torch
 
 _NAMESPACE = "decision/"  # prefix of every node, value and initialiser added to the encoder graph
+_SHARED_HINTS = ("rail_w_r",)  # decision constants equal in every version: stored as external data (shared_data_name)
 
 
 # -- a small graph builder ----------------------------------------------------------------------
@@ -273,6 +274,7 @@ def _save_gated(graphs_dir: Path, model: onnx.ModelProto, g: _Builder, spec: Dec
     helper.set_model_props(model, {"edgeclip.method": spec.method, "edgeclip.fusion": spec.fusion,
                                    "edgeclip.tasks": str(spec.n_tasks)})
     out = graphs_dir / output
+    _externalise_shared(graphs_dir, graph, output)
     tmp = out.with_name(f".{out.name}.tmp")
     onnx.save_model(model, str(tmp))  # external initialisers stay references to the encoder's .data
     tmp.replace(out)
@@ -280,11 +282,41 @@ def _save_gated(graphs_dir: Path, model: onnx.ModelProto, g: _Builder, spec: Dec
     return out
 
 
+def shared_data_name(output: str) -> str:
+    """The external-data file of a gated graph's decision constants that stay the same from version
+    to version (RAIL primal's random layer W_r): ``<graph stem>.shared.data`` beside the graph. In a
+    bundle its bytes are identical in every version, so the graph store keeps one copy."""
+    return f"{Path(output).stem}.shared.data"
+
+
+def _externalise_shared(graphs_dir: Path, graph: onnx.GraphProto, output: str) -> None:
+    """Move the decision's version-invariant constants (`_SHARED_HINTS`) to `shared_data_name(output)`
+    (replaced, never written through: it may be a link into a bundle's graph store)."""
+    path = graphs_dir / shared_data_name(output)
+    path.unlink(missing_ok=True)
+    shared = [t for t in graph.initializer
+              if any(t.name.startswith(f"{_NAMESPACE}{hint}_") for hint in _SHARED_HINTS) and t.raw_data]
+    if not shared:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as out:
+        for tensor in shared:
+            offset = out.tell()
+            out.write(tensor.raw_data)
+            tensor.ClearField("raw_data")
+            tensor.data_location = TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (("location", path.name), ("offset", str(offset)), ("length", str(out.tell() - offset))):
+                tensor.external_data.add(key=key, value=value)
+    tmp.replace(path)
+
+
 def check_structure(model: onnx.ModelProto) -> None:
     """onnx.checker (with shape inference) on the graph, external initialisers stood in by inputs.
 
-    The checker refuses external data reached through a hard link ("potential hardlink attack"),
-    and bundle versions inherit graph files by hard link; onnxruntime and TensorRT read them fine.
+    Checks the structure only, so it runs where the weights are not readable by onnx (a graph folder
+    whose data files are symlinks into the graph store); stored graphs also pass the full checker
+    with their weights (tests/test_portable_graphs.py).
     """
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

@@ -112,15 +112,16 @@ def _frozen_twins(encoder: onnx.ModelProto, moe: onnx.ModelProto, folder: Path) 
     return twins
 
 
-def weight_sharing(gated: onnx.ModelProto) -> WeightSharing:
-    """Bytes of external data a gated graph reads from the frozen and from the adapted weights file."""
+def weight_sharing(gated: onnx.ModelProto, frozen: str = IMAGE_DATA, own: str = MOE_DATA) -> WeightSharing:
+    """Bytes of external data a gated graph reads from the frozen and from the adapted weights file,
+    named by their external-data locations (in a bundle's graph store: ``Bundle.path(...).name``)."""
     sizes = {}
     for init in gated.graph.initializer:
         location = _location(init)
         if location:
             length = int({e.key: e.value for e in init.external_data}["length"])
             sizes[location] = sizes.get(location, 0) + length
-    return WeightSharing(shared_bytes=sizes.get(IMAGE_DATA, 0), own_bytes=sizes.get(MOE_DATA, 0))
+    return WeightSharing(shared_bytes=sizes.get(frozen, 0), own_bytes=sizes.get(own, 0))
 
 
 def share_frozen_weights(graphs_dir: Path | str) -> WeightSharing:
@@ -128,7 +129,8 @@ def share_frozen_weights(graphs_dir: Path | str) -> WeightSharing:
     read from `image_encoder.data` (same folder) and `moe_encoder.data` keeps only the rest.
 
     Afterwards the adapted encoder runs only beside image_encoder.data (as bundle graphs do).
-    Files are replaced, never written through: inherited hard links of a bundle version stay intact.
+    Files are replaced, never written through: links into the graph store (VersionWriter.graph_folder)
+    stay intact.
     """
     graphs_dir = Path(graphs_dir)
     encoder = _load_encoder(graphs_dir)
@@ -150,7 +152,7 @@ def share_frozen_weights(graphs_dir: Path | str) -> WeightSharing:
                     init.external_data.add(key=key, value=value)
     graph_tmp = graphs_dir / f".{MOE_GRAPH}.tmp"
     onnx.save_model(moe, str(graph_tmp))
-    data_tmp.replace(graphs_dir / MOE_DATA)  # rename: a hard-linked old file is unlinked, not overwritten
+    data_tmp.replace(graphs_dir / MOE_DATA)  # rename: an old file (a link into the store) is replaced, not overwritten
     graph_tmp.replace(graphs_dir / MOE_GRAPH)
     return weight_sharing(moe)
 

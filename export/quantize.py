@@ -11,8 +11,10 @@ Files written into a version's `graphs/` (names in `edgeclip.edgeapp.runtime`):
 - `gated_int8.onnx`: the same decision as `gated.onnx` (`compose.build_gated_graph`) composed on the
   int8 encoder, its weights read from `image_encoder_int8.data`.
 
-The fp32 encoder is read from copies in a temporary folder: onnx refuses external data reached
-through a hard link, and inherited version files are hard links.
+The fp32 encoder is read from copies in a temporary folder: `quantize_dynamic` loads the weights
+with onnx, which refuses external data reached through a symlink (as in
+`VersionWriter.graph_folder`) or a hard link. `export_int8` stores the results in the bundle's
+shared graph store (content-named, plain external-data names: docs/EXPORT.md, "Graph store").
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ _INLINE_BELOW = 1024  # bytes; smaller tensors stay inline (onnxruntime's shape 
 def quantize_image_encoder(graphs_dir: Path | str) -> Path:
     """Write `image_encoder_int8.onnx` (+ `.data`) beside `image_encoder.onnx`; returns its path.
 
-    Existing int8 files are unlinked first (they may be hard links into a parent version).
+    Existing int8 files are unlinked first (they may be links into the graph store), never written through.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -61,7 +63,7 @@ def quantize_image_encoder(graphs_dir: Path | str) -> Path:
     with tempfile.TemporaryDirectory(prefix="edgeclip-int8-") as tmp:
         work = Path(tmp)
         for name in (IMAGE_GRAPH, IMAGE_DATA):  # copies, not links: onnx reads their weights
-            shutil.copyfile(graphs_dir / name, work / name)
+            shutil.copyfile(graphs_dir / name, work / name)  # follows a symlink into the store
         quantized = work / "int8.onnx"
         with _quiet_root_warning():
             quantize_dynamic(str(work / IMAGE_GRAPH), str(quantized), weight_type=QuantType.QInt8,
@@ -120,11 +122,9 @@ def export_int8(bundle: Bundle) -> Bundle:
     from edgeclip.layout import LEARNED
 
     with bundle.new_version() as writer:
-        for name in INT8_GRAPHS:
-            writer.writable_path(graph_file(name))
-        graphs = writer.staging / "graphs"
-        quantize_image_encoder(graphs)
-        build_gated_int8(graphs, bundle.tensors(LEARNED), writer.manifest)
+        with writer.graph_folder() as graphs:  # the new graphs go to the bundle's shared graph store
+            quantize_image_encoder(graphs)
+            build_gated_int8(graphs, bundle.tensors(LEARNED), writer.manifest)
         writer.manifest["quantization"] = {
             "image_encoder": {"method": "dynamic", "weights": "int8", "activations": "uint8",
                               "op_types": list(QUANTIZED_OPS), "onnxruntime": onnxruntime.__version__},

@@ -4,8 +4,10 @@ Each tower is wrapped in a thin module whose forward is exactly the computation 
 must hold (the L2-normalised embedding), exported with the dynamo exporter (the TorchScript
 exporter fails on open_clip ViTs: "aten::_native_multi_head_attention"), with an example
 batch of 2 (an example of 1 specialises the batch dimension) and a dynamic batch dimension.
-Weights go to one external-data file beside the graph, so a gated graph composed later can
-point at the same file instead of copying the backbone.
+Weights go to one external-data file beside the graph, named by a plain file name (no folder,
+no ``..``), so a gated graph composed later can point at the same file instead of copying the
+backbone. A bundle keeps both in its shared graph store under content names
+(``VersionWriter.write_graph``; docs/EXPORT.md, "Graph store"), where stock onnx reads them.
 
 Export is refused (`ExportParityError`) when onnxruntime differs from torch beyond tolerance
 on a random batch of another size than the example.

@@ -104,7 +104,7 @@ def export_moe_encoder(moe_model: Any, out_dir: Path | str, seed: int = 0) -> Pa
     proto = program.model_proto
     _check_standard_ops(proto, graph.name)
     for old in (graph, graph.parent / MOE_DATA):
-        old.unlink(missing_ok=True)  # onnx appends to a data file; an inherited file may be a hard link
+        old.unlink(missing_ok=True)  # onnx appends to a data file; an old one may be a link into the graph store
     onnx.save_model(proto, str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=MOE_DATA, size_threshold=1024)
     onnx.checker.check_model(str(graph))

@@ -122,10 +122,9 @@ def make_bundle(root: Path, graphs: Path, learned: dict[str, np.ndarray] | None,
     from edgeclip.tokenizer import default_vocab_path
 
     with create_bundle(root, manifest) as writer:
-        for name in ("image_encoder.onnx", "image_encoder.data", "text_encoder.onnx", "text_encoder.data",
-                     "gated.onnx"):
+        for name in ("image_encoder.onnx", "text_encoder.onnx", "gated.onnx"):  # with their .data: the graph store
             if (graphs / name).exists():
-                writer.write_file(f"graphs/{name}", graphs / name)
+                writer.write_graph(f"graphs/{name}", graphs / name)
         writer.write_file("tokenizer/bpe_simple_vocab_16e6.txt.gz", default_vocab_path())
         if learned is not None:
             writer.write_tensors("learned.safetensors", learned)

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from edgeclip.errors import BundleError
-from edgeclip.export.compose import build_gated_graph, check_structure
+from edgeclip.export.compose import build_gated_graph, check_structure, shared_data_name
 from edgeclip.train.decision import gated_reference, learned_tensors
 
 pytestmark = pytest.mark.slow  # the tiny backbone is exported once per session (~15 s)
@@ -131,8 +131,13 @@ def test_gated_graph_shares_the_backbone_weights(graphs, encoder, tmp_path):
     path, *_ = _build(graphs, tmp_path, encoder, "rail-primal", "ddas")
     model = onnx.load(str(path), load_external_data=False)
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    assert external and all({e.key: e.value for e in t.external_data}["location"] == "image_encoder.data"
-                            for t in external)
+    locations = {t.name: {e.key: e.value for e in t.external_data}["location"] for t in external}
+    # the backbone from the encoder's weights; RAIL's random layer (equal in every version) from its own file
+    shared = {name for name, loc in locations.items() if loc == shared_data_name("gated.onnx")}
+    assert shared and all(name.startswith("decision/rail_w_r_") for name in shared)
+    assert set(locations.values()) == {"image_encoder.data", "gated.shared.data"}
+    assert (path.parent / "gated.shared.data").stat().st_size == 4 * np.prod(
+        [d for t in external if t.name in shared for d in t.dims])
     assert path.stat().st_size < (path.parent / "image_encoder.data").stat().st_size
     assert {o.name for o in model.graph.output} == {"scores", "route", "gate_ratio", "embedding"}
     assert {n.domain for n in model.graph.node} <= {""}

@@ -2,10 +2,9 @@
 
 Three learners with one API (`add_domain`, `solve`, `scores`, `state`/`settings`/`from_state`):
 
-- `RailPrimal`: random ReLU features, float64 sufficient statistics A = sum phi^T phi and
-  C = sum phi^T Y, solved by Cholesky. Learning domains one by one gives the joint solution.
-- `RailPrimalWoodbury`: the paper's recursive update of the inverse autocorrelation matrix
-  (kept for comparison; same joint solution up to rounding).
+- `RailPrimal`: random ReLU features; keeps the learned embeddings and labels and solves the
+  joint ridge regression in the smaller of the primal (hidden x hidden) and dual (n x n) spaces.
+  Learning domains one by one gives the joint solution.
 - `RailDual`: kernel ridge regression with an RBF kernel on the stored embeddings, its inverse
   Cholesky factor grown by blocks (Schur complement).
 
@@ -20,7 +19,8 @@ from scipy.linalg.blas import dsyrk
 
 from edgeclip.errors import BundleError, UsageError
 
-_CHUNK = 1024  # rows of Phi materialised at once: 1024 x hidden float64 (123 MB at hidden 15000)
+_CHUNK = 1024  # rows (primal) or columns (dual) of Phi materialised at once, float64
+_KEEP_PHI_BYTES = 256 << 20  # dual solve: keep the whole Phi (n x hidden float64) when it fits in this
 
 
 def _check_inputs(x: np.ndarray, labels: np.ndarray, dim: int | None, n_classes_total: int) -> None:
@@ -103,116 +103,138 @@ class _RandomFeatures:
 
 
 class RailPrimal(_RandomFeatures):
-    """Primal RAIL: (A + gamma I) W = C with A = sum phi^T phi, C = sum phi^T Y kept in float64.
+    """Primal RAIL: W = argmin ||Phi W - Y||^2 + gamma ||W||^2 over every embedding learned so far.
 
-    A holds only its upper triangle (filled by BLAS syrk, read by Cholesky with lower=False);
-    the lower triangle stays zero.
+    The learning state is what was learned: the embeddings X [n, dim] float32 and their labels
+    [n] int64 (n * (dim * 4 + 8) bytes: 1 MB for 480 images at dim 512), not a statistic of
+    size hidden^2. `solve` computes the exact joint ridge solution from them, in whichever space
+    is smaller:
+
+    - dual (n <= hidden):   W = Phi^T (Phi Phi^T + gamma I_n)^-1 Y      (Gram matrix n x n)
+    - primal (n > hidden):  W = (Phi^T Phi + gamma I_h)^-1 Phi^T Y      (h x h, upper triangle by syrk)
+
+    The two are the same matrix (push-through identity (A^T A + g I)^-1 A^T = A^T (A A^T + g I)^-1),
+    so learning domains one by one, in any order, gives the joint solution either way. Phi is
+    materialised `_CHUNK` rows (primal) or columns (dual) at a time, in float64.
     """
 
     def __init__(self, dim: int, hidden: int = 15000, gamma: float = 0.1, seed: int = 0,
                  w_r: np.ndarray | None = None) -> None:
         super().__init__(dim, hidden, gamma, seed, w_r)
-        self.a = np.zeros((hidden, hidden), dtype=np.float64, order="F")  # upper triangle of sum phi^T phi
-        self.c = np.zeros((hidden, 0), dtype=np.float64)  # sum phi^T Y [hidden, n_classes]
+        self.x = np.zeros((0, self.dim), dtype=np.float32)  # every embedding learned [n, dim]
+        self.labels = np.zeros(0, dtype=np.int64)  # their global class indices [n]
 
     def add_domain(self, x: np.ndarray, labels: np.ndarray, n_classes_total: int) -> None:
-        """Accumulate one domain's statistics, `_CHUNK` rows of Phi at a time."""
+        """Remember one domain's embeddings [N, dim] (cast to float32) and labels [N] in
+        [0, n_classes_total); `solve()` then gives the joint solution. Raises UsageError on bad shapes
+        or labels, or when the label space would shrink."""
         x, labels = np.asarray(x), np.asarray(labels)
         _check_inputs(x, labels, self.dim, n_classes_total)
-        self.c = _grow_columns(self.c, n_classes_total)
-        for start in range(0, x.shape[0], _CHUNK):
-            phi = self.phi64(x[start:start + _CHUNK])  # [chunk, hidden]
-            self.a = dsyrk(1.0, phi, beta=1.0, c=self.a, trans=1, lower=0, overwrite_c=1)
-            self.c += _label_sums(phi, labels[start:start + _CHUNK], n_classes_total).T
-        self.n_classes, self.n_seen = n_classes_total, self.n_seen + x.shape[0]
+        if n_classes_total < self.n_classes:
+            raise UsageError(f"the label space cannot shrink: {self.n_classes} classes learned, {n_classes_total} given")
+        x = np.asarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise UsageError("embeddings must be finite (found NaN or Inf)")
+        self.x = np.concatenate([self.x, x])
+        self.labels = np.concatenate([self.labels, labels.astype(np.int64)])
+        self.n_classes, self.n_seen = int(n_classes_total), len(self.labels)
         self._stale = True
 
+    @property
+    def space(self) -> str:
+        """"dual" when the Gram matrix (n x n) is no larger than the primal one (hidden x hidden)."""
+        return "dual" if self.n_seen <= self.hidden else "primal"
+
     def solve(self) -> np.ndarray:
-        """Cholesky solve of (A + gamma I) W = C; returns W float32 [hidden, n_classes]."""
-        m = np.array(self.a, order="F", copy=True)
-        m[np.diag_indices(self.hidden)] += self.gamma
-        factor = cho_factor(m, lower=False, overwrite_a=True, check_finite=False)
-        self._w64 = cho_solve(factor, self.c, check_finite=False)
+        """The joint ridge solution from every embedding learned; returns W float32 [hidden, n_classes]
+        (float64 in `weights64()`)."""
+        if self.n_seen == 0:
+            self._w64 = np.zeros((self.hidden, self.n_classes))
+        elif self.space == "dual":
+            self._w64 = self._solve_dual()
+        else:
+            self._w64 = self._solve_primal()
         self.w = self._w64.astype(np.float32)
         self._stale = False
         return self.w
 
+    def _w_r64(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self.w_r[:, start:stop].astype(np.float64)
+
+    def _solve_dual(self) -> np.ndarray:
+        """W = Phi^T (Phi Phi^T + gamma I)^-1 Y, Phi built `_CHUNK` hidden columns at a time."""
+        x64 = self.x.astype(np.float64)
+        n = len(x64)
+        gram = np.zeros((n, n), dtype=np.float64, order="F")  # upper triangle of Phi Phi^T
+        keep = n * self.hidden * 8 <= _KEEP_PHI_BYTES  # small enough: build Phi once, not twice
+        chunks = []
+        for start in range(0, self.hidden, _CHUNK):
+            phi = np.maximum(x64 @ self._w_r64(start, start + _CHUNK), 0.0)  # [n, chunk]
+            gram = dsyrk(1.0, phi, beta=1.0, c=gram, trans=0, lower=0, overwrite_c=1)
+            if keep:
+                chunks.append(phi)
+        gram[np.diag_indices(n)] += self.gamma
+        factor = cho_factor(gram, lower=False, overwrite_a=True, check_finite=False)
+        y = np.zeros((n, self.n_classes))
+        y[np.arange(n), self.labels] = 1.0
+        alpha = cho_solve(factor, y, overwrite_b=True, check_finite=False)  # [n, n_classes]
+        w = np.empty((self.hidden, self.n_classes))
+        for i, start in enumerate(range(0, self.hidden, _CHUNK)):
+            phi = chunks[i] if keep else np.maximum(x64 @ self._w_r64(start, start + _CHUNK), 0.0)
+            w[start:start + phi.shape[1]] = phi.T @ alpha
+        return w
+
+    def _solve_primal(self) -> np.ndarray:
+        """(Phi^T Phi + gamma I) W = Phi^T Y by Cholesky, Phi^T Phi accumulated `_CHUNK` rows at a time."""
+        a = np.zeros((self.hidden, self.hidden), dtype=np.float64, order="F")  # upper triangle
+        c = np.zeros((self.hidden, self.n_classes), dtype=np.float64)
+        for start in range(0, self.n_seen, _CHUNK):
+            phi = self.phi64(self.x[start:start + _CHUNK])  # [chunk, hidden]
+            a = dsyrk(1.0, phi, beta=1.0, c=a, trans=1, lower=0, overwrite_c=1)
+            c += _label_sums(phi, self.labels[start:start + _CHUNK], self.n_classes).T
+        a[np.diag_indices(self.hidden)] += self.gamma
+        factor = cho_factor(a, lower=False, overwrite_a=True, check_finite=False)
+        return cho_solve(factor, c, overwrite_b=True, check_finite=False)
+
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held while learning (stats), during a solve (extra factor copy) and for inference."""
-        h, c = self.hidden, max(self.n_classes, 1)
-        return {"w_r": self.dim * h * 4, "a": h * h * 8, "c": h * c * 8, "w": h * c * 4,
-                "solve_extra": h * h * 8 + h * c * 8, "phi_chunk": _CHUNK * h * 8}
+        """Bytes held: `w_r`, the learned embeddings `x` + `labels`, the inference weights `w`, and
+        `solve_peak`, the working memory of the next solve in its space (dual: Gram n x n float64
+        and a Phi chunk; primal: A hidden x hidden float64, its right-hand side and a Phi chunk)."""
+        h, c, n = self.hidden, max(self.n_classes, 1), self.n_seen
+        if n <= h:
+            phi = n * h * 8 if n * h * 8 <= _KEEP_PHI_BYTES else n * min(_CHUNK, h) * 8 * 2
+            solve = n * n * 8 + phi + n * c * 8 + h * c * 8
+        else:
+            solve = h * h * 8 + h * c * 8 + min(_CHUNK, n) * h * 8
+        return {"w_r": self.dim * h * 4, "x": n * (self.dim * 4 + 8), "w": h * c * 4, "solve_peak": solve}
 
     def state(self) -> dict[str, np.ndarray]:
-        """w_r, w (inference) and a, c (to keep learning later). `a`: upper triangle valid."""
-        return {"w_r": self.w_r, "w": self.w, "a": np.ascontiguousarray(self.a), "c": self.c}
+        """w_r, w (inference) and x, labels (to keep learning later)."""
+        return {"w_r": self.w_r, "w": self.w, "x": self.x, "labels": self.labels}
 
     def settings(self) -> dict:
         return {"kind": "rail_primal", **super().settings()}
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray], settings: dict) -> RailPrimal:
+        """Restore from `state()` and `settings()`. Raises BundleError when the embeddings needed to keep
+        learning are missing or inconsistent (e.g. a state written by an older edgeclip, which kept
+        the hidden x hidden statistics instead)."""
         obj = cls(int(settings["dim"]), int(settings["hidden"]), float(settings["gamma"]),
                   int(settings["seed"]), w_r=state["w_r"])
         obj._restore_counts(state, settings)
-        obj.a = np.asfortranarray(state["a"], dtype=np.float64)
-        obj.c = np.asarray(state["c"], dtype=np.float64)
+        if "x" in state and "labels" in state:
+            obj.x = np.asarray(state["x"], dtype=np.float32)
+            obj.labels = np.asarray(state["labels"], dtype=np.int64)
+        elif obj.n_seen:
+            raise BundleError("the RAIL primal learning state has no embeddings 'x'/'labels' (written by an older "
+                              "edgeclip, which kept hidden x hidden statistics); re-create the bundle to keep learning")
+        if obj.x.shape != (obj.n_seen, obj.dim) or obj.labels.shape != (obj.n_seen,):
+            raise BundleError(f"RAIL primal state: x {list(obj.x.shape)} and labels {list(obj.labels.shape)} do not "
+                              f"match n_seen {obj.n_seen}, dim {obj.dim}")
+        if obj.n_seen and (obj.labels.min() < 0 or obj.labels.max() >= obj.n_classes or not np.isfinite(obj.x).all()):
+            raise BundleError("RAIL primal state: labels out of range or non-finite embeddings")
         obj._w64 = None  # solve() again for the float64 solution
-        return obj
-
-
-class RailPrimalWoodbury(_RandomFeatures):
-    """The paper's recursive form: R = (Phi^T Phi + gamma I)^-1 and W updated per batch.
-
-    For a batch Phi_b, Y_b:  K = I + Phi_b R Phi_b^T,  R <- R - R Phi_b^T K^-1 Phi_b R,
-    W <- W + R Phi_b^T (Y_b - Phi_b W). New classes append zero columns to W (earlier samples
-    had target 0 for them, whose ridge weights are 0). float64 here.
-    """
-
-    def __init__(self, dim: int, hidden: int = 15000, gamma: float = 0.1, seed: int = 0,
-                 batch: int = 256, w_r: np.ndarray | None = None) -> None:
-        super().__init__(dim, hidden, gamma, seed, w_r)
-        self.batch = int(batch)
-        self.r = np.eye(hidden) / gamma  # [hidden, hidden]
-        self._w64 = np.zeros((hidden, 0))
-
-    def add_domain(self, x: np.ndarray, labels: np.ndarray, n_classes_total: int) -> None:
-        x, labels = np.asarray(x), np.asarray(labels)
-        _check_inputs(x, labels, self.dim, n_classes_total)
-        w = _grow_columns(self._w64, n_classes_total)
-        for start in range(0, x.shape[0], self.batch):
-            phi = self.phi64(x[start:start + self.batch])  # [b, hidden]
-            y = np.zeros((phi.shape[0], n_classes_total))
-            y[np.arange(phi.shape[0]), labels[start:start + self.batch]] = 1.0
-            r_phi_t = self.r @ phi.T  # [hidden, b]
-            k = np.eye(phi.shape[0]) + phi @ r_phi_t
-            self.r -= r_phi_t @ np.linalg.solve(k, r_phi_t.T)
-            w += self.r @ phi.T @ (y - phi @ w)
-        self._w64 = w
-        self.w = w.astype(np.float32)
-        self.n_classes, self.n_seen = n_classes_total, self.n_seen + x.shape[0]
-
-    def solve(self) -> np.ndarray:
-        """W is always current in the recursive form."""
-        return self.w
-
-    def memory_bytes(self) -> dict[str, int]:
-        h, c = self.hidden, max(self.n_classes, 1)
-        return {"w_r": self.dim * h * 4, "r": h * h * 8, "w": h * c * 8, "batch_extra": 2 * h * self.batch * 8}
-
-    def state(self) -> dict[str, np.ndarray]:
-        return {"w_r": self.w_r, "w": self.w, "r": self.r, "w64": self._w64}
-
-    def settings(self) -> dict:
-        return {"kind": "rail_primal_woodbury", "batch": self.batch, **super().settings()}
-
-    @classmethod
-    def from_state(cls, state: dict[str, np.ndarray], settings: dict) -> RailPrimalWoodbury:
-        obj = cls(int(settings["dim"]), int(settings["hidden"]), float(settings["gamma"]),
-                  int(settings["seed"]), int(settings["batch"]), w_r=state["w_r"])
-        obj._restore_counts(state, settings)
-        obj.r = np.asarray(state["r"], dtype=np.float64)
-        obj._w64 = np.asarray(state["w64"], dtype=np.float64)
         return obj
 
 
@@ -230,7 +252,8 @@ class RailDual:
     This is what a from-scratch Cholesky computes, so it equals the re-solve. (Growing the
     explicit inverse by the same block formula lost 2% relative accuracy at lam = 1e-3 on
     clustered unit vectors, where cond(K + lam I) ~ 3e5; the factor keeps ~1e-10.)
-    Memory: M float32 [n, D] and L float64 [n, n] (n = 16,000 images: 2 GB).
+    Memory: M float32 [n, D] and L float64 [n, n] (n = 16,000 images: 2 GB) while learning; the
+    state keeps M, the labels and alpha, and `from_state` re-factors (O(n^3 / 3)).
     """
 
     def __init__(self, gamma_kernel: float = 0.1, lam: float = 1e-3) -> None:
@@ -299,7 +322,9 @@ class RailDual:
         return {"memory": n * d * 4, "chol": n * n * 8, "alpha": n * c * 4}
 
     def state(self) -> dict[str, np.ndarray]:
-        return {"memory": self.memory, "labels": self.labels, "chol": self.chol, "alpha": self.alpha}
+        """memory, alpha (inference) and labels: what was learned. The Cholesky factor (n x n float64)
+        is not kept; `from_state` re-factors K + lam I from the memory (equal to ~1e-13)."""
+        return {"memory": self.memory, "labels": self.labels, "alpha": self.alpha}
 
     def settings(self) -> dict:
         return {"kind": "rail_dual", "gamma_kernel": self.gamma_kernel, "lam": self.lam,
@@ -307,10 +332,23 @@ class RailDual:
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray], settings: dict) -> RailDual:
+        """Restore from `state()` and `settings()`: the factor of K + lam I is computed again from the
+        memory (a state of an older edgeclip that kept it, key `chol`, is used as is); scores use the
+        stored float32 alpha, so a restored head scores exactly as the saved one. Raises BundleError
+        when memory, labels and alpha disagree in size."""
         obj = cls(float(settings["gamma_kernel"]), float(settings["lam"]))
         obj.memory = np.asarray(state["memory"], dtype=np.float32)
         obj.labels = np.asarray(state["labels"], dtype=np.int64)
-        obj.chol = np.asarray(state["chol"], dtype=np.float64)
         obj.n_classes = int(settings["n_classes"])
+        n = len(obj.memory)
+        if obj.memory.ndim != 2 or obj.labels.shape != (n,) or ("alpha" in state and len(state["alpha"]) != n):
+            raise BundleError(f"RAIL dual state: memory {list(obj.memory.shape)}, labels {list(obj.labels.shape)} "
+                              "and alpha do not match")
+        if "chol" in state:
+            obj.chol = np.asarray(state["chol"], dtype=np.float64)
+        elif n:
+            obj.chol = cholesky(obj._kernel64(obj.memory, obj.memory) + obj.lam * np.eye(n), lower=True)
         obj._set_alpha(cho_solve((obj.chol, True), obj._onehot(), check_finite=False))
+        if "alpha" in state:
+            obj.alpha = np.asarray(state["alpha"], dtype=np.float32)
         return obj
