@@ -88,7 +88,7 @@ def classify(
              "[default: 89478485]. Large JPEGs count at their reduced size.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List the skipped non-image files on stderr.")] = False,
 ) -> None:
-    """Classify images and folders (recursively, images recognised by content).
+    """Classify images and folders (recursively; images recognised by content or extension).
 
     Each image is routed by the DDAS gate to the task it belongs to, or to zero-shot CLIP.
     Every file ends up as a row with a label, a row with an error, or a skipped non-image
