@@ -501,3 +501,16 @@ def test_large_jpeg_decode_time_and_memory(tmp_path):
     ) % (str(path), str(path))
     _, ratio = _peak_rss_mb(timing)
     assert float(ratio) < 0.4, ratio
+
+
+def test_heic_orientation_is_applied_once(tmp_path):
+    """pillow-heif turns the picture upright itself (and resets the tag): no second rotation."""
+    pytest.importorskip("pillow_heif").register_heif_opener()
+    img = Image.new("RGB", (64, 32), (255, 0, 0))
+    img.paste((0, 0, 255), (32, 0, 64, 32))  # stored: red left, blue right
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "turned.heic", "HEIF", exif=exif.tobytes(), quality=95)
+    out = load_image(tmp_path / "turned.heic")
+    assert out.size == (32, 64)
+    assert out.getpixel((10, 5))[0] > 200 and out.getpixel((10, 60))[2] > 200  # red on top, blue below
