@@ -27,6 +27,13 @@ pytest.importorskip("open_clip")
 ort = pytest.importorskip("onnxruntime")
 
 
+MINIMAL_MANIFEST = {  # the sections a manifest must have (edgeclip.manifest), nothing else
+    "backbone": {"model": "edgeclip-tiny", "weights": {"kind": "random", "ref": "0"}},
+    "preprocess": {"image_size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+    "method": {"name": "rail-primal"},
+}
+
+
 def _graphs(bundle: Bundle) -> list[str]:
     return sorted(n for n in bundle.manifest["files"] if n.endswith(".onnx"))
 
@@ -226,7 +233,7 @@ def _tiny_graph(folder: Path, location: str) -> Path:
 
 
 def test_write_graph_stores_plain_names_and_refuses_escapes(tmp_path: Path) -> None:
-    with create_bundle(tmp_path / "b", {"backbone": {}, "preprocess": {}, "method": {"name": "x"}}) as writer:
+    with create_bundle(tmp_path / "b", dict(MINIMAL_MANIFEST)) as writer:
         writer.write_graph(graph_file("g.onnx"), _tiny_graph(tmp_path / "ok", "w.data"))
         writer.write_graph(graph_file("copy.onnx"), _tiny_graph(tmp_path / "ok2", "w.data"))  # same weights
         for bad, message in (("../w.data", "plain file name"), ("sub/w.data", "plain file name"),
@@ -246,7 +253,7 @@ def test_write_graph_stores_plain_names_and_refuses_escapes(tmp_path: Path) -> N
 
 
 def test_graph_folder_stores_only_what_changed(tmp_path: Path) -> None:
-    with create_bundle(tmp_path / "b", {"backbone": {}, "preprocess": {}, "method": {"name": "x"}}) as writer:
+    with create_bundle(tmp_path / "b", dict(MINIMAL_MANIFEST)) as writer:
         writer.write_graph(graph_file(GATED_GRAPH), _tiny_graph(tmp_path / "src", "w.data"))
     first = Bundle.open(tmp_path / "b")
     with first.new_version() as writer:
@@ -268,7 +275,7 @@ def test_graphs_of_an_older_layout_move_into_the_store(tmp_path: Path) -> None:
     """A version whose graphs are hard-linked version files (edgeclip before the store): the next
     graph_folder stores every graph, so stock onnx reads the new version."""
     src = _tiny_graph(tmp_path / "src", "w.data")
-    with create_bundle(tmp_path / "b", {"backbone": {}, "preprocess": {}, "method": {"name": "x"}}) as writer:
+    with create_bundle(tmp_path / "b", dict(MINIMAL_MANIFEST)) as writer:
         writer.write_file(graph_file(GATED_GRAPH), src)
         writer.write_file(graph_file("w.data"), src.with_name("w.data"))
     old = Bundle.open(tmp_path / "b")
