@@ -136,31 +136,46 @@ from edgeclip.bundle import Bundle
 bundle = Bundle.open(sys.argv[1])
 writer = bundle.new_version()
 writer.manifest["tasks"].append({"name": "killed", "classes": ["k"], "threshold": 1.0})
+print("staging", writer.staging, flush=True)
 for i in range(40):
     writer.write_tensors(f"part{i}.safetensors", {"x": np.random.rand(200, 200)})
-    if i == 5:
-        print("writing", flush=True)
-time.sleep(float(sys.argv[2]))
+    print("part", i, flush=True)
+    if i == 10 and sys.argv[2] == "mid-write":
+        time.sleep(60)  # killed here, with parts 11..39 never written
+print("written", flush=True)
+time.sleep(float(sys.argv[3]))
 writer.commit()
 print("committed", flush=True)
 time.sleep(60)
 """
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.05, 0.3, 5.0])
-def test_killed_writer_leaves_previous_version_loadable(tmp_path: Path, delay: float) -> None:
-    """A writer killed at some point (mid-write, around the commit, or before it) never
-    leaves a bundle that fails to load: it is either the old version or the complete new one."""
+def _parts(folder: Path) -> int:
+    return len(list(folder.glob("part*.safetensors")))
+
+
+@pytest.mark.parametrize("phase,delay", [("mid-write", 0.0), ("around-commit", 0.05), ("around-commit", 0.3),
+                                         ("before-commit", 5.0)])
+def test_killed_writer_leaves_previous_version_loadable(tmp_path: Path, phase: str, delay: float) -> None:
+    """A writer killed mid-write, around its commit, or just before it never leaves a bundle that
+    fails to load: it is either the old version or the complete new one. The abandoned staging
+    folder proves where the kill landed (a partial write really was interrupted)."""
     make_bundle(tmp_path / "b")
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "b"), str(delay)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "writing"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "b"), phase, str(delay)],
+                            stdout=subprocess.PIPE, text=True)
+    staging = Path(proc.stdout.readline().split(" ", 1)[1].strip())
+    wait_for = "part 10" if phase == "mid-write" else "written"
+    while (line := proc.stdout.readline().strip()) != wait_for:
+        assert line, "the writer ended early"
     time.sleep(delay / 2 if delay < 1 else 0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     bundle = Bundle.open(tmp_path / "b")
     assert bundle.version in ("v0001", "v0002")
-    if delay == 5.0:
-        assert bundle.version == "v0001"
+    if phase == "mid-write":  # killed between two tensor files: a partial staging folder, the old version
+        assert bundle.version == "v0001" and 11 <= _parts(staging) < 40
+    if phase == "before-commit":  # every file written, killed before the commit
+        assert bundle.version == "v0001" and _parts(staging) == 40
     if bundle.version == "v0002":
         assert bundle.tasks[-1]["name"] == "killed"
         assert len([f for f in bundle.manifest["files"] if f.startswith("part")]) == 40

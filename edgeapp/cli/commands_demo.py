@@ -43,7 +43,7 @@ def demo(
     directory: Annotated[Path, typer.Option("--dir", help="Where the demo writes its images and bundle (re-running replaces them).")] = Path("demo"),
     model: Annotated[str, typer.Option(help="open_clip model name.")] = "edgeclip-tiny",
     pretrained: Annotated[str, typer.Option(help="Pretrained tag or checkpoint; empty = seeded random weights.")] = "",
-    method: Annotated[Method, typer.Option(help="moe, rail-primal or rail-dual.")] = Method.rail_primal,
+    method: Annotated[Method, typer.Option(help="The learner: rail-primal, rail-dual or moe.")] = Method("rail-primal"),
     quiet: QuietOpt = False,
 ) -> None:
     """The whole flow offline in one command: generate two image domains (shapes, stripes),

@@ -17,13 +17,11 @@ from edgeclip.edgeapp.cli.console import err_console, new_table, out_console, pr
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, open_bundle, require_bundle
 from edgeclip.edgeapp.cli.output import Interrupted, is_utf, markup, visible
 from edgeclip.errors import UsageError
+from edgeclip.train.registry import METHOD_NAMES
 from edgeclip.version import __version__
 
-
-class Method(str, Enum):
-    moe = "moe"
-    rail_primal = "rail-primal"
-    rail_dual = "rail-dual"
+# --method's choices: the learner registry's names (rail-primal, rail-dual, moe)
+Method = Enum("Method", {name.replace("-", "_"): name for name in METHOD_NAMES}, type=str)  # type: ignore[misc]
 
 
 class TableOrJson(str, Enum):
@@ -37,7 +35,7 @@ def init(
     pretrained: Annotated[Optional[str], typer.Option(help="open_clip pretrained tag (e.g. openai) or a local checkpoint file.")] = None,
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Seeded random weights (offline tests and demos only).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random weights and of the learners.")] = 0,
-    method: Annotated[Method, typer.Option(help="Continual learner: moe, rail-primal or rail-dual.")] = Method.rail_primal,
+    method: Annotated[Method, typer.Option(help=f"Continual learner: {', '.join(METHOD_NAMES)}.")] = Method("rail-primal"),
     hidden: Annotated[int, typer.Option(min=1, help="RAIL primal: random hidden layer size (paper 15000; float64 statistics cost 8*hidden^2 bytes).")] = 15000,
     beta: Annotated[float, typer.Option(min=0.0, max=1.0, help="RAIL: weight of the learned scores in the fusion.")] = 0.8,
     fusion: Annotated[str, typer.Option(help="RAIL: 'ddas' (gate by autoencoders, default) or 'paper' (zero-shot top-1).")] = "ddas",
