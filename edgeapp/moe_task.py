@@ -48,6 +48,9 @@ def initial_moe_state(backbone: Backbone, config: MoEConfig, seed: int) -> dict[
 
 
 def load_moe_model(bundle: Bundle) -> tuple[Backbone, MoECLIP]:
+    """The bundle's backbone and its MoE-Adapters model (section 1 of METHODS.md) with the stored
+    adapter and router weights loaded (torch). Raises BundleError on a damaged state file,
+    BackboneLoadError when the backbone cannot be loaded."""
     manifest = bundle.manifest
     backbone = load_backbone(manifest["backbone"]["model"], source=WeightsSource.from_dict(manifest["backbone"]["weights"]))
     model = MoECLIP(backbone.model, MoEConfig.from_dict(manifest["method"]["settings"]["moe"]))

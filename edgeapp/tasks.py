@@ -62,6 +62,8 @@ class MethodSettings:
     moe_train: dict[str, Any] = field(default_factory=dict)  # training recipe fields (iterations, lr, ...)
 
     def validate(self) -> None:
+        """Check the settings. Raises UsageError on an unknown method, fusion or gate kind, hidden < 1,
+        beta outside [0, 1] or a gate quantile outside (0, 1]."""
         learner_spec(self.method)  # UsageError naming the known methods
         if self.fusion not in FUSIONS:
             raise UsageError(f"Unknown fusion '{self.fusion}'; expected one of {', '.join(FUSIONS)}.")
@@ -154,6 +156,9 @@ def class_text_embeddings(bundle: Bundle, domain: Domain, backend: str = "auto")
 
 
 def load_domain(directory: Path, shots: int | None, seed: int) -> Domain:
+    """Read the ``train`` split of a domain folder, cut to ``shots`` images per class when given.
+
+    Raises DomainError when the folder cannot be learned from, UsageError when ``shots`` < 1."""
     domain = read_domain(directory, split="train")
     return few_shot(domain, shots, seed) if shots else domain
 

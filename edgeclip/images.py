@@ -108,6 +108,7 @@ class PreprocessConfig:
             raise UsageError(f"exact must be true or false, not {self.exact!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-able dict (the manifest's ``preprocess`` section)."""
         d: dict[str, Any] = {
             "image_size": self.image_size,
             "mean": list(self.mean),

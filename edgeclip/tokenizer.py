@@ -125,6 +125,7 @@ class ClipTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of tokens in the BPE vocabulary (49408 for CLIP)."""
         return len(self.encoder)
 
     def _bpe(self, token: str) -> list[str]:
@@ -213,6 +214,7 @@ class HFTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of tokens, added tokens included."""
         return int(self._tok.get_vocab_size(with_added_tokens=True))
 
     def __call__(self, texts: list[str] | str) -> np.ndarray:

@@ -98,10 +98,12 @@ class WeightsSource:
         return weights_label(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
+        """The manifest's ``backbone.weights`` record."""
         return {"kind": self.kind, "ref": self.ref, "sha256": self.sha256, "quick_gelu": self.quick_gelu}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "WeightsSource":
+        """Read a manifest's ``backbone.weights`` record (KeyError when ``kind`` or ``ref`` is missing)."""
         qg = data.get("quick_gelu")
         return cls(kind=data["kind"], ref=str(data["ref"]), sha256=data.get("sha256"),
                    quick_gelu=None if qg is None else bool(qg))

@@ -86,6 +86,7 @@ class TrainSettings:
 
 @dataclass
 class TaskResult:
+    """What training one task produced: expert counts and freezes per layer, losses, speed, samples."""
     task: int  # the router index of the learned task
     counts: dict[str, np.ndarray]  # layer -> training selections per expert (this task)
     frozen: dict[str, np.ndarray]  # layer -> experts newly frozen after this task

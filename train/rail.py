@@ -213,6 +213,8 @@ class RailPrimal(_RandomFeatures):
         return {"w_r": self.w_r, "w": self.w, "x": self.x, "labels": self.labels}
 
     def settings(self) -> dict:
+        """JSON-able record to restore the learner with ``from_state``: kind, dim, hidden, gamma, seed,
+        n_classes, n_seen."""
         return {"kind": "rail_primal", **super().settings()}
 
     @classmethod
@@ -276,6 +278,10 @@ class RailDual:
         return y
 
     def add_domain(self, x: np.ndarray, labels: np.ndarray, n_classes_total: int) -> None:
+        """Add one domain's embeddings [N, dim] (cast to float32) and labels [N] in [0, n_classes_total)
+        (METHODS.md section 3, dual form): grows the Cholesky factor of K + lam I by one block (Schur
+        complement) and re-solves alpha, equal to a re-solve from scratch. Raises UsageError on bad
+        shapes or labels, or when the label space would shrink."""
         x, labels = np.asarray(x, dtype=np.float32), np.asarray(labels)
         _check_inputs(x, labels, self.memory.shape[1] if len(self.memory) else None, n_classes_total)
         if n_classes_total < self.n_classes:
@@ -308,6 +314,7 @@ class RailDual:
         return self.alpha
 
     def weights64(self) -> np.ndarray:
+        """The float64 solution alpha [n, n_classes] (for exactness checks)."""
         return self._alpha64
 
     def scores(self, x: np.ndarray) -> np.ndarray:
@@ -318,6 +325,7 @@ class RailDual:
         return rbf_kernel(x, self.memory, self.gamma_kernel) @ self.alpha
 
     def memory_bytes(self) -> dict[str, int]:
+        """Bytes held: ``memory`` [n, dim] float32, ``chol`` [n, n] float64, ``alpha`` [n, n_classes] float32."""
         n, d, c = self.memory.shape[0], self.memory.shape[1], max(self.n_classes, 1)
         return {"memory": n * d * 4, "chol": n * n * 8, "alpha": n * c * 4}
 
@@ -327,6 +335,7 @@ class RailDual:
         return {"memory": self.memory, "labels": self.labels, "alpha": self.alpha}
 
     def settings(self) -> dict:
+        """JSON-able record to restore the learner with ``from_state``: kind, gamma_kernel, lam, n_classes."""
         return {"kind": "rail_dual", "gamma_kernel": self.gamma_kernel, "lam": self.lam,
                 "n_classes": self.n_classes}
 

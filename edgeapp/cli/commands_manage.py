@@ -21,12 +21,14 @@ from edgeclip.version import __version__
 
 
 class Method(str, Enum):
+    """``--method`` of ``init``: MoE-Adapters, RAIL primal or RAIL dual."""
     moe = "moe"
     rail_primal = "rail-primal"
     rail_dual = "rail-dual"
 
 
 class TableOrJson(str, Enum):
+    """``--format``: a table for people or JSON for programs."""
     table = "table"
     json = "json"
 
@@ -307,6 +309,7 @@ def prune(
 
 
 def register(app: typer.Typer) -> None:
+    """Add the bundle-management commands to ``app``."""
     app.command()(init)
     app.command("add-task")(add_task)
     app.command()(tasks)
