@@ -17,7 +17,7 @@ from edgeclip.edgeapp.cli.output import Interrupted, markup, visible
 
 
 class Protocol(str, Enum):
-    """``--protocol`` (METHODS.md section 4): MTIL (each image over its own domain's classes) or X-TAIL (union of all classes)."""
+    """``--protocol`` (METHODS.md section 4): MTIL (each image over its domain's classes) or X-TAIL (all classes)."""
     mtil = "mtil"
     xtail = "xtail"
 
