@@ -77,7 +77,13 @@ def add_moe_task(
     progress: ProgressFn | None = None,
     options: dict[str, Any] | None = None,
 ) -> Bundle:
-    """Train the task's router and the free experts, fit its gate, export, write a new version."""
+    """Train the task's router and the free experts, fit its gate, export, write a new version.
+
+    MoE-Adapters (METHODS.md section 1: new router, activate-freeze after the task) with the DDAS
+    gate on the frozen embedding (section 2). ``options``: recipe fields (iterations, batch_size, lr,
+    warmup, freeze_rule) overriding the bundle's; warm-up is capped at a tenth of the iterations.
+    Under torchrun only rank 0 writes; other ranks return ``bundle``. Raises DomainError (too few readable images), UsageError (bad settings, CUDA
+    asked for but absent), BundleError (damaged bundle, concurrent writer), ExportParityError."""
     from edgeclip.train.decision import gate_states, learned_tensors
 
     recipe = dict(bundle.manifest["method"]["settings"]["train"])

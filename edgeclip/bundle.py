@@ -616,6 +616,9 @@ class VersionWriter:
 
     def __init__(self, root: Path | str, parent: Bundle | None = None, manifest: dict[str, Any] | None = None,
                  final_root: Path | None = None):
+        """Take the writer lock and stage a version inheriting ``parent``'s files (hard links),
+        or starting from ``manifest`` (``create_bundle``). Raises BundleError when another writer
+        holds the lock, CURRENT no longer names ``parent``, or the bundle cannot be written."""
         self.root = Path(root)
         self.final_root = final_root  # init: the staged bundle folder is renamed there at commit
         self.parent = parent
@@ -688,7 +691,8 @@ class VersionWriter:
         return target
 
     def writable_path(self, name: str) -> Path:
-        """A path in the new version for a file another tool writes itself (e.g. onnx.save)."""
+        """A path in the new version for a file another tool writes itself (e.g. onnx.save).
+        Raises BundleError on a bad file name."""
         target = self._target(name)
         self._files[name] = {"blob": False}
         return target
@@ -886,7 +890,8 @@ class VersionWriter:
             path.unlink()
 
     def staged_path(self, name: str) -> Path:
-        """Where a file of the new version lies now (for reading back what was written)."""
+        """Where a file of the new version lies now (for reading back what was written).
+        Raises BundleError when the new version has no such file."""
         entry = self._files.get(name)
         if entry is None:
             raise BundleError(f"The new version has no file '{name}'.")
