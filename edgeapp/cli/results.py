@@ -5,8 +5,9 @@ Formats (README "Output formats"):
 
 - ``json``: JSON Lines, one object per input: ``path``, ``label``, ``task`` (the task the label
   belongs to, or ``zero-shot``), ``score``, ``route`` (where the DDAS gate sent the image),
-  ``topk`` (a list of ``{label, score, task}``), ``error``. Paths are exact (``output.json_text``).
-- ``csv``: columns ``path, label, task, score, route, error``, then one group per rank
+  ``topk`` (a list of ``{label, score, task}``), ``error``, ``note`` (remarks on the decoded file).
+  Paths are exact (``output.json_text``).
+- ``csv``: columns ``path, label, task, score, route, error, note``, then one group per rank
   ``label_1, score_1, task_1, ..., label_K, score_K, task_K`` (empty past the label count),
   so a class name holding ``,``, ``:`` or ``;`` is never split. Text is for people
   (``output.visible``).
