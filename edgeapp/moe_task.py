@@ -82,8 +82,9 @@ def add_moe_task(
     MoE-Adapters (METHODS.md section 1: new router, activate-freeze after the task) with the DDAS
     gate on the frozen embedding (section 2). ``options``: recipe fields (iterations, batch_size, lr,
     warmup, freeze_rule) overriding the bundle's; warm-up is capped at a tenth of the iterations.
-    Under torchrun only rank 0 writes; other ranks return ``bundle``. Raises DomainError (too few readable images), UsageError (bad settings, CUDA
-    asked for but absent), BundleError (damaged bundle, concurrent writer), ExportParityError."""
+    Under torchrun only rank 0 writes; other ranks return ``bundle``. Raises DomainError (too few
+    readable images), UsageError (bad settings, CUDA asked for but absent), BundleError (damaged
+    bundle, concurrent writer), ExportParityError (the adapted graph differs from torch)."""
     from edgeclip.train.decision import gate_states, learned_tensors
 
     recipe = dict(bundle.manifest["method"]["settings"]["train"])

@@ -320,7 +320,8 @@ def check_structure(model: onnx.ModelProto) -> None:
 
     Checks the structure only, so it runs where the weights are not readable by onnx (a graph folder
     whose data files are symlinks into the graph store); stored graphs also pass the full checker
-    with their weights (tests/test_portable_graphs.py).
+    with their weights (tests/test_portable_graphs.py). Raises onnx's ValidationError (or
+    InferenceError) on a malformed graph.
     """
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
