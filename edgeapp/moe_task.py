@@ -48,6 +48,9 @@ def initial_moe_state(backbone: Backbone, config: MoEConfig, seed: int) -> dict[
 
 
 def load_moe_model(bundle: Bundle) -> tuple[Backbone, MoECLIP]:
+    """The bundle's backbone and its MoE-Adapters model (section 1 of METHODS.md) with the stored
+    adapter and router weights loaded (torch). Raises BundleError on a damaged state file,
+    BackboneLoadError when the backbone cannot be loaded."""
     manifest = bundle.manifest
     backbone = load_backbone(manifest["backbone"]["model"], source=WeightsSource.from_dict(manifest["backbone"]["weights"]))
     model = MoECLIP(backbone.model, MoEConfig.from_dict(manifest["method"]["settings"]["moe"]))
@@ -74,7 +77,14 @@ def add_moe_task(
     progress: ProgressFn | None = None,
     options: dict[str, Any] | None = None,
 ) -> Bundle:
-    """Train the task's router and the free experts, fit its gate, export, write a new version."""
+    """Train the task's router and the free experts, fit its gate, export, write a new version.
+
+    MoE-Adapters (METHODS.md section 1: new router, activate-freeze after the task) with the DDAS
+    gate on the frozen embedding (section 2). ``options``: recipe fields (iterations, batch_size, lr,
+    warmup, freeze_rule) overriding the bundle's; warm-up is capped at a tenth of the iterations.
+    Under torchrun only rank 0 writes; other ranks return ``bundle``. Raises DomainError (too few
+    readable images), UsageError (bad settings, CUDA asked for but absent), BundleError (damaged
+    bundle, concurrent writer), ExportParityError (the adapted graph differs from torch)."""
     from edgeclip.train.decision import gate_states, learned_tensors
 
     recipe = dict(bundle.manifest["method"]["settings"]["train"])

@@ -62,6 +62,8 @@ class MethodSettings:
     moe_train: dict[str, Any] = field(default_factory=dict)  # training recipe fields (iterations, lr, ...)
 
     def validate(self) -> None:
+        """Check the settings. Raises UsageError on an unknown method, fusion or gate kind, hidden < 1,
+        beta outside [0, 1] or a gate quantile outside (0, 1]."""
         learner_spec(self.method)  # UsageError naming the known methods
         if self.fusion not in FUSIONS:
             raise UsageError(f"Unknown fusion '{self.fusion}'; expected one of {', '.join(FUSIONS)}.")
@@ -154,6 +156,9 @@ def class_text_embeddings(bundle: Bundle, domain: Domain, backend: str = "auto")
 
 
 def load_domain(directory: Path, shots: int | None, seed: int) -> Domain:
+    """Read the ``train`` split of a domain folder, cut to ``shots`` images per class when given.
+
+    Raises DomainError when the folder cannot be learned from, UsageError when ``shots`` < 1."""
     domain = read_domain(directory, split="train")
     return few_shot(domain, shots, seed) if shots else domain
 
@@ -169,7 +174,13 @@ def add_task(
     progress: ProgressFn | None = None,
     moe_options: dict[str, Any] | None = None,
 ) -> Bundle:
-    """Learn one domain into a new bundle version (the previous one stays intact until the switch)."""
+    """Learn one domain into a new bundle version (the previous one stays intact until the switch).
+
+    RAIL (METHODS.md section 3) torch-free through the exported encoders; MoE-Adapters (section 1)
+    trained with torch for ``iterations`` steps on ``device``. Both fit the task's DDAS gate
+    (section 2). Raises BundleError (no or damaged bundle, a concurrent writer), DomainError (an
+    unusable domain, a task or class name already learned), UsageError (bad ``shots``), and
+    MissingExtraError for MoE without torch."""
     bundle = Bundle.open(root)
     learner = learner_spec(bundle.method)
     if learner.needs_torch:
@@ -186,7 +197,8 @@ def add_task(
 
 
 def fit_task_gate(bundle: Bundle, feats: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, Any], float]:
-    """The task's DDAS autoencoder (state, settings) and its calibrated threshold."""
+    """The task's DDAS autoencoder (state, settings) and its calibrated threshold, fitted on the
+    frozen embeddings ``feats`` [N, D] float32 (METHODS.md section 2: a quantile of its own errors)."""
     from edgeclip.train.ddas import fit_gate
 
     gate = bundle.manifest["gate"]

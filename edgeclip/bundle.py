@@ -386,10 +386,12 @@ class Bundle:
 
     @property
     def dir(self) -> Path:
+        """This version's folder, ``ROOT/versions/<version>``."""
         return self.root / "versions" / self.version
 
     @property
     def label(self) -> str:
+        """``"version vNNNN"``, for messages."""
         return f"version {self.version}"
 
     @classmethod
@@ -431,6 +433,7 @@ class Bundle:
         return base / rel
 
     def has(self, name: str) -> bool:
+        """Whether the manifest lists a file ``name`` (nothing is read or checked)."""
         return name in self.manifest["files"]
 
     def _check_file(self, name: str) -> os.stat_result:
@@ -504,10 +507,12 @@ class Bundle:
     # -- facts used everywhere -----------------------------------------------------------
     @property
     def tasks(self) -> list[dict[str, Any]]:
+        """The manifest's task records, in learning order (``[]`` before the first add-task)."""
         return self.manifest.get("tasks", [])
 
     @property
     def method(self) -> str:
+        """The learner's name: ``rail-primal``, ``rail-dual`` or ``moe``."""
         return self.manifest["method"]["name"]
 
     @property
@@ -517,10 +522,12 @@ class Bundle:
 
     @property
     def weights_label(self) -> str:
+        """Short text naming the backbone weights (``bundle.weights_label``); says when they are random."""
         return weights_label(self.manifest["backbone"]["weights"])
 
     @property
     def random_weights(self) -> bool:
+        """True when the backbone has seeded random weights (results then mean nothing about CLIP)."""
         return self.manifest["backbone"]["weights"]["kind"] == "random"
 
     def new_version(self) -> "VersionWriter":
@@ -609,6 +616,9 @@ class VersionWriter:
 
     def __init__(self, root: Path | str, parent: Bundle | None = None, manifest: dict[str, Any] | None = None,
                  final_root: Path | None = None):
+        """Take the writer lock and stage a version inheriting ``parent``'s files (hard links),
+        or starting from ``manifest`` (``create_bundle``). Raises BundleError when another writer
+        holds the lock, CURRENT no longer names ``parent``, or the bundle cannot be written."""
         self.root = Path(root)
         self.final_root = final_root  # init: the staged bundle folder is renamed there at commit
         self.parent = parent
@@ -681,21 +691,25 @@ class VersionWriter:
         return target
 
     def writable_path(self, name: str) -> Path:
-        """A path in the new version for a file another tool writes itself (e.g. onnx.save)."""
+        """A path in the new version for a file another tool writes itself (e.g. onnx.save).
+        Raises BundleError on a bad file name."""
         target = self._target(name)
         self._files[name] = {"blob": False}
         return target
 
     def write_bytes(self, name: str, data: bytes) -> None:
+        """Write ``data`` as file ``name`` of the new version. Raises BundleError on a bad file name."""
         target = self._target(name)
         target.write_bytes(data)
         self._files[name] = {"blob": False}
 
     def write_file(self, name: str, src: Path | str) -> None:
+        """Copy the file ``src`` in as ``name`` of the new version. Raises BundleError on a bad file name."""
         shutil.copyfile(src, self._target(name))
         self._files[name] = {"blob": False}
 
     def write_json(self, name: str, data: Any) -> None:
+        """Write ``data`` as UTF-8 JSON file ``name`` (indented; NaN/Inf raise ValueError)."""
         self.write_bytes(name, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False).encode("utf-8"))
 
     def write_tensors(self, name: str, arrays: Mapping[str, np.ndarray]) -> None:
@@ -867,6 +881,7 @@ class VersionWriter:
         _fsync_path(dst.parent)
 
     def remove(self, name: str) -> None:
+        """Drop file ``name`` (and its tensor shapes) from the new version; no error when it is absent."""
         self._files.pop(name, None)
         self._tensor_shapes.pop(name, None)
         self._inherited.pop(name, None)
@@ -875,7 +890,8 @@ class VersionWriter:
             path.unlink()
 
     def staged_path(self, name: str) -> Path:
-        """Where a file of the new version lies now (for reading back what was written)."""
+        """Where a file of the new version lies now (for reading back what was written).
+        Raises BundleError when the new version has no such file."""
         entry = self._files.get(name)
         if entry is None:
             raise BundleError(f"The new version has no file '{name}'.")
@@ -969,6 +985,7 @@ class VersionWriter:
         return final
 
     def abort(self) -> None:
+        """Discard the new version (its staging folder; a new bundle's folder too) and release the lock."""
         if hasattr(self, "staging"):
             shutil.rmtree(self.staging, ignore_errors=True)
         if self.final_root is not None:

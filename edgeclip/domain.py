@@ -177,7 +177,7 @@ def _shuffle_key(seed: int, path: Path, root: Path) -> bytes:
 
 def few_shot(domain: Domain, shots: int, seed: int = 0) -> Domain:
     """The same domain with at most `shots` images per class, picked deterministically by
-    `seed` (a class with fewer keeps all of its images)."""
+    `seed` (a class with fewer keeps all of its images). Raises UsageError when `shots` < 1."""
     if shots < 1:
         raise UsageError(f"shots must be at least 1, not {shots}")
     by_class: dict[int, list[Path]] = {}

@@ -37,6 +37,7 @@ class MissingExtraError(EdgeclipError):
     """A command needs an optional dependency that is not installed."""
 
     def __init__(self, what: str, extra: str, module: str) -> None:
+        """``what`` needs package ``module``, installed by ``pip install 'edgeclip[extra]'``."""
         super().__init__(
             f"{what} needs the '{module}' package, which is not installed. "
             f"Install it with: pip install 'edgeclip[{extra}]'"

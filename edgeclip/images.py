@@ -77,7 +77,8 @@ class PreprocessConfig:
     """How an image becomes a `[3, image_size, image_size]` input; the manifest's `preprocess`.
 
     `exact`: decode at full resolution (today's open_clip-identical pixels) instead of the
-    fast reduced decode; stored in the manifest only when true."""
+    fast reduced decode; stored in the manifest only when true. `image_size` in pixels; `mean`
+    and `std` per RGB channel on the [0, 1] scale. Raises UsageError on an invalid value."""
 
     image_size: int
     mean: tuple[float, float, float]
@@ -108,6 +109,7 @@ class PreprocessConfig:
             raise UsageError(f"exact must be true or false, not {self.exact!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-able dict (the manifest's ``preprocess`` section)."""
         d: dict[str, Any] = {
             "image_size": self.image_size,
             "mean": list(self.mean),
@@ -407,14 +409,15 @@ def _orientation(img: Image.Image, notes: list[str]) -> int:
 
 def load_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, cover: int | None = None,
                resize_mode: str = "shortest") -> Image.Image:
-    """`decode_image(...).image`: RGB, upright; full resolution unless `cover` is given."""
+    """`decode_image(...).image`: RGB, upright; full resolution unless `cover` is given. Raises ImageError."""
     return decode_image(path, cover, resize_mode, max_pixels).image
 
 
 def decode_for(path: Path | str, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
                cover: int | None = None) -> Decoded:
     """Decode `path` as `cfg` asks: the full image when `cfg.exact`, else reduced while it still
-    covers `cover` pixels (default `cfg.image_size`; training asks more, for its random crops)."""
+    covers `cover` pixels (default `cfg.image_size`; training asks more, for its random crops).
+    Raises ImageError as `decode_image`."""
     return decode_image(path, None if cfg.exact else (cover or cfg.image_size), cfg.resize_mode, max_pixels)
 
 
@@ -497,7 +500,7 @@ def decode_and_preprocess(path: Path | str, cfg: PreprocessConfig,
 
 
 def load_and_preprocess(path: Path | str, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """The model input of one file, float32 `[3, S, S]` (fast or exact per `cfg.exact`)."""
+    """The model input of one file, float32 `[3, S, S]` (fast or exact per `cfg.exact`). Raises ImageError."""
     return decode_and_preprocess(path, cfg, max_pixels)[0]
 
 
@@ -536,8 +539,9 @@ def iter_batches(
     overlaps the consumer's inference, and yield them in input order.
 
     Every batch but the last holds exactly `batch_size` decoded images, so an engine sees
-    full batches; files that fail are reported in the batch whose stretch they fall in.
-    The last batch may hold fewer images, or none and only errors.
+    full batches; files that fail are reported in the batch whose stretch they fall in (never
+    raised). The last batch may hold fewer images, or none and only errors. Raises UsageError
+    when `batch_size` < 1.
     """
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, not {batch_size}")

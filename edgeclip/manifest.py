@@ -85,6 +85,7 @@ class TextSide(_Section):
 
 
 class Backbone(_Section):
+    """The frozen backbone: model name, weights source and the facts read from it at init."""
     model: str  # open_clip model name or an edgeclip config (edgeclip-tiny, ...)
     weights: Weights
     embed_dim: PosInt | None = None  # D, the embedding size
@@ -124,11 +125,13 @@ class MethodSettings(_Section):
 
 
 class Method(_Section):
+    """The learner (``rail-primal``, ``rail-dual`` or ``moe``) and its settings."""
     name: Literal["rail-primal", "rail-dual", "moe"]
     settings: MethodSettings = msgspec.field(default_factory=MethodSettings)
 
 
 class GateSettings(_Section):
+    """Extra settings of the DDAS gate's decision."""
     route_rule: str | None = None  # train.ddas.ROUTE_RULES; None: the default rule
 
 
@@ -142,6 +145,7 @@ class Gate(_Section):
 
 
 class ZeroShot(_Section):
+    """The zero-shot side: prompt templates, logit scale (CLIP: 100) and the extra zero-shot labels."""
     templates: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     logit_scale: Annotated[float, msgspec.Meta(gt=0.0)] = DEFAULT_LOGIT_SCALE
     labels: list[str] = msgspec.field(default_factory=list)
@@ -167,6 +171,7 @@ class Training(_Section):
 
 
 class Task(_Section):
+    """One learned task (domain): its classes in label order, gate threshold and provenance."""
     name: Annotated[str, msgspec.Meta(min_length=1)]
     classes: Annotated[list[str], msgspec.Meta(min_length=1)]
     threshold: Annotated[float, msgspec.Meta(gt=0.0)]  # the gate's error threshold
@@ -180,12 +185,14 @@ class Task(_Section):
 
 
 class FileEntry(_Section):
+    """One file of a version: size in bytes, sha256, and whether it lies in the shared graph store."""
     blob: bool = False
     sha256: Sha256 | None = None  # None only while a version is being written
     size: NonNegInt | None = None
 
 
 class QuantizedEncoder(_Section):
+    """How the int8 image encoder was quantised (method, weight and activation types, op types)."""
     method: str
     weights: str
     activations: str
@@ -194,10 +201,12 @@ class QuantizedEncoder(_Section):
 
 
 class Quantization(_Section):
+    """The quantised graphs of the version (``edgeclip export --int8``)."""
     image_encoder: QuantizedEncoder
 
 
 class Retention(_Section):
+    """How many versions a write keeps (``edgeclip retention``)."""
     keep: NonNegInt = 0  # versions kept after each write (0: all); see bundle.prune
 
 

@@ -41,7 +41,9 @@ _PATTERN = regex.compile(
 
 
 def default_vocab_path() -> Path:
-    """open_clip's copy of the merges file, found without importing open_clip (or torch)."""
+    """open_clip's copy of the merges file, found without importing open_clip (or torch).
+
+    Raises MissingExtraError without open_clip, EdgeclipError when its vocabulary file is missing."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         raise MissingExtraError("Finding the CLIP tokenizer vocabulary outside a bundle", "train", "open_clip_torch")
@@ -97,6 +99,8 @@ class ClipTokenizer:
 
     def __init__(self, vocab_path: Path | str, context_length: int = DEFAULT_CONTEXT_LENGTH,
                  clean: str = "lower") -> None:
+        """`vocab_path`: CLIP's gzipped BPE merges file. Raises EdgeclipError for `context_length`
+        < 2 or an unknown `clean`, BundleError when the file is unreadable or not CLIP's merges."""
         if context_length < 2:
             raise EdgeclipError(f"context_length must be at least 2, not {context_length}")
         if clean not in CLEANINGS:
@@ -125,6 +129,7 @@ class ClipTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of tokens in the BPE vocabulary (49408 for CLIP)."""
         return len(self.encoder)
 
     def _bpe(self, token: str) -> list[str]:
@@ -213,6 +218,7 @@ class HFTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of tokens, added tokens included."""
         return int(self._tok.get_vocab_size(with_added_tokens=True))
 
     def __call__(self, texts: list[str] | str) -> np.ndarray:

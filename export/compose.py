@@ -198,7 +198,8 @@ def _decision(g: _Builder, x: str, learned: Mapping[str, np.ndarray], spec: Deci
 
 # -- the gated graph ---------------------------------------------------------------------------
 def load_graph(graphs_dir: Path, name: str, how_to_make: str) -> onnx.ModelProto:
-    """A graph of `graphs_dir` without its external weights (nothing is copied), checked for our opset."""
+    """A graph of `graphs_dir` without its external weights (nothing is copied), checked for our opset.
+    Raises BundleError (with `how_to_make`) when it is missing, or when its opset is not ours."""
     path = graphs_dir / name
     if not path.is_file():
         raise BundleError(f"no graph at {path}; {how_to_make}")
@@ -233,7 +234,10 @@ def build_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray],
     manifest of the version being written (method, gate kind, tasks with thresholds, zero_shot).
     `encoder`/`encoder_data`/`output` name another encoder graph of `graphs_dir` (whose external
     weights must all live in `encoder_data`) and the file to write, e.g. the int8 encoder and
-    `gated_int8.onnx` (edgeclip.export.quantize).
+    `gated_int8.onnx` (edgeclip.export.quantize). Decision: METHODS.md sections 2 (DDAS gate) and
+    3 (RAIL-Fusion). Raises BundleError when the encoder graph is missing, of another opset, or
+    its weights or output are not where expected, or when an MoE bundle with tasks is given
+    (``compose_moe.build_moe_gated_graph`` builds those).
     """
     graphs_dir = Path(graphs_dir)
     spec = DecisionSpec.from_bundle(learned, manifest)
@@ -316,7 +320,8 @@ def check_structure(model: onnx.ModelProto) -> None:
 
     Checks the structure only, so it runs where the weights are not readable by onnx (a graph folder
     whose data files are symlinks into the graph store); stored graphs also pass the full checker
-    with their weights (tests/test_portable_graphs.py).
+    with their weights (tests/test_portable_graphs.py). Raises onnx's ValidationError (or
+    InferenceError) on a malformed graph.
     """
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

@@ -252,6 +252,8 @@ def build_moe_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarr
     `learned`: learned.safetensors' tensors (compose.learned_tensors with method "moe": gate tensors
     and `task_text` [C,D]); `manifest`: the version's manifest (method "moe", gate kind and settings,
     tasks with thresholds, zero_shot.logit_scale). With no task the graph is plain zero-shot.
+    Raises BundleError when the method is not "moe", `task_text` is missing or of the wrong shape,
+    or the adapted encoder graph does not have the expected inputs, outputs and weights.
     """
     graphs_dir = Path(graphs_dir)
     spec = DecisionSpec.from_bundle(learned, manifest)

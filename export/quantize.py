@@ -53,6 +53,7 @@ def quantize_image_encoder(graphs_dir: Path | str) -> Path:
     """Write `image_encoder_int8.onnx` (+ `.data`) beside `image_encoder.onnx`; returns its path.
 
     Existing int8 files are unlinked first (they may be links into the graph store), never written through.
+    Raises BundleError when the fp32 image encoder or its data is missing.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -110,7 +111,7 @@ def export_int8(bundle: Bundle) -> Bundle:
     """A new version of `bundle` with the int8 encoder and `gated_int8.onnx` (later add-tasks keep
     the int8 gated graph in step). Returns the bundle unchanged when it has them already.
 
-    MoE bundles are refused: their adapted encoder is not quantised.
+    MoE bundles are refused (UsageError): their adapted encoder is not quantised.
     """
     if learner_spec(bundle.method).learns_from == "images":
         raise UsageError("--int8 is offered for RAIL bundles only: an MoE bundle's adapted image encoder "

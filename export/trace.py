@@ -139,7 +139,8 @@ def _check_standard_ops(proto: Any, what: str) -> None:
 def check_parity(
     graph: Path, reference: Callable[[np.ndarray], np.ndarray], example: np.ndarray, atol: float = PARITY_ATOL
 ) -> float:
-    """Run `graph` in onnxruntime (CPU) on `example` and compare with `reference`; raise beyond `atol`."""
+    """Run `graph` in onnxruntime (CPU) on `example` and compare with `reference`; returns the max
+    absolute difference. Raises ExportParityError on a shape mismatch or a difference beyond `atol`."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
@@ -206,7 +207,8 @@ def export_text_encoder(backbone: Any, out_dir: Path | str, seed: int = 0) -> Pa
     """Write `text_encoder.onnx` + `text_encoder.data` in `out_dir`; returns the graph's path.
 
     The example and check tokens come from `backbone.tokenize`, the bundle's runtime tokenizer
-    (so the graph is checked on the very ids the runtime feeds it: [N, context_length] int64)."""
+    (so the graph is checked on the very ids the runtime feeds it: [N, context_length] int64).
+    Raises `ExportParityError` or `EdgeclipError` as ``export_image_encoder``."""
     with _explained(backbone, "text"):
         return _export_text_encoder(backbone, out_dir)
 

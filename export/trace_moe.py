@@ -73,7 +73,8 @@ def export_moe_encoder(moe_model: Any, out_dir: Path | str, seed: int = 0) -> Pa
 
     `moe_model`: an `edgeclip.train.moe.MoECLIP` with at least one task (it is put in eval mode:
     no routing noise, no dropout). The export is checked against torch (`ExportParityError`).
-    Existing files are replaced (unlinked first), never written through.
+    Existing files are replaced (unlinked first), never written through. Raises UsageError when the
+    model has no image adapters or no task yet.
     """
     import onnx
 
@@ -117,7 +118,8 @@ def export_moe_encoder(moe_model: Any, out_dir: Path | str, seed: int = 0) -> Pa
 
 
 def check_moe_parity(graph: Path, moe_model: Any, seed: int = 0, atol: float = PARITY_ATOL) -> float:
-    """onnxruntime (CPU) vs torch on a random batch whose task ids cycle through -1, 0, .., T-1."""
+    """onnxruntime (CPU) vs torch on a random batch whose task ids cycle through -1, 0, .., T-1;
+    returns the max absolute difference. Raises ExportParityError beyond `atol`."""
     import onnxruntime as ort
 
     torch = _torch()

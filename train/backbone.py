@@ -98,17 +98,20 @@ class WeightsSource:
         return weights_label(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
+        """The manifest's ``backbone.weights`` record."""
         return {"kind": self.kind, "ref": self.ref, "sha256": self.sha256, "quick_gelu": self.quick_gelu}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "WeightsSource":
+        """Read a manifest's ``backbone.weights`` record (KeyError when ``kind`` or ``ref`` is missing)."""
         qg = data.get("quick_gelu")
         return cls(kind=data["kind"], ref=str(data["ref"]), sha256=data.get("sha256"),
                    quick_gelu=None if qg is None else bool(qg))
 
 
 def model_config(model: str) -> dict[str, Any]:
-    """open_clip's config of a known model (``embed_dim``, ``vision_cfg``, ``text_cfg``, ...)."""
+    """open_clip's config of a known model (``embed_dim``, ``vision_cfg``, ``text_cfg``, ...).
+    Raises BackboneLoadError when open_clip has no config for it."""
     _, open_clip = import_torch_stack()
     register_model_configs()
     cfg = open_clip.get_model_config(model)
@@ -176,7 +179,11 @@ def unknown_model_message(model: str, known: list[str]) -> str:
 def resolve_weights(
     model: str, pretrained: str | None, random_weights: bool = False, seed: int = 0
 ) -> WeightsSource:
-    """Check the model name and the weights request before anything heavy is built."""
+    """Check the model name and the weights request before anything heavy is built.
+
+    Raises UnknownModelError for a name open_clip does not know, BackboneLoadError for an
+    unsupported model family or a weights request that cannot be met; MissingExtraError without
+    torch and open_clip."""
     _, open_clip = import_torch_stack()
     register_model_configs()
     if model not in open_clip.list_models():
@@ -510,7 +517,8 @@ class Backbone:
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
     def class_text_embeddings(self, classes: Sequence[str], templates: Sequence[str]) -> np.ndarray:
-        """Zero-shot classifier [C, D]: each class's prompts averaged, then re-normalised."""
+        """Zero-shot classifier [C, D] float32: each class's prompts (``template.format(class)``)
+        embedded, averaged, then L2-normalised (CLIP's prompt ensembling)."""
         prompts = [t.format(c) for c in classes for t in templates]
         feats = self.encode_texts(prompts).reshape(len(classes), len(templates), -1).mean(axis=1)
         return (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32)

@@ -1,5 +1,8 @@
 """Training one task of MoE-Adapters (METHODS.md section 1), on one device or several with torchrun.
 
+Yu et al., "Boosting Continual Learning of Vision-Language Models via Mixture-of-Experts Adapters",
+CVPR 2024 (arXiv 2403.11549).
+
 Per task: a new router, AdamW (weight decay 0) with warm-up + cosine schedule, cross-entropy with
 label smoothing over the task's classes, logits = 100 * cos(image, text) where the class prompts are
 re-encoded through the adapted text encoder every step; then activate-freeze and pool growth.
@@ -52,7 +55,11 @@ Tokenize = Callable[[list[str]], torch.Tensor]
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """One task's training recipe; defaults are the paper's full-shot values (5-shot: shots=5, 500 iterations)."""
+    """One task's training recipe; defaults are the paper's full-shot values (5-shot: shots=5, 500 iterations).
+
+    ``lr`` is the AdamW peak rate, ``warmup`` and ``iterations`` are optimizer steps, ``batch_size``
+    images per step over all ranks, ``crop_scale`` RandomResizedCrop's area fraction. Raises UsageError
+    on out-of-range values, an unknown freeze rule or precision."""
 
     iterations: int = 1000
     batch_size: int = 64  # global batch (split across DDP ranks)
@@ -86,6 +93,7 @@ class TrainSettings:
 
 @dataclass
 class TaskResult:
+    """What training one task produced: expert counts and freezes per layer, losses, speed, samples."""
     task: int  # the router index of the learned task
     counts: dict[str, np.ndarray]  # layer -> training selections per expert (this task)
     frozen: dict[str, np.ndarray]  # layer -> experts newly frozen after this task
@@ -137,7 +145,8 @@ def select_samples(
     (each named in a logged warning).
 
     Refuses (DomainError), before anything is trained, a task with fewer than 2 classes, a class left
-    with fewer than ``MIN_IMAGES_PER_CLASS`` readable images or a task with fewer than ``MIN_TASK_IMAGES``.
+    with fewer than ``MIN_IMAGES_PER_CLASS`` readable images or a task with fewer than ``MIN_TASK_IMAGES``;
+    UsageError for a label outside [0, n_classes). Returns (chosen samples, [(path, reason)] skipped).
     """
     if n_classes < 2:
         raise DomainError(f"A task needs at least 2 classes, got {n_classes}.")
@@ -309,6 +318,8 @@ def train_task(
 
     ``template`` is one prompt with '{}' for the class name, e.g. 'a photo of a {}.'.
     Under torchrun every rank calls this with the same arguments; all ranks end with the same model.
+    Raises UsageError when the template lacks '{}', the batch does not split evenly over the ranks,
+    or the device or precision asks for CUDA that is not there; DomainError as ``select_samples``.
     """
     settings = settings or TrainSettings()
     if "{}" not in template:

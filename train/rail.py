@@ -1,5 +1,8 @@
 """RAIL heads (METHODS.md section 3): ridge regression on frozen CLIP image embeddings.
 
+Xu et al., "Advancing Cross-domain Discriminability in Continual Learning of Vision-Language
+Models", NeurIPS 2024 (arXiv 2406.18868): primal (random ReLU features) and dual (RBF kernel) forms.
+
 Three learners with one API (`add_domain`, `solve`, `scores`, `state`/`settings`/`from_state`):
 
 - `RailPrimal`: random ReLU features; keeps the learned embeddings and labels and solves the
@@ -59,6 +62,8 @@ class _RandomFeatures:
     """phi(x) = ReLU(x W_r), W_r uniform(+-1/sqrt(dim)) drawn once and stored with the model."""
 
     def __init__(self, dim: int, hidden: int, gamma: float, seed: int, w_r: np.ndarray | None = None) -> None:
+        """Raises UsageError unless dim, hidden >= 1 and gamma > 0; BundleError when a given
+        ``w_r`` is not [dim, hidden]."""
         if dim < 1 or hidden < 1 or gamma <= 0:
             raise UsageError(f"need dim >= 1, hidden >= 1, gamma > 0; got {dim}, {hidden}, {gamma}")
         self.dim, self.hidden, self.gamma, self.seed = int(dim), int(hidden), float(gamma), int(seed)
@@ -75,11 +80,13 @@ class _RandomFeatures:
         self._stale = False  # domains added since the last solve
 
     def phi64(self, x: np.ndarray) -> np.ndarray:
-        """Hidden features in float64 (W_r is float32, so its float64 cast is exact)."""
+        """Hidden features phi(x) = ReLU(x W_r), x [N, dim] -> [N, hidden] float64 (W_r is float32,
+        so its float64 cast is exact)."""
         return np.maximum(np.asarray(x, dtype=np.float64) @ self.w_r.astype(np.float64), 0.0)
 
     def scores(self, x: np.ndarray) -> np.ndarray:
-        """Regression scores [N, n_classes], float32: relu(x W_r) W."""
+        """Regression scores relu(x W_r) W: x [N, dim] -> [N, n_classes] float32. Raises UsageError on
+        a wrong shape, or when domains were added since the last ``solve()``."""
         if self._stale:
             raise UsageError("domains were added since the last solve(): call solve() first")
         x = np.asarray(x, dtype=np.float32)
@@ -88,7 +95,8 @@ class _RandomFeatures:
         return np.maximum(x @ self.w_r, 0.0) @ self.w
 
     def weights64(self) -> np.ndarray:
-        """The float64 ridge solution [hidden, n_classes] (for exactness checks)."""
+        """The float64 ridge solution [hidden, n_classes] (for exactness checks). Raises UsageError
+        when it was not solved in this process (restored state) or is stale."""
         if self._w64 is None or self._stale:
             raise UsageError("no float64 solution in this process: call solve() first")
         return self._w64
@@ -103,7 +111,8 @@ class _RandomFeatures:
 
 
 class RailPrimal(_RandomFeatures):
-    """Primal RAIL: W = argmin ||Phi W - Y||^2 + gamma ||W||^2 over every embedding learned so far.
+    """Primal RAIL (METHODS.md section 3): W = argmin ||Phi W - Y||^2 + gamma ||W||^2 over every
+    embedding learned so far; Phi = ReLU(X W_r), W_r [dim, hidden] float32 seeded uniform(+-1/sqrt(dim)).
 
     The learning state is what was learned: the embeddings X [n, dim] float32 and their labels
     [n] int64 (n * (dim * 4 + 8) bytes: 1 MB for 480 images at dim 512), not a statistic of
@@ -120,6 +129,9 @@ class RailPrimal(_RandomFeatures):
 
     def __init__(self, dim: int, hidden: int = 15000, gamma: float = 0.1, seed: int = 0,
                  w_r: np.ndarray | None = None) -> None:
+        """dim: embedding size D; hidden: random features (the paper's 15000); gamma: ridge
+        (paper 0.1); seed draws W_r unless ``w_r`` is given. Raises UsageError on non-positive
+        sizes or gamma, BundleError on a ``w_r`` of the wrong shape."""
         super().__init__(dim, hidden, gamma, seed, w_r)
         self.x = np.zeros((0, self.dim), dtype=np.float32)  # every embedding learned [n, dim]
         self.labels = np.zeros(0, dtype=np.int64)  # their global class indices [n]
@@ -213,6 +225,8 @@ class RailPrimal(_RandomFeatures):
         return {"w_r": self.w_r, "w": self.w, "x": self.x, "labels": self.labels}
 
     def settings(self) -> dict:
+        """JSON-able record to restore the learner with ``from_state``: kind, dim, hidden, gamma, seed,
+        n_classes, n_seen."""
         return {"kind": "rail_primal", **super().settings()}
 
     @classmethod
@@ -239,13 +253,14 @@ class RailPrimal(_RandomFeatures):
 
 
 def rbf_kernel(a: np.ndarray, b: np.ndarray, gamma: float) -> np.ndarray:
-    """exp(-gamma ||a_i - b_j||^2) [len(a), len(b)], in the dtype of the inputs."""
+    """RBF kernel exp(-gamma ||a_i - b_j||^2): a [N, D], b [M, D] -> [N, M], in the dtype of the inputs."""
     sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
     return np.exp(-gamma * np.maximum(sq, 0.0))
 
 
 class RailDual:
-    """Dual RAIL: alpha = (K + lam I)^-1 Y over every embedding seen (memory M).
+    """Dual RAIL (METHODS.md section 3): alpha = (K + lam I)^-1 Y over every embedding seen
+    (memory M), K = rbf_kernel(M, M, gamma_kernel); scores s(x) = k(x, M) alpha.
 
     A new domain X grows the lower Cholesky factor L of K + lam I by one block row (Schur
     complement): Z = L^-1 k(M, X), L22 = chol(k(X, X) + lam I - Z^T Z), L <- [[L, 0], [Z^T, L22]].
@@ -257,6 +272,7 @@ class RailDual:
     """
 
     def __init__(self, gamma_kernel: float = 0.1, lam: float = 1e-3) -> None:
+        """Paper settings: gamma_kernel 0.1, lam 0.001. Raises UsageError unless both are > 0."""
         if gamma_kernel <= 0 or lam <= 0:
             raise UsageError(f"need gamma_kernel > 0 and lam > 0, got {gamma_kernel}, {lam}")
         self.gamma_kernel, self.lam = float(gamma_kernel), float(lam)
@@ -276,6 +292,10 @@ class RailDual:
         return y
 
     def add_domain(self, x: np.ndarray, labels: np.ndarray, n_classes_total: int) -> None:
+        """Add one domain's embeddings [N, dim] (cast to float32) and labels [N] in [0, n_classes_total)
+        (METHODS.md section 3, dual form): grows the Cholesky factor of K + lam I by one block (Schur
+        complement) and re-solves alpha, equal to a re-solve from scratch. Raises UsageError on bad
+        shapes or labels, or when the label space would shrink."""
         x, labels = np.asarray(x, dtype=np.float32), np.asarray(labels)
         _check_inputs(x, labels, self.memory.shape[1] if len(self.memory) else None, n_classes_total)
         if n_classes_total < self.n_classes:
@@ -308,16 +328,18 @@ class RailDual:
         return self.alpha
 
     def weights64(self) -> np.ndarray:
+        """The float64 solution alpha [n, n_classes] (for exactness checks)."""
         return self._alpha64
 
     def scores(self, x: np.ndarray) -> np.ndarray:
-        """k(x, M) alpha, float32 [N, n_classes]."""
+        """k(x, M) alpha: x [N, D] -> [N, n_classes] float32. Raises UsageError on a wrong shape."""
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.memory.shape[1]:
             raise UsageError(f"embeddings must have shape [N, {self.memory.shape[1]}], got {list(x.shape)}")
         return rbf_kernel(x, self.memory, self.gamma_kernel) @ self.alpha
 
     def memory_bytes(self) -> dict[str, int]:
+        """Bytes held: ``memory`` [n, dim] float32, ``chol`` [n, n] float64, ``alpha`` [n, n_classes] float32."""
         n, d, c = self.memory.shape[0], self.memory.shape[1], max(self.n_classes, 1)
         return {"memory": n * d * 4, "chol": n * n * 8, "alpha": n * c * 4}
 
@@ -327,6 +349,7 @@ class RailDual:
         return {"memory": self.memory, "labels": self.labels, "alpha": self.alpha}
 
     def settings(self) -> dict:
+        """JSON-able record to restore the learner with ``from_state``: kind, gamma_kernel, lam, n_classes."""
         return {"kind": "rail_dual", "gamma_kernel": self.gamma_kernel, "lam": self.lam,
                 "n_classes": self.n_classes}
 

@@ -16,6 +16,7 @@ from edgeclip.errors import UsageError
 
 
 def parse_batch_sizes(text: str) -> list[int]:
+    """``"1,8,32"`` -> ``[1, 8, 32]``. Raises UsageError unless every part is a positive integer."""
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
     except ValueError as exc:
@@ -67,4 +68,5 @@ def bench(
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``bench`` to ``app``."""
     app.command()(bench)

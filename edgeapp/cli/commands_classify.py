@@ -28,6 +28,7 @@ EXIT_UNREADABLE = 3
 
 
 class Precision(str, Enum):
+    """``--precision``: fp32 graphs, or the int8-quantised image encoder."""
     fp32 = "fp32"
     int8 = "int8"
 
@@ -37,6 +38,7 @@ PrecisionOpt = Annotated[Precision, typer.Option(
 
 
 class OutputFormat(str, Enum):
+    """``--format`` of ``classify``: table, JSON Lines or CSV (``results``)."""
     table = "table"
     json = "json"
     csv = "csv"
@@ -154,6 +156,7 @@ class StopAtBatchEnd:
         self.requested = True
 
     def check(self) -> None:
+        """Raise KeyboardInterrupt when a Ctrl-C came in (call between batches)."""
         if self.requested:
             raise KeyboardInterrupt
 
@@ -197,4 +200,5 @@ def _writer(fmt: OutputFormat, output: Path | None, loaded: "Bundle", images: li
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``classify`` to ``app``."""
     app.command()(classify)

@@ -122,4 +122,5 @@ def demo(
 
 
 def register(app: typer.Typer) -> None:
+    """Add the demo commands to ``app``."""
     app.command()(demo)

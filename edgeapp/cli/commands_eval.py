@@ -17,16 +17,19 @@ from edgeclip.edgeapp.cli.output import Interrupted, markup, visible
 
 
 class Protocol(str, Enum):
+    """``--protocol`` (METHODS.md section 4): MTIL (each image over its domain's classes) or X-TAIL (all classes)."""
     mtil = "mtil"
     xtail = "xtail"
 
 
 class Gate(str, Enum):
+    """``--gate``: the DDAS gate, or RAIL-Fusion's paper rule (zero-shot top-1 in a learned domain)."""
     ddas = "ddas"
     paper = "paper"
 
 
 class Decision(str, Enum):
+    """``--decision``: the numpy reference decision, or the exported gated graph."""
     reference = "reference"
     graph = "graph"
 
@@ -54,6 +57,7 @@ def matrix_table(result: Any, timing: list[Any], title: str) -> Table:
 
 
 def metrics_table(result: Any) -> Table:
+    """Transfer / Average / Last (%) per domain and their mean, from an evaluation result."""
     m = result.metrics()
     table = Table(title="Transfer / Average / Last (%)")
     table.add_column("metric")
@@ -124,4 +128,5 @@ def eval_command(
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``eval`` to ``app``."""
     app.command(name="eval")(eval_command)

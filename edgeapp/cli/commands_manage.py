@@ -25,6 +25,7 @@ Method = Enum("Method", {name.replace("-", "_"): name for name in METHOD_NAMES},
 
 
 class TableOrJson(str, Enum):
+    """``--format``: a table for people or JSON for programs."""
     table = "table"
     json = "json"
 
@@ -305,6 +306,7 @@ def prune(
 
 
 def register(app: typer.Typer) -> None:
+    """Add the bundle-management commands to ``app``."""
     app.command()(init)
     app.command("add-task")(add_task)
     app.command()(tasks)

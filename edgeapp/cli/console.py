@@ -28,6 +28,7 @@ def out_console() -> Console:
 
 
 def err_console() -> Console:
+    """Console on stderr, lines soft-wrapped."""
     return Console(stderr=True, soft_wrap=True)
 
 
@@ -43,12 +44,15 @@ class NullProgress:
     """Same calls as rich's Progress, doing nothing (non-terminal output or --quiet)."""
 
     def add_task(self, description: str, total: float | None = None, **fields: object) -> int:
+        """Do nothing; returns task id 0."""
         return 0
 
     def update(self, task_id: int, **kwargs: object) -> None:
+        """Do nothing."""
         pass
 
     def advance(self, task_id: int, advance: float = 1) -> None:
+        """Do nothing."""
         pass
 
 
@@ -59,6 +63,7 @@ class LineProgress(NullProgress):
         self._start = time.perf_counter()
 
     def add_task(self, description: str, total: float | None = None, **fields: object) -> int:
+        """Print the stage with the seconds since start on stderr; returns task id 0."""
         sys.stderr.write(f"[{time.perf_counter() - self._start:6.1f}s] {description}\n")
         sys.stderr.flush()
         return 0

@@ -96,6 +96,7 @@ def silence_stdout() -> None:
 
 
 def stdout_is_terminal() -> bool:
+    """Whether stdout is a terminal (False when it has no file descriptor)."""
     try:
         return sys.stdout.isatty()
     except (ValueError, AttributeError):  # pragma: no cover

@@ -5,8 +5,9 @@ Formats (README "Output formats"):
 
 - ``json``: JSON Lines, one object per input: ``path``, ``label``, ``task`` (the task the label
   belongs to, or ``zero-shot``), ``score``, ``route`` (where the DDAS gate sent the image),
-  ``topk`` (a list of ``{label, score, task}``), ``error``. Paths are exact (``output.json_text``).
-- ``csv``: columns ``path, label, task, score, route, error``, then one group per rank
+  ``topk`` (a list of ``{label, score, task}``), ``error``, ``note`` (remarks on the decoded file).
+  Paths are exact (``output.json_text``).
+- ``csv``: columns ``path, label, task, score, route, error, note``, then one group per rank
   ``label_1, score_1, task_1, ..., label_K, score_K, task_K`` (empty past the label count),
   so a class name holding ``,``, ``:`` or ``;`` is never split. Text is for people
   (``output.visible``).
@@ -53,6 +54,7 @@ class ResultWriter:
         self.owned: TextIO | None = None  # a file the writer opened (-o FILE): closed by close()
 
     def close(self) -> None:
+        """Close the file the writer opened (``-o FILE``), if any."""
         if self.owned is not None:
             self.owned.close()
             self.owned = None
@@ -61,6 +63,7 @@ class ResultWriter:
         """Anything before the first row (a CSV header, a table title)."""
 
     def write(self, preds: Sequence[Prediction]) -> None:
+        """Write one batch's rows and flush."""
         raise NotImplementedError
 
     def _emit(self, text: str) -> None:
@@ -70,12 +73,15 @@ class ResultWriter:
 
 
 class JsonLinesWriter(ResultWriter):
+    """``--format json``: one JSON object per line and input (``\\uNNNN`` escapes where UTF-8 cannot go)."""
     def write(self, preds: Sequence[Prediction]) -> None:
+        """Write one batch's rows and flush."""
         ascii_only = not is_utf(self._stream())  # \uNNNN escapes lose nothing where UTF-8 cannot go
         self._emit("".join(json_text(p.to_dict(), ascii_only) + "\n" for p in preds))
 
 
 class CsvWriter(ResultWriter):
+    """``--format csv``: fixed columns, then ``ranks`` groups of label, score, task."""
     def __init__(self, stream: StreamFn, ranks: int) -> None:
         super().__init__(stream)
         self.ranks = ranks
@@ -87,12 +93,14 @@ class CsvWriter(ResultWriter):
         self._emit(buffer.text())
 
     def start(self) -> None:
+        """Write the header row."""
         header = ["path", "label", "task", "score", "route", "error", "note"]
         for rank in range(1, self.ranks + 1):
             header += [f"label_{rank}", f"score_{rank}", f"task_{rank}"]
         self._rows([header])
 
     def write(self, preds: Sequence[Prediction]) -> None:
+        """Write one batch's rows (CRLF line ends) and flush."""
         rows = []
         for p in preds:
             row = [shown_path(p), visible(p.label or ""), visible(p.task or ""),
@@ -158,9 +166,11 @@ class TableWriter(ResultWriter):
         self.width = width
 
     def start(self) -> None:
+        """Write the title line."""
         self._emit(self.title + "\n")
 
     def write(self, preds: Sequence[Prediction]) -> None:
+        """Write one batch's rows, under the header when it is the first batch, and flush."""
         if self.terminal:
             self._write_rich(preds)
         else:
@@ -190,4 +200,5 @@ class TableWriter(ResultWriter):
 
 
 def stdout() -> TextIO:
+    """The current ``sys.stdout`` (looked up at each write: a progress bar may swap it)."""
     return sys.stdout
