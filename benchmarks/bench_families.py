@@ -96,7 +96,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", default="benchmarks/results/families.json")
+    parser.add_argument("--table-only", action="store_true", help="print the table of the JSON, measure nothing")
     args = parser.parse_args()
+    if args.table_only:
+        print_table(json.loads(Path(args.json).read_text())["rows"])
+        return
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     by_model = {m: (fam, tok) for fam, (m, tok) in FAMILIES.items()}
     report = {
@@ -122,17 +126,22 @@ def main() -> None:
         report["rows"].append(row)
         path.write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(row), flush=True)
+    print_table(report["rows"])
+    print(f"\nwrote {path} (random weights)")
+
+
+def print_table(rows: list[dict]) -> None:
+    """The Markdown table of docs/MODELS.md."""
     print("\n| family | model | params (M) | image tower | tokenizer | scoring | MoE | image ONNX MB | text ONNX MB "
           "| image ms (b=1) | text ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in report["rows"]:
+    for r in rows:
         if "error" in r:
             print(f"| {r['family']} | {r['model']} | error: {r['error'][:80]} |")
             continue
         print(f"| {r['family']} | {r['model']} | {r['params_m']} | {r['image_tower']} | {r['tokenizer']} "
               f"({r['clean']}, {r['context_length']}) | {r['scoring']} | {'yes' if r['moe'] else 'no'} | "
               f"{r['image_onnx_mb']} | {r['text_onnx_mb']} | {r['image_ms']} | {r['text_ms']} |")
-    print(f"\nwrote {path} (random weights)")
 
 
 if __name__ == "__main__":
