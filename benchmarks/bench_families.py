@@ -9,7 +9,8 @@ the same structure built offline, tests/hf_tokenizers.py), both towers are expor
 dynamo exporter, parity-checked against torch) and timed with onnxruntime on the CPU: the image
 encoder at batch 1 and the text encoder on one prompt, median of `repeats` interleaved runs.
 Prints a table (Markdown, for docs/MODELS.md) and writes JSON after each model (a long run that is
-stopped keeps what it measured).
+stopped keeps what it measured; rows of models not asked for this time are kept from the earlier JSON).
+onnxruntime thread spinning is off (the machine is shared).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def measure(family: str, model: str, tokenizer_kind: str | None, threads: int, r
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared machine: no busy-wait
         img = ort.InferenceSession(str(image), opts, providers=["CPUExecutionProvider"])
         txt = ort.InferenceSession(str(text), opts, providers=["CPUExecutionProvider"])
         size = int(bb.preprocess["image_size"])
@@ -94,7 +96,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", default="benchmarks/results/families.json")
+    parser.add_argument("--table-only", action="store_true", help="print the table of the JSON, measure nothing")
     args = parser.parse_args()
+    if args.table_only:
+        print_table(json.loads(Path(args.json).read_text())["rows"])
+        return
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     by_model = {m: (fam, tok) for fam, (m, tok) in FAMILIES.items()}
     report = {
@@ -105,26 +111,37 @@ def main() -> None:
     }
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
+    earlier = json.loads(path.read_text())["rows"] if path.is_file() else []
+    kept = [r for r in earlier if r["model"] not in wanted]  # rows of other models stay, with their own date
+    for row in kept:
+        row.setdefault("date", "earlier run")
+    report["rows"] = kept
     for model in wanted:
         family, tok = by_model.get(model, (model, None))
         try:
             row = measure(family, model, tok, args.threads, args.repeats)
         except Exception as exc:  # record the failure and go on with the next family
             row = {"family": family, "model": model, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        row["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         report["rows"].append(row)
         path.write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(row), flush=True)
+    print_table(report["rows"])
+    print(f"\nwrote {path} (random weights)")
+
+
+def print_table(rows: list[dict]) -> None:
+    """The Markdown table of docs/MODELS.md."""
     print("\n| family | model | params (M) | image tower | tokenizer | scoring | MoE | image ONNX MB | text ONNX MB "
           "| image ms (b=1) | text ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in report["rows"]:
+    for r in rows:
         if "error" in r:
             print(f"| {r['family']} | {r['model']} | error: {r['error'][:80]} |")
             continue
         print(f"| {r['family']} | {r['model']} | {r['params_m']} | {r['image_tower']} | {r['tokenizer']} "
               f"({r['clean']}, {r['context_length']}) | {r['scoring']} | {'yes' if r['moe'] else 'no'} | "
               f"{r['image_onnx_mb']} | {r['text_onnx_mb']} | {r['image_ms']} | {r['text_ms']} |")
-    print(f"\nwrote {path} (random weights)")
 
 
 if __name__ == "__main__":

@@ -176,6 +176,7 @@ def test_quickgelu_hint_only_when_the_keys_match(tmp_path: Path) -> None:
     assert "--model" not in bb.explain_checkpoint(fake, "edgeclip-tiny", str(state_file), True, Boom("x"))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # making the archive, not reading it
 def test_torchscript_archive_is_refused_with_a_conversion_how_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 

@@ -274,6 +274,27 @@ def test_mobileclip2_with_rail_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_mobileclip_s1_with_rail_init_add_task_classify_int8(tmp_path: Path) -> None:
+    """MobileCLIP-S1 (FastViT MCi1): init, add-task, classify in fp32 and int8 (the export's parity
+    checks run inside init and export)."""
+    import json
+
+    from edgeclip.edgeapp.demo_data import write_demo_images
+
+    domains, query = write_demo_images(tmp_path / "images", train_per_class=4, query_per_class=1)
+    root = tmp_path / "bundle"
+    for args in (("init", "--bundle", root, "--model", "MobileCLIP-S1", "--random-weights", "--hidden", "128", "--quiet"),
+                 ("add-task", domains[1], "--bundle", root, "--quiet"),
+                 ("export", "--int8", "--bundle", root)):
+        result = _cli(*args)
+        assert result.returncode == 0, result.stderr
+    for precision in ("fp32", "int8"):
+        result = _cli("classify", query, "--bundle", root, "--precision", precision, "--format", "json")
+        assert result.returncode == 0, result.stderr
+        assert [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
 def test_siglip_with_a_tokenizer_file_end_to_end(tmp_path: Path) -> None:
     """SigLIP (timm ViT, HF tokenizer, sigmoid scoring): init with --tokenizer, add-task, classify;
     the bundle carries the tokenizer file and the runtime classifies without open_clip's."""
