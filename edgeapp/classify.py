@@ -15,6 +15,7 @@ import numpy as np
 from edgeclip.bundle import Bundle
 from edgeclip.discover import display_path
 from edgeclip.errors import UsageError
+from edgeclip.layout import LEARNED, ZS_TEXT
 
 ZERO_SHOT = "zero-shot"
 
@@ -79,7 +80,7 @@ def build_label_space(bundle: Bundle, extra: Sequence[str], encode_classes: Clas
     zero-shot labels and ``extra`` ones, encoded now by ``encode_classes``
     (``TextEncoderRunner.class_embeddings``, the exported text encoder)."""
     learned = bundle.learned_classes
-    stored = bundle.tensors("learned.safetensors")["zs_text"]
+    stored = bundle.tensors(LEARNED, keys=[ZS_TEXT])[ZS_TEXT]  # only this tensor is read
     known = {name.lower() for name in learned}
     wanted = list(bundle.manifest.get("zero_shot", {}).get("labels", [])) + list(extra)
     new = list(dict.fromkeys(name for name in wanted if name.lower() not in known))
