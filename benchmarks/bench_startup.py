@@ -20,6 +20,10 @@ medians in ms, all in fresh processes with their own optimised-graph cache folde
 - in one process: creating the gated graph's onnxruntime session fresh (`ORT_ENABLE_ALL`) and from
   the cache (optimisations off), and whether their outputs are bit-identical.
 
+With `--baseline REF` (a git commit of this repository, e.g. the one before the start-up work) that
+commit's code is laid out as installed in a temporary folder and its `--help` and `classify ONE_IMAGE`
+join the same interleaved rounds, so that before and after are compared under the same load.
+
 The goal (issue 11): classify within 0.5 s of `--help`. Random weights: timings do not depend on them.
 """
 
@@ -49,6 +53,20 @@ def load_average() -> str:
         return " ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         return "unknown"
+
+
+def baseline_tree(ref: str, dest: Path) -> Path:
+    """Commit `ref` of this repository laid out as installed (stages inside the `edgeclip` package,
+    as .ci/lint-imports does); returns the folder to put first on PYTHONPATH."""
+    src = dest / "src"
+    src.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    pkg = dest / "site" / "edgeclip"
+    shutil.copytree(src / "edgeclip", pkg)
+    for stage in ("edgeapp", "train", "export", "models"):
+        shutil.copytree(src / stage, pkg / stage)
+    return dest / "site"
 
 
 def session_compare(root: Path, image: Path, repeats: int, cache: Path) -> dict[str, object]:
@@ -95,6 +113,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--keep-work", action="store_true", help="Keep the bundle made (its path is printed).")
+    parser.add_argument("--baseline", help="A git commit to compare against in the same rounds.")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "startup.json")
     args = parser.parse_args()
 
@@ -116,7 +135,7 @@ def main() -> None:
 
     def proc(args_: list[str], check: bool = True, **env: str):
         def go() -> None:
-            done = subprocess.run(cli + args_, env={**base_env, **env}, capture_output=True, text=True)
+            done = subprocess.run(cli + args_, env={**base_env, **env}, capture_output=True, text=True, cwd=work)
             if check and done.returncode != 0:
                 raise SystemExit(f"edgeclip {' '.join(args_)} failed ({done.returncode}):\n{done.stderr}")
         return go
@@ -133,6 +152,15 @@ def main() -> None:
         "classify --labels 'a cat,a dog' (text encoder)": proc(classify + ["--labels", "a cat,a dog"]),
         "edgeclip tasks": proc(["tasks"]),
     }
+    if args.baseline:
+        site = baseline_tree(args.baseline, work / "baseline")
+        where = subprocess.run([sys.executable, "-c", "import edgeclip.edgeapp.runtime as m; print(m.__file__)"],
+                               env={**base_env, "PYTHONPATH": str(site)}, capture_output=True, text=True, check=True,
+                               cwd=work)  # not the checkout: `python -c` puts the working folder first on sys.path
+        if not where.stdout.strip().startswith(str(site)):
+            raise SystemExit(f"the baseline code is not the one imported: {where.stdout.strip()}")
+        contenders["baseline --help"] = proc(["--help"], PYTHONPATH=str(site))
+        contenders["baseline classify ONE_IMAGE"] = proc(classify, PYTHONPATH=str(site))
     start = time.perf_counter()
     samples = sample_interleaved(contenders, args.repeats)
     med = {k: statistics.median(v) for k, v in samples.items()}
@@ -156,6 +184,7 @@ def main() -> None:
                    "method": bundle.method, "hidden": bundle.manifest["method"]["settings"].get("hidden"),
                    "tasks": [t["name"] for t in bundle.tasks], "classes": len(bundle.learned_classes)},
         "image": image.name,
+        "baseline": args.baseline,
         "repeats": args.repeats,
         "seconds": round(time.perf_counter() - start, 1),
         "median_ms": med,
@@ -174,6 +203,11 @@ def main() -> None:
     for key, value in session["median_ms"].items():
         print(f"{key:<50} {value:>8.0f}")
     print(f"fresh and cached sessions give identical outputs: {session['identical_outputs']}")
+    if args.baseline:
+        b_help, b_cls = med["baseline --help"], med["baseline classify ONE_IMAGE"]
+        result["baseline_classify_minus_help_ms"] = b_cls - b_help
+        result["baseline_classify_over_help"] = b_cls / b_help
+        print(f"\nbaseline {args.baseline}: classify - help {b_cls - b_help:.0f} ms, classify / help {b_cls / b_help:.2f}")
     print(f"\nclassify - help: {cls_ms - help_ms:.0f} ms (goal <= {GOAL_MS:.0f} ms: "
           f"{'met' if result['goal_met'] else 'NOT met'}); classify / help: {cls_ms / help_ms:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
