@@ -17,6 +17,8 @@ medians in ms, all in fresh processes with their own optimised-graph cache folde
 - the same on a cache miss (the first classify after a new version: optimise, save, check);
 - the same with two extra zero-shot labels (`--labels`: the text encoder is loaded and run);
 - `edgeclip tasks` (argument parsing and bundle open, no engine);
+- `edgeclip classify EMPTY_FOLDER`: parsing classify's options and opening the bundle, then exit 2
+  (the CLI's share of the classify start-up, before any engine or image work);
 - in one process: creating the gated graph's onnxruntime session fresh (`ORT_ENABLE_ALL`) and from
   the cache (optimisations off), and whether their outputs are bit-identical.
 
@@ -140,6 +142,9 @@ def main() -> None:
                 raise SystemExit(f"edgeclip {' '.join(args_)} failed ({done.returncode}):\n{done.stderr}")
         return go
 
+    empty = work / "empty"
+    empty.mkdir(exist_ok=True)
+
     def miss() -> None:
         shutil.rmtree(engines / "ort-optimized", ignore_errors=True)
         proc(classify)()
@@ -151,6 +156,8 @@ def main() -> None:
         "classify, cache miss (first run of a version)": miss,
         "classify --labels 'a cat,a dog' (text encoder)": proc(classify + ["--labels", "a cat,a dog"]),
         "edgeclip tasks": proc(["tasks"]),
+        # exits 2 ("No images found") after parsing the 15 options and opening the bundle: the CLI's share
+        "classify EMPTY_FOLDER (parse + open, no engine)": proc(["classify", str(empty)], check=False),
     }
     if args.baseline:
         site = baseline_tree(args.baseline, work / "baseline")

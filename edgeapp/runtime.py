@@ -222,8 +222,6 @@ class GraphSession:
         # Image decoding threads share the cores with the engine (classify, add-task): worker threads
         # spinning after each run took a quarter of the inference CPU time from them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # Pre-pack the weights of the GEMMs on the intra-op threads, not one after another (start-up).
-        options.add_session_config_entry("session.prepack.enable_parallel", "1")
         if self.threads:
             options.intra_op_num_threads = int(self.threads)
             options.inter_op_num_threads = 1
