@@ -137,7 +137,8 @@ def main() -> None:
 
     def proc(args_: list[str], check: bool = True, **env: str):
         def go() -> None:
-            done = subprocess.run(cli + args_, env={**base_env, **env}, capture_output=True, text=True, cwd=work)
+            done = subprocess.run(cli + args_, env={**base_env, **env}, capture_output=True, text=True, cwd=work,
+                                  check=False)
             if check and done.returncode != 0:
                 raise SystemExit(f"edgeclip {' '.join(args_)} failed ({done.returncode}):\n{done.stderr}")
         return go

@@ -127,10 +127,12 @@ class OptimizedGraphCache:
 
     @property
     def name(self) -> str:
+        """The entry's folder name: 32 hex digits of the key's sha256."""
         return hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:32]
 
     @property
     def folder(self) -> Path:
+        """``root/<name>``."""
         return self.root / self.name
 
     def lookup(self) -> Path | None | bool:
@@ -188,6 +190,7 @@ class PendingEntry:
 
     @property
     def model_path(self) -> Path:
+        """Where onnxruntime writes the optimised graph."""
         return self.tmp / MODEL
 
     def configure(self, options: Any) -> None:
@@ -227,12 +230,13 @@ class PendingEntry:
                 return False
             _prune(self.cache.root, keep=KEEP)
             return usable
-        except Exception as exc:  # the cache must never break a run
+        except Exception as exc:  # noqa: BLE001 - the cache must never break a run
             log.info("optimised-graph cache: not saved (%s: %s)", type(exc).__name__, exc)
             _remove_tree(self.tmp)
             return False
 
     def abandon(self) -> None:
+        """Drop the temporary folder (the fresh session failed or is not used)."""
         _remove_tree(self.tmp)
 
 

@@ -177,7 +177,7 @@ class _Loading:
     def _work(self) -> None:
         try:
             self._value = self._open()
-        except BaseException as exc:  # handed to the thread that needs the session
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that needs the session
             self._error = exc
 
     def result(self) -> Any:
@@ -316,6 +316,9 @@ class GraphSession:
         pending.publish(run_saved, want)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph: input name -> array, returns output name -> array. Creates (or waits for)
+        the session; raises BackendUnavailableError when it cannot be created. A fresh session's
+        first run also checks and publishes its optimised graph for the cache (module docstring)."""
         session = self._session_now()
         if self.backend.name == "tensorrt":
             return session.run(feeds)

@@ -207,7 +207,7 @@ def _is_common(header: bytes) -> bool:
             try:
                 if entry[1](header):
                     return True
-            except Exception:  # noqa: BLE001 - a plugin's test on a short header
+            except Exception:  # noqa: BLE001, S112 - a plugin's test on a short header
                 continue
     return False
 

@@ -525,7 +525,7 @@ def test_a_fresh_process_loads_only_the_plugins_a_file_needs(tmp_path):
         "print('AFTER-COMMON', loaded, jpeg.note, png.note)\n"
         f"tiff = decode_image({str(tmp_path / 'a.tif')!r}, cover=8)\n"
         "print('AFTER-TIFF', 'PIL.PsdImagePlugin' in sys.modules, tiff.image.size)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     common = next(ln for ln in done.stdout.splitlines() if ln.startswith("AFTER-COMMON"))
     assert common.startswith("AFTER-COMMON [] ") and "Truncated File Read" in common and common.endswith("None")
