@@ -16,6 +16,7 @@ import numpy as np
 from edgeclip.bundle import Bundle
 from edgeclip.discover import display_path
 from edgeclip.errors import UsageError
+from edgeclip.layout import LEARNED, ZS_TEXT
 
 ZERO_SHOT = "zero-shot"
 
@@ -120,7 +121,7 @@ def build_label_space(bundle: Bundle, extra: Sequence[str], encode_classes: Clas
 
     learned = bundle.learned_classes
     owners = [task["name"] for task in bundle.tasks for _ in task["classes"]]
-    stored = bundle.tensors("learned.safetensors")["zs_text"]
+    stored = bundle.tensors(LEARNED, keys=[ZS_TEXT])[ZS_TEXT]  # only this tensor is read
     known = {class_key(name) for name in learned}
     wanted = list(bundle.manifest.get("zero_shot", {}).get("labels", [])) + list(extra)
     new_by_key: dict[str, str] = {}

@@ -11,14 +11,17 @@ Backends:
   automatically: a first engine build takes minutes.
 
 Asking for a backend that is not usable raises `BackendUnavailableError` saying what to install;
-every choice is logged. Sessions are created on first use.
+every choice is logged. Sessions are created on first use, or in a background thread from the
+moment a runner is made (`preload`, the default of the image and gated runners); the CPU
+provider's optimised graphs are cached on disk (`edgeclip.edgeapp.ort_cache`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,12 +164,37 @@ def describe_backends() -> dict[str, str]:
 
 
 # -- sessions -------------------------------------------------------------------------------------
+class _Loading:
+    """A session being created in a background thread; `result()` waits and re-raises its error."""
+
+    def __init__(self, open_session: Callable[[], Any]) -> None:
+        self._open = open_session
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="edgeclip-session", daemon=False)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            self._value = self._open()
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that needs the session
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 @dataclass
 class GraphSession:
-    """One graph run by one backend, created on first `run`.
+    """One graph run by one backend, created on first `run` (or in the background from `start`).
 
     `profile` (input -> (min, opt, max) shapes) is used by the TensorRT paths only; larger
-    batches than its max are split for the native engine.
+    batches than its max are split for the native engine. With onnxruntime's CPU provider and a
+    `graph_id`, the optimised graph is cached on disk (`edgeclip.edgeapp.ort_cache`): a later
+    process loads it with optimisations off, which starts sooner and computes the same outputs.
     """
 
     path: Path
@@ -175,6 +203,37 @@ class GraphSession:
     profile: dict[str, tuple[tuple[int, ...], ...]] | None = None
     graph_id: str | None = None  # identifies the graph's content for the engine cache
     _session: Any = field(default=None, repr=False)
+    _loading: _Loading | None = field(default=None, repr=False)
+    _pending: Any = field(default=None, repr=False)  # ort_cache.PendingEntry to check after the first run
+    _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
+    cached: bool = field(default=False, repr=False)  # True when loaded from the optimised-graph cache
+
+    def start(self) -> None:
+        """Begin creating the onnxruntime session in a background thread, so that the caller can
+        decode images meanwhile (onnxruntime releases the GIL while it loads a graph); `run` waits
+        for it and raises its error, if any. A no-op for the native TensorRT backend (an engine
+        build can take minutes: it stays on first use) and when the session exists or is loading."""
+        with self._lock:
+            if self._session is None and self._loading is None and self.backend.name != "tensorrt":
+                self._loading = _Loading(self._open)
+
+    def _options(self, ort: Any) -> Any:
+        options = ort.SessionOptions()
+        # Image decoding threads share the cores with the engine (classify, add-task): worker threads
+        # spinning after each run took a quarter of the inference CPU time from them.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.threads:
+            options.intra_op_num_threads = int(self.threads)
+            options.inter_op_num_threads = 1
+        return options
+
+    def _create(self, ort: Any, path: Path, options: Any) -> Any:
+        try:
+            return ort.InferenceSession(str(path), options, providers=_provider_options(self.backend, self.profile))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BackendUnavailableError(
+                f"onnxruntime cannot load {self.path.name} with {', '.join(self.backend.providers)}: {exc}"
+            ) from exc
 
     def _open(self) -> Any:
         if self.backend.name == "tensorrt":
@@ -185,37 +244,88 @@ class GraphSession:
             return TrtRunner(engine)
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        # Image decoding threads share the cores with the engine (classify, add-task): worker threads
-        # spinning after each run took a quarter of the inference CPU time from them.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if self.threads:
-            options.intra_op_num_threads = int(self.threads)
-            options.inter_op_num_threads = 1
-        try:
-            session = ort.InferenceSession(str(self.path), options, providers=_provider_options(self.backend, self.profile))
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise BackendUnavailableError(
-                f"onnxruntime cannot load {self.path.name} with {', '.join(self.backend.providers)}: {exc}"
-            ) from exc
+        from edgeclip.edgeapp.ort_cache import OptimizedGraphCache
+
+        cache = (OptimizedGraphCache.for_graph(engine_cache_dir(), self.graph_id, self.backend.providers)
+                 if self.graph_id else None)
+        session, pending = None, None
+        if cache is not None:
+            hit = cache.lookup()
+            if hit:
+                options = self._options(ort)
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                try:
+                    session = self._create(ort, hit, options)
+                    self.cached = True
+                except BackendUnavailableError as exc:
+                    cache.discard(f"onnxruntime cannot load it: {exc}")
+            if session is None and hit is not False:
+                pending = cache.begin()
+        if session is None:
+            options = self._options(ort)
+            if pending is not None:
+                pending.configure(options)
+            try:
+                session = self._create(ort, self.path, options)
+            except BaseException:
+                if pending is not None:
+                    pending.abandon()
+                raise
         active = session.get_providers()
         if self.backend.providers and self.backend.providers[0] not in active:
+            if pending is not None:
+                pending.abandon()
             # onnxruntime falls back to CPU quietly (no GPU, missing CUDA libraries): say so.
             raise BackendUnavailableError(
                 f"Backend '{self.backend.name}': onnxruntime could not start {self.backend.providers[0]} "
                 f"(running would fall back to {', '.join(active)}). Check the GPU driver and CUDA/TensorRT "
                 "libraries, or choose --backend ort-cpu."
             )
-        log.info("%s: session on %s", self.path.name, ", ".join(active))
+        self._pending = pending
+        log.info("%s: session on %s%s", self.path.name, ", ".join(active),
+                 " (optimised graph from the cache)" if self.cached else "")
         return session
 
+    def _session_now(self) -> Any:
+        with self._lock:
+            if self._session is None:
+                if self._loading is not None:
+                    loading, self._loading = self._loading, None
+                    self._session = loading.result()
+                else:
+                    self._session = self._open()
+            return self._session
+
+    def _run_ort(self, session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feeds)))
+
+    def _check_saved(self, feeds: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+        """After the first run of a fresh session: publish its saved optimised graph if that graph,
+        loaded with optimisations off, gives the same outputs on the same inputs."""
+        pending, self._pending = self._pending, None
+        if pending is None:  # another thread's run is checking it
+            return
+        import onnxruntime as ort
+
+        def run_saved(path: Path) -> dict[str, np.ndarray]:
+            options = self._options(ort)
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            return self._run_ort(self._create(ort, path, options), feeds)
+
+        pending.publish(run_saved, want)
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._session is None:
-            self._session = self._open()
+        """Run the graph: input name -> array, returns output name -> array. Creates (or waits for)
+        the session; raises BackendUnavailableError when it cannot be created. A fresh session's
+        first run also checks and publishes its optimised graph for the cache (module docstring)."""
+        session = self._session_now()
         if self.backend.name == "tensorrt":
-            return self._session.run(feeds)
-        names = [o.name for o in self._session.get_outputs()]
-        return dict(zip(names, self._session.run(names, feeds)))
+            return session.run(feeds)
+        out = self._run_ort(session, feeds)
+        if self._pending is not None:
+            self._check_saved(feeds, out)
+        return out
 
 
 def _graph_path(bundle: Bundle, graph: str, data: str) -> Path:
@@ -270,16 +380,20 @@ def _image_profile(bundle: Bundle, max_batch: int) -> dict[str, tuple[tuple[int,
 
 
 class ImageEncoderRunner:
-    """The plain frozen image encoder: `embed(pixels [B,3,S,S]) -> [B,D]` (L2-normalised)."""
+    """The plain frozen image encoder: `embed(pixels [B,3,S,S]) -> [B,D]` (L2-normalised).
+
+    `preload`: start creating the onnxruntime session now, in the background (`GraphSession.start`)."""
 
     def __init__(self, bundle: Bundle, backend: str | Backend = "auto", threads: int | None = None,
-                 max_batch: int = 32, precision: str = "fp32") -> None:
+                 max_batch: int = 32, precision: str = "fp32", preload: bool = True) -> None:
         self.bundle = bundle
         resolved = resolve_precision(bundle, backend, precision)
         self.backend_name, self.precision = resolved.name, precision
         graph, data = (IMAGE_INT8_GRAPH, IMAGE_INT8_DATA) if precision == "int8" else (IMAGE_GRAPH, IMAGE_DATA)
         self.session = GraphSession(_graph_path(bundle, graph, data), resolved, threads,
                                     _image_profile(bundle, max_batch), _graph_id(bundle, graph, data))
+        if preload:
+            self.session.start()
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         pixels = _pixels(self.bundle, pixels)
@@ -299,12 +413,21 @@ class TextEncoderRunner:
                  batch_size: int = 64) -> None:
         self.bundle = bundle
         self.batch_size = int(batch_size)
-        resolved = backend if isinstance(backend, Backend) else select_backend(backend)
-        ctx = int(self.text_spec["context_length"])
-        profile = {TOKENS: ((1, ctx), (batch_size, ctx), (batch_size, ctx))}
-        self.session = GraphSession(_graph_path(bundle, TEXT_GRAPH, TEXT_DATA), resolved, threads, profile,
-                                    _graph_id(bundle, TEXT_GRAPH, TEXT_DATA))
+        self.backend = backend if isinstance(backend, Backend) else select_backend(backend)
+        self.threads = threads
+        self._session: GraphSession | None = None
         self._tokenizer: Any = None
+
+    @property
+    def session(self) -> GraphSession:
+        """The text encoder's session, made on first use: classify without new labels never reads
+        (nor verifies) the text encoder's files."""
+        if self._session is None:
+            ctx = int(self.text_spec["context_length"])
+            profile = {TOKENS: ((1, ctx), (self.batch_size, ctx), (self.batch_size, ctx))}
+            self._session = GraphSession(_graph_path(self.bundle, TEXT_GRAPH, TEXT_DATA), self.backend, self.threads,
+                                         profile, _graph_id(self.bundle, TEXT_GRAPH, TEXT_DATA))
+        return self._session
 
     @property
     def text_spec(self) -> dict[str, Any]:
@@ -346,10 +469,12 @@ class GatedRunner:
 
     `run(pixels [B,3,S,S], label_text [L,D])` -> {"scores" [B,L], "route" [B] int64 (-1 = zero-shot),
     "gate_ratio" [B,T], "embedding" [B,D]}. Rows 0..C-1 of label_text must be the learned classes.
+    `preload`: start creating the onnxruntime session now, in the background (`GraphSession.start`),
+    so that it loads while the caller decodes images and builds the label space.
     """
 
     def __init__(self, bundle: Bundle, backend: str | Backend = "auto", threads: int | None = None,
-                 max_batch: int = 32, max_labels: int = 4096, precision: str = "fp32") -> None:
+                 max_batch: int = 32, max_labels: int = 4096, precision: str = "fp32", preload: bool = True) -> None:
         self.bundle = bundle
         resolved = resolve_precision(bundle, backend, precision)
         dim = int(bundle.manifest["backbone"]["embed_dim"])
@@ -360,6 +485,8 @@ class GatedRunner:
         graph, data = (GATED_INT8_GRAPH, IMAGE_INT8_DATA) if precision == "int8" else (GATED_GRAPH, IMAGE_DATA)
         self.session = GraphSession(_graph_path(bundle, graph, data), resolved, threads, profile,
                                     _graph_id(bundle, graph, data))
+        if preload:
+            self.session.start()
 
     def run(self, pixels: np.ndarray, label_text: np.ndarray) -> dict[str, np.ndarray]:
         pixels = _pixels(self.bundle, pixels)

@@ -53,7 +53,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -465,18 +465,28 @@ class Bundle:
         self._stamps[name] = [*_stamp_of(st), entry["sha256"]]
         _write_stamps(self.root, self.version, self._stamps)
 
-    def tensors(self, name: str) -> dict[str, np.ndarray]:
-        """Load a safetensors file of this version: shapes checked against the manifest, float
-        tensors checked finite. Raises BundleError naming the file and tensor."""
-        from safetensors.numpy import load_file
+    def tensors(self, name: str, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Load a safetensors file of this version (only `keys`, when given: the rest is not read):
+        shapes checked against the manifest, float tensors checked finite. Raises BundleError
+        naming the file and tensor."""
+        from safetensors import safe_open
 
         path = self.path(name)
+        expected = self.manifest.get("tensors", {}).get(name, {})
+        wanted = None if keys is None else list(dict.fromkeys(keys))
         try:
-            arrays = load_file(str(path))
+            with safe_open(str(path), framework="np") as handle:
+                stored = set(handle.keys())
+                names = sorted(stored) if wanted is None else [k for k in wanted if k in stored]
+                arrays = {k: handle.get_tensor(k) for k in names}
         except Exception as exc:  # safetensors raises its own error types; it never unpickles
             raise BundleError(f"Bundle {self.root} {self.label}: cannot read tensors '{name}' "
                               f"({type(exc).__name__}: not a valid safetensors file).") from None
-        expected = self.manifest.get("tensors", {}).get(name, {})
+        if wanted is not None:
+            expected = {k: v for k, v in expected.items() if k in wanted}
+            for key in wanted:
+                if key not in arrays:
+                    raise BundleError(f"Bundle {self.root}: tensor '{key}' missing from '{name}'.")
         for key, shape in expected.items():
             if key not in arrays:
                 raise BundleError(f"Bundle {self.root}: tensor '{key}' missing from '{name}'.")

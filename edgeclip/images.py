@@ -196,16 +196,56 @@ def _allow_pixels(pixels: int) -> None:
             Image.MAX_IMAGE_PIXELS = pixels
 
 
-_READY = False
+_READY = False  # every Pillow plugin and pillow-heif loaded, their warnings routed
+_COMMON_READY = False  # Pillow's common formats (Image.preinit) loaded, their warnings routed
+_COMMON = ("JPEG", "PNG", "GIF", "BMP", "PPM")  # what Image.preinit registers, in its order
 
 
-def _ready() -> None:
-    global _READY
-    if not _READY:
-        register_formats()
-        Image.init()
-        _route_pillow_warnings()
-        _READY = True
+def _is_common(header: bytes) -> bool:
+    """True when a file starting with `header` is opened by one of Pillow's preinit plugins."""
+    for fmt in _COMMON:
+        entry = Image.OPEN.get(fmt)
+        if entry is not None and entry[1] is not None:
+            try:
+                if entry[1](header):
+                    return True
+            except Exception:  # noqa: BLE001, S112 - a plugin's test on a short header
+                continue
+    return False
+
+
+def _ready(header: bytes | None = None) -> None:
+    """Load the Pillow plugins a file needs and route their warnings. A file of one of Pillow's
+    common formats (JPEG, PNG, GIF, BMP, PPM: `header` says) needs only `Image.preinit()`, which
+    Pillow tries first in any case; anything else loads every plugin and pillow-heif (start-up:
+    most of the cost of a first decode is importing some 40 plugins)."""
+    global _READY, _COMMON_READY
+    if _READY:
+        return
+    if header is not None:
+        Image.preinit()
+        if _is_common(header):
+            if not _COMMON_READY:
+                # loaded lazily by Pillow while decoding these formats: a JPEG may turn out to be an
+                # MPO, EXIF is parsed by the TIFF plugin (whose warnings are notes, "Corrupt EXIF data")
+                from PIL import MpoImagePlugin, TiffImagePlugin  # noqa: F401
+
+                _route_pillow_warnings()
+                _COMMON_READY = True
+            return
+    register_formats()
+    Image.init()
+    _route_pillow_warnings()
+    _READY = True
+
+
+def _header(path: Path) -> bytes | None:
+    """The first bytes Pillow identifies a format by, or None when they cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(16)
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------- colours
@@ -343,7 +383,6 @@ def decode_image(
     Raises ImageError, naming the file and the cause, for a missing, empty, non-regular,
     unreadable, unrecognised, truncated or corrupt file and for one over `max_pixels`.
     """
-    _ready()
     path = Path(path)
 
     def fail(cause: str) -> ImageError:
@@ -359,6 +398,7 @@ def decode_image(
             raise fail("not a regular file")
         if st.st_size == 0:
             raise fail("file is empty")
+        _ready(_header(path))
         # Let Pillow open what a DCT scale of 1/8 may bring within the limit; edgeclip refuses below.
         _allow_pixels(max_pixels * (64 if cover else 1))
         with Image.open(path) as img:

@@ -514,3 +514,32 @@ def test_heic_orientation_is_applied_once(tmp_path):
     out = load_image(tmp_path / "turned.heic")
     assert out.size == (32, 64)
     assert out.getpixel((10, 5))[0] > 200 and out.getpixel((10, 60))[2] > 200  # red on top, blue below
+
+
+def test_a_fresh_process_loads_only_the_plugins_a_file_needs(tmp_path):
+    """Start-up: a JPEG or PNG loads Pillow's common plugins only (not the 40 others nor pillow-heif),
+    its warnings are still its notes (EXIF through the TIFF plugin); a TIFF then loads everything."""
+    import subprocess
+    import sys
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Maker"
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "exif.jpg", exif=exif.tobytes()[:-6])
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "a.tif")
+    code = (
+        "import sys, warnings\n"
+        "warnings.simplefilter('error')\n"
+        "from edgeclip.images import decode_image\n"
+        f"jpeg = decode_image({str(tmp_path / 'exif.jpg')!r}, cover=8)\n"
+        f"png = decode_image({str(tmp_path / 'a.png')!r}, cover=8)\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('PIL.Psd', 'PIL.Tga', 'PIL.Pdf', 'pillow_heif')))\n"
+        "print('AFTER-COMMON', loaded, jpeg.note, png.note)\n"
+        f"tiff = decode_image({str(tmp_path / 'a.tif')!r}, cover=8)\n"
+        "print('AFTER-TIFF', 'PIL.PsdImagePlugin' in sys.modules, tiff.image.size)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    common = next(ln for ln in done.stdout.splitlines() if ln.startswith("AFTER-COMMON"))
+    assert common.startswith("AFTER-COMMON [] ") and "Truncated File Read" in common and common.endswith("None")
+    assert "AFTER-TIFF True (8, 8)" in done.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -16,7 +18,7 @@ from edgeclip.edgeapp.runtime import (
     TextEncoderRunner,
     select_backend,
 )
-from edgeclip.errors import BackendUnavailableError, UsageError
+from edgeclip.errors import BackendUnavailableError, BundleError, UsageError
 from edgeclip.export.compose import build_gated_graph
 from edgeclip.train.decision import gated_reference
 
@@ -67,8 +69,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.slow
 def test_gated_runner_matches_reference(bundle):
-    runner = GatedRunner(bundle, "ort-cpu", threads=1)
-    assert runner.session._session is None  # created lazily
+    runner = GatedRunner(bundle, "ort-cpu", threads=1, preload=False)
+    assert runner.session._session is None and runner.session._loading is None  # created lazily
     pixels, text = eh.mixed_batch(), eh.label_text()
     out = runner.run(pixels, text)
     assert set(out) == {"scores", "route", "gate_ratio", "embedding"}
@@ -135,3 +137,137 @@ def test_tensorrt_engine_matches_onnxruntime(bundle, tmp_path, monkeypatch, prec
     np.testing.assert_array_equal(got["scores"].argmax(1), want["scores"].argmax(1))
     if precision == "fp32":
         assert np.abs(got["scores"] - want["scores"]).max() < 1e-3
+
+
+# -- start-up: background session, optimised-graph cache, lazy text encoder ------------------------
+def _cache_entries(root) -> list:
+    folder = root / "ort-optimized"
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+
+
+@pytest.fixture()
+def engine_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGECLIP_ENGINE_CACHE", str(tmp_path / "engines"))
+    monkeypatch.delenv("EDGECLIP_SESSION_CACHE", raising=False)
+    return tmp_path / "engines"
+
+
+@pytest.mark.slow
+def test_optimised_graph_cache_gives_the_fresh_sessions_outputs(bundle, engine_cache, monkeypatch):
+    pixels, text = eh.mixed_batch(), eh.label_text()
+    monkeypatch.setenv("EDGECLIP_SESSION_CACHE", "0")
+    plain = GatedRunner(bundle, "ort-cpu", preload=False)
+    want = plain.run(pixels, text)
+    assert not plain.session.cached and not _cache_entries(engine_cache)  # off: nothing written
+    monkeypatch.delenv("EDGECLIP_SESSION_CACHE")
+    first = GatedRunner(bundle, "ort-cpu", preload=False)
+    got_first = first.run(pixels, text)
+    assert not first.session.cached  # miss: optimised now, saved, checked, published
+    (entry,) = _cache_entries(engine_cache)
+    meta = json.loads((entry / "meta.json").read_text())
+    assert meta["usable"] is True and meta["key"]["graph"] == first.session.graph_id
+    hit = GatedRunner(bundle, "ort-cpu")  # preloaded in the background, from the cache
+    got_hit = hit.run(pixels, text)
+    assert hit.session.cached
+    for out in (got_first, got_hit):
+        for name in want:
+            np.testing.assert_array_equal(out[name], want[name])
+    # other inputs than the ones the entry was checked with: still bit-identical
+    other = hit.run(pixels[::-1][:3], text[:6])
+    again = plain.run(pixels[::-1][:3], text[:6])
+    for name in again:
+        np.testing.assert_array_equal(other[name], again[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["data-bytes", "graph-bytes-same-stamp", "truncated", "stale-key", "meta-garbage"])
+def test_optimised_graph_cache_rebuilt_when_stale_or_corrupt(bundle, engine_cache, damage):
+    pixels, text = eh.mixed_batch(1), eh.label_text()
+    want = GatedRunner(bundle, "ort-cpu", preload=False).run(pixels, text)
+    (entry,) = _cache_entries(engine_cache)
+    model, data, meta_path = entry / "model.onnx", entry / "model.data", entry / "meta.json"
+    if damage == "data-bytes":
+        blob = bytearray(data.read_bytes())
+        blob[len(blob) // 2] ^= 0xFF
+        data.write_bytes(bytes(blob))
+    elif damage == "graph-bytes-same-stamp":  # same size, inode and time: caught by the graph's sha256
+        st = model.stat()
+        with open(model, "r+b") as handle:
+            handle.seek(st.st_size // 2)
+            byte = handle.read(1)
+            handle.seek(st.st_size // 2)
+            handle.write(bytes([byte[0] ^ 0xFF]))
+        os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    elif damage == "truncated":
+        data.write_bytes(data.read_bytes()[:1000])
+    elif damage == "stale-key":  # e.g. made by another onnxruntime version
+        meta = json.loads(meta_path.read_text())
+        meta["key"]["onnxruntime"] = "0.0.1"
+        meta_path.write_text(json.dumps(meta))
+    else:
+        meta_path.write_text("{not json")
+    rebuilt = GatedRunner(bundle, "ort-cpu", preload=False)
+    out = rebuilt.run(pixels, text)
+    assert not rebuilt.session.cached  # the damaged entry was not used
+    for name in want:
+        np.testing.assert_array_equal(out[name], want[name])
+    (entry,) = _cache_entries(engine_cache)
+    assert json.loads((entry / "meta.json").read_text())["usable"] is True
+    hit = GatedRunner(bundle, "ort-cpu", preload=False)
+    out = hit.run(pixels, text)
+    assert hit.session.cached
+    for name in want:
+        np.testing.assert_array_equal(out[name], want[name])
+
+
+@pytest.mark.slow
+def test_optimised_graph_cache_never_publishes_different_outputs(bundle, engine_cache, monkeypatch):
+    from edgeclip.edgeapp import ort_cache
+
+    pixels, text = eh.mixed_batch(1), eh.label_text()
+    monkeypatch.setattr(ort_cache, "same_outputs", lambda a, b: False)  # as if the saved graph computed otherwise
+    GatedRunner(bundle, "ort-cpu", preload=False).run(pixels, text)
+    (entry,) = _cache_entries(engine_cache)
+    assert json.loads((entry / "meta.json").read_text())["usable"] is False
+    assert not (entry / "model.onnx").exists()
+    again = GatedRunner(bundle, "ort-cpu", preload=False)
+    again.run(pixels, text)
+    assert not again.session.cached and again.session._pending is None  # not re-saved on every start
+
+
+@pytest.mark.slow
+def test_unwritable_cache_and_background_errors(bundle, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("EDGECLIP_ENGINE_CACHE", str(blocker))  # a file: the cache cannot be made
+    pixels, text = eh.mixed_batch(1), eh.label_text()
+    out = GatedRunner(bundle, "ort-cpu").run(pixels, text)
+    assert out["scores"].shape == (len(pixels), len(text))
+    from edgeclip.edgeapp.runtime import GraphSession
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a graph")
+    session = GraphSession(bad, select_backend("ort-cpu"), graph_id="x")
+    session.start()  # fails in the background; the error surfaces at run
+    with pytest.raises(BackendUnavailableError, match="bad.onnx"):
+        session.run({"pixels": pixels})
+
+
+@pytest.mark.slow
+def test_classify_path_never_touches_the_text_encoder(bundle, monkeypatch):
+    from edgeclip.bundle import Bundle
+    from edgeclip.edgeapp.classify import build_label_space
+
+    used: list[str] = []
+    real_path = Bundle.path
+    monkeypatch.setattr(Bundle, "path", lambda self, name: used.append(name) or real_path(self, name))
+    runner = GatedRunner(bundle, "ort-cpu", preload=False)
+    text = TextEncoderRunner(bundle, "ort-cpu")
+    labels = build_label_space(bundle, [], text.class_embeddings)
+    runner.run(eh.mixed_batch(1), labels.text)
+    assert used and not [n for n in used if "text_encoder" in n or "tokenizer" in n], used
+    assert labels.text.shape == (5, bundle.manifest["backbone"]["embed_dim"])
+    with pytest.raises(BundleError, match="missing"):
+        bundle.tensors("learned.safetensors", keys=["no-such-tensor"])
+    extra = build_label_space(bundle, ["traffic cone"], text.class_embeddings)  # new labels: the text encoder now
+    assert [n for n in used if "text_encoder" in n] and extra.names[-1] == "traffic cone"
