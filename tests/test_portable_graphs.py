@@ -41,7 +41,8 @@ def _graphs(bundle: Bundle) -> list[str]:
 @pytest.fixture(scope="module")
 def bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """v1 init, v2 add-task, v3 export --int8, v4 add-task, rollback to v3, v5 add-task."""
-    from edgeclip.edgeapp.tasks import MethodSettings, add_task, init_bundle
+    from edgeclip.edgeapp.create import init_bundle
+    from edgeclip.edgeapp.tasks import MethodSettings, add_task
     from edgeclip.export.quantize import export_int8
 
     base = tmp_path_factory.mktemp("portable")
@@ -154,7 +155,8 @@ def test_moe_graphs_are_portable(tmp_path: Path) -> None:
     """MoE: the adapted encoder reads the backbone from the image encoder's stored weights and
     the gated graph inlines it; both pass the same checks as RAIL's graphs."""
     pytest.importorskip("torch")
-    from edgeclip.edgeapp.tasks import MethodSettings, add_task, init_bundle
+    from edgeclip.edgeapp.create import init_bundle
+    from edgeclip.edgeapp.tasks import MethodSettings, add_task
 
     from edgeclip.layout import MOE_DATA, MOE_GRAPH, TASK_IDS
 

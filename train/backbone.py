@@ -36,6 +36,25 @@ _HUB_HOST = ("huggingface.co", 443)
 log = logging.getLogger(__name__)
 
 
+class _OpenClipNotices(logging.Filter):
+    """Drops open_clip's informational notices, which it logs on the root logger (e.g. "No pretrained
+    weights loaded ... initialized randomly" for --random-weights); its errors still pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "open_clip" not in record.pathname
+
+
+def _quiet_create_model(open_clip: Any, *args: Any, **kwargs: Any) -> Any:
+    """``open_clip.create_model`` with its root-logger notices filtered for the duration of the call
+    only: no process-wide logging state is changed."""
+    notices = _OpenClipNotices()
+    root = logging.getLogger()
+    root.addFilter(notices)
+    try:
+        return open_clip.create_model(*args, **kwargs)
+    finally:
+        root.removeFilter(notices)
+
 def import_torch_stack() -> tuple[Any, Any]:
     """Import torch and open_clip, or say which extra to install."""
     try:
@@ -588,7 +607,7 @@ def load_backbone(
         with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's global RNG is left as it was
             torch.manual_seed(int(source.ref))
             try:
-                clip = open_clip.create_model(model, pretrained=None, force_quick_gelu=quick_gelu)
+                clip = _quiet_create_model(open_clip, model, pretrained=None, force_quick_gelu=quick_gelu)
             except Exception as exc:
                 raise BackboneLoadError(f"Cannot build model '{model}': {type(exc).__name__}: {_first_line(exc)}") from exc
     elif source.kind == "file":
@@ -700,7 +719,7 @@ def explain_checkpoint(open_clip: Any, model: str, path: str, quick_gelu: bool, 
         return f"{head}: the file cannot be read as a weights file ({_first_line(err, 200)})"
     try:
         want = {k: tuple(v.shape) for k, v in
-                open_clip.create_model(model, pretrained=None, force_quick_gelu=quick_gelu).state_dict().items()}
+                _quiet_create_model(open_clip, model, pretrained=None, force_quick_gelu=quick_gelu).state_dict().items()}
     except Exception:
         return f"{head}: {_first_line(exc)}"
     missing = sorted(set(want) - set(have))
@@ -723,6 +742,6 @@ def explain_checkpoint(open_clip: Any, model: str, path: str, quick_gelu: bool, 
 
 def _create_or_explain(open_clip: Any, model: str, pretrained: str, quick_gelu: bool) -> Any:
     try:
-        return open_clip.create_model(model, pretrained=pretrained, force_quick_gelu=quick_gelu)
+        return _quiet_create_model(open_clip, model, pretrained=pretrained, force_quick_gelu=quick_gelu)
     except Exception as exc:  # open_clip raises RuntimeError (and others) for every failure
         raise BackboneLoadError(explain_checkpoint(open_clip, model, pretrained, quick_gelu, exc)) from exc
