@@ -123,7 +123,7 @@ def build_label_space(bundle: Bundle, extra: Sequence[str], encode_classes: Clas
     owners = [task["name"] for task in bundle.tasks for _ in task["classes"]]
     stored = bundle.tensors(LEARNED, keys=[ZS_TEXT])[ZS_TEXT]  # only this tensor is read
     known = {class_key(name) for name in learned}
-    wanted = list(bundle.manifest.get("zero_shot", {}).get("labels", [])) + list(extra)
+    wanted = list(bundle.meta.zero_shot.labels) + list(extra)
     new_by_key: dict[str, str] = {}
     for name in wanted:  # the one rule: the same class_key is the same class (the learned one wins)
         if class_key(name) not in known:
@@ -136,7 +136,7 @@ def build_label_space(bundle: Bundle, extra: Sequence[str], encode_classes: Clas
         )
     if not new:
         return LabelSpace(list(learned), stored.astype(np.float32), owners)
-    templates = bundle.manifest.get("zero_shot", {}).get("templates", ["a photo of a {}."])
+    templates = bundle.meta.zero_shot.templates
     feats = encode_classes(new, templates)
     return LabelSpace(list(learned) + new, np.concatenate([stored.astype(np.float32), feats]),
                       owners + [ZERO_SHOT] * len(new))

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from edgeclip.bundle import Bundle, create_bundle
-from edgeclip.edgeapp.tasks import DEFAULT_TEMPLATES, MethodSettings, initial_learned, write_gated_graph
+from edgeclip.edgeapp.tasks import MethodSettings, initial_learned, write_gated_graph
 from edgeclip.export.trace import export_image_encoder, export_text_encoder
 from edgeclip.layout import LEARNED, MOE_STATE, graph_file
+from edgeclip.manifest import DEFAULT_TEMPLATES
 from edgeclip.train.backbone import check_method, load_backbone
 from edgeclip.train.registry import learner_spec
 

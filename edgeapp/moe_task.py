@@ -94,10 +94,10 @@ def add_moe_task(
     settings = TrainSettings(
         iterations=int(recipe["iterations"]), batch_size=int(recipe["batch_size"]), lr=float(recipe["lr"]),
         warmup=min(int(recipe["warmup"]), max(int(recipe["iterations"]) // 10, 0)),
-        freeze_rule=recipe["freeze_rule"], seed=int(bundle.manifest["method"]["settings"].get("seed", 0)),
+        freeze_rule=recipe["freeze_rule"], seed=bundle.meta.method.settings.seed,
         device=device, on_step=(lambda step, total, loss: progress("training", step, total))
         if progress else None,
-        exact_preprocess=bool(bundle.manifest["preprocess"].get("exact", False)),
+        exact_preprocess=bundle.meta.preprocess.exact,
     )
     backbone, model = load_moe_model(bundle)
     samples = [(str(path), label) for path, label in domain.samples]

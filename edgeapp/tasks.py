@@ -31,13 +31,19 @@ from edgeclip.layout import (
     ZS_TEXT,
     rail_key,
 )
+from edgeclip.manifest import (
+    DEFAULT_BETA,
+    DEFAULT_FUSION,
+    DEFAULT_GAMMA,
+    DEFAULT_HIDDEN,
+    DEFAULT_KERNEL_GAMMA,
+    DEFAULT_LAMBDA,
+)
 from edgeclip.train.ddas import QUANTILE as GATE_QUANTILE
 from edgeclip.train.ddas import K as GATE_K
 from edgeclip.train.decision import FUSIONS, gate_states, learned_tensors
 from edgeclip.train.rail import RailDual, RailPrimal
 from edgeclip.train.registry import learner_spec, load_learner
-
-DEFAULT_TEMPLATES = ["a photo of a {}."]
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -48,12 +54,12 @@ class MethodSettings:
     """What ``edgeclip init`` records about the learner; defaults are the papers'."""
 
     method: str = "rail-primal"
-    hidden: int = 15000  # RAIL primal random features
-    gamma: float = 0.1  # RAIL primal ridge
-    gamma_kernel: float = 0.1  # RAIL dual RBF
-    lam: float = 1e-3  # RAIL dual ridge
-    beta: float = 0.8  # fusion weight of the learned scores
-    fusion: str = "ddas"  # how RAIL picks images for the learned head: ddas | paper
+    hidden: int = DEFAULT_HIDDEN  # RAIL primal random features
+    gamma: float = DEFAULT_GAMMA  # RAIL primal ridge
+    gamma_kernel: float = DEFAULT_KERNEL_GAMMA  # RAIL dual RBF
+    lam: float = DEFAULT_LAMBDA  # RAIL dual ridge
+    beta: float = DEFAULT_BETA  # fusion weight of the learned scores
+    fusion: str = DEFAULT_FUSION  # how RAIL picks images for the learned head: ddas | paper
     gate_kind: str = "linear"  # DDAS autoencoder: linear (closed form, torch-free) | mlp
     gate_k: int = GATE_K  # measured in docs/LEARNERS.md
     gate_quantile: float = GATE_QUANTILE
@@ -185,8 +191,7 @@ def add_task(
     learner = learner_spec(bundle.method)
     if learner.needs_torch:
         require_torch(f"{bundle.method} add-task (training)")
-    settings = bundle.manifest["method"]["settings"]
-    domain = load_domain(Path(domain_dir), shots, int(settings.get("seed", 0)))
+    domain = load_domain(Path(domain_dir), shots, bundle.meta.method.settings.seed)
     name = name or domain.name
     check_new_task(bundle, domain.classes, name)
     if learner.learns_from == "images":  # MoE: gradients through the adapted backbone, with torch
@@ -202,7 +207,7 @@ def fit_task_gate(bundle: Bundle, feats: np.ndarray) -> tuple[dict[str, np.ndarr
     from edgeclip.train.ddas import fit_gate
 
     gate = bundle.manifest["gate"]
-    seed = int(bundle.manifest["method"]["settings"].get("seed", 0))
+    seed = bundle.meta.method.settings.seed
     autoencoder, threshold = fit_gate(feats, kind=gate["kind"], k=int(gate["k"]), quantile=float(gate["quantile"]), seed=seed)
     return autoencoder.state(), autoencoder.settings(), float(threshold)
 

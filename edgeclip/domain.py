@@ -24,8 +24,8 @@ from pathlib import Path
 
 from edgeclip.discover import discover_images, display_path
 from edgeclip.errors import DomainError, UsageError
+from edgeclip.manifest import DEFAULT_TEMPLATES
 
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
 SPLIT_NAMES = ("train", "val", "test")
 # The fewest readable images add-task learns from: one per class, and three in the task, since
 # the DDAS gate fits on most of them and holds a fifth (at least one) out to calibrate its threshold.

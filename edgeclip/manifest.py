@@ -39,10 +39,15 @@ VERSION_RE = re.compile(r"^v(\d{4,})$")
 # one path component of a bundle file: starts with a letter, digit or underscore (never a dot)
 _NAME_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}$")
 
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
-DEFAULT_LOGIT_SCALE = 100.0
-DEFAULT_BETA = 0.8
-DEFAULT_FUSION = "ddas"
+# Every default a manifest field has, defined once (the papers' values; METHODS.md):
+DEFAULT_TEMPLATES = ("a photo of a {}.",)  # one prompt, as RAIL and MoE-Adapters' X-TAIL
+DEFAULT_LOGIT_SCALE = 100.0  # CLIP's trained temperature (OpenAI weights); init records the model's own
+DEFAULT_BETA = 0.8  # RAIL-Fusion's weight of the learned scores
+DEFAULT_FUSION = "ddas"  # edgeclip's gate; "paper" is RAIL's zero-shot top-1 rule
+DEFAULT_HIDDEN = 15000  # RAIL primal random features
+DEFAULT_GAMMA = 0.1  # RAIL primal ridge
+DEFAULT_KERNEL_GAMMA = 0.1  # RAIL dual RBF kernel width
+DEFAULT_LAMBDA = 1e-3  # RAIL dual ridge
 
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -117,8 +122,8 @@ class MethodSettings(_Section):
     hidden: PosInt | None = None
     gamma: float | None = None
     dim: PosInt | None = None
-    gamma_kernel: float | None = None
-    lam: float | None = None
+    gamma_kernel: float = DEFAULT_KERNEL_GAMMA
+    lam: float = DEFAULT_LAMBDA
     learner: dict[str, Any] | None = None
     moe: dict[str, Any] | None = None
     train: dict[str, Any] | None = None
@@ -126,7 +131,7 @@ class MethodSettings(_Section):
 
 class Method(_Section):
     """The learner (``rail-primal``, ``rail-dual`` or ``moe``) and its settings."""
-    name: Literal["rail-primal", "rail-dual", "moe"]
+    name: Literal["rail-primal", "rail-dual", "moe"]  # the learner registry's names (a test keeps them equal)
     settings: MethodSettings = msgspec.field(default_factory=MethodSettings)
 
 
@@ -292,6 +297,20 @@ def validate_manifest(data: Mapping[str, Any], complete: bool = True) -> Manifes
             if entry.sha256 is None or entry.size is None:
                 raise BundleError(f"invalid manifest: `$.files.{name}` lacks its sha256 or size")
     return meta
+
+
+_SECTIONS: dict[str, type] = {"method": Method, "gate": Gate, "zero_shot": ZeroShot, "preprocess": Preprocess,
+                               "backbone": Backbone}
+
+
+def parse_section(manifest: Mapping[str, Any], name: str) -> Any:
+    """One typed section of a (possibly partial) manifest dict, its defaults filled in: ``method``,
+    ``gate``, ``zero_shot``, ``preprocess`` or ``backbone``. A missing optional section gives its
+    defaults. Raises BundleError naming the field that does not fit."""
+    try:
+        return msgspec.convert(manifest.get(name) or {}, _SECTIONS[name])
+    except msgspec.ValidationError as exc:
+        raise BundleError(f"invalid manifest: {exc} (in `$.{name}`)") from None
 
 
 def to_builtins(meta: Manifest) -> dict[str, Any]:

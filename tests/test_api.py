@@ -93,3 +93,12 @@ def test_facade_is_lazy_and_refuses_unknown_names() -> None:
     assert result.returncode == 0, result.stderr
     with pytest.raises(AttributeError):
         edgeclip.no_such_name  # noqa: B018
+
+
+def test_the_manifest_schema_knows_exactly_the_registered_learners() -> None:
+    import typing
+
+    from edgeclip.manifest import Method
+    from edgeclip.train.registry import METHOD_NAMES
+
+    assert set(typing.get_args(typing.get_type_hints(Method)["name"])) == set(METHOD_NAMES)

@@ -34,15 +34,13 @@ from edgeclip.layout import (
     gate_key,
     rail_key,
 )
+from edgeclip.manifest import parse_section
 from edgeclip.train import ddas, fusion
 from edgeclip.train.ddas import ROUTE_RULE, ROUTE_RULES
 from edgeclip.train.rail import RailDual, RailPrimal
 from edgeclip.train.registry import LEARNERS, LearnerSpec, learner_spec
 
 FUSIONS = ("ddas", "paper")
-DEFAULT_BETA = 0.8
-DEFAULT_LOGIT_SCALE = 100.0
-DEFAULT_KERNEL_GAMMA = 0.1
 
 
 
@@ -161,10 +159,10 @@ class DecisionSpec:
         disagree with the manifest's tasks, or a non-positive threshold; KeyError on a manifest without
         ``method.name``.
         """
-        method = manifest["method"]["name"]
-        settings = manifest["method"].get("settings", {}) or {}
-        tasks = manifest.get("tasks", [])
-        fusion = settings.get("fusion", "ddas")
+        # typed sections, with the defaults of edgeclip.manifest
+        method_section, gate = parse_section(manifest, "method"), parse_section(manifest, "gate")
+        method, settings, tasks = method_section.name, method_section.settings, manifest.get("tasks", [])
+        fusion = settings.fusion
         if fusion not in FUSIONS:
             raise BundleError(f"unknown fusion rule {fusion!r}; known: {FUSIONS}")
         if method not in LEARNERS:
@@ -176,19 +174,17 @@ class DecisionSpec:
                               f"the manifest {[len(t['classes']) for t in tasks]}")
         if not np.array_equal(offsets, np.cumsum(sizes) - sizes):
             raise BundleError(f"task offsets {offsets.tolist()} do not follow the task sizes {sizes.tolist()}")
-        gate = manifest.get("gate") or {}
-        route_rule = (gate.get("settings") or {}).get("route_rule", ROUTE_RULE)
+        route_rule = (gate.settings.route_rule if gate.settings else None) or ROUTE_RULE
         if route_rule not in ROUTE_RULES:
             raise BundleError(f"unknown gate routing rule {route_rule!r}; known: {ROUTE_RULES}")
         thresholds = np.asarray([float(t["threshold"]) for t in tasks], np.float32)
         if np.any(~(thresholds > 0)):
             raise BundleError(f"gate thresholds must be positive, got {thresholds.tolist()}")
         return cls(
-            method=method, fusion=fusion, beta=float(settings.get("beta", DEFAULT_BETA)),
-            logit_scale=float((manifest.get("zero_shot") or {}).get("logit_scale", DEFAULT_LOGIT_SCALE)),
-            gate_kind=gate.get("kind", "linear"), route_rule=route_rule, thresholds=thresholds,
+            method=method, fusion=fusion, beta=float(settings.beta), logit_scale=float(parse_section(manifest, "zero_shot").logit_scale),
+            gate_kind=gate.kind, route_rule=route_rule, thresholds=thresholds,
             offsets=offsets, sizes=sizes,
-            kernel_gamma=float(settings.get("gamma_kernel", DEFAULT_KERNEL_GAMMA)),
+            kernel_gamma=float(settings.gamma_kernel),
         )
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import numpy as np
 
 from edgeclip.errors import UsageError
+from edgeclip.manifest import DEFAULT_BETA, DEFAULT_LOGIT_SCALE
 
-BETA = 0.8  # the paper's weight of the learned scores
-LOGIT_SCALE = 100.0  # CLIP's learned temperature, fixed at its trained value
+BETA = DEFAULT_BETA  # the paper's weight of the learned scores
+LOGIT_SCALE = DEFAULT_LOGIT_SCALE  # CLIP's trained temperature (the bundle records its model's own)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
