@@ -13,6 +13,7 @@ for a missing or damaged bundle, ``MissingExtraError`` when torch is needed and 
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from edgeclip.bundle import Bundle, rollback
-from edgeclip.discover import discover_images, display_path
+from edgeclip.discover import discover_images
 from edgeclip.edgeapp.classify import (
     LabelSpace,
     Prediction,
@@ -226,7 +227,7 @@ def _in_input_order(preds: Iterable[Prediction], paths: Sequence[Path]) -> list[
     """classify_files yields a batch's unreadable files first: put results back in input order."""
     position: dict[str, list[int]] = {}
     for i, path in enumerate(paths):
-        position.setdefault(display_path(path), []).append(i)
+        position.setdefault(os.fspath(path), []).append(i)  # Prediction.path is os.fspath (surrogateescape)
     ordered: list[Prediction | None] = [None] * len(paths)
     for pred in preds:
         ordered[position[pred.path].pop(0)] = pred

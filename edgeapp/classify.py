@@ -15,10 +15,11 @@ import numpy as np
 
 from edgeclip.bundle import Bundle
 from edgeclip.discover import display_path
+from edgeclip.domain import ZERO_SHOT_ROUTE_NAME
 from edgeclip.errors import UsageError
 from edgeclip.layout import LEARNED, ZS_TEXT
 
-ZERO_SHOT = "zero-shot"
+ZERO_SHOT = ZERO_SHOT_ROUTE_NAME  # the route of an image that fits no learned task
 
 
 @dataclass

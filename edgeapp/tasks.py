@@ -16,7 +16,18 @@ import numpy as np
 
 from edgeclip.bundle import Bundle, VersionWriter, utc_now
 from edgeclip.discover import display_path
-from edgeclip.domain import Domain, class_key, few_shot, read_domain, require_enough_images
+from edgeclip.domain import (
+    MIN_IMAGES_PER_CLASS,
+    MIN_TASK_IMAGES,
+    MINIMUM_TEXT,
+    Domain,
+    check_class_names,
+    check_task_name,
+    class_key,
+    few_shot,
+    read_domain,
+    require_enough_images,
+)
 from edgeclip.edgeapp.runtime import ImageEncoderRunner, TextEncoderRunner
 from edgeclip.errors import DomainError, UsageError
 from edgeclip.export.compose import build_gated_graph
@@ -97,7 +108,11 @@ def initial_learned(settings: MethodSettings, dim: int) -> dict[str, np.ndarray]
 
 
 def check_new_task(bundle: Bundle, classes: Sequence[str], name: str) -> None:
-    """Refuse what would corrupt the bundle: a used task name or a class name already learned."""
+    """Refuse (DomainError) what would corrupt the bundle or make a prediction ambiguous: a task name that
+    is taken, empty, "zero-shot" or not plain text; class names that are empty, not plain text, twins
+    of each other, or already learned by an earlier task (`edgeclip.domain.class_key`)."""
+    check_task_name(name)
+    check_class_names(list(classes))
     if any(task["name"] == name for task in bundle.tasks):
         raise DomainError(f"A task named '{name}' is already learned; pass --name to choose another.")
     learned = {class_key(c): (c, task["name"]) for task in bundle.tasks for c in task["classes"]}
@@ -270,13 +285,26 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
     if spec.learns_from != "embeddings":
         raise UsageError(f"A '{bundle.method}' bundle learns from images, not embeddings: add the task from a folder.")
     feats = np.asarray(feats, np.float32)
-    labels = np.asarray(labels, np.int64)
+    labels = np.asarray(labels)
     dim = int(bundle.manifest["backbone"]["embed_dim"])
-    if feats.ndim != 2 or feats.shape[1] != dim or labels.shape != (len(feats),):
-        raise UsageError(f"expected embeddings [N, {dim}] and labels [N], got {list(feats.shape)} and {list(labels.shape)}")
+    if feats.ndim != 2 or feats.shape[1] != dim or labels.shape != (len(feats),) or labels.dtype.kind not in "iu":
+        raise UsageError(f"expected embeddings [N, {dim}] float32 and integer labels [N], got {list(feats.shape)} "
+                         f"and {labels.dtype} {list(labels.shape)}")
+    labels = labels.astype(np.int64)
     if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
         raise UsageError(f"labels must index the {len(classes)} classes")
+    norms = np.linalg.norm(feats, axis=1)
+    if not np.all(np.isfinite(feats)) or not np.allclose(norms, 1.0, atol=1e-3):
+        raise UsageError("embeddings must be the bundle's frozen image embeddings: finite, unit rows "
+                         "(Classifier.embed_images gives them)")
+    if len(classes) < 2:
+        raise DomainError(f"a task needs at least 2 classes, got {len(classes)}")
     check_new_task(bundle, list(classes), name)
+    counts = np.bincount(labels, minlength=len(classes))
+    short = [c for c, n in zip(classes, counts) if n < MIN_IMAGES_PER_CLASS]
+    if short or len(labels) < MIN_TASK_IMAGES:
+        raise DomainError(f"too few embeddings: class(es) {', '.join(repr(c) for c in short[:5]) or '-'} have fewer "
+                          f"than {MIN_IMAGES_PER_CLASS}, or the task fewer than {MIN_TASK_IMAGES}; {MINIMUM_TEXT}")
     learned = bundle.tensors(LEARNED)
     offset = learned[ZS_TEXT].shape[0]
     learner = rail_learner(bundle, learned)

@@ -507,12 +507,34 @@ class Bundle:
                 self._verify_content(name, st)
 
     def verify(self) -> None:
-        """Hash every file of this version, ignoring stamps (``edgeclip verify``); refreshes the
-        stamps of what matched. Raises BundleError at the first damaged file."""
+        """Check everything in this version, ignoring stamps (``edgeclip verify``): every file's sha256
+        (refreshing the stamps of what matched), every tensor file's shapes and finiteness (a file that
+        is not safetensors, e.g. a pickle, is refused unread), and every graph's external-data
+        locations (plain names of files beside it). Raises BundleError at the first problem."""
         for name in self.manifest["files"]:
             st = self._check_file(name)
             self._verify_content(name, st, use_stamp=False)
             self._verified.add(name)
+        for name in self.manifest["files"]:
+            if name.endswith(".safetensors"):
+                self.tensors(name)  # shapes against the manifest, finite values
+            elif name.endswith(".onnx"):
+                self._check_graph_locations(name)
+
+    def _check_graph_locations(self, name: str) -> None:
+        import onnx
+
+        path = self.path(name)
+        try:
+            graph = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # onnx raises DecodeError and others for a damaged file
+            raise BundleError(f"Bundle {self.root} {self.label}: graph '{name}' cannot be read: {type(exc).__name__}") from None
+        for tensor in _external_tensors(graph.graph):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if not location or "/" in location or "\\" in location or location.startswith(".") \
+                    or not (path.parent / location).is_file():
+                raise BundleError(f"Bundle {self.root} {self.label}: graph '{name}' refers to external data "
+                                  f"{location[:60]!r}, which is not a file beside it; refusing the graph.")
 
     # -- facts used everywhere -----------------------------------------------------------
     @property
@@ -1194,6 +1216,10 @@ def verify_bundle(root: Path | str, versions: list[str] | None = None) -> list[t
     when all is intact."""
     root = Path(root)
     problems = []
+    try:
+        current_version(root)  # CURRENT must name a complete version
+    except BundleError as exc:
+        problems.append(("CURRENT", str(exc)))
     for name in versions or list_versions(root):
         try:
             Bundle.open(root, name).verify()

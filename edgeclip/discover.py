@@ -191,7 +191,8 @@ def _walk(folder: Path, recursive: bool, result: DiscoveryResult, visited: set[s
             if recursive:
                 yield from _walk(path, recursive, result, visited)
         elif entry.is_symlink() and not is_file:
-            result.missing.append((path, "broken symbolic link"))
+            reason = "a link to something that is not a regular file" if os.path.exists(path) else "broken symbolic link"
+            result.missing.append((path, reason))
         elif has_image_extension(entry.name):
             yield path  # named like an image: decoded, or reported as unreadable
         elif is_file:

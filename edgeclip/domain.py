@@ -21,6 +21,7 @@ import json
 import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 from edgeclip.discover import discover_images, display_path
 from edgeclip.errors import DomainError, UsageError
@@ -104,16 +105,7 @@ def read_domain(directory: Path | str, split: str = "train") -> Domain:
         raise DomainError(
             f"class folder names must be UTF-8 text; rename {', '.join(display_path(class_root / n) for n in undecodable[:3])}"
         )
-    twins: dict[str, list[str]] = {}
-    for name in classes:
-        twins.setdefault(class_key(name), []).append(name)
-    clashes = [names for names in twins.values() if len(names) > 1]
-    if clashes:
-        shown = "; ".join(" / ".join(f"'{n}'" for n in names) for names in clashes[:3])
-        raise DomainError(
-            f"{display_path(class_root)}: class folders that differ only in case or Unicode form name one class: "
-            f"{shown}; merge or rename them"
-        )
+    check_class_names(classes, f"{display_path(class_root)}: class folders")
     if len(classes) < 2:
         raise DomainError(
             f"{display_path(class_root)} has {len(classes)} class folder(s); a domain needs at least 2 "
@@ -155,6 +147,37 @@ def require_enough_images(domain: Domain, readable: dict[int, int], unreadable: 
             f"only {total} readable image(s) in {display_path(domain.root)} "
             f"({sum(unreadable.values())} unreadable); {MINIMUM_TEXT}"
         )
+
+
+ZERO_SHOT_ROUTE_NAME = "zero-shot"  # what classify reports as the route of an image that fits no task
+
+
+def check_class_names(classes: Sequence[str], where: str = "class names") -> None:
+    """Refuse (DomainError) class names that are empty, not UTF-8 text, hold control characters (a
+    newline would end up inside the CLIP prompt), or name one class twice under the `class_key` rule
+    (case folding, Unicode NFC). ``where`` starts the message."""
+    bad = [name for name in classes if not isinstance(name, str) or not name.strip() or not _is_utf8(name)
+           or any(unicodedata.category(ch) == "Cc" for ch in name)]
+    if bad:
+        raise DomainError(f"{where}: {', '.join(repr(n) for n in bad[:3])} must be non-empty UTF-8 text "
+                          "without control characters")
+    twins: dict[str, list[str]] = {}
+    for name in classes:
+        twins.setdefault(class_key(name), []).append(name)
+    clashes = [names for names in twins.values() if len(names) > 1]
+    if clashes:
+        shown = "; ".join(" / ".join(f"'{n}'" for n in names) for names in clashes[:3])
+        raise DomainError(f"{where} that differ only in case or Unicode form name one class: {shown}; merge or rename them")
+
+
+def check_task_name(name: str) -> None:
+    """Refuse (DomainError) a task name that is empty, not UTF-8 text, holds control characters, or is
+    "zero-shot" (which classify reports as the route of images that fit no task)."""
+    if not isinstance(name, str) or not name.strip() or not _is_utf8(name) or any(
+            unicodedata.category(ch) == "Cc" for ch in name):
+        raise DomainError(f"task name {name!r} must be non-empty UTF-8 text without control characters; pass --name")
+    if class_key(name) == class_key(ZERO_SHOT_ROUTE_NAME):
+        raise DomainError(f"'{name}' is what classify reports for images of no task; choose another task name")
 
 
 def _is_utf8(name: str) -> bool:

@@ -283,6 +283,8 @@ def validate_manifest(data: Mapping[str, Any], complete: bool = True) -> Manifes
                           f"{SCHEMA_VERSION}. Upgrade edgeclip or re-create the bundle.")
     for name in list(meta.files) + list(meta.tensors):
         check_file_name(name)
+    if meta.backbone.text is not None:
+        check_file_name(meta.backbone.text.file)  # the tokenizer file must be a plain name of the bundle
     for name in meta.tensors:
         if name not in meta.files:
             raise BundleError(f"invalid manifest: `$.tensors` names '{name}', which is not in `$.files`")

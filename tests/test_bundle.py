@@ -38,7 +38,7 @@ def own_stamp_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 def make_bundle(root: Path) -> Bundle:
     with create_bundle(root, dict(BASE)) as writer:
         writer.write_tensors("learned.safetensors", {"w": np.arange(12, dtype=np.float32).reshape(3, 4)})
-        writer.write_bytes("graphs/g.onnx", b"graph-v1")
+        writer.write_bytes("graphs/g.bin", b"graph-v1")
     return Bundle.open(root)
 
 
@@ -51,7 +51,7 @@ def test_versions_inherit_and_switch(tmp_path: Path) -> None:
     assert (first.version, second.version) == ("v0001", "v0002")
     assert second.manifest["parent"] == "v0001"
     assert second.tensors("learned.safetensors")["w"].shape == (3, 5)
-    assert second.path("graphs/g.onnx").read_bytes() == b"graph-v1"  # inherited
+    assert second.path("graphs/g.bin").read_bytes() == b"graph-v1"  # inherited
     # the old version is untouched
     assert Bundle.open(tmp_path / "b", "v0001").tensors("learned.safetensors")["w"].sum() == 66
 
@@ -59,10 +59,10 @@ def test_versions_inherit_and_switch(tmp_path: Path) -> None:
 def test_writing_an_inherited_file_never_touches_the_parent(tmp_path: Path) -> None:
     first = make_bundle(tmp_path / "b")
     with first.new_version() as writer:
-        with open(writer.writable_path("graphs/g.onnx"), "wb") as handle:
+        with open(writer.writable_path("graphs/g.bin"), "wb") as handle:
             handle.write(b"graph-v2")
-    assert Bundle.open(tmp_path / "b", "v0001").path("graphs/g.onnx").read_bytes() == b"graph-v1"
-    assert Bundle.open(tmp_path / "b").path("graphs/g.onnx").read_bytes() == b"graph-v2"
+    assert Bundle.open(tmp_path / "b", "v0001").path("graphs/g.bin").read_bytes() == b"graph-v1"
+    assert Bundle.open(tmp_path / "b").path("graphs/g.bin").read_bytes() == b"graph-v2"
 
 
 def test_exception_inside_writer_keeps_previous_version(tmp_path: Path) -> None:
@@ -100,7 +100,7 @@ def test_validation_errors(tmp_path: Path, damage: str) -> None:
         manifest_path.write_text(json.dumps(manifest))
         expected = "schema version 99"
     elif damage == "missing":
-        (bundle.dir / "graphs" / "g.onnx").unlink()
+        (bundle.dir / "graphs" / "g.bin").unlink()
         expected = "missing"
     elif damage == "truncated":
         tensors.write_bytes(tensors.read_bytes()[:-7])
@@ -111,7 +111,7 @@ def test_validation_errors(tmp_path: Path, damage: str) -> None:
         tensors.write_bytes(bytes(data))
         # opening reads no content; the damaged file is refused on its first use, and by verify
         opened = Bundle.open(tmp_path / "b")
-        assert opened.path("graphs/g.onnx").read_bytes() == b"graph-v1"
+        assert opened.path("graphs/g.bin").read_bytes() == b"graph-v1"
         with pytest.raises(BundleError, match="sha256"):
             opened.tensors("learned.safetensors")
         with pytest.raises(BundleError, match="sha256"):
@@ -429,18 +429,18 @@ def test_manifest_names_outside_the_bundle_are_refused_without_disclosure(tmp_pa
 def test_symlinks_and_special_files_in_a_bundle_are_refused(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
-    (outside / "g.onnx").write_bytes(b"graph-v1")  # same content: its hash would match
+    (outside / "g.bin").write_bytes(b"graph-v1")  # same content: its hash would match
     bundle = make_bundle(tmp_path / "b")
-    target = bundle.dir / "graphs" / "g.onnx"
+    target = bundle.dir / "graphs" / "g.bin"
     target.unlink()
-    target.symlink_to(outside / "g.onnx")
+    target.symlink_to(outside / "g.bin")
     with pytest.raises(BundleError, match="symlink") as err:
         Bundle.open(tmp_path / "b")
     assert str(outside) not in str(err.value)
     # a symlinked folder on the way
     target.unlink()
     (outside / "graphs").mkdir()
-    (outside / "graphs" / "g.onnx").write_bytes(b"graph-v1")
+    (outside / "graphs" / "g.bin").write_bytes(b"graph-v1")
     os.rmdir(bundle.dir / "graphs")
     (bundle.dir / "graphs").symlink_to(outside / "graphs")
     with pytest.raises(BundleError, match="not a plain folder"):
@@ -448,7 +448,7 @@ def test_symlinks_and_special_files_in_a_bundle_are_refused(tmp_path: Path) -> N
     # a fifo where a file should be
     (bundle.dir / "graphs").unlink()
     (bundle.dir / "graphs").mkdir()
-    os.mkfifo(bundle.dir / "graphs" / "g.onnx")
+    os.mkfifo(bundle.dir / "graphs" / "g.bin")
     with pytest.raises(BundleError, match="not a regular file"):
         Bundle.open(tmp_path / "b")
 
@@ -566,14 +566,14 @@ def test_open_reads_no_content_and_stamps_skip_verified_files(tmp_path: Path, co
     Bundle.open(tmp_path / "b").tensors("learned.safetensors")
     assert count_hashes == ["learned.safetensors"]  # stamped now
     # the same size, new content: the stamp no longer matches, the hash catches it
-    path = fresh.dir / "graphs" / "g.onnx"
+    path = fresh.dir / "graphs" / "g.bin"
     path.write_bytes(b"graph-v9")
     with pytest.raises(BundleError, match="sha256"):
-        Bundle.open(tmp_path / "b").path("graphs/g.onnx")
+        Bundle.open(tmp_path / "b").path("graphs/g.bin")
     count_hashes.clear()
     with pytest.raises(BundleError, match="sha256"):
         Bundle.open(tmp_path / "b").verify()  # verify hashes everything, stamps or not
-    assert set(count_hashes) <= {"learned.safetensors", "g.onnx"} and "g.onnx" in count_hashes
+    assert set(count_hashes) <= {"learned.safetensors", "g.bin"} and "g.bin" in count_hashes
 
 
 def test_a_new_version_does_not_rehash_inherited_files(tmp_path: Path, count_hashes: list[str]) -> None:
@@ -583,13 +583,13 @@ def test_a_new_version_does_not_rehash_inherited_files(tmp_path: Path, count_has
         writer.write_bytes("notes.txt", b"new")
     assert count_hashes == ["notes.txt"]
     second = Bundle.open(tmp_path / "b")
-    assert second.manifest["files"]["graphs/g.onnx"] == first.manifest["files"]["graphs/g.onnx"]
+    assert second.manifest["files"]["graphs/g.bin"] == first.manifest["files"]["graphs/g.bin"]
     second.verify()
 
 
 def test_a_damaged_parent_file_is_not_laundered_into_a_new_version(tmp_path: Path) -> None:
     first = make_bundle(tmp_path / "b")
-    (first.dir / "graphs" / "g.onnx").write_bytes(b"graph-XX")
+    (first.dir / "graphs" / "g.bin").write_bytes(b"graph-XX")
     with pytest.raises(BundleError, match="sha256"):
         Bundle.open(tmp_path / "b").new_version()
     assert list_versions(tmp_path / "b") == ["v0001"]

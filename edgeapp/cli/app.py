@@ -12,6 +12,7 @@ that went away (``edgeclip classify ... | head -1``) ends the run quietly with e
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -26,6 +27,7 @@ from edgeclip.edgeapp.cli.output import EXIT_INTERRUPTED, Interrupted, configure
 from edgeclip.errors import EdgeclipError
 from edgeclip.version import __version__
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EROFS, errno.EDQUOT, errno.EFBIG}
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `cat` reports when its reader goes away
 
 EXIT_CODES_HELP = (
@@ -81,6 +83,10 @@ def _guard(command: Callable[..., Any]) -> Callable[..., Any]:
             raise Interrupted("interrupted") from exc
         except BrokenPipeError as exc:
             raise _OutputClosed() from exc
+        except OSError as exc:
+            if exc.errno in _WRITE_ERRNOS:  # stdout or -o FILE on a full, read-only or failing disk
+                raise EdgeclipError(f"cannot write the output: {os.strerror(exc.errno)}") from exc
+            raise
 
     return run
 
@@ -94,12 +100,28 @@ for _info in app.registered_commands:
     _info.callback = _guard(_info.callback)
 
 
+def _flush_stdout() -> None:
+    """Flush buffered output now, so that a full disk is reported here, not at interpreter exit."""
+    try:
+        sys.stdout.flush()
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        silence_stdout()  # what could not be written is dropped, not retried at interpreter exit
+        raise EdgeclipError(f"cannot write the output: {os.strerror(exc.errno)}") from exc
+
+
 def main() -> None:
     """Console-script entry point: Typer handles usage errors (exit 2); edgeclip errors become
     one line on stderr and their exit code."""
     configure_streams()
     try:
-        app()
+        try:
+            app()
+        except SystemExit as done:
+            _flush_stdout()
+            raise done
+        _flush_stdout()
     except EdgeclipError as exc:
         if os.environ.get("EDGECLIP_DEBUG"):
             traceback.print_exc()

@@ -90,12 +90,17 @@ def classify(
     loaded = open_bundle(bundle)
     extra = parse_labels(labels, labels_file)
     found = discover_images(paths, recursive=recursive)
-    if found.missing:
-        shown = "; ".join(f"{visible(display_path(p))}: {msg}" for p, msg in found.missing[:3])
-        more = f" (and {len(found.missing) - 3} more)" if len(found.missing) > 3 else ""
+    given = {os.fspath(p) for p in paths}
+    named = [(p, msg) for p, msg in found.missing if os.fspath(p) in given]  # a path the user gave: exit 2
+    if named:
+        shown = "; ".join(f"{visible(display_path(p))}: {msg}" for p, msg in named[:3])
+        more = f" (and {len(named) - 3} more)" if len(named) > 3 else ""
         raise UsageError(f"expected existing image files or folders: {shown}{more}")
-    if not found.images:
-        raise UsageError("No images found in the given paths.")
+    # entries found inside the folders that cannot be read (a link loop, an unlistable folder): error rows
+    unreadable = [Prediction(path=os.fspath(p), error=msg) for p, msg in found.missing]
+    if not found.images and not unreadable:
+        skipped = f" ({len(found.skipped)} non-image files skipped; --verbose lists them)" if found.skipped else ""
+        raise UsageError(f"No images found in the given paths{skipped}.")
     runner = GatedRunner(loaded, backend, precision=precision.value)  # refuses a missing int8 graph early
     label_space = build_label_space(loaded, extra, TextEncoderRunner(loaded, backend).class_embeddings)
     writer = _writer(output_format, output, loaded, found.images, label_space, top_k)
@@ -106,6 +111,9 @@ def classify(
     start = time.perf_counter()
     try:
         writer.start()
+        if unreadable:
+            writer.write(unreadable)
+            failed += len(unreadable)
         with progress(quiet) as bar, StopAtBatchEnd() as stop:
             task = bar.add_task("classifying", total=total, info="")
 
