@@ -27,6 +27,7 @@ from edgeclip.train.moe_trainer import TrainSettings, train_task
 
 from edgeclip.bundle import Bundle, VersionWriter
 from edgeclip.domain import Domain
+from edgeclip.errors import UsageError
 from edgeclip.layout import LEARNED, MOE_GRAPH_FILES, MOE_STATE
 
 
@@ -34,9 +35,42 @@ def moe_settings(config: MoEConfig | None = None, train: dict[str, Any] | None =
     """What the manifest records: the adapter configuration and the training recipe's defaults."""
     defaults = TrainSettings()
     recipe = {"iterations": defaults.iterations, "batch_size": defaults.batch_size, "lr": defaults.lr,
-              "warmup": defaults.warmup, "freeze_rule": defaults.freeze_rule}
+              "warmup": defaults.warmup, "warmup_rule": "capped", "freeze_rule": defaults.freeze_rule}
     recipe.update(train or {})
     return {"moe": (config or MoEConfig()).to_dict(), "train": recipe}
+
+
+WARMUP_RULES = ("capped", "fixed")
+
+
+def task_recipe(train: dict[str, Any], name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One task's training recipe: the bundle's (manifest method.settings.train), then, when the
+    bundle was made with a preset, that preset's learning rate for the task's dataset
+    (``train.lr_by_dataset``: {"full": {dataset: lr}, "few": {...}}, keyed by `presets.dataset_key`;
+    options["shots"] picks the few-shot table), then `options` (e.g. add-task --lr)."""
+    from edgeclip.train.presets import dataset_key
+
+    recipe, options = dict(train), dict(options or {})
+    few = bool(options.pop("shots", None))
+    by_dataset = (recipe.pop("lr_by_dataset", None) or {}).get("few" if few else "full", {})
+    key = dataset_key(name)
+    if key in by_dataset:
+        recipe["lr"] = float(by_dataset[key])
+    recipe.update({k: v for k, v in options.items() if v is not None})
+    if recipe.get("warmup_rule", "capped") not in WARMUP_RULES:
+        raise UsageError(f"warmup_rule must be one of {', '.join(WARMUP_RULES)}, got {recipe['warmup_rule']!r}")
+    if not float(recipe["lr"]) > 0:
+        raise UsageError(f"the learning rate must be positive, got {recipe['lr']}")
+    return recipe
+
+
+def warmup_steps(recipe: dict[str, Any]) -> int:
+    """Warm-up steps: 'fixed' (the papers') takes them as given; 'capped' (edgeclip's default) caps
+    them at a tenth of the iterations, so a short run is not all warm-up."""
+    warmup, iterations = int(recipe["warmup"]), int(recipe["iterations"])
+    if recipe.get("warmup_rule", "capped") == "fixed":
+        return min(warmup, iterations)
+    return min(warmup, max(iterations // 10, 0))
 
 
 def initial_moe_state(backbone: Backbone, config: MoEConfig, seed: int) -> dict[str, np.ndarray]:
@@ -77,13 +111,12 @@ def add_moe_task(
     """Train the task's router and the free experts, fit its gate, export, write a new version."""
     from edgeclip.train.decision import gate_states, learned_tensors
 
-    recipe = dict(bundle.manifest["method"]["settings"]["train"])
-    recipe.update(options or {})
+    recipe = task_recipe(bundle.manifest["method"]["settings"]["train"], name, options)
     if iterations:
         recipe["iterations"] = iterations
     settings = TrainSettings(
         iterations=int(recipe["iterations"]), batch_size=int(recipe["batch_size"]), lr=float(recipe["lr"]),
-        warmup=min(int(recipe["warmup"]), max(int(recipe["iterations"]) // 10, 0)),
+        warmup=warmup_steps(recipe),
         freeze_rule=recipe["freeze_rule"], seed=int(bundle.manifest["method"]["settings"].get("seed", 0)),
         device=device, progress=sys.stderr.isatty() and progress is not None,
     )
@@ -100,6 +133,8 @@ def add_moe_task(
     tasks = bundle.tasks + [task_record(domain, name, len(result.samples), threshold, gate_settings)]
     tasks[-1]["training"] = {
         "iterations": settings.iterations,
+        "lr": settings.lr,
+        "warmup": settings.warmup,
         "final_loss": float(np.mean(result.losses[-10:])) if result.losses else None,
         "images_per_s": float(result.images_per_s),
         "experts_frozen": int(sum(int(np.sum(v)) for v in result.frozen.values())),

@@ -47,18 +47,34 @@ def init(
     encoders: Annotated[str, typer.Option(help="MoE: adapted encoders, 'image,text' (paper), 'image' or 'text'.")] = "image,text",
     freeze_rule: Annotated[str, typer.Option(help="MoE activate-freeze: 'strict' (learned tasks never drift) or 'paper'.")] = "strict",
     batch_size: Annotated[int, typer.Option(min=1, help="MoE: training batch size (paper 64).")] = 64,
-    lr: Annotated[float, typer.Option(min=0.0, help="MoE: AdamW learning rate (paper 1e-3).")] = 1e-3,
+    lr: Annotated[float, typer.Option(min=0.0, help="MoE: AdamW learning rate (paper: 1e-4 to 5e-3 per dataset; --preset moe-paper sets them).")] = 1e-3,
+    preset: Annotated[Optional[str], typer.Option(help="Every paper default in one word: moe-paper or rail-paper (overrides the options it sets; docs/FULL_SCALE.md lists them).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Create a new bundle with no task (zero-shot CLIP only), exporting the frozen encoders to ONNX."""
     from edgeclip.edgeapp.classify import parse_labels
     from edgeclip.edgeapp.tasks import MethodSettings, init_bundle, require_torch
+    from edgeclip.train.presets import get_preset
 
+    chosen = get_preset(preset)
+    preset_train: dict = {}
+    if chosen is not None:
+        values = chosen.init_settings()
+        method = Method(values["method"])
+        seed = values["seed"]
+        if chosen.method == "moe":
+            experts, freeze_rule, batch_size, encoders = (values["experts"], values["freeze_rule"],
+                                                          values["batch_size"], values["encoders"])
+            preset_train = {"preset": chosen.name, "warmup": chosen.warmup, "warmup_rule": chosen.warmup_rule,
+                            "iterations": chosen.iterations_full,
+                            "lr_by_dataset": {"full": dict(chosen.lr_full), "few": dict(chosen.lr_few)}}
+        else:
+            hidden, beta, fusion = values["hidden"], values["beta"], values["fusion"]
     require_torch("edgeclip init (reading open_clip models)")
     moe = {"n_experts": experts, "last_blocks": last_blocks,
            "encoders": [e.strip() for e in encoders.split(",") if e.strip()]}
     settings = MethodSettings(method=method.value, hidden=hidden, beta=beta, fusion=fusion, gate_kind=gate, seed=seed,
-                              moe=moe, moe_train={"freeze_rule": freeze_rule, "batch_size": batch_size, "lr": lr})
+                              moe=moe, moe_train={"freeze_rule": freeze_rule, "batch_size": batch_size, "lr": lr, **preset_train})
     root = bundle_path(bundle)
     with progress(quiet) as bar:
         bar.add_task("exporting the frozen encoders", total=None, info="")
@@ -74,6 +90,7 @@ def add_task(
     name: Annotated[Optional[str], typer.Option(help="Task name (default: the folder's name or meta.json's).")] = None,
     shots: Annotated[Optional[int], typer.Option(min=1, help="Use at most K images per class (few-shot).")] = None,
     iterations: Annotated[Optional[int], typer.Option(min=1, help="MoE: training iterations (default 1000).")] = None,
+    lr: Annotated[Optional[float], typer.Option(min=1e-12, help="MoE: this task's learning rate (default: the bundle's, or its preset's rate for the dataset).")] = None,
     device: Annotated[str, typer.Option(help="MoE training device: auto, cpu or cuda.")] = "auto",
     backend: BackendOpt = "auto",
     quiet: QuietOpt = False,
@@ -89,10 +106,13 @@ def add_task(
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter(f"expected auto, cpu or cuda, got '{device}'", param_hint="--device")
     root = bundle_path(bundle)
+    if lr is not None and Bundle.open(root).method != "moe":
+        raise typer.BadParameter("the learning rate applies to MoE bundles only (RAIL learns in closed form)",
+                                 param_hint="--lr")
     with progress(quiet) as bar:
         report = stage_reporter(bar)
         learned = learn(root, domain_dir, name=name, shots=shots, iterations=iterations, device=device,
-                        backend=backend, progress=report)
+                        backend=backend, progress=report, moe_options={"lr": lr, "shots": shots})
     if not quiet:
         task = learned.tasks[-1]
         err_console().print(escape(
