@@ -280,3 +280,47 @@ def test_moe_bundles_are_scored_through_their_gate(domains: list[Path], tmp_path
     assert step.accuracy[("mtil", "ddas")] == run.results[("mtil", "zero-shot")].zero_shot
     assert step.routing[("mtil", "ddas")]["seen_to_task"] == 0.0
     assert step.accuracy[("mtil", evaluate.KNOWN_TASK)] == [float(v) for v in mtil[1]]
+
+
+MEMORY_SCRIPT = r"""
+import resource, sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+from edgeclip.edgeapp import evaluate
+from edgeclip.edgeapp.tasks import MethodSettings, init_bundle
+
+root, per_class = Path(sys.argv[1]), int(sys.argv[2])
+rng = np.random.default_rng(0)
+dirs = []
+for d in range(2):
+    for split, n in (("train", 4), ("test", per_class)):
+        for c in range(2):
+            folder = root / f"dom{d}" / split / f"class{d}{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    dirs.append(root / f"dom{d}")
+init_bundle(root / "b", "edgeclip-tiny", random_weights=True, settings=MethodSettings(hidden=64))
+run = evaluate.run_protocols(root / "b", dirs, root / "w", protocols=["xtail"], decision="graph")
+assert [len(x) for x in run.suite.features] == [2 * per_class] * 2
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+@pytest.mark.slow
+def test_eval_memory_does_not_grow_with_the_test_set(tmp_path: Path) -> None:
+    """Peak RSS of a run over 2 x 3000 test images (what keeping their pixels would cost: 6000 x
+    3 x 64 x 64 x 4 bytes = 295 MB) stays within 100 MB of a run over 2 x 60, and under 1.5 GB."""
+    import subprocess
+    import sys
+
+    peaks = []
+    for n in (30, 1500):
+        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / str(n)), str(n)],
+                             capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-2000:]
+        peaks.append(int(out.stdout.split()[-1]))
+    small, large = peaks
+    assert large - small < 100, peaks
+    assert large < 1536, peaks
