@@ -139,6 +139,9 @@ def test_the_source_bundle_is_never_changed(both_protocols, source_bundle: Path)
     from edgeclip.bundle import Bundle
 
     assert [t["name"] for t in Bundle.open(run.bundle_dir).tasks] == ["shapes", "stripes"]
+    from edgeclip.bundle import list_versions
+
+    assert list_versions(run.bundle_dir) == ["v0001", "v0003"]  # the working copy keeps no step in between
     assert Bundle.open(source_bundle).tasks == []
 
 
