@@ -52,7 +52,9 @@ _ALIASES = {
 
 def dataset_key(name: str) -> str | None:
     """The MTIL dataset a domain name means ('FGVC-Aircraft', 'oxford_pets', 'Food101' ...), or None."""
-    return _ALIASES.get(re.sub(r"[^a-z0-9]", "", name.lower()))
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    # a subset named after its size ('dtd10': ten DTD classes) means its dataset
+    return _ALIASES.get(key) or _ALIASES.get(re.sub(r"\d+$", "", key)) if key else None
 
 
 def _per_dataset(values: tuple[float, ...]) -> dict[str, float]:
