@@ -166,3 +166,23 @@ def test_moe_paper_preset_at_init_and_add_task(domains: list[Path], tmp_path: Pa
                                "--hidden", "64", "--quiet"]).exit_code == 0
     bad = runner.invoke(app, ["add-task", str(domains[0]), "--bundle", str(rail), "--lr", "0.1"])
     assert bad.exit_code != 0 and "MoE bundles only" in bad.output
+
+
+def test_eval_command_takes_a_preset(domains: list[Path], tmp_path: Path) -> None:
+    from edgeclip.edgeapp.tasks import MethodSettings, init_bundle
+    from test_evaluate import eval_app
+    from typer.testing import CliRunner
+
+    init_bundle(tmp_path / "b", "edgeclip-tiny", random_weights=True, settings=MethodSettings(hidden=64))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(eval_app(), ["eval", *map(str, domains), "--bundle", str(tmp_path / "b"),
+                                             "--preset", "rail-paper", "--shots", "3", "--out", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["protocol"] == "xtail" and data["gate"] == "paper" and data["preset"]["name"] == "rail-paper"
+    assert [m["kind"] for m in data["matrices"]] == ["gated", "zero-shot"]
+    assert "not made with --preset rail-paper" in result.output and "hidden 64 (preset 15000)" in result.output
+    bad = CliRunner().invoke(eval_app(), ["eval", *map(str, domains), "--bundle", str(tmp_path / "b"),
+                                          "--preset", "nope", "--out", str(out)])
+    assert bad.exit_code != 0 and "Unknown preset 'nope'" in bad.output + str(bad.exception)
