@@ -652,11 +652,13 @@ def run_protocols(
         options: dict[str, Any] = {"shots": shots}
         if chosen is not None and bundle.method == "moe":
             options.update(chosen.moe_recipe(domain.name, shots))
-            record["tasks"][domain.name] = {k: options[k] for k in ("lr", "iterations", "warmup", "batch_size")}
         t0 = time.perf_counter()
         bundle = pipeline.add_task(work, domain.learn_dir, name=domain.name, shots=shots, iterations=iterations,
                                    backend=backend, progress=progress, moe_options=options)
         t1 = time.perf_counter()
+        if record is not None and bundle.method == "moe":  # what the task was trained with, as recorded
+            trained = bundle.tasks[-1].get("training", {})
+            record["tasks"][domain.name] = {k: trained.get(k) for k in ("lr", "iterations", "warmup")}
         scores = scorer.score(bundle, list(range(step + 1)), protocols, gates)
         timing.append(StepTiming(step + 1, domain.name, t1 - t0, time.perf_counter() - t1))
         drop_old_versions(work, keep=(first_version, bundle.version))
