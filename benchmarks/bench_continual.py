@@ -115,10 +115,12 @@ def run_method(method: str, args: argparse.Namespace, dirs: list[Path], work: Pa
     init_s = time.perf_counter() - t0
     gates = list(evaluate.GATES) if method in evaluate.RAIL_METHODS else ["ddas"]
     protocols = ["mtil", "xtail"]
+    preset = args.preset if method in evaluate.RAIL_METHODS else None  # moe-paper has no lr for cifar10
     run = evaluate.run_protocols(source, dirs, work / method / "run", protocols=protocols, gates=gates,
                                  shots=args.shots, test_per_class=per_class, backend=args.backend,
-                                 iterations=iterations)
-    scorer = evaluate.Scorer(run.suite, backend=args.backend)
+                                 iterations=iterations, preset=preset)
+    beta = run.preset["settings"]["beta"] if run.preset else None
+    scorer = evaluate.Scorer(run.suite, backend=args.backend, beta=beta)
     sizes = [len(x) for x in run.suite.features]
 
     upper: dict[str, list[float]] = {}
@@ -134,7 +136,7 @@ def run_method(method: str, args: argparse.Namespace, dirs: list[Path], work: Pa
 
     out: dict[str, Any] = {
         "method": method, "settings": dataclasses.asdict(settings),
-        "init_s": init_s, "results": {}, "upper_bound": upper, "upper_bound_learn_s": upper_s,
+        "init_s": init_s, "results": {}, "preset": run.preset, "upper_bound": upper, "upper_bound_learn_s": upper_s,
         "timing": [vars(t) for t in run.timing], "embed_test_s": run.suite.seconds,
         "renamed_classes": {d.name: d.renamed for d in run.suite.domains if d.renamed},
     }
@@ -170,7 +172,8 @@ def print_method(out: dict[str, Any], names: list[str], console: Console) -> Non
         table.add_row("zero-shot", *map(_f, r["zero_shot"]))
         for i, row in enumerate(r["matrix"]):
             table.add_row(f"{i + 1} {names[i]}", *map(_f, row))
-        table.add_row("upper bound", *map(_f, out["upper_bound"][key]))
+        if key in out["upper_bound"]:
+            table.add_row("upper bound", *map(_f, out["upper_bound"][key]))
         for m in ("transfer", "average", "last"):
             table.add_row(m, *map(_f, r["per_domain"][m]))
         console.print(table)
@@ -179,7 +182,8 @@ def print_method(out: dict[str, Any], names: list[str], console: Console) -> Non
         summary.add_column(col, justify="right")
     for key, r in out["results"].items():
         summary.add_row(key, _f(r["transfer"]), _f(r["average"]), _f(r["last"]), _f(float(np.mean(r["zero_shot"]))),
-                        _f(float(np.mean(out["upper_bound"][key]))), _f(r.get("unseen_to_zero_shot_pooled")))
+                        _f(float(np.mean(out["upper_bound"][key])) if key in out["upper_bound"] else None),
+                        _f(r.get("unseen_to_zero_shot_pooled")))
     console.print(summary)
     if "joint" in out:
         j = out["joint"]
@@ -199,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--moe-iterations", type=int, default=100, help="MoE training iterations per task")
     parser.add_argument("--moe-batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default=None,
+                        help="rail-paper: the paper's per-run settings for the RAIL methods (fusion weight, one "
+                             "template, duplicate names kept); the bundle keeps --hidden and --seed")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         "methods": methods,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "continual.json"
+    path = args.out / ("continual.json" if not args.preset else f"continual_{args.preset}.json")
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     console.print(f"wrote {path} ({record['wall_s']:.0f} s)")
 

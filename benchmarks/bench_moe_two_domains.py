@@ -27,6 +27,7 @@ import numpy as np
 from edgeclip.edgeapp import evaluate
 from edgeclip.edgeapp.create import init_bundle
 from edgeclip.edgeapp.tasks import MethodSettings
+from edgeclip.train.presets import get_preset
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -42,7 +43,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--test-per-class", type=int, default=20)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--preset", default=None, help="moe-paper: the paper's settings (explicit --iterations wins)")
     args = parser.parse_args()
+    preset = get_preset(args.preset)
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,12 +55,21 @@ def main() -> None:
             with tarfile.open(DATASETS / f"{name}.tar") as tar:
                 tar.extractall(data, filter="data")
             dirs.append(data / name)
-        settings = MethodSettings(method="moe", moe_train={"batch_size": args.batch_size, "lr": args.lr})
-        init_bundle(Path(tmp) / "bundle", args.model, random_weights=True, seed=0, settings=settings)
+        seed = 0
+        if preset is None:
+            settings = MethodSettings(method="moe", moe_train={"batch_size": args.batch_size, "lr": args.lr})
+        else:  # what `edgeclip init --preset moe-paper` sets
+            seed = preset.seed
+            settings = MethodSettings(method="moe", seed=seed, moe={"n_experts": preset.experts},
+                                      moe_train={"batch_size": preset.batch_size, "freeze_rule": preset.freeze_rule,
+                                                 "warmup": preset.warmup, "warmup_rule": preset.warmup_rule,
+                                                 "preset": preset.name})
+        init_bundle(Path(tmp) / "bundle", args.model, random_weights=True, seed=seed, settings=settings)
         run = evaluate.run_protocols(Path(tmp) / "bundle", dirs, Path(tmp) / "work", protocols=["mtil", "xtail"],
                                      shots=args.shots, test_per_class=args.test_per_class,
-                                     iterations=args.iterations)
+                                     iterations=args.iterations, preset=args.preset)
         summary = evaluate.run_summary(run, Path(tmp) / "bundle")
+    mtil_gated = run.results.get(("mtil", "ddas"))
     mtil = np.asarray(run.results[("mtil", evaluate.KNOWN_TASK)].matrix)
     xtail_result = run.results[("xtail", "ddas")]
     xtail = np.asarray(xtail_result.matrix)
@@ -69,8 +81,14 @@ def main() -> None:
         "model": f"{args.model} (random weights, seed 0)",
         "settings": vars(args) | {"out": str(args.out)},
         "domains": args.domains,
+        "preset": args.preset,
         "zero_shot_mtil": run.results[("mtil", evaluate.KNOWN_TASK)].zero_shot,
         "mtil_matrix": mtil.tolist(),
+        "mtil_gated_matrix": mtil_gated.matrix if mtil_gated else None,
+        "mtil_gated_routing": mtil_gated.routing if mtil_gated else None,
+        "mtil_metrics": {k: r.metrics() for k, r in
+                         (("gated", mtil_gated), ("oracle", run.results[("mtil", evaluate.KNOWN_TASK)]),
+                          ("zero-shot", run.results[("mtil", evaluate.ZERO_SHOT)])) if r is not None},
         "xtail_zero_shot": xtail_result.zero_shot,
         "xtail_ddas_matrix": xtail.tolist(),
         "xtail_routing": xtail_result.routing,
@@ -79,11 +97,14 @@ def main() -> None:
         "total_seconds": round(time.perf_counter() - start, 1),
         "summary": summary,
     }
-    print(f"MTIL (task known), rows = after step i, columns = {args.domains}:\n{mtil}")
+    if mtil_gated:
+        print(f"MTIL through the DDAS gate (the paper's protocol):\n{np.asarray(mtil_gated.matrix)}\n"
+              f"routing: {mtil_gated.routing}")
+    print(f"MTIL (task known, oracle), rows = after step i, columns = {args.domains}:\n{mtil}")
     print(f"X-TAIL through the DDAS gate:\n{xtail}\nrouting: {xtail_result.routing}")
     print(f"task 1 accuracy unchanged after task 2 (strict freeze): {report['task1_unchanged_after_task2']}")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "moe_two_domains.json"
+    path = args.out / ("moe_two_domains.json" if preset is None else f"moe_two_domains_{preset.name}.json")
     path.write_text(json.dumps(report, indent=2, default=float))
     print(f"wrote {path}")
 

@@ -23,6 +23,7 @@ from edgeclip.edgeapp.tasks import (
     task_record,
     write_gated_graph,
 )
+from edgeclip.errors import UsageError
 from edgeclip.layout import LEARNED, MOE_GRAPH_FILES, MOE_STATE
 from edgeclip.train.backbone import Backbone, WeightsSource, load_backbone
 from edgeclip.train.moe import MoECLIP, MoEConfig, load_moe_state, moe_state, text_classifier
@@ -33,9 +34,42 @@ def moe_settings(config: MoEConfig | None = None, train: dict[str, Any] | None =
     """What the manifest records: the adapter configuration and the training recipe's defaults."""
     defaults = TrainSettings()
     recipe = {"iterations": defaults.iterations, "batch_size": defaults.batch_size, "lr": defaults.lr,
-              "warmup": defaults.warmup, "freeze_rule": defaults.freeze_rule}
+              "warmup": defaults.warmup, "warmup_rule": "capped", "freeze_rule": defaults.freeze_rule}
     recipe.update(train or {})
     return {"moe": (config or MoEConfig()).to_dict(), "train": recipe}
+
+
+WARMUP_RULES = ("capped", "fixed")
+
+
+def task_recipe(train: dict[str, Any], name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One task's training recipe: the bundle's (manifest method.settings.train), then, when the
+    bundle was made with a preset, that preset's learning rate for the task's dataset
+    (``train.lr_by_dataset``: {"full": {dataset: lr}, "few": {...}}, keyed by `presets.dataset_key`;
+    options["shots"] picks the few-shot table), then `options` (e.g. add-task --lr)."""
+    from edgeclip.train.presets import dataset_key
+
+    recipe, options = dict(train), dict(options or {})
+    few = bool(options.pop("shots", None))
+    by_dataset = (recipe.pop("lr_by_dataset", None) or {}).get("few" if few else "full", {})
+    key = dataset_key(name)
+    if key in by_dataset:
+        recipe["lr"] = float(by_dataset[key])
+    recipe.update({k: v for k, v in options.items() if v is not None})
+    if recipe.get("warmup_rule", "capped") not in WARMUP_RULES:
+        raise UsageError(f"warmup_rule must be one of {', '.join(WARMUP_RULES)}, got {recipe['warmup_rule']!r}")
+    if not float(recipe["lr"]) > 0:
+        raise UsageError(f"the learning rate must be positive, got {recipe['lr']}")
+    return recipe
+
+
+def warmup_steps(recipe: dict[str, Any]) -> int:
+    """Warm-up steps: 'fixed' (the papers') takes them as given; 'capped' (edgeclip's default) caps
+    them at a tenth of the iterations, so a short run is not all warm-up."""
+    warmup, iterations = int(recipe["warmup"]), int(recipe["iterations"])
+    if recipe.get("warmup_rule", "capped") == "fixed":
+        return min(warmup, iterations)
+    return min(warmup, max(iterations // 10, 0))
 
 
 def initial_moe_state(backbone: Backbone, config: MoEConfig, seed: int) -> dict[str, np.ndarray]:
@@ -87,13 +121,12 @@ def add_moe_task(
     bundle, concurrent writer), ExportParityError (the adapted graph differs from torch)."""
     from edgeclip.train.decision import gate_states, learned_tensors
 
-    recipe = dict(bundle.manifest["method"]["settings"]["train"])
-    recipe.update(options or {})
+    recipe = task_recipe(bundle.manifest["method"]["settings"]["train"], name, options)
     if iterations:
         recipe["iterations"] = iterations
     settings = TrainSettings(
         iterations=int(recipe["iterations"]), batch_size=int(recipe["batch_size"]), lr=float(recipe["lr"]),
-        warmup=min(int(recipe["warmup"]), max(int(recipe["iterations"]) // 10, 0)),
+        warmup=warmup_steps(recipe),
         freeze_rule=recipe["freeze_rule"], seed=bundle.meta.method.settings.seed,
         device=device, on_step=(lambda step, total, loss: progress("training", step, total))
         if progress else None,
@@ -114,6 +147,8 @@ def add_moe_task(
     tasks[-1]["unreadable_images"] = len(_errors)
     tasks[-1]["training"] = {
         "iterations": settings.iterations,
+        "lr": settings.lr,
+        "warmup": settings.warmup,
         "final_loss": float(np.mean(result.losses[-10:])) if result.losses else None,
         "images_per_s": float(result.images_per_s),
         "experts_frozen": int(sum(int(np.sum(v)) for v in result.frozen.values())),
@@ -123,7 +158,7 @@ def add_moe_task(
     zs_text = np.concatenate([learned["zs_text"], class_text_embeddings(bundle, domain)])
     kind = bundle.manifest["gate"]["kind"]
     new_learned = learned_tensors(zs_text, [len(t["classes"]) for t in tasks], kind,
-                                  gate_states(learned, kind) + [gate_state], "moe",
+                                  gate_states(learned, kind) + [gate_state], bundle.method,
                                   {"task_text": _task_texts(model, tasks, backbone)})
     with bundle.new_version() as writer:
         writer.manifest["tasks"] = tasks

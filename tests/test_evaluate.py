@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -134,12 +135,17 @@ def test_the_source_bundle_is_never_changed(both_protocols, source_bundle: Path)
     from edgeclip.bundle import Bundle
 
     assert [t["name"] for t in Bundle.open(run.bundle_dir).tasks] == ["shapes", "stripes"]
+    from edgeclip.bundle import list_versions
+
+    assert list_versions(run.bundle_dir) == ["v0001", "v0003"]  # the working copy keeps no step in between
     assert Bundle.open(source_bundle).tasks == []
 
 
 def test_matrices_routing_and_timing_have_one_entry_per_step(both_protocols) -> None:
     run, _ = both_protocols
-    assert set(run.results) == {("mtil", "known-task"), ("xtail", "ddas"), ("xtail", "paper")}
+    assert set(run.results) == {("mtil", "known-task"), ("xtail", "ddas"), ("xtail", "paper"),
+                                ("mtil", "zero-shot"), ("xtail", "zero-shot")}
+    assert [r.kind for r in run.results.values()] == ["oracle", "zero-shot", "gated", "gated", "zero-shot"]
     for result in run.results.values():
         matrix = np.asarray(result.matrix)
         assert matrix.shape == (2, 2) and ((0 <= matrix) & (matrix <= 100)).all()
@@ -149,6 +155,32 @@ def test_matrices_routing_and_timing_have_one_entry_per_step(both_protocols) -> 
         assert len(routing) == 2 and routing[-1]["unseen_to_zero_shot"] is None
     assert [t.step for t in run.timing] == [1, 2] and all(t.learn_s > 0 for t in run.timing)
     assert [len(x) for x in run.suite.features] == [9, 9]  # 3 classes x 3 test images, embedded once
+
+
+def test_zero_shot_rows_are_computed_by_eval(both_protocols) -> None:
+    """The papers' zero-shot rows: every step equals step 0, Transfer over domains 2..n."""
+    run, _ = both_protocols
+    for protocol in ("mtil", "xtail"):
+        zs = run.results[(protocol, "zero-shot")]
+        assert zs.matrix == [zs.zero_shot, zs.zero_shot]
+        assert zs.zero_shot == run.results[next(k for k in run.results if k[0] == protocol)].zero_shot
+        m = zs.metrics()
+        assert m["transfer"] == pytest.approx(zs.zero_shot[1])
+        assert m["average"] == pytest.approx(np.mean(zs.zero_shot)) == pytest.approx(m["last"])
+    x = np.concatenate(run.suite.features)
+    text = np.concatenate(run.suite.texts)
+    y = np.concatenate([run.suite.labels[0], run.suite.labels[1] + len(run.suite.domains[0].classes)])
+    xtail = run.results[("xtail", "zero-shot")].zero_shot
+    first = ((x[:9] @ text.T).argmax(axis=1) == y[:9]).mean() * 100
+    assert xtail[0] == pytest.approx(first)  # over the union of both domains' class names
+
+
+def test_gate_per_batch_decides_once_per_run_of_images() -> None:
+    errors = np.array([[0.1, 0.9], [0.9, 0.1], [0.2, 0.5], [5.0, 5.0], [5.0, 5.0]])
+    thresholds = np.array([1.0, 1.0])
+    assert evaluate.batch_routes(errors, thresholds, "nearest", None).tolist() == [0, 1, 0, -1, -1]
+    assert evaluate.batch_routes(errors, thresholds, "nearest", 2).tolist() == [0, 0, -1, -1, -1]
+    assert evaluate.batch_routes(errors, thresholds, "nearest", 5).tolist() == [-1] * 5
 
 
 def test_mtil_scores_a_domain_not_yet_learned_by_zero_shot(both_protocols) -> None:
@@ -188,6 +220,9 @@ def test_eval_command_writes_results_json_and_heatmap(protocol: str, source_bund
     assert data["transfer"] == pytest.approx(data["matrix"][0][1])
     assert data["random_weights"] is True and len(data["timing"]["steps"]) == 2
     assert (len(data["routing"]) == 2) == (protocol == "xtail")
+    assert [m["kind"] for m in data["matrices"]] == ["oracle" if protocol == "mtil" else "gated", "zero-shot"]
+    zs = data["results"][-1]
+    assert zs["gate"] == "zero-shot" and zs["average"] == pytest.approx(np.mean(zs["zero_shot"]))
     with Image.open(out / "matrix.png") as png:
         assert png.format == "PNG" and png.size[0] > 200
     assert tree_digest(source_bundle) == before
@@ -209,9 +244,10 @@ def test_eval_on_real_image_subsets(extract_subset, source_bundle: Path, tmp_pat
 
 
 @pytest.mark.slow
-def test_moe_bundles_are_scored_through_their_gated_graph(domains: list[Path], tmp_path: Path) -> None:
-    """X-TAIL on a MoE bundle runs graphs/gated.onnx on the cached pixels; MTIL forces each learned
-    task's router (torch) and, under the strict freeze rule, task 1 keeps its accuracy after task 2."""
+def test_moe_bundles_are_scored_through_their_gate(domains: list[Path], tmp_path: Path) -> None:
+    """X-TAIL on a MoE bundle runs graphs/gated.onnx on the streamed pixels; MTIL routes every image
+    through the DDAS gate (headline) and, as an extra, forces each learned task's router (oracle).
+    Under the strict freeze rule the oracle keeps task 1's accuracy after task 2."""
     pytest.importorskip("edgeclip.edgeapp.moe_task")
     from edgeclip.edgeapp.create import init_bundle
     from edgeclip.edgeapp.tasks import MethodSettings
@@ -220,11 +256,71 @@ def test_moe_bundles_are_scored_through_their_gated_graph(domains: list[Path], t
     init_bundle(tmp_path / "moe", "edgeclip-tiny", random_weights=True, settings=MethodSettings(method="moe"))
     run = evaluate.run_protocols(tmp_path / "moe", domains, tmp_path / "w", protocols=["mtil", "xtail"], shots=4,
                                  iterations=5)
+    assert list(run.results) == [("mtil", "ddas"), ("mtil", evaluate.KNOWN_TASK), ("mtil", "zero-shot"),
+                                 ("xtail", "ddas"), ("xtail", "zero-shot")]
     result = run.results[("xtail", "ddas")]
     assert np.asarray(result.matrix).shape == (2, 2) and len(result.routing) == 2
-    assert run.suite.pixels is not None and "gated.onnx" in evaluate.run_summary(run, tmp_path / "moe")["decision"]
+    summary = evaluate.run_summary(run, tmp_path / "moe")
+    assert "gated.onnx" in summary["decision"] and summary["kind"] == "gated" and summary["gate"] == "ddas"
+    gated = run.results[("mtil", "ddas")]
+    assert gated.kind == "gated" and len(gated.routing) == 2
+    assert gated.routing[0]["seen_to_task"] is not None and gated.routing[0]["unseen_to_zero_shot"] is not None
     mtil = np.asarray(run.results[("mtil", evaluate.KNOWN_TASK)].matrix)
-    assert mtil.shape == (2, 2)
+    assert mtil.shape == (2, 2) and run.results[("mtil", evaluate.KNOWN_TASK)].kind == "oracle"
     assert mtil[1, 0] == mtil[0, 0]  # strict activate-freeze: learning task 2 does not change task 1
     zero_shot = fusion.zero_shot_probs(run.suite.features[1], run.suite.texts[1]).argmax(axis=1)
     assert mtil[0, 1] == pytest.approx(100.0 * (zero_shot == run.suite.labels[1]).mean())  # not yet learned
+    # a gate that sends everything to zero-shot makes the gated matrix plain zero-shot
+    bundle = evaluate.Bundle.open(run.bundle_dir)
+    scorer = evaluate.Scorer(run.suite)
+    tensors = dict(bundle.tensors("learned.safetensors"))
+    never = dict(bundle.manifest)
+    never["tasks"] = [dict(t, threshold=1e-30) for t in bundle.tasks]
+    step = scorer.score(dataclasses.replace(bundle, manifest=never), [0, 1], ["mtil"], [])
+    assert step.accuracy[("mtil", "ddas")] == run.results[("mtil", "zero-shot")].zero_shot
+    assert step.routing[("mtil", "ddas")]["seen_to_task"] == 0.0
+    assert step.accuracy[("mtil", evaluate.KNOWN_TASK)] == [float(v) for v in mtil[1]]
+
+
+MEMORY_SCRIPT = r"""
+import resource, sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+from edgeclip.edgeapp import evaluate
+from edgeclip.edgeapp.tasks import MethodSettings, init_bundle
+
+root, per_class = Path(sys.argv[1]), int(sys.argv[2])
+rng = np.random.default_rng(0)
+dirs = []
+for d in range(2):
+    for split, n in (("train", 4), ("test", per_class)):
+        for c in range(2):
+            folder = root / f"dom{d}" / split / f"class{d}{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    dirs.append(root / f"dom{d}")
+init_bundle(root / "b", "edgeclip-tiny", random_weights=True, settings=MethodSettings(hidden=64))
+run = evaluate.run_protocols(root / "b", dirs, root / "w", protocols=["xtail"], decision="graph")
+assert [len(x) for x in run.suite.features] == [2 * per_class] * 2
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+@pytest.mark.slow
+def test_eval_memory_does_not_grow_with_the_test_set(tmp_path: Path) -> None:
+    """Peak RSS of a run over 2 x 3000 test images (what keeping their pixels would cost: 6000 x
+    3 x 64 x 64 x 4 bytes = 295 MB) stays within 100 MB of a run over 2 x 60, and under 1.5 GB."""
+    import subprocess
+    import sys
+
+    peaks = []
+    for n in (30, 1500):
+        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / str(n)), str(n)],
+                             capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-2000:]
+        peaks.append(int(out.stdout.split()[-1]))
+    small, large = peaks
+    assert large - small < 100, peaks
+    assert large < 1536, peaks

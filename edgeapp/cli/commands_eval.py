@@ -44,7 +44,7 @@ def matrix_table(result: Any, timing: list[Any], title: str) -> Table:
     table.add_column("after step", overflow="fold")
     for name in result.domains:
         table.add_column(markup(name), justify="right", overflow="fold")
-    xtail = result.protocol == "xtail"
+    xtail = bool(result.routing)  # routed matrices: the share of images the gate routed right
     if xtail:
         table.add_column("routed right %", justify="right")
     table.add_column("learn s", justify="right")
@@ -53,6 +53,17 @@ def matrix_table(result: Any, timing: list[Any], title: str) -> Table:
         cells = [f"[bold]{v:.1f}[/]" if j == i else f"{v:.1f}" for j, v in enumerate(row)]
         route = [_pct(result.routing[i]["overall"])] if xtail else []
         table.add_row(markup(f"{i + 1} {result.domains[i]}"), *cells, *route, f"{timing[i].learn_s:.1f}")
+    return table
+
+
+def summary_table(results: list[Any]) -> Table:
+    """One row per matrix of the run (gated headline, oracle, zero-shot): Transfer / Average / Last."""
+    table = Table(title="Every matrix of the run: Transfer / Average / Last (%)")
+    for col in ("protocol", "matrix", "kind", "Transfer", "Average", "Last"):
+        table.add_column(col, justify="right" if col[0].isupper() else "left")
+    for r in results:
+        m = r.metrics()
+        table.add_row(r.protocol, r.gate, r.kind, _pct(m["transfer"]), _pct(m["average"]), _pct(m["last"]))
     return table
 
 
@@ -73,13 +84,15 @@ def eval_command(
     domain_dirs: Annotated[list[Path], typer.Argument(help="Domain folders with train/ and test/, in learning order.",
                                                       show_default=False)],
     bundle: BundleOpt = None,
-    protocol: Annotated[Protocol, typer.Option(help="mtil (task identity known) or xtail (task-agnostic, union of all class names).")] = Protocol.xtail,
+    protocol: Annotated[Optional[Protocol], typer.Option(help="mtil (each domain's own classes) or xtail (union of all class names); default: the preset's, else xtail.")] = None,
     shots: Annotated[Optional[int], typer.Option(min=1, help="Learn from at most K training images per class.")] = None,
     out: Annotated[Path, typer.Option(help="Folder for results.json and matrix.png.")] = Path("eval-results"),
     gate: Annotated[Optional[Gate], typer.Option(help="X-TAIL gate of a RAIL bundle: ddas or paper (default: the bundle's).")] = None,
     test_per_class: Annotated[Optional[int], typer.Option(min=1, help="Score at most K test images per class (deterministic draw).")] = None,
     decision: Annotated[Decision, typer.Option(help="reference: numpy reference of the gated graph on cached embeddings (RAIL); graph: run graphs/gated.onnx on the pixels.")] = Decision.reference,
     iterations: Annotated[Optional[int], typer.Option(min=1, help="MoE: training iterations per task.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="moe-paper or rail-paper: the paper's per-run settings (lr per dataset, iterations, warm-up, templates, fusion, gate per batch); docs/FULL_SCALE.md.")] = None,
+    route_batch: Annotated[Optional[int], typer.Option(min=1, help="MoE MTIL: the gate decides once per batch of N test images (the official evaluation: 128; default per image).")] = None,
     backend: BackendOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
@@ -90,14 +103,18 @@ def eval_command(
     results.json and matrix.png (a heatmap) to --out. The bundle must have no task yet (edgeclip init).
     """
     from edgeclip.edgeapp.evaluate import run_protocols, run_summary, write_heatmap
+    from edgeclip.train.presets import get_preset
 
     source = require_bundle(bundle_path(bundle))
+    chosen = get_preset(preset)
+    protocol_name = protocol.value if protocol else (chosen.protocol if chosen else "xtail")
     try:
         with tempfile.TemporaryDirectory(prefix="edgeclip-eval-") as tmp, progress(quiet, lines=True) as bar:
             report = stage_reporter(bar)
-            run = run_protocols(source, domain_dirs, Path(tmp) / "work", protocols=[protocol.value],
+            run = run_protocols(source, domain_dirs, Path(tmp) / "work", protocols=[protocol_name],
                                 gates=[gate.value] if gate else None, shots=shots, test_per_class=test_per_class,
-                                decision=decision.value, backend=backend, iterations=iterations, progress=report)
+                                decision=decision.value, backend=backend, iterations=iterations, progress=report,
+                                preset=preset, route_batch=route_batch)
     except KeyboardInterrupt as exc:
         from edgeclip.bundle import current_version
 
@@ -108,14 +125,18 @@ def eval_command(
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     weights = " - random weights" if run.random_weights else ""
-    title = f"{protocol.value.upper()} ({result.gate}), {run.method}{weights}: accuracy % on each domain's test split"
+    title = f"{protocol_name.upper()} ({result.gate}), {run.method}{weights}: accuracy % on each domain's test split"
     write_heatmap(result, out / "matrix.png", title)
     if quiet:
         return
     console = out_console()
     console.print(matrix_table(result, run.timing, title))
     console.print(metrics_table(result))
+    console.print(summary_table(list(run.results.values())))
     notes = err_console()
+    if run.preset and run.preset["bundle_differs"]:
+        shown = ", ".join(f"{k} {v['bundle']} (preset {v['preset']})" for k, v in run.preset["bundle_differs"].items())
+        notes.print(f"the bundle was not made with --preset {run.preset['name']}: {shown}", highlight=False)
     for name, renames in summary["renamed_classes"].items():
         shown = ", ".join(f"'{a}' -> '{b}'" for a, b in renames.items())
         notes.print(markup(f"{name}: class names already used by an earlier domain were renamed: {shown}"), highlight=False)

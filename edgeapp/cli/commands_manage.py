@@ -17,7 +17,7 @@ from edgeclip.edgeapp.cli.console import err_console, new_table, out_console, pr
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, open_bundle, require_bundle
 from edgeclip.edgeapp.cli.output import Interrupted, is_utf, markup, visible
 from edgeclip.errors import UsageError
-from edgeclip.train.registry import METHOD_NAMES
+from edgeclip.train.registry import METHOD_NAMES, learner_spec
 from edgeclip.version import __version__
 
 # --method's choices: the learner registry's names (rail-primal, rail-dual, moe)
@@ -48,14 +48,30 @@ def init(
     encoders: Annotated[str, typer.Option(help="MoE: adapted encoders, 'image,text' (paper), 'image' or 'text'.")] = "image,text",
     freeze_rule: Annotated[str, typer.Option(help="MoE activate-freeze: 'strict' (learned tasks never drift) or 'paper'.")] = "strict",
     batch_size: Annotated[int, typer.Option(min=1, help="MoE: training batch size (paper 64).")] = 64,
-    lr: Annotated[float, typer.Option(min=0.0, help="MoE: AdamW learning rate (paper 1e-3).")] = 1e-3,
+    lr: Annotated[float, typer.Option(min=0.0, help="MoE: AdamW learning rate (paper: 1e-4 to 5e-3 per dataset; --preset moe-paper sets them).")] = 1e-3,
+    preset: Annotated[Optional[str], typer.Option(help="Every paper default in one word: moe-paper or rail-paper (overrides the options it sets; docs/FULL_SCALE.md lists them).")] = None,
     keep: Annotated[int, typer.Option(min=0, help="Retention: after each new version (add-task, export --int8) keep only the current one and its N-1 nearest ancestors (0: keep all; see 'edgeclip prune').")] = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """Create a new bundle with no task (zero-shot CLIP only), exporting the frozen encoders to ONNX."""
     from edgeclip.edgeapp.api import create
     from edgeclip.edgeapp.classify import parse_labels
+    from edgeclip.train.presets import get_preset
 
+    chosen = get_preset(preset)
+    preset_train: dict = {}
+    if chosen is not None:
+        values = chosen.init_settings()
+        method = Method(values["method"])
+        seed = values["seed"]
+        if chosen.method == "moe":
+            experts, freeze_rule, batch_size, encoders = (values["experts"], values["freeze_rule"],
+                                                          values["batch_size"], values["encoders"])
+            preset_train = {"preset": chosen.name, "warmup": chosen.warmup, "warmup_rule": chosen.warmup_rule,
+                            "iterations": chosen.iterations_full,
+                            "lr_by_dataset": {"full": dict(chosen.lr_full), "few": dict(chosen.lr_few)}}
+        else:
+            hidden, beta, fusion = values["hidden"], values["beta"], values["fusion"]
     moe = {"n_experts": experts, "last_blocks": last_blocks,
            "encoders": [e.strip() for e in encoders.split(",") if e.strip()]}
     root = bundle_path(bundle)
@@ -64,7 +80,7 @@ def init(
         created = create(root, model, pretrained, method=method.value, random_weights=random_weights, seed=seed,
                          zero_shot_labels=parse_labels(labels, None), tokenizer=tokenizer, keep=keep, hidden=hidden,
                          beta=beta, fusion=fusion, gate_kind=gate, moe=moe,
-                         moe_train={"freeze_rule": freeze_rule, "batch_size": batch_size, "lr": lr}).bundle
+                         moe_train={"freeze_rule": freeze_rule, "batch_size": batch_size, "lr": lr, **preset_train}).bundle
     if not quiet:
         err_console().print(markup(f"created {root} ({created.version}): {model}, {created.weights_label}, method {method.value}"),
                             highlight=False)
@@ -76,6 +92,7 @@ def add_task(
     name: Annotated[Optional[str], typer.Option(help="Task name (default: the folder's name or meta.json's).")] = None,
     shots: Annotated[Optional[int], typer.Option(min=1, help="Use at most K images per class (few-shot).")] = None,
     iterations: Annotated[Optional[int], typer.Option(min=1, help="MoE: training iterations (default 1000).")] = None,
+    lr: Annotated[Optional[float], typer.Option(min=1e-12, help="MoE: this task's learning rate (default: the bundle's, or its preset's rate for the dataset).")] = None,
     device: Annotated[str, typer.Option(help="MoE training device: auto, cpu or cuda.")] = "auto",
     backend: BackendOpt = "auto",
     quiet: QuietOpt = False,
@@ -94,11 +111,14 @@ def add_task(
     if name is not None and not name.strip():
         raise UsageError("--name is empty: give the task a name, or leave --name out to use the folder's")
     root = require_bundle(bundle_path(bundle))
+    if lr is not None and learner_spec(Bundle.open(root).method).learns_from != "images":
+        raise typer.BadParameter("the learning rate applies to MoE bundles only (RAIL learns in closed form)",
+                                 param_hint="--lr")
     try:
         with progress(quiet, lines=True) as bar:
             report = stage_reporter(bar)
             learned = learn(root, domain_dir, name=name.strip() if name else None, shots=shots, iterations=iterations,
-                            device=device, backend=backend, progress=report)
+                            device=device, backend=backend, progress=report, moe_options={"lr": lr, "shots": shots})
     except KeyboardInterrupt as exc:
         raise Interrupted(f"interrupted: nothing was learned; {visible(root)} is still at {current_version(root)}") from exc
     if not quiet:
