@@ -288,7 +288,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from edgeclip.edgeapp import evaluate
-from edgeclip.edgeapp.tasks import MethodSettings, init_bundle
+from edgeclip.edgeapp.create import init_bundle
+from edgeclip.edgeapp.tasks import MethodSettings
 
 root, per_class = Path(sys.argv[1]), int(sys.argv[2])
 rng = np.random.default_rng(0)

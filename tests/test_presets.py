@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from edgeclip.train import presets
 
 from edgeclip.errors import UsageError
+from edgeclip.train import presets
 
 # The values as the official repositories run them (sources in train/presets.py), written out
 # here independently of the module so that a changed preset fails.
@@ -98,10 +98,10 @@ def domains(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def test_rail_paper_preset_per_eval_run(domains: list[Path], tmp_path: Path) -> None:
     """On a bundle not made with the preset: the paper's fusion, weight, template and shots apply,
     and the init settings that differ are reported."""
-    from edgeclip.edgeapp import evaluate
-    from edgeclip.edgeapp.tasks import MethodSettings, init_bundle
-
     from edgeclip.bundle import Bundle
+    from edgeclip.edgeapp import evaluate
+    from edgeclip.edgeapp.create import init_bundle
+    from edgeclip.edgeapp.tasks import MethodSettings
 
     init_bundle(tmp_path / "b", "edgeclip-tiny", random_weights=True, settings=MethodSettings(hidden=128))
     run = evaluate.run_protocols(tmp_path / "b", domains, tmp_path / "w", preset="rail-paper", shots=4)
@@ -118,8 +118,9 @@ def test_rail_paper_preset_per_eval_run(domains: list[Path], tmp_path: Path) -> 
 
 
 def test_duplicate_names_keep_their_prompt_under_rail_paper(tmp_path: Path) -> None:
-    from edgeclip.edgeapp import evaluate
     from PIL import Image
+
+    from edgeclip.edgeapp import evaluate
 
     dirs = []
     for name, classes in (("one", ["cat", "dog"]), ("two", ["Cat", "owl"])):
@@ -140,10 +141,10 @@ def test_moe_paper_preset_at_init_and_add_task(domains: list[Path], tmp_path: Pa
     """`init --preset moe-paper` records the recipe; add-task then trains each dataset with its
     learning rate and the fixed warm-up; `--lr` overrides it for one task."""
     pytest.importorskip("torch")
-    from edgeclip.edgeapp.cli.app import app
     from typer.testing import CliRunner
 
     from edgeclip.bundle import Bundle
+    from edgeclip.edgeapp.cli.app import app
 
     runner = CliRunner()
     root = tmp_path / "moe"
@@ -169,9 +170,11 @@ def test_moe_paper_preset_at_init_and_add_task(domains: list[Path], tmp_path: Pa
 
 
 def test_eval_command_takes_a_preset(domains: list[Path], tmp_path: Path) -> None:
-    from edgeclip.edgeapp.tasks import MethodSettings, init_bundle
     from test_evaluate import eval_app
     from typer.testing import CliRunner
+
+    from edgeclip.edgeapp.create import init_bundle
+    from edgeclip.edgeapp.tasks import MethodSettings
 
     init_bundle(tmp_path / "b", "edgeclip-tiny", random_weights=True, settings=MethodSettings(hidden=64))
     out = tmp_path / "out"
