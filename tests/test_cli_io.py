@@ -350,3 +350,24 @@ def test_heatmap_is_readable(tmp_path: Path) -> None:
     assert len(colours) > 100  # a colour scale, not one pale colour
     # the zero cells are filled (dark viridis), not blank
     assert ((pixels[..., 0] < 80) & (pixels[..., 2] > 70) & (pixels[..., 1] < 20)).sum() > 2000
+
+
+def test_ctrl_c_while_the_cli_is_still_starting_is_one_line_and_exit_130() -> None:
+    """A SIGINT in the first few hundred milliseconds (the CLI's modules still importing) ends like any
+    other interrupt: exit 130, one line, no traceback."""
+    import shutil
+    import signal
+    import time
+
+    exe = shutil.which("edgeclip", path=str(Path(sys.executable).parent))
+    assert exe, "the edgeclip console script is installed beside this python"
+    for delay in (0.2, 0.35, 0.5):
+        proc = subprocess.Popen([exe, "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        if proc.returncode in (0, -signal.SIGINT):  # it had finished (Python restores the default handler
+            assert "Traceback" not in err  # at shutdown: a late SIGINT ends the process quietly)
+            continue
+        assert proc.returncode == 130, (delay, proc.returncode, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -15,6 +15,7 @@ so a run on N processes sees exactly the images and crops of a run on one.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -25,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -306,6 +308,20 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
 
 
 # ----- training -----------------------------------------------------------------------------------
+def _isolated_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` on a forked torch RNG: the seeds it sets (routing noise and dropout draw from torch's
+    global generator, which they take no generator argument for) never leak to the caller."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@_isolated_rng
 def train_task(
     model: MoECLIP,
     samples: Sequence[Sample],

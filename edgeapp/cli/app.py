@@ -119,6 +119,8 @@ def main() -> None:
         try:
             app()
         except SystemExit as done:
+            if done.code == EXIT_INTERRUPTED:  # Typer/Click caught a Ctrl-C outside a command (while parsing)
+                err_console().print("interrupted", highlight=False)  # and exits 130 without a word
             _flush_stdout()
             raise done
         _flush_stdout()

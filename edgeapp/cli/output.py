@@ -23,9 +23,8 @@ from typing import Any, TextIO
 
 from rich.markup import escape
 
+from edgeclip.edgeapp.cli.entry import EXIT_INTERRUPTED  # noqa: E402,F401 - defined once, in the entry point
 from edgeclip.errors import EdgeclipError
-
-EXIT_INTERRUPTED = 130
 
 
 class Interrupted(EdgeclipError):
