@@ -160,37 +160,33 @@ def _check_root(root: Path) -> None:
 def _safe_lstat(base: Path, rel: str, root: Path, label: str) -> os.stat_result:
     """lstat of ``base/rel`` after checking that ``base`` and every folder on the way are real
     folders (not symlinks) and the file a regular file. Raises BundleError naming only ``label``."""
+    missing = f"Bundle {root} {label}: file '{rel}' is missing."
     path = base
     for part in Path(rel).parts[:-1]:
         path = path / part
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            raise BundleError(f"Bundle {root} {label}: file '{rel}' is missing.") from None
-        except OSError as exc:
-            raise _io_error(root, "read", exc) from exc
+        st = _lstat(path, root, missing)
         if not stat.S_ISDIR(st.st_mode):
             raise BundleError(f"Bundle {root} {label}: '{rel}' lies in '{part}', which is not a plain folder "
                               "(a symlink or a file); refusing it.")
-    try:
-        st = os.lstat(base / rel)
-    except FileNotFoundError:
-        raise BundleError(f"Bundle {root} {label}: file '{rel}' is missing.") from None
-    except OSError as exc:
-        raise _io_error(root, "read", exc) from exc
+    st = _lstat(base / rel, root, missing)
     if not stat.S_ISREG(st.st_mode):
         kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
         raise BundleError(f"Bundle {root} {label}: file '{rel}' is {kind}; refusing it.")
     return st
 
 
-def _check_dir(path: Path, root: Path, what: str) -> None:
+def _lstat(path: Path, root: Path, missing: str) -> os.stat_result:
+    """os.lstat, with BundleError(``missing``) for an absent path and a one-line error for any other OS error."""
     try:
-        st = os.lstat(path)
+        return os.lstat(path)
     except FileNotFoundError:
-        raise BundleError(f"Bundle {root}: {what} is missing.") from None
+        raise BundleError(missing) from None
     except OSError as exc:
         raise _io_error(root, "read", exc) from exc
+
+
+def _check_dir(path: Path, root: Path, what: str) -> None:
+    st = _lstat(path, root, f"Bundle {root}: {what} is missing.")
     if not stat.S_ISDIR(st.st_mode):
         raise BundleError(f"Bundle {root}: {what} is not a plain folder (a symlink or a file); refusing it.")
 
