@@ -156,11 +156,17 @@ def predictions_from_scores(
     top_k: int,
     notes: Sequence[str | None] | None = None,
 ) -> list[Prediction]:
-    """Turn the graph's outputs into per-input results (top-k by score); ``notes[i]`` is input i's note."""
+    """Turn the graph's outputs into per-input results (top-k by score); ``notes[i]`` is input i's note.
+    A row of scores that is not finite becomes an error result, never a NaN score."""
     k = min(top_k, scores.shape[1])
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     out = []
+    finite = np.isfinite(scores).all(axis=1)
     for i, path in enumerate(paths):
+        if not finite[i]:  # never print NaN as a score: a damaged graph or weights
+            out.append(Prediction(path=os.fspath(path), error="the graph gave non-finite scores for this image "
+                                  "(damaged graph weights? run 'edgeclip verify')", note=notes[i] if notes else None))
+            continue
         top = [{"label": labels.names[j], "score": float(scores[i, j]), "task": labels.owner(int(j))} for j in order[i]]
         route = int(routes[i])
         out.append(

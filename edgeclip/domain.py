@@ -153,14 +153,14 @@ ZERO_SHOT_ROUTE_NAME = "zero-shot"  # what classify reports as the route of an i
 
 
 def check_class_names(classes: Sequence[str], where: str = "class names") -> None:
-    """Refuse (DomainError) class names that are empty, not UTF-8 text, hold control characters (a
-    newline would end up inside the CLIP prompt), or name one class twice under the `class_key` rule
-    (case folding, Unicode NFC). ``where`` starts the message."""
-    bad = [name for name in classes if not isinstance(name, str) or not name.strip() or not _is_utf8(name)
-           or any(unicodedata.category(ch) == "Cc" for ch in name)]
+    """Refuse (DomainError) class names that are empty, not UTF-8 text, span several lines (a line
+    break would end up inside the CLIP prompt), or name one class twice under the `class_key` rule
+    (case folding, Unicode NFC). Other control characters are allowed; every output shows them escaped.
+    ``where`` starts the message."""
+    bad = [name for name in classes if not _is_one_line_text(name)]
     if bad:
         raise DomainError(f"{where}: {', '.join(repr(n) for n in bad[:3])} must be non-empty UTF-8 text "
-                          "without control characters")
+                          "on one line")
     twins: dict[str, list[str]] = {}
     for name in classes:
         twins.setdefault(class_key(name), []).append(name)
@@ -171,13 +171,17 @@ def check_class_names(classes: Sequence[str], where: str = "class names") -> Non
 
 
 def check_task_name(name: str) -> None:
-    """Refuse (DomainError) a task name that is empty, not UTF-8 text, holds control characters, or is
+    """Refuse (DomainError) a task name that is empty, not UTF-8 text, spans several lines, or is
     "zero-shot" (which classify reports as the route of images that fit no task)."""
-    if not isinstance(name, str) or not name.strip() or not _is_utf8(name) or any(
-            unicodedata.category(ch) == "Cc" for ch in name):
-        raise DomainError(f"task name {name!r} must be non-empty UTF-8 text without control characters; pass --name")
+    if not _is_one_line_text(name):
+        raise DomainError(f"task name {name!r} must be non-empty UTF-8 text on one line; pass --name")
     if class_key(name) == class_key(ZERO_SHOT_ROUTE_NAME):
         raise DomainError(f"'{name}' is what classify reports for images of no task; choose another task name")
+
+
+def _is_one_line_text(name: object) -> bool:
+    return (isinstance(name, str) and bool(name.strip()) and _is_utf8(name)
+            and len(name.splitlines()) == 1 and not name.endswith(("\n", "\r")))
 
 
 def _is_utf8(name: str) -> bool:

@@ -173,6 +173,8 @@ class Training(_Section):
     experts_frozen: NonNegInt | None = None
     experts_added: NonNegInt | None = None
     skipped_images: NonNegInt | None = None
+    lr: float | None = None  # the learning rate the task was trained with
+    warmup: NonNegInt | None = None  # its warm-up steps
 
 
 class Task(_Section):
