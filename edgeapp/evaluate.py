@@ -480,7 +480,8 @@ class Scorer:
             raise UsageError(f"graphs/gated.onnx of this bundle applies the '{own}' gate, not '{gate}'.")
         if self.beta is not None and bundle.method in RAIL_METHODS and float(settings.get("beta", -1)) != self.beta:
             raise UsageError(f"graphs/gated.onnx of this bundle fuses with beta {settings.get('beta')}, not {self.beta}.")
-        runner = GatedRunner(bundle, self.backend, max_labels=max(4096, len(label_text)))
+        # each step's gated graph is used once: no optimised-graph cache entry (and no second session to check it)
+        runner = GatedRunner(bundle, self.backend, max_labels=max(4096, len(label_text)), optimized_cache=False)
         for j, y in enumerate(self.suite.labels):
             correct, route = 0, np.empty(len(y), np.int64)
             for at, pixels in self.suite.pixel_batches(j):

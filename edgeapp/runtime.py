@@ -202,6 +202,7 @@ class GraphSession:
     threads: int | None = None
     profile: dict[str, tuple[tuple[int, ...], ...]] | None = None
     graph_id: str | None = None  # identifies the graph's content for the engine cache
+    optimized_cache: bool = True  # use the optimised-graph cache (off for throwaway graphs, e.g. eval's)
     _session: Any = field(default=None, repr=False)
     _loading: _Loading | None = field(default=None, repr=False)
     _pending: Any = field(default=None, repr=False)  # ort_cache.PendingEntry to check after the first run
@@ -247,7 +248,7 @@ class GraphSession:
         from edgeclip.edgeapp.ort_cache import OptimizedGraphCache
 
         cache = (OptimizedGraphCache.for_graph(engine_cache_dir(), self.graph_id, self.backend.providers)
-                 if self.graph_id else None)
+                 if self.graph_id and self.optimized_cache else None)
         session, pending = None, None
         if cache is not None:
             hit = cache.lookup()
@@ -474,7 +475,8 @@ class GatedRunner:
     """
 
     def __init__(self, bundle: Bundle, backend: str | Backend = "auto", threads: int | None = None,
-                 max_batch: int = 32, max_labels: int = 4096, precision: str = "fp32", preload: bool = True) -> None:
+                 max_batch: int = 32, max_labels: int = 4096, precision: str = "fp32", preload: bool = True,
+                 optimized_cache: bool = True) -> None:
         self.bundle = bundle
         resolved = resolve_precision(bundle, backend, precision)
         dim = int(bundle.manifest["backbone"]["embed_dim"])
@@ -484,7 +486,7 @@ class GatedRunner:
         self.backend_name, self.precision = resolved.name, precision
         graph, data = (GATED_INT8_GRAPH, IMAGE_INT8_DATA) if precision == "int8" else (GATED_GRAPH, IMAGE_DATA)
         self.session = GraphSession(_graph_path(bundle, graph, data), resolved, threads, profile,
-                                    _graph_id(bundle, graph, data))
+                                    _graph_id(bundle, graph, data), optimized_cache=optimized_cache)
         if preload:
             self.session.start()
 
