@@ -5,7 +5,7 @@
 
 Order: caltech101, cifar10, dtd10, mnist, fashion_mnist (`../shared/datasets`). Random weights
 (seeded; nothing can be downloaded here). For each method the bundle learns the domains in
-order through `pipeline.add_task`; `train/evaluate.py` scores every domain after every step
+order through `pipeline.add_task`; `edgeapp/evaluate.py` scores every domain after every step
 under MTIL (task known) and X-TAIL (union of all class names) with each RAIL gate (the paper's
 zero-shot top-1 rule, DDAS). References: zero-shot (before any step) and a per-domain upper
 bound (the same learner, a fresh bundle, that domain alone, scored in the same label space).

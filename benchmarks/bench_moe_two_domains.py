@@ -5,7 +5,7 @@ task known (MTIL: no gate) and task-agnostic through the DDAS gate (X-TAIL), and
         [--shots 16] [--iterations 200] [--batch-size 32] [--test-per-class 20] [--out benchmarks/results]
 
 Backbone: seeded random weights (nothing can be downloaded here), so zero-shot is at chance and
-what the adapters learn is all the accuracy there is. Uses `train/evaluate.py` (as `edgeclip eval`).
+what the adapters learn is all the accuracy there is. Uses `edgeapp/evaluate.py` (as `edgeclip eval`).
 """
 
 from __future__ import annotations
