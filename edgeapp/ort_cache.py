@@ -7,8 +7,7 @@ a third of `edgeclip classify`'s start-up. onnxruntime can save the rewritten gr
 gives a session that computes exactly what a freshly optimised one computes, sooner.
 
 Layout: ``engine_cache_dir()/ort-optimized/<key>/`` holds ``model.onnx``, its weights
-``model.data`` (with the weights pre-packed for this CPU's GEMM kernels too, so that loading skips
-packing them) and ``meta.json``. The key is the sha256 of what the optimised graph depends
+``model.data`` and ``meta.json``. The key is the sha256 of what the optimised graph depends
 on: the source graph's content (the bundle manifest's sha256 of the graph and its weights),
 the onnxruntime version, the execution providers, this CPU (the NCHWc rewrites are specific
 to its instruction set) and this cache's format. Only the CPU provider is cached: GPU
@@ -45,7 +44,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FORMAT = 2
-KEEP = 4  # entries kept (each holds a copy of the graph's weights)
+KEEP = 2  # entries kept (each holds a copy of the graph's weights: mind an edge device's disk)
 MODEL, DATA, META = "model.onnx", "model.data", "meta.json"
 _STALE_TMP_S = 3600.0
 ENV = "EDGECLIP_SESSION_CACHE"
@@ -198,9 +197,8 @@ class PendingEntry:
         options.optimized_model_filepath = str(self.model_path)
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA)
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        # also the GEMM weights as the CPU kernels pre-pack them: a later session maps them instead of
-        # packing them again (about 30 ms of a fresh process here; the weights file about doubles)
-        options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+        # Not saved: the GEMM weights pre-packed for this CPU (about 30 ms less per start here, but the
+        # entry's weights file about doubles: an edge device's small disk matters more).
         # onnxruntime warns that an ORT_ENABLE_ALL graph is specific to this machine: the key says so
         options.log_severity_level = 3
 
