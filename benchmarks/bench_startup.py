@@ -31,7 +31,6 @@ The goal (issue 11): classify within 0.5 s of `--help`. Random weights: timings 
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
@@ -106,20 +105,11 @@ def session_compare(root: Path, image: Path, repeats: int, cache: Path) -> dict[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path)
-    parser.add_argument("--image", type=Path)
-    parser.add_argument("--model", default="edgeclip-small")
-    parser.add_argument("--hidden", type=int, default=15000)
-    parser.add_argument("--domain", default="dtd10")
-    parser.add_argument("--shots", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--keep-work", action="store_true", help="Keep the bundle made (its path is printed).")
-    parser.add_argument("--baseline", help="A git commit to compare against in the same rounds.")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "startup.json")
-    args = parser.parse_args()
+    from bench_store import bundle_bench_parser, make_bundle
 
-    from bench_store import make_bundle
+    parser = bundle_bench_parser(__doc__, "startup.json")
+    parser.add_argument("--baseline", help="A git commit to compare against in the same rounds.")
+    args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-startup-"))
     load_before = load_average()

@@ -66,8 +66,9 @@ def make_bundle(work: Path, model: str, hidden: int, domain: str, shots: int) ->
     return root, image
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bundle_bench_parser(doc: str | None, results_name: str) -> argparse.ArgumentParser:
+    """The options of the benchmarks that time a bundle made by ``make_bundle`` (or given with --bundle)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path)
     parser.add_argument("--image", type=Path)
     parser.add_argument("--model", default="edgeclip-small")
@@ -76,8 +77,12 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--keep-work", action="store_true", help="Keep the bundle made (its path is printed).")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "store.json")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / results_name)
+    return parser
+
+
+def main() -> None:
+    args = bundle_bench_parser(__doc__, "store.json").parse_args()
 
     from edgeclip.bundle import Bundle, disk_usage, stamps_path
     from edgeclip.layout import LEARNED, VOCAB_FILE, graph_file
