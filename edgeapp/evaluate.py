@@ -231,7 +231,7 @@ def build_suite(bundle: Bundle, domains: list[EvalDomain], backend: str = "auto"
 
     start = time.perf_counter()
     cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
-    runner = ImageEncoderRunner(bundle, backend)
+    runner = ImageEncoderRunner(bundle, backend, optimized_cache=False)  # a batch job: start-up does not matter
     text_runner = TextEncoderRunner(bundle, backend)
     feats, labels, texts, paths, unreadable = [], [], [], [], []
     for d in domains:

@@ -386,13 +386,15 @@ class ImageEncoderRunner:
     `preload`: start creating the onnxruntime session now, in the background (`GraphSession.start`)."""
 
     def __init__(self, bundle: Bundle, backend: str | Backend = "auto", threads: int | None = None,
-                 max_batch: int = 32, precision: str = "fp32", preload: bool = True) -> None:
+                 max_batch: int = 32, precision: str = "fp32", preload: bool = True,
+                 optimized_cache: bool = True) -> None:
         self.bundle = bundle
         resolved = resolve_precision(bundle, backend, precision)
         self.backend_name, self.precision = resolved.name, precision
         graph, data = (IMAGE_INT8_GRAPH, IMAGE_INT8_DATA) if precision == "int8" else (IMAGE_GRAPH, IMAGE_DATA)
         self.session = GraphSession(_graph_path(bundle, graph, data), resolved, threads,
-                                    _image_profile(bundle, max_batch), _graph_id(bundle, graph, data))
+                                    _image_profile(bundle, max_batch), _graph_id(bundle, graph, data),
+                                    optimized_cache=optimized_cache)
         if preload:
             self.session.start()
 
