@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from edgeclip.bundle import sha256_of
+
 log = logging.getLogger(__name__)
 
 FORMAT = 2
@@ -78,14 +80,6 @@ def cpu_fingerprint() -> str:
 def _stamp(path: Path) -> list[int]:
     st = path.lstat()
     return [int(st.st_size), int(st.st_mtime_ns), int(st.st_ino)]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def same_outputs(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
@@ -154,7 +148,7 @@ class OptimizedGraphCache:
             for name in (MODEL, DATA):
                 if _stamp(folder / name) != files[name]["stamp"]:
                     raise ValueError(f"{name} changed since it was written")
-            if _sha256(folder / MODEL) != files[MODEL]["sha256"]:
+            if sha256_of(folder / MODEL) != files[MODEL]["sha256"]:
                 raise ValueError(f"{MODEL} does not match its sha256")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self.discard(str(exc))
@@ -214,7 +208,7 @@ class PendingEntry:
             meta: dict[str, Any] = {"key": self.cache.key, "usable": usable, "created": time.time()}
             if usable:
                 meta["files"] = {name: {"stamp": _stamp(self.tmp / name)} for name in (MODEL, DATA)}
-                meta["files"][MODEL]["sha256"] = _sha256(self.tmp / MODEL)
+                meta["files"][MODEL]["sha256"] = sha256_of(self.tmp / MODEL)
             else:
                 log.warning("optimised-graph cache: the saved graph's outputs differ from the fresh session's; "
                             "not used for this graph")
