@@ -410,7 +410,9 @@ class OrtSession:
         if bound is None:
             assert self.output_shapes is not None
             binding = session.io_binding()
-            inputs = {n: ort.OrtValue.ortvalue_from_numpy(v, self.device, 0) for n, v in feeds.items()}
+            # allocated by onnxruntime (on the CPU device, ortvalue_from_numpy would wrap the caller's array)
+            inputs = {n: ort.OrtValue.ortvalue_from_shape_and_type(list(v.shape), v.dtype, self.device, 0)
+                      for n, v in feeds.items()}
             outputs = {n: ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device, 0)
                        for n, (shape, dtype) in self.output_shapes(feeds).items()}
             for name, value in inputs.items():
@@ -421,11 +423,11 @@ class OrtSession:
             if self.cuda_graph_active:
                 run_options.add_run_config_entry("gpu_graph_id", str(len(self._bound) + 1))
             bound = self._bound[key] = _Bound(binding, inputs, outputs, run_options)
-        else:
-            for name, value in feeds.items():
-                bound.inputs[name].update_inplace(value)
+        for name, value in feeds.items():
+            bound.inputs[name].update_inplace(value)
         session.run_with_iobinding(bound.binding, bound.run_options)
-        return {name: value.numpy() for name, value in bound.outputs.items()}
+        # copies: on the CPU device numpy() is a view of the buffer that the next run overwrites
+        return {name: np.array(value.numpy(), copy=True) for name, value in bound.outputs.items()}
 
     def _check_saved(self, feeds: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
         """After the first run of a fresh session: publish its saved optimised graph if that graph,
