@@ -32,6 +32,7 @@ from edgeclip.edgeapp.runtime import ImageEncoderRunner, TextEncoderRunner
 from edgeclip.errors import DomainError, UsageError
 from edgeclip.export.compose import build_gated_graph
 from edgeclip.export.compose_moe import build_moe_gated_graph
+from edgeclip.export.fp16 import has_fp16, write_fp16_graphs
 from edgeclip.export.quantize import build_gated_int8, has_int8
 from edgeclip.extras import import_torch_module, require_torch
 from edgeclip.images import PreprocessConfig, iter_batches
@@ -337,9 +338,10 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
 
 
 def write_gated_graph(writer: VersionWriter, learned: dict[str, np.ndarray]) -> None:
-    """Re-compose the version's gated graph (and its int8 twin when the version has the int8
-    encoder, `edgeclip export --int8`) in the writer's graph folder; the new graphs go to the
-    bundle's shared graph store (``VersionWriter.graph_folder``)."""
+    """Re-compose the version's gated graph (and its int8 and fp16 twins when the version has those
+    encoders, `edgeclip export --int8` / `--precision fp16`; an MoE version's fp16 adapted encoder is
+    converted again from the new adapted encoder) in the writer's graph folder; the new graphs go to
+    the bundle's shared graph store (``VersionWriter.graph_folder``)."""
     with writer.graph_folder() as graphs:
         if learner_spec(writer.manifest["method"]["name"]).head == "adapted-text" and writer.manifest["tasks"]:
             build_moe_gated_graph(graphs, learned, writer.manifest)  # onnx only: torch-free like the RAIL graph
@@ -347,3 +349,5 @@ def write_gated_graph(writer: VersionWriter, learned: dict[str, np.ndarray]) -> 
             build_gated_graph(graphs, learned, writer.manifest)
             if has_int8(writer.manifest["files"]):
                 build_gated_int8(graphs, learned, writer.manifest)
+        if has_fp16(writer.manifest["files"]):
+            write_fp16_graphs(graphs, learned, writer.manifest)
