@@ -176,7 +176,7 @@ class Classifier:
         name: the task's name (None: the folder's meta.json name, else its name); data: a domain folder
         (DIR/<class>/* or DIR/train/<class>/*), or (image, class name) pairs, which are written to a
         temporary domain folder first (a name is then required). RAIL learns torch-free; MoE trains with torch.
-        Raises DomainError (too few classes or images, a name or class already learned), UsageError (a bad
+        Raises DomainError (too few classes or images, a task name already learned), UsageError (a bad
         class name or image among the pairs), MissingExtraError (MoE without torch).
         """
         if isinstance(data, (str, Path)):
@@ -197,7 +197,7 @@ class Classifier:
         ``embed_images``; labels [N] index ``classes``). Returns a Classifier on the new version.
 
         RAIL closed form (METHODS.md section 3), torch-free. Raises UsageError for an MoE bundle, shapes
-        other than [N,D] and [N], or labels outside ``classes``; DomainError for a name already learned.
+        other than [N,D] and [N], or labels outside ``classes``; DomainError for a task name already learned.
         """
         add_rail_embeddings(self.bundle, name, embeddings, np.asarray(labels), list(classes), list(templates),
                             source="embeddings", backend=self.backend)

@@ -110,21 +110,19 @@ def initial_learned(settings: MethodSettings, dim: int) -> dict[str, np.ndarray]
 
 def check_new_task(bundle: Bundle, classes: Sequence[str], name: str) -> None:
     """Refuse (DomainError) what would corrupt the bundle or make a prediction ambiguous: a task name that
-    is taken, empty, "zero-shot" or not plain text; class names that are empty, not plain text, twins
-    of each other, or already learned by an earlier task (`edgeclip.domain.class_key`)."""
+    is taken, empty, "zero-shot" or not plain text; class names that are empty, not plain text or twins
+    of each other (`edgeclip.domain.class_key`).
+
+    A class name an earlier task learned too is allowed: each label belongs to its task (a
+    prediction carries its ``task``; tables show ``3 (digits8)``; ``--labels`` takes ``3 (digits8)``).
+    The two stay two classes with their own columns (no merging: a task's classes are one block
+    of columns, which the gate and the fusion rely on)."""
     check_task_name(name)
     check_class_names(list(classes))
-    if any(task["name"] == name for task in bundle.tasks):
-        raise DomainError(f"A task named '{name}' is already learned; pass --name to choose another.")
-    learned = {class_key(c): (c, task["name"]) for task in bundle.tasks for c in task["classes"]}
-    clashes = [c for c in classes if class_key(c) in learned]
-    if clashes:
-        shown = ", ".join(f"'{c}' (as '{learned[class_key(c)][0]}' in task '{learned[class_key(c)][1]}')"
-                          for c in clashes[:5])
-        raise DomainError(
-            f"Class names already learned by earlier tasks: {shown}. Each label must belong to one task, "
-            "so that a prediction names its task unambiguously; rename those class folders."
-        )
+    if any(class_key(task["name"]) == class_key(name) for task in bundle.tasks):
+        taken = ", ".join(f"'{task['name']}'" for task in bundle.tasks[:8])
+        raise DomainError(f"A task named '{name}' is already learned (tasks: {taken}); pass --name with a new "
+                          "name to learn this folder as another task.")
 
 
 def embed_domain(
@@ -201,7 +199,7 @@ def add_task(
     RAIL (METHODS.md section 3) torch-free through the exported encoders; MoE-Adapters (section 1)
     trained with torch for ``iterations`` steps on ``device``. Both fit the task's DDAS gate
     (section 2). Raises BundleError (no or damaged bundle, a concurrent writer), DomainError (an
-    unusable domain, a task or class name already learned), UsageError (bad ``shots``), and
+    unusable domain, a task name already learned), UsageError (bad ``shots``), and
     MissingExtraError for MoE without torch."""
     bundle = Bundle.open(root)
     learner = learner_spec(bundle.method)
@@ -279,7 +277,7 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
     indices into ``classes``; unreadable: how many of the task's files could not be read (recorded).
     Updates the closed-form head (RAIL, METHODS.md section 3), fits the task's DDAS gate (section 2),
     encodes the classes' prompts with the exported text encoder, re-composes the gated graph and writes
-    a new version. Raises DomainError (a name or class already learned), UsageError (shapes, a learner
+    a new version. Raises DomainError (a task name already learned), UsageError (shapes, a learner
     that does not learn from embeddings).
     """
     spec = learner_spec(bundle.method)
