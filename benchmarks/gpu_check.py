@@ -373,6 +373,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                              disabled_optimizers=["NchwcTransformer"])
                     warn = [ln for ln in lines if "[W:onnxruntime" in ln or "[E:onnxruntime" in ln]
                     rec[name] = {"warnings": len(warn), "first": warn[:5]}
+                # classify's own path on ort-cpu, twice: the second start reads the optimised-graph cache
+                from edgeclip.edgeapp.runtime import GatedRunner
+
+                size = int(bundle.manifest["preprocess"]["image_size"])
+                pixels = np.zeros((1, 3, size, size), np.float32)
+                text = bundle.tensors("learned.safetensors")["zs_text"]
+                for start in ("first", "second"):
+                    lines = []
+                    with stderr_lines(lines):
+                        GatedRunner(bundle, "ort-cpu").run(pixels, text)
+                    warn = [ln for ln in lines if "[W:onnxruntime" in ln or "[E:onnxruntime" in ln]
+                    rec[f"ort-cpu classify start ({start})"] = {"warnings": len(warn), "first": warn[:5]}
         with report.stage("moe_bench", needs_s=60) as rec:
             if rec is not None:
                 rec["rows"] = bench_rows(edgeclip.load(moe.root, backend=backend).bundle, backend, batches,

@@ -32,7 +32,7 @@ def test_gpu_check_dry_run_on_cpu(shared_datasets: Path, tmp_path: Path) -> None
         assert not any(r["cuda_graph"] for r in rows)  # no capture on the CPU provider
     freeze = stages["moe_strict_freeze"]
     assert freeze["routed_to_task_a_in_both"] > 0 and freeze["labels_changed"] == 0
-    assert all(v["warnings"] == 0 for k, v in stages["moe_graph_warnings"].items() if k.endswith(".onnx"))
+    assert all(v["warnings"] == 0 for k, v in stages["moe_graph_warnings"].items() if isinstance(v, dict))
     classify = stages["moe_classify"]
     agree = classify["fp16_vs_fp32"]
     assert agree["images"] == 20 and agree["same_label_and_route"] >= 19, agree
