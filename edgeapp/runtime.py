@@ -302,6 +302,16 @@ class OrtSession:
             options.inter_op_num_threads = 1
         return options
 
+    def _saved_graph_options(self, ort: Any) -> Any:
+        """Options for an optimised graph that onnxruntime saved itself (`ort_cache`): optimisations
+        off, and its log at ERROR: onnxruntime writes such graphs with the constants it folded into an
+        MoE graph's `If` branches also in the outer graph, and warns about those duplicates on every
+        load, for a file the user never made (the bundle's own graphs load without warnings)."""
+        options = self._options(ort)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        return options
+
     def _create(self, ort: Any, path: Path, options: Any, cuda_graph: bool = False) -> Any:
         try:
             return ort.InferenceSession(str(path), options,
@@ -342,8 +352,7 @@ class OrtSession:
         if cache is not None:
             hit = cache.lookup()
             if hit:
-                options = self._options(ort)
-                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                options = self._saved_graph_options(ort)
                 try:
                     session = self._create(ort, hit, options)
                     self.cached = True
@@ -438,9 +447,12 @@ class OrtSession:
         import onnxruntime as ort
 
         def run_saved(path: Path) -> dict[str, np.ndarray]:
-            options = self._options(ort)
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            return self._run_plain(self._create(ort, path, options), feeds)
+            try:
+                session = self._create(ort, path, self._saved_graph_options(ort))
+            except BackendUnavailableError as exc:  # e.g. a saved graph with an If that breaks SSA form
+                log.info("optimised-graph cache: onnxruntime cannot load its own saved graph (%s)", exc)
+                return {}  # no outputs: marked unusable for this graph, not tried again on every start
+            return self._run_plain(session, feeds)
 
         pending.publish(run_saved, want)
 

@@ -137,7 +137,7 @@ def test_fp16_agrees_with_fp32_on_real_images(extract_subset, tmp_path: Path, ma
 
 
 @pytest.mark.slow
-def test_moe_fp16_kept_in_step_and_graphs_load_without_warnings(tmp_path: Path, capfd) -> None:
+def test_moe_fp16_kept_in_step_and_graphs_load_without_warnings(tmp_path: Path, capfd, monkeypatch) -> None:
     """MoE: export fp16 before any task, then an add-task converts the adapted encoder too."""
     import edgeclip
     from edgeclip.edgeapp.demo_data import write_demo_images
@@ -154,6 +154,12 @@ def test_moe_fp16_kept_in_step_and_graphs_load_without_warnings(tmp_path: Path, 
     assert {stored[r] for r in read if r in stored} == {IMAGE_FP16_DATA, MOE_FP16_DATA}  # backbone read once
     for name in ("graphs/gated.onnx", graph_file(GATED_FP16_GRAPH)):
         assert not _warnings_loading(bundle.path(name), capfd), name
+    monkeypatch.setenv("EDGECLIP_ENGINE_CACHE", str(tmp_path / "engines"))
+    capfd.readouterr()
+    for _ in range(2):  # classify's path: the second start reads the optimised-graph cache (or its marker)
+        GatedRunner(bundle, "ort-cpu").run(_pixels(2), bundle.tensors("learned.safetensors")["zs_text"])
+    err = capfd.readouterr().err
+    assert "[W:onnxruntime" not in err and "[E:onnxruntime" not in err, err
     fp32 = edgeclip.load(bundle.root, backend="ort-cpu").classify(query, top_k=1)
     fp16 = edgeclip.load(bundle.root, backend="ort-cpu", precision="fp16").classify(query, top_k=1)
     same = np.mean([(a.label, a.route) == (b.label, b.route) for a, b in zip(fp32, fp16)])
