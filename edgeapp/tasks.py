@@ -28,8 +28,9 @@ from edgeclip.domain import (
     read_domain,
     require_enough_images,
 )
+from edgeclip.edgeapp.rail_solver import RailSolverCache
 from edgeclip.edgeapp.runtime import ImageEncoderRunner, TextEncoderRunner
-from edgeclip.errors import DomainError, UsageError
+from edgeclip.errors import BundleError, DomainError, UsageError
 from edgeclip.export.compose import build_gated_graph
 from edgeclip.export.compose_moe import build_moe_gated_graph
 from edgeclip.export.fp16 import has_fp16, write_fp16_graphs
@@ -38,6 +39,7 @@ from edgeclip.extras import import_torch_module, require_torch
 from edgeclip.images import PreprocessConfig, iter_batches
 from edgeclip.layout import (
     LEARNED,
+    RAIL_SOLVER_CACHE,
     RAIL_STATE,
     TASK_TEXT,
     ZS_TEXT,
@@ -307,13 +309,57 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
     learned = bundle.tensors(LEARNED)
     offset = learned[ZS_TEXT].shape[0]
     learner = rail_learner(bundle, learned)
+    cache = RailSolverCache(bundle.root) if isinstance(learner, RailPrimal) else None
+    try:
+        _learn_head(bundle, learner, cache, feats, labels + offset, offset + len(classes), progress)
+        new_bundle = _write_rail_version(bundle, learner, name, feats, classes, templates, source, backend, learned,
+                                         unreadable, progress)
+    except BaseException:
+        if cache is not None:
+            cache.discard()
+        raise
+    if cache is not None:
+        cache.commit(learner)
+    return new_bundle
+
+
+def _learn_head(bundle: Bundle, learner: Any, cache: RailSolverCache | None, feats: np.ndarray, labels: np.ndarray,
+                n_classes: int, progress: ProgressFn | None) -> None:
+    """Fold the task's embeddings into the RAIL head, saying what is solved: the new images only when
+    the solver cache holds the parent's state, else every learned image (once)."""
+    if cache is None:  # RAIL dual: kernel ridge, its factor grown by one block (train/rail.py)
+        if progress:
+            progress(f"solving the {bundle.method} head ({len(feats)} new images, {len(learner.labels)} learned "
+                     "before)", 0, 0)
+        learner.add_domain(feats, labels, n_classes)
+        learner.solve()
+        return
+    resumed = cache.resume(learner)
+    before = learner.n_seen
+    learner.add_domain(feats, labels, n_classes)
+    cache.start(learner)
+    if resumed:
+        what = f"RAIL head: folding {len(feats)} new images into the inverse (hidden {learner.hidden})"
+    else:
+        what = (f"RAIL head: no solver state for this version, folding all {learner.n_seen} images "
+                f"({before} learned before) into the inverse (hidden {learner.hidden}, once)")
+    log.info("%s", what)
+    try:
+        learner.solve(progress=(lambda done, total: progress(what, done, total)) if progress else None)
+    except OSError as exc:  # a full disk, a read-only bundle: one line, nothing written
+        raise BundleError(f"cannot write the RAIL solver state ({learner.inverse.nbytes / 1e9:.2f} GB in "
+                          f"BUNDLE/{RAIL_SOLVER_CACHE}): {exc.strerror or exc}") from exc
+
+
+def _write_rail_version(bundle: Bundle, learner: Any, name: str, feats: np.ndarray, classes: Sequence[str],
+                        templates: Sequence[str], source: str, backend: str, learned: dict[str, np.ndarray],
+                        unreadable: int, progress: ProgressFn | None) -> Bundle:
+    """The task's gate, class text and the new version (head already solved)."""
     def stage(name: str) -> None:  # a step of unknown length (total 0): the bar shows a spinner
         if progress:
             progress(name, 0, 0)
 
-    stage(f"solving the {bundle.method} head ({len(feats)} images)")
-    learner.add_domain(feats, labels + offset, offset + len(classes))
-    learner.solve()
+    spec = learner_spec(bundle.method)
     stage("fitting the DDAS gate")
     gate_state, gate_settings, threshold = fit_task_gate(bundle, feats)
     stage(f"encoding {len(classes)} class names")

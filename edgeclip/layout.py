@@ -93,3 +93,6 @@ def gate_key(key: str) -> str:
 def rail_key(key: str) -> str:
     """The learned-tensor name of a RAIL head tensor: ``rail.<key>``."""
     return f"{RAIL_PREFIX}{key}"
+
+# -- derived state outside the versions ---------------------------------------------------------------
+RAIL_SOLVER_CACHE = "cache/rail"  # BUNDLE/cache/rail/<fingerprint>.p64|.w64.npy: RAIL primal's inverse P (add-task)
