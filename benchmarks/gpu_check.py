@@ -259,6 +259,66 @@ def ratio_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def converter_rows(bundle: Any, device: str, batches: list[int], iterations: int, work: Path) -> dict[str, Any]:
+    """The plain image encoder in fp16 by two converters, timed with onnxruntime directly (IO binding
+    on the device): edgeclip's (`export.fp16`, onnxruntime's convert_float_to_float16) and
+    onnxruntime's transformer optimizer (`optimize_model(model_type="vit")`: attention/LayerNorm/Gelu
+    fusion into com.microsoft ops, then float16). Reports fused op counts, ms per batch and the
+    smallest cosine to the fp32 encoder."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from edgeclip.layout import IMAGE_FP16_GRAPH, IMAGE_GRAPH, graph_file
+
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    where = "cuda" if device == "cuda" else "cpu"
+    folder = work / "converters"
+    folder.mkdir(exist_ok=True)
+    fp32 = bundle.path(graph_file(IMAGE_GRAPH))
+    heads = {"ViT-B-16": 12, "ViT-B-32": 12, "ViT-L-14": 16}.get(bundle.manifest["backbone"]["model"], 0)
+    model = optimize_model(str(fp32), model_type="vit", num_heads=heads, hidden_size=0, opt_level=0,
+                           use_gpu=device == "cuda")
+    fused = {op: n for op, n in model.get_operator_statistics().items() if op in
+             ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization", "FastGelu",
+              "Gelu", "BiasGelu", "SkipSimplifiedLayerNormalization")}
+    model.convert_float_to_float16(keep_io_types=True)
+    optimized = folder / "optimized_fp16.onnx"
+    model.save_model_to_file(str(optimized), use_external_data_format=True)
+    size = int(bundle.manifest["preprocess"]["image_size"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sessions = {"fp32": ort.InferenceSession(str(fp32), options, providers=providers),
+                "fp16_edgeclip": ort.InferenceSession(str(bundle.path(graph_file(IMAGE_FP16_GRAPH))), options,
+                                                      providers=providers, disabled_optimizers=["NchwcTransformer"]),
+                "fp16_ort_optimizer": ort.InferenceSession(str(optimized), options, providers=providers,
+                                                           disabled_optimizers=["NchwcTransformer"])}
+    out: dict[str, Any] = {"optimizer_fused_ops": fused, "rows": {}}
+    rng = np.random.default_rng(0)
+    for b in batches:
+        x = rng.standard_normal((b, 3, size, size), dtype=np.float32)
+        ref = None
+        for name, session in sessions.items():
+            binding = session.io_binding()
+            binding.bind_ortvalue_input("pixels", ort.OrtValue.ortvalue_from_numpy(x, where, 0))
+            binding.bind_output("embedding", where)
+            for _ in range(3):
+                session.run_with_iobinding(binding)
+            times = []
+            for _ in range(iterations):
+                start = time.perf_counter()
+                session.run_with_iobinding(binding)
+                binding.synchronize_outputs()
+                times.append((time.perf_counter() - start) * 1000)
+            emb = binding.copy_outputs_to_cpu()[0]
+            emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+            ref = emb if ref is None else ref
+            ms = float(np.median(times))
+            out["rows"][f"{name}_b{b}"] = {"p50_ms": round(ms, 3), "images_per_s": round(b * 1000 / ms, 1),
+                                           "min_cosine_to_fp32": round(float(np.min(np.sum(emb * ref, axis=1))), 6)}
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -420,6 +480,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     cpu = edgeclip.load(moe.root, backend="ort-cpu").classify(subset, top_k=1)
                     rec["cpu_images_per_s"] = round(len(subset) / (time.perf_counter() - start), 2)
                     rec["agreement"] = agreement(dev, cpu)
+        if rail is not None:  # last: onnxruntime's optimizer is the stage most likely to crash the process
+            with report.stage("fp16_converters", needs_s=45) as rec:
+                if rec is not None:
+                    rec.update(converter_rows(edgeclip.load(rail.root, backend=backend).bundle, device,
+                                              [1, max(batches)], args.iterations, work))
         return report.data
     finally:
         report.save()
