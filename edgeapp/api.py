@@ -66,15 +66,19 @@ class Classifier:
     """A loaded bundle version with its runners (sessions open on first use).
 
     ``bundle``: the validated version read; methods that learn return a new Classifier on the new version.
-    backend: auto, ort-cpu, ort-cuda, ort-trt or tensorrt; precision: fp32 or int8; threads: CPU
-    threads of onnxruntime (None: its default). Raises UsageError, BackendUnavailableError, or
-    BundleError (e.g. int8 graphs missing) when the gated graph's session cannot be made.
+    backend: auto, ort-cpu, ort-cuda, ort-trt or tensorrt; precision: fp32, fp16 or int8 (after
+    ``edgeclip export --precision fp16`` / ``--int8``); threads: CPU threads of onnxruntime (None: its
+    default); cuda_graph: CUDA graphs on ort-cuda for the gated graph (batches padded to fixed sizes,
+    one captured graph each: more GPU memory). Raises UsageError, BackendUnavailableError, or
+    BundleError (e.g. fp16/int8 graphs missing) when the gated graph's session cannot be made.
     """
 
-    def __init__(self, bundle: Bundle, backend: str = "auto", precision: str = "fp32", threads: int | None = None):
+    def __init__(self, bundle: Bundle, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
+                 cuda_graph: bool = False):
         self.bundle = bundle
-        self.backend, self.precision, self.threads = backend, precision, threads
-        self._gated = GatedRunner(bundle, backend, threads=threads, precision=precision)  # checks int8 graphs now
+        self.backend, self.precision, self.threads, self.cuda_graph = backend, precision, threads, cuda_graph
+        self._gated = GatedRunner(bundle, backend, threads=threads, precision=precision,  # checks the graphs now
+                                  cuda_graph=cuda_graph)
         self._image: ImageEncoderRunner | None = None
         self._text: TextEncoderRunner | None = None
         self._cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
@@ -172,7 +176,7 @@ class Classifier:
         name: the task's name (None: the folder's meta.json name, else its name); data: a domain folder
         (DIR/<class>/* or DIR/train/<class>/*), or (image, class name) pairs, which are written to a
         temporary domain folder first (a name is then required). RAIL learns torch-free; MoE trains with torch.
-        Raises DomainError (too few classes or images, a name or class already learned), UsageError (a bad
+        Raises DomainError (too few classes or images, a task name already learned), UsageError (a bad
         class name or image among the pairs), MissingExtraError (MoE without torch).
         """
         if isinstance(data, (str, Path)):
@@ -193,7 +197,7 @@ class Classifier:
         ``embed_images``; labels [N] index ``classes``). Returns a Classifier on the new version.
 
         RAIL closed form (METHODS.md section 3), torch-free. Raises UsageError for an MoE bundle, shapes
-        other than [N,D] and [N], or labels outside ``classes``; DomainError for a name already learned.
+        other than [N,D] and [N], or labels outside ``classes``; DomainError for a task name already learned.
         """
         add_rail_embeddings(self.bundle, name, embeddings, np.asarray(labels), list(classes), list(templates),
                             source="embeddings", backend=self.backend)
@@ -209,7 +213,7 @@ class Classifier:
 
     def reload(self) -> Classifier:
         """A Classifier on the bundle's current version (BundleError when it cannot be opened)."""
-        return Classifier(Bundle.open(self.root), self.backend, self.precision, self.threads)
+        return Classifier(Bundle.open(self.root), self.backend, self.precision, self.threads, self.cuda_graph)
 
 
 def _expand_folders(items: list[ImageInput]) -> list[ImageInput]:
@@ -244,13 +248,15 @@ def _write_domain(folder: Path, pairs: Sequence[tuple[Image.Image | np.ndarray, 
     return folder
 
 
-def load(bundle: str | Path, backend: str = "auto", precision: str = "fp32", threads: int | None = None) -> Classifier:
+def load(bundle: str | Path, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
+         cuda_graph: bool = False) -> Classifier:
     """Open a bundle's current version for classification and learning (torch-free).
 
-    backend: auto, ort-cpu, ort-cuda, ort-trt or tensorrt; precision: fp32 or int8 (after
-    ``edgeclip export --int8``). Raises BundleError, BackendUnavailableError, UsageError.
+    backend: auto, ort-cpu, ort-cuda, ort-trt or tensorrt; precision: fp32, fp16 or int8 (after
+    ``edgeclip export --precision fp16`` / ``--int8``); cuda_graph: CUDA graphs on ort-cuda (Classifier).
+    Raises BundleError, BackendUnavailableError, UsageError.
     """
-    return Classifier(Bundle.open(Path(bundle)), backend, precision, threads)
+    return Classifier(Bundle.open(Path(bundle)), backend, precision, threads, cuda_graph)
 
 
 def create(bundle: str | Path, model: str = "ViT-B-16", pretrained: str | None = None, method: str = "rail-primal",

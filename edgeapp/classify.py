@@ -68,6 +68,43 @@ class LabelSpace:
     def owner(self, index: int) -> str:
         return self.owners[index] if index < len(self.owners) else ZERO_SHOT
 
+    @property
+    def ambiguous(self) -> frozenset[str]:
+        """The ``class_key`` of every learned class name that more than one task learned: such a
+        label is told apart by its task (``qualified_name``)."""
+        return ambiguous_names(self.names[: len(self.owners)], self.owners)
+
+    def shown_names(self) -> list[str]:
+        """Every label as a table shows it: ``3 (digits8)`` where the name is ambiguous."""
+        ambiguous = self.ambiguous
+        return [shown_name(name, self.owner(i), ambiguous) for i, name in enumerate(self.names)]
+
+
+def qualified_name(name: str, task: str) -> str:
+    """A class name with its task, ``3 (digits8)``: how a class learned by several tasks is shown,
+    and how ``--labels`` / the API name one of them."""
+    return f"{name} ({task})"
+
+
+def ambiguous_names(names: Sequence[str], owners: Sequence[str]) -> frozenset[str]:
+    """``class_key`` of the names that belong to more than one task (``owners[i]`` owns ``names[i]``)."""
+    from edgeclip.domain import class_key
+
+    tasks: dict[str, set[str]] = {}
+    for name, owner in zip(names, owners):
+        if owner != ZERO_SHOT:
+            tasks.setdefault(class_key(name), set()).add(owner)
+    return frozenset(key for key, owned in tasks.items() if len(owned) > 1)
+
+
+def shown_name(name: str, task: str | None, ambiguous: frozenset[str]) -> str:
+    """``name``, or ``qualified_name(name, task)`` when the name is in ``ambiguous`` and belongs to a task."""
+    from edgeclip.domain import class_key
+
+    if task and task != ZERO_SHOT and class_key(name) in ambiguous:
+        return qualified_name(name, task)
+    return name
+
 
 def read_text_file(path: Path, what: str) -> str:
     """A text file people write: UTF-8, with or without a byte-order mark, any line ends.
@@ -117,13 +154,18 @@ ClassEncoder = Callable[[Sequence[str], Sequence[str]], np.ndarray]  # (classes,
 def build_label_space(bundle: Bundle, extra: Sequence[str], encode_classes: ClassEncoder) -> LabelSpace:
     """Learned classes (stored text embeddings, no text encoder needed) plus the bundle's default
     zero-shot labels and ``extra`` ones, encoded now by ``encode_classes``
-    (``TextEncoderRunner.class_embeddings``, the exported text encoder)."""
+    (``TextEncoderRunner.class_embeddings``, the exported text encoder).
+
+    An extra label that names a learned class is that class, not a new label: by its name (``3``:
+    every task's class of that name) or task-qualified (``3 (digits8)``, ``qualified_name``), the
+    way a name learned by several tasks is told apart."""
     from edgeclip.domain import class_key
 
     learned = bundle.learned_classes
     owners = [task["name"] for task in bundle.tasks for _ in task["classes"]]
     stored = bundle.tensors(LEARNED, keys=[ZS_TEXT])[ZS_TEXT]  # only this tensor is read
-    known = {class_key(name) for name in learned}
+    known = {class_key(name) for name in learned} | {class_key(qualified_name(name, owner))
+                                                     for name, owner in zip(learned, owners)}
     wanted = list(bundle.meta.zero_shot.labels) + list(extra)
     new_by_key: dict[str, str] = {}
     for name in wanted:  # the one rule: the same class_key is the same class (the learned one wins)

@@ -33,6 +33,19 @@ GATED_GRAPH = "gated.onnx"
 IMAGE_INT8_GRAPH, IMAGE_INT8_DATA = "image_encoder_int8.onnx", "image_encoder_int8.data"
 GATED_INT8_GRAPH = "gated_int8.onnx"
 INT8_GRAPHS = (IMAGE_INT8_GRAPH, IMAGE_INT8_DATA, GATED_INT8_GRAPH)
+# optional fp16 variant (`edgeclip export --precision fp16`): the encoders' float tensors and compute
+# in float16 with float32 inputs and outputs (cast at the embedding), and the gated graph composed on
+# top of them (its decision stays float32)
+IMAGE_FP16_GRAPH, IMAGE_FP16_DATA = "image_encoder_fp16.onnx", "image_encoder_fp16.data"
+GATED_FP16_GRAPH = "gated_fp16.onnx"
+MOE_FP16_GRAPH, MOE_FP16_DATA = "moe_encoder_fp16.onnx", "moe_encoder_fp16.data"  # MoE bundles with tasks
+FP16_GRAPHS = (IMAGE_FP16_GRAPH, IMAGE_FP16_DATA, GATED_FP16_GRAPH)
+# precision -> (gated graph, plain image encoder, the encoders' weights file) that the runtime reads
+PRECISION_GRAPHS = {
+    "fp32": ("gated.onnx", IMAGE_GRAPH, IMAGE_DATA),
+    "fp16": (GATED_FP16_GRAPH, IMAGE_FP16_GRAPH, IMAGE_FP16_DATA),
+    "int8": (GATED_INT8_GRAPH, IMAGE_INT8_GRAPH, IMAGE_INT8_DATA),
+}
 # MoE: the adapted image encoder (its backbone tensors point at image_encoder.data)
 MOE_GRAPH, MOE_DATA = "moe_encoder.onnx", "moe_encoder.data"
 VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
@@ -80,3 +93,6 @@ def gate_key(key: str) -> str:
 def rail_key(key: str) -> str:
     """The learned-tensor name of a RAIL head tensor: ``rail.<key>``."""
     return f"{RAIL_PREFIX}{key}"
+
+# -- derived state outside the versions ---------------------------------------------------------------
+RAIL_SOLVER_CACHE = "cache/rail"  # BUNDLE/cache/rail/<fingerprint>.p64|.w64.npy: RAIL primal's inverse P (add-task)

@@ -28,13 +28,18 @@ EXIT_UNREADABLE = 3
 
 
 class Precision(str, Enum):
-    """``--precision``: fp32 graphs, or the int8-quantised image encoder."""
+    """``--precision``: fp32 graphs, the fp16 encoders, or the int8-quantised image encoder."""
     fp32 = "fp32"
+    fp16 = "fp16"
     int8 = "int8"
 
 
 PrecisionOpt = Annotated[Precision, typer.Option(
-    help="fp32, or int8: the int8-quantised encoder on onnxruntime CPU (faster; make it with `edgeclip export --int8`).")]
+    help="fp32; fp16: the fp16 encoders, decision in fp32 (any onnxruntime backend; make them with `edgeclip export "
+         "--precision fp16`); int8: the int8-quantised encoder on onnxruntime CPU (`edgeclip export --int8`).")]
+CudaGraphOpt = Annotated[bool, typer.Option(
+    "--cuda-graph", help="CUDA graphs on ort-cuda: batches padded to fixed sizes, one captured graph each (less "
+                         "launch overhead at small batches, more GPU memory).")]
 
 
 class OutputFormat(str, Enum):
@@ -49,6 +54,7 @@ def classify(
     bundle: BundleOpt = None,
     backend: BackendOpt = "auto",
     precision: PrecisionOpt = Precision.fp32,
+    cuda_graph: CudaGraphOpt = False,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many labels to report per image.")] = 5,
     labels: Annotated[Optional[str], typer.Option(help='Extra zero-shot labels, comma separated: "a,b,c".')] = None,
     labels_file: Annotated[Optional[Path], typer.Option(help="Extra zero-shot labels, one per line.")] = None,
@@ -101,7 +107,8 @@ def classify(
     if not found.images and not unreadable:
         skipped = f" ({len(found.skipped)} non-image files skipped; --verbose lists them)" if found.skipped else ""
         raise UsageError(f"No images found in the given paths{skipped}.")
-    runner = GatedRunner(loaded, backend, precision=precision.value)  # refuses a missing int8 graph early
+    runner = GatedRunner(loaded, backend, precision=precision.value,  # refuses a missing fp16/int8 graph early
+                         cuda_graph=cuda_graph, max_batch=batch_size)
     label_space = build_label_space(loaded, extra, TextEncoderRunner(loaded, backend).class_embeddings)
     writer = _writer(output_format, output, loaded, found.images, label_space, top_k)
     total = len(found.images)
@@ -201,8 +208,8 @@ def _writer(fmt: OutputFormat, output: Path | None, loaded: "Bundle", images: li
         weights = " - random weights" if loaded.random_weights else ""
         title = visible(f"{loaded.root} {loaded.version} ({loaded.manifest['backbone']['model']}{weights})")
         width = out_console().width if output is None and stdout_is_terminal() else None
-        writer = TableWriter(stream, title, [os.fspath(p) for p in images], label_space.names,
-                             [t["name"] for t in loaded.tasks], width)
+        writer = TableWriter(stream, title, [os.fspath(p) for p in images], label_space.shown_names(),
+                             [t["name"] for t in loaded.tasks], width, label_space.ambiguous)
     writer.owned = file
     return writer
 

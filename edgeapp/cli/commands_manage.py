@@ -159,28 +159,53 @@ def tasks(
         err_console().print("no task learned yet: zero-shot only")
 
 
+class ExportPrecision(str, Enum):
+    """``export --precision``: the extra graphs to write (fp16; int8 = ``--int8``)."""
+    fp16 = "fp16"
+    int8 = "int8"
+
+
 def export(
     bundle: BundleOpt = None,
     tensorrt: Annotated[bool, typer.Option("--tensorrt", help="Build TensorRT engines of the gated and plain graphs (GPU and the trt extra).")] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT engines in fp16 (default fp32).")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="Write a new version with the image encoder quantised to int8 (CPU speed-up, RAIL bundles; classify/bench --precision int8).")] = False,
+    precision: Annotated[Optional[ExportPrecision], typer.Option(help="fp16: write a new version with fp16 encoders (the MoE adapted one too) and their gated graph (the decision stays fp32; classify/bench --precision fp16). int8: as --int8.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Check the current version's ONNX graphs and, with --tensorrt, build (or reuse cached) TensorRT engines.
 
     The ONNX graphs themselves are written by init and add-task with every version. --int8 writes
-    a new version holding the int8-quantised image encoder and its gated graph (later add-tasks
-    keep them in step).
+    a new version holding the int8-quantised image encoder and its gated graph; --precision fp16
+    one holding the fp16 encoders and their gated graph (later add-tasks keep them in step).
+    --fp16 (with --tensorrt) is TensorRT's own fp16 engine build from the fp32 graph.
     """
     import onnx
 
     from edgeclip.export.compose import check_structure
-    from edgeclip.layout import GATED_INT8_GRAPH, IMAGE_INT8_GRAPH, graph_file
+    from edgeclip.layout import (
+        GATED_FP16_GRAPH,
+        GATED_INT8_GRAPH,
+        IMAGE_FP16_GRAPH,
+        IMAGE_INT8_GRAPH,
+        MOE_FP16_GRAPH,
+        graph_file,
+    )
 
     if fp16 and not tensorrt:
         raise UsageError("--fp16 applies to TensorRT engines only: add --tensorrt (or leave --fp16 out)")
     loaded = open_bundle(bundle)
-    if int8:
+    if precision is ExportPrecision.fp16:
+        from edgeclip.export.fp16 import export_fp16
+
+        before = loaded.version
+        with progress(quiet) as bar:
+            bar.add_task("converting the encoders to fp16", total=None, info="")
+            loaded = export_fp16(loaded)
+        if not quiet:
+            done = f"wrote {loaded.version}" if loaded.version != before else "already present"
+            err_console().print(markup(f"{loaded.root}: fp16 graphs {done}"), highlight=False)
+    if int8 or precision is ExportPrecision.int8:
         from edgeclip.export.quantize import export_int8
 
         before = loaded.version
@@ -192,7 +217,8 @@ def export(
             err_console().print(markup(f"{loaded.root}: int8 graphs {done}"), highlight=False)
     table = new_table("graph", "MB", title=markup(f"{loaded.root} {loaded.version} graphs"), right=("MB",))
     names = ["graphs/gated.onnx", "graphs/image_encoder.onnx", "graphs/text_encoder.onnx"]
-    names += [graph_file(n) for n in (GATED_INT8_GRAPH, IMAGE_INT8_GRAPH) if loaded.has(graph_file(n))]
+    names += [graph_file(n) for n in (GATED_INT8_GRAPH, IMAGE_INT8_GRAPH, GATED_FP16_GRAPH, IMAGE_FP16_GRAPH,
+                                      MOE_FP16_GRAPH) if loaded.has(graph_file(n))]
     for name in names:
         path = loaded.path(name)
         model = onnx.load(str(path), load_external_data=False)
