@@ -319,6 +319,30 @@ def converter_rows(bundle: Any, device: str, batches: list[int], iterations: int
     return out
 
 
+def io_binding_rows(bundle: Any, backend: str, batches: list[int], iterations: int) -> dict[str, Any]:
+    """The gated graph with and without IO binding (`OrtSession.io_binding`), fp32 and fp16, same pixels,
+    interleaved per batch size: p50 ms per batch."""
+    from edgeclip.edgeapp.bench import time_calls
+    from edgeclip.edgeapp.runtime import GatedRunner
+
+    text = bundle.tensors("learned.safetensors")["zs_text"]
+    size = int(bundle.manifest["preprocess"]["image_size"])
+    rows: dict[str, Any] = {}
+    runners = {}
+    for precision in ("fp32", "fp16"):
+        for binding in (False, True):
+            runner = GatedRunner(bundle, backend, precision=precision, max_batch=max(batches))
+            runner.session.io_binding = binding
+            runners[f"{precision}_{'iobinding' if binding else 'run'}"] = runner
+    rng = np.random.default_rng(0)
+    for b in batches:
+        x = rng.standard_normal((b, 3, size, size), dtype=np.float32)
+        for name, runner in runners.items():
+            ms = float(np.median(time_calls(lambda r=runner: r.run(x, text), iterations, warmup=3)))
+            rows[f"{name}_b{b}"] = round(ms, 3)
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -370,6 +394,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     bundle = export_fp16(rail.reload().bundle)
                     rec["version"] = bundle.version
                     rec["bytes"] = {k: v["size"] for k, v in bundle.manifest["files"].items() if k.startswith("graphs/")}
+            with report.stage("rail_io_binding", needs_s=30) as rec:
+                if rec is not None:
+                    rec["p50_ms"] = io_binding_rows(edgeclip.load(rail.root, backend=backend).bundle, backend,
+                                                    [b for b in batches if b <= 32] or batches[:1], args.iterations)
             with report.stage("rail_bench", needs_s=40) as rec:
                 if rec is not None:
                     rec["rows"] = bench_rows(edgeclip.load(rail.root, backend=backend).bundle, backend, batches,
