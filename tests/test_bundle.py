@@ -854,15 +854,15 @@ def test_classify_refuses_non_finite_learned_tensors(tiny_cli_bundle: dict, tmp_
 
     root = _fresh_copy(tiny_cli_bundle["root"], tmp_path / "b")
     bundle = Bundle.open(root)
-    path = bundle.dir / "learned.safetensors"
+    path = bundle.dir / "rail_projection.safetensors"  # W_r, stored once (edgeclip.learned)
     arrays = load_file(str(path))
     arrays["rail.w_r"][0, 0] = np.nan
-    path.unlink()
+    path.unlink()  # this version's link only: the other versions keep theirs
     save_file(arrays, str(path))
-    _rewrite_manifest(bundle, lambda m: m["files"].__setitem__("learned.safetensors", _entry_for(path)))
+    _rewrite_manifest(bundle, lambda m: m["files"].__setitem__(path.name, _entry_for(path)))
     done = _cli("add-task", tiny_cli_bundle["domains"][0], "--bundle", root)  # learning reads every tensor
     assert done.returncode == 1 and Bundle.open(root).version == bundle.version
-    assert "learned.safetensors" in done.stderr and "rail.w_r" in done.stderr and "Traceback" not in done.stderr
+    assert path.name in done.stderr and "rail.w_r" in done.stderr and "Traceback" not in done.stderr
     # classify reads only zs_text (its W_r is the graph's, checked when written): it still never prints NaN
     query = next(iter(sorted(tiny_cli_bundle["query"].iterdir())))
     done = _cli("classify", query, "--bundle", root, "--labels", "a cat,a dog", "--format", "json")
