@@ -189,12 +189,12 @@ def test_killed_writer_leaves_previous_version_loadable(tmp_path: Path, phase: s
 def test_crash_between_version_rename_and_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A version folder renamed into place but never made current is ignored; the old one stays current."""
     first = make_bundle(tmp_path / "b")
-    import edgeclip.bundle as module
+    import edgeclip.store.writer as module
 
     def crash(*_args: object) -> None:
         raise KeyboardInterrupt("killed before the switch")
 
-    monkeypatch.setattr(module, "_write_atomic_text", crash)
+    monkeypatch.setattr(module, "write_atomic_text", crash)
     with pytest.raises(KeyboardInterrupt):
         with first.new_version():
             pass
@@ -382,7 +382,7 @@ def test_readers_never_block_on_a_writer(tmp_path: Path) -> None:
 
 
 def test_a_second_writer_waits_then_refuses_a_held_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import edgeclip.bundle as module
+    import edgeclip.store.lock as module
 
     first = make_bundle(tmp_path / "b")
     monkeypatch.setattr(module, "LOCK_WAIT_S", 0.2)
@@ -536,16 +536,18 @@ def test_loading_non_finite_tensors_names_file_and_tensor(tmp_path: Path) -> Non
 
 @pytest.fixture
 def count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    import edgeclip.bundle as module
+    import edgeclip.store.reader
+    import edgeclip.store.writer
 
     seen: list[str] = []
-    real = module.sha256_of
+    real = edgeclip.store.reader.sha256_of
 
     def counting(path: Path) -> str:
         seen.append(Path(path).name)
         return real(path)
 
-    monkeypatch.setattr(module, "sha256_of", counting)
+    for module in (edgeclip.store.reader, edgeclip.store.writer):  # the readers' and the writer's hashing
+        monkeypatch.setattr(module, "sha256_of", counting)
     return seen
 
 
