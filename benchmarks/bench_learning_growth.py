@@ -14,7 +14,7 @@ Steps, each `edgeclip` command in a fresh process (its peak resident memory, ru_
 memory do not depend on the weights' values), then a reference: the last domain learned first, into a
 copy of the empty bundle; then the eight add-tasks in order. After each: wall time, peak RSS, the
 bundle's size on disk (versions and graph store; the RAIL solver cache `cache/rail` counted apart), and
-what `edgeclip versions` says each version holds alone ("own"), which must not change after later writes.
+what `edgeclip versions` says each version added ("added"), which must not change after later writes.
 Prints a table, writes JSON and a picture (time and memory against images learned).
 """
 
@@ -117,7 +117,8 @@ def sizes(root: Path) -> tuple[int, int]:
 def versions(root: Path) -> dict[str, dict]:
     from edgeclip.bundle import version_history
 
-    return {r["version"]: {"size": r.get("size"), "own": r.get("own")} for r in version_history(root)}
+    return {r["version"]: {"size": r.get("size"), "added": r.get("added"), "own": r.get("own")}
+            for r in version_history(root)}
 
 
 def plot(rows: list[dict], reference: dict, path: Path, title: str) -> None:
@@ -138,7 +139,8 @@ def plot(rows: list[dict], reference: dict, path: Path, title: str) -> None:
     axes[1].axhline(1.0, color="red", ls=":", label="1 GB goal")
     axes[1].set(xlabel="images learned before (thousands)", ylabel="peak RSS of add-task (GB)", ylim=(0, 1.2))
     axes[1].legend(fontsize=8)
-    axes[2].plot(learned, [r["version_own_bytes"] / 1e6 for r in rows], "o-", label="version (own)")
+    axes[2].plot(learned, [r["version_added_bytes"] / 1e6 for r in rows], "o-", label="a version adds")
+    axes[2].plot(learned, [r["cache_bytes"] / 1e6 for r in rows], "s--", label="solver cache (one, replaced)")
     axes[2].set(xlabel="images learned before (thousands)", ylabel="disk added per version (MB)", ylim=(0, None))
     axes[2].legend(fontsize=8)
     for ax, name in zip(axes, ["time", "memory", "disk"]):
@@ -181,24 +183,24 @@ def main() -> None:
         print(f"reference: {last} learned first: {wall:.1f} s, peak {peak} MB", flush=True)
 
         print(f"{'#':>2} {'domain':<14} {'images':>6} {'learned':>7} {'wall s':>7} {'ms/img':>6} {'peak MB':>7} "
-              f"{'bundle MB':>9} {'own MB':>7} {'cache MB':>8}", flush=True)
+              f"{'bundle MB':>9} {'added':>7} {'cache MB':>8}", flush=True)
         learned = 0
         before = init["disk_bytes"]
-        owns: dict[str, int] = {}
+        added: dict[str, int] = {}
         for i, name in enumerate(ORDER, 1):
             images = count_images(domains[name])
             wall, peak, _ = run_edgeclip(["add-task", str(domains[name]), "--bundle", str(root), "--quiet"])
             bundle_bytes, cache_bytes = sizes(root)
             history = versions(root)
             current = (root / "CURRENT").read_text().strip()
-            owns[current] = history[current]["own"]
+            added[current] = history[current]["added"]
             row = {"step": i, "domain": name, "images": images, "learned_before": learned, "wall_s": wall,
                    "peak_rss_mb": peak, "bundle_bytes": bundle_bytes, "added_bytes": bundle_bytes - before,
-                   "version_own_bytes": history[current]["own"], "cache_bytes": cache_bytes,
-                   "own_unchanged": all(history[v]["own"] == own for v, own in owns.items())}
+                   "version_added_bytes": history[current]["added"], "cache_bytes": cache_bytes,
+                   "added_unchanged": all(history[v]["added"] == size for v, size in added.items())}
             rows.append(row)
             print(f"{i:>2} {name:<14} {images:>6} {learned:>7} {wall:>7.1f} {1000 * wall / images:>6.1f} {peak:>7} "
-                  f"{bundle_bytes / 1e6:>9.1f} {row['version_own_bytes'] / 1e6:>7.1f} {cache_bytes / 1e6:>8.1f}",
+                  f"{bundle_bytes / 1e6:>9.1f} {row['version_added_bytes'] / 1e6:>7.1f} {cache_bytes / 1e6:>8.1f}",
                   flush=True)
             learned += images
             before = bundle_bytes
@@ -208,8 +210,8 @@ def main() -> None:
     ratio = same["wall_s"] / reference["wall_s"]
     print(f"{last}: {reference['wall_s']:.1f} s learned first, {same['wall_s']:.1f} s after "
           f"{same['learned_before']} images: x{ratio:.2f} (goal <= 1.5); largest add-task peak "
-          f"{max(r['peak_rss_mb'] for r in rows)} MB (goal <= 1024); 'own' sizes unchanged by later writes: "
-          f"{all(r['own_unchanged'] for r in rows)}")
+          f"{max(r['peak_rss_mb'] for r in rows)} MB (goal <= 1024); 'added' sizes unchanged by later writes: "
+          f"{all(r['added_unchanged'] for r in rows)}")
     title = (f"RAIL primal, hidden {args.hidden}, {args.model} (seeded random weights), 8 real domains; "
              f"{platform.node() and cpu_name()}, {os.cpu_count()} cores, shared")
     report = {

@@ -694,6 +694,25 @@ def _grow(root: Path, names: list[str]) -> None:
             writer.write_tensors("learned.safetensors", {"w": np.full((3, 4), len(writer.manifest["tasks"]), np.float32)})
 
 
+def test_history_added_sizes_do_not_change_after_later_writes(tmp_path: Path) -> None:
+    """'added' (what writing a version added: files not inherited from its parent) is fixed once the
+    version is written; 'own' (what removing it frees) falls as later versions share its files."""
+    from edgeclip.bundle import version_history
+
+    root = tmp_path / "b"
+    make_bundle(root)
+    _grow(root, ["t1"])
+    with Bundle.open(root).new_version() as writer:  # a file written once, then inherited by every later version
+        writer.write_bytes("once.bin", b"x" * 5000)
+    first = {r["version"]: r for r in version_history(root)}
+    _grow(root, ["t2", "t3"])
+    later = {r["version"]: r for r in version_history(root)}
+    assert all(later[v]["added"] == first[v]["added"] for v in first)
+    assert first["v0003"]["added"] >= 5000 and later["v0004"]["added"] < 5000  # v0004 inherits once.bin
+    assert later["v0003"]["own"] < first["v0003"]["own"]  # shared now: removing v0003 frees less
+    assert later["v0001"]["added"] == later["v0001"]["size"]  # the first version added all it holds
+
+
 def test_history_rollback_to_and_prune(tmp_path: Path) -> None:
     from edgeclip.bundle import prune, version_history
 

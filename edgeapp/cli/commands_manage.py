@@ -287,7 +287,9 @@ def versions(
     bundle: BundleOpt = None,
     output_format: Annotated[TableOrJson, typer.Option("--format", help="table or json.")] = TableOrJson.table,
 ) -> None:
-    """The bundle's version history: parent, date, tasks, size (all files) and own size (what pruning it frees)."""
+    """The bundle's version history: parent, date, tasks, size (all its files) and added (what writing it added:
+    the files it did not inherit from its parent; later writes do not change it). JSON also gives own (what
+    removing the version would free now)."""
     from edgeclip.bundle import version_history
 
     root = require_bundle(bundle_path(bundle))
@@ -297,7 +299,7 @@ def versions(
         typer.echo(json.dumps({"bundle": str(root), "size_on_disk": total, "versions": history}, indent=2,
                               ensure_ascii=False))
         return
-    table = new_table("version", "parent", "created", "tasks", "size", "own", right=("size", "own"),
+    table = new_table("version", "parent", "created", "tasks", "size", "added", right=("size", "added"),
                       title=markup(f"{root} - {len(history)} versions, {format_size(total)} on disk"))
     for rec in history:
         name = rec["version"] + (" *" if rec["current"] else "")
@@ -305,7 +307,7 @@ def versions(
             table.add_row(name, "", "", markup(rec["error"]), "", "")
             continue
         table.add_row(name, rec["parent"] or "-", rec["created_at"] or "", markup(", ".join(rec["tasks"])) or "-",
-                      format_size(rec["size"]), format_size(rec["own"]))
+                      format_size(rec["size"]), format_size(rec["added"]))
     out_console().print(table)
 
 
