@@ -1,5 +1,5 @@
-"""Time and memory of RAIL primal's steps per hidden size: remembering a domain and the joint solve
-(dual space while images <= hidden, primal beyond; see edgeclip.train.rail.RailPrimal).
+"""Time and memory of RAIL primal's steps per hidden size: remembering a domain and folding it into
+the solution (recursive least squares on the inverse, in memory here; see edgeclip.train.rail.RailPrimal).
 
     python benchmarks/bench_rail_solve.py [--hidden 1000 2500 5000 10000 15000] [--images 1024]
         [--dim 512] [--classes 100] [--out benchmarks/results/rail_solve.json]
@@ -44,7 +44,7 @@ def bench(hidden: int, images: int, dim: int, classes: int) -> dict:
     return {"hidden": hidden, "images": images, "dim": dim, "classes": classes,
             "accumulate_s": accumulate, "accumulate_s_per_1000_images": accumulate * 1000 / images,
             "solve_s": solve, "scores_ms_per_image": scores * 1000 / images,
-            "space": model.space, "state_bytes": mem["x"], "peak_learning_bytes": mem["solve_peak"] + mem["x"] + mem["w_r"],
+            "state_bytes": mem["x"], "peak_learning_bytes": mem["solve_peak"] + mem["x"] + mem["w_r"] + mem["inverse"],
             "inference_bytes": mem["w_r"] + mem["w"]}
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -28,10 +28,10 @@ from edgeclip.discover import discover_images
 from edgeclip.edgeapp.classify import (
     LabelSpace,
     Prediction,
+    as_image,
     build_label_space,
-    classify_files,
-    predictions_from_scores,
-    task_route_names,
+    classify_batches,
+    is_file_input,
 )
 from edgeclip.edgeapp.runtime import GatedRunner, ImageEncoderRunner, TextEncoderRunner
 from edgeclip.edgeapp.tasks import MethodSettings, ProgressFn, add_rail_embeddings, add_task
@@ -53,28 +53,23 @@ class TaskInfo:
     threshold: float
 
 
-def _as_image(item: Image.Image | np.ndarray) -> Image.Image:
-    if isinstance(item, Image.Image):
-        return item
-    array = np.asarray(item)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise UsageError(f"an image array must be uint8 [H, W, 3] RGB, got {array.dtype} {list(array.shape)}")
-    return Image.fromarray(array, "RGB")
-
-
 class Classifier:
     """A loaded bundle version with its runners (sessions open on first use).
 
     ``bundle``: the validated version read; methods that learn return a new Classifier on the new version.
-    backend: auto, ort-cpu, ort-cuda, ort-trt or tensorrt; precision: fp32 or int8; threads: CPU
-    threads of onnxruntime (None: its default). Raises UsageError, BackendUnavailableError, or
-    BundleError (e.g. int8 graphs missing) when the gated graph's session cannot be made.
+    backend: auto, ort-cpu, ort-cuda, ort-trt or tensorrt; precision: fp32, fp16 or int8 (after
+    ``edgeclip export --precision fp16`` / ``--int8``); threads: CPU threads of onnxruntime (None: its
+    default); cuda_graph: CUDA graphs on ort-cuda for the gated graph (batches padded to fixed sizes,
+    one captured graph each: more GPU memory). Raises UsageError, BackendUnavailableError, or
+    BundleError (e.g. fp16/int8 graphs missing) when the gated graph's session cannot be made.
     """
 
-    def __init__(self, bundle: Bundle, backend: str = "auto", precision: str = "fp32", threads: int | None = None):
+    def __init__(self, bundle: Bundle, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
+                 cuda_graph: bool = False):
         self.bundle = bundle
-        self.backend, self.precision, self.threads = backend, precision, threads
-        self._gated = GatedRunner(bundle, backend, threads=threads, precision=precision)  # checks int8 graphs now
+        self.backend, self.precision, self.threads, self.cuda_graph = backend, precision, threads, cuda_graph
+        self._gated = GatedRunner(bundle, backend, threads=threads, precision=precision,  # checks the graphs now
+                                  cuda_graph=cuda_graph)
         self._image: ImageEncoderRunner | None = None
         self._text: TextEncoderRunner | None = None
         self._cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
@@ -112,7 +107,7 @@ class Classifier:
     def _pixels(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
         if not images:
             return np.zeros((0, 3, self._cfg.image_size, self._cfg.image_size), np.float32)
-        return np.stack([preprocess(_as_image(img), self._cfg) for img in images])  # [B,3,S,S] float32
+        return np.stack([preprocess(as_image(img), self._cfg) for img in images])  # [B,3,S,S] float32
 
     def classify(self, images: ImageInput | Iterable[ImageInput], labels: Sequence[str] = (), top_k: int = 5,
                  batch_size: int = 16) -> list[Prediction]:
@@ -120,33 +115,33 @@ class Classifier:
         top-k and error (the reason a file could not be read; the other fields are then empty).
 
         images: files, folders (their images), PIL images or uint8 [H,W,3] RGB arrays (one or an iterable); labels: extra
-        zero-shot labels beside the learned classes. Raises UsageError (nothing to classify into, bad array).
+        zero-shot labels beside the learned classes. ``list(classify_iter(...))``: for many inputs,
+        ``classify_iter`` keeps memory flat. Raises UsageError (nothing to classify into, bad array).
         """
-        items = [images] if isinstance(images, (str, Path, Image.Image, np.ndarray)) else list(images)
-        items = _expand_folders(items)
+        return list(self.classify_iter(images, labels, top_k=top_k, batch_size=batch_size))
+
+    def classify_iter(self, images: ImageInput | Iterable[ImageInput], labels: Sequence[str] = (), top_k: int = 5,
+                      batch_size: int = 16, *, workers: int | None = None,
+                      embeddings: bool = False) -> Iterator[Prediction]:
+        """Yield one ``Prediction`` per input, in input order, as each batch is classified.
+
+        ``images`` is read lazily (a generator of a million paths or arrays is fine): memory is bounded by
+        the batch and the decode queue (two batches ahead), not by the input's length. Folders are replaced
+        by their images (one folder's listing at a time). workers: decoding threads (default one per core);
+        embeddings: also set each Prediction's ``embedding`` ([D] float32, unit norm). The arguments and the
+        label space are checked now, before the first item is read: raises UsageError (top_k < 1,
+        batch_size < 1, nothing to classify into); a bad array raises UsageError when it is reached.
+        """
         if top_k < 1:
             raise UsageError(f"top_k must be at least 1, not {top_k}")
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be at least 1, not {batch_size}")
+        single = isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray))
+        items: Iterable[ImageInput] = [images] if single else images  # type: ignore[list-item]
         space = self.label_space(labels)
-        names = task_route_names(self.bundle)
-        out: list[Prediction | None] = [None] * len(items)
-        files = [(i, Path(x)) for i, x in enumerate(items) if isinstance(x, (str, Path))]
-        in_memory = [(i, x) for i, x in enumerate(items) if not isinstance(x, (str, Path))]
-        if files:
-            by_path: dict[str, list[int]] = {}
-            for i, path in files:
-                by_path.setdefault(str(path), []).append(i)
-            preds = classify_files(self.bundle, [p for _, p in files], self._gated, space, top_k=top_k,
-                                   batch_size=batch_size)
-            for pred, (i, _) in zip(_in_input_order(preds, [p for _, p in files]), files):
-                out[i] = pred
-        for start in range(0, len(in_memory), batch_size):
-            chunk = in_memory[start:start + batch_size]
-            result = self._gated.run(self._pixels([x for _, x in chunk]), space.text)
-            preds = predictions_from_scores([f"<image {i}>" for i, _ in chunk], result["scores"], result["route"],
-                                            space, names, top_k)
-            for (i, _), pred in zip(chunk, preds):
-                out[i] = pred
-        return [p for p in out if p is not None]
+        batches = classify_batches(self.bundle, _expand_folders(items), self._gated, space, top_k=top_k,
+                                   batch_size=batch_size, workers=workers, embeddings=embeddings)
+        return (pred for batch in batches for pred in batch)
 
     def embed_images(self, images: Iterable[Image.Image | np.ndarray | str | Path]) -> np.ndarray:
         """Frozen CLIP image embeddings [N,D] float32, unit rows (the plain encoder, no task).
@@ -172,7 +167,7 @@ class Classifier:
         name: the task's name (None: the folder's meta.json name, else its name); data: a domain folder
         (DIR/<class>/* or DIR/train/<class>/*), or (image, class name) pairs, which are written to a
         temporary domain folder first (a name is then required). RAIL learns torch-free; MoE trains with torch.
-        Raises DomainError (too few classes or images, a name or class already learned), UsageError (a bad
+        Raises DomainError (too few classes or images, a task name already learned), UsageError (a bad
         class name or image among the pairs), MissingExtraError (MoE without torch).
         """
         if isinstance(data, (str, Path)):
@@ -193,7 +188,7 @@ class Classifier:
         ``embed_images``; labels [N] index ``classes``). Returns a Classifier on the new version.
 
         RAIL closed form (METHODS.md section 3), torch-free. Raises UsageError for an MoE bundle, shapes
-        other than [N,D] and [N], or labels outside ``classes``; DomainError for a name already learned.
+        other than [N,D] and [N], or labels outside ``classes``; DomainError for a task name already learned.
         """
         add_rail_embeddings(self.bundle, name, embeddings, np.asarray(labels), list(classes), list(templates),
                             source="embeddings", backend=self.backend)
@@ -209,29 +204,16 @@ class Classifier:
 
     def reload(self) -> Classifier:
         """A Classifier on the bundle's current version (BundleError when it cannot be opened)."""
-        return Classifier(Bundle.open(self.root), self.backend, self.precision, self.threads)
+        return Classifier(Bundle.open(self.root), self.backend, self.precision, self.threads, self.cuda_graph)
 
 
-def _expand_folders(items: list[ImageInput]) -> list[ImageInput]:
-    """Folders become their images (recognised by content, hidden files skipped), in place."""
-    out: list[ImageInput] = []
+def _expand_folders(items: Iterable[ImageInput]) -> Iterator[ImageInput]:
+    """Folders become their images (recognised by content, hidden files skipped), in place, lazily."""
     for item in items:
-        if isinstance(item, (str, Path)) and Path(item).is_dir():
-            out.extend(discover_images([Path(item)]).images)
+        if is_file_input(item) and Path(os.fsdecode(item)).is_dir():  # type: ignore[arg-type]
+            yield from discover_images([Path(os.fsdecode(item))]).images  # type: ignore[arg-type]
         else:
-            out.append(item)
-    return out
-
-
-def _in_input_order(preds: Iterable[Prediction], paths: Sequence[Path]) -> list[Prediction]:
-    """classify_files yields a batch's unreadable files first: put results back in input order."""
-    position: dict[str, list[int]] = {}
-    for i, path in enumerate(paths):
-        position.setdefault(os.fspath(path), []).append(i)  # Prediction.path is os.fspath (surrogateescape)
-    ordered: list[Prediction | None] = [None] * len(paths)
-    for pred in preds:
-        ordered[position[pred.path].pop(0)] = pred
-    return [p for p in ordered if p is not None]
+            yield item
 
 
 def _write_domain(folder: Path, pairs: Sequence[tuple[Image.Image | np.ndarray, str]]) -> Path:
@@ -240,17 +222,19 @@ def _write_domain(folder: Path, pairs: Sequence[tuple[Image.Image | np.ndarray, 
             raise UsageError(f"class name {label!r} must be a non-empty name without '/' or a leading '.'")
         target = folder / label
         target.mkdir(parents=True, exist_ok=True)
-        _as_image(image).convert("RGB").save(target / f"{i:06d}.png")
+        as_image(image).convert("RGB").save(target / f"{i:06d}.png")
     return folder
 
 
-def load(bundle: str | Path, backend: str = "auto", precision: str = "fp32", threads: int | None = None) -> Classifier:
+def load(bundle: str | Path, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
+         cuda_graph: bool = False) -> Classifier:
     """Open a bundle's current version for classification and learning (torch-free).
 
-    backend: auto, ort-cpu, ort-cuda, ort-trt or tensorrt; precision: fp32 or int8 (after
-    ``edgeclip export --int8``). Raises BundleError, BackendUnavailableError, UsageError.
+    backend: auto, ort-cpu, ort-cuda, ort-trt or tensorrt; precision: fp32, fp16 or int8 (after
+    ``edgeclip export --precision fp16`` / ``--int8``); cuda_graph: CUDA graphs on ort-cuda (Classifier).
+    Raises BundleError, BackendUnavailableError, UsageError.
     """
-    return Classifier(Bundle.open(Path(bundle)), backend, precision, threads)
+    return Classifier(Bundle.open(Path(bundle)), backend, precision, threads, cuda_graph)
 
 
 def create(bundle: str | Path, model: str = "ViT-B-16", pretrained: str | None = None, method: str = "rail-primal",

@@ -21,7 +21,8 @@ class LatencyResult:
     p90_ms: float
     p99_ms: float
     images_per_s: float
-    precision: str = "fp32"  # "fp32" or "int8"
+    precision: str = "fp32"  # "fp32", "fp16" or "int8"
+    cuda_graph: bool = False  # captured CUDA graphs were in use (ort-cuda with --cuda-graph)
 
     def to_dict(self) -> dict:
         """The fields as a JSON-ready dict (for benchmarks/results/*.json)."""
@@ -42,12 +43,12 @@ def time_calls(call: Callable[[], object], iterations: int, warmup: int = 2) -> 
 
 
 def summarise(backend: str, graph: str, batch_size: int, times_ms: np.ndarray,
-              precision: str = "fp32") -> LatencyResult:
+              precision: str = "fp32", cuda_graph: bool = False) -> LatencyResult:
     """Percentiles (p50, p90, p99 of ``times_ms``, milliseconds per batch) and images per second
     (batch_size * 1000 / median) of one timed configuration."""
     p50, p90, p99 = np.percentile(times_ms, [50, 90, 99])
     return LatencyResult(backend, graph, batch_size, float(p50), float(p90), float(p99),
-                         float(batch_size * 1000.0 / np.median(times_ms)), precision)
+                         float(batch_size * 1000.0 / np.median(times_ms)), precision, cuda_graph)
 
 
 def warm_up_engines(bundle, backend: str, fp16: bool = False) -> None:
@@ -69,11 +70,14 @@ def warm_up_engines(bundle, backend: str, fp16: bool = False) -> None:
 
 
 def bench_bundle(bundle, backend: str, batch_sizes: list[int], iterations: int, seed: int = 0,
-                 on_step: Callable[[], None] | None = None, precision: str = "fp32") -> list[LatencyResult]:
+                 on_step: Callable[[], None] | None = None, precision: str = "fp32",
+                 cuda_graph: bool = False) -> list[LatencyResult]:
     """Time the gated and the plain graph on the same random pixels, interleaved per batch size
     so that both see the same machine state (the ratio is what is comparable).
 
-    precision "int8" times the fp32 and the int8 graphs (both on onnxruntime CPU), interleaved too.
+    precision "fp16" (or "int8") times the fp32 and the fp16 (int8) graphs, interleaved too (int8 on
+    onnxruntime CPU only). cuda_graph: CUDA graphs on ort-cuda (`OrtSession`), each batch size being
+    one of the runners' fixed sizes; the results say whether capture was in use.
 
     bundle: an open ``edgeclip.bundle.Bundle``; pixels are standard-normal [B,3,S,S] float32 drawn
     with ``seed``; ``on_step`` is called after each batch size. Returns two results (gated, plain) per
@@ -86,7 +90,9 @@ def bench_bundle(bundle, backend: str, batch_sizes: list[int], iterations: int, 
     resolved = resolve_precision(bundle, backend, precision)
     precisions = ("fp32",) if precision == "fp32" else ("fp32", precision)
 
-    runners = [(p, GatedRunner(bundle, resolved, precision=p), ImageEncoderRunner(bundle, resolved, precision=p))
+    largest = max(batch_sizes)
+    runners = [(p, GatedRunner(bundle, resolved, precision=p, cuda_graph=cuda_graph, max_batch=largest),
+                ImageEncoderRunner(bundle, resolved, precision=p, cuda_graph=cuda_graph, max_batch=largest))
                for p in precisions]
     extra = [] if bundle.learned_classes else ["object"]
     labels = build_label_space(bundle, extra, TextEncoderRunner(bundle, backend).class_embeddings)
@@ -97,9 +103,9 @@ def bench_bundle(bundle, backend: str, batch_sizes: list[int], iterations: int, 
         pixels = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
         for p, gated, plain in runners:
             results.append(summarise(gated.backend_name, "gated", batch, time_calls(
-                lambda g=gated, x=pixels: g.run(x, labels.text), iterations), p))
+                lambda g=gated, x=pixels: g.run(x, labels.text), iterations), p, gated.session.cuda_graph_active))
             results.append(summarise(plain.backend_name, "plain", batch, time_calls(
-                lambda e=plain, x=pixels: e.embed(x), iterations), p))
+                lambda e=plain, x=pixels: e.embed(x), iterations), p, plain.session.cuda_graph_active))
         if on_step:
             on_step()
     return results

@@ -7,6 +7,10 @@ Backends:
 - `ort-cuda`: onnxruntime CUDAExecutionProvider (then CPU for unsupported ops).
 - `ort-trt`: onnxruntime TensorrtExecutionProvider (then CUDA, CPU), engines cached on disk.
 - `tensorrt`: an engine built by `edgeclip.export.tensorrt` from the same ONNX file.
+
+Each backend runs graphs through its own session class behind one protocol (`GraphSession`):
+`OrtSession` (onnxruntime: optimised-graph cache, IO binding, CUDA graphs) and `TensorRTSession`
+(native engines); `Backend.session(...)` makes the right one, so no code compares backend names.
 - `auto`: `ort-cuda` when onnxruntime offers CUDA, else `ort-cpu`. TensorRT is never picked
   automatically: a first engine build takes minutes.
 
@@ -24,7 +28,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -33,15 +37,10 @@ from edgeclip.errors import BackendUnavailableError, BundleError, UsageError
 from edgeclip.layout import (
     EMBEDDING,
     GATE_RATIO,
-    GATED_GRAPH,
-    GATED_INT8_GRAPH,
     GATED_OUTPUTS,
-    IMAGE_DATA,
-    IMAGE_GRAPH,
-    IMAGE_INT8_DATA,
-    IMAGE_INT8_GRAPH,
     LABEL_TEXT,
     PIXELS,
+    PRECISION_GRAPHS,
     ROUTE,
     SCORES,
     TEXT_DATA,
@@ -54,7 +53,8 @@ from edgeclip.layout import (
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")
+ORT_LOG_ENV = "EDGECLIP_ORT_LOG_LEVEL"  # onnxruntime's session log severity (default 3: errors only)
 
 
 # -- backend selection --------------------------------------------------------------------------
@@ -75,11 +75,27 @@ def engine_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class Backend:
-    """A resolved backend: its name and, for onnxruntime, the provider list to use."""
+    """A resolved backend: its name, for onnxruntime the provider list to use, and the session class
+    that runs a graph on it (`OrtSession` unless given: `TensorRTSession` for native TensorRT).
+    Code that runs graphs calls `backend.session(...)` and never compares backend names."""
 
     name: str
     providers: tuple[str, ...] = ()
-    fp16: bool = False  # TensorRT paths only
+    fp16: bool = False  # TensorRT paths only: the engines' FP16 builder flag (`--fp16`)
+    engine: Callable[..., GraphSession] | None = None
+
+    def session(self, path: Path, **options: Any) -> GraphSession:
+        """A session of this backend on the graph at `path` (options: the session class's fields)."""
+        return (self.engine or OrtSession)(path, self, **options)
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """The graph precisions this backend runs: fp32 and fp16 graphs on every onnxruntime provider,
+        int8 (dynamic quantisation) on onnxruntime's CPU provider only; native TensorRT builds its
+        engines from the fp32 graph (fp16 there is `fp16`, the builder flag)."""
+        if self.engine is not None:
+            return ("fp32",)
+        return ("fp32", "fp16", "int8") if self.providers == (_CPU,) else ("fp32", "fp16")
 
 
 def _ort_available() -> list[str]:
@@ -97,7 +113,7 @@ def select_backend(backend: str = "auto", fp16: bool = False) -> Backend:
 
         check_available()
         log.info("backend tensorrt: native TensorRT engine (%s)", "fp16" if fp16 else "fp32")
-        return Backend("tensorrt", (), fp16)
+        return Backend("tensorrt", (), fp16, engine=TensorRTSession)
     available = _ort_available()
     if backend == "auto":
         backend = "ort-cuda" if _CUDA in available else "ort-cpu"
@@ -115,8 +131,10 @@ def select_backend(backend: str = "auto", fp16: bool = False) -> Backend:
     return Backend(backend, providers, fp16)
 
 
-def _provider_options(backend: Backend, profile: dict[str, tuple[tuple[int, ...], ...]] | None) -> list[Any]:
-    """onnxruntime's (provider, options) list; TensorRT caches its engines under engine_cache_dir()."""
+def _provider_options(backend: Backend, profile: dict[str, tuple[tuple[int, ...], ...]] | None,
+                      cuda_graph: bool = False) -> list[Any]:
+    """onnxruntime's (provider, options) list; TensorRT caches its engines under engine_cache_dir();
+    `cuda_graph` turns on the CUDA provider's graph capture (`enable_cuda_graph`)."""
     out: list[Any] = []
     for provider in backend.providers:
         if provider == _TRT:
@@ -133,6 +151,8 @@ def _provider_options(backend: Backend, profile: dict[str, tuple[tuple[int, ...]
                                    ("trt_profile_max_shapes", 2)):
                     opts[key] = ",".join(f"{n}:{'x'.join(map(str, s[index]))}" for n, s in profile.items())
             out.append((provider, opts))
+        elif provider == _CUDA and cuda_graph:
+            out.append((provider, {"enable_cuda_graph": "1"}))
         else:
             out.append(provider)
     return out
@@ -164,6 +184,21 @@ def describe_backends() -> dict[str, str]:
 
 
 # -- sessions -------------------------------------------------------------------------------------
+class GraphSession(Protocol):
+    """One graph run by one backend: what the runners use, whichever engine runs it.
+
+    `start()` begins creating the session where that is cheap to do early (a no-op otherwise);
+    `run(feeds)` runs the graph (input name -> array; returns output name -> array), creating the
+    session on first use and raising BackendUnavailableError when it cannot be created."""
+
+    path: Path
+    cached: bool
+
+    def start(self) -> None: ...
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
 class _Loading:
     """A session being created in a background thread; `result()` waits and re-raises its error."""
 
@@ -187,14 +222,38 @@ class _Loading:
         return self._value
 
 
-@dataclass
-class GraphSession:
-    """One graph run by one backend, created on first `run` (or in the background from `start`).
+OutputShapes = Callable[[dict[str, np.ndarray]], dict[str, tuple[tuple[int, ...], Any]]]
 
-    `profile` (input -> (min, opt, max) shapes) is used by the TensorRT paths only; larger
-    batches than its max are split for the native engine. With onnxruntime's CPU provider and a
-    `graph_id`, the optimised graph is cached on disk (`edgeclip.edgeapp.ort_cache`): a later
-    process loads it with optimisations off, which starts sooner and computes the same outputs.
+
+@dataclass
+class _Bound:
+    """Fixed buffers of one input shape (IO binding with pre-allocated values): what a CUDA graph
+    replays. `inputs`/`outputs`: name -> OrtValue on the session's device."""
+
+    binding: Any
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+    run_options: Any
+
+
+@dataclass
+class OrtSession:
+    """A graph run by onnxruntime (CPU, CUDA or TensorRT execution provider), created on first `run`
+    (or in the background from `start`).
+
+    `profile` (input -> (min, opt, max) shapes) feeds onnxruntime's TensorRT provider. With the CPU
+    provider and a `graph_id`, the optimised graph is cached on disk (`edgeclip.edgeapp.ort_cache`):
+    a later process loads it with optimisations off, which starts sooner and computes the same outputs.
+
+    `io_binding` (default: on when the first provider is a GPU one) binds inputs and outputs to
+    onnxruntime's buffers instead of `session.run`'s host round trip per value.
+    `cuda_graph`: CUDA graphs (CUDA provider, `enable_cuda_graph`): each distinct set of input shapes
+    gets pre-allocated input and output buffers on the device and its own captured graph (memory:
+    the graph's activations stay allocated per shape, so callers use few shapes; the runners pad
+    batches to fixed sizes). `output_shapes(feeds)` gives each output's shape and dtype, needed to
+    pre-allocate. Off the CUDA provider the same fixed-buffer path runs without graph capture; where
+    onnxruntime refuses capture (a graph with nodes off the GPU or control flow such as an MoE
+    graph's `If`), the session is made again without it (logged; `cuda_graph_active` says which).
     """
 
     path: Path
@@ -203,19 +262,35 @@ class GraphSession:
     profile: dict[str, tuple[tuple[int, ...], ...]] | None = None
     graph_id: str | None = None  # identifies the graph's content for the engine cache
     optimized_cache: bool = True  # use the optimised-graph cache (off for throwaway graphs, e.g. eval's)
+    io_binding: bool | None = None
+    cuda_graph: bool = False
+    output_shapes: OutputShapes | None = field(default=None, repr=False)
+    disabled_optimizers: tuple[str, ...] = ()  # onnxruntime graph transformers to skip (by name)
     _session: Any = field(default=None, repr=False)
     _loading: _Loading | None = field(default=None, repr=False)
     _pending: Any = field(default=None, repr=False)  # ort_cache.PendingEntry to check after the first run
     _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
+    _bound: dict[Any, _Bound] = field(default_factory=dict, repr=False)
     cached: bool = field(default=False, repr=False)  # True when loaded from the optimised-graph cache
+    cuda_graph_active: bool = field(default=False, repr=False)  # captured CUDA graphs in use
+
+    def __post_init__(self) -> None:
+        if self.io_binding is None:
+            self.io_binding = self.device != "cpu"
+        if self.cuda_graph and self.output_shapes is None:
+            raise ValueError("cuda_graph needs output_shapes (the outputs are pre-allocated)")
+
+    @property
+    def device(self) -> str:
+        """onnxruntime's device name of the first provider's memory: "cuda" or "cpu"."""
+        return "cuda" if self.backend.providers and self.backend.providers[0] in (_CUDA, _TRT) else "cpu"
 
     def start(self) -> None:
         """Begin creating the onnxruntime session in a background thread, so that the caller can
         decode images meanwhile (onnxruntime releases the GIL while it loads a graph); `run` waits
-        for it and raises its error, if any. A no-op for the native TensorRT backend (an engine
-        build can take minutes: it stays on first use) and when the session exists or is loading."""
+        for it and raises its error, if any. A no-op when the session exists or is loading."""
         with self._lock:
-            if self._session is None and self._loading is None and self.backend.name != "tensorrt":
+            if self._session is None and self._loading is None:
                 self._loading = _Loading(self._open)
 
     def _options(self, ort: Any) -> Any:
@@ -223,38 +298,67 @@ class GraphSession:
         # Image decoding threads share the cores with the engine (classify, add-task): worker threads
         # spinning after each run took a quarter of the inference CPU time from them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # onnxruntime's own log at ERROR unless asked (0 verbose .. 4 fatal): its warnings are about its
+        # placement choices (an MoE graph's If condition copied to the host on CUDA), printed with ANSI
+        # colours on every start; the fallback that matters (a provider not started) raises here anyway.
+        level = os.environ.get(ORT_LOG_ENV, "3").strip()
+        options.log_severity_level = int(level) if level in ("0", "1", "2", "3", "4") else 3
         if self.threads:
             options.intra_op_num_threads = int(self.threads)
             options.inter_op_num_threads = 1
         return options
 
-    def _create(self, ort: Any, path: Path, options: Any) -> Any:
+    def _saved_graph_options(self, ort: Any) -> Any:
+        """Options for an optimised graph that onnxruntime saved itself (`ort_cache`): optimisations
+        off, and its log at ERROR: onnxruntime writes such graphs with the constants it folded into an
+        MoE graph's `If` branches also in the outer graph, and warns about those duplicates on every
+        load, for a file the user never made (the bundle's own graphs load without warnings)."""
+        options = self._options(ort)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        return options
+
+    def _create(self, ort: Any, path: Path, options: Any, cuda_graph: bool = False) -> Any:
         try:
-            return ort.InferenceSession(str(path), options, providers=_provider_options(self.backend, self.profile))
+            return ort.InferenceSession(str(path), options,
+                                        providers=_provider_options(self.backend, self.profile, cuda_graph),
+                                        disabled_optimizers=list(self.disabled_optimizers) or None)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BackendUnavailableError(
                 f"onnxruntime cannot load {self.path.name} with {', '.join(self.backend.providers)}: {exc}"
             ) from exc
 
-    def _open(self) -> Any:
-        if self.backend.name == "tensorrt":
-            from edgeclip.export.tensorrt import EngineSpec, TrtRunner, build_engine
+    def _create_fresh(self, ort: Any, pending: Any) -> Any:
+        """A session on the graph itself (not a cached one); CUDA graphs when asked and possible."""
+        capture = self.cuda_graph and _CUDA in self.backend.providers[:1]
+        if self.cuda_graph and not capture:
+            log.info("%s: CUDA graphs need the CUDA provider; fixed buffers without capture on %s",
+                     self.path.name, ", ".join(self.backend.providers))
+        if capture:
+            try:
+                session = self._create(ort, self.path, self._options(ort), cuda_graph=True)
+                self.cuda_graph_active = True
+                return session
+            except BackendUnavailableError as exc:
+                log.warning("%s: onnxruntime refuses CUDA graphs for this graph (%s); running without them",
+                            self.path.name, str(exc).splitlines()[0][:300])
+        options = self._options(ort)
+        if pending is not None:
+            pending.configure(options)
+        return self._create(ort, self.path, options)
 
-            spec = EngineSpec(precision="fp16" if self.backend.fp16 else "fp32", profile=self.profile or {})
-            engine = build_engine(self.path, spec, engine_cache_dir(), graph_id=self.graph_id)
-            return TrtRunner(engine)
+    def _open(self) -> Any:
         import onnxruntime as ort
 
         from edgeclip.edgeapp.ort_cache import OptimizedGraphCache
 
         cache = (OptimizedGraphCache.for_graph(engine_cache_dir(), self.graph_id, self.backend.providers)
-                 if self.graph_id and self.optimized_cache else None)
+                 if self.graph_id and self.optimized_cache and not self.cuda_graph else None)
         session, pending = None, None
         if cache is not None:
             hit = cache.lookup()
             if hit:
-                options = self._options(ort)
-                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                options = self._saved_graph_options(ort)
                 try:
                     session = self._create(ort, hit, options)
                     self.cached = True
@@ -263,11 +367,8 @@ class GraphSession:
             if session is None and hit is not False:
                 pending = cache.begin()
         if session is None:
-            options = self._options(ort)
-            if pending is not None:
-                pending.configure(options)
             try:
-                session = self._create(ort, self.path, options)
+                session = self._create_fresh(ort, pending)
             except BaseException:
                 if pending is not None:
                     pending.abandon()
@@ -283,8 +384,9 @@ class GraphSession:
                 "libraries, or choose --backend ort-cpu."
             )
         self._pending = pending
-        log.info("%s: session on %s%s", self.path.name, ", ".join(active),
-                 " (optimised graph from the cache)" if self.cached else "")
+        log.info("%s: session on %s%s%s", self.path.name, ", ".join(active),
+                 " (optimised graph from the cache)" if self.cached else "",
+                 " with CUDA graphs" if self.cuda_graph_active else "")
         return session
 
     def _session_now(self) -> Any:
@@ -297,9 +399,50 @@ class GraphSession:
                     self._session = self._open()
             return self._session
 
-    def _run_ort(self, session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run_plain(self, session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, feeds)))
+
+    def _run_binding(self, session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """IO binding: host inputs copied once to the device, outputs left where onnxruntime puts them
+        and copied back once."""
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        names = [o.name for o in session.get_outputs()]
+        for name in names:
+            binding.bind_output(name, self.device)
+        session.run_with_iobinding(binding)
+        return dict(zip(names, binding.copy_outputs_to_cpu()))
+
+    def _run_fixed(self, session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Fixed device buffers per input shape, the inputs updated in place: the same addresses on
+        every run of that shape, as a captured CUDA graph needs (its `gpu_graph_id` is the shape's)."""
+        import onnxruntime as ort
+
+        key = tuple((name, value.shape, value.dtype.str) for name, value in sorted(feeds.items()))
+        bound = self._bound.get(key)
+        if bound is None:
+            assert self.output_shapes is not None
+            binding = session.io_binding()
+            # allocated by onnxruntime (on the CPU device, ortvalue_from_numpy would wrap the caller's array)
+            inputs = {n: ort.OrtValue.ortvalue_from_shape_and_type(list(v.shape), v.dtype, self.device, 0)
+                      for n, v in feeds.items()}
+            outputs = {n: ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device, 0)
+                       for n, (shape, dtype) in self.output_shapes(feeds).items()}
+            for name, value in inputs.items():
+                binding.bind_ortvalue_input(name, value)
+            for name, value in outputs.items():
+                binding.bind_ortvalue_output(name, value)
+            run_options = ort.RunOptions()
+            if self.cuda_graph_active:
+                run_options.add_run_config_entry("gpu_graph_id", str(len(self._bound) + 1))
+            bound = self._bound[key] = _Bound(binding, inputs, outputs, run_options)
+        for name, value in feeds.items():
+            bound.inputs[name].update_inplace(value)
+        session.run_with_iobinding(bound.binding, bound.run_options)
+        # copies: on the CPU device numpy() is a view of the buffer that the next run overwrites
+        return {name: np.array(value.numpy(), copy=True) for name, value in bound.outputs.items()}
 
     def _check_saved(self, feeds: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
         """After the first run of a fresh session: publish its saved optimised graph if that graph,
@@ -310,9 +453,12 @@ class GraphSession:
         import onnxruntime as ort
 
         def run_saved(path: Path) -> dict[str, np.ndarray]:
-            options = self._options(ort)
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            return self._run_ort(self._create(ort, path, options), feeds)
+            try:
+                session = self._create(ort, path, self._saved_graph_options(ort))
+            except BackendUnavailableError as exc:  # e.g. a saved graph with an If that breaks SSA form
+                log.info("optimised-graph cache: onnxruntime cannot load its own saved graph (%s)", exc)
+                return {}  # no outputs: marked unusable for this graph, not tried again on every start
+            return self._run_plain(session, feeds)
 
         pending.publish(run_saved, want)
 
@@ -321,12 +467,49 @@ class GraphSession:
         the session; raises BackendUnavailableError when it cannot be created. A fresh session's
         first run also checks and publishes its optimised graph for the cache (module docstring)."""
         session = self._session_now()
-        if self.backend.name == "tensorrt":
-            return session.run(feeds)
-        out = self._run_ort(session, feeds)
+        if self.cuda_graph:
+            with self._lock:  # the fixed buffers are shared state
+                return self._run_fixed(session, feeds)
+        out = (self._run_binding if self.io_binding else self._run_plain)(session, feeds)
         if self._pending is not None:
             self._check_saved(feeds, out)
         return out
+
+
+@dataclass
+class TensorRTSession:
+    """A graph run by a native TensorRT engine built from it (`edgeclip.export.tensorrt`), built or
+    loaded from the engine cache on first `run`; never started early (a first build takes minutes).
+    fp16 when the backend says so (`--fp16`: TensorRT's FP16 builder flag on the fp32 graph);
+    batches larger than the profile's max are split by the engine runner."""
+
+    path: Path
+    backend: Backend
+    threads: int | None = None  # unused: TensorRT runs on the GPU
+    profile: dict[str, tuple[tuple[int, ...], ...]] | None = None
+    graph_id: str | None = None
+    optimized_cache: bool = True  # unused: engines have their own cache
+    io_binding: bool | None = None  # unused: the engine runner binds device buffers itself
+    cuda_graph: bool = False  # unused
+    output_shapes: OutputShapes | None = field(default=None, repr=False)
+    disabled_optimizers: tuple[str, ...] = ()  # unused
+    _engine: Any = field(default=None, repr=False)
+    _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
+    cached: bool = field(default=False, repr=False)
+    cuda_graph_active: bool = field(default=False, repr=False)
+
+    def start(self) -> None:
+        """Nothing to do early: an engine build can take minutes, it waits for the first `run`."""
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the engine; builds it (or loads it from the cache) on first use."""
+        with self._lock:
+            if self._engine is None:
+                from edgeclip.export.tensorrt import EngineSpec, TrtRunner, build_engine
+
+                spec = EngineSpec(precision="fp16" if self.backend.fp16 else "fp32", profile=self.profile or {})
+                self._engine = TrtRunner(build_engine(self.path, spec, engine_cache_dir(), graph_id=self.graph_id))
+        return self._engine.run(feeds)
 
 
 def _graph_path(bundle: Bundle, graph: str, data: str) -> Path:
@@ -356,23 +539,71 @@ def _pixels(bundle: Bundle, pixels: np.ndarray) -> np.ndarray:
 
 
 def resolve_precision(bundle: Bundle, backend: str | Backend, precision: str) -> Backend:
-    """The backend to run `precision` on. int8 (dynamic quantisation) is an onnxruntime CPU speed-up:
-    `auto` gives ort-cpu, any other backend is refused; the bundle must hold the int8 graphs."""
+    """The backend to run `precision` on, checked against what the bundle holds.
+
+    fp16 runs on every onnxruntime backend (`edgeclip export --precision fp16` writes its graphs);
+    int8 (dynamic quantisation) is an onnxruntime CPU speed-up: `auto` gives ort-cpu, any other
+    backend is refused. Native TensorRT runs the fp32 graph (its `--fp16` builds fp16 engines).
+    Raises UsageError on an unknown or unsupported precision, BundleError when the graphs are missing."""
     if precision not in PRECISIONS:
         raise UsageError(f"Unknown precision '{precision}'. Choose one of: {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return backend if isinstance(backend, Backend) else select_backend(backend)
-    if backend == "auto":
+    if precision == "int8" and backend == "auto":
         log.info("precision int8: backend auto -> ort-cpu (int8 dynamic quantisation is a CPU speed-up)")
         backend = "ort-cpu"
     resolved = backend if isinstance(backend, Backend) else select_backend(backend)
-    if resolved.name != "ort-cpu":
-        raise UsageError(f"--precision int8 runs on onnxruntime's CPU only (--backend ort-cpu or auto), "
-                         f"not on '{resolved.name}'; on a GPU use --backend tensorrt with --fp16 instead.")
-    if not bundle.has(graph_file(IMAGE_INT8_GRAPH)) or not bundle.has(graph_file(GATED_INT8_GRAPH)):
-        raise BundleError(f"Bundle {bundle.root} version {bundle.version} has no int8 graphs; "
-                          f"run `edgeclip export --int8 --bundle {bundle.root}` first.")
+    if precision not in resolved.precisions:
+        hint = ("--precision int8 runs on onnxruntime's CPU only (--backend ort-cpu or auto); on a GPU use "
+                "--precision fp16, or --backend tensorrt with --fp16" if precision == "int8" else
+                f"--backend {resolved.name} builds its engines from the fp32 graph: use --fp16 for fp16 engines")
+        raise UsageError(f"--precision {precision} is not offered on '{resolved.name}': {hint}.")
+    if precision == "fp32":
+        return resolved
+    gated, encoder, _ = PRECISION_GRAPHS[precision]
+    if not bundle.has(graph_file(encoder)) or not bundle.has(graph_file(gated)):
+        made_by = "--int8" if precision == "int8" else f"--precision {precision}"
+        raise BundleError(f"Bundle {bundle.root} version {bundle.version} has no {precision} graphs; "
+                          f"run `edgeclip export {made_by} --bundle {bundle.root}` first.")
     return resolved
+
+
+# onnxruntime 1.32's CPU NCHWc layout transformer crashes the process (SIGSEGV) on a float16 graph's
+# Conv behind its inserted Casts; the other optimisation levels run it correctly.
+_SKIP_OPTIMIZERS = {"fp16": ("NchwcTransformer",)}
+
+
+def fixed_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a runner with fixed shapes (CUDA graphs) pads to: 1 and powers of two up to
+    `max_batch`, and `max_batch` itself. A batch of n runs as the smallest of these >= n."""
+    sizes = {1, int(max_batch)}
+    size = 2
+    while size < max_batch:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+def _padded_runs(pixels: np.ndarray, sizes: tuple[int, ...]) -> list[tuple[np.ndarray, int]]:
+    """`pixels` as chunks of the fixed batch sizes: (chunk padded by repeating its last image, real
+    rows). Repeating a real image keeps the padding on that image's route (no extra adapted pass)."""
+    out, start, largest = [], 0, sizes[-1]
+    while start < len(pixels):
+        chunk = pixels[start:start + largest]
+        size = next(s for s in sizes if s >= len(chunk))
+        if size > len(chunk):
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
+        out.append((np.ascontiguousarray(chunk), min(largest, len(pixels) - start)))
+        start += largest
+    return out
+
+
+def _run_fixed(session: GraphSession, pixels: np.ndarray, sizes: tuple[int, ...] | None,
+               feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    """Run `session` on `pixels` (+ `feeds`); with fixed `sizes`, as padded chunks joined again."""
+    if sizes is None:
+        out = session.run({PIXELS: pixels, **feeds})
+        return {name: out[name] for name in outputs}
+    parts = [(session.run({PIXELS: chunk, **feeds}), n) for chunk, n in _padded_runs(pixels, sizes)]
+    return {name: np.concatenate([out[name][:n] for out, n in parts]) for name in outputs}
 
 
 def _image_profile(bundle: Bundle, max_batch: int) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -381,28 +612,38 @@ def _image_profile(bundle: Bundle, max_batch: int) -> dict[str, tuple[tuple[int,
 
 
 class ImageEncoderRunner:
-    """The plain frozen image encoder: `embed(pixels [B,3,S,S]) -> [B,D]` (L2-normalised).
+    """The plain frozen image encoder: `embed(pixels [B,3,S,S]) -> [B,D]` (L2-normalised, float32).
 
-    `preload`: start creating the onnxruntime session now, in the background (`GraphSession.start`)."""
+    precision: "fp32", "fp16" (float16 compute, float32 in and out) or "int8" (`resolve_precision`).
+    `preload`: start creating the onnxruntime session now, in the background (`GraphSession.start`).
+    `cuda_graph`: CUDA graphs on ort-cuda (`OrtSession`); batches run padded to `fixed_batch_sizes(max_batch)`."""
 
     def __init__(self, bundle: Bundle, backend: str | Backend = "auto", threads: int | None = None,
                  max_batch: int = 32, precision: str = "fp32", preload: bool = True,
-                 optimized_cache: bool = True) -> None:
+                 optimized_cache: bool = True, cuda_graph: bool = False) -> None:
         self.bundle = bundle
         resolved = resolve_precision(bundle, backend, precision)
         self.backend_name, self.precision = resolved.name, precision
-        graph, data = (IMAGE_INT8_GRAPH, IMAGE_INT8_DATA) if precision == "int8" else (IMAGE_GRAPH, IMAGE_DATA)
-        self.session = GraphSession(_graph_path(bundle, graph, data), resolved, threads,
-                                    _image_profile(bundle, max_batch), _graph_id(bundle, graph, data),
-                                    optimized_cache=optimized_cache)
+        self.dim = int(bundle.manifest["backbone"]["embed_dim"])
+        _, graph, data = PRECISION_GRAPHS[precision]
+        self.fixed = fixed_batch_sizes(max_batch) if cuda_graph else None
+
+        def shapes(feeds: dict[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], Any]]:
+            return {EMBEDDING: ((len(feeds[PIXELS]), self.dim), np.float32)}
+
+        self.session = resolved.session(_graph_path(bundle, graph, data), threads=threads,
+                                        profile=_image_profile(bundle, max_batch),
+                                        graph_id=_graph_id(bundle, graph, data), optimized_cache=optimized_cache,
+                                        cuda_graph=cuda_graph, output_shapes=shapes,
+                                        disabled_optimizers=_SKIP_OPTIMIZERS.get(precision, ()))
         if preload:
             self.session.start()
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         pixels = _pixels(self.bundle, pixels)
         if len(pixels) == 0:
-            return np.zeros((0, int(self.bundle.manifest["backbone"]["embed_dim"])), np.float32)
-        return self.session.run({PIXELS: pixels})[EMBEDDING]
+            return np.zeros((0, self.dim), np.float32)
+        return _run_fixed(self.session, pixels, self.fixed, {}, (EMBEDDING,))[EMBEDDING]
 
 
 class TextEncoderRunner:
@@ -428,8 +669,9 @@ class TextEncoderRunner:
         if self._session is None:
             ctx = int(self.text_spec["context_length"])
             profile = {TOKENS: ((1, ctx), (self.batch_size, ctx), (self.batch_size, ctx))}
-            self._session = GraphSession(_graph_path(self.bundle, TEXT_GRAPH, TEXT_DATA), self.backend, self.threads,
-                                         profile, _graph_id(self.bundle, TEXT_GRAPH, TEXT_DATA))
+            self._session = self.backend.session(_graph_path(self.bundle, TEXT_GRAPH, TEXT_DATA),
+                                                 threads=self.threads, profile=profile,
+                                                 graph_id=_graph_id(self.bundle, TEXT_GRAPH, TEXT_DATA))
         return self._session
 
     @property
@@ -468,34 +710,47 @@ class TextEncoderRunner:
 
 
 class GatedRunner:
-    """The bundle's whole decision (graphs/gated.onnx; precision "int8": graphs/gated_int8.onnx).
+    """The bundle's whole decision (graphs/gated.onnx; precision "fp16": gated_fp16.onnx, "int8":
+    gated_int8.onnx; the decision itself is float32 in all three).
 
     `run(pixels [B,3,S,S], label_text [L,D])` -> {"scores" [B,L], "route" [B] int64 (-1 = zero-shot),
     "gate_ratio" [B,T], "embedding" [B,D]}. Rows 0..C-1 of label_text must be the learned classes.
     `preload`: start creating the onnxruntime session now, in the background (`GraphSession.start`),
     so that it loads while the caller decodes images and builds the label space.
+    `cuda_graph`: CUDA graphs on ort-cuda (`OrtSession`): batches run padded to
+    `fixed_batch_sizes(max_batch)`, one captured graph (and its memory) per size and label count.
     """
 
     def __init__(self, bundle: Bundle, backend: str | Backend = "auto", threads: int | None = None,
                  max_batch: int = 32, max_labels: int = 4096, precision: str = "fp32", preload: bool = True,
-                 optimized_cache: bool = True) -> None:
+                 optimized_cache: bool = True, cuda_graph: bool = False) -> None:
         self.bundle = bundle
         resolved = resolve_precision(bundle, backend, precision)
-        dim = int(bundle.manifest["backbone"]["embed_dim"])
+        self.dim = dim = int(bundle.manifest["backbone"]["embed_dim"])
         n_learned = max(len(bundle.learned_classes), 1)
         profile = {**_image_profile(bundle, max_batch),
                    LABEL_TEXT: ((1, dim), (max(n_learned, min(1000, max_labels)), dim), (max_labels, dim))}
         self.backend_name, self.precision = resolved.name, precision
-        graph, data = (GATED_INT8_GRAPH, IMAGE_INT8_DATA) if precision == "int8" else (GATED_GRAPH, IMAGE_DATA)
-        self.session = GraphSession(_graph_path(bundle, graph, data), resolved, threads, profile,
-                                    _graph_id(bundle, graph, data), optimized_cache=optimized_cache)
+        graph, _, data = PRECISION_GRAPHS[precision]
+        self.fixed = fixed_batch_sizes(max_batch) if cuda_graph else None
+        n_tasks = len(bundle.tasks)
+
+        def shapes(feeds: dict[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], Any]]:
+            b, labels = len(feeds[PIXELS]), len(feeds[LABEL_TEXT])
+            return {SCORES: ((b, labels), np.float32), ROUTE: ((b,), np.int64),
+                    GATE_RATIO: ((b, n_tasks), np.float32), EMBEDDING: ((b, dim), np.float32)}
+
+        self.session = resolved.session(_graph_path(bundle, graph, data), threads=threads, profile=profile,
+                                        graph_id=_graph_id(bundle, graph, data), optimized_cache=optimized_cache,
+                                        cuda_graph=cuda_graph, output_shapes=shapes,
+                                        disabled_optimizers=_SKIP_OPTIMIZERS.get(precision, ()))
         if preload:
             self.session.start()
 
     def run(self, pixels: np.ndarray, label_text: np.ndarray) -> dict[str, np.ndarray]:
         pixels = _pixels(self.bundle, pixels)
         label_text = np.ascontiguousarray(label_text, dtype=np.float32)
-        dim = int(self.bundle.manifest["backbone"]["embed_dim"])
+        dim = self.dim
         n_learned = len(self.bundle.learned_classes)
         if label_text.ndim != 2 or label_text.shape[1] != dim or label_text.shape[0] < max(n_learned, 1):
             raise UsageError(
@@ -506,5 +761,4 @@ class GatedRunner:
             return {SCORES: np.zeros((0, len(label_text)), np.float32), ROUTE: np.zeros(0, np.int64),
                     GATE_RATIO: np.zeros((0, len(self.bundle.tasks)), np.float32),
                     EMBEDDING: np.zeros((0, dim), np.float32)}
-        out = self.session.run({PIXELS: pixels, LABEL_TEXT: label_text})
-        return {name: out[name] for name in GATED_OUTPUTS}
+        return _run_fixed(self.session, pixels, self.fixed, {LABEL_TEXT: label_text}, GATED_OUTPUTS)

@@ -28,19 +28,23 @@ from edgeclip.domain import (
     read_domain,
     require_enough_images,
 )
+from edgeclip.edgeapp.rail_solver import RailSolverCache
 from edgeclip.edgeapp.runtime import ImageEncoderRunner, TextEncoderRunner
-from edgeclip.errors import DomainError, UsageError
+from edgeclip.errors import BundleError, DomainError, UsageError
 from edgeclip.export.compose import build_gated_graph
 from edgeclip.export.compose_moe import build_moe_gated_graph
+from edgeclip.export.fp16 import has_fp16, write_fp16_graphs
 from edgeclip.export.quantize import build_gated_int8, has_int8
 from edgeclip.extras import import_torch_module, require_torch
 from edgeclip.images import PreprocessConfig, iter_batches
+from edgeclip.learned import read_learned, write_learned
 from edgeclip.layout import (
-    LEARNED,
+    RAIL_SOLVER_CACHE,
     RAIL_STATE,
     TASK_TEXT,
     ZS_TEXT,
     rail_key,
+    rail_task_state,
 )
 from edgeclip.manifest import (
     DEFAULT_BETA,
@@ -109,21 +113,19 @@ def initial_learned(settings: MethodSettings, dim: int) -> dict[str, np.ndarray]
 
 def check_new_task(bundle: Bundle, classes: Sequence[str], name: str) -> None:
     """Refuse (DomainError) what would corrupt the bundle or make a prediction ambiguous: a task name that
-    is taken, empty, "zero-shot" or not plain text; class names that are empty, not plain text, twins
-    of each other, or already learned by an earlier task (`edgeclip.domain.class_key`)."""
+    is taken, empty, "zero-shot" or not plain text; class names that are empty, not plain text or twins
+    of each other (`edgeclip.domain.class_key`).
+
+    A class name an earlier task learned too is allowed: each label belongs to its task (a
+    prediction carries its ``task``; tables show ``3 (digits8)``; ``--labels`` takes ``3 (digits8)``).
+    The two stay two classes with their own columns (no merging: a task's classes are one block
+    of columns, which the gate and the fusion rely on)."""
     check_task_name(name)
     check_class_names(list(classes))
-    if any(task["name"] == name for task in bundle.tasks):
-        raise DomainError(f"A task named '{name}' is already learned; pass --name to choose another.")
-    learned = {class_key(c): (c, task["name"]) for task in bundle.tasks for c in task["classes"]}
-    clashes = [c for c in classes if class_key(c) in learned]
-    if clashes:
-        shown = ", ".join(f"'{c}' (as '{learned[class_key(c)][0]}' in task '{learned[class_key(c)][1]}')"
-                          for c in clashes[:5])
-        raise DomainError(
-            f"Class names already learned by earlier tasks: {shown}. Each label must belong to one task, "
-            "so that a prediction names its task unambiguously; rename those class folders."
-        )
+    if any(class_key(task["name"]) == class_key(name) for task in bundle.tasks):
+        taken = ", ".join(f"'{task['name']}'" for task in bundle.tasks[:8])
+        raise DomainError(f"A task named '{name}' is already learned (tasks: {taken}); pass --name with a new "
+                          "name to learn this folder as another task.")
 
 
 def embed_domain(
@@ -200,7 +202,7 @@ def add_task(
     RAIL (METHODS.md section 3) torch-free through the exported encoders; MoE-Adapters (section 1)
     trained with torch for ``iterations`` steps on ``device``. Both fit the task's DDAS gate
     (section 2). Raises BundleError (no or damaged bundle, a concurrent writer), DomainError (an
-    unusable domain, a task or class name already learned), UsageError (bad ``shots``), and
+    unusable domain, a task name already learned), UsageError (bad ``shots``), and
     MissingExtraError for MoE without torch."""
     bundle = Bundle.open(root)
     learner = learner_spec(bundle.method)
@@ -247,17 +249,31 @@ def rail_learner(bundle: Bundle, learned: dict[str, np.ndarray] | None = None) -
     bundle unless the caller has them already) and its learning state."""
     spec = learner_spec(bundle.method)
     settings = bundle.manifest["method"]["settings"]
-    learned = bundle.tensors(LEARNED) if learned is None else learned
+    learned = read_learned(bundle) if learned is None else learned
     if not bundle.tasks:
         if spec.head == "ridge":
             w_r = learned[rail_key("w_r")]
             return RailPrimal(int(settings["dim"]), int(settings["hidden"]), float(settings["gamma"]),
                               int(settings["seed"]), w_r=w_r)
         return RailDual(float(settings["gamma_kernel"]), float(settings["lam"]))
-    state = dict(bundle.tensors(RAIL_STATE))
+    state = rail_learning_state(bundle)
     for key in spec.head_keys:
         state[key] = learned[spec.tensor_name(key)]
     return load_learner(bundle.method).from_state(state, settings["learner"])
+
+
+def rail_learning_state(bundle: Bundle) -> dict[str, np.ndarray]:
+    """The learning state of a RAIL version: ``rail_state.safetensors`` (RAIL dual; RAIL primal of an
+    older edgeclip), then, for RAIL primal, every task's own file (``layout.rail_task_state``) in task
+    order, their embeddings ``x`` and ``labels`` concatenated."""
+    files = bundle.manifest.get("files", {})
+    state = dict(bundle.tensors(RAIL_STATE)) if RAIL_STATE in files else {}
+    parts = [bundle.tensors(rail_task_state(i)) for i in range(len(bundle.tasks)) if rail_task_state(i) in files]
+    if parts:
+        state["x"] = np.concatenate([state.get("x", np.zeros((0, parts[0]["x"].shape[1]), np.float32))]
+                                    + [p["x"] for p in parts])
+        state["labels"] = np.concatenate([state.get("labels", np.zeros(0, np.int64))] + [p["labels"] for p in parts])
+    return state
 
 
 def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "auto",
@@ -278,7 +294,7 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
     indices into ``classes``; unreadable: how many of the task's files could not be read (recorded).
     Updates the closed-form head (RAIL, METHODS.md section 3), fits the task's DDAS gate (section 2),
     encodes the classes' prompts with the exported text encoder, re-composes the gated graph and writes
-    a new version. Raises DomainError (a name or class already learned), UsageError (shapes, a learner
+    a new version. Raises DomainError (a task name already learned), UsageError (shapes, a learner
     that does not learn from embeddings).
     """
     spec = learner_spec(bundle.method)
@@ -305,16 +321,60 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
     if short or len(labels) < MIN_TASK_IMAGES:
         raise DomainError(f"too few embeddings: class(es) {', '.join(repr(c) for c in short[:5]) or '-'} have fewer "
                           f"than {MIN_IMAGES_PER_CLASS}, or the task fewer than {MIN_TASK_IMAGES}; {MINIMUM_TEXT}")
-    learned = bundle.tensors(LEARNED)
+    learned = read_learned(bundle)
     offset = learned[ZS_TEXT].shape[0]
     learner = rail_learner(bundle, learned)
+    cache = RailSolverCache(bundle.root) if isinstance(learner, RailPrimal) else None
+    try:
+        _learn_head(bundle, learner, cache, feats, labels + offset, offset + len(classes), progress)
+        new_bundle = _write_rail_version(bundle, learner, name, feats, classes, templates, source, backend, learned,
+                                         unreadable, progress)
+    except BaseException:
+        if cache is not None:
+            cache.discard()
+        raise
+    if cache is not None:
+        cache.commit(learner)
+    return new_bundle
+
+
+def _learn_head(bundle: Bundle, learner: Any, cache: RailSolverCache | None, feats: np.ndarray, labels: np.ndarray,
+                n_classes: int, progress: ProgressFn | None) -> None:
+    """Fold the task's embeddings into the RAIL head, saying what is solved: the new images only when
+    the solver cache holds the parent's state, else every learned image (once)."""
+    if cache is None:  # RAIL dual: kernel ridge, its factor grown by one block (train/rail.py)
+        if progress:
+            progress(f"solving the {bundle.method} head ({len(feats)} new images, {len(learner.labels)} learned "
+                     "before)", 0, 0)
+        learner.add_domain(feats, labels, n_classes)
+        learner.solve()
+        return
+    resumed = cache.resume(learner)
+    before = learner.n_seen
+    learner.add_domain(feats, labels, n_classes)
+    cache.start(learner)
+    if resumed:
+        what = f"RAIL head: folding {len(feats)} new images into the inverse (hidden {learner.hidden})"
+    else:
+        what = (f"RAIL head: no solver state for this version, folding all {learner.n_seen} images "
+                f"({before} learned before) into the inverse (hidden {learner.hidden}, once)")
+    log.info("%s", what)
+    try:
+        learner.solve(progress=(lambda done, total: progress(what, done, total)) if progress else None)
+    except OSError as exc:  # a full disk, a read-only bundle: one line, nothing written
+        raise BundleError(f"cannot write the RAIL solver state ({learner.inverse.nbytes / 1e9:.2f} GB in "
+                          f"BUNDLE/{RAIL_SOLVER_CACHE}): {exc.strerror or exc}") from exc
+
+
+def _write_rail_version(bundle: Bundle, learner: Any, name: str, feats: np.ndarray, classes: Sequence[str],
+                        templates: Sequence[str], source: str, backend: str, learned: dict[str, np.ndarray],
+                        unreadable: int, progress: ProgressFn | None) -> Bundle:
+    """The task's gate, class text and the new version (head already solved)."""
     def stage(name: str) -> None:  # a step of unknown length (total 0): the bar shows a spinner
         if progress:
             progress(name, 0, 0)
 
-    stage(f"solving the {bundle.method} head ({len(feats)} images)")
-    learner.add_domain(feats, labels + offset, offset + len(classes))
-    learner.solve()
+    spec = learner_spec(bundle.method)
     stage("fitting the DDAS gate")
     gate_state, gate_settings, threshold = fit_task_gate(bundle, feats)
     stage(f"encoding {len(classes)} class names")
@@ -332,16 +392,21 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
         writer.manifest["method"]["settings"]["learner"] = learner.settings()
         writer.manifest["tasks"].append(record)
         writer.manifest["tasks"][-1]["unreadable_images"] = int(unreadable)
-        writer.write_tensors(LEARNED, new_learned)
-        writer.write_tensors(RAIL_STATE, {k: v for k, v in state.items() if k not in inference_keys and v is not None})
+        write_learned(writer, new_learned)
+        if isinstance(learner, RailPrimal):  # a version adds only what this task learned
+            writer.write_tensors(rail_task_state(len(bundle.tasks)), {"x": learner.x[-len(feats):],
+                                                                      "labels": learner.labels[-len(feats):]})
+        else:
+            writer.write_tensors(RAIL_STATE, {k: v for k, v in state.items() if k not in inference_keys and v is not None})
         write_gated_graph(writer, new_learned)
     return Bundle.open(bundle.root)
 
 
 def write_gated_graph(writer: VersionWriter, learned: dict[str, np.ndarray]) -> None:
-    """Re-compose the version's gated graph (and its int8 twin when the version has the int8
-    encoder, `edgeclip export --int8`) in the writer's graph folder; the new graphs go to the
-    bundle's shared graph store (``VersionWriter.graph_folder``)."""
+    """Re-compose the version's gated graph (and its int8 and fp16 twins when the version has those
+    encoders, `edgeclip export --int8` / `--precision fp16`; an MoE version's fp16 adapted encoder is
+    converted again from the new adapted encoder) in the writer's graph folder; the new graphs go to
+    the bundle's shared graph store (``VersionWriter.graph_folder``)."""
     with writer.graph_folder() as graphs:
         if learner_spec(writer.manifest["method"]["name"]).head == "adapted-text" and writer.manifest["tasks"]:
             build_moe_gated_graph(graphs, learned, writer.manifest)  # onnx only: torch-free like the RAIL graph
@@ -349,3 +414,5 @@ def write_gated_graph(writer: VersionWriter, learned: dict[str, np.ndarray]) -> 
             build_gated_graph(graphs, learned, writer.manifest)
             if has_int8(writer.manifest["files"]):
                 build_gated_int8(graphs, learned, writer.manifest)
+        if has_fp16(writer.manifest["files"]):
+            write_fp16_graphs(graphs, learned, writer.manifest)

@@ -33,14 +33,34 @@ GATED_GRAPH = "gated.onnx"
 IMAGE_INT8_GRAPH, IMAGE_INT8_DATA = "image_encoder_int8.onnx", "image_encoder_int8.data"
 GATED_INT8_GRAPH = "gated_int8.onnx"
 INT8_GRAPHS = (IMAGE_INT8_GRAPH, IMAGE_INT8_DATA, GATED_INT8_GRAPH)
+# optional fp16 variant (`edgeclip export --precision fp16`): the encoders' float tensors and compute
+# in float16 with float32 inputs and outputs (cast at the embedding), and the gated graph composed on
+# top of them (its decision stays float32)
+IMAGE_FP16_GRAPH, IMAGE_FP16_DATA = "image_encoder_fp16.onnx", "image_encoder_fp16.data"
+GATED_FP16_GRAPH = "gated_fp16.onnx"
+MOE_FP16_GRAPH, MOE_FP16_DATA = "moe_encoder_fp16.onnx", "moe_encoder_fp16.data"  # MoE bundles with tasks
+FP16_GRAPHS = (IMAGE_FP16_GRAPH, IMAGE_FP16_DATA, GATED_FP16_GRAPH)
+# precision -> (gated graph, plain image encoder, the encoders' weights file) that the runtime reads
+PRECISION_GRAPHS = {
+    "fp32": ("gated.onnx", IMAGE_GRAPH, IMAGE_DATA),
+    "fp16": (GATED_FP16_GRAPH, IMAGE_FP16_GRAPH, IMAGE_FP16_DATA),
+    "int8": (GATED_INT8_GRAPH, IMAGE_INT8_GRAPH, IMAGE_INT8_DATA),
+}
 # MoE: the adapted image encoder (its backbone tensors point at image_encoder.data)
 MOE_GRAPH, MOE_DATA = "moe_encoder.onnx", "moe_encoder.data"
 VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_FILE = f"tokenizer/{VOCAB_NAME}"
 HF_TOKENIZER_NAME = "tokenizer.json"  # Hugging Face tokenizer of SigLIP/CLIPA-style models (manifest backbone.text)
 HF_TOKENIZER_FILE = f"tokenizer/{HF_TOKENIZER_NAME}"
-LEARNED = "learned.safetensors"  # what inference needs (read by classify)
-RAIL_STATE = "rail_state.safetensors"  # RAIL learning state (read by add-task only)
+LEARNED = "learned.safetensors"  # what inference needs (read by classify), rewritten by each add-task
+RAIL_PROJECTION = "rail_projection.safetensors"  # rail.w_r alone: written once, inherited (edgeclip.learned)
+RAIL_STATE = "rail_state.safetensors"  # RAIL learning state (read by add-task only); primal: older bundles only
+
+
+def rail_task_state(task: int) -> str:
+    """RAIL primal: what task ``task`` (0-based) learned, its embeddings ``x`` and global labels, in a file
+    of its own that later versions inherit (a version adds only what it learned)."""
+    return f"rail_task.{task:04d}.safetensors"
 MOE_STATE = "moe.safetensors"  # MoE adapters and routers (read by MoE add-task and eval)
 
 
@@ -80,3 +100,6 @@ def gate_key(key: str) -> str:
 def rail_key(key: str) -> str:
     """The learned-tensor name of a RAIL head tensor: ``rail.<key>``."""
     return f"{RAIL_PREFIX}{key}"
+
+# -- derived state outside the versions ---------------------------------------------------------------
+RAIL_SOLVER_CACHE = "cache/rail"  # BUNDLE/cache/rail/<fingerprint>.p64|.w64.npy: RAIL primal's inverse P (add-task)

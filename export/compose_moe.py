@@ -8,7 +8,7 @@ Graph (x = frozen `embedding` [B,D]; the gate, routing and zero-shot nodes are c
         i       = NonZero(route >= 0)                    the n routed images
         a       = moe_encoder(pixels[i], route[i])       adapted embeddings [n,D]
         s_i     = softmax over task t_i's columns of logit_scale * a task_text^T, zero elsewhere
-        s_moe   = ScatterND(zeros [B,C], i, s_i)
+        s_moe   = s_i gathered back to the routed rows of [B,C] (CumSum positions), zeros elsewhere
     scores = routed ? [s_moe, 0 (unlearned labels)] : p_zs
 
 The adapted encoder's nodes are inlined into the `If`'s then-branch under the prefix "moe/". Its
@@ -47,7 +47,9 @@ from edgeclip.layout import (
     ADAPTED,
     EMBEDDING,
     GATE_RATIO,
+    GATED_GRAPH,
     IMAGE_DATA,
+    IMAGE_GRAPH,
     MOE_DATA,
     MOE_GRAPH,
     PIXELS,
@@ -69,17 +71,18 @@ class WeightSharing:
 
 
 # -- loading and matching ------------------------------------------------------------------------
-def _load_moe_encoder(graphs_dir: Path) -> onnx.ModelProto:
-    model = load_graph(graphs_dir, MOE_GRAPH, "export it first (trace_moe.export_moe_encoder)")
+def _load_moe_encoder(graphs_dir: Path, moe: str = MOE_GRAPH, moe_data: str = MOE_DATA,
+                      encoder_data: str = IMAGE_DATA) -> onnx.ModelProto:
+    model = load_graph(graphs_dir, moe, "export it first (trace_moe.export_moe_encoder)")
     if [i.name for i in model.graph.input] != [PIXELS, TASK_IDS] or [o.name for o in model.graph.output] != [ADAPTED]:
-        raise BundleError(f"{MOE_GRAPH} must map ({PIXELS}, {TASK_IDS}) to {ADAPTED}")
+        raise BundleError(f"{moe} must map ({PIXELS}, {TASK_IDS}) to {ADAPTED}")
     for node in model.graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            raise BundleError(f"{MOE_GRAPH}: node {node.name} ({node.op_type}) holds a subgraph; not supported")
+            raise BundleError(f"{moe}: node {node.name} ({node.op_type}) holds a subgraph; not supported")
     for init in model.graph.initializer:
-        if _location(init) not in (None, MOE_DATA, IMAGE_DATA):
-            raise BundleError(f"{MOE_GRAPH}: initialiser {init.name} lives in {_location(init)!r}, "
-                              f"expected {MOE_DATA} or {IMAGE_DATA}")
+        if _location(init) not in (None, moe_data, encoder_data):
+            raise BundleError(f"{moe}: initialiser {init.name} lives in {_location(init)!r}, "
+                              f"expected {moe_data} or {encoder_data}")
     return model
 
 
@@ -124,37 +127,39 @@ def weight_sharing(gated: onnx.ModelProto, frozen: str = IMAGE_DATA, own: str = 
     return WeightSharing(shared_bytes=sizes.get(frozen, 0), own_bytes=sizes.get(own, 0))
 
 
-def share_frozen_weights(graphs_dir: Path | str) -> WeightSharing:
+def share_frozen_weights(graphs_dir: Path | str, encoder: str = IMAGE_GRAPH, encoder_data: str = IMAGE_DATA,
+                         moe: str = MOE_GRAPH, moe_data: str = MOE_DATA) -> WeightSharing:
     """Rewrite `moe_encoder.onnx` + `.data` in `graphs_dir` so that its frozen-backbone tensors are
-    read from `image_encoder.data` (same folder) and `moe_encoder.data` keeps only the rest.
+    read from `image_encoder.data` (same folder) and `moe_encoder.data` keeps only the rest (other
+    names: the fp16 graphs, `edgeclip.export.fp16`).
 
     Afterwards the adapted encoder runs only beside image_encoder.data (as bundle graphs do).
     Files are replaced, never written through: links into the graph store (VersionWriter.graph_folder)
     stay intact.
     """
     graphs_dir = Path(graphs_dir)
-    encoder = _load_encoder(graphs_dir)
-    moe = _load_moe_encoder(graphs_dir)
-    twins = _frozen_twins(encoder, moe, graphs_dir)
-    frozen = {i.name: i for i in encoder.graph.initializer}
-    data_tmp = graphs_dir / f".{MOE_DATA}.tmp"
+    frozen_model = _load_encoder(graphs_dir, encoder, encoder_data)
+    adapted = _load_moe_encoder(graphs_dir, moe, moe_data, encoder_data)
+    twins = _frozen_twins(frozen_model, adapted, graphs_dir)
+    frozen = {i.name: i for i in frozen_model.graph.initializer}
+    data_tmp = graphs_dir / f".{moe_data}.tmp"
     with open(data_tmp, "wb") as out:
-        for init in moe.graph.initializer:
+        for init in adapted.graph.initializer:
             if init.name in twins:
                 del init.external_data[:]
                 init.external_data.extend(frozen[twins[init.name]].external_data)
-            elif _location(init) == MOE_DATA:
+            elif _location(init) == moe_data:
                 payload = _external_bytes(init, graphs_dir)
                 offset = out.tell()
                 out.write(payload)
                 del init.external_data[:]
-                for key, value in (("location", MOE_DATA), ("offset", str(offset)), ("length", str(len(payload)))):
+                for key, value in (("location", moe_data), ("offset", str(offset)), ("length", str(len(payload)))):
                     init.external_data.add(key=key, value=value)
-    graph_tmp = graphs_dir / f".{MOE_GRAPH}.tmp"
-    onnx.save_model(moe, str(graph_tmp))
-    data_tmp.replace(graphs_dir / MOE_DATA)  # rename: an old file (a link into the store) is replaced, not overwritten
-    graph_tmp.replace(graphs_dir / MOE_GRAPH)
-    return weight_sharing(moe)
+    graph_tmp = graphs_dir / f".{moe}.tmp"
+    onnx.save_model(adapted, str(graph_tmp))
+    data_tmp.replace(graphs_dir / moe_data)  # rename: an old file (a link into the store) is replaced, not overwritten
+    graph_tmp.replace(graphs_dir / moe)
+    return weight_sharing(adapted, encoder_data, moe_data)
 
 
 # -- inlining the adapted encoder ----------------------------------------------------------------
@@ -219,7 +224,13 @@ def _adapted_branch(g: _Builder, moe: onnx.ModelProto, twins: Mapping[str, str],
     nodes, inits, adapted = _inline_moe(moe, twins, {PIXELS: pixels, TASK_IDS: tasks}, taken)
     head = _Builder(taken, _BRANCH_PREFIX + "head/")
     scores = _task_scores(head, adapted, tasks, learned, spec)
-    out = head.op("ScatterND", zeros, head.op("Unsqueeze", index, head.ints(1)), scores)
+    # back to [B,C]: row b takes routed row number cumsum(routed)[b] - 1 (NonZero lists the routed rows
+    # in batch order), zeros where b is not routed. A Gather, not a ScatterND: exact, and onnxruntime's
+    # CUDA ScatterND warns on every load that it assumes unique indices.
+    order = head.op("Sub", head.op("CumSum", head.op("Cast", routed, to=TensorProto.INT64),
+                                   head.const(0, "axis", np.int64)), head.const(1, "one_i", np.int64))
+    rows = head.op("Gather", scores, head.op("Max", order, head.const(0, "zero_i", np.int64)), axis=0)  # [B,C]
+    out = head.op("Where", head.op("Unsqueeze", routed, head.ints(1)), rows, zeros)
     g.inits.extend(b.inits + inits + head.inits)  # outer initialisers: the branch reads them by name
     return helper.make_graph(b.nodes + nodes + head.nodes, "adapted", [],
                              [_value_info(out, TensorProto.FLOAT, ["batch", spec.n_learned])])
@@ -246,12 +257,16 @@ def _moe_decision(g: _Builder, moe: onnx.ModelProto, twins: Mapping[str, str], l
     _fuse(g, p_zs, s_moe, routed, dataclasses.replace(spec, beta=1.0))  # beta 1: routed rows = [s_moe, 0]
 
 
-def build_moe_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> Path:
+def build_moe_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any],
+                          encoder: str = IMAGE_GRAPH, encoder_data: str = IMAGE_DATA, moe: str = MOE_GRAPH,
+                          moe_data: str = MOE_DATA, output: str = GATED_GRAPH) -> Path:
     """Write `gated.onnx` beside `image_encoder.onnx` and `moe_encoder.onnx` in `graphs_dir`; returns its path.
 
     `learned`: learned.safetensors' tensors (compose.learned_tensors with method "moe": gate tensors
     and `task_text` [C,D]); `manifest`: the version's manifest (method "moe", gate kind and settings,
     tasks with thresholds, zero_shot.logit_scale). With no task the graph is plain zero-shot.
+    `encoder`, `encoder_data`, `moe`, `moe_data`, `output`: other graph names of `graphs_dir` (the fp16
+    graphs, `edgeclip.export.fp16`).
     Raises BundleError when the method is not "moe", `task_text` is missing or of the wrong shape,
     or the adapted encoder graph does not have the expected inputs, outputs and weights.
     """
@@ -260,14 +275,14 @@ def build_moe_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarr
     if spec.learner.head != "adapted-text":
         raise BundleError(f"build_moe_gated_graph serves MoE bundles, not {spec.method!r}")
     if spec.n_tasks == 0:
-        return build_gated_graph(graphs_dir, learned, manifest)
+        return build_gated_graph(graphs_dir, learned, manifest, encoder, encoder_data, output)
     if TASK_TEXT not in learned or np.shape(learned[TASK_TEXT])[0] != spec.n_learned:
         raise BundleError(f"learned tensors need {TASK_TEXT} [{spec.n_learned}, D]")
-    model = _load_encoder(graphs_dir)
-    moe = _load_moe_encoder(graphs_dir)
-    twins = _frozen_twins(model, moe, graphs_dir)
+    model = _load_encoder(graphs_dir, encoder, encoder_data)
+    adapted = _load_moe_encoder(graphs_dir, moe, moe_data, encoder_data)
+    twins = _frozen_twins(model, adapted, graphs_dir)
     taken = _names_in(model.graph)
     g = _Builder(taken)
-    _moe_decision(g, moe, twins, learned, spec, taken)
-    return _save_gated(graphs_dir, model, g, spec, int(manifest["backbone"]["embed_dim"]))
+    _moe_decision(g, adapted, twins, learned, spec, taken)
+    return _save_gated(graphs_dir, model, g, spec, int(manifest["backbone"]["embed_dim"]), output)
 

@@ -89,7 +89,8 @@ def test_bench_json(bundle: Path) -> None:
     rows = json.loads(result.stdout)
     assert {(r["graph"], r["batch_size"]) for r in rows} == {("gated", 1), ("plain", 1), ("gated", 2), ("plain", 2)}
     for r in rows:
-        assert set(r) == {"backend", "graph", "batch_size", "p50_ms", "p90_ms", "p99_ms", "images_per_s", "precision"}
+        assert set(r) == {"backend", "graph", "batch_size", "p50_ms", "p90_ms", "p99_ms", "images_per_s", "precision",
+                          "cuda_graph"}
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["images_per_s"] > 0
 
 

@@ -279,9 +279,9 @@ def test_domain_text_rules(bundle: Path, images: dict, tmp_path: Path) -> None:
     assert result.returncode == 2 and "Unicode form" in result.stderr
     shutil.rmtree(twins / "caf\u00e9")
     shutil.rmtree(twins / nfd)
-    os.rename(twins / "circle", twins / "CIRCLE")  # the same class as the learned 'circle'
-    result = edgeclip_main(["add-task", str(twins), "--bundle", str(bundle), "--name", "twins"])
-    assert result.returncode == 2 and "already learned" in result.stderr
+    taken = Bundle.open(bundle).tasks[0]["name"].upper()  # task names are unique, case-insensitively
+    result = edgeclip_main(["add-task", str(twins), "--bundle", str(bundle), "--name", taken])
+    assert result.returncode == 2 and "already learned" in result.stderr and "--name" in result.stderr
     assert Bundle.open(bundle).version == version
 
     # a zero-shot label that is a learned class (any case) merges into it: no second 'Circle'

@@ -226,3 +226,19 @@ def test_composing_needs_no_torch():
 
     result = run_without_torch("import edgeclip.export.compose_moe, edgeclip.train.decision\nprint('ok')")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_gated_graph_loads_without_onnxruntime_warnings(setup, capfd) -> None:
+    """No initialiser listed among the graph inputs, none twice; onnxruntime's log at WARNING is empty."""
+    graphs = setup[0]
+    model = onnx.load(str(graphs / "gated.onnx"), load_external_data=False)
+    names = [i.name for i in model.graph.initializer]
+    assert len(names) == len(set(names))
+    assert not {i.name for i in model.graph.input} & set(names)
+    capfd.readouterr()
+    options = ort.SessionOptions()
+    options.log_severity_level = 1  # INFO and up reach the log; warnings are what must not be there
+    session = ort.InferenceSession(str(graphs / "gated.onnx"), options, providers=["CPUExecutionProvider"])
+    session.run(None, {"pixels": eh.mixed_batch(1), "label_text": setup[3]})
+    err = capfd.readouterr().err
+    assert not [line for line in err.splitlines() if "[W:onnxruntime" in line or "[E:onnxruntime" in line], err

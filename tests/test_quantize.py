@@ -124,8 +124,10 @@ def test_refusals_are_clear(fp32_only: Path, images: dict) -> None:
         GatedRunner(bundle, "ort-cpu", precision="int8")
     with pytest.raises(BundleError, match="edgeclip export --int8"):
         ImageEncoderRunner(bundle, "auto", precision="int8")
-    with pytest.raises(UsageError, match="fp32, int8"):
+    with pytest.raises(BundleError, match="export --precision fp16"):
         GatedRunner(bundle, "ort-cpu", precision="fp16")
+    with pytest.raises(UsageError, match="fp32, fp16, int8"):
+        GatedRunner(bundle, "ort-cpu", precision="bf16")
     cuda = Backend("ort-cuda", ("CUDAExecutionProvider", "CPUExecutionProvider"))
     with pytest.raises(UsageError, match="CPU only"):
         GatedRunner(bundle, cuda, precision="int8")

@@ -243,11 +243,9 @@ def test_unwritable_cache_and_background_errors(bundle, tmp_path, monkeypatch):
     pixels, text = eh.mixed_batch(1), eh.label_text()
     out = GatedRunner(bundle, "ort-cpu").run(pixels, text)
     assert out["scores"].shape == (len(pixels), len(text))
-    from edgeclip.edgeapp.runtime import GraphSession
-
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a graph")
-    session = GraphSession(bad, select_backend("ort-cpu"), graph_id="x")
+    session = select_backend("ort-cpu").session(bad, graph_id="x")
     session.start()  # fails in the background; the error surfaces at run
     with pytest.raises(BackendUnavailableError, match="bad.onnx"):
         session.run({"pixels": pixels})

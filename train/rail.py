@@ -5,9 +5,9 @@ Models", NeurIPS 2024 (arXiv 2406.18868): primal (random ReLU features) and dual
 
 Three learners with one API (`add_domain`, `solve`, `scores`, `state`/`settings`/`from_state`):
 
-- `RailPrimal`: random ReLU features; keeps the learned embeddings and labels and solves the
-  joint ridge regression in the smaller of the primal (hidden x hidden) and dual (n x n) spaces.
-  Learning domains one by one gives the joint solution.
+- `RailPrimal`: random ReLU features; recursive least squares (Woodbury) on the inverse
+  autocorrelation matrix, kept in float64 row panels (`InversePanels`), so an add-task costs what its
+  own images cost. Learning domains one by one gives the joint solution.
 - `RailDual`: kernel ridge regression with an RBF kernel on the stored embeddings, its inverse
   Cholesky factor grown by blocks (Schur complement).
 
@@ -16,14 +16,15 @@ numpy/scipy only: RAIL add-task runs on a device without torch.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+from typing import Callable
+
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve, cholesky, solve_triangular
-from scipy.linalg.blas import dsyrk
 
 from edgeclip.errors import BundleError, UsageError
 
-_CHUNK = 1024  # rows (primal) or columns (dual) of Phi materialised at once, float64
-_KEEP_PHI_BYTES = 256 << 20  # dual solve: keep the whole Phi (n x hidden float64) when it fits in this
 
 
 def _check_inputs(x: np.ndarray, labels: np.ndarray, dim: int | None, n_classes_total: int) -> None:
@@ -110,21 +111,116 @@ class _RandomFeatures:
         self.w = np.asarray(state["w"], dtype=np.float32)
 
 
+_BATCH = 1024  # most images folded into the primal inverse at once (the Woodbury rank): Phi, U are hidden x this
+_PANEL_ROWS = 256  # rows of the inverse held in memory at once (hidden 15000: 31 MB per panel)
+
+
+class InversePanels:
+    """The upper triangle of the symmetric P = (Phi^T Phi + gamma I)^-1 (float64 [hidden, hidden]) in
+    row panels: panel i holds rows [r0, r1) and columns [r0, hidden), row-major. Only one or two
+    panels are in memory at once, so a hidden-15000 inverse (0.9 GB on disk, the upper half) is
+    updated with ~60 MB of RAM.
+
+    ``path`` None keeps the panels in memory (small hidden, tests); a path keeps them in that file
+    (raw float64, panels one after another). ``identity_gamma``: P = I / gamma, nothing learned yet,
+    nothing stored."""
+
+    def __init__(self, hidden: int, path: Path | None = None, identity_gamma: float | None = None,
+                 rows: int | None = None) -> None:
+        self.hidden, self.path, self.identity_gamma = int(hidden), path, identity_gamma
+        self.rows = int(rows or _PANEL_ROWS)
+        self.bounds = [(r0, min(r0 + self.rows, self.hidden)) for r0 in range(0, self.hidden, self.rows)]
+        sizes = [(r1 - r0) * (self.hidden - r0) for r0, r1 in self.bounds]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # in float64 elements
+        self._memory: list[np.ndarray] | None = None if path is not None else []
+        self._handle = None
+
+    def open(self) -> None:
+        """Open the file now and keep it open (a reader is then unaffected by the file's removal)."""
+        if self.path is not None and self._handle is None:
+            self._handle = open(self.path, "rb", buffering=0)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the stored upper triangle takes (hidden (hidden + 1) / 2 + the panels' ragged edges) x 8."""
+        return int(self.offsets[-1]) * 8
+
+    def read(self, i: int) -> np.ndarray:
+        """Panel i: P[r0:r1, r0:] float64 [r1 - r0, hidden - r0]."""
+        r0, r1 = self.bounds[i]
+        if self.identity_gamma is not None:
+            panel = np.zeros((r1 - r0, self.hidden - r0))
+            panel[np.arange(r1 - r0), np.arange(r1 - r0)] = 1.0 / self.identity_gamma
+            return panel
+        if self._memory is not None:
+            return self._memory[i].copy()
+        self.open()
+        self._handle.seek(int(self.offsets[i]) * 8)  # type: ignore[union-attr]
+        panel = np.fromfile(self._handle, dtype=np.float64, count=int(self.offsets[i + 1] - self.offsets[i]))
+        if panel.size != self.offsets[i + 1] - self.offsets[i]:
+            raise BundleError("the RAIL solver state file is truncated")
+        return panel.reshape(r1 - r0, self.hidden - r0)
+
+    def times(self, phi: np.ndarray) -> np.ndarray:
+        """U = P Phi^T: phi float64 [b, hidden] -> [hidden, b], reading each panel once
+        (2 hidden^2 b flops over the upper triangle)."""
+        if self.identity_gamma is not None:
+            return phi.T / self.identity_gamma
+        u = np.zeros((self.hidden, phi.shape[0]))
+        for i, (r0, r1) in enumerate(self.bounds):
+            panel = self.read(i)  # rows r0:r1, columns r0:
+            u[r0:r1] += panel @ phi[:, r0:].T
+            u[r1:] += panel[:, r1 - r0:].T @ phi[:, r0:r1].T  # the lower triangle by symmetry
+        return u
+
+    def minus_outer(self, v: np.ndarray, out: Path | None) -> InversePanels:
+        """P - V V^T (v float64 [hidden, b]) as a new InversePanels at ``out`` (None: in memory); ``out``
+        may be this object's own file (updated in place) or a new one (this one stays as it was)."""
+        result = InversePanels(self.hidden, out, rows=self.rows)
+        in_place = out is not None and self.path is not None and Path(out) == Path(self.path)
+        handle = None if out is None else open(out, "r+b" if in_place else "wb")
+        try:
+            for i, (r0, r1) in enumerate(self.bounds):
+                panel = self.read(i)
+                panel -= v[r0:r1] @ v[r0:].T
+                if handle is None:
+                    result._memory.append(panel)  # type: ignore[union-attr]
+                else:
+                    handle.seek(int(self.offsets[i]) * 8)
+                    panel.tofile(handle)
+        finally:
+            if handle is not None:
+                handle.close()
+        return result
+
+    def dense(self) -> np.ndarray:
+        """The whole symmetric P [hidden, hidden] (small hidden only: tests)."""
+        full = np.zeros((self.hidden, self.hidden))
+        for i, (r0, r1) in enumerate(self.bounds):
+            full[r0:r1, r0:] = self.read(i)
+        upper = np.triu(full)
+        return upper + np.triu(full, 1).T
+
+
 class RailPrimal(_RandomFeatures):
     """Primal RAIL (METHODS.md section 3): W = argmin ||Phi W - Y||^2 + gamma ||W||^2 over every
     embedding learned so far; Phi = ReLU(X W_r), W_r [dim, hidden] float32 seeded uniform(+-1/sqrt(dim)).
 
-    The learning state is what was learned: the embeddings X [n, dim] float32 and their labels
-    [n] int64 (n * (dim * 4 + 8) bytes: 1 MB for 480 images at dim 512), not a statistic of
-    size hidden^2. `solve` computes the exact joint ridge solution from them, in whichever space
-    is smaller:
+    Learning is the paper's recursive least squares (Woodbury identity on the inverse
+    autocorrelation matrix), in float64: with P = (Phi^T Phi + gamma I)^-1 and a batch of b new
+    images Phi_b [b, hidden] with one-hot labels Y_b,
 
-    - dual (n <= hidden):   W = Phi^T (Phi Phi^T + gamma I_n)^-1 Y      (Gram matrix n x n)
-    - primal (n > hidden):  W = (Phi^T Phi + gamma I_h)^-1 Phi^T Y      (h x h, upper triangle by syrk)
+        U = P Phi_b^T,  S = I_b + Phi_b U,  W <- W + U S^-1 (Y_b - Phi_b W),  P <- P - U S^-1 U^T
 
-    The two are the same matrix (push-through identity (A^T A + g I)^-1 A^T = A^T (A A^T + g I)^-1),
-    so learning domains one by one, in any order, gives the joint solution either way. Phi is
-    materialised `_CHUNK` rows (primal) or columns (dual) at a time, in float64.
+    which is the joint ridge solution over everything folded in so far (any order). A batch costs
+    ~3 hidden^2 b flops and reads P twice and writes it once, panel by panel (`InversePanels`), so an
+    add-task costs what its own images cost, whatever was learned before, and its memory is set by
+    ``hidden`` and the batch (hidden 15000, b <= 1024: ~0.3 GB of arrays), not by the history. P (hidden^2 / 2 float64: 0.9 GB on disk at
+    hidden 15000) is derived state: `edgeapp.tasks` keeps it in the bundle's solver cache; without
+    it, `solve` folds every learned image again (history-proportional, once).
+
+    What a version keeps is what was learned: the embeddings X [n, dim] float32 and their labels
+    [n] int64 (keys ``x``, ``labels``), from which P and W can always be rebuilt.
     """
 
     def __init__(self, dim: int, hidden: int = 15000, gamma: float = 0.1, seed: int = 0,
@@ -135,10 +231,13 @@ class RailPrimal(_RandomFeatures):
         super().__init__(dim, hidden, gamma, seed, w_r)
         self.x = np.zeros((0, self.dim), dtype=np.float32)  # every embedding learned [n, dim]
         self.labels = np.zeros(0, dtype=np.int64)  # their global class indices [n]
+        self.n_folded = 0  # images folded into (P, W64)
+        self.inverse = InversePanels(self.hidden, identity_gamma=self.gamma)  # P for the folded images
+        self.work_path: Path | None = None  # where solve() writes P (None: in memory)
 
     def add_domain(self, x: np.ndarray, labels: np.ndarray, n_classes_total: int) -> None:
         """Remember one domain's embeddings [N, dim] (cast to float32) and labels [N] in
-        [0, n_classes_total); `solve()` then gives the joint solution. Raises UsageError on bad shapes
+        [0, n_classes_total); `solve()` then folds them in. Raises UsageError on bad shapes
         or labels, or when the label space would shrink."""
         x, labels = np.asarray(x), np.asarray(labels)
         _check_inputs(x, labels, self.dim, n_classes_total)
@@ -153,72 +252,60 @@ class RailPrimal(_RandomFeatures):
         self._stale = True
 
     @property
-    def space(self) -> str:
-        """"dual" when the Gram matrix (n x n) is no larger than the primal one (hidden x hidden)."""
-        return "dual" if self.n_seen <= self.hidden else "primal"
+    def pending(self) -> int:
+        """Images added but not folded into the solution yet (what the next `solve` costs)."""
+        return self.n_seen - self.n_folded
 
-    def solve(self) -> np.ndarray:
-        """The joint ridge solution from every embedding learned; returns W float32 [hidden, n_classes]
-        (float64 in `weights64()`)."""
-        if self.n_seen == 0:
-            self._w64 = np.zeros((self.hidden, self.n_classes))
-        elif self.space == "dual":
-            self._w64 = self._solve_dual()
-        else:
-            self._w64 = self._solve_primal()
-        self.w = self._w64.astype(np.float32)
+    def solve(self, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Fold the pending images into P and W, ``_BATCH`` at a time; returns W float32
+        [hidden, n_classes] (float64 in `weights64()`). ``progress(done, total)`` after each batch.
+        P goes to ``work_path`` (a new file the first time, then updated in place) or memory."""
+        if self._w64 is None:  # restored without its float64 solution: rebuild from every image
+            self.n_folded, self._w64 = 0, np.zeros((self.hidden, self.n_classes))
+            self.inverse = InversePanels(self.hidden, identity_gamma=self.gamma)
+        w64 = _grow_columns(self._w64, self.n_classes)
+        total, start = self.pending, self.n_folded
+        batch = -(-total // -(-total // _BATCH)) if total else 1  # equal batches of at most _BATCH
+        for lo in range(start, self.n_seen, batch):
+            hi = min(lo + batch, self.n_seen)
+            w64 = self._fold(self.x[lo:hi], self.labels[lo:hi], w64)
+            self.n_folded = hi
+            if progress:
+                progress(hi - start, total)
+        self._w64 = w64
+        self.w = w64.astype(np.float32)
         self._stale = False
         return self.w
 
-    def _w_r64(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self.w_r[:, start:stop].astype(np.float64)
-
-    def _solve_dual(self) -> np.ndarray:
-        """W = Phi^T (Phi Phi^T + gamma I)^-1 Y, Phi built `_CHUNK` hidden columns at a time."""
-        x64 = self.x.astype(np.float64)
-        n = len(x64)
-        gram = np.zeros((n, n), dtype=np.float64, order="F")  # upper triangle of Phi Phi^T
-        keep = n * self.hidden * 8 <= _KEEP_PHI_BYTES  # small enough: build Phi once, not twice
-        chunks = []
-        for start in range(0, self.hidden, _CHUNK):
-            phi = np.maximum(x64 @ self._w_r64(start, start + _CHUNK), 0.0)  # [n, chunk]
-            gram = dsyrk(1.0, phi, beta=1.0, c=gram, trans=0, lower=0, overwrite_c=1)
-            if keep:
-                chunks.append(phi)
-        gram[np.diag_indices(n)] += self.gamma
-        factor = cho_factor(gram, lower=False, overwrite_a=True, check_finite=False)
-        y = np.zeros((n, self.n_classes))
-        y[np.arange(n), self.labels] = 1.0
-        alpha = cho_solve(factor, y, overwrite_b=True, check_finite=False)  # [n, n_classes]
-        w = np.empty((self.hidden, self.n_classes))
-        for i, start in enumerate(range(0, self.hidden, _CHUNK)):
-            phi = chunks[i] if keep else np.maximum(x64 @ self._w_r64(start, start + _CHUNK), 0.0)
-            w[start:start + phi.shape[1]] = phi.T @ alpha
-        return w
-
-    def _solve_primal(self) -> np.ndarray:
-        """(Phi^T Phi + gamma I) W = Phi^T Y by Cholesky, Phi^T Phi accumulated `_CHUNK` rows at a time."""
-        a = np.zeros((self.hidden, self.hidden), dtype=np.float64, order="F")  # upper triangle
-        c = np.zeros((self.hidden, self.n_classes), dtype=np.float64)
-        for start in range(0, self.n_seen, _CHUNK):
-            phi = self.phi64(self.x[start:start + _CHUNK])  # [chunk, hidden]
-            a = dsyrk(1.0, phi, beta=1.0, c=a, trans=1, lower=0, overwrite_c=1)
-            c += _label_sums(phi, self.labels[start:start + _CHUNK], self.n_classes).T
-        a[np.diag_indices(self.hidden)] += self.gamma
-        factor = cho_factor(a, lower=False, overwrite_a=True, check_finite=False)
-        return cho_solve(factor, c, overwrite_b=True, check_finite=False)
+    def _fold(self, x: np.ndarray, labels: np.ndarray, w64: np.ndarray) -> np.ndarray:
+        """One Woodbury step for b images (x [b, dim], labels [b]); returns the new W64, updates P.
+        Holds Phi and U (hidden x b float64 each) at most; V overwrites U."""
+        phi = self.phi64(x)  # [b, hidden]
+        u = self.inverse.times(phi)  # [hidden, b]
+        s = phi @ u
+        s[np.diag_indices_from(s)] += 1.0
+        chol = cholesky(s, lower=True, check_finite=False)
+        residual = -(phi @ w64)
+        del phi
+        residual[np.arange(len(labels)), labels] += 1.0  # Y_b - Phi_b W
+        w64 = w64 + u @ cho_solve((chol, True), residual, check_finite=False)
+        # V = U L^-T (so V V^T = U S^-1 U^T), solved in place over U: U^T is U's memory in Fortran order
+        v = solve_triangular(chol, u.T, lower=True, overwrite_b=True, check_finite=False).T
+        del u
+        self.inverse = self.inverse.minus_outer(v, self.work_path)
+        return w64
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held: `w_r`, the learned embeddings `x` + `labels`, the inference weights `w`, and
-        `solve_peak`, the working memory of the next solve in its space (dual: Gram n x n float64
-        and a Phi chunk; primal: A hidden x hidden float64, its right-hand side and a Phi chunk)."""
+        `solve_peak`, the working memory of a solve (hidden x batch float64 for Phi and U, two
+        panels of P and W64), which does not depend on how many images were learned; `inverse`,
+        the solver state P kept on disk (or in memory without a ``work_path``)."""
         h, c, n = self.hidden, max(self.n_classes, 1), self.n_seen
-        if n <= h:
-            phi = n * h * 8 if n * h * 8 <= _KEEP_PHI_BYTES else n * min(_CHUNK, h) * 8 * 2
-            solve = n * n * 8 + phi + n * c * 8 + h * c * 8
-        else:
-            solve = h * h * 8 + h * c * 8 + min(_CHUNK, n) * h * 8
-        return {"w_r": self.dim * h * 4, "x": n * (self.dim * 4 + 8), "w": h * c * 4, "solve_peak": solve}
+        b = _BATCH
+        panel = min(_PANEL_ROWS, h) * h * 8
+        solve = 2 * h * b * 8 + 2 * panel + 2 * h * c * 8 + b * b * 8
+        return {"w_r": self.dim * h * 4, "x": n * (self.dim * 4 + 8), "w": h * c * 4, "solve_peak": solve,
+                "inverse": self.inverse.nbytes}
 
     def state(self) -> dict[str, np.ndarray]:
         """w_r, w (inference) and x, labels (to keep learning later)."""
@@ -229,11 +316,28 @@ class RailPrimal(_RandomFeatures):
         n_classes, n_seen."""
         return {"kind": "rail_primal", **super().settings()}
 
+    def fingerprint(self) -> str:
+        """sha256 of what the solution is a function of (settings, W_r, every learned embedding and
+        label, in order): names the solver state P that belongs to this learner's images."""
+        digest = hashlib.sha256(f"rail-primal-v1 {self.dim} {self.hidden} {self.gamma!r} {self.n_classes}".encode())
+        for array in (self.w_r, self.x, self.labels):
+            digest.update(np.ascontiguousarray(array).data)
+        return digest.hexdigest()
+
+    def resume(self, inverse: InversePanels, w64: np.ndarray) -> None:
+        """Continue from a stored solver state: P and the float64 W of every image learned so far
+        (what `solve` left; ``edgeapp.tasks`` keeps them, named by `fingerprint`). Raises BundleError
+        when they do not fit this learner."""
+        if inverse.hidden != self.hidden or w64.shape != (self.hidden, self.n_classes):
+            raise BundleError("the RAIL solver state does not match the bundle's learner")
+        self.inverse, self._w64, self.n_folded = inverse, np.asarray(w64, np.float64), self.n_seen
+
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray], settings: dict) -> RailPrimal:
         """Restore from `state()` and `settings()`. Raises BundleError when the embeddings needed to keep
         learning are missing or inconsistent (e.g. a state written by an older edgeclip, which kept
-        the hidden x hidden statistics instead)."""
+        the hidden x hidden statistics instead). The solver state P is not part of it: `resume`
+        gives it, or the next `solve` folds every learned image again."""
         obj = cls(int(settings["dim"]), int(settings["hidden"]), float(settings["gamma"]),
                   int(settings["seed"]), w_r=state["w_r"])
         obj._restore_counts(state, settings)
@@ -248,7 +352,7 @@ class RailPrimal(_RandomFeatures):
                               f"match n_seen {obj.n_seen}, dim {obj.dim}")
         if obj.n_seen and (obj.labels.min() < 0 or obj.labels.max() >= obj.n_classes or not np.isfinite(obj.x).all()):
             raise BundleError("RAIL primal state: labels out of range or non-finite embeddings")
-        obj._w64 = None  # solve() again for the float64 solution
+        obj._w64 = None  # resume() or a full re-fold gives the float64 solution
         return obj
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from edgeclip.edgeapp.cli.commands_classify import Precision, PrecisionOpt
+from edgeclip.edgeapp.cli.commands_classify import CudaGraphOpt, Precision, PrecisionOpt
 from edgeclip.edgeapp.cli.commands_manage import TableOrJson
 from edgeclip.edgeapp.cli.console import new_table, out_console, progress
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, open_bundle
@@ -30,6 +30,7 @@ def bench(
     bundle: BundleOpt = None,
     backend: BackendOpt = "auto",
     precision: PrecisionOpt = Precision.fp32,
+    cuda_graph: CudaGraphOpt = False,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
     iterations: Annotated[int, typer.Option(min=1, help="Timed runs per graph and batch size.")] = 20,
     output_format: Annotated[TableOrJson, typer.Option("--format", help="table or json.")] = TableOrJson.table,
@@ -38,8 +39,8 @@ def bench(
     """Latency (p50/p90/p99 ms) and throughput of the gated graph and the plain CLIP graph, with their ratio.
 
     --format json writes a list of objects: backend, graph ("gated" or "plain"), batch_size,
-    p50_ms, p90_ms, p99_ms, images_per_s, precision. --precision int8 times the fp32 and the int8
-    graphs, interleaved, on onnxruntime CPU.
+    p50_ms, p90_ms, p99_ms, images_per_s, precision, cuda_graph. --precision fp16 (or int8) times
+    the fp32 and the fp16 (int8) graphs, interleaved; int8 on onnxruntime CPU only.
     """
     from edgeclip.edgeapp.bench import bench_bundle
 
@@ -48,7 +49,7 @@ def bench(
     with progress(quiet) as bar:
         task = bar.add_task("benchmarking", total=len(sizes), info="")
         results = bench_bundle(loaded, backend, sizes, iterations, on_step=lambda: bar.advance(task),
-                               precision=precision.value)
+                               precision=precision.value, cuda_graph=cuda_graph)
     if output_format is TableOrJson.json:
         typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
         return

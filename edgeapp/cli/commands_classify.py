@@ -28,13 +28,18 @@ EXIT_UNREADABLE = 3
 
 
 class Precision(str, Enum):
-    """``--precision``: fp32 graphs, or the int8-quantised image encoder."""
+    """``--precision``: fp32 graphs, the fp16 encoders, or the int8-quantised image encoder."""
     fp32 = "fp32"
+    fp16 = "fp16"
     int8 = "int8"
 
 
 PrecisionOpt = Annotated[Precision, typer.Option(
-    help="fp32, or int8: the int8-quantised encoder on onnxruntime CPU (faster; make it with `edgeclip export --int8`).")]
+    help="fp32; fp16: the fp16 encoders, decision in fp32 (any onnxruntime backend; make them with `edgeclip export "
+         "--precision fp16`); int8: the int8-quantised encoder on onnxruntime CPU (`edgeclip export --int8`).")]
+CudaGraphOpt = Annotated[bool, typer.Option(
+    "--cuda-graph", help="CUDA graphs on ort-cuda: batches padded to fixed sizes, one captured graph each (less "
+                         "launch overhead at small batches, more GPU memory).")]
 
 
 class OutputFormat(str, Enum):
@@ -49,6 +54,7 @@ def classify(
     bundle: BundleOpt = None,
     backend: BackendOpt = "auto",
     precision: PrecisionOpt = Precision.fp32,
+    cuda_graph: CudaGraphOpt = False,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many labels to report per image.")] = 5,
     labels: Annotated[Optional[str], typer.Option(help='Extra zero-shot labels, comma separated: "a,b,c".')] = None,
     labels_file: Annotated[Optional[Path], typer.Option(help="Extra zero-shot labels, one per line.")] = None,
@@ -88,7 +94,7 @@ def classify(
     Exit codes: 0 all inputs done; 3 some inputs could not be read (the rest are still
     classified); 2 usage error (a path that does not exist included); 130 interrupted.
     """
-    from edgeclip.edgeapp.classify import build_label_space, classify_files, parse_labels
+    from edgeclip.edgeapp.classify import build_label_space, classify_batches, parse_labels
     from edgeclip.edgeapp.runtime import GatedRunner, TextEncoderRunner
 
     loaded = open_bundle(bundle)
@@ -107,12 +113,11 @@ def classify(
         if found.links:
             skipped += f" ({len(found.links)} folder links not followed; --follow-links follows them)"
         raise UsageError(f"No images found in the given paths{skipped}.")
-    runner = GatedRunner(loaded, backend, precision=precision.value)  # refuses a missing int8 graph early
+    runner = GatedRunner(loaded, backend, precision=precision.value,  # refuses a missing fp16/int8 graph early
+                         cuda_graph=cuda_graph, max_batch=batch_size)
     label_space = build_label_space(loaded, extra, TextEncoderRunner(loaded, backend).class_embeddings)
     writer = _writer(output_format, output, loaded, found.images, label_space, top_k)
     total = len(found.images)
-    position = {os.fspath(path): i for i, path in enumerate(found.images)}
-    pending: list[Prediction] = []
     done = failed = 0
     start = time.perf_counter()
     try:
@@ -122,21 +127,14 @@ def classify(
             failed += len(unreadable)
         with progress(quiet) as bar, StopAtBatchEnd() as stop:
             task = bar.add_task("classifying", total=total, info="")
-
-            def on_batch(n: int) -> None:  # the batch is complete: its rows go out now, in input order
-                nonlocal done, failed
-                pending.sort(key=lambda p: position.get(p.path, -1))
-                writer.write(pending)
-                failed += sum(1 for p in pending if p.error)
-                done += sum(1 for p in pending if p.error is None)
-                pending.clear()
-                bar.advance(task, n)
+            for preds in classify_batches(loaded, found.images, runner, label_space, top_k=top_k,
+                                          batch_size=batch_size, exact=True if exact_preprocess else None,
+                                          max_pixels=max_pixels):
+                writer.write(preds)  # the batch is complete: its rows go out now, in input order
+                failed += sum(1 for p in preds if p.error)
+                done += sum(1 for p in preds if p.error is None)
+                bar.advance(task, len(preds))
                 stop.check()
-
-            for pred in classify_files(loaded, found.images, runner, label_space, top_k=top_k,
-                                       batch_size=batch_size, on_batch=on_batch,
-                                       exact=True if exact_preprocess else None, max_pixels=max_pixels):
-                pending.append(pred)
     except KeyboardInterrupt as exc:
         where = f"in {visible(display_path(output))}" if output else "above" if stdout_is_terminal() else "on stdout"
         raise Interrupted(f"interrupted after {done + failed} of {total} images; results so far {where}") from exc
@@ -211,8 +209,8 @@ def _writer(fmt: OutputFormat, output: Path | None, loaded: "Bundle", images: li
         weights = " - random weights" if loaded.random_weights else ""
         title = visible(f"{loaded.root} {loaded.version} ({loaded.manifest['backbone']['model']}{weights})")
         width = out_console().width if output is None and stdout_is_terminal() else None
-        writer = TableWriter(stream, title, [os.fspath(p) for p in images], label_space.names,
-                             [t["name"] for t in loaded.tasks], width)
+        writer = TableWriter(stream, title, [os.fspath(p) for p in images], label_space.shown_names(),
+                             [t["name"] for t in loaded.tasks], width, label_space.ambiguous)
     writer.owned = file
     return writer
 

@@ -37,7 +37,7 @@ def init(
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Seeded random weights (offline tests and demos only).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random weights and of the learners.")] = 0,
     method: Annotated[Method, typer.Option(help=f"Continual learner: {', '.join(METHOD_NAMES)}.")] = Method("rail-primal"),
-    hidden: Annotated[int, typer.Option(min=1, help="RAIL primal: random hidden layer size (paper 15000). The bundle keeps the embeddings, not hidden^2 statistics; a solve with more images than hidden needs 8*hidden^2 bytes (1.8 GB at 15000).")] = 15000,
+    hidden: Annotated[int, typer.Option(min=1, help="RAIL primal: random hidden layer size (paper 15000). add-task folds each new image into the inverse autocorrelation matrix, kept beside the versions in BUNDLE/cache/rail (4*hidden^2 bytes: 0.9 GB at 15000), with ~0.3 GB of working memory whatever was learned before.")] = 15000,
     beta: Annotated[float, typer.Option(min=0.0, max=1.0, help="RAIL: weight of the learned scores in the fusion.")] = 0.8,
     fusion: Annotated[str, typer.Option(help="RAIL: 'ddas' (gate by autoencoders, default) or 'paper' (zero-shot top-1).")] = "ddas",
     gate: Annotated[str, typer.Option(help="DDAS autoencoder: 'linear' (closed form, torch-free) or 'mlp'.")] = "linear",
@@ -159,28 +159,53 @@ def tasks(
         err_console().print("no task learned yet: zero-shot only")
 
 
+class ExportPrecision(str, Enum):
+    """``export --precision``: the extra graphs to write (fp16; int8 = ``--int8``)."""
+    fp16 = "fp16"
+    int8 = "int8"
+
+
 def export(
     bundle: BundleOpt = None,
     tensorrt: Annotated[bool, typer.Option("--tensorrt", help="Build TensorRT engines of the gated and plain graphs (GPU and the trt extra).")] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT engines in fp16 (default fp32).")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="Write a new version with the image encoder quantised to int8 (CPU speed-up, RAIL bundles; classify/bench --precision int8).")] = False,
+    precision: Annotated[Optional[ExportPrecision], typer.Option(help="fp16: write a new version with fp16 encoders (the MoE adapted one too) and their gated graph (the decision stays fp32; classify/bench --precision fp16). int8: as --int8.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Check the current version's ONNX graphs and, with --tensorrt, build (or reuse cached) TensorRT engines.
 
     The ONNX graphs themselves are written by init and add-task with every version. --int8 writes
-    a new version holding the int8-quantised image encoder and its gated graph (later add-tasks
-    keep them in step).
+    a new version holding the int8-quantised image encoder and its gated graph; --precision fp16
+    one holding the fp16 encoders and their gated graph (later add-tasks keep them in step).
+    --fp16 (with --tensorrt) is TensorRT's own fp16 engine build from the fp32 graph.
     """
     import onnx
 
     from edgeclip.export.compose import check_structure
-    from edgeclip.layout import GATED_INT8_GRAPH, IMAGE_INT8_GRAPH, graph_file
+    from edgeclip.layout import (
+        GATED_FP16_GRAPH,
+        GATED_INT8_GRAPH,
+        IMAGE_FP16_GRAPH,
+        IMAGE_INT8_GRAPH,
+        MOE_FP16_GRAPH,
+        graph_file,
+    )
 
     if fp16 and not tensorrt:
         raise UsageError("--fp16 applies to TensorRT engines only: add --tensorrt (or leave --fp16 out)")
     loaded = open_bundle(bundle)
-    if int8:
+    if precision is ExportPrecision.fp16:
+        from edgeclip.export.fp16 import export_fp16
+
+        before = loaded.version
+        with progress(quiet) as bar:
+            bar.add_task("converting the encoders to fp16", total=None, info="")
+            loaded = export_fp16(loaded)
+        if not quiet:
+            done = f"wrote {loaded.version}" if loaded.version != before else "already present"
+            err_console().print(markup(f"{loaded.root}: fp16 graphs {done}"), highlight=False)
+    if int8 or precision is ExportPrecision.int8:
         from edgeclip.export.quantize import export_int8
 
         before = loaded.version
@@ -192,7 +217,8 @@ def export(
             err_console().print(markup(f"{loaded.root}: int8 graphs {done}"), highlight=False)
     table = new_table("graph", "MB", title=markup(f"{loaded.root} {loaded.version} graphs"), right=("MB",))
     names = ["graphs/gated.onnx", "graphs/image_encoder.onnx", "graphs/text_encoder.onnx"]
-    names += [graph_file(n) for n in (GATED_INT8_GRAPH, IMAGE_INT8_GRAPH) if loaded.has(graph_file(n))]
+    names += [graph_file(n) for n in (GATED_INT8_GRAPH, IMAGE_INT8_GRAPH, GATED_FP16_GRAPH, IMAGE_FP16_GRAPH,
+                                      MOE_FP16_GRAPH) if loaded.has(graph_file(n))]
     for name in names:
         path = loaded.path(name)
         model = onnx.load(str(path), load_external_data=False)
@@ -261,7 +287,9 @@ def versions(
     bundle: BundleOpt = None,
     output_format: Annotated[TableOrJson, typer.Option("--format", help="table or json.")] = TableOrJson.table,
 ) -> None:
-    """The bundle's version history: parent, date, tasks, size (all files) and own size (what pruning it frees)."""
+    """The bundle's version history: parent, date, tasks, size (all its files) and added (what writing it added:
+    the files it did not inherit from its parent; later writes do not change it). JSON also gives own (what
+    removing the version would free now)."""
     from edgeclip.bundle import version_history
 
     root = require_bundle(bundle_path(bundle))
@@ -271,7 +299,7 @@ def versions(
         typer.echo(json.dumps({"bundle": str(root), "size_on_disk": total, "versions": history}, indent=2,
                               ensure_ascii=False))
         return
-    table = new_table("version", "parent", "created", "tasks", "size", "own", right=("size", "own"),
+    table = new_table("version", "parent", "created", "tasks", "size", "added", right=("size", "added"),
                       title=markup(f"{root} - {len(history)} versions, {format_size(total)} on disk"))
     for rec in history:
         name = rec["version"] + (" *" if rec["current"] else "")
@@ -279,7 +307,7 @@ def versions(
             table.add_row(name, "", "", markup(rec["error"]), "", "")
             continue
         table.add_row(name, rec["parent"] or "-", rec["created_at"] or "", markup(", ".join(rec["tasks"])) or "-",
-                      format_size(rec["size"]), format_size(rec["own"]))
+                      format_size(rec["size"]), format_size(rec["added"]))
     out_console().print(table)
 
 

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeclip.discover import display_path
-from edgeclip.edgeapp.classify import ZERO_SHOT, Prediction
+from edgeclip.edgeapp.classify import ZERO_SHOT, Prediction, shown_name
 from edgeclip.edgeapp.cli.output import is_utf, json_text, markup, visible
 
 StreamFn = Callable[[], TextIO]  # the stream to write to now (stdout may be swapped by a progress bar)
@@ -37,10 +37,12 @@ def shown_path(pred: Prediction) -> str:
     return visible(display_path(pred.path))
 
 
-def shown_label(pred: Prediction) -> str:
-    """The label, followed by the task it belongs to when that is not the task the image was routed to."""
-    label = visible(pred.label or "")
-    if pred.task and pred.task != pred.route:
+def shown_label(pred: Prediction, ambiguous: frozenset[str] = frozenset()) -> str:
+    """The label, followed by the task it belongs to when that is not the task the image was routed to
+    or when several tasks learned that name (``ambiguous``, ``LabelSpace.ambiguous``: ``3 (digits8)``)."""
+    qualified = shown_name(pred.label or "", pred.task, ambiguous)
+    label = visible(qualified)
+    if qualified == (pred.label or "") and pred.task and pred.task != pred.route:
         owner = "a zero-shot label" if pred.task == ZERO_SHOT else f"task {visible(pred.task)}"
         label += f" ({owner})"
     return label
@@ -130,11 +132,12 @@ class _Collect:
 COLUMNS = ("file", "label", "score", "route", "other labels")
 
 
-def _cells(p: Prediction) -> list[str]:
+def _cells(p: Prediction, ambiguous: frozenset[str] = frozenset()) -> list[str]:
     if p.error:
         return [shown_path(p), "error", "", "", visible(p.error)]
-    others = ", ".join(f"{visible(t['label'])} {t['score']:.3f}" for t in p.topk[1:])
-    return [shown_path(p), shown_label(p), f"{p.score:.3f}", visible(p.route or ""), others]
+    others = ", ".join(f"{visible(shown_name(t['label'], t.get('task'), ambiguous))} {t['score']:.3f}"
+                       for t in p.topk[1:])
+    return [shown_path(p), shown_label(p, ambiguous), f"{p.score:.3f}", visible(p.route or ""), others]
 
 
 class TableWriter(ResultWriter):
@@ -142,12 +145,14 @@ class TableWriter(ResultWriter):
     route is known then), so the rows of each batch line up with the first batch's.
 
     ``width`` None: a pipe or file, values whole. Otherwise the terminal's width: columns
-    share it and long values wrap inside their column (rich)."""
+    share it and long values wrap inside their column (rich). ``ambiguous``: the class names
+    several tasks learned (``LabelSpace.ambiguous``), shown with their task, ``3 (digits8)``."""
 
     def __init__(self, stream: StreamFn, title: str, paths: Sequence[str], labels: Sequence[str],
-                 routes: Sequence[str], width: int | None) -> None:
+                 routes: Sequence[str], width: int | None, ambiguous: frozenset[str] = frozenset()) -> None:
         super().__init__(stream)
         self.title = title
+        self.ambiguous = ambiguous
         self.first = True
         file_w = max([cell_len(visible(display_path(p))) for p in paths] + [len("file")])
         label_w = max([cell_len(visible(n)) for n in labels] + [len("label")])
@@ -178,7 +183,7 @@ class TableWriter(ResultWriter):
             if self.first:
                 lines.append(self._line(list(COLUMNS)))
                 lines.append(self._line(["-" * w for w in self.widths]))
-            lines += [self._line(_cells(p)) for p in preds]
+            lines += [self._line(_cells(p, self.ambiguous)) for p in preds]
             self._emit("".join(line + "\n" for line in lines))
         self.first = False
 
@@ -192,7 +197,7 @@ class TableWriter(ResultWriter):
         for name, w in zip(COLUMNS, self.widths):
             table.add_column(name, width=w, overflow="fold", justify="right" if name == "score" else "left")
         for p in preds:
-            cells = [markup(c) for c in _cells(p)]  # visible already; escape rich markup too
+            cells = [markup(c) for c in _cells(p, self.ambiguous)]  # visible already; escape rich markup too
             if p.error:
                 cells[1], cells[4] = "[red]error[/]", f"[red]{cells[4]}[/]"
             table.add_row(*cells)

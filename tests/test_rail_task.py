@@ -1,0 +1,69 @@
+"""RAIL add-task folds in only the new task's images (issue 23): the solver state P lives in the
+bundle's cache, one entry; without it (deleted, after a rollback) every learned image is folded
+again, and the head is the joint ridge solution either way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import edgeclip
+from edgeclip.bundle import Bundle
+from edgeclip.edgeapp.tasks import rail_learning_state
+from edgeclip.layout import LEARNED, RAIL_PROJECTION, RAIL_SOLVER_CACHE, rail_key, rail_task_state
+from edgeclip.learned import read_learned
+
+
+def _task(rng: np.random.Generator, dim: int, n: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), np.arange(n) % 3
+
+
+def _joint_w(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    bundle = Bundle.open(root)
+    learned, state = read_learned(bundle), rail_learning_state(bundle)
+    w_r = learned[rail_key("w_r")].astype(np.float64)
+    phi = np.maximum(state["x"].astype(np.float64) @ w_r, 0.0)
+    y = np.eye(len(bundle.learned_classes))[state["labels"]]
+    gamma = float(bundle.manifest["method"]["settings"]["learner"]["gamma"])
+    joint = np.linalg.solve(phi.T @ phi + gamma * np.eye(phi.shape[1]), phi.T @ y)
+    return learned[rail_key("w")], joint
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_add_task_folds_only_the_new_images(tmp_path: Path, make_tiny_bundle, monkeypatch) -> None:
+    root = make_tiny_bundle(tmp_path / "b", hidden=256)
+    clf = edgeclip.load(root)
+    dim = int(clf.bundle.manifest["backbone"]["embed_dim"])
+    rng = np.random.default_rng(0)
+    said: list[str] = []
+    from edgeclip.edgeapp import tasks
+
+    real = tasks._learn_head
+
+    def spy(bundle, learner, cache, feats, labels, n_classes, progress):
+        real(bundle, learner, cache, feats, labels, n_classes, lambda stage, done, total: said.append(stage))
+
+    cache = root / RAIL_SOLVER_CACHE
+    monkeypatch.setattr(tasks, "_learn_head", spy)
+    for i in range(3):
+        clf = clf.add_task_embeddings(f"t{i}", *_task(rng, dim), [f"a{i}", f"b{i}", f"c{i}"])
+        w, joint = _joint_w(root)
+        assert _rel(w, joint) < 1e-5
+        files = clf.bundle.manifest["files"]  # a version adds what it learned; W_r lives in its own file, once
+        assert rail_task_state(i) in files and rail_key("w_r") not in clf.bundle.tensors(LEARNED)
+        assert (clf.root / "versions" / clf.version / RAIL_PROJECTION).stat().st_nlink == i + 2
+        assert sorted(p.suffix for p in cache.iterdir()) == [".npy", ".p64"]  # one entry, no work file left
+    assert "folding 24 new images" in said[-1] and "all" not in said[-1]
+
+    before = clf.version
+    clf = clf.rollback()  # the cache holds the state of the newer version: all images are folded again
+    said.clear()
+    clf = clf.add_task_embeddings("t3", *_task(rng, dim), ["a3", "b3", "c3"])
+    assert "folding all 72 images (48 learned before)" in said[-1] and clf.version != before
+    w, joint = _joint_w(root)
+    assert _rel(w, joint) < 1e-5
