@@ -3,6 +3,7 @@ opened read-only (fast open, lazy per-file hash verification with stamps)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -26,11 +27,14 @@ from edgeclip.store.fs import (
     stored_path,
 )
 from edgeclip.store.graphs import external_tensors
+from edgeclip.store.lease import Lease, VersionGone, take_lease
 from edgeclip.store.stamps import read_stamps, stamp_of, write_stamps
 from edgeclip.version import __version__
 
 if TYPE_CHECKING:
     from edgeclip.store.writer import VersionWriter
+
+_CURRENT_TRIES = 20  # re-reads of CURRENT when the version it named vanished meanwhile (writers + retention)
 
 
 def list_versions(root: Path) -> list[str]:
@@ -60,9 +64,26 @@ def current_version(root: Path) -> str:
     name = marker.read_text(encoding="utf-8", errors="replace").strip()
     if not VERSION_RE.match(name):
         raise BundleError(f"Bundle {root}: {CURRENT} does not name a version.")
-    if not (root / "versions" / name / MANIFEST).is_file():
-        raise BundleError(f"Bundle {root}: {CURRENT} names '{name}', which is not a complete version.")
-    return name
+    for _ in range(_CURRENT_TRIES):
+        if (root / "versions" / name / MANIFEST).is_file():
+            return name
+        # a writer may have switched CURRENT and pruned the version just read: read CURRENT again
+        again = marker.read_text(encoding="utf-8", errors="replace").strip()
+        if again == name or not VERSION_RE.match(again):
+            break
+        name = again
+    raise BundleError(f"Bundle {root}: {CURRENT} names '{name}', which is not a complete version.")
+
+
+def manifest_identity(root: Path, version: str) -> str:
+    """The sha256 of a version's ``manifest.json`` bytes: the identity a writer's compare-and-swap
+    compares (it names the version, its parent, its time and every file's hash, so it never repeats
+    even where a version name would). Raises BundleError when the manifest cannot be read."""
+    path = Path(root) / "versions" / version / MANIFEST
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise BundleError(f"Bundle {root}: version {version} is gone or unreadable ({type(exc).__name__}).") from None
 
 
 def weights_label(weights: Mapping[str, Any]) -> str:
@@ -92,6 +113,8 @@ class Bundle:
     verify_hashes: bool = True
     _verified: set[str] = field(default_factory=set, repr=False)
     _stamps: dict[str, list[Any]] | None = field(default=None, repr=False)
+    identity: str = ""  # sha256 of the manifest file (``manifest_identity``): what a writer's CAS compares
+    _lease: Lease | None = field(default=None, repr=False, compare=False)
 
     @property
     def dir(self) -> Path:
@@ -107,16 +130,45 @@ class Bundle:
     def open(cls, root: Path | str, version: str | None = None, verify_hashes: bool = True) -> "Bundle":
         """Open ``version`` (default: CURRENT) of the bundle at ``root``: read and validate the
         manifest, check every file is a regular file of the recorded size. No content is read
-        here; ``path`` verifies each file's hash on first use. Raises BundleError."""
+        here; ``path`` verifies each file's hash on first use. The Bundle holds a reader lease on its
+        version (``edgeclip.store.lease``): no prune removes it until the Bundle is released or
+        garbage-collected. Raises BundleError (also when ``version`` was removed meanwhile)."""
         root = Path(root)
         check_root(root)
-        version = check_version_name(version) if version else current_version(root)
-        check_dir(root / "versions", root, "its versions folder")
-        check_dir(root / "versions" / version, root, f"version {version}")
-        manifest, meta = read_manifest(root, version)
-        bundle = cls(root=root, version=version, manifest=manifest, meta=meta, verify_hashes=verify_hashes)
-        bundle.validate(verify_hashes=False)
-        return bundle
+        requested = check_version_name(version) if version else None
+        for _ in range(_CURRENT_TRIES):
+            version = requested or current_version(root)
+            check_dir(root / "versions", root, "its versions folder")
+            vdir = root / "versions" / version
+            try:
+                check_dir(vdir, root, f"version {version}")
+            except BundleError:
+                if requested or os.path.lexists(vdir):
+                    raise
+                continue  # pruned right after CURRENT moved on: read CURRENT again
+            try:
+                lease = take_lease(vdir)
+            except VersionGone:
+                if requested:
+                    raise BundleError(f"Bundle {root}: version {version} was removed (pruned) meanwhile.") from None
+                continue  # CURRENT moved on and its old version was pruned: read CURRENT again
+            try:
+                manifest, meta = read_manifest(root, version)
+                bundle = cls(root=root, version=version, manifest=manifest, meta=meta, verify_hashes=verify_hashes,
+                             identity=manifest_identity(root, version), _lease=lease)
+                bundle.validate(verify_hashes=False)
+            except BaseException:
+                if lease is not None:
+                    lease.release()
+                raise
+            return bundle
+        raise BundleError(f"Bundle {root} changed too often while being opened; try again.")
+
+    def release(self) -> None:
+        """Let go of this version's reader lease (a later prune may then remove it). The Bundle must
+        not read files afterwards."""
+        if self._lease is not None:
+            self._lease.release()
 
     # -- files -------------------------------------------------------------------------
     def _location(self, name: str) -> tuple[Path, str]:
