@@ -227,3 +227,206 @@ def test_a_stale_rollback_refuses_and_changes_nothing(tmp_path: Path) -> None:
     assert Bundle.open(root).version == "v0004"
     fresh = Bundle.open(root)
     assert rollback(root, expect=fresh) == "v0003"  # the parent of the version it read
+
+
+# --------------------------------------------------------------------------- 7. graphs read only listed files
+
+def small_graph(folder: Path, name: str = "g") -> Path:
+    """A real ONNX graph (y = x + w) whose weight w lies in the external file ``<name>.data``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.arange(64, dtype=np.float32), "w")
+    node = helper.make_node("Add", ["x", "w"], ["y"])
+    graph = helper.make_graph([node], name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])], [weight])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.onnx"
+    onnx.save_model(helper.make_model(graph), str(path), save_as_external_data=True, location=f"{name}.data",
+                    size_threshold=0)
+    return path
+
+
+def graph_bundle(tmp_path: Path) -> Path:
+    root = tmp_path / "b"
+    with create_bundle(root, dict(BASE)) as writer:
+        writer.write_tensors("learned.safetensors", {"w": np.zeros((3, 4), np.float32)})
+        writer.write_graph("graphs/g.onnx", small_graph(tmp_path / "src"))
+    return root
+
+
+def test_a_graph_may_read_only_weight_files_its_version_lists(tmp_path: Path) -> None:
+    from edgeclip.bundle import verify_bundle
+
+    root = graph_bundle(tmp_path)
+    Bundle.open(root).verify()
+    assert Bundle.open(root).path("graphs/g.onnx").is_file()
+    with Bundle.open(root).new_version() as writer:  # a version whose graph reads a file it does not list
+        writer.remove("graphs/g.data")
+    with pytest.raises(BundleError, match="not a file of this version"):
+        Bundle.open(root).path("graphs/g.onnx")
+    assert [name for name, _ in verify_bundle(root)] == ["v0002"]
+
+
+def test_a_hard_linked_store_file_is_refused_by_verify_and_load(tmp_path: Path) -> None:
+    from edgeclip.bundle import verify_bundle
+
+    root = graph_bundle(tmp_path)
+    data = Bundle.open(root).path("graphs/g.data")
+    os.link(data, tmp_path / "twin")  # another name for the same file, outside the bundle
+    problems = verify_bundle(root)
+    assert len(problems) == 1 and "hard links" in problems[0][1]
+    with pytest.raises(BundleError, match="hard links"):
+        Bundle.open(root).path("graphs/g.onnx")
+    (tmp_path / "twin").unlink()
+    assert verify_bundle(root) == []
+
+
+# --------------------------------------------------------------------------- real bundles (slow: a tiny exported model)
+
+@pytest.fixture(scope="module")
+def demo_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
+    from edgeclip.edgeapp.demo_data import write_demo_images
+
+    return write_demo_images(tmp_path_factory.mktemp("demo") / "images", train_per_class=4, query_per_class=1)
+
+
+def _add_task_cli(root: Path, domain: Path, name: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgeclip.edgeapp.cli.app", "add-task", str(domain), "--bundle",
+                           str(root), "--name", name, "--quiet"], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_long_running_classifier_survives_keep_1_and_its_stale_rollback_refuses(
+        make_tiny_bundle, demo_images: tuple[list[Path], Path], tmp_path: Path) -> None:
+    import edgeclip
+
+    domains, query = demo_images
+    root = make_tiny_bundle(tmp_path / "b", labels=("a red square", "a blue circle"))
+    set_retention(root, 1)
+    clf = edgeclip.load(root)
+    before = [(p.path, p.label, p.score) for p in clf.classify([query])]
+    assert before and all(label for _, label, _ in before)
+    for domain, name in zip(domains[:2], ["one", "two"]):  # another process learns; retention keeps 1
+        done = _add_task_cli(root, domain, name)
+        assert done.returncode == 0, done.stderr
+    after = [(p.path, p.label, p.score) for p in clf.classify([query])]
+    assert after == before  # its own version, whole: no error rows, no mix with the new one
+    with pytest.raises(BundleError, match="changed since version"):
+        clf.rollback()  # would undo "two" (another process's work)
+    assert [t["name"] for t in Bundle.open(root).tasks] == ["one", "two"]
+    held = clf.version
+    assert held in list_versions(root)
+    del clf
+    import gc
+
+    gc.collect()
+    assert held in prune(root, keep=1)
+
+
+CONCURRENT_WORKER = r'''
+import json, sys, time, traceback
+from pathlib import Path
+import edgeclip
+from edgeclip.bundle import Bundle, prune, rollback, verify_bundle
+from edgeclip.errors import BundleError
+
+role, root, out, flag_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+domains, query = [Path(p) for p in json.loads(sys.argv[5])], Path(sys.argv[6])
+log = {"role": role, "ok": 0, "refused": 0, "failures": [], "learned": []}
+
+def writers_done():
+    return len(list(flag_dir.glob("done-*"))) >= 2
+
+def rows_ok(preds):
+    bad = [p.error for p in preds if p.error]
+    if bad or not preds:
+        raise AssertionError(f"error rows: {bad[:2]}")
+
+try:
+    if role.startswith("add"):
+        for r, domain in enumerate(domains[:3]):
+            name = f"{role}-{r}"
+            try:
+                edgeclip.load(root).add_task(name, domain)
+                log["learned"].append(name); log["ok"] += 1
+            except BundleError as exc:
+                if "changed while" not in str(exc) and "Another edgeclip process" not in str(exc):
+                    raise
+                log["refused"] += 1
+        (flag_dir / f"done-{role}").touch()
+    else:
+        reader = edgeclip.load(root) if role == "reader" else None
+        rounds = 0
+        while rounds < 2 or (not writers_done() and rounds < 200):
+            rounds += 1
+            try:
+                if role == "reader":
+                    rows_ok(reader.classify([query]))
+                elif role == "classify":
+                    rows_ok(edgeclip.load(root).classify([query]))
+                elif role == "verify":
+                    problems = verify_bundle(root)
+                    if problems:
+                        raise AssertionError(f"verify: {problems}")
+                elif role == "prune":
+                    prune(root, keep=1)
+                elif role == "rollback":
+                    rollback(root)
+                    time.sleep(0.3)
+                log["ok"] += 1
+            except BundleError as exc:
+                text = str(exc)
+                if role in ("rollback", "prune") and any(w in text for w in ("Another edgeclip process", "first one", "no complete version")):
+                    log["refused"] += 1
+                else:
+                    raise
+except Exception:
+    log["failures"].append(traceback.format_exc(limit=3)[-600:])
+out.write_text(json.dumps(log))
+'''
+
+
+@pytest.mark.slow
+def test_eight_processes_with_retention_lose_nothing_and_never_fail_a_reader(
+        make_tiny_bundle, demo_images: tuple[list[Path], Path], tmp_path: Path) -> None:
+    """add-task x2, rollback, prune, classify (API, fresh each round), the real CLI classify, verify and a
+    long-running reader, all at once on one bundle with retention keep 1, until both writers finished
+    3 rounds each: no finished task lost, no reader or verify failure."""
+    import json
+
+    domains, query = demo_images
+    root = make_tiny_bundle(tmp_path / "b", labels=("a red square", "a blue circle"))
+    set_retention(root, 1)
+    script, flags = tmp_path / "worker.py", tmp_path / "flags"
+    script.write_text(CONCURRENT_WORKER)
+    flags.mkdir()
+    roles = ["add-a", "add-b", "rollback", "prune", "classify", "verify", "reader"]
+    procs = {role: subprocess.Popen([sys.executable, str(script), role, str(root), str(tmp_path / f"{role}.json"),
+                                     str(flags), json.dumps([str(d) for d in domains]), str(query)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for role in roles}
+    cli_runs = []
+    while not all(proc.poll() is not None for proc in procs.values()) and len(cli_runs) < 20:  # the 8th: real CLI
+        done = subprocess.run([sys.executable, "-m", "edgeclip.edgeapp.cli.app", "classify", str(query), "--bundle",
+                               str(root), "--format", "json"], capture_output=True, text=True, timeout=300)
+        cli_runs.append(done)
+    logs = {}
+    for role, proc in procs.items():
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        logs[role] = json.loads((tmp_path / f"{role}.json").read_text())
+    failures = {role: log["failures"] for role, log in logs.items() if log["failures"]}
+    assert not failures, failures
+    for done in cli_runs:
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    learned = logs["add-a"]["learned"] + logs["add-b"]["learned"]
+    assert learned and all(log["ok"] > 0 for log in logs.values() if log["role"] in ("classify", "reader", "verify"))
+    on_disk = set()
+    for name in list_versions(root):
+        bundle = Bundle.open(root, name)
+        on_disk |= {t["name"] for t in bundle.tasks}
+        bundle.release()
+    assert set(learned) <= on_disk  # every finished task is still in some version (a rollback only undoes)
+    from edgeclip.bundle import verify_bundle
+
+    assert verify_bundle(root) == []

@@ -184,13 +184,20 @@ class Bundle:
     def path(self, name: str) -> Path:
         """Where a file of this version lies (graphs resolve into the shared graph store), after
         checking it is a regular file inside the bundle and, on first use, that its content
-        matches the manifest's sha256. Raises BundleError."""
+        matches the manifest's sha256; a graph (``.onnx``) also has its external-data locations
+        checked (``check_graph_locations``). Raises BundleError."""
         base, rel = self._location(name)
         if name not in self._verified:
             st = self._check_file(name)
             if self.verify_hashes:
                 self._verify_content(name, st)
             self._verified.add(name)
+            if name.endswith(".onnx"):
+                try:
+                    self.check_graph_locations(name)
+                except BaseException:
+                    self._verified.discard(name)
+                    raise
         return base / rel
 
     def has(self, name: str) -> bool:
@@ -271,7 +278,7 @@ class Bundle:
         """Check everything in this version, ignoring stamps (``edgeclip verify``): every file's sha256
         (refreshing the stamps of what matched), every tensor file's shapes and finiteness (a file that
         is not safetensors, e.g. a pickle, is refused unread), and every graph's external-data
-        locations (plain names of files beside it). Raises BundleError at the first problem."""
+        locations (``check_graph_locations``). Raises BundleError at the first problem."""
         for name in self.manifest["files"]:
             st = self._check_file(name)
             self._verify_content(name, st, use_stamp=False)
@@ -280,22 +287,42 @@ class Bundle:
             if name.endswith(".safetensors"):
                 self.tensors(name)  # shapes against the manifest, finite values
             elif name.endswith(".onnx"):
-                self._check_graph_locations(name)
+                self.check_graph_locations(name)
 
-    def _check_graph_locations(self, name: str) -> None:
+    def check_graph_locations(self, name: str) -> None:
+        """Every external-data location of graph ``name`` must be a plain name of a file beside it that
+        this version lists (so its size and sha256 are checked like every file's), a regular file (not a
+        symlink) and, in the shared graph store, a single-link file (no hard link can make it another
+        file's twin). onnxruntime reads exactly these files. Raises BundleError naming the graph."""
         import onnx
 
-        path = self.path(name)
+        files = self.manifest["files"]
+        entry = files[name]
+        base, rel = self._location(name)
+        folder = (base / rel).parent
+        if entry.get("blob"):
+            listed = {stored_path(self.root, f, e).name for f, e in files.items() if e.get("blob") and f.endswith(".data")}
+        else:
+            here = Path(name).parent
+            listed = {Path(f).name for f, e in files.items() if Path(f).parent == here and not e.get("blob")}
         try:
-            graph = onnx.load(str(path), load_external_data=False)
+            graph = onnx.load(str(base / rel), load_external_data=False)
         except Exception as exc:  # onnx raises DecodeError and others for a damaged file
             raise BundleError(f"Bundle {self.root} {self.label}: graph '{name}' cannot be read: {type(exc).__name__}") from None
-        for tensor in external_tensors(graph.graph):
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            if not location or "/" in location or "\\" in location or location.startswith(".") \
-                    or not (path.parent / location).is_file():
-                raise BundleError(f"Bundle {self.root} {self.label}: graph '{name}' refers to external data "
-                                  f"{location[:60]!r}, which is not a file beside it; refusing the graph.")
+        for location in sorted({next((e.value for e in t.external_data if e.key == "location"), "")
+                                for t in external_tensors(graph.graph)}):
+            refuse = f"Bundle {self.root} {self.label}: graph '{name}' refers to external data {location[:60]!r}, "
+            if not location or "/" in location or "\\" in location or location.startswith(".") or location not in listed:
+                raise BundleError(refuse + "which is not a file of this version beside it; refusing the graph.")
+            try:
+                st = os.lstat(folder / location)
+            except OSError:
+                raise BundleError(refuse + "which is missing; refusing the graph.") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise BundleError(refuse + "which is a symlink or not a regular file; refusing the graph.")
+            if entry.get("blob") and st.st_nlink != 1:
+                raise BundleError(refuse + f"which has {st.st_nlink} hard links (a store file has one); "
+                                  "refusing the graph.")
 
     # -- facts used everywhere -----------------------------------------------------------
     @property
