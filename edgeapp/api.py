@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -28,10 +28,10 @@ from edgeclip.discover import discover_images
 from edgeclip.edgeapp.classify import (
     LabelSpace,
     Prediction,
+    as_image,
     build_label_space,
-    classify_files,
-    predictions_from_scores,
-    task_route_names,
+    classify_batches,
+    is_file_input,
 )
 from edgeclip.edgeapp.runtime import GatedRunner, ImageEncoderRunner, TextEncoderRunner
 from edgeclip.edgeapp.tasks import MethodSettings, ProgressFn, add_rail_embeddings, add_task
@@ -51,15 +51,6 @@ class TaskInfo:
     classes: list[str]
     n_images: int
     threshold: float
-
-
-def _as_image(item: Image.Image | np.ndarray) -> Image.Image:
-    if isinstance(item, Image.Image):
-        return item
-    array = np.asarray(item)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise UsageError(f"an image array must be uint8 [H, W, 3] RGB, got {array.dtype} {list(array.shape)}")
-    return Image.fromarray(array, "RGB")
 
 
 class Classifier:
@@ -116,7 +107,7 @@ class Classifier:
     def _pixels(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
         if not images:
             return np.zeros((0, 3, self._cfg.image_size, self._cfg.image_size), np.float32)
-        return np.stack([preprocess(_as_image(img), self._cfg) for img in images])  # [B,3,S,S] float32
+        return np.stack([preprocess(as_image(img), self._cfg) for img in images])  # [B,3,S,S] float32
 
     def classify(self, images: ImageInput | Iterable[ImageInput], labels: Sequence[str] = (), top_k: int = 5,
                  batch_size: int = 16) -> list[Prediction]:
@@ -124,33 +115,33 @@ class Classifier:
         top-k and error (the reason a file could not be read; the other fields are then empty).
 
         images: files, folders (their images), PIL images or uint8 [H,W,3] RGB arrays (one or an iterable); labels: extra
-        zero-shot labels beside the learned classes. Raises UsageError (nothing to classify into, bad array).
+        zero-shot labels beside the learned classes. ``list(classify_iter(...))``: for many inputs,
+        ``classify_iter`` keeps memory flat. Raises UsageError (nothing to classify into, bad array).
         """
-        items = [images] if isinstance(images, (str, Path, Image.Image, np.ndarray)) else list(images)
-        items = _expand_folders(items)
+        return list(self.classify_iter(images, labels, top_k=top_k, batch_size=batch_size))
+
+    def classify_iter(self, images: ImageInput | Iterable[ImageInput], labels: Sequence[str] = (), top_k: int = 5,
+                      batch_size: int = 16, *, workers: int | None = None,
+                      embeddings: bool = False) -> Iterator[Prediction]:
+        """Yield one ``Prediction`` per input, in input order, as each batch is classified.
+
+        ``images`` is read lazily (a generator of a million paths or arrays is fine): memory is bounded by
+        the batch and the decode queue (two batches ahead), not by the input's length. Folders are replaced
+        by their images (one folder's listing at a time). workers: decoding threads (default one per core);
+        embeddings: also set each Prediction's ``embedding`` ([D] float32, unit norm). The arguments and the
+        label space are checked now, before the first item is read: raises UsageError (top_k < 1,
+        batch_size < 1, nothing to classify into); a bad array raises UsageError when it is reached.
+        """
         if top_k < 1:
             raise UsageError(f"top_k must be at least 1, not {top_k}")
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be at least 1, not {batch_size}")
+        single = isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray))
+        items: Iterable[ImageInput] = [images] if single else images  # type: ignore[list-item]
         space = self.label_space(labels)
-        names = task_route_names(self.bundle)
-        out: list[Prediction | None] = [None] * len(items)
-        files = [(i, Path(x)) for i, x in enumerate(items) if isinstance(x, (str, Path))]
-        in_memory = [(i, x) for i, x in enumerate(items) if not isinstance(x, (str, Path))]
-        if files:
-            by_path: dict[str, list[int]] = {}
-            for i, path in files:
-                by_path.setdefault(str(path), []).append(i)
-            preds = classify_files(self.bundle, [p for _, p in files], self._gated, space, top_k=top_k,
-                                   batch_size=batch_size)
-            for pred, (i, _) in zip(_in_input_order(preds, [p for _, p in files]), files):
-                out[i] = pred
-        for start in range(0, len(in_memory), batch_size):
-            chunk = in_memory[start:start + batch_size]
-            result = self._gated.run(self._pixels([x for _, x in chunk]), space.text)
-            preds = predictions_from_scores([f"<image {i}>" for i, _ in chunk], result["scores"], result["route"],
-                                            space, names, top_k)
-            for (i, _), pred in zip(chunk, preds):
-                out[i] = pred
-        return [p for p in out if p is not None]
+        batches = classify_batches(self.bundle, _expand_folders(items), self._gated, space, top_k=top_k,
+                                   batch_size=batch_size, workers=workers, embeddings=embeddings)
+        return (pred for batch in batches for pred in batch)
 
     def embed_images(self, images: Iterable[Image.Image | np.ndarray | str | Path]) -> np.ndarray:
         """Frozen CLIP image embeddings [N,D] float32, unit rows (the plain encoder, no task).
@@ -219,26 +210,13 @@ class Classifier:
         return Classifier(Bundle.open(self.root), self.backend, self.precision, self.threads, self.cuda_graph)
 
 
-def _expand_folders(items: list[ImageInput]) -> list[ImageInput]:
-    """Folders become their images (recognised by content, hidden files skipped), in place."""
-    out: list[ImageInput] = []
+def _expand_folders(items: Iterable[ImageInput]) -> Iterator[ImageInput]:
+    """Folders become their images (recognised by content, hidden files skipped), in place, lazily."""
     for item in items:
-        if isinstance(item, (str, Path)) and Path(item).is_dir():
-            out.extend(discover_images([Path(item)]).images)
+        if is_file_input(item) and Path(os.fsdecode(item)).is_dir():  # type: ignore[arg-type]
+            yield from discover_images([Path(os.fsdecode(item))]).images  # type: ignore[arg-type]
         else:
-            out.append(item)
-    return out
-
-
-def _in_input_order(preds: Iterable[Prediction], paths: Sequence[Path]) -> list[Prediction]:
-    """classify_files yields a batch's unreadable files first: put results back in input order."""
-    position: dict[str, list[int]] = {}
-    for i, path in enumerate(paths):
-        position.setdefault(os.fspath(path), []).append(i)  # Prediction.path is os.fspath (surrogateescape)
-    ordered: list[Prediction | None] = [None] * len(paths)
-    for pred in preds:
-        ordered[position[pred.path].pop(0)] = pred
-    return [p for p in ordered if p is not None]
+            yield item
 
 
 def _write_domain(folder: Path, pairs: Sequence[tuple[Image.Image | np.ndarray, str]]) -> Path:
@@ -247,7 +225,7 @@ def _write_domain(folder: Path, pairs: Sequence[tuple[Image.Image | np.ndarray, 
             raise UsageError(f"class name {label!r} must be a non-empty name without '/' or a leading '.'")
         target = folder / label
         target.mkdir(parents=True, exist_ok=True)
-        _as_image(image).convert("RGB").save(target / f"{i:06d}.png")
+        as_image(image).convert("RGB").save(target / f"{i:06d}.png")
     return folder
 
 

@@ -90,7 +90,7 @@ def classify(
     Exit codes: 0 all inputs done; 3 some inputs could not be read (the rest are still
     classified); 2 usage error (a path that does not exist included); 130 interrupted.
     """
-    from edgeclip.edgeapp.classify import build_label_space, classify_files, parse_labels
+    from edgeclip.edgeapp.classify import build_label_space, classify_batches, parse_labels
     from edgeclip.edgeapp.runtime import GatedRunner, TextEncoderRunner
 
     loaded = open_bundle(bundle)
@@ -112,8 +112,6 @@ def classify(
     label_space = build_label_space(loaded, extra, TextEncoderRunner(loaded, backend).class_embeddings)
     writer = _writer(output_format, output, loaded, found.images, label_space, top_k)
     total = len(found.images)
-    position = {os.fspath(path): i for i, path in enumerate(found.images)}
-    pending: list[Prediction] = []
     done = failed = 0
     start = time.perf_counter()
     try:
@@ -123,21 +121,14 @@ def classify(
             failed += len(unreadable)
         with progress(quiet) as bar, StopAtBatchEnd() as stop:
             task = bar.add_task("classifying", total=total, info="")
-
-            def on_batch(n: int) -> None:  # the batch is complete: its rows go out now, in input order
-                nonlocal done, failed
-                pending.sort(key=lambda p: position.get(p.path, -1))
-                writer.write(pending)
-                failed += sum(1 for p in pending if p.error)
-                done += sum(1 for p in pending if p.error is None)
-                pending.clear()
-                bar.advance(task, n)
+            for preds in classify_batches(loaded, found.images, runner, label_space, top_k=top_k,
+                                          batch_size=batch_size, exact=True if exact_preprocess else None,
+                                          max_pixels=max_pixels):
+                writer.write(preds)  # the batch is complete: its rows go out now, in input order
+                failed += sum(1 for p in preds if p.error)
+                done += sum(1 for p in preds if p.error is None)
+                bar.advance(task, len(preds))
                 stop.check()
-
-            for pred in classify_files(loaded, found.images, runner, label_space, top_k=top_k,
-                                       batch_size=batch_size, on_batch=on_batch,
-                                       exact=True if exact_preprocess else None, max_pixels=max_pixels):
-                pending.append(pred)
     except KeyboardInterrupt as exc:
         where = f"in {visible(display_path(output))}" if output else "above" if stdout_is_terminal() else "on stdout"
         raise Interrupted(f"interrupted after {done + failed} of {total} images; results so far {where}") from exc
