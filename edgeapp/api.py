@@ -195,11 +195,14 @@ class Classifier:
         return self.reload()
 
     def rollback(self, to: str | None = None) -> Classifier:
-        """Make an earlier version current (the parent unless ``to`` names one); a Classifier on it.
+        """Make an earlier version current (the parent of this Classifier's version unless ``to`` names
+        one); a Classifier on it. Acts only on the version this object read: refuses when another
+        process has made another version current since (``Classifier.reload`` first).
 
-        Raises BundleError when there is no earlier version or ``to`` names no complete version.
+        Raises BundleError when CURRENT moved, there is no earlier version, or ``to`` names no complete
+        version.
         """
-        rollback(self.root, to)
+        rollback(self.root, to, expect=self.bundle)
         return self.reload()
 
     def reload(self) -> Classifier:
