@@ -430,3 +430,22 @@ def test_eight_processes_with_retention_lose_nothing_and_never_fail_a_reader(
     from edgeclip.bundle import verify_bundle
 
     assert verify_bundle(root) == []
+
+
+def test_a_new_version_keeps_the_stamps_of_the_shared_graphs_its_parent_verified(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention checks that the current version is intact after every write: a graph the parent's
+    reader already verified is not hashed again (a gigabyte of weights on an edge device)."""
+    import edgeclip.store.reader as reader_module
+
+    root = graph_bundle(tmp_path)
+    parent = Bundle.open(root)
+    parent.path("graphs/g.onnx"), parent.path("graphs/g.data")  # a reader used (and stamped) the graph
+    parent.release()
+    hashed: list[str] = []
+    real = reader_module.sha256_of
+    monkeypatch.setattr(reader_module, "sha256_of", lambda path: hashed.append(Path(path).name) or real(path))
+    set_retention(root, 1)  # a write, then retention checks the new version is intact
+    bundle = Bundle.open(root)
+    bundle.path("graphs/g.onnx"), bundle.path("graphs/g.data")
+    assert hashed == [] and list_versions(root) == [bundle.version]
