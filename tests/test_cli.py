@@ -211,6 +211,20 @@ def test_folder_links_and_deep_nesting(bundle: Path, images: dict, tmp_path: Pat
         sub.rmdir()
 
 
+def test_no_onnxruntime_telemetry(bundle: Path, images: dict, tmp_path: Path) -> None:
+    """classify writes no onnxruntime telemetry (deviceid, onnxruntime.db) under HOME or XDG_CACHE_HOME;
+    plain onnxruntime, in the same environment, does (so this test can fail)."""
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env.update(HOME=str(tmp_path / "home"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    result = edgeclip_main(["classify", str(images["query"]), "--bundle", str(bundle), "--quiet"], env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()]
+    assert not [p for p in written if "onnxruntime" in p.lower() or "Microsoft" in p], written
+    plain = subprocess.run([sys.executable, "-c", "import onnxruntime"], env=env, capture_output=True, timeout=120)
+    assert plain.returncode == 0
+    assert (tmp_path / "cache" / "Microsoft" / "DeveloperTools" / ".onnxruntime" / "onnxruntime.db").is_file()
+
+
 def test_moe_end_to_end(tmp_path: Path, images: dict) -> None:
     """MoE: init, two add-tasks (a few iterations), classify through the exported gated graph, tasks."""
     root = tmp_path / "moe"
