@@ -46,7 +46,7 @@ from edgeclip.store.lock import clean_temporary, writer_lock
 from edgeclip.store.lease import take_lease
 from edgeclip.store.reader import Bundle, current_version, manifest_identity
 from edgeclip.store.retention import prune_locked
-from edgeclip.store.stamps import stamp_of, write_stamps
+from edgeclip.store.stamps import read_stamps, stamp_of, write_stamps
 from edgeclip.version import __version__
 
 
@@ -354,11 +354,18 @@ class VersionWriter:
 
     def _finalise_files(self) -> tuple[dict[str, dict[str, Any]], dict[str, list[Any]]]:
         """The file table of the new version and the stamps of its files. A file still hard-linked
-        to the parent's verified file keeps the parent's hash (not re-read); others are hashed."""
+        to the parent's verified file keeps the parent's hash (not re-read); others are hashed. A shared
+        graph keeps the parent's stamp when it is still the very file the parent verified."""
         table, stamps = {}, {}
+        parent_stamps = read_stamps(self.root, self.parent.version) if self.parent is not None else {}
         for name, entry in sorted(self._files.items()):
             if entry.get("blob"):
                 table[name] = entry
+                known = parent_stamps.get(name)
+                if isinstance(known, list) and len(known) == 4 and known[3] == entry.get("sha256"):
+                    with contextlib.suppress(OSError, BundleError):
+                        if known[:3] == stamp_of(os.lstat(stored_path(self.root, name, entry))):
+                            stamps[name] = known
                 continue
             path = self.staging / name
             try:
