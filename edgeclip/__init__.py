@@ -16,7 +16,7 @@ from typing import Any
 
 from edgeclip.version import __version__
 
-__all__ = ["Classifier", "Prediction", "TaskInfo", "__version__", "create", "load"]
+__all__ = ["Classifier", "Prediction", "TaskInfo", "__version__", "create", "distributed", "load"]
 _API = {"Classifier", "TaskInfo", "create", "load"}
 
 
@@ -25,6 +25,10 @@ def __getattr__(name: str) -> Any:
         from edgeclip.edgeapp import api
 
         return getattr(api, name)
+    if name == "distributed":  # the Ray path (the ``ray`` extra): edgeclip.distributed.classify_dataset
+        from edgeclip.extras import import_ray_module
+
+        return import_ray_module("edgeclip.edgeapp.distributed", "edgeclip.distributed")
     if name == "Prediction":
         from edgeclip.edgeapp.classify import Prediction
 
