@@ -64,6 +64,9 @@ def classify(
     output_format: Annotated[OutputFormat, typer.Option(
         "--format", help="table, json (JSON Lines), csv or parquet (the default with -o NAME.parquet).")] = OutputFormat.table,
     recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into sub-folders.")] = True,
+    follow_links: Annotated[bool, typer.Option(
+        "--follow-links", help="Follow symbolic links to folders inside the given folders (each folder once). "
+                               "By default they are counted, not followed; --verbose lists them.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 16,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results to this file instead of stdout.")] = None,
     quiet: QuietOpt = False,
@@ -75,7 +78,8 @@ def classify(
         "--max-pixels", min=1,
         help="Refuse images with more pixels than this to decode, as possible decompression bombs "
              "[default: 89478485]. Large JPEGs count at their reduced size.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List the skipped non-image files on stderr.")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="List the skipped non-image files and folder links on stderr.")] = False,
     resume: Annotated[bool, typer.Option(
         "--resume", help="With -o FILE: skip the files FILE already holds (a stopped run's rows) and add the rest.")] = False,
     ray_target: Annotated[Optional[str], typer.Option(
@@ -121,7 +125,7 @@ def classify(
     cluster = RayTarget.parse(ray_target) if ray_target is not None else None
     loaded = open_bundle(bundle)
     extra = parse_labels(labels, labels_file)
-    found = discover_images(paths, recursive=recursive)
+    found = discover_images(paths, recursive=recursive, follow_links=follow_links)
     given = {os.fspath(p) for p in paths}
     named = [(p, msg) for p, msg in found.missing if os.fspath(p) in given]  # a path the user gave: exit 2
     if named:
@@ -130,8 +134,11 @@ def classify(
         raise UsageError(f"expected existing image files or folders: {shown}{more}")
     if not found.images and not found.missing:
         skipped = f" ({len(found.skipped)} non-image files skipped; --verbose lists them)" if found.skipped else ""
+        if found.links:
+            skipped += f" ({len(found.links)} folder links not followed; --follow-links follows them)"
         raise UsageError(f"No images found in the given paths{skipped}.")
-    runner = None if cluster else GatedRunner(loaded, backend, precision=precision.value)  # refuses a missing int8 graph early
+    runner = None if cluster else GatedRunner(loaded, backend, precision=precision.value,  # refuses a missing
+                                              cuda_graph=cuda_graph, max_batch=batch_size)  # fp16/int8 graph early
     label_space = build_label_space(loaded, extra, TextEncoderRunner(loaded, backend).class_embeddings)
     ranks = min(top_k, len(label_space.names))
     previous = Previous()
@@ -183,10 +190,14 @@ def classify(
     if verbose:
         for path, reason in found.skipped:
             err_console().print(markup(f"skipped {display_path(path)}: {reason}"), highlight=False)
+        for path in found.links:
+            err_console().print(markup(f"not followed {display_path(path)}: a link to a folder"), highlight=False)
     if not quiet:
         rate = done / elapsed if elapsed > 0 else 0.0
         note = " (random weights: predictions are not meaningful)" if loaded.random_weights else ""
         skipped = f", {len(found.skipped)} skipped (not images)" if found.skipped else ""
+        if found.links:
+            skipped += f", {len(found.links)} folder links not followed (--follow-links follows them)"
         kept = f", {previous.rows} already in {visible(display_path(output))}" if resume and output else ""
         err_console().print(f"{done} classified, {failed} unreadable{skipped}{kept}, {rate:.1f} images/s{note}",
                             highlight=False)

@@ -25,6 +25,7 @@ from edgeclip.layout import GRAPHS_DIR
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 LOCK = ".lock"
+LAST_VERSION = "LAST_VERSION"  # the highest version name ever issued: names are never reused
 _FINITE_CHUNK = 1 << 24  # elements checked at a time by the finiteness check
 GRAPH_STORE = GRAPHS_DIR  # BUNDLE/graphs/: the shared, content-named graph store
 STORED_RE = re.compile(r"^[0-9a-f]{64}\.(onnx|data)$")  # a file of the graph store
