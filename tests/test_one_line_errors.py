@@ -67,3 +67,21 @@ def test_full_disk_during_add_task(tiny: dict, tmp_path: Path) -> None:
         assert done.stdout.strip() == "v0001"  # the version before: nothing half-written became current
         seen.add(lines[0])
     assert any("the disk is full" in line for line in seen), seen
+
+
+def test_deeply_nested_manifest_in_every_command(tiny: dict, tmp_path: Path) -> None:
+    """A manifest nested 100,000 deep (json's RecursionError): every command that reads it says so in one
+    line; none prints a traceback."""
+    root = tmp_path / "b"
+    shutil.copytree(tiny["root"], root)
+    manifest = root / "versions" / Bundle.open(root).version / "manifest.json"
+    nested = "[" * 100_000 + "]" * 100_000
+    manifest.write_text(manifest.read_text().replace('"zero_shot": {', f'"zero_shot": {{"junk": {nested}, ', 1))
+    env = {**os.environ, "EDGECLIP_STAMPS_DIR": str(tmp_path / "stamps")}
+    commands = [["info"], ["versions"], ["tasks"], ["verify"], ["classify", tiny["query"]],
+                ["add-task", tiny["domains"][0]], ["prune", "--keep", "1"], ["rollback"], ["export", "--int8"]]
+    for command in commands:
+        done = cli(*command, "--bundle", root, env=env)
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 1, (command, done.stderr)
+        if command[0] not in ("info", "versions", "prune"):  # these list what they can, and say what is damaged
+            assert done.returncode == 1 and "nested too deeply" in done.stderr, (command, done.stderr)
