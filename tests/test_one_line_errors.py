@@ -85,3 +85,47 @@ def test_deeply_nested_manifest_in_every_command(tiny: dict, tmp_path: Path) -> 
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 1, (command, done.stderr)
         if command[0] not in ("info", "versions", "prune"):  # these list what they can, and say what is damaged
             assert done.returncode == 1 and "nested too deeply" in done.stderr, (command, done.stderr)
+
+
+def _tampered(tiny: dict, tmp_path: Path, edit) -> Path:
+    """A copy of the tiny bundle whose current manifest (and files) ``edit(version_dir, manifest)`` changed."""
+    import json
+
+    root = tmp_path / "b"
+    shutil.copytree(tiny["root"], root)
+    vdir = root / "versions" / Bundle.open(root).version
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    edit(vdir, manifest)
+    (vdir / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.mark.parametrize("case", ["image_size", "context_length", "gzip_bomb"])
+def test_memory_bombs_are_refused_at_read(tiny: dict, tmp_path: Path, case: str) -> None:
+    """A huge image_size or context length in the manifest, or a tokenizer file that unpacks to gigabytes,
+    is refused when read (bounded), not a MemoryError."""
+    import gzip
+    import hashlib
+
+    def edit(vdir: Path, manifest: dict) -> None:
+        if case == "image_size":
+            manifest["preprocess"]["image_size"] = 10**9
+        elif case == "context_length":
+            manifest["backbone"]["context_length"] = 10**9
+            if manifest["backbone"].get("text"):
+                manifest["backbone"]["text"]["context_length"] = 10**9
+        else:
+            name = next(n for n in manifest["files"] if n.startswith("tokenizer/"))
+            (vdir / name).unlink()
+            with gzip.open(vdir / name, "wb") as f:  # 80 MiB unpacked, ~80 KB packed
+                for _ in range(80):
+                    f.write(b"a" * (1 << 20))
+            data = (vdir / name).read_bytes()
+            manifest["files"][name].update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+
+    root = _tampered(tiny, tmp_path, edit)
+    env = {**os.environ, "EDGECLIP_STAMPS_DIR": str(tmp_path / "stamps")}
+    line = one_line(cli("classify", tiny["query"], "--labels", "a,b", "--bundle", root, env=env))
+    expected = {"image_size": "$.preprocess.image_size", "context_length": "context_length",
+                "gzip_bomb": "unpacks to more than 64 MiB"}[case]
+    assert expected in line, line
