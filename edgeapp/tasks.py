@@ -23,6 +23,7 @@ from edgeclip.domain import (
     Domain,
     check_class_names,
     check_task_name,
+    check_templates,
     class_key,
     few_shot,
     read_domain,
@@ -294,7 +295,8 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
     indices into ``classes``; unreadable: how many of the task's files could not be read (recorded).
     Updates the closed-form head (RAIL, METHODS.md section 3), fits the task's DDAS gate (section 2),
     encodes the classes' prompts with the exported text encoder, re-composes the gated graph and writes
-    a new version. Raises DomainError (a task name already learned), UsageError (shapes, a learner
+    a new version. Raises DomainError (a task name already learned or not a folder name, class names
+    as ``check_class_names`` refuses them, templates without ``{}``), UsageError (shapes, a learner
     that does not learn from embeddings).
     """
     spec = learner_spec(bundle.method)
@@ -316,6 +318,7 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
     if len(classes) < 2:
         raise DomainError(f"a task needs at least 2 classes, got {len(classes)}")
     check_new_task(bundle, list(classes), name)
+    check_templates(list(templates))
     counts = np.bincount(labels, minlength=len(classes))
     short = [c for c, n in zip(classes, counts) if n < MIN_IMAGES_PER_CLASS]
     if short or len(labels) < MIN_TASK_IMAGES:
