@@ -16,7 +16,7 @@ import numpy as np
 from edgeclip.bundle import Bundle
 from edgeclip.discover import display_path
 from edgeclip.domain import ZERO_SHOT_ROUTE_NAME
-from edgeclip.errors import UsageError
+from edgeclip.errors import ImageError, UsageError
 from edgeclip.layout import LEARNED, ZS_TEXT
 
 ZERO_SHOT = ZERO_SHOT_ROUTE_NAME  # the route of an image that fits no learned task
@@ -230,15 +230,27 @@ def predictions_from_scores(
 
 def as_image(item: Any) -> Any:
     """An in-memory input as a PIL image: a PIL image as is, or a uint8 [H,W,3] RGB array.
-    Raises UsageError for any other array."""
+
+    Raises UsageError for anything else (None, another type, another array: a caller's mistake, as
+    for a bad argument) and ImageError for an image without pixels (0 wide or high: an input that
+    cannot be classified, like an empty file, so classify gives it an error row)."""
     from PIL import Image
 
     if isinstance(item, Image.Image):
-        return item
-    array = np.asarray(item)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise UsageError(f"an image array must be uint8 [H, W, 3] RGB, got {array.dtype} {list(array.shape)}")
-    return Image.fromarray(array, "RGB")
+        image = item
+    else:
+        if item is None or not isinstance(item, (np.ndarray, list, tuple)):
+            raise UsageError(f"an image input must be a file path, a PIL image or a uint8 [H, W, 3] RGB array, "
+                             f"got {type(item).__name__}")
+        array = np.asarray(item)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise UsageError(f"an image array must be uint8 [H, W, 3] RGB, got {array.dtype} {list(array.shape)}")
+        if array.shape[0] == 0 or array.shape[1] == 0:
+            raise ImageError(f"the image has no pixels ({array.shape[1]}x{array.shape[0]})")
+        image = Image.fromarray(array, "RGB")
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"the image has no pixels ({image.width}x{image.height})")
+    return image
 
 
 def is_file_input(item: Any) -> bool:

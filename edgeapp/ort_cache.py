@@ -135,7 +135,7 @@ class OptimizedGraphCache:
         folder = self.folder
         try:
             meta = json.loads((folder / META).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             if folder.exists():
                 self.discard("unreadable meta.json")
             return None

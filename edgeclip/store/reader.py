@@ -360,6 +360,9 @@ class Bundle:
         return VersionWriter(self.root, parent=self)
 
 
+MAX_MANIFEST_BYTES = 64 << 20  # far above any real manifest (thousands of tasks and classes: a few MB)
+
+
 def read_manifest(root: Path, version: str) -> tuple[dict[str, Any], Manifest]:
     vdir = root / "versions" / version
     label = f"version {version}"
@@ -375,10 +378,16 @@ def read_manifest(root: Path, version: str) -> tuple[dict[str, Any], Manifest]:
     def refuse_constant(token: str) -> Any:
         raise ValueError(f"non-finite number {token}")
 
+    if st.st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"Bundle {root} {label}: {MANIFEST} is {st.st_size} bytes, more than a manifest can be "
+                          f"({MAX_MANIFEST_BYTES}); the version is corrupt.")
     try:
         manifest = json.loads((vdir / MANIFEST).read_text(encoding="utf-8"), parse_constant=refuse_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(f"Bundle {root} {label}: {MANIFEST} is not valid JSON ({exc}); the version is corrupt.") from None
+    except RecursionError:
+        raise BundleError(f"Bundle {root} {label}: {MANIFEST} is nested too deeply to be a manifest; "
+                          "the version is corrupt.") from None
     schema = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if schema != SCHEMA_VERSION:
         raise BundleError(

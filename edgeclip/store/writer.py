@@ -29,6 +29,7 @@ from edgeclip.store.fs import (
     STORE_TMP,
     STORED_RE,
     WRITE_ERRNOS,
+    safetensors_os_error,
     check_finite_arrays,
     check_root,
     fsync_path,
@@ -172,7 +173,13 @@ class VersionWriter:
 
         clean = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
         check_finite_arrays(clean, f"Refusing to write '{name}' into the bundle {self.final_root or self.root}")
-        save_file(clean, str(self._target(name)))
+        try:
+            save_file(clean, str(self._target(name)))
+        except Exception as exc:  # safetensors' SafetensorError wraps the OS error (a full disk) in its text
+            os_error = safetensors_os_error(exc)
+            if os_error is exc:
+                raise
+            raise os_error from exc
         self._files[name] = {"blob": False}
         self._tensor_shapes[name] = {k: list(v.shape) for k, v in clean.items()}
 
