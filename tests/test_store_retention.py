@@ -450,3 +450,23 @@ def test_a_new_version_keeps_the_stamps_of_the_shared_graphs_its_parent_verified
     bundle = Bundle.open(root)
     bundle.path("graphs/g.onnx"), bundle.path("graphs/g.data")
     assert hashed == [] and list_versions(root) == [bundle.version]
+
+
+def test_a_file_system_without_flock_opens_and_prunes_without_leases(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import fcntl
+
+    import edgeclip.store.lease as lease_module
+
+    def no_locks(_fd: int, _op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    root = make(tmp_path / "b", ["t1"])
+    monkeypatch.setattr(lease_module, "fcntl", type("NoFlock", (), {"flock": staticmethod(no_locks),
+                                                                    "LOCK_SH": fcntl.LOCK_SH, "LOCK_EX": fcntl.LOCK_EX,
+                                                                    "LOCK_NB": fcntl.LOCK_NB}))
+    reader = Bundle.open(root)
+    assert reader.tensors("learned.safetensors")["w"][0, 0] == 1
+    grow(root, ["t2"])
+    assert prune(root, keep=1) == ["v0001", "v0002"]
