@@ -377,7 +377,8 @@ try:
                 log["ok"] += 1
             except BundleError as exc:
                 text = str(exc)
-                if role in ("rollback", "prune") and any(w in text for w in ("Another edgeclip process", "first one", "no complete version")):
+                expected = ("Another edgeclip process", "first one", "no complete version")
+                if role in ("rollback", "prune") and any(w in text for w in expected):
                     log["refused"] += 1
                 else:
                     raise
@@ -391,8 +392,8 @@ out.write_text(json.dumps(log))
 def test_eight_processes_with_retention_lose_nothing_and_never_fail_a_reader(
         make_tiny_bundle, demo_images: tuple[list[Path], Path], tmp_path: Path) -> None:
     """add-task x2, rollback, prune, classify (API, fresh each round), the real CLI classify, verify and a
-    long-running reader, all at once on one bundle with retention (keep 2; prunes to 1 and 2), until both writers finished
-    2 rounds each: no finished task lost, no reader or verify failure."""
+    long-running reader, all at once on one bundle with retention (keep 2; prunes to 1 and 2), until both
+    writers finished 2 rounds each: no finished task lost, no reader or verify failure."""
     import json
 
     domains, query = demo_images
