@@ -424,12 +424,14 @@ class VersionWriter:
                 fsync_path(final.parent)
                 write_atomic_text(self.root / CURRENT, name + "\n")
             write_stamps(self.root, name, stamps)
-            if self.parent is not None:
-                self.parent.release()  # the writer lets go of its parent: retention may remove it
             keep = int((self.manifest.get("retention") or {}).get("keep", 0) or 0)
             if keep and self.final_root is None:
+                if self.parent is not None:
+                    self.parent.release()  # the writer lets go of its parent: retention may remove it
                 with contextlib.suppress(OSError, BundleError):
                     prune_locked(self.root, keep)
+                if self.parent is not None:
+                    self.parent.relock()  # kept by the retention: the parent object stays usable
             root = self.root
             if self.final_root is not None:
                 root = self._move_into_place()
