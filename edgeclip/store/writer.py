@@ -244,7 +244,11 @@ class VersionWriter:
             for name in mine:
                 source, view = self.staged_path(name), work / Path(name).name
                 if name.endswith(".onnx"):
-                    model = onnx.load(str(source), load_external_data=False)
+                    try:
+                        model = onnx.load(str(source), load_external_data=False)
+                    except Exception as exc:  # onnx raises DecodeError and others for a damaged file
+                        raise BundleError(f"Bundle {self.root}: graph '{name}' cannot be read: "
+                                          f"{type(exc).__name__}; run 'edgeclip verify'") from None
                     for tensor in external_tensors(model.graph):
                         for entry in tensor.external_data:
                             if entry.key == "location" and STORED_RE.match(entry.value):
