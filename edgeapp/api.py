@@ -149,10 +149,10 @@ class Classifier:
             raise UsageError(f"top_k must be at least 1, not {top_k}")
         if batch_size < 1:
             raise UsageError(f"batch_size must be at least 1, not {batch_size}")
-        if images is None or not isinstance(images, (Iterable, Image.Image)):
+        single = isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray))
+        if images is None or not (single or isinstance(images, Iterable)):  # a Path is not Iterable
             raise UsageError(f"images must be files, folders, PIL images or uint8 [H, W, 3] RGB arrays (one or an "
                              f"iterable), got {type(images).__name__}")
-        single = isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray))
         items: Iterable[ImageInput] = [images] if single else images  # type: ignore[list-item]
         space = self.label_space(labels)
         batches = classify_batches(self.bundle, _expand_folders(items), self._gated, space, top_k=top_k,

@@ -44,7 +44,7 @@ from edgeclip.store.fs import (
 )
 from edgeclip.store.graphs import external_tensors
 from edgeclip.store.lock import clean_temporary, writer_lock
-from edgeclip.store.lease import take_lease
+from edgeclip.store.lease import VersionGone, take_lease
 from edgeclip.store.reader import Bundle, current_version, manifest_identity
 from edgeclip.store.retention import prune_locked
 from edgeclip.store.stamps import read_stamps, stamp_of, write_stamps
@@ -429,7 +429,10 @@ class VersionWriter:
             root = self.root
             if self.final_root is not None:
                 root = self._move_into_place()
-            lease = take_lease(root / "versions" / name)  # CURRENT: no prune may remove it now
+            try:
+                lease = take_lease(root / "versions" / name)  # CURRENT: no prune may remove it now
+            except VersionGone:  # pragma: no cover - only a foreign hand removes a current version
+                lease = None
         except BaseException:
             self.abort()
             raise
