@@ -160,7 +160,7 @@ def test_ctrl_c_then_resume_on_ray(ray_cluster, bundle: Path, photos: Path, tmp_
     rows = rows_of(out)
     assert proc.returncode == 130, err
     assert 0 < len(rows) < 400
-    assert err.strip().splitlines()[-1] == f"interrupted after {len(rows)} of 400 images; results so far in {out}"
+    assert err.strip().splitlines()[-1] == f"interrupted after {len(rows)} of 400 images; results so far in {out}", err
     with open(out, "a", encoding="utf-8") as f:
         f.write('{"path": "torn by a kil')  # a killed writer's last line
     resume = cmd[:6] + cmd[8:10]  # without --batch-size 2 and --ray ADDRESS ...
