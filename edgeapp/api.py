@@ -203,10 +203,11 @@ class Classifier:
         """RAIL: learn a task from frozen embeddings the caller already has ([N,D] float32 from
         ``embed_images``; labels [N] index ``classes``). Returns a Classifier on the new version.
 
-        RAIL closed form (METHODS.md section 3), torch-free. Raises UsageError for an MoE bundle, shapes
-        other than [N,D] and [N], labels outside ``classes``, or ``classes`` given as one string; DomainError
-        for a task name already learned, names that could not name a domain folder (``/``), or a template
-        without ``{}`` (as add-task refuses them). ``templates`` may be one string (one template).
+        RAIL closed form (METHODS.md section 3), torch-free. With retention (``keep``) the version this
+        Classifier read may be pruned by the write: use the returned Classifier. Raises UsageError for an MoE
+        bundle, shapes other than [N,D] and [N], labels outside ``classes``, or ``classes`` given as one
+        string; DomainError for a task name already learned, names that could not name a domain folder
+        (``/``), or a template without ``{}`` (as add-task refuses them). ``templates`` may be one string (one template).
         """
         if isinstance(classes, str):
             raise UsageError(f"classes must be a list of class names, not the string {classes!r:.100}")

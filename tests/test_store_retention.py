@@ -471,3 +471,13 @@ def test_a_file_system_without_flock_opens_and_prunes_without_leases(
     assert reader.tensors("learned.safetensors")["w"][0, 0] == 1
     grow(root, ["t2"])
     assert prune(root, keep=1) == ["v0001", "v0002"]
+
+
+def test_a_writers_parent_kept_by_the_retention_stays_leased(tmp_path: Path) -> None:
+    root = make(tmp_path / "b", ["t1"])
+    set_retention(root, 2)
+    parent = Bundle.open(root)
+    grow(root, ["t2"], parent=parent)  # retention keep 2 keeps the parent: its object holds its lease again
+    assert parent.version in list_versions(root)
+    assert plan_prune(root, 1).kept == {parent.version: "in use by a reader"}
+    assert parent.tensors("learned.safetensors")["w"][0, 0] == 1

@@ -166,9 +166,20 @@ class Bundle:
 
     def release(self) -> None:
         """Let go of this version's reader lease (a later prune may then remove it). The Bundle must
-        not read files afterwards."""
+        not read files afterwards, unless ``relock`` took the lease again."""
         if self._lease is not None:
             self._lease.release()
+
+    def relock(self) -> bool:
+        """Take this version's lease again after ``release``, if the version still exists (a writer does
+        this for its parent after retention ran). Returns whether the Bundle holds a lease now."""
+        if self._lease is not None and self._lease.held:
+            return True
+        try:
+            self._lease = take_lease(self.dir)
+        except VersionGone:
+            self._lease = None
+        return self._lease is not None
 
     # -- files -------------------------------------------------------------------------
     def _location(self, name: str) -> tuple[Path, str]:
