@@ -183,7 +183,6 @@ def agreement(a: list[Any], b: list[Any]) -> dict[str, Any]:
 # -- stages -----------------------------------------------------------------------------------------
 def topk_ties(device: str) -> dict[str, Any]:
     """Indices chosen by top-2 on 22 equal gate logits: torch CPU, torch on `device`, ONNX TopK (onnxruntime)."""
-    import onnx
     import onnxruntime as ort
     import torch
     from onnx import TensorProto, helper
@@ -265,7 +264,6 @@ def converter_rows(bundle: Any, device: str, batches: list[int], iterations: int
     onnxruntime's transformer optimizer (`optimize_model(model_type="vit")`: attention/LayerNorm/Gelu
     fusion into com.microsoft ops, then float16). Reports fused op counts, ms per batch and the
     smallest cosine to the fp32 encoder."""
-    import onnx
     import onnxruntime as ort
     from onnxruntime.transformers.optimizer import optimize_model
 
