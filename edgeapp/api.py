@@ -81,7 +81,7 @@ class Classifier:
                                   cuda_graph=cuda_graph)
         self._image: ImageEncoderRunner | None = None
         self._text: TextEncoderRunner | None = None
-        self._cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
+        self._cfg = PreprocessConfig.of(bundle.meta.preprocess)
 
     # -- facts -----------------------------------------------------------------------------------
     @property
@@ -97,7 +97,7 @@ class Classifier:
     @property
     def tasks(self) -> list[TaskInfo]:
         """The learned tasks, in learning order."""
-        return [TaskInfo(t["name"], list(t["classes"]), int(t["n_images"]), float(t["threshold"]))
+        return [TaskInfo(t.name, list(t.classes), t.n_images, t.threshold)
                 for t in self.bundle.tasks]
 
     @property
@@ -180,16 +180,16 @@ class Classifier:
         class name or image among the pairs), MissingExtraError (MoE without torch).
         """
         if isinstance(data, (str, Path)):
-            add_task(self.root, Path(data), name=name, shots=shots, iterations=iterations, device=device,
-                     backend=self.backend, progress=progress)
+            learned = add_task(self.root, Path(data), name=name, shots=shots, iterations=iterations, device=device,
+                               backend=self.backend, progress=progress)
         else:
             if not name:
                 raise UsageError("a task learned from (image, label) pairs needs a name")
             with tempfile.TemporaryDirectory(prefix="edgeclip-task-") as tmp:
                 folder = _write_domain(Path(tmp) / name, data)
-                add_task(self.root, folder, name=name, shots=shots, iterations=iterations, device=device,
-                         backend=self.backend, progress=progress)
-        return self.reload()
+                learned = add_task(self.root, folder, name=name, shots=shots, iterations=iterations, device=device,
+                                   backend=self.backend, progress=progress)
+        return self._on(learned)
 
     def add_task_embeddings(self, name: str, embeddings: np.ndarray, labels: Sequence[int] | np.ndarray,
                             classes: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",)) -> Classifier:
@@ -199,9 +199,9 @@ class Classifier:
         RAIL closed form (METHODS.md section 3), torch-free. Raises UsageError for an MoE bundle, shapes
         other than [N,D] and [N], or labels outside ``classes``; DomainError for a task name already learned.
         """
-        add_rail_embeddings(self.bundle, name, embeddings, np.asarray(labels), list(classes), list(templates),
-                            source="embeddings", backend=self.backend)
-        return self.reload()
+        learned = add_rail_embeddings(self.bundle, name, embeddings, np.asarray(labels), list(classes),
+                                      list(templates), source="embeddings", backend=self.backend)
+        return self._on(learned)
 
     def rollback(self, to: str | None = None) -> Classifier:
         """Make an earlier version current (the parent unless ``to`` names one); a Classifier on it.
@@ -213,7 +213,11 @@ class Classifier:
 
     def reload(self) -> Classifier:
         """A Classifier on the bundle's current version (BundleError when it cannot be opened)."""
-        return Classifier(Bundle.open(self.root), self.backend, self.precision, self.threads, self.cuda_graph)
+        return self._on(Bundle.open(self.root))
+
+    def _on(self, bundle: Bundle) -> Classifier:
+        """A Classifier on ``bundle`` (the version a write made, not whatever is current by then)."""
+        return Classifier(bundle, self.backend, self.precision, self.threads, self.cuda_graph)
 
 
 def _expand_folders(items: list[ImageInput]) -> list[ImageInput]:

@@ -162,7 +162,7 @@ def build_label_space(bundle: Bundle, extra: Sequence[str], encode_classes: Clas
     from edgeclip.domain import class_key
 
     learned = bundle.learned_classes
-    owners = [task["name"] for task in bundle.tasks for _ in task["classes"]]
+    owners = [task.name for task in bundle.tasks for _ in task.classes]
     stored = bundle.tensors(LEARNED, keys=[ZS_TEXT])[ZS_TEXT]  # only this tensor is read
     known = {class_key(name) for name in learned} | {class_key(qualified_name(name, owner))
                                                      for name, owner in zip(learned, owners)}
@@ -186,7 +186,7 @@ def build_label_space(bundle: Bundle, extra: Sequence[str], encode_classes: Clas
 
 
 def task_route_names(bundle: Bundle) -> list[str]:
-    return [task["name"] for task in bundle.tasks]
+    return [task.name for task in bundle.tasks]
 
 
 def predictions_from_scores(
@@ -246,7 +246,7 @@ def classify_files(
     ``max_pixels``: the decompression-bomb limit (default ``images.DEFAULT_MAX_PIXELS``)."""
     from edgeclip.images import DEFAULT_MAX_PIXELS, PreprocessConfig, iter_batches
 
-    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"]).with_exact(exact)
+    cfg = PreprocessConfig.of(bundle.meta.preprocess).with_exact(exact)
     names = task_route_names(bundle)
     for batch in iter_batches(list(files), cfg, batch_size=batch_size, workers=workers,
                               max_pixels=max_pixels or DEFAULT_MAX_PIXELS):

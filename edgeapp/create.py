@@ -15,7 +15,7 @@ from edgeclip.bundle import Bundle, create_bundle
 from edgeclip.edgeapp.tasks import MethodSettings, initial_learned, write_gated_graph
 from edgeclip.export.trace import export_image_encoder, export_text_encoder
 from edgeclip.layout import LEARNED, MOE_STATE, graph_file
-from edgeclip.manifest import DEFAULT_TEMPLATES
+from edgeclip.manifest import DEFAULT_TEMPLATES, validate_manifest
 from edgeclip.train.backbone import check_method, load_backbone
 from edgeclip.train.registry import learner_spec
 
@@ -44,18 +44,16 @@ def init_bundle(
     backbone = load_backbone(model, pretrained, random_weights=random_weights, seed=seed, tokenizer=tokenizer)
     check_method(backbone, settings.method)
     text = backbone.manifest_entry()["text"]  # the model's own text side (tokenizer, scale, bias)
-    manifest: dict[str, Any] = {
+    meta = validate_manifest({
         "backbone": backbone.manifest_entry(),
         "preprocess": backbone.preprocess,
         "method": {"name": settings.method, "settings": _method_settings(settings, backbone.embed_dim)},
         "gate": {"kind": settings.gate_kind, "k": settings.gate_k, "quantile": settings.gate_quantile},
         "zero_shot": {"templates": list(DEFAULT_TEMPLATES), "logit_scale": text["logit_scale"],
                       "labels": zero_shot_labels or []},
-        "tasks": [],
-    }
-    if keep:
-        manifest["retention"] = {"keep": int(keep)}
-    writer = create_bundle(root, manifest)
+        "retention": {"keep": int(keep)},
+    }, complete=False)
+    writer = create_bundle(root, meta)
     with writer:
         with tempfile.TemporaryDirectory() as tmp:
             tmp_dir = Path(tmp)
@@ -69,10 +67,10 @@ def init_bundle(
             from edgeclip.edgeapp.moe_task import initial_moe_state
             from edgeclip.train.moe import MoEConfig
 
-            config = MoEConfig.from_dict(manifest["method"]["settings"]["moe"])
+            config = MoEConfig.from_dict(meta.method.settings.moe)  # type: ignore[union-attr]
             writer.write_tensors(MOE_STATE, initial_moe_state(backbone, config, settings.seed))
         write_gated_graph(writer, learned)
-    return Bundle.open(root)
+    return writer.bundle
 
 
 def _method_settings(s: MethodSettings, dim: int) -> dict[str, Any]:

@@ -34,7 +34,6 @@ difference is reported in results.json (``preset.bundle_differs``).
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from edgeclip.bundle import Bundle, link_or_copy
@@ -50,6 +50,7 @@ from edgeclip.domain import Domain, few_shot, read_domain
 from edgeclip.edgeapp import tasks as pipeline
 from edgeclip.errors import DomainError, UsageError
 from edgeclip.extras import import_torch_module
+from edgeclip.manifest import Manifest, Training
 from edgeclip.train import fusion
 from edgeclip.train.presets import Preset, get_preset, method_family
 from edgeclip.train.registry import LEARNERS, learner_spec
@@ -230,7 +231,7 @@ def build_suite(bundle: Bundle, domains: list[EvalDomain], backend: str = "auto"
     from edgeclip.images import PreprocessConfig, iter_batches
 
     start = time.perf_counter()
-    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
+    cfg = PreprocessConfig.of(bundle.meta.preprocess)
     runner = ImageEncoderRunner(bundle, backend, optimized_cache=False)  # a batch job: start-up does not matter
     text_runner = TextEncoderRunner(bundle, backend)
     feats, labels, texts, paths, unreadable = [], [], [], [], []
@@ -253,7 +254,7 @@ def build_suite(bundle: Bundle, domains: list[EvalDomain], backend: str = "auto"
         paths.append(kept)
         texts.append(np.asarray(text_runner.class_embeddings(d.prompts, d.test.templates), np.float32))
     return TestSuite(domains, feats, labels, texts, unreadable, time.perf_counter() - start, paths,
-                     dict(bundle.manifest["preprocess"]))
+                     msgspec.to_builtins(bundle.meta.preprocess))
 
 
 # --------------------------------------------------------------------------- one step's scores
@@ -286,13 +287,15 @@ def _routing_stats(route: np.ndarray, expected: np.ndarray) -> dict[str, float |
     return {"overall": pct(np.ones_like(seen)), "seen_to_task": pct(seen), "unseen_to_zero_shot": pct(~seen)}
 
 
-def _with_settings(manifest: Mapping[str, Any], gate: str | None = None, beta: float | None = None) -> dict[str, Any]:
-    out = copy.deepcopy(dict(manifest))
+def _with_settings(meta: Manifest, gate: str | None = None, beta: float | None = None) -> Manifest:
+    """``meta`` with the fusion rule and weight replaced where given (the scorer's what-ifs)."""
+    changes: dict[str, Any] = {}
     if gate is not None:
-        out["method"]["settings"]["fusion"] = gate
+        changes["fusion"] = gate
     if beta is not None:
-        out["method"]["settings"]["beta"] = float(beta)
-    return out
+        changes["beta"] = float(beta)
+    settings = msgspec.structs.replace(meta.method.settings, **changes)
+    return msgspec.structs.replace(meta, method=msgspec.structs.replace(meta.method, settings=settings))
 
 
 def _chunks(n: int, size: int = SCORE_CHUNK) -> Iterator[slice]:
@@ -332,7 +335,7 @@ class Scorer:
     def score(self, bundle: Bundle, learned: Sequence[int], protocols: Sequence[str], gates: Sequence[str],
               tensors: Mapping[str, np.ndarray] | None = None) -> StepScores:
         """`tensors` replaces the version's learned.safetensors (e.g. a head trained another way)."""
-        if [t["name"] for t in bundle.tasks] != [self.suite.domains[j].name for j in learned]:
+        if [t.name for t in bundle.tasks] != [self.suite.domains[j].name for j in learned]:
             raise UsageError("the bundle's tasks do not match the domains the run has learned")
         tensors = bundle.tensors(pipeline.LEARNED) if tensors is None else tensors
         accuracy: dict[tuple[str, str], list[float]] = {}
@@ -354,7 +357,7 @@ class Scorer:
     def _mtil_rail(self, bundle: Bundle, tensors: Mapping[str, np.ndarray], learned: Sequence[int]) -> list[float]:
         from edgeclip.train.decision import DecisionSpec, rail_head
 
-        spec = DecisionSpec.from_bundle(tensors, _with_settings(bundle.manifest, beta=self.beta))
+        spec = DecisionSpec.from_bundle(tensors, _with_settings(bundle.meta, beta=self.beta))
         head = rail_head(tensors, spec) if bundle.tasks else None
         out = []
         for j, (x, y, text) in enumerate(zip(self.suite.features, self.suite.labels, self.suite.texts)):
@@ -391,7 +394,7 @@ class Scorer:
         from edgeclip.train import ddas
         from edgeclip.train.decision import DecisionSpec, gate_states
 
-        spec = DecisionSpec.from_bundle(tensors, bundle.manifest)
+        spec = DecisionSpec.from_bundle(tensors, bundle.meta)
         gates = [ddas.autoencoder_from_state(s, {"kind": spec.gate_kind}) for s in gate_states(tensors, spec.gate_kind)]
         backbone, model = load_moe_model(bundle)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
@@ -461,11 +464,11 @@ class Scorer:
             return
         from edgeclip.train.decision import gated_reference
 
-        manifest = _with_settings(bundle.manifest, gate, self.beta)
+        meta = _with_settings(bundle.meta, gate, self.beta)
         for j, (x, y) in enumerate(zip(self.suite.features, self.suite.labels)):
             correct, route = 0, np.empty(len(x), np.int64)
             for part in _chunks(len(x)):
-                out = gated_reference(x[part], label_text, tensors, manifest)
+                out = gated_reference(x[part], label_text, tensors, meta)
                 correct += int((out["scores"].argmax(axis=1) == offsets[j] + y[part]).sum())
                 route[part] = out["route"]
             yield correct, route
@@ -474,12 +477,12 @@ class Scorer:
                       offsets: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
         from edgeclip.edgeapp.runtime import GatedRunner
 
-        settings = bundle.manifest["method"].get("settings", {})
-        own = settings.get("fusion", "ddas")
+        settings = bundle.meta.method.settings
+        own = settings.fusion
         if bundle.method in RAIL_METHODS and gate != own:
             raise UsageError(f"graphs/gated.onnx of this bundle applies the '{own}' gate, not '{gate}'.")
-        if self.beta is not None and bundle.method in RAIL_METHODS and float(settings.get("beta", -1)) != self.beta:
-            raise UsageError(f"graphs/gated.onnx of this bundle fuses with beta {settings.get('beta')}, not {self.beta}.")
+        if self.beta is not None and bundle.method in RAIL_METHODS and settings.beta != self.beta:
+            raise UsageError(f"graphs/gated.onnx of this bundle fuses with beta {settings.beta}, not {self.beta}.")
         # each step's gated graph is used once: no optimised-graph cache entry (and no second session to check it)
         runner = GatedRunner(bundle, self.backend, max_labels=max(4096, len(label_text)), optimized_cache=False)
         for j, y in enumerate(self.suite.labels):
@@ -569,7 +572,7 @@ def drop_old_versions(work: Path, keep: Sequence[str]) -> list[str]:
 def resolve_gates(bundle: Bundle, gates: Sequence[str] | None) -> list[str]:
     """The X-TAIL gates to score: the given ones, else the bundle's own."""
     if gates is None:
-        return [bundle.manifest["method"].get("settings", {}).get("fusion", "ddas")]
+        return [bundle.meta.method.settings.fusion]
     bad = [g for g in gates if g not in GATES]
     if bad:
         raise UsageError(f"Unknown gate(s) {', '.join(bad)}; expected {', '.join(GATES)}.")
@@ -581,16 +584,16 @@ def resolve_gates(bundle: Bundle, gates: Sequence[str] | None) -> list[str]:
 def preset_differences(preset: Preset, bundle: Bundle) -> dict[str, dict[str, Any]]:
     """Settings fixed at `edgeclip init` where the bundle differs from the preset:
     {setting: {"bundle": value, "preset": value}}. Empty for a bundle made with `--preset`."""
-    settings = bundle.manifest["method"].get("settings", {})
+    settings = bundle.meta.method.settings
     want: dict[str, Any] = {"method": preset.method, "seed": preset.seed}
-    have: dict[str, Any] = {"method": bundle.method, "seed": settings.get("seed")}
+    have: dict[str, Any] = {"method": bundle.method, "seed": settings.seed}
     if preset.method == "moe":
-        moe = settings.get("moe", {})
+        moe = getattr(settings, "moe", {})
         want.update({"n_experts": preset.experts, "top_k": preset.top_k, "encoders": ["image", "text"]})
         have.update({"n_experts": moe.get("n_experts"), "top_k": moe.get("top_k"), "encoders": moe.get("encoders")})
     else:
         want.update({"hidden": preset.hidden, "gamma": preset.gamma})
-        have.update({"hidden": settings.get("hidden"), "gamma": settings.get("gamma")})
+        have.update({"hidden": getattr(settings, "hidden", None), "gamma": getattr(settings, "gamma", None)})
     return {k: {"bundle": have[k], "preset": v} for k, v in want.items() if have[k] != v}
 
 
@@ -639,7 +642,7 @@ def run_protocols(
                   "bundle_differs": preset_differences(chosen, start_bundle), "tasks": {}}
     gates = resolve_gates(start_bundle, gates)
     domains = prepare_domains(domain_dirs, workdir, test_per_class,
-                              int(start_bundle.manifest["method"]["settings"].get("seed", 0)),
+                              start_bundle.meta.method.settings.seed,
                               templates=chosen.templates if chosen else None,
                               keep_duplicate_names=bool(chosen and chosen.keep_duplicate_names))
     work = copy_bundle(source, workdir / "bundle")
@@ -660,8 +663,8 @@ def run_protocols(
                                    backend=backend, progress=progress, moe_options=options)
         t1 = time.perf_counter()
         if record is not None and bundle.method == "moe":  # what the task was trained with, as recorded
-            trained = bundle.tasks[-1].get("training", {})
-            record["tasks"][domain.name] = {k: trained.get(k) for k in ("lr", "iterations", "warmup")}
+            trained = bundle.tasks[-1].training or Training()
+            record["tasks"][domain.name] = {"lr": trained.lr, "iterations": trained.iterations, "warmup": trained.warmup}
         scores = scorer.score(bundle, list(range(step + 1)), protocols, gates)
         timing.append(StepTiming(step + 1, domain.name, t1 - t0, time.perf_counter() - t1))
         drop_old_versions(work, keep=(first_version, bundle.version))

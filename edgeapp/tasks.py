@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import msgspec
 import numpy as np
 
 from edgeclip.bundle import Bundle, VersionWriter, utc_now
@@ -52,6 +53,11 @@ from edgeclip.manifest import (
     DEFAULT_HIDDEN,
     DEFAULT_KERNEL_GAMMA,
     DEFAULT_LAMBDA,
+    RailDualSettings,
+    RailPrimalSettings,
+    Task,
+    TaskGate,
+    Training,
 )
 from edgeclip.train.ddas import QUANTILE as GATE_QUANTILE
 from edgeclip.train.ddas import K as GATE_K
@@ -121,8 +127,8 @@ def check_new_task(bundle: Bundle, classes: Sequence[str], name: str) -> None:
     of columns, which the gate and the fusion rely on)."""
     check_task_name(name)
     check_class_names(list(classes))
-    if any(class_key(task["name"]) == class_key(name) for task in bundle.tasks):
-        taken = ", ".join(f"'{task['name']}'" for task in bundle.tasks[:8])
+    if any(class_key(task.name) == class_key(name) for task in bundle.tasks):
+        taken = ", ".join(f"'{task.name}'" for task in bundle.tasks[:8])
         raise DomainError(f"A task named '{name}' is already learned (tasks: {taken}); pass --name with a new "
                           "name to learn this folder as another task.")
 
@@ -140,7 +146,7 @@ def embed_domain(
     or the task with fewer than `MIN_TASK_IMAGES` (before anything is learned). ``pixels_out``, when given, receives the
     preprocessed batches in the same order, for callers that need the pixels too (each image
     is decoded once)."""
-    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
+    cfg = PreprocessConfig.of(bundle.meta.preprocess)
     runner = ImageEncoderRunner(bundle, backend)
     label_of = {path: label for path, label in domain.samples}
     feats, labels, errors = [], [], []
@@ -222,43 +228,48 @@ def fit_task_gate(bundle: Bundle, feats: np.ndarray) -> tuple[dict[str, np.ndarr
     frozen embeddings ``feats`` [N, D] float32 (METHODS.md section 2: a quantile of its own errors)."""
     from edgeclip.train.ddas import fit_gate
 
-    gate = bundle.manifest["gate"]
+    gate = bundle.meta.gate
     seed = bundle.meta.method.settings.seed
-    autoencoder, threshold = fit_gate(feats, kind=gate["kind"], k=int(gate["k"]), quantile=float(gate["quantile"]), seed=seed)
+    autoencoder, threshold = fit_gate(feats, kind=gate.kind, k=gate.k or GATE_K,
+                                      quantile=GATE_QUANTILE if gate.quantile is None else gate.quantile, seed=seed)
     return autoencoder.state(), autoencoder.settings(), float(threshold)
 
 
 def task_record(name: str, classes: Sequence[str], templates: Sequence[str], source: str, n_images: int,
-                threshold: float, gate_settings: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's record of a learned task (``tasks[i]``)."""
-    return {
-        "name": name,
-        "classes": list(classes),
-        "templates": list(templates),
-        "n_images": int(n_images),
-        "threshold": float(threshold),
-        "gate": gate_settings,
-        "source": source,
-        "created_at": utc_now(),
-    }
+                threshold: float, gate_settings: dict[str, Any], unreadable: int = 0,
+                training: Training | None = None) -> Task:
+    """The manifest's record of a learned task (``tasks[i]``); BundleError when a value does not fit
+    the schema."""
+    try:
+        gate = msgspec.convert(gate_settings, TaskGate)
+    except msgspec.ValidationError as exc:
+        raise BundleError(f"invalid task record: {exc} (in `$.tasks[].gate`)") from None
+    return Task(name=name, classes=list(classes), templates=list(templates), n_images=int(n_images),
+                threshold=float(threshold), gate=gate, source=source, created_at=utc_now(),
+                training=training, unreadable_images=int(unreadable))
 
 
 def rail_learner(bundle: Bundle, learned: dict[str, np.ndarray] | None = None) -> Any:
     """The bundle's RAIL learner, restored from its inference tensors (``learned``, read from the
     bundle unless the caller has them already) and its learning state."""
     spec = learner_spec(bundle.method)
-    settings = bundle.manifest["method"]["settings"]
+    settings = bundle.meta.method.settings
     learned = bundle.tensors(LEARNED) if learned is None else learned
     if not bundle.tasks:
-        if spec.head == "ridge":
+        if isinstance(settings, RailPrimalSettings):
             w_r = learned[rail_key("w_r")]
-            return RailPrimal(int(settings["dim"]), int(settings["hidden"]), float(settings["gamma"]),
-                              int(settings["seed"]), w_r=w_r)
-        return RailDual(float(settings["gamma_kernel"]), float(settings["lam"]))
+            return RailPrimal(settings.dim or bundle.meta.embed_dim, settings.hidden, settings.gamma, settings.seed,
+                              w_r=w_r)
+        if isinstance(settings, RailDualSettings):
+            return RailDual(settings.gamma_kernel, settings.lam)
+        raise UsageError(f"A '{bundle.method}' bundle has no RAIL learner.")
+    if settings.learner is None:
+        raise BundleError(f"Bundle {bundle.root} {bundle.label}: `$.method.settings.learner` is missing; "
+                          "the learner cannot be restored.")
     state = dict(bundle.tensors(RAIL_STATE))
     for key in spec.head_keys:
         state[key] = learned[spec.tensor_name(key)]
-    return load_learner(bundle.method).from_state(state, settings["learner"])
+    return load_learner(bundle.method).from_state(state, settings.learner)
 
 
 def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "auto",
@@ -287,7 +298,7 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
         raise UsageError(f"A '{bundle.method}' bundle learns from images, not embeddings: add the task from a folder.")
     feats = np.asarray(feats, np.float32)
     labels = np.asarray(labels)
-    dim = int(bundle.manifest["backbone"]["embed_dim"])
+    dim = bundle.meta.embed_dim
     if feats.ndim != 2 or feats.shape[1] != dim or labels.shape != (len(feats),) or labels.dtype.kind not in "iu":
         raise UsageError(f"expected embeddings [N, {dim}] float32 and integer labels [N], got {list(feats.shape)} "
                          f"and {labels.dtype} {list(labels.shape)}")
@@ -365,22 +376,21 @@ def _write_rail_version(bundle: Bundle, learner: Any, name: str, feats: np.ndarr
     stage(f"encoding {len(classes)} class names")
     text = TextEncoderRunner(bundle, backend).class_embeddings(list(classes), list(templates))
     zs_text = np.concatenate([learned[ZS_TEXT], text])
-    kind = bundle.manifest["gate"]["kind"]
+    kind = bundle.meta.gate.kind
     gates = gate_states(learned, kind) + [gate_state]
-    sizes = [len(t["classes"]) for t in bundle.tasks] + [len(classes)]
+    sizes = [len(t.classes) for t in bundle.tasks] + [len(classes)]
     state = learner.state()
     new_learned = learned_tensors(zs_text, sizes, kind, gates, bundle.method, state)
     inference_keys = spec.head_keys
-    record = task_record(name, classes, templates, source, len(feats), threshold, gate_settings)
+    record = task_record(name, classes, templates, source, len(feats), threshold, gate_settings, unreadable)
     stage("composing the gated graph and writing the new version")
     with bundle.new_version() as writer:
-        writer.manifest["method"]["settings"]["learner"] = learner.settings()
-        writer.manifest["tasks"].append(record)
-        writer.manifest["tasks"][-1]["unreadable_images"] = int(unreadable)
+        writer.set_learner_record(learner.settings())
+        writer.add_task(record)
         writer.write_tensors(LEARNED, new_learned)
         writer.write_tensors(RAIL_STATE, {k: v for k, v in state.items() if k not in inference_keys and v is not None})
         write_gated_graph(writer, new_learned)
-    return Bundle.open(bundle.root)
+    return writer.bundle
 
 
 def write_gated_graph(writer: VersionWriter, learned: dict[str, np.ndarray]) -> None:
@@ -389,11 +399,12 @@ def write_gated_graph(writer: VersionWriter, learned: dict[str, np.ndarray]) -> 
     converted again from the new adapted encoder) in the writer's graph folder; the new graphs go to
     the bundle's shared graph store (``VersionWriter.graph_folder``)."""
     with writer.graph_folder() as graphs:
-        if learner_spec(writer.manifest["method"]["name"]).head == "adapted-text" and writer.manifest["tasks"]:
-            build_moe_gated_graph(graphs, learned, writer.manifest)  # onnx only: torch-free like the RAIL graph
+        meta = writer.meta
+        if learner_spec(meta.method.name).head == "adapted-text" and meta.tasks:
+            build_moe_gated_graph(graphs, learned, meta)  # onnx only: torch-free like the RAIL graph
         else:
-            build_gated_graph(graphs, learned, writer.manifest)
-            if has_int8(writer.manifest["files"]):
-                build_gated_int8(graphs, learned, writer.manifest)
-        if has_fp16(writer.manifest["files"]):
-            write_fp16_graphs(graphs, learned, writer.manifest)
+            build_gated_graph(graphs, learned, meta)
+            if has_int8(meta.files):
+                build_gated_int8(graphs, learned, meta)
+        if has_fp16(meta.files):
+            write_fp16_graphs(graphs, learned, meta)

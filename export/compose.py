@@ -46,6 +46,7 @@ from edgeclip.layout import (
     SCORES,
     rail_key,
 )
+from edgeclip.manifest import Manifest
 from edgeclip.train.decision import DecisionSpec  # numpy only, no torch
 
 _NAMESPACE = "decision/"  # prefix of every node, value and initialiser added to the encoder graph
@@ -226,11 +227,11 @@ def _value_info(name: str, elem: int, dims: list[Any]) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, dims)
 
 
-def build_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any],
+def build_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], meta: Manifest,
                       encoder: str = IMAGE_GRAPH, encoder_data: str = IMAGE_DATA, output: str = GATED_GRAPH) -> Path:
     """Write `gated.onnx` beside `image_encoder.onnx` in `graphs_dir`; returns its path.
 
-    `learned`: learned.safetensors' tensors (layout: `learned_tensors`); `manifest`: the bundle
+    `learned`: learned.safetensors' tensors (layout: `learned_tensors`); `meta`: the typed
     manifest of the version being written (method, gate kind, tasks with thresholds, zero_shot).
     `encoder`/`encoder_data`/`output` name another encoder graph of `graphs_dir` (whose external
     weights must all live in `encoder_data`) and the file to write, e.g. the int8 encoder and
@@ -240,14 +241,14 @@ def build_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray],
     (``compose_moe.build_moe_gated_graph`` builds those).
     """
     graphs_dir = Path(graphs_dir)
-    spec = DecisionSpec.from_bundle(learned, manifest)
+    spec = DecisionSpec.from_bundle(learned, meta)
     if spec.learner.learns_from == "images" and spec.n_tasks:
         raise BundleError("an MoE bundle with tasks needs the adapted encoder: "
                           "use edgeclip.export.compose_moe.build_moe_gated_graph")
     model = _load_encoder(graphs_dir, encoder, encoder_data)
     g = _Builder(_names_in(model.graph))
     _decision(g, EMBEDDING, learned, spec)
-    return _save_gated(graphs_dir, model, g, spec, int(manifest["backbone"]["embed_dim"]), output)
+    return _save_gated(graphs_dir, model, g, spec, meta.embed_dim, output)
 
 
 def _names_in(graph: onnx.GraphProto) -> set[str]:

@@ -331,7 +331,7 @@ def test_add_task_refuses_an_all_unreadable_class_and_names_unreadable_files(tin
     assert "broken0.jpg" in result.stderr and "broken1.jpg" in result.stderr
     assert "7 images, 2 unreadable left out" in result.stderr
     task = Bundle.open(tiny_bundle).tasks[-1]
-    assert task["n_images"] == 7 and task["unreadable_images"] == 2
+    assert task.n_images == 7 and task.unreadable_images == 2
 
 
 def test_minimum_readable_images_message():

@@ -188,8 +188,8 @@ def test_moe_end_to_end(tmp_path: Path, images: dict) -> None:
         result = invoke("add-task", domain, "--bundle", root, "--iterations", "3", "--quiet")
         assert result.exit_code == 0, result.output
     bundle = Bundle.open(root)
-    assert [t["name"] for t in bundle.tasks] == ["shapes", "stripes"]
-    assert bundle.tasks[0]["training"]["iterations"] == 3
+    assert [t.name for t in bundle.tasks] == ["shapes", "stripes"]
+    assert bundle.tasks[0].training.iterations == 3
     # the adapted encoder of each version stores only the adapters; the backbone is shared
     import onnx
 
@@ -236,7 +236,7 @@ def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
     assert all("zero-shot" in line for name, line in lines.items() if name.startswith("unseen"))
     assert lines["circle-0.png"].split()[1] == "circle"  # the expected label, beside the prediction
     bundle = Bundle.open(tmp_path / "demo" / "bundle")
-    assert [t["name"] for t in bundle.tasks] == ["shapes", "stripes"] and bundle.random_weights
+    assert [t.name for t in bundle.tasks] == ["shapes", "stripes"] and bundle.random_weights
     again = edgeclip_main(["demo", "--dir", str(tmp_path / "demo"), "--quiet"])
     assert again.returncode == 0, again.stderr  # re-running replaces what the demo wrote
     foreign = tmp_path / "mine"

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 import typer
@@ -134,7 +135,7 @@ def test_the_source_bundle_is_never_changed(both_protocols, source_bundle: Path)
     assert tree_digest(source_bundle) == before
     from edgeclip.bundle import Bundle
 
-    assert [t["name"] for t in Bundle.open(run.bundle_dir).tasks] == ["shapes", "stripes"]
+    assert [t.name for t in Bundle.open(run.bundle_dir).tasks] == ["shapes", "stripes"]
     from edgeclip.bundle import list_versions
 
     assert list_versions(run.bundle_dir) == ["v0001", "v0003"]  # the working copy keeps no step in between
@@ -274,9 +275,9 @@ def test_moe_bundles_are_scored_through_their_gate(domains: list[Path], tmp_path
     bundle = evaluate.Bundle.open(run.bundle_dir)
     scorer = evaluate.Scorer(run.suite)
     tensors = dict(bundle.tensors("learned.safetensors"))
-    never = dict(bundle.manifest)
-    never["tasks"] = [dict(t, threshold=1e-30) for t in bundle.tasks]
-    step = scorer.score(dataclasses.replace(bundle, manifest=never), [0, 1], ["mtil"], [])
+    never = msgspec.structs.replace(bundle.meta, tasks=[msgspec.structs.replace(t, threshold=1e-30)
+                                                        for t in bundle.tasks])
+    step = scorer.score(dataclasses.replace(bundle, meta=never), [0, 1], ["mtil"], [])
     assert step.accuracy[("mtil", "ddas")] == run.results[("mtil", "zero-shot")].zero_shot
     assert step.routing[("mtil", "ddas")]["seen_to_task"] == 0.0
     assert step.accuracy[("mtil", evaluate.KNOWN_TASK)] == [float(v) for v in mtil[1]]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -19,6 +20,7 @@ from edgeclip.edgeapp.runtime import Backend, GatedRunner, ImageEncoderRunner
 from edgeclip.errors import BundleError, UsageError
 from edgeclip.export.quantize import export_int8
 from edgeclip.layout import GATED_INT8_GRAPH, IMAGE_INT8_DATA, IMAGE_INT8_GRAPH, graph_file
+from edgeclip.manifest import MoEMethod
 
 pytest.importorskip("open_clip")
 pytest.importorskip("onnxruntime")
@@ -131,8 +133,8 @@ def test_refusals_are_clear(fp32_only: Path, images: dict) -> None:
     cuda = Backend("ort-cuda", ("CUDAExecutionProvider", "CPUExecutionProvider"))
     with pytest.raises(UsageError, match="CPU only"):
         GatedRunner(bundle, cuda, precision="int8")
-    moe = Bundle(root=bundle.root, version=bundle.version,
-                 manifest={**bundle.manifest, "method": {"name": "moe", "settings": {}}})
+    moe = Bundle(root=bundle.root, version=bundle.version, manifest=bundle.manifest,
+                 meta=msgspec.structs.replace(bundle.meta, method=MoEMethod()))
     with pytest.raises(UsageError, match="MoE"):
         export_int8(moe)
     with pytest.raises(BundleError, match="edgeclip export --int8"):  # the CLI's main() exits 1 with it

@@ -34,7 +34,7 @@ from edgeclip.layout import (
     gate_key,
     rail_key,
 )
-from edgeclip.manifest import parse_section
+from edgeclip.manifest import DEFAULT_KERNEL_GAMMA, Manifest
 from edgeclip.train import ddas, fusion
 from edgeclip.train.ddas import ROUTE_RULE, ROUTE_RULES
 from edgeclip.train.rail import RailDual, RailPrimal
@@ -152,16 +152,14 @@ class DecisionSpec:
         return int(self.sizes.sum())
 
     @classmethod
-    def from_bundle(cls, learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> DecisionSpec:
-        """The spec of a bundle version: ``learned`` (learned.safetensors' tensors) and its manifest dict.
+    def from_bundle(cls, learned: Mapping[str, np.ndarray], meta: Manifest) -> DecisionSpec:
+        """The spec of a bundle version: ``learned`` (learned.safetensors' tensors) and its typed manifest.
 
         Raises BundleError on an unknown fusion, method or routing rule, task sizes or offsets that
-        disagree with the manifest's tasks, or a non-positive threshold; KeyError on a manifest without
-        ``method.name``.
+        disagree with the manifest's tasks, or a non-positive threshold.
         """
-        # typed sections, with the defaults of edgeclip.manifest
-        method_section, gate = parse_section(manifest, "method"), parse_section(manifest, "gate")
-        method, settings, tasks = method_section.name, method_section.settings, manifest.get("tasks", [])
+        gate, tasks = meta.gate, meta.tasks
+        method, settings = meta.method.name, meta.method.settings
         fusion = settings.fusion
         if fusion not in FUSIONS:
             raise BundleError(f"unknown fusion rule {fusion!r}; known: {FUSIONS}")
@@ -169,22 +167,22 @@ class DecisionSpec:
             raise BundleError(f"unknown method {method!r}; known: {', '.join(LEARNERS)}")
         sizes = np.asarray(learned.get(TASK_SIZE, np.zeros(0, np.int64)), np.int64)
         offsets = np.asarray(learned.get(TASK_OFFSET, np.zeros(0, np.int64)), np.int64)
-        if len(sizes) != len(tasks) or [len(t["classes"]) for t in tasks] != sizes.tolist():
+        if len(sizes) != len(tasks) or [len(t.classes) for t in tasks] != sizes.tolist():
             raise BundleError(f"learned tensors describe tasks of sizes {sizes.tolist()}, "
-                              f"the manifest {[len(t['classes']) for t in tasks]}")
+                              f"the manifest {[len(t.classes) for t in tasks]}")
         if not np.array_equal(offsets, np.cumsum(sizes) - sizes):
             raise BundleError(f"task offsets {offsets.tolist()} do not follow the task sizes {sizes.tolist()}")
         route_rule = (gate.settings.route_rule if gate.settings else None) or ROUTE_RULE
         if route_rule not in ROUTE_RULES:
             raise BundleError(f"unknown gate routing rule {route_rule!r}; known: {ROUTE_RULES}")
-        thresholds = np.asarray([float(t["threshold"]) for t in tasks], np.float32)
+        thresholds = np.asarray([float(t.threshold) for t in tasks], np.float32)
         if np.any(~(thresholds > 0)):
             raise BundleError(f"gate thresholds must be positive, got {thresholds.tolist()}")
         return cls(
-            method=method, fusion=fusion, beta=float(settings.beta), logit_scale=float(parse_section(manifest, "zero_shot").logit_scale),
+            method=method, fusion=fusion, beta=float(settings.beta), logit_scale=float(meta.zero_shot.logit_scale),
             gate_kind=gate.kind, route_rule=route_rule, thresholds=thresholds,
             offsets=offsets, sizes=sizes,
-            kernel_gamma=float(settings.gamma_kernel),
+            kernel_gamma=float(getattr(settings, "gamma_kernel", DEFAULT_KERNEL_GAMMA)),
         )
 
 
@@ -239,7 +237,7 @@ Adapt = Callable[[np.ndarray], np.ndarray]  # route [B] -> adapted embeddings [B
 
 
 def gated_reference(embedding: np.ndarray, label_text: np.ndarray, learned: Mapping[str, np.ndarray],
-                    manifest: Mapping[str, Any], adapt: Adapt | None = None) -> dict[str, np.ndarray]:
+                    meta: Manifest, adapt: Adapt | None = None) -> dict[str, np.ndarray]:
     """{"scores" [B,L], "route" [B], "gate_ratio" [B,T]} for image embeddings [B,D].
 
     MoE bundles need `adapt`: given the gate's routes, the images' adapted embeddings (e.g.
@@ -251,7 +249,7 @@ def gated_reference(embedding: np.ndarray, label_text: np.ndarray, learned: Mapp
     and 3). Raises BundleError as ``DecisionSpec.from_bundle`` does, UsageError for an MoE bundle
     without ``adapt`` or on mismatched shapes.
     """
-    spec = DecisionSpec.from_bundle(learned, manifest)
+    spec = DecisionSpec.from_bundle(learned, meta)
     x = np.asarray(embedding, np.float32)
     p_zs = fusion.zero_shot_probs(x, label_text, spec.logit_scale)
     if spec.n_tasks == 0:

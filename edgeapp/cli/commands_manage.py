@@ -17,6 +17,7 @@ from edgeclip.edgeapp.cli.console import err_console, new_table, out_console, pr
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, open_bundle, require_bundle
 from edgeclip.edgeapp.cli.output import Interrupted, is_utf, markup, visible
 from edgeclip.errors import UsageError
+from edgeclip.manifest import full_dict
 from edgeclip.train.registry import METHOD_NAMES, learner_spec
 from edgeclip.version import __version__
 
@@ -123,9 +124,9 @@ def add_task(
         raise Interrupted(f"interrupted: nothing was learned; {visible(root)} is still at {current_version(root)}") from exc
     if not quiet:
         task = learned.tasks[-1]
-        unreadable = f", {task['unreadable_images']} unreadable left out" if task.get("unreadable_images") else ""
+        unreadable = f", {task.unreadable_images} unreadable left out" if task.unreadable_images else ""
         err_console().print(markup(
-            f"learned task '{task['name']}' ({len(task['classes'])} classes, {task['n_images']} images{unreadable}) "
+            f"learned task '{task.name}' ({len(task.classes)} classes, {task.n_images} images{unreadable}) "
             f"-> {learned.root} {learned.version} [{learned.weights_label}]; "
             f"bundle size on disk {format_size(disk_usage(learned.root))}"), highlight=False)
 
@@ -142,8 +143,8 @@ def tasks(
             "version": loaded.version,
             "versions": list_versions(loaded.root),
             "method": loaded.method,
-            "weights": loaded.manifest["backbone"]["weights"],
-            "tasks": loaded.tasks,
+            "weights": full_dict(loaded.meta.backbone.weights),
+            "tasks": full_dict(loaded.tasks),
         }
         typer.echo(json.dumps(data, indent=2, ensure_ascii=not is_utf(sys.stdout)))
         return
@@ -151,9 +152,9 @@ def tasks(
                       title=markup(f"{loaded.root} {loaded.version} - {loaded.method}, {loaded.weights_label}"),
                       right=("#", "images", "threshold"))
     for i, task in enumerate(loaded.tasks):
-        shown = ", ".join(task["classes"][:6]) + (" ..." if len(task["classes"]) > 6 else "")
-        table.add_row(str(i), markup(task["name"]), markup(f"{len(task['classes'])}: {shown}"), str(task["n_images"]),
-                      f"{task['threshold']:.4g}", markup(task["created_at"]))
+        shown = ", ".join(task.classes[:6]) + (" ..." if len(task.classes) > 6 else "")
+        table.add_row(str(i), markup(task.name), markup(f"{len(task.classes)}: {shown}"), str(task.n_images),
+                      f"{task.threshold:.4g}", markup(task.created_at or "-"))
     out_console().print(table)
     if not loaded.tasks:
         err_console().print("no task learned yet: zero-shot only")
@@ -264,13 +265,11 @@ def info(bundle: BundleOpt = None) -> None:
     except Exception as exc:  # info must work without a bundle
         rows.append(("bundle", f"{root}: {exc}"))
     else:
-        backbone = loaded.manifest["backbone"]
-        settings = loaded.manifest["method"]["settings"]
         rows += [
             ("bundle", f"{loaded.root} ({loaded.version}; versions {', '.join(list_versions(loaded.root))})"),
-            ("backbone", f"{backbone['model']}, {loaded.weights_label}"),
-            ("method", loaded.method + (f", fusion {settings['fusion']}" if settings.get("fusion") else "")),
-            ("tasks", ", ".join(t["name"] for t in loaded.tasks) or "none (zero-shot only)"),
+            ("backbone", f"{loaded.meta.backbone.model}, {loaded.weights_label}"),
+            ("method", f"{loaded.method}, fusion {loaded.meta.method.settings.fusion}"),
+            ("tasks", ", ".join(t.name for t in loaded.tasks) or "none (zero-shot only)"),
             ("classes", len(loaded.learned_classes)),
             ("size on disk", format_size(disk_usage(loaded.root))),
         ]

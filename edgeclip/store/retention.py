@@ -99,7 +99,7 @@ def prune(root: Path | str, keep: int | None = None) -> list[str]:
     by a rollback) are removed too. Returns the removed names, oldest first. Raises BundleError."""
     root = Path(root)
     if keep is None:
-        keep = int(Bundle.open(root, verify_hashes=False).manifest.get("retention", {}).get("keep", 0) or 0) or 1
+        keep = Bundle.open(root, verify_hashes=False).meta.retention.keep or 1
     if keep < 1:
         raise BundleError("--keep must be at least 1 (the current version is always kept).")
     current_version(root)  # a bundle is there (never create a folder by locking it)
@@ -131,7 +131,7 @@ def version_history(root: Path | str) -> list[dict[str, Any]]:
     for name in list_versions(root):
         record: dict[str, Any] = {"version": name, "current": name == now}
         try:
-            manifest = read_manifest(root, name)[0]
+            manifest, meta = read_manifest(root, name)
         except BundleError as exc:
             record["error"] = str(exc)
             records.append(record)
@@ -146,7 +146,7 @@ def version_history(root: Path | str) -> list[dict[str, Any]]:
         for key in inodes:
             owners.setdefault(key, set()).add(name)
         record.update(parent=manifest.get("parent"), created_at=manifest.get("created_at"),
-                      tasks=[t["name"] for t in manifest.get("tasks", [])],
+                      tasks=[t.name for t in meta.tasks],
                       size=sum(e.get("size", 0) for e in manifest["files"].values()), _inodes=inodes)
         records.append(record)
     for record in records:
@@ -162,8 +162,8 @@ def set_retention(root: Path | str, keep: int) -> Bundle:
         raise BundleError("--keep must be 0 (keep all) or more.")
     bundle = Bundle.open(root)
     with bundle.new_version() as writer:
-        writer.manifest["retention"] = {"keep": int(keep)}
-    return Bundle.open(root)
+        writer.set_retention(keep)
+    return writer.bundle
 
 
 def format_size(n_bytes: int) -> str:
