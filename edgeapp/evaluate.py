@@ -50,6 +50,7 @@ from edgeclip.domain import Domain, few_shot, read_domain
 from edgeclip.edgeapp import tasks as pipeline
 from edgeclip.errors import DomainError, UsageError
 from edgeclip.extras import import_torch_module
+from edgeclip.learned import read_learned
 from edgeclip.manifest import Manifest, Training
 from edgeclip.train import fusion
 from edgeclip.train.presets import Preset, get_preset, method_family
@@ -337,7 +338,7 @@ class Scorer:
         """`tensors` replaces the version's learned.safetensors (e.g. a head trained another way)."""
         if [t.name for t in bundle.tasks] != [self.suite.domains[j].name for j in learned]:
             raise UsageError("the bundle's tasks do not match the domains the run has learned")
-        tensors = bundle.tensors(pipeline.LEARNED) if tensors is None else tensors
+        tensors = read_learned(bundle) if tensors is None else tensors
         accuracy: dict[tuple[str, str], list[float]] = {}
         routing: dict[tuple[str, str], dict[str, float | None]] = {}
         if "mtil" in protocols:

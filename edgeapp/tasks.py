@@ -38,13 +38,14 @@ from edgeclip.export.fp16 import has_fp16, write_fp16_graphs
 from edgeclip.export.quantize import build_gated_int8, has_int8
 from edgeclip.extras import import_torch_module, require_torch
 from edgeclip.images import PreprocessConfig, iter_batches
+from edgeclip.learned import read_learned, write_learned
 from edgeclip.layout import (
-    LEARNED,
     RAIL_SOLVER_CACHE,
     RAIL_STATE,
     TASK_TEXT,
     ZS_TEXT,
     rail_key,
+    rail_task_state,
 )
 from edgeclip.manifest import (
     DEFAULT_BETA,
@@ -254,7 +255,7 @@ def rail_learner(bundle: Bundle, learned: dict[str, np.ndarray] | None = None) -
     bundle unless the caller has them already) and its learning state."""
     spec = learner_spec(bundle.method)
     settings = bundle.meta.method.settings
-    learned = bundle.tensors(LEARNED) if learned is None else learned
+    learned = read_learned(bundle) if learned is None else learned
     if not bundle.tasks:
         if isinstance(settings, RailPrimalSettings):
             w_r = learned[rail_key("w_r")]
@@ -266,10 +267,23 @@ def rail_learner(bundle: Bundle, learned: dict[str, np.ndarray] | None = None) -
     if settings.learner is None:
         raise BundleError(f"Bundle {bundle.root} {bundle.label}: `$.method.settings.learner` is missing; "
                           "the learner cannot be restored.")
-    state = dict(bundle.tensors(RAIL_STATE))
+    state = rail_learning_state(bundle)
     for key in spec.head_keys:
         state[key] = learned[spec.tensor_name(key)]
     return load_learner(bundle.method).from_state(state, settings.learner)
+
+
+def rail_learning_state(bundle: Bundle) -> dict[str, np.ndarray]:
+    """The learning state of a RAIL version: ``rail_state.safetensors`` (RAIL dual; RAIL primal of an
+    older edgeclip), then, for RAIL primal, every task's own file (``layout.rail_task_state``) in task
+    order, their embeddings ``x`` and ``labels`` concatenated."""
+    state = dict(bundle.tensors(RAIL_STATE)) if bundle.has(RAIL_STATE) else {}
+    parts = [bundle.tensors(rail_task_state(i)) for i in range(len(bundle.tasks)) if bundle.has(rail_task_state(i))]
+    if parts:
+        state["x"] = np.concatenate([state.get("x", np.zeros((0, parts[0]["x"].shape[1]), np.float32))]
+                                    + [p["x"] for p in parts])
+        state["labels"] = np.concatenate([state.get("labels", np.zeros(0, np.int64))] + [p["labels"] for p in parts])
+    return state
 
 
 def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "auto",
@@ -317,7 +331,7 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
     if short or len(labels) < MIN_TASK_IMAGES:
         raise DomainError(f"too few embeddings: class(es) {', '.join(repr(c) for c in short[:5]) or '-'} have fewer "
                           f"than {MIN_IMAGES_PER_CLASS}, or the task fewer than {MIN_TASK_IMAGES}; {MINIMUM_TEXT}")
-    learned = bundle.tensors(LEARNED)
+    learned = read_learned(bundle)
     offset = learned[ZS_TEXT].shape[0]
     learner = rail_learner(bundle, learned)
     cache = RailSolverCache(bundle.root) if isinstance(learner, RailPrimal) else None
@@ -387,8 +401,12 @@ def _write_rail_version(bundle: Bundle, learner: Any, name: str, feats: np.ndarr
     with bundle.new_version() as writer:
         writer.set_learner_record(learner.settings())
         writer.add_task(record)
-        writer.write_tensors(LEARNED, new_learned)
-        writer.write_tensors(RAIL_STATE, {k: v for k, v in state.items() if k not in inference_keys and v is not None})
+        write_learned(writer, new_learned)
+        if isinstance(learner, RailPrimal):  # a version adds only what this task learned
+            writer.write_tensors(rail_task_state(len(bundle.tasks)), {"x": learner.x[-len(feats):],
+                                                                      "labels": learner.labels[-len(feats):]})
+        else:
+            writer.write_tensors(RAIL_STATE, {k: v for k, v in state.items() if k not in inference_keys and v is not None})
         write_gated_graph(writer, new_learned)
     return writer.bundle
 

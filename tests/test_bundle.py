@@ -701,6 +701,25 @@ def _grow(root: Path, names: list[str]) -> None:
             writer.write_tensors("learned.safetensors", {"w": np.full((3, 4), len(writer.meta.tasks), np.float32)})
 
 
+def test_history_added_sizes_do_not_change_after_later_writes(tmp_path: Path) -> None:
+    """'added' (what writing a version added: files not inherited from its parent) is fixed once the
+    version is written; 'own' (what removing it frees) falls as later versions share its files."""
+    from edgeclip.bundle import version_history
+
+    root = tmp_path / "b"
+    make_bundle(root)
+    _grow(root, ["t1"])
+    with Bundle.open(root).new_version() as writer:  # a file written once, then inherited by every later version
+        writer.write_bytes("once.bin", b"x" * 5000)
+    first = {r["version"]: r for r in version_history(root)}
+    _grow(root, ["t2", "t3"])
+    later = {r["version"]: r for r in version_history(root)}
+    assert all(later[v]["added"] == first[v]["added"] for v in first)
+    assert first["v0003"]["added"] >= 5000 and later["v0004"]["added"] < 5000  # v0004 inherits once.bin
+    assert later["v0003"]["own"] < first["v0003"]["own"]  # shared now: removing v0003 frees less
+    assert later["v0001"]["added"] == later["v0001"]["size"]  # the first version added all it holds
+
+
 def test_history_rollback_to_and_prune(tmp_path: Path) -> None:
     from edgeclip.bundle import prune, version_history
 
@@ -863,15 +882,15 @@ def test_classify_refuses_non_finite_learned_tensors(tiny_cli_bundle: dict, tmp_
 
     root = _fresh_copy(tiny_cli_bundle["root"], tmp_path / "b")
     bundle = Bundle.open(root)
-    path = bundle.dir / "learned.safetensors"
+    path = bundle.dir / "rail_projection.safetensors"  # W_r, stored once (edgeclip.learned)
     arrays = load_file(str(path))
     arrays["rail.w_r"][0, 0] = np.nan
-    path.unlink()
+    path.unlink()  # this version's link only: the other versions keep theirs
     save_file(arrays, str(path))
-    _rewrite_manifest(bundle, lambda m: m["files"].__setitem__("learned.safetensors", _entry_for(path)))
+    _rewrite_manifest(bundle, lambda m: m["files"].__setitem__(path.name, _entry_for(path)))
     done = _cli("add-task", tiny_cli_bundle["domains"][0], "--bundle", root)  # learning reads every tensor
     assert done.returncode == 1 and Bundle.open(root).version == bundle.version
-    assert "learned.safetensors" in done.stderr and "rail.w_r" in done.stderr and "Traceback" not in done.stderr
+    assert path.name in done.stderr and "rail.w_r" in done.stderr and "Traceback" not in done.stderr
     # classify reads only zs_text (its W_r is the graph's, checked when written): it still never prints NaN
     query = next(iter(sorted(tiny_cli_bundle["query"].iterdir())))
     done = _cli("classify", query, "--bundle", root, "--labels", "a cat,a dog", "--format", "json")

@@ -38,7 +38,7 @@ def init(
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Seeded random weights (offline tests and demos only).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random weights and of the learners.")] = 0,
     method: Annotated[Method, typer.Option(help=f"Continual learner: {', '.join(METHOD_NAMES)}.")] = Method("rail-primal"),
-    hidden: Annotated[int, typer.Option(min=1, help="RAIL primal: random hidden layer size (paper 15000). The bundle keeps the embeddings, not hidden^2 statistics; a solve with more images than hidden needs 8*hidden^2 bytes (1.8 GB at 15000).")] = 15000,
+    hidden: Annotated[int, typer.Option(min=1, help="RAIL primal: random hidden layer size (paper 15000). add-task folds each new image into the inverse autocorrelation matrix, kept beside the versions in BUNDLE/cache/rail (4*hidden^2 bytes: 0.9 GB at 15000), with ~0.3 GB of working memory whatever was learned before.")] = 15000,
     beta: Annotated[float, typer.Option(min=0.0, max=1.0, help="RAIL: weight of the learned scores in the fusion.")] = 0.8,
     fusion: Annotated[str, typer.Option(help="RAIL: 'ddas' (gate by autoencoders, default) or 'paper' (zero-shot top-1).")] = "ddas",
     gate: Annotated[str, typer.Option(help="DDAS autoencoder: 'linear' (closed form, torch-free) or 'mlp'.")] = "linear",
@@ -286,7 +286,9 @@ def versions(
     bundle: BundleOpt = None,
     output_format: Annotated[TableOrJson, typer.Option("--format", help="table or json.")] = TableOrJson.table,
 ) -> None:
-    """The bundle's version history: parent, date, tasks, size (all files) and own size (what pruning it frees)."""
+    """The bundle's version history: parent, date, tasks, size (all its files) and added (what writing it added:
+    the files it did not inherit from its parent; later writes do not change it). JSON also gives own (what
+    removing the version would free now)."""
     from edgeclip.bundle import version_history
 
     root = require_bundle(bundle_path(bundle))
@@ -296,7 +298,7 @@ def versions(
         typer.echo(json.dumps({"bundle": str(root), "size_on_disk": total, "versions": history}, indent=2,
                               ensure_ascii=False))
         return
-    table = new_table("version", "parent", "created", "tasks", "size", "own", right=("size", "own"),
+    table = new_table("version", "parent", "created", "tasks", "size", "added", right=("size", "added"),
                       title=markup(f"{root} - {len(history)} versions, {format_size(total)} on disk"))
     for rec in history:
         name = rec["version"] + (" *" if rec["current"] else "")
@@ -304,7 +306,7 @@ def versions(
             table.add_row(name, "", "", markup(rec["error"]), "", "")
             continue
         table.add_row(name, rec["parent"] or "-", rec["created_at"] or "", markup(", ".join(rec["tasks"])) or "-",
-                      format_size(rec["size"]), format_size(rec["own"]))
+                      format_size(rec["size"]), format_size(rec["added"]))
     out_console().print(table)
 
 

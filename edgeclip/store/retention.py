@@ -123,8 +123,11 @@ def disk_usage(root: Path | str) -> int:
 
 def version_history(root: Path | str) -> list[dict[str, Any]]:
     """One record per complete version, oldest first: ``version``, ``parent``, ``created_at``,
-    ``tasks`` (names), ``current`` (bool), ``size`` (bytes of its files) and ``own`` (bytes of the
-    files no other version shares with it: what removing it frees). Damaged versions get ``error``."""
+    ``tasks`` (names), ``current`` (bool), ``size`` (bytes of its files), ``added`` (bytes of the files
+    it did not inherit from its parent: what writing it added, unchanged by later writes; when the parent
+    was pruned, from the older versions that remain) and ``own`` (bytes of the files no other version
+    shares with it: what removing it frees now, which later versions sharing its files lower).
+    Damaged versions get ``error``."""
     root = Path(root)
     now = current_version(root)
     records, owners = [], {}
@@ -149,9 +152,16 @@ def version_history(root: Path | str) -> list[dict[str, Any]]:
                       tasks=[t.name for t in meta.tasks],
                       size=sum(e.get("size", 0) for e in manifest["files"].values()), _inodes=inodes)
         records.append(record)
-    for record in records:
+    by_name = {r["version"]: r.get("_inodes", set()) for r in records}
+    for i, record in enumerate(records):
         inodes = record.pop("_inodes", set())
         record["own"] = sum(size for key in inodes for size in [key[1]] if owners[key] == {record["version"]})
+        if "error" in record:
+            continue
+        parent = record.get("parent")
+        before = (by_name[parent] if parent in by_name else
+                  set().union(*(by_name[r["version"]] for r in records[:i])))
+        record["added"] = sum(key[1] for key in inodes if key not in before)
     return records
 
 

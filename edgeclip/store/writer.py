@@ -149,6 +149,10 @@ class VersionWriter:
         self._inherited.pop(name, None)
         return target
 
+    def has(self, name: str) -> bool:
+        """Whether the new version has file ``name`` now (inherited or written)."""
+        return name in self._files
+
     def writable_path(self, name: str) -> Path:
         """A path in the new version for a file another tool writes itself (e.g. onnx.save).
         Raises BundleError on a bad file name."""
