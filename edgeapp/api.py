@@ -34,7 +34,7 @@ from edgeclip.edgeapp.classify import (
     task_route_names,
 )
 from edgeclip.edgeapp.runtime import GatedRunner, ImageEncoderRunner, TextEncoderRunner
-from edgeclip.edgeapp.tasks import MethodSettings, ProgressFn, add_rail_embeddings, add_task
+from edgeclip.edgeapp.tasks import ProgressFn, add_rail_embeddings, add_task
 from edgeclip.errors import UsageError
 from edgeclip.extras import import_torch_module
 from edgeclip.images import PreprocessConfig, preprocess
@@ -269,12 +269,11 @@ def create(bundle: str | Path, model: str = "ViT-B-16", pretrained: str | None =
     """Create a bundle from an open_clip model (the ``train`` extra): the counterpart of ``edgeclip init``.
 
     pretrained: an open_clip tag (e.g. "openai") or a checkpoint file; random_weights with seed for offline
-    tests; keep: versions kept after each write (0 = all); tokenizer: a tokenizer.json for Hugging Face tokenizer models (SigLIP, docs/MODELS.md). ``settings``: further ``MethodSettings`` fields (hidden, beta, fusion, gate_kind, ...). Raises
+    tests; keep: versions kept after each write (0 = all); tokenizer: a tokenizer.json for Hugging Face tokenizer models (SigLIP, docs/MODELS.md). ``settings``: the learner's and the gate's settings (hidden, gamma, gamma_kernel, lam, beta, fusion, moe, moe_train, gate_kind, gate_k, gate_quantile; ``edgeapp.tasks.init_sections``), the schema's defaults for the rest. Raises
     MissingExtraError without torch, BackboneLoadError when the weights cannot be had.
     """
     create_module = import_torch_module("edgeclip.edgeapp.create", "creating a bundle (reading open_clip models)")
-    method_settings = MethodSettings(method=method, seed=seed, **settings)
     created = create_module.init_bundle(Path(bundle), model, pretrained, random_weights=random_weights, seed=seed,
-                                        settings=method_settings, zero_shot_labels=list(zero_shot_labels),
-                                        tokenizer=tokenizer, keep=keep)
+                                        method=method, zero_shot_labels=list(zero_shot_labels),
+                                        tokenizer=tokenizer, keep=keep, **settings)
     return Classifier(created)

@@ -53,8 +53,8 @@ from edgeclip.extras import import_torch_module
 from edgeclip.learned import read_learned
 from edgeclip.manifest import Manifest, Training
 from edgeclip.train import fusion
-from edgeclip.train.presets import Preset, get_preset, method_family
-from edgeclip.train.registry import LEARNERS, learner_spec
+from edgeclip.train.presets import Preset, get_preset
+from edgeclip.train.registry import get_learner
 
 PROTOCOLS = ("mtil", "xtail")
 GATES = ("ddas", "paper")  # X-TAIL gates of RAIL; MoE routes by the DDAS gate
@@ -62,7 +62,12 @@ DECISIONS = ("reference", "graph")
 KNOWN_TASK = "known-task"  # the gate name of the oracle MTIL matrix (task identity given)
 ZERO_SHOT = "zero-shot"  # the gate name of the plain zero-shot rows
 # the learners that learn in closed form from frozen embeddings (RAIL): scored from cached embeddings
-RAIL_METHODS = tuple(name for name, spec in LEARNERS.items() if spec.learns_from == "embeddings")
+
+
+def _closed_form(method: str) -> bool:
+    """Whether the learner learns in closed form from frozen embeddings (RAIL): its decision has a numpy
+    reference, its fusion rule and weight can be varied at scoring time."""
+    return not get_learner(method).learns_from_images
 KINDS = {
     "gated": "the model is not told the task: routed by the gate, routing errors count (the papers' protocol)",
     "oracle": "task identity given: each learned domain's images use their own task (an extra, not the paper's)",
@@ -342,7 +347,7 @@ class Scorer:
         accuracy: dict[tuple[str, str], list[float]] = {}
         routing: dict[tuple[str, str], dict[str, float | None]] = {}
         if "mtil" in protocols:
-            if bundle.method in RAIL_METHODS:
+            if _closed_form(bundle.method):
                 accuracy[("mtil", KNOWN_TASK)] = self._mtil_rail(bundle, tensors, learned)
             else:
                 gated, oracle, stats = self._mtil_moe(bundle, tensors, learned)
@@ -356,10 +361,10 @@ class Scorer:
 
     # -- MTIL, RAIL: task identity known (the oracle matrix)
     def _mtil_rail(self, bundle: Bundle, tensors: Mapping[str, np.ndarray], learned: Sequence[int]) -> list[float]:
-        from edgeclip.train.decision import DecisionSpec, rail_head
+        from edgeclip.train.decision import DecisionSpec
 
         spec = DecisionSpec.from_bundle(tensors, _with_settings(bundle.meta, beta=self.beta))
-        head = rail_head(tensors, spec) if bundle.tasks else None
+        head = spec.learner.scoring_head(tensors, spec) if bundle.tasks else None
         out = []
         for j, (x, y, text) in enumerate(zip(self.suite.features, self.suite.labels, self.suite.texts)):
             correct = 0
@@ -460,7 +465,7 @@ class Scorer:
     def _decide(self, bundle: Bundle, tensors: Mapping[str, np.ndarray], label_text: np.ndarray,
                 gate: str, offsets: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
         """(correct count, route [N_j]) per domain."""
-        if self.decision == "graph" or bundle.method not in RAIL_METHODS:
+        if self.decision == "graph" or not _closed_form(bundle.method):
             yield from self._decide_graph(bundle, label_text, gate, offsets)
             return
         from edgeclip.train.decision import gated_reference
@@ -480,9 +485,9 @@ class Scorer:
 
         settings = bundle.meta.method.settings
         own = settings.fusion
-        if bundle.method in RAIL_METHODS and gate != own:
+        if _closed_form(bundle.method) and gate != own:
             raise UsageError(f"graphs/gated.onnx of this bundle applies the '{own}' gate, not '{gate}'.")
-        if self.beta is not None and bundle.method in RAIL_METHODS and settings.beta != self.beta:
+        if self.beta is not None and _closed_form(bundle.method) and settings.beta != self.beta:
             raise UsageError(f"graphs/gated.onnx of this bundle fuses with beta {settings.beta}, not {self.beta}.")
         # each step's gated graph is used once: no optimised-graph cache entry (and no second session to check it)
         runner = GatedRunner(bundle, self.backend, max_labels=max(4096, len(label_text)), optimized_cache=False)
@@ -577,7 +582,7 @@ def resolve_gates(bundle: Bundle, gates: Sequence[str] | None) -> list[str]:
     bad = [g for g in gates if g not in GATES]
     if bad:
         raise UsageError(f"Unknown gate(s) {', '.join(bad)}; expected {', '.join(GATES)}.")
-    if bundle.method not in RAIL_METHODS and list(gates) != ["ddas"]:
+    if not _closed_form(bundle.method) and list(gates) != ["ddas"]:
         raise UsageError(f"'{bundle.method}' bundles route with the DDAS gate only.")
     return list(gates)
 
@@ -588,7 +593,7 @@ def preset_differences(preset: Preset, bundle: Bundle) -> dict[str, dict[str, An
     settings = bundle.meta.method.settings
     want: dict[str, Any] = {"method": preset.method, "seed": preset.seed}
     have: dict[str, Any] = {"method": bundle.method, "seed": settings.seed}
-    if preset.method == "moe":
+    if not _closed_form(preset.method):
         moe = getattr(settings, "moe", {})
         want.update({"n_experts": preset.experts, "top_k": preset.top_k, "encoders": ["image", "text"]})
         have.update({"n_experts": moe.get("n_experts"), "top_k": moe.get("top_k"), "encoders": moe.get("encoders")})
@@ -631,12 +636,12 @@ def run_protocols(
     record: dict[str, Any] | None = None
     beta = None
     if chosen is not None:
-        if method_family(chosen.method) != method_family(start_bundle.method):
+        if _closed_form(chosen.method) != _closed_form(start_bundle.method):
             raise UsageError(f"preset '{chosen.name}' is for {chosen.method} bundles; {source} is "
                              f"{start_bundle.method}.")
         shots = chosen.shots if shots is None else shots
         route_batch = chosen.route_batch if route_batch is None else route_batch
-        if start_bundle.method in RAIL_METHODS:
+        if _closed_form(start_bundle.method):
             gates = [chosen.fusion] if gates is None else gates
             beta = chosen.beta
         record = {"name": chosen.name, "source": chosen.source, "settings": chosen.to_dict(),
@@ -657,13 +662,13 @@ def run_protocols(
     timing = []
     for step, domain in enumerate(domains):
         options: dict[str, Any] = {"shots": shots}
-        if chosen is not None and learner_spec(bundle.method).learns_from == "images":
+        if chosen is not None and get_learner(bundle.method).learns_from_images:
             options.update(chosen.moe_recipe(domain.name, shots))
         t0 = time.perf_counter()
         bundle = pipeline.add_task(work, domain.learn_dir, name=domain.name, shots=shots, iterations=iterations,
                                    backend=backend, progress=progress, moe_options=options)
         t1 = time.perf_counter()
-        if record is not None and bundle.method == "moe":  # what the task was trained with, as recorded
+        if record is not None and not _closed_form(bundle.method):  # what the task was trained with, as recorded
             trained = bundle.tasks[-1].training or Training()
             record["tasks"][domain.name] = {"lr": trained.lr, "iterations": trained.iterations, "warmup": trained.warmup}
         scores = scorer.score(bundle, list(range(step + 1)), protocols, gates)
@@ -695,7 +700,7 @@ def run_summary(run: ContinualRun, source: Path) -> dict[str, Any]:
     headline's (the first, gated) `domains`, `matrix`, `transfer`, `average`, `last`, `routing`."""
     entries = [r.to_dict() for r in run.results.values()]
     head = entries[0]
-    graph = run.decision == "graph" or run.method not in RAIL_METHODS
+    graph = run.decision == "graph" or not _closed_form(run.method)
     return {
         "domains": head["domains"],
         "protocol": head["protocol"],
@@ -728,7 +733,7 @@ def run_summary(run: ContinualRun, source: Path) -> dict[str, Any]:
         "decision": ("X-TAIL: graphs/gated.onnx run on the test pixels (streamed)" if graph else
                      "train/decision.py on cached frozen embeddings (tested equal to graphs/gated.onnx)")
                     + ("; MTIL: the adapted model (torch), routed by the DDAS gate on the frozen embeddings"
-                       if run.method not in RAIL_METHODS else ""),
+                       if not _closed_form(run.method) else ""),
         "random_weights": run.random_weights,
     }
 

@@ -70,15 +70,6 @@ def cpu_time_estimate(iterations: int, progress: ProgressFn | None,
     return on_step
 
 
-def moe_settings(config: MoEConfig | None = None, train: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What the manifest records: the adapter configuration and the training recipe's defaults."""
-    defaults = TrainSettings()
-    recipe = {"iterations": defaults.iterations, "batch_size": defaults.batch_size, "lr": defaults.lr,
-              "warmup": defaults.warmup, "warmup_rule": "capped", "freeze_rule": defaults.freeze_rule}
-    recipe.update(train or {})
-    return {"moe": (config or MoEConfig()).to_dict(), "train": recipe}
-
-
 WARMUP_RULES = ("capped", "fixed")
 
 

@@ -8,7 +8,6 @@ re-composed with onnx alone. MoE add-task imports torch (``train`` extra).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,76 +41,52 @@ from edgeclip.learned import read_learned, write_learned
 from edgeclip.layout import (
     RAIL_SOLVER_CACHE,
     RAIL_STATE,
-    TASK_TEXT,
     ZS_TEXT,
-    rail_key,
     rail_task_state,
 )
 from edgeclip.manifest import (
-    DEFAULT_BETA,
-    DEFAULT_FUSION,
-    DEFAULT_GAMMA,
-    DEFAULT_HIDDEN,
-    DEFAULT_KERNEL_GAMMA,
-    DEFAULT_LAMBDA,
-    RailDualSettings,
-    RailPrimalSettings,
+    Gate,
+    Method,
     Task,
     TaskGate,
     Training,
 )
-from edgeclip.train.ddas import QUANTILE as GATE_QUANTILE
-from edgeclip.train.ddas import K as GATE_K
-from edgeclip.train.decision import FUSIONS, gate_states, learned_tensors
-from edgeclip.train.rail import RailDual, RailPrimal
-from edgeclip.train.registry import learner_spec, load_learner
+from edgeclip.train.decision import gate_states, learned_tensors
+from edgeclip.train.rail import RailPrimal
+from edgeclip.train.registry import all_learners, get_learner
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
 
-@dataclass
-class MethodSettings:
-    """What ``edgeclip init`` records about the learner; defaults are the papers'."""
-
-    method: str = "rail-primal"
-    hidden: int = DEFAULT_HIDDEN  # RAIL primal random features
-    gamma: float = DEFAULT_GAMMA  # RAIL primal ridge
-    gamma_kernel: float = DEFAULT_KERNEL_GAMMA  # RAIL dual RBF
-    lam: float = DEFAULT_LAMBDA  # RAIL dual ridge
-    beta: float = DEFAULT_BETA  # fusion weight of the learned scores
-    fusion: str = DEFAULT_FUSION  # how RAIL picks images for the learned head: ddas | paper
-    gate_kind: str = "linear"  # DDAS autoencoder: linear (closed form, torch-free) | mlp
-    gate_k: int = GATE_K  # measured in docs/LEARNERS.md
-    gate_quantile: float = GATE_QUANTILE
-    seed: int = 0
-    moe: dict[str, Any] = field(default_factory=dict)  # MoEConfig fields that differ from the paper's
-    moe_train: dict[str, Any] = field(default_factory=dict)  # training recipe fields (iterations, lr, ...)
-
-    def validate(self) -> None:
-        """Check the settings. Raises UsageError on an unknown method, fusion or gate kind, hidden < 1,
-        beta outside [0, 1] or a gate quantile outside (0, 1]."""
-        learner_spec(self.method)  # UsageError naming the known methods
-        if self.fusion not in FUSIONS:
-            raise UsageError(f"Unknown fusion '{self.fusion}'; expected one of {', '.join(FUSIONS)}.")
-        if self.gate_kind not in ("linear", "mlp"):
-            raise UsageError(f"Unknown gate kind '{self.gate_kind}'; expected linear or mlp.")
-        if self.hidden < 1 or not 0.0 <= self.beta <= 1.0 or not 0.0 < self.gate_quantile <= 1.0:
-            raise UsageError("Expected hidden >= 1, 0 <= beta <= 1 and 0 < gate quantile <= 1.")
+_GATE_OPTIONS = {"gate_kind": "kind", "gate_k": "k", "gate_quantile": "quantile"}  # init option -> Gate field
 
 
-_INITIAL_HEAD: dict[str, Callable[[MethodSettings, int], dict[str, np.ndarray]]] = {
-    "ridge": lambda s, dim: RailPrimal(dim, s.hidden, s.gamma, s.seed).state(),  # seeded W_r, empty W
-    "kernel": lambda s, dim: {"memory": np.zeros((0, dim), np.float32), "alpha": np.zeros((0, 0), np.float32)},
-    "adapted-text": lambda s, dim: {TASK_TEXT: np.zeros((0, dim), np.float32)},
-}
+def init_sections(method: str, dim: int, seed: int = 0, **options: Any) -> tuple[Method, Gate]:
+    """The typed ``method`` and ``gate`` sections of a new bundle: learner ``method`` (a registry
+    name) with ``options`` (its settings: hidden, gamma, gamma_kernel, lam, beta, fusion, moe,
+    moe_train; the gate's: gate_kind, gate_k, gate_quantile), the schema's defaults for the rest.
+    ``dim``: the embedding size D. Raises UsageError for an unknown method or option, or a value out of
+    range (naming the field)."""
+    chosen = get_learner(method)
+    known = {f for cls in all_learners().values() for f in cls.settings_type.__struct_fields__}
+    unknown = set(options) - known - {"moe_train"} - set(_GATE_OPTIONS)
+    if unknown:
+        raise UsageError(f"Unknown setting(s) {', '.join(sorted(unknown))} for '{method}'.")
+    settings = chosen.init_settings({**options, "seed": seed}, dim)
+    gate = {_GATE_OPTIONS[k]: v for k, v in options.items() if k in _GATE_OPTIONS and v is not None}
+    try:
+        return (msgspec.convert({"name": method, "settings": msgspec.to_builtins(settings)}, Method),
+                msgspec.convert(gate, Gate))
+    except msgspec.ValidationError as exc:
+        raise UsageError(f"Invalid setting: {exc}.") from None
 
 
-def initial_learned(settings: MethodSettings, dim: int) -> dict[str, np.ndarray]:
+def initial_learned(method: Method, gate_kind: str, dim: int) -> dict[str, np.ndarray]:
     """The learned tensors of a bundle with no task (an empty label space, an untrained head) for
     embeddings of width ``dim``; layout in ``edgeclip.layout``."""
-    head = _INITIAL_HEAD[learner_spec(settings.method).head](settings, dim)
-    return learned_tensors(np.zeros((0, dim), np.float32), [], settings.gate_kind, [], settings.method, head)
+    head = get_learner(method.name).initial_head(method.settings, dim)
+    return learned_tensors(np.zeros((0, dim), np.float32), [], gate_kind, [], method.name, head)
 
 
 # --------------------------------------------------------------------------- add-task
@@ -211,13 +186,13 @@ def add_task(
     unusable domain, a task name already learned), UsageError (bad ``shots``), and
     MissingExtraError for MoE without torch."""
     bundle = Bundle.open(root)
-    learner = learner_spec(bundle.method)
-    if learner.needs_torch:
+    chosen = get_learner(bundle.method)
+    if chosen.needs_torch:
         require_torch(f"{bundle.method} add-task (training)")
     domain = load_domain(Path(domain_dir), shots, bundle.meta.method.settings.seed)
     name = name or domain.name
     check_new_task(bundle, domain.classes, name)
-    if learner.learns_from == "images":  # MoE: gradients through the adapted backbone, with torch
+    if chosen.learns_from_images:  # MoE: gradients through the adapted backbone, with torch
         moe_task = import_torch_module("edgeclip.edgeapp.moe_task", f"{bundle.method} add-task (training)")
         return moe_task.add_moe_task(bundle, domain, name, iterations=iterations, device=device, progress=progress,
                                      options=moe_options or {})
@@ -231,8 +206,7 @@ def fit_task_gate(bundle: Bundle, feats: np.ndarray) -> tuple[dict[str, np.ndarr
 
     gate = bundle.meta.gate
     seed = bundle.meta.method.settings.seed
-    autoencoder, threshold = fit_gate(feats, kind=gate.kind, k=gate.k or GATE_K,
-                                      quantile=GATE_QUANTILE if gate.quantile is None else gate.quantile, seed=seed)
+    autoencoder, threshold = fit_gate(feats, kind=gate.kind, k=gate.k, quantile=gate.quantile, seed=seed)
     return autoencoder.state(), autoencoder.settings(), float(threshold)
 
 
@@ -253,24 +227,18 @@ def task_record(name: str, classes: Sequence[str], templates: Sequence[str], sou
 def rail_learner(bundle: Bundle, learned: dict[str, np.ndarray] | None = None) -> Any:
     """The bundle's RAIL learner, restored from its inference tensors (``learned``, read from the
     bundle unless the caller has them already) and its learning state."""
-    spec = learner_spec(bundle.method)
+    spec = get_learner(bundle.method)
     settings = bundle.meta.method.settings
     learned = read_learned(bundle) if learned is None else learned
     if not bundle.tasks:
-        if isinstance(settings, RailPrimalSettings):
-            w_r = learned[rail_key("w_r")]
-            return RailPrimal(settings.dim or bundle.meta.embed_dim, settings.hidden, settings.gamma, settings.seed,
-                              w_r=w_r)
-        if isinstance(settings, RailDualSettings):
-            return RailDual(settings.gamma_kernel, settings.lam)
-        raise UsageError(f"A '{bundle.method}' bundle has no RAIL learner.")
-    if settings.learner is None:
+        return spec.untrained(settings, learned, bundle.meta.embed_dim)
+    if getattr(settings, "learner", None) is None:
         raise BundleError(f"Bundle {bundle.root} {bundle.label}: `$.method.settings.learner` is missing; "
                           "the learner cannot be restored.")
     state = rail_learning_state(bundle)
     for key in spec.head_keys:
         state[key] = learned[spec.tensor_name(key)]
-    return load_learner(bundle.method).from_state(state, settings.learner)
+    return spec.model_class().from_state(state, settings.learner)
 
 
 def rail_learning_state(bundle: Bundle) -> dict[str, np.ndarray]:
@@ -307,8 +275,7 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
     a new version. Raises DomainError (a task name already learned), UsageError (shapes, a learner
     that does not learn from embeddings).
     """
-    spec = learner_spec(bundle.method)
-    if spec.learns_from != "embeddings":
+    if get_learner(bundle.method).learns_from_images:
         raise UsageError(f"A '{bundle.method}' bundle learns from images, not embeddings: add the task from a folder.")
     feats = np.asarray(feats, np.float32)
     labels = np.asarray(labels)
@@ -384,7 +351,7 @@ def _write_rail_version(bundle: Bundle, learner: Any, name: str, feats: np.ndarr
         if progress:
             progress(name, 0, 0)
 
-    spec = learner_spec(bundle.method)
+    spec = get_learner(bundle.method)
     stage("fitting the DDAS gate")
     gate_state, gate_settings, threshold = fit_task_gate(bundle, feats)
     stage(f"encoding {len(classes)} class names")
@@ -418,7 +385,7 @@ def write_gated_graph(writer: VersionWriter, learned: dict[str, np.ndarray]) -> 
     the bundle's shared graph store (``VersionWriter.graph_folder``)."""
     with writer.graph_folder() as graphs:
         meta = writer.meta
-        if learner_spec(meta.method.name).head == "adapted-text" and meta.tasks:
+        if get_learner(meta.method.name).learns_from_images and meta.tasks:
             build_moe_gated_graph(graphs, learned, meta)  # onnx only: torch-free like the RAIL graph
         else:
             build_gated_graph(graphs, learned, meta)

@@ -48,6 +48,9 @@ DEFAULT_HIDDEN = 15000  # RAIL primal random features
 DEFAULT_GAMMA = 0.1  # RAIL primal ridge
 DEFAULT_KERNEL_GAMMA = 0.1  # RAIL dual RBF kernel width
 DEFAULT_LAMBDA = 1e-3  # RAIL dual ridge
+DEFAULT_GATE_KIND = "linear"  # the DDAS gate's autoencoder: linear (closed form, torch-free) or mlp
+DEFAULT_GATE_K = 4  # principal directions of the linear DDAS gate (measured best, docs/LEARNERS.md)
+DEFAULT_GATE_QUANTILE = 0.95  # a task's gate threshold: this quantile of its held-out reconstruction errors
 
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -110,7 +113,7 @@ class Preprocess(_Section):
     exact: bool = False  # decode at full resolution (open_clip's transform bit for bit), not reduced first
 
 
-class _LearnerSettings(_Section):
+class _LearnerSettings(_Section, omit_defaults=False):
     """What every learner's settings hold: the fusion weight, the fusion rule and the seed."""
 
     beta: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = DEFAULT_BETA  # weight of the learned scores
@@ -197,12 +200,12 @@ class GateSettings(_Section):
     route_rule: str | None = None  # train.ddas.ROUTE_RULES; None: the default rule
 
 
-class Gate(_Section):
+class Gate(_Section, omit_defaults=False):
     """The DDAS gate: one autoencoder per task, thresholded at a quantile of its training errors."""
 
-    kind: Literal["linear", "mlp"] = "linear"
-    k: PosInt | None = None  # linear autoencoder rank (None: train.ddas.K)
-    quantile: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None  # (None: train.ddas.QUANTILE)
+    kind: Literal["linear", "mlp"] = DEFAULT_GATE_KIND
+    k: PosInt = DEFAULT_GATE_K  # linear autoencoder rank
+    quantile: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = DEFAULT_GATE_QUANTILE
     settings: GateSettings | None = None
 
 

@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -273,7 +272,7 @@ def build_moe_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarr
     """
     graphs_dir = Path(graphs_dir)
     spec = DecisionSpec.from_bundle(learned, meta)
-    if spec.learner.head != "adapted-text":
+    if not spec.learner.learns_from_images:
         raise BundleError(f"build_moe_gated_graph serves MoE bundles, not {spec.method!r}")
     if spec.n_tasks == 0:
         return build_gated_graph(graphs_dir, learned, meta, encoder, encoder_data, output)

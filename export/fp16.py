@@ -47,7 +47,7 @@ from edgeclip.layout import (
     graph_file,
 )
 from edgeclip.manifest import Manifest
-from edgeclip.train.registry import learner_spec
+from edgeclip.train.registry import get_learner
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def has_fp16(files: Mapping[str, Any]) -> bool:
 
 def _adapted(meta: Manifest) -> bool:
     """An MoE bundle with tasks: its gated graph runs the adapted encoder."""
-    return learner_spec(meta.method.name).head == "adapted-text" and bool(meta.tasks)
+    return get_learner(meta.method.name).learns_from_images and bool(meta.tasks)
 
 
 def write_fp16_graphs(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], meta: Manifest,

@@ -43,7 +43,7 @@ from edgeclip.layout import (
     graph_file,
 )
 from edgeclip.manifest import Manifest, Quantization, QuantizedEncoder
-from edgeclip.train.registry import learner_spec
+from edgeclip.train.registry import get_learner
 
 QUANTIZED_OPS = ("MatMul", "Gemm")
 
@@ -114,7 +114,7 @@ def export_int8(bundle: Bundle) -> Bundle:
 
     MoE bundles are refused (UsageError): their adapted encoder is not quantised.
     """
-    if learner_spec(bundle.method).learns_from == "images":
+    if get_learner(bundle.method).learns_from_images:
         raise UsageError("--int8 is offered for RAIL bundles only: an MoE bundle's adapted image encoder "
                          "(graphs/moe_encoder.onnx) is not quantised.")
     if has_int8(bundle.meta.files):

@@ -251,10 +251,9 @@ def test_moe_bundles_are_scored_through_their_gate(domains: list[Path], tmp_path
     Under the strict freeze rule the oracle keeps task 1's accuracy after task 2."""
     pytest.importorskip("edgeclip.edgeapp.moe_task")
     from edgeclip.edgeapp.create import init_bundle
-    from edgeclip.edgeapp.tasks import MethodSettings
     from edgeclip.train import fusion
 
-    init_bundle(tmp_path / "moe", "edgeclip-tiny", random_weights=True, settings=MethodSettings(method="moe"))
+    init_bundle(tmp_path / "moe", "edgeclip-tiny", random_weights=True, method="moe")
     run = evaluate.run_protocols(tmp_path / "moe", domains, tmp_path / "w", protocols=["mtil", "xtail"], shots=4,
                                  iterations=5)
     assert list(run.results) == [("mtil", "ddas"), ("mtil", evaluate.KNOWN_TASK), ("mtil", "zero-shot"),

@@ -57,7 +57,9 @@ def test_the_schema_knows_the_registry_s_learners_and_their_defaults() -> None:
     assert set(METHODS) == set(METHOD_NAMES)
     primal = method_of("rail-primal")
     assert primal.settings.hidden == DEFAULT_HIDDEN and primal.settings.beta == DEFAULT_BETA
-    assert to_builtins(method_of("rail-dual", lam=0.5)) == {"name": "rail-dual", "settings": {"lam": 0.5}}
+    dual = to_builtins(method_of("rail-dual", lam=0.5))  # learner settings are written in full
+    assert dual == {"name": "rail-dual", "settings": {"beta": DEFAULT_BETA, "fusion": "ddas", "seed": 0,
+                                                      "gamma_kernel": 0.1, "lam": 0.5, "dim": None, "learner": None}}
     with pytest.raises(BundleError, match="lam"):  # a setting of another learner
         method_of("rail-primal", lam=0.5)
     with pytest.raises(BundleError, match="unknown method 'svm'"):

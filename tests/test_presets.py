@@ -101,9 +101,8 @@ def test_rail_paper_preset_per_eval_run(domains: list[Path], tmp_path: Path) -> 
     from edgeclip.bundle import Bundle
     from edgeclip.edgeapp import evaluate
     from edgeclip.edgeapp.create import init_bundle
-    from edgeclip.edgeapp.tasks import MethodSettings
 
-    init_bundle(tmp_path / "b", "edgeclip-tiny", random_weights=True, settings=MethodSettings(hidden=128))
+    init_bundle(tmp_path / "b", "edgeclip-tiny", random_weights=True, hidden=128)
     run = evaluate.run_protocols(tmp_path / "b", domains, tmp_path / "w", preset="rail-paper", shots=4)
     assert list(run.results) == [("xtail", "paper"), ("xtail", "zero-shot")]
     assert run.preset["bundle_differs"] == {"seed": {"bundle": 0, "preset": 42},
@@ -174,9 +173,8 @@ def test_eval_command_takes_a_preset(domains: list[Path], tmp_path: Path) -> Non
     from typer.testing import CliRunner
 
     from edgeclip.edgeapp.create import init_bundle
-    from edgeclip.edgeapp.tasks import MethodSettings
 
-    init_bundle(tmp_path / "b", "edgeclip-tiny", random_weights=True, settings=MethodSettings(hidden=64))
+    init_bundle(tmp_path / "b", "edgeclip-tiny", random_weights=True, hidden=64)
     out = tmp_path / "out"
     result = CliRunner().invoke(eval_app(), ["eval", *map(str, domains), "--bundle", str(tmp_path / "b"),
                                              "--preset", "rail-paper", "--shots", "3", "--out", str(out)],

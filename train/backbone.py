@@ -31,7 +31,7 @@ from edgeclip.errors import BackboneLoadError, MissingExtraError, UnknownModelEr
 from edgeclip.layout import HF_TOKENIZER_FILE, VOCAB_FILE
 from edgeclip.models import CONFIG_DIR
 from edgeclip.tokenizer import ClipTokenizer, HFTokenizer, default_vocab_path
-from edgeclip.train.registry import learner_spec
+from edgeclip.train.registry import get_learner
 
 _HUB_HOST = ("huggingface.co", 443)
 log = logging.getLogger(__name__)
@@ -574,7 +574,7 @@ def moe_refusal(backbone: Backbone) -> str | None:
 
 def check_method(backbone: Backbone, method: str) -> None:
     """Refuse a learner the backbone cannot run (``UsageError``, one line): MoE needs a ViT."""
-    if learner_spec(method).learns_from == "images":  # adapters go into the backbone's blocks
+    if get_learner(method).learns_from_images:  # adapters go into the backbone's blocks
         reason = moe_refusal(backbone)
         if reason:
             raise UsageError(reason)

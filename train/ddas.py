@@ -20,10 +20,11 @@ import numpy as np
 
 from edgeclip.errors import BundleError, UsageError
 from edgeclip.extras import import_torch_module
+from edgeclip.manifest import DEFAULT_GATE_K, DEFAULT_GATE_QUANTILE
 
-QUANTILE = 0.95  # threshold = this quantile of a task's held-out reconstruction errors
+QUANTILE = DEFAULT_GATE_QUANTILE  # threshold = this quantile of a task's held-out reconstruction errors
 HOLDOUT = 0.2
-K = 4  # principal directions of the linear gate (measured best, docs/LEARNERS.md)
+K = DEFAULT_GATE_K  # principal directions of the linear gate (measured best, docs/LEARNERS.md)
 ROUTE_RULES = ("nearest", "ratio")
 ROUTE_RULE = "nearest"  # measured on real images: "ratio" sends a tight domain's images to a broad one
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -32,13 +31,11 @@ from edgeclip.layout import (
     TASK_TEXT,
     ZS_TEXT,
     gate_key,
-    rail_key,
 )
 from edgeclip.manifest import DEFAULT_KERNEL_GAMMA, Manifest
 from edgeclip.train import ddas, fusion
 from edgeclip.train.ddas import ROUTE_RULE, ROUTE_RULES
-from edgeclip.train.rail import RailDual, RailPrimal
-from edgeclip.train.registry import LEARNERS, LearnerSpec, learner_spec
+from edgeclip.train.registry import METHOD_NAMES, Learner, get_learner
 
 FUSIONS = ("ddas", "paper")
 
@@ -66,7 +63,7 @@ def learned_tensors(
     """
     if gate_kind not in GATE_KEYS:
         raise UsageError(f"unknown gate kind {gate_kind!r}; known: {sorted(GATE_KEYS)}")
-    learner = learner_spec(method)
+    learner = get_learner(method)
     if len(gate_states) != len(task_sizes):
         raise UsageError(f"{len(gate_states)} gates for {len(task_sizes)} tasks")
     sizes = np.asarray(task_sizes, dtype=np.int64)
@@ -76,9 +73,7 @@ def learned_tensors(
         out.update(_stack_gates(gate_kind, gate_states))
     for key in learner.head_keys:
         out[learner.tensor_name(key)] = np.asarray(head_state[key], np.float32)
-    if learner.head == "adapted-text" and out[TASK_TEXT].shape != (int(sizes.sum()), out[ZS_TEXT].shape[1]):
-        raise UsageError(f"task_text must be [{int(sizes.sum())}, {out[ZS_TEXT].shape[1]}] (one row per "
-                         f"learned class), got {list(out[TASK_TEXT].shape)}")
+    learner.check_head(out, int(sizes.sum()), out[ZS_TEXT].shape[1])
     return out
 
 
@@ -137,9 +132,9 @@ class DecisionSpec:
     kernel_gamma: float
 
     @property
-    def learner(self) -> LearnerSpec:
-        """The method's registry entry."""
-        return learner_spec(self.method)
+    def learner(self) -> type[Learner]:
+        """The method's learner class (``edgeclip.train.registry``)."""
+        return get_learner(self.method)
 
     @property
     def n_tasks(self) -> int:
@@ -163,8 +158,8 @@ class DecisionSpec:
         fusion = settings.fusion
         if fusion not in FUSIONS:
             raise BundleError(f"unknown fusion rule {fusion!r}; known: {FUSIONS}")
-        if method not in LEARNERS:
-            raise BundleError(f"unknown method {method!r}; known: {', '.join(LEARNERS)}")
+        if method not in METHOD_NAMES:
+            raise BundleError(f"unknown method {method!r}; known: {', '.join(METHOD_NAMES)}")
         sizes = np.asarray(learned.get(TASK_SIZE, np.zeros(0, np.int64)), np.int64)
         offsets = np.asarray(learned.get(TASK_OFFSET, np.zeros(0, np.int64)), np.int64)
         if len(sizes) != len(tasks) or [len(t.classes) for t in tasks] != sizes.tolist():
@@ -185,26 +180,6 @@ class DecisionSpec:
             kernel_gamma=float(getattr(settings, "gamma_kernel", DEFAULT_KERNEL_GAMMA)),
         )
 
-
-
-def rail_head(learned: Mapping[str, np.ndarray], spec: DecisionSpec) -> RailPrimal | RailDual:
-    """The RAIL learner rebuilt from its inference tensors (enough to call `.scores`, not to learn).
-
-    Primal (head "ridge"): ``rail.w_r`` [D,H], ``rail.w`` [H,C]; dual (head "kernel"): ``rail.memory``
-    [N,D], ``rail.alpha`` [N,C] with ``spec.kernel_gamma`` (METHODS.md section 3). KeyError when a
-    tensor is missing.
-    """
-    if spec.learner.head == "ridge":
-        w_r, w = np.asarray(learned[rail_key("w_r")]), np.asarray(learned[rail_key("w")])
-        settings = {"dim": w_r.shape[0], "hidden": w_r.shape[1], "gamma": 1.0, "seed": 0,
-                    "n_classes": w.shape[1], "n_seen": 0}
-        # The statistics A, C are only needed to keep learning; scoring reads w_r and w.
-        return RailPrimal.from_state({"w_r": w_r, "w": w, "a": np.zeros((0, 0)), "c": np.zeros((0, 0))}, settings)
-    head = RailDual(gamma_kernel=spec.kernel_gamma)
-    head.memory = np.asarray(learned[rail_key("memory")], np.float32)
-    head.alpha = np.asarray(learned[rail_key("alpha")], np.float32)
-    head.n_classes = head.alpha.shape[1]
-    return head
 
 
 def paper_route(p_zs: np.ndarray, spec: DecisionSpec) -> np.ndarray:
@@ -259,13 +234,13 @@ def gated_reference(embedding: np.ndarray, label_text: np.ndarray, learned: Mapp
              for state in gate_states(learned, spec.gate_kind)]
     errors = np.stack([gate.errors(x) for gate in gates], axis=1)  # [B,T]
     route, ratios = ddas.route(errors, spec.thresholds, spec.route_rule)
-    if spec.learner.head == "adapted-text":
+    if spec.learner.learns_from_images:
         if adapt is None:
             raise UsageError("the MoE reference needs the adapted embeddings (adapt)")
         s_moe = moe_scores(adapt(route), route, learned[TASK_TEXT], spec)
         scores = fusion.fuse_gated(p_zs, s_moe, route, spec.offsets, spec.sizes, beta=1.0)
         return {"scores": scores, "route": route, "gate_ratio": ratios.astype(np.float32)}
-    s_a = rail_head(learned, spec).scores(x)
+    s_a = spec.learner.scoring_head(learned, spec).scores(x)
     if spec.fusion == "ddas":
         scores = fusion.fuse_gated(p_zs, s_a, route, spec.offsets, spec.sizes, spec.beta)
     else:
