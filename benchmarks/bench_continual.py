@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeclip.bundle import Bundle
-from edgeclip.edgeapp import evaluate
+from edgeclip.edgeapp import eval_scoring, evaluate
 from edgeclip.edgeapp import tasks as pipeline
 from edgeclip.learned import read_learned
 from edgeclip.edgeapp.create import init_bundle
@@ -71,7 +71,7 @@ def train_features(bundle: Bundle, domains: list[evaluate.EvalDomain], shots: in
 
 
 def joint_check(final: Bundle, feats: np.ndarray, labels: np.ndarray, n_classes: int,
-                scorer: evaluate.Scorer, gates: list[str]) -> dict[str, Any]:
+                scorer: eval_scoring.Scorer, gates: list[str]) -> dict[str, Any]:
     """RAIL trained on all domains at once vs learned one domain after another."""
     learner = pipeline.rail_learner(Bundle.open(final.root, version="v0001"))
     learner.add_domain(feats, labels, n_classes)
@@ -122,7 +122,7 @@ def run_method(method: str, args: argparse.Namespace, dirs: list[Path], work: Pa
                                  shots=args.shots, test_per_class=per_class, backend=args.backend,
                                  iterations=iterations, preset=preset)
     beta = run.preset["settings"]["beta"] if run.preset else None
-    scorer = evaluate.Scorer(run.suite, backend=args.backend, beta=beta)
+    scorer = eval_scoring.Scorer(run.suite, backend=args.backend, beta=beta)
     sizes = [len(x) for x in run.suite.features]
 
     upper: dict[str, list[float]] = {}

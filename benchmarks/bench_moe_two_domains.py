@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeclip.edgeapp import evaluate
+from edgeclip.edgeapp import eval_summary, evaluate
 from edgeclip.edgeapp.create import init_bundle
 from edgeclip.train.presets import get_preset
 
@@ -66,7 +66,7 @@ def main() -> None:
         run = evaluate.run_protocols(Path(tmp) / "bundle", dirs, Path(tmp) / "work", protocols=["mtil", "xtail"],
                                      shots=args.shots, test_per_class=args.test_per_class,
                                      iterations=args.iterations, preset=args.preset)
-        summary = evaluate.run_summary(run, Path(tmp) / "bundle")
+        summary = eval_summary.run_summary(run, Path(tmp) / "bundle")
     mtil_gated = run.results.get(("mtil", "ddas"))
     mtil = np.asarray(run.results[("mtil", evaluate.KNOWN_TASK)].matrix)
     xtail_result = run.results[("xtail", "ddas")]

@@ -62,7 +62,7 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class Weights(_Section):
-    """Where the backbone's weights come from (``train.backbone.WeightsSource``)."""
+    """Where the backbone's weights come from: the seed, an open_clip tag or a checkpoint file."""
 
     kind: Literal["random", "tag", "file"]
     ref: str  # the seed (random), the open_clip tag, or the checkpoint's path

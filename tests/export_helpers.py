@@ -10,6 +10,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from edgeclip.train.decision import learned_tensors
@@ -61,7 +62,7 @@ def manifest_for(method: str, fusion: str, gate_kind: str, thresholds: list[floa
         settings["gamma_kernel"] = kernel_gamma
     return validate_manifest({
         "backbone": {"model": TINY, "embed_dim": bb.embed_dim, "context_length": bb.context_length,
-                     "weights": bb.source.to_dict()},
+                     "weights": msgspec.to_builtins(bb.source)},
         "preprocess": bb.preprocess,
         "method": {"name": method, "settings": settings},
         "gate": {"kind": gate_kind, "settings": {}},

@@ -389,10 +389,8 @@ def test_readers_never_block_on_a_writer(tmp_path: Path) -> None:
 
 
 def test_a_second_writer_waits_then_refuses_a_held_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import edgeclip.store.lock as module
-
     first = make_bundle(tmp_path / "b")
-    monkeypatch.setattr(module, "LOCK_WAIT_S", 0.2)
+    monkeypatch.setenv("EDGECLIP_LOCK_WAIT", "0.2")  # read when a writer waits, not at import
     holder = first.new_version()
     try:
         with pytest.raises(BundleError, match="Another edgeclip process"):

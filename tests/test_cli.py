@@ -205,7 +205,7 @@ def test_moe_end_to_end(tmp_path: Path, images: dict) -> None:
                            block_torch=True)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert all(r["error"] is None and r["route"] in ("shapes", "stripes", "zero-shot") for r in rows)
+    assert rows and all(r["error"] is None and r["route"] in ("shapes", "stripes", "zero-shot") for r in rows)
     result = edgeclip_main(["add-task", str(images["domains"][0]), "--bundle", str(root), "--name", "again"],
                            block_torch=True)
     assert result.returncode == 1 and "pip install 'edgeclip[train]'" in result.stderr

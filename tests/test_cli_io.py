@@ -337,7 +337,8 @@ def test_info_prints_plain_text(bundle: Path) -> None:
 def test_heatmap_is_readable(tmp_path: Path) -> None:
     from PIL import Image
 
-    from edgeclip.edgeapp.evaluate import ProtocolResult, write_heatmap
+    from edgeclip.edgeapp.eval_heatmap import write_heatmap
+    from edgeclip.edgeapp.eval_summary import ProtocolResult
 
     result = ProtocolResult("xtail", "ddas", ["shapes", "stripes", "fashion_mnist"], [10.0, 0.0, 33.0],
                             [[90.0, 0.0, 30.0], [88.0, 75.0, 0.0], [85.0, 70.0, 95.0]])

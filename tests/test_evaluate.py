@@ -15,7 +15,7 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from edgeclip.edgeapp import evaluate
+from edgeclip.edgeapp import eval_scoring, eval_summary, evaluate
 from edgeclip.edgeapp.demo_data import write_demo_images
 from edgeclip.errors import DomainError, UsageError
 
@@ -68,7 +68,7 @@ def test_metrics_on_a_hand_made_matrix() -> None:
     a = [[50.0, 10.0, 20.0],
          [40.0, 80.0, 30.0],
          [30.0, 70.0, 90.0]]
-    m = evaluate.protocol_metrics(a)
+    m = eval_summary.protocol_metrics(a)
     assert m["per_domain"]["transfer"] == [None, 10.0, 25.0]  # (20 + 30) / 2
     assert m["per_domain"]["average"] == pytest.approx([40.0, 160 / 3, 140 / 3])
     assert m["per_domain"]["last"] == [30.0, 70.0, 90.0]
@@ -78,10 +78,10 @@ def test_metrics_on_a_hand_made_matrix() -> None:
 
 
 def test_metrics_of_one_domain_and_bad_shapes() -> None:
-    m = evaluate.protocol_metrics([[42.0]])
+    m = eval_summary.protocol_metrics([[42.0]])
     assert (m["transfer"], m["average"], m["last"]) == (None, 42.0, 42.0)
     with pytest.raises(UsageError):
-        evaluate.protocol_metrics([[1.0, 2.0]])
+        eval_summary.protocol_metrics([[1.0, 2.0]])
 
 
 # ----------------------------------------------------------------------------- domains
@@ -179,9 +179,9 @@ def test_zero_shot_rows_are_computed_by_eval(both_protocols) -> None:
 def test_gate_per_batch_decides_once_per_run_of_images() -> None:
     errors = np.array([[0.1, 0.9], [0.9, 0.1], [0.2, 0.5], [5.0, 5.0], [5.0, 5.0]])
     thresholds = np.array([1.0, 1.0])
-    assert evaluate.batch_routes(errors, thresholds, "nearest", None).tolist() == [0, 1, 0, -1, -1]
-    assert evaluate.batch_routes(errors, thresholds, "nearest", 2).tolist() == [0, 0, -1, -1, -1]
-    assert evaluate.batch_routes(errors, thresholds, "nearest", 5).tolist() == [-1] * 5
+    assert eval_scoring.batch_routes(errors, thresholds, "nearest", None).tolist() == [0, 1, 0, -1, -1]
+    assert eval_scoring.batch_routes(errors, thresholds, "nearest", 2).tolist() == [0, 0, -1, -1, -1]
+    assert eval_scoring.batch_routes(errors, thresholds, "nearest", 5).tolist() == [-1] * 5
 
 
 def test_mtil_scores_a_domain_not_yet_learned_by_zero_shot(both_protocols) -> None:
@@ -260,7 +260,7 @@ def test_moe_bundles_are_scored_through_their_gate(domains: list[Path], tmp_path
                                  ("xtail", "ddas"), ("xtail", "zero-shot")]
     result = run.results[("xtail", "ddas")]
     assert np.asarray(result.matrix).shape == (2, 2) and len(result.routing) == 2
-    summary = evaluate.run_summary(run, tmp_path / "moe")
+    summary = eval_summary.run_summary(run, tmp_path / "moe")
     assert "gated.onnx" in summary["decision"] and summary["kind"] == "gated" and summary["gate"] == "ddas"
     gated = run.results[("mtil", "ddas")]
     assert gated.kind == "gated" and len(gated.routing) == 2
@@ -272,7 +272,7 @@ def test_moe_bundles_are_scored_through_their_gate(domains: list[Path], tmp_path
     assert mtil[0, 1] == pytest.approx(100.0 * (zero_shot == run.suite.labels[1]).mean())  # not yet learned
     # a gate that sends everything to zero-shot makes the gated matrix plain zero-shot
     bundle = evaluate.Bundle.open(run.bundle_dir)
-    scorer = evaluate.Scorer(run.suite)
+    scorer = eval_scoring.Scorer(run.suite)
     tensors = dict(bundle.tensors("learned.safetensors"))
     never = msgspec.structs.replace(bundle.meta, tasks=[msgspec.structs.replace(t, threshold=1e-30)
                                                         for t in bundle.tasks])

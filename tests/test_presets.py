@@ -99,7 +99,7 @@ def test_rail_paper_preset_per_eval_run(domains: list[Path], tmp_path: Path) -> 
     """On a bundle not made with the preset: the paper's fusion, weight, template and shots apply,
     and the init settings that differ are reported."""
     from edgeclip.bundle import Bundle
-    from edgeclip.edgeapp import evaluate
+    from edgeclip.edgeapp import eval_summary, evaluate
     from edgeclip.edgeapp.create import init_bundle
 
     init_bundle(tmp_path / "b", "edgeclip-tiny", random_weights=True, hidden=128)
@@ -108,9 +108,9 @@ def test_rail_paper_preset_per_eval_run(domains: list[Path], tmp_path: Path) -> 
     assert run.preset["bundle_differs"] == {"seed": {"bundle": 0, "preset": 42},
                                             "hidden": {"bundle": 128, "preset": 15000}}
     tasks = Bundle.open(run.bundle_dir).tasks
-    assert [t["templates"] for t in tasks] == [["a photo of a {}."]] * 2  # not the domains' own two
+    assert [t.templates for t in tasks] == [["a photo of a {}."]] * 2  # not the domains' own two
     assert run.shots == 4
-    summary = evaluate.run_summary(run, tmp_path / "b")
+    summary = eval_summary.run_summary(run, tmp_path / "b")
     assert summary["preset"]["name"] == "rail-paper" and summary["gate"] == "paper"
     with pytest.raises(UsageError, match="for moe bundles"):
         evaluate.run_protocols(tmp_path / "b", domains, tmp_path / "w2", preset="moe-paper")
@@ -159,8 +159,8 @@ def test_moe_paper_preset_at_init_and_add_task(domains: list[Path], tmp_path: Pa
                                      "--shots", "4", "--quiet", *extra], catch_exceptions=False)
         assert result.exit_code == 0, result.output
     tasks = Bundle.open(root).tasks
-    assert [t["training"]["lr"] for t in tasks] == [1e-3, 0.02]  # dtd's 5-shot rate, then --lr
-    assert [t["training"]["warmup"] for t in tasks] == [3, 3]  # fixed rule: min(100, iterations)
+    assert [t.training.lr for t in tasks] == [1e-3, 0.02]  # dtd's 5-shot rate, then --lr
+    assert [t.training.warmup for t in tasks] == [3, 3]  # fixed rule: min(100, iterations)
     rail = tmp_path / "rail"
     assert runner.invoke(app, ["init", "--bundle", str(rail), "--model", "edgeclip-tiny", "--random-weights",
                                "--hidden", "64", "--quiet"]).exit_code == 0
