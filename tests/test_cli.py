@@ -148,7 +148,7 @@ def test_environment_variable_selects_the_bundle(bundle: Path) -> None:
 def test_bad_input_zoo_through_the_cli(bundle: Path, tmp_path: Path) -> None:
     """Every awkward file in a folder (and named explicitly): readable ones are classified, the rest get
     a per-file error, hidden files, non-images and symlink loops are skipped; the run never crashes."""
-    from test_bad_inputs import BAD, GOOD, write
+    from image_helpers import BAD, GOOD, write
 
     folder = tmp_path / "zoo"
     (folder / "sub").mkdir(parents=True)

@@ -29,11 +29,6 @@ DUAL_GAMMA = 300.0
 
 
 @pytest.fixture(scope="module")
-def graphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return eh.tiny_graphs(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
 def encoder(graphs: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(graphs / "image_encoder.onnx"), providers=["CPUExecutionProvider"])
 

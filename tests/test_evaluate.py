@@ -3,52 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import msgspec
 import numpy as np
 import pytest
-import typer
 from PIL import Image
 from typer.testing import CliRunner
 
+from cli_helpers import eval_app, tree_digest, write_split_domains
+
 from edgeclip.edgeapp import eval_scoring, eval_summary, evaluate
-from edgeclip.edgeapp.demo_data import write_demo_images
 from edgeclip.errors import DomainError, UsageError
 
 pytest.importorskip("open_clip")
 
 runner = CliRunner()
-
-
-def eval_app() -> typer.Typer:
-    """The real app when it registers `eval`, else a group holding only `eval`."""
-    from edgeclip.edgeapp.cli import commands_eval
-    from edgeclip.edgeapp.cli.app import app
-
-    if any(c.name == "eval" for c in app.registered_commands):
-        return app
-    local = typer.Typer()
-    local.callback()(lambda: None)
-    commands_eval.register(local)
-    return local
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def write_split_domains(root: Path) -> list[Path]:
-    """The demo's two generated domains, with train/ and test/ (test images drawn with another seed)."""
-    domains, _ = write_demo_images(root / "a", train_per_class=8, query_per_class=0, seed=0)
-    tests, _ = write_demo_images(root / "b", train_per_class=3, query_per_class=0, seed=1)
-    for domain, test in zip(domains, tests):
-        shutil.move(str(test / "train"), str(domain / "test"))
-    return domains
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,7 @@ def _named(root: Path, domains: list[Path], names: list[str]) -> list[Path]:
 @pytest.fixture(scope="module")
 def domains(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     pytest.importorskip("open_clip")
-    from test_evaluate import write_split_domains
+    from cli_helpers import write_split_domains
 
     root = tmp_path_factory.mktemp("preset-images")
     return _named(root / "named", write_split_domains(root / "src"), ["dtd", "eurosat"])
@@ -169,7 +169,7 @@ def test_moe_paper_preset_at_init_and_add_task(domains: list[Path], tmp_path: Pa
 
 
 def test_eval_command_takes_a_preset(domains: list[Path], tmp_path: Path) -> None:
-    from test_evaluate import eval_app
+    from cli_helpers import eval_app
     from typer.testing import CliRunner
 
     from edgeclip.edgeapp.create import init_bundle
