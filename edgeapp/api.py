@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -28,10 +28,11 @@ from edgeclip.discover import discover_images
 from edgeclip.edgeapp.classify import (
     LabelSpace,
     Prediction,
+    as_image,
     build_label_space,
-    classify_files,
-    predictions_from_scores,
-    task_route_names,
+    classify_batches,
+    is_file_input,
+    parse_labels,
 )
 from edgeclip.edgeapp.runtime import GatedRunner, ImageEncoderRunner, TextEncoderRunner
 from edgeclip.edgeapp.tasks import ProgressFn, add_rail_embeddings, add_task
@@ -51,15 +52,6 @@ class TaskInfo:
     classes: list[str]
     n_images: int
     threshold: float
-
-
-def _as_image(item: Image.Image | np.ndarray) -> Image.Image:
-    if isinstance(item, Image.Image):
-        return item
-    array = np.asarray(item)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise UsageError(f"an image array must be uint8 [H, W, 3] RGB, got {array.dtype} {list(array.shape)}")
-    return Image.fromarray(array, "RGB")
 
 
 class Classifier:
@@ -108,49 +100,64 @@ class Classifier:
         return self._text
 
     # -- inference -------------------------------------------------------------------------------
-    def label_space(self, labels: Sequence[str] = ()) -> LabelSpace:
+    def label_space(self, labels: Sequence[str] | str = ()) -> LabelSpace:
         """The learned classes, then the bundle's default zero-shot labels and ``labels``, with their
-        frozen text embeddings (``LabelSpace.text`` [L,D] float32, unit rows)."""
-        return build_label_space(self.bundle, list(labels), self.text_runner.class_embeddings)
+        frozen text embeddings (``LabelSpace.text`` [L,D] float32, unit rows).
+
+        ``labels``: a list of label strings, or one string of comma-separated labels (``"cat,dog"``, as the
+        CLI's ``--labels``; a label holding a comma needs the list form). Raises UsageError for an empty
+        string or a label that is not a string."""
+        if isinstance(labels, str):
+            labels = parse_labels(labels, None)
+        labels = list(labels)
+        bad = [label for label in labels if not isinstance(label, str)]
+        if bad:
+            raise UsageError(f"labels must be strings, got {bad[0]!r:.100} ({type(bad[0]).__name__})")
+        return build_label_space(self.bundle, labels, self.text_runner.class_embeddings)
 
     def _pixels(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
         if not images:
             return np.zeros((0, 3, self._cfg.image_size, self._cfg.image_size), np.float32)
-        return np.stack([preprocess(_as_image(img), self._cfg) for img in images])  # [B,3,S,S] float32
+        return np.stack([preprocess(as_image(img), self._cfg) for img in images])  # [B,3,S,S] float32
 
-    def classify(self, images: ImageInput | Iterable[ImageInput], labels: Sequence[str] = (), top_k: int = 5,
+    def classify(self, images: ImageInput | Iterable[ImageInput], labels: Sequence[str] | str = (), top_k: int = 5,
                  batch_size: int = 16) -> list[Prediction]:
         """One ``Prediction`` per input, in input order: label, score, route (task name or "zero-shot"),
         top-k and error (the reason a file could not be read; the other fields are then empty).
 
         images: files, folders (their images), PIL images or uint8 [H,W,3] RGB arrays (one or an iterable); labels: extra
-        zero-shot labels beside the learned classes. Raises UsageError (nothing to classify into, bad array).
+        zero-shot labels beside the learned classes (a list, or one comma-separated string, ``label_space``).
+        ``list(classify_iter(...))``: for many inputs, ``classify_iter`` keeps memory flat. Raises UsageError
+        (nothing to classify into; None or another type, or a bad array, among the inputs). An image without
+        pixels (0x0) gets an error row, as an unreadable file does.
         """
-        items = [images] if isinstance(images, (str, Path, Image.Image, np.ndarray)) else list(images)
-        items = _expand_folders(items)
+        return list(self.classify_iter(images, labels, top_k=top_k, batch_size=batch_size))
+
+    def classify_iter(self, images: ImageInput | Iterable[ImageInput], labels: Sequence[str] | str = (), top_k: int = 5,
+                      batch_size: int = 16, *, workers: int | None = None,
+                      embeddings: bool = False) -> Iterator[Prediction]:
+        """Yield one ``Prediction`` per input, in input order, as each batch is classified.
+
+        ``images`` is read lazily (a generator of a million paths or arrays is fine): memory is bounded by
+        the batch and the decode queue (two batches ahead), not by the input's length. Folders are replaced
+        by their images (one folder's listing at a time). workers: decoding threads (default one per core);
+        embeddings: also set each Prediction's ``embedding`` ([D] float32, unit norm). The arguments and the
+        label space are checked now, before the first item is read: raises UsageError (top_k < 1,
+        batch_size < 1, nothing to classify into); a bad array raises UsageError when it is reached.
+        """
         if top_k < 1:
             raise UsageError(f"top_k must be at least 1, not {top_k}")
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be at least 1, not {batch_size}")
+        if images is None or not isinstance(images, (Iterable, Image.Image)):
+            raise UsageError(f"images must be files, folders, PIL images or uint8 [H, W, 3] RGB arrays (one or an "
+                             f"iterable), got {type(images).__name__}")
+        single = isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray))
+        items: Iterable[ImageInput] = [images] if single else images  # type: ignore[list-item]
         space = self.label_space(labels)
-        names = task_route_names(self.bundle)
-        out: list[Prediction | None] = [None] * len(items)
-        files = [(i, Path(x)) for i, x in enumerate(items) if isinstance(x, (str, Path))]
-        in_memory = [(i, x) for i, x in enumerate(items) if not isinstance(x, (str, Path))]
-        if files:
-            by_path: dict[str, list[int]] = {}
-            for i, path in files:
-                by_path.setdefault(str(path), []).append(i)
-            preds = classify_files(self.bundle, [p for _, p in files], self._gated, space, top_k=top_k,
-                                   batch_size=batch_size)
-            for pred, (i, _) in zip(_in_input_order(preds, [p for _, p in files]), files):
-                out[i] = pred
-        for start in range(0, len(in_memory), batch_size):
-            chunk = in_memory[start:start + batch_size]
-            result = self._gated.run(self._pixels([x for _, x in chunk]), space.text)
-            preds = predictions_from_scores([f"<image {i}>" for i, _ in chunk], result["scores"], result["route"],
-                                            space, names, top_k)
-            for (i, _), pred in zip(chunk, preds):
-                out[i] = pred
-        return [p for p in out if p is not None]
+        batches = classify_batches(self.bundle, _expand_folders(items), self._gated, space, top_k=top_k,
+                                   batch_size=batch_size, workers=workers, embeddings=embeddings)
+        return (pred for batch in batches for pred in batch)
 
     def embed_images(self, images: Iterable[Image.Image | np.ndarray | str | Path]) -> np.ndarray:
         """Frozen CLIP image embeddings [N,D] float32, unit rows (the plain encoder, no task).
@@ -197,18 +204,27 @@ class Classifier:
         ``embed_images``; labels [N] index ``classes``). Returns a Classifier on the new version.
 
         RAIL closed form (METHODS.md section 3), torch-free. Raises UsageError for an MoE bundle, shapes
-        other than [N,D] and [N], or labels outside ``classes``; DomainError for a task name already learned.
+        other than [N,D] and [N], labels outside ``classes``, or ``classes`` given as one string; DomainError
+        for a task name already learned, names that could not name a domain folder (``/``), or a template
+        without ``{}`` (as add-task refuses them). ``templates`` may be one string (one template).
         """
+        if isinstance(classes, str):
+            raise UsageError(f"classes must be a list of class names, not the string {classes!r:.100}")
+        if isinstance(templates, str):
+            templates = [templates]  # one template
         learned = add_rail_embeddings(self.bundle, name, embeddings, np.asarray(labels), list(classes),
                                       list(templates), source="embeddings", backend=self.backend)
         return self._on(learned)
 
     def rollback(self, to: str | None = None) -> Classifier:
-        """Make an earlier version current (the parent unless ``to`` names one); a Classifier on it.
+        """Make an earlier version current (the parent of this Classifier's version unless ``to`` names
+        one); a Classifier on it. Acts only on the version this object read: refuses when another
+        process has made another version current since (``Classifier.reload`` first).
 
-        Raises BundleError when there is no earlier version or ``to`` names no complete version.
+        Raises BundleError when CURRENT moved, there is no earlier version, or ``to`` names no complete
+        version.
         """
-        rollback(self.root, to)
+        rollback(self.root, to, expect=self.bundle)
         return self.reload()
 
     def reload(self) -> Classifier:
@@ -220,26 +236,13 @@ class Classifier:
         return Classifier(bundle, self.backend, self.precision, self.threads, self.cuda_graph)
 
 
-def _expand_folders(items: list[ImageInput]) -> list[ImageInput]:
-    """Folders become their images (recognised by content, hidden files skipped), in place."""
-    out: list[ImageInput] = []
+def _expand_folders(items: Iterable[ImageInput]) -> Iterator[ImageInput]:
+    """Folders become their images (recognised by content, hidden files skipped), in place, lazily."""
     for item in items:
-        if isinstance(item, (str, Path)) and Path(item).is_dir():
-            out.extend(discover_images([Path(item)]).images)
+        if is_file_input(item) and Path(os.fsdecode(item)).is_dir():  # type: ignore[arg-type]
+            yield from discover_images([Path(os.fsdecode(item))]).images  # type: ignore[arg-type]
         else:
-            out.append(item)
-    return out
-
-
-def _in_input_order(preds: Iterable[Prediction], paths: Sequence[Path]) -> list[Prediction]:
-    """classify_files yields a batch's unreadable files first: put results back in input order."""
-    position: dict[str, list[int]] = {}
-    for i, path in enumerate(paths):
-        position.setdefault(os.fspath(path), []).append(i)  # Prediction.path is os.fspath (surrogateescape)
-    ordered: list[Prediction | None] = [None] * len(paths)
-    for pred in preds:
-        ordered[position[pred.path].pop(0)] = pred
-    return [p for p in ordered if p is not None]
+            yield item
 
 
 def _write_domain(folder: Path, pairs: Sequence[tuple[Image.Image | np.ndarray, str]]) -> Path:
@@ -248,7 +251,7 @@ def _write_domain(folder: Path, pairs: Sequence[tuple[Image.Image | np.ndarray, 
             raise UsageError(f"class name {label!r} must be a non-empty name without '/' or a leading '.'")
         target = folder / label
         target.mkdir(parents=True, exist_ok=True)
-        _as_image(image).convert("RGB").save(target / f"{i:06d}.png")
+        as_image(image).convert("RGB").save(target / f"{i:06d}.png")
     return folder
 
 
@@ -264,7 +267,7 @@ def load(bundle: str | Path, backend: str = "auto", precision: str = "fp32", thr
 
 
 def create(bundle: str | Path, model: str = "ViT-B-16", pretrained: str | None = None, method: str = "rail-primal",
-           random_weights: bool = False, seed: int = 0, zero_shot_labels: Sequence[str] = (),
+           random_weights: bool = False, seed: int = 0, zero_shot_labels: Sequence[str] | str = (),
            tokenizer: str | None = None, keep: int = 0, **settings: Any) -> Classifier:
     """Create a bundle from an open_clip model (the ``train`` extra): the counterpart of ``edgeclip init``.
 
@@ -272,8 +275,9 @@ def create(bundle: str | Path, model: str = "ViT-B-16", pretrained: str | None =
     tests; keep: versions kept after each write (0 = all); tokenizer: a tokenizer.json for Hugging Face tokenizer models (SigLIP, docs/MODELS.md). ``settings``: the learner's and the gate's settings (hidden, gamma, gamma_kernel, lam, beta, fusion, moe, moe_train, gate_kind, gate_k, gate_quantile; ``edgeapp.tasks.init_sections``), the schema's defaults for the rest. Raises
     MissingExtraError without torch, BackboneLoadError when the weights cannot be had.
     """
+    labels = parse_labels(zero_shot_labels, None) if isinstance(zero_shot_labels, str) else list(zero_shot_labels)
     create_module = import_torch_module("edgeclip.edgeapp.create", "creating a bundle (reading open_clip models)")
     created = create_module.init_bundle(Path(bundle), model, pretrained, random_weights=random_weights, seed=seed,
-                                        method=method, zero_shot_labels=list(zero_shot_labels),
+                                        method=method, zero_shot_labels=labels,
                                         tokenizer=tokenizer, keep=keep, **settings)
     return Classifier(created)

@@ -16,7 +16,7 @@ import numpy as np
 from edgeclip.bundle import Bundle
 from edgeclip.discover import display_path
 from edgeclip.domain import ZERO_SHOT_ROUTE_NAME
-from edgeclip.errors import UsageError
+from edgeclip.errors import ImageError, UsageError
 from edgeclip.layout import LEARNED, ZS_TEXT
 
 ZERO_SHOT = ZERO_SHOT_ROUTE_NAME  # the route of an image that fits no learned task
@@ -33,6 +33,8 @@ class Prediction:
     best-scoring label over the whole label space and ``task`` the task that label belongs to
     (``zero-shot`` for an extra label). They differ when the gate routes an image to one task
     but another task's class still scores higher; ``topk`` entries name their task likewise.
+    ``embedding`` ([D] float32, unit norm) is set only when asked (``classify_batches(embeddings=True)``)
+    and is not part of ``to_dict``.
     """
 
     path: str
@@ -43,6 +45,7 @@ class Prediction:
     error: str | None = None
     note: str | None = None
     task: str | None = None
+    embedding: np.ndarray | None = field(default=None, repr=False, compare=False)  # [D] float32, when asked
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -225,6 +228,95 @@ def predictions_from_scores(
     return out
 
 
+def as_image(item: Any) -> Any:
+    """An in-memory input as a PIL image: a PIL image as is, or a uint8 [H,W,3] RGB array.
+
+    Raises UsageError for anything else (None, another type, another array: a caller's mistake, as
+    for a bad argument) and ImageError for an image without pixels (0 wide or high: an input that
+    cannot be classified, like an empty file, so classify gives it an error row)."""
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        image = item
+    else:
+        if item is None or not isinstance(item, (np.ndarray, list, tuple)):
+            raise UsageError(f"an image input must be a file path, a PIL image or a uint8 [H, W, 3] RGB array, "
+                             f"got {type(item).__name__}")
+        array = np.asarray(item)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise UsageError(f"an image array must be uint8 [H, W, 3] RGB, got {array.dtype} {list(array.shape)}")
+        if array.shape[0] == 0 or array.shape[1] == 0:
+            raise ImageError(f"the image has no pixels ({array.shape[1]}x{array.shape[0]})")
+        image = Image.fromarray(array, "RGB")
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"the image has no pixels ({image.width}x{image.height})")
+    return image
+
+
+def is_file_input(item: Any) -> bool:
+    """Whether a classify input names a file (str, bytes or a path) rather than holding pixels."""
+    return isinstance(item, (str, bytes, os.PathLike))
+
+
+def classify_batches(
+    bundle: Bundle,
+    items: Iterable[Any],
+    runner: Any,
+    labels: LabelSpace,
+    top_k: int = 5,
+    batch_size: int = 32,
+    workers: int | None = None,
+    exact: bool | None = None,
+    max_pixels: int | None = None,
+    embeddings: bool = False,
+) -> Iterator[list[Prediction]]:
+    """The streaming core of classify (API, CLI, Ray workers): yield each batch's Predictions in input order.
+
+    items: files (str, bytes or ``os.PathLike``) and in-memory images (PIL or uint8 [H,W,3] RGB arrays),
+    read lazily; memory is bounded by the batch and the decode queue (``images.iter_batches``: two
+    batches ahead), never by the input's length. A file that cannot be read gives an error Prediction
+    (its ``error`` names the cause) in its place; an in-memory image is named ``<image N>`` (N: its
+    0-based input position). Decoding runs ``workers`` threads (default: one per core) ahead of the
+    engine. ``exact``: True decodes at full resolution (open_clip's pixels), False the fast reduced
+    decode, None follows the bundle's ``preprocess.exact``. ``max_pixels``: the decompression-bomb
+    limit (default ``images.DEFAULT_MAX_PIXELS``). ``embeddings``: also set ``Prediction.embedding``
+    ([D] float32, unit norm, the frozen CLIP image embedding). Raises UsageError for a bad array.
+    """
+    from edgeclip.images import DEFAULT_MAX_PIXELS, PreprocessConfig, decode_and_preprocess, iter_batches, preprocess
+
+    cfg = PreprocessConfig.of(bundle.meta.preprocess).with_exact(exact)
+    limit = max_pixels or DEFAULT_MAX_PIXELS
+    names = task_route_names(bundle)
+
+    def decode(item: Any) -> tuple[np.ndarray, str | None]:
+        if is_file_input(item):
+            return decode_and_preprocess(Path(os.fsdecode(item)), cfg, limit)
+        return preprocess(as_image(item), cfg), None
+
+    def name(item: Any, position: int) -> str:
+        return os.fspath(Path(os.fsdecode(item))) if is_file_input(item) else f"<image {position}>"
+
+    for batch in iter_batches(items, cfg, batch_size=batch_size, workers=workers, max_pixels=limit, decode=decode):
+        scored: list[Prediction] = []
+        if len(batch.paths):
+            result = runner.run(batch.pixels, labels.text)
+            scored = predictions_from_scores([name(item, i) for item, i in zip(batch.paths, batch.indices)],
+                                             result["scores"], result["route"], labels, names, top_k,
+                                             notes=batch.notes)
+            if embeddings:
+                for pred, vector in zip(scored, result["embedding"]):
+                    pred.embedding = np.asarray(vector, np.float32)
+        errors = iter(batch.errors)
+        out = []
+        for position, row, message in batch.in_input_order():
+            if row is None:
+                item, _ = next(errors)
+                out.append(Prediction(path=name(item, position), error=message))
+            else:
+                out.append(scored[row])
+        yield out
+
+
 def classify_files(
     bundle: Bundle,
     files: Iterable[Path],
@@ -237,24 +329,11 @@ def classify_files(
     exact: bool | None = None,
     max_pixels: int | None = None,
 ) -> Iterator[Prediction]:
-    """Yield one Prediction per file, in input order per batch; unreadable files give an error Prediction
-    (its ``error`` names the file and the cause).
-
-    Decoding runs ``workers`` threads (default: one per core) ahead of the engine, so decoding
-    overlaps inference. ``exact``: True decodes at full resolution (open_clip's pixels), False
-    uses the fast reduced decode, None follows the bundle's ``preprocess.exact`` (default fast).
-    ``max_pixels``: the decompression-bomb limit (default ``images.DEFAULT_MAX_PIXELS``)."""
-    from edgeclip.images import DEFAULT_MAX_PIXELS, PreprocessConfig, iter_batches
-
-    cfg = PreprocessConfig.of(bundle.meta.preprocess).with_exact(exact)
-    names = task_route_names(bundle)
-    for batch in iter_batches(list(files), cfg, batch_size=batch_size, workers=workers,
-                              max_pixels=max_pixels or DEFAULT_MAX_PIXELS):
-        for path, message in batch.errors:
-            yield Prediction(path=os.fspath(path), error=message)
-        if len(batch.paths):
-            result = runner.run(batch.pixels, labels.text)
-            yield from predictions_from_scores(batch.paths, result["scores"], result["route"], labels, names, top_k,
-                                               notes=batch.notes)
+    """Yield one Prediction per file, in input order (``classify_batches`` flattened); unreadable files
+    give an error Prediction (its ``error`` names the file and the cause). ``on_batch(n)`` is called
+    after each batch of n files."""
+    for preds in classify_batches(bundle, files, runner, labels, top_k=top_k, batch_size=batch_size,
+                                  workers=workers, exact=exact, max_pixels=max_pixels):
+        yield from preds
         if on_batch is not None:
-            on_batch(len(batch.paths) + len(batch.errors))
+            on_batch(len(preds))

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeclip.bundle import Bundle, link_or_copy
+from edgeclip.bundle import GRAPH_STORE, Bundle, link_or_copy
 from edgeclip.domain import Domain, few_shot, read_domain
 from edgeclip.edgeapp import tasks as pipeline
 from edgeclip.edgeapp.eval_scoring import (
@@ -180,10 +180,19 @@ class ContinualRun:
 
 
 def copy_bundle(source: Path, dest: Path) -> Path:
-    """A working copy of a bundle: files hard-linked where possible (versions are immutable and
-    every writer unlinks before writing), copied otherwise; locks and staging folders skipped."""
-    Bundle.open(source)  # refuse a broken bundle before copying
-    shutil.copytree(source, dest, copy_function=link_or_copy, symlinks=True,
+    """A working copy of a bundle: version files hard-linked where possible (versions are immutable and
+    every writer unlinks before writing), copied otherwise; graph-store files copied (a store file has a
+    single link: ``Bundle.check_graph_locations``); locks and staging folders skipped."""
+    Bundle.open(source).release()  # refuse a broken bundle before copying
+    store = (source / GRAPH_STORE).resolve()
+
+    def copy_file(src: str, dst: str) -> None:
+        if Path(src).resolve().parent == store:
+            shutil.copy2(src, dst)
+        else:
+            link_or_copy(src, dst)
+
+    shutil.copytree(source, dest, copy_function=copy_file, symlinks=True,
                     ignore=shutil.ignore_patterns(".lock", ".staging-*"))
     return dest
 

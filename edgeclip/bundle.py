@@ -22,8 +22,11 @@ from edgeclip.store.reader import Bundle, current_version, list_versions, weight
 from edgeclip.store.retention import (
     disk_usage,
     format_size,
+    PrunePlan,
+    plan_prune,
     prune,
     rollback,
+    run_prune,
     set_retention,
     version_history,
 )
@@ -32,7 +35,7 @@ from edgeclip.store.verify import verify_bundle
 from edgeclip.store.writer import VersionWriter, create_bundle
 
 __all__ = [
-    "CURRENT", "GRAPH_STORE", "LOCK", "LOCK_WAIT_S", "MANIFEST", "Bundle", "VersionWriter", "create_bundle",
+    "CURRENT", "GRAPH_STORE", "LOCK", "LOCK_WAIT_S", "MANIFEST", "Bundle", "PrunePlan", "plan_prune", "run_prune", "VersionWriter", "create_bundle",
     "current_version", "disk_usage", "format_size", "link_or_copy", "list_versions", "prune", "rollback",
     "set_retention", "sha256_of", "stamps_dir", "stamps_path", "stored_path", "utc_now", "verify_bundle",
     "version_history", "weights_label",

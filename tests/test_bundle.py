@@ -193,7 +193,11 @@ def test_crash_between_version_rename_and_switch(tmp_path: Path, monkeypatch: py
     first = make_bundle(tmp_path / "b")
     import edgeclip.store.writer as module
 
-    def crash(*_args: object) -> None:
+    real = module.write_atomic_text
+
+    def crash(path: Path, text: str) -> None:
+        if path.name != "CURRENT":
+            return real(path, text)
         raise KeyboardInterrupt("killed before the switch")
 
     monkeypatch.setattr(module, "write_atomic_text", crash)
@@ -738,7 +742,9 @@ def test_history_rollback_to_and_prune(tmp_path: Path) -> None:
     first_stamps = stamps_path(root, "v0001")
     assert first_stamps.is_file()
     _grow(root, ["t2b"])  # v0005, parent v0002: v0003 and v0004 are off the current line
-    assert prune(root, keep=2) == ["v0001", "v0003", "v0004"]
+    assert prune(root, keep=2) == ["v0001"]  # the work a rollback left stays without include_newer
+    assert list_versions(root) == ["v0002", "v0003", "v0004", "v0005"]
+    assert prune(root, keep=2, include_newer=True) == ["v0003", "v0004"]
     assert list_versions(root) == ["v0002", "v0005"]
     bundle = Bundle.open(root)
     assert [t.name for t in bundle.tasks] == ["t1", "t2b"]
@@ -786,7 +792,10 @@ def test_store_commands_end_to_end(tmp_path: Path) -> None:
     done = _cli("verify", "--bundle", root)
     assert done.returncode == 1 and "v0003" in done.stderr and "learned.safetensors" in done.stderr
     assert "Traceback" not in done.stderr
-    done = _cli("prune", "--bundle", root, "--keep", "1")
+    done = _cli("prune", "--bundle", root, "--keep", "1", "--dry-run")
+    assert done.returncode == 0 and "would remove 1 version(s) (v0001)" in done.stdout, done.stdout
+    assert "kept v0003 (off the current line" in done.stdout and len(list_versions(root)) == 3
+    done = _cli("prune", "--bundle", root, "--keep", "1", "--include-newer")
     assert done.returncode == 0 and "v0001, v0003" in done.stderr
     assert list_versions(root) == ["v0002"] and _cli("verify", "--bundle", root).returncode == 0
 

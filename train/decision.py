@@ -54,7 +54,7 @@ def learned_tensors(
 
     zs_text: [C,D] float32; task_sizes: [T] class counts; gate_states: each task's autoencoder
     `.state()` (edgeclip.train.ddas); head_state: at least the learner's head keys
-    (``registry.learner_spec(method).head_keys``; other keys, the learning state, are left out): the RAIL
+    (``registry.get_learner(method).head_keys``; other keys, the learning state, are left out): the RAIL
     learner's `.state()`, or for MoE {"task_text": [C,D]} (the tasks' adapted text classifiers in global
     class order, rows L2-normalised as `moe.text_classifier` gives). Names of the keys: ``edgeclip.layout``.
     Returns name -> array (float32; ``task.size``, ``task.offset``, ``gate.k`` int64). Raises UsageError on

@@ -244,7 +244,7 @@ def rollback(
     bundle: BundleOpt = None,
     to: Annotated[Optional[str], typer.Option("--to", help="Version to make current (e.g. v0002); default: the current version's parent.")] = None,
 ) -> None:
-    """Make an earlier bundle version current again (newer versions stay on disk until 'edgeclip prune')."""
+    """Make an earlier bundle version current again (newer versions stay on disk until 'edgeclip prune --include-newer')."""
     root = require_bundle(bundle_path(bundle))
     version = rollback_bundle(root, to)
     err_console().print(markup(f"{root}: now at {version}"), highlight=False)
@@ -320,13 +320,13 @@ def verify(
     from edgeclip.bundle import verify_bundle
 
     root = require_bundle(bundle_path(bundle))
-    names = [version] if version else list_versions(root)
-    problems = verify_bundle(root, names)
+    problems = verify_bundle(root, [version] if version else None)  # versions a concurrent prune removes are skipped
     for _name, problem in problems:
         err_console().print(f"[bold red]damaged:[/] {markup(problem)}", highlight=False)
     if problems:
         raise typer.Exit(1)
-    err_console().print(markup(f"{root}: {len(names)} version(s) intact ({format_size(disk_usage(root))} on disk)"),
+    count = 1 if version else len(list_versions(root))
+    err_console().print(markup(f"{root}: {count} version(s) intact ({format_size(disk_usage(root))} on disk)"),
                         highlight=False)
 
 
@@ -334,23 +334,28 @@ def prune(
     bundle: BundleOpt = None,
     keep: Annotated[Optional[int], typer.Option(min=1, help="Versions to keep: the current one and its nearest ancestors (default: the bundle's retention setting, else 1).")] = None,
     save: Annotated[bool, typer.Option("--save", help="Also record --keep as the bundle's retention setting, applied after every later write.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be removed and kept, and change nothing.")] = False,
+    include_newer: Annotated[bool, typer.Option("--include-newer", help="Also remove versions off the current line: work a rollback left behind (newer than the version rolled back to), which you may want back.")] = False,
 ) -> None:
-    """Remove old versions: all but the current one and its KEEP-1 nearest ancestors (versions left
-    behind by a rollback are removed too). Readers of the current version are never disturbed."""
-    from edgeclip.bundle import prune as prune_bundle
-    from edgeclip.bundle import set_retention
+    """Remove old versions: the current one's ancestors beyond its KEEP-1 nearest. Kept regardless:
+    versions off the current line, left by a rollback (unless --include-newer), the newest intact version when the
+    current one is damaged, and versions a running reader holds. Readers are never disturbed."""
+    from edgeclip.bundle import run_prune, set_retention
 
     root = bundle_path(bundle)
+    if save and keep is None:
+        raise typer.BadParameter("--save needs --keep N", param_hint="--save")
+    if dry_run:
+        plan = run_prune(require_bundle(root), keep, include_newer=include_newer, dry_run=True)
+        typer.echo(visible(f"{root}: {plan.summary(done=False)} (dry run: nothing changed)"))
+        return
     before = disk_usage(root) if (root / "CURRENT").exists() else 0
     if save:
-        if keep is None:
-            raise typer.BadParameter("--save needs --keep N", param_hint="--save")
         set_retention(root, keep)
-    removed = prune_bundle(root, keep)
+    plan = run_prune(root, keep, include_newer=include_newer)
     after = disk_usage(root)
-    err_console().print(markup(
-        f"{root}: removed {len(removed)} version(s){' (' + ', '.join(removed) + ')' if removed else ''}; "
-        f"{format_size(after)} on disk (freed {format_size(max(0, before - after))})"), highlight=False)
+    err_console().print(markup(f"{root}: {plan.summary(done=True)}; {format_size(after)} on disk "
+                               f"(freed {format_size(max(0, before - after))})"), highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -25,6 +25,7 @@ from edgeclip.layout import GRAPHS_DIR
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 LOCK = ".lock"
+LAST_VERSION = "LAST_VERSION"  # the highest version name ever issued: names are never reused
 _FINITE_CHUNK = 1 << 24  # elements checked at a time by the finiteness check
 GRAPH_STORE = GRAPHS_DIR  # BUNDLE/graphs/: the shared, content-named graph store
 STORED_RE = re.compile(r"^[0-9a-f]{64}\.(onnx|data)$")  # a file of the graph store
@@ -79,6 +80,17 @@ WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
                  errno.EROFS: "it lies on a read-only file system", errno.EACCES: "permission denied",
                  errno.EPERM: "permission denied", errno.ENOTDIR: "a part of its path is a file, not a folder",
                  errno.EEXIST: "a file is in the way"}
+
+
+def safetensors_os_error(exc: Exception) -> Exception:
+    """The OSError inside a safetensors ``SafetensorError`` ("... I/O error: No space left on device (os
+    error 28)"), so that a full disk while writing tensors is reported like any other write error; any
+    other exception is returned as it is."""
+    found = re.search(r"\(os error (\d+)\)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
+    if found is None:
+        return exc
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
 
 
 def io_error(root: Path, action: str, exc: OSError) -> BundleError:

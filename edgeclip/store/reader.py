@@ -3,6 +3,7 @@ opened read-only (fast open, lazy per-file hash verification with stamps)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -26,11 +27,14 @@ from edgeclip.store.fs import (
     stored_path,
 )
 from edgeclip.store.graphs import external_tensors
+from edgeclip.store.lease import Lease, VersionGone, take_lease
 from edgeclip.store.stamps import read_stamps, stamp_of, write_stamps
 from edgeclip.version import __version__
 
 if TYPE_CHECKING:
     from edgeclip.store.writer import VersionWriter
+
+_CURRENT_TRIES = 20  # re-reads of CURRENT when the version it named vanished meanwhile (writers + retention)
 
 
 def list_versions(root: Path) -> list[str]:
@@ -60,9 +64,26 @@ def current_version(root: Path) -> str:
     name = marker.read_text(encoding="utf-8", errors="replace").strip()
     if not VERSION_RE.match(name):
         raise BundleError(f"Bundle {root}: {CURRENT} does not name a version.")
-    if not (root / "versions" / name / MANIFEST).is_file():
-        raise BundleError(f"Bundle {root}: {CURRENT} names '{name}', which is not a complete version.")
-    return name
+    for _ in range(_CURRENT_TRIES):
+        if (root / "versions" / name / MANIFEST).is_file():
+            return name
+        # a writer may have switched CURRENT and pruned the version just read: read CURRENT again
+        again = marker.read_text(encoding="utf-8", errors="replace").strip()
+        if again == name or not VERSION_RE.match(again):
+            break
+        name = again
+    raise BundleError(f"Bundle {root}: {CURRENT} names '{name}', which is not a complete version.")
+
+
+def manifest_identity(root: Path, version: str) -> str:
+    """The sha256 of a version's ``manifest.json`` bytes: the identity a writer's compare-and-swap
+    compares (it names the version, its parent, its time and every file's hash, so it never repeats
+    even where a version name would). Raises BundleError when the manifest cannot be read."""
+    path = Path(root) / "versions" / version / MANIFEST
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise BundleError(f"Bundle {root}: version {version} is gone or unreadable ({type(exc).__name__}).") from None
 
 
 def weights_label(weights: Weights) -> str:
@@ -92,6 +113,8 @@ class Bundle:
     verify_hashes: bool = True
     _verified: set[str] = field(default_factory=set, repr=False)
     _stamps: dict[str, list[Any]] | None = field(default=None, repr=False)
+    identity: str = ""  # sha256 of the manifest file (``manifest_identity``): what a writer's CAS compares
+    _lease: Lease | None = field(default=None, repr=False, compare=False)
 
     @property
     def dir(self) -> Path:
@@ -107,16 +130,45 @@ class Bundle:
     def open(cls, root: Path | str, version: str | None = None, verify_hashes: bool = True) -> "Bundle":
         """Open ``version`` (default: CURRENT) of the bundle at ``root``: read and validate the
         manifest, check every file is a regular file of the recorded size. No content is read
-        here; ``path`` verifies each file's hash on first use. Raises BundleError."""
+        here; ``path`` verifies each file's hash on first use. The Bundle holds a reader lease on its
+        version (``edgeclip.store.lease``): no prune removes it until the Bundle is released or
+        garbage-collected. Raises BundleError (also when ``version`` was removed meanwhile)."""
         root = Path(root)
         check_root(root)
-        version = check_version_name(version) if version else current_version(root)
-        check_dir(root / "versions", root, "its versions folder")
-        check_dir(root / "versions" / version, root, f"version {version}")
-        manifest, meta = read_manifest(root, version)
-        bundle = cls(root=root, version=version, manifest=manifest, meta=meta, verify_hashes=verify_hashes)
-        bundle.validate(verify_hashes=False)
-        return bundle
+        requested = check_version_name(version) if version else None
+        for _ in range(_CURRENT_TRIES):
+            version = requested or current_version(root)
+            check_dir(root / "versions", root, "its versions folder")
+            vdir = root / "versions" / version
+            try:
+                check_dir(vdir, root, f"version {version}")
+            except BundleError:
+                if requested or os.path.lexists(vdir):
+                    raise
+                continue  # pruned right after CURRENT moved on: read CURRENT again
+            try:
+                lease = take_lease(vdir)
+            except VersionGone:
+                if requested:
+                    raise BundleError(f"Bundle {root}: version {version} was removed (pruned) meanwhile.") from None
+                continue  # CURRENT moved on and its old version was pruned: read CURRENT again
+            try:
+                manifest, meta = read_manifest(root, version)
+                bundle = cls(root=root, version=version, manifest=manifest, meta=meta, verify_hashes=verify_hashes,
+                             identity=manifest_identity(root, version), _lease=lease)
+                bundle.validate(verify_hashes=False)
+            except BaseException:
+                if lease is not None:
+                    lease.release()
+                raise
+            return bundle
+        raise BundleError(f"Bundle {root} changed too often while being opened; try again.")
+
+    def release(self) -> None:
+        """Let go of this version's reader lease (a later prune may then remove it). The Bundle must
+        not read files afterwards."""
+        if self._lease is not None:
+            self._lease.release()
 
     # -- files -------------------------------------------------------------------------
     def _location(self, name: str) -> tuple[Path, str]:
@@ -132,13 +184,20 @@ class Bundle:
     def path(self, name: str) -> Path:
         """Where a file of this version lies (graphs resolve into the shared graph store), after
         checking it is a regular file inside the bundle and, on first use, that its content
-        matches the manifest's sha256. Raises BundleError."""
+        matches the manifest's sha256; a graph (``.onnx``) also has its external-data locations
+        checked (``check_graph_locations``). Raises BundleError."""
         base, rel = self._location(name)
         if name not in self._verified:
             st = self._check_file(name)
             if self.verify_hashes:
                 self._verify_content(name, st)
             self._verified.add(name)
+            if name.endswith(".onnx"):
+                try:
+                    self.check_graph_locations(name)
+                except BaseException:
+                    self._verified.discard(name)
+                    raise
         return base / rel
 
     def has(self, name: str) -> bool:
@@ -219,7 +278,7 @@ class Bundle:
         """Check everything in this version, ignoring stamps (``edgeclip verify``): every file's sha256
         (refreshing the stamps of what matched), every tensor file's shapes and finiteness (a file that
         is not safetensors, e.g. a pickle, is refused unread), and every graph's external-data
-        locations (plain names of files beside it). Raises BundleError at the first problem."""
+        locations (``check_graph_locations``). Raises BundleError at the first problem."""
         for name in self.manifest["files"]:
             st = self._check_file(name)
             self._verify_content(name, st, use_stamp=False)
@@ -228,22 +287,42 @@ class Bundle:
             if name.endswith(".safetensors"):
                 self.tensors(name)  # shapes against the manifest, finite values
             elif name.endswith(".onnx"):
-                self._check_graph_locations(name)
+                self.check_graph_locations(name)
 
-    def _check_graph_locations(self, name: str) -> None:
+    def check_graph_locations(self, name: str) -> None:
+        """Every external-data location of graph ``name`` must be a plain name of a file beside it that
+        this version lists (so its size and sha256 are checked like every file's), a regular file (not a
+        symlink) and, in the shared graph store, a single-link file (no hard link can make it another
+        file's twin). onnxruntime reads exactly these files. Raises BundleError naming the graph."""
         import onnx
 
-        path = self.path(name)
+        files = self.manifest["files"]
+        entry = files[name]
+        base, rel = self._location(name)
+        folder = (base / rel).parent
+        if entry.get("blob"):
+            listed = {stored_path(self.root, f, e).name for f, e in files.items() if e.get("blob") and f.endswith(".data")}
+        else:
+            here = Path(name).parent
+            listed = {Path(f).name for f, e in files.items() if Path(f).parent == here and not e.get("blob")}
         try:
-            graph = onnx.load(str(path), load_external_data=False)
+            graph = onnx.load(str(base / rel), load_external_data=False)
         except Exception as exc:  # onnx raises DecodeError and others for a damaged file
             raise BundleError(f"Bundle {self.root} {self.label}: graph '{name}' cannot be read: {type(exc).__name__}") from None
-        for tensor in external_tensors(graph.graph):
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            if not location or "/" in location or "\\" in location or location.startswith(".") \
-                    or not (path.parent / location).is_file():
-                raise BundleError(f"Bundle {self.root} {self.label}: graph '{name}' refers to external data "
-                                  f"{location[:60]!r}, which is not a file beside it; refusing the graph.")
+        for location in sorted({next((e.value for e in t.external_data if e.key == "location"), "")
+                                for t in external_tensors(graph.graph)}):
+            refuse = f"Bundle {self.root} {self.label}: graph '{name}' refers to external data {location[:60]!r}, "
+            if not location or "/" in location or "\\" in location or location.startswith(".") or location not in listed:
+                raise BundleError(refuse + "which is not a file of this version beside it; refusing the graph.")
+            try:
+                st = os.lstat(folder / location)
+            except OSError:
+                raise BundleError(refuse + "which is missing; refusing the graph.") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise BundleError(refuse + "which is a symlink or not a regular file; refusing the graph.")
+            if entry.get("blob") and st.st_nlink != 1:
+                raise BundleError(refuse + f"which has {st.st_nlink} hard links (a store file has one); "
+                                  "refusing the graph.")
 
     # -- facts used everywhere -----------------------------------------------------------
     @property
@@ -279,6 +358,9 @@ class Bundle:
         return VersionWriter(self.root, parent=self)
 
 
+MAX_MANIFEST_BYTES = 64 << 20  # far above any real manifest (thousands of tasks and classes: a few MB)
+
+
 def read_manifest(root: Path, version: str) -> tuple[dict[str, Any], Manifest]:
     vdir = root / "versions" / version
     label = f"version {version}"
@@ -294,10 +376,16 @@ def read_manifest(root: Path, version: str) -> tuple[dict[str, Any], Manifest]:
     def refuse_constant(token: str) -> Any:
         raise ValueError(f"non-finite number {token}")
 
+    if st.st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"Bundle {root} {label}: {MANIFEST} is {st.st_size} bytes, more than a manifest can be "
+                          f"({MAX_MANIFEST_BYTES}); the version is corrupt.")
     try:
         manifest = json.loads((vdir / MANIFEST).read_text(encoding="utf-8"), parse_constant=refuse_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(f"Bundle {root} {label}: {MANIFEST} is not valid JSON ({exc}); the version is corrupt.") from None
+    except RecursionError:
+        raise BundleError(f"Bundle {root} {label}: {MANIFEST} is nested too deeply to be a manifest; "
+                          "the version is corrupt.") from None
     schema = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if schema != SCHEMA_VERSION:
         raise BundleError(

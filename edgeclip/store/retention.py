@@ -9,25 +9,36 @@ import os
 import shutil
 import stat
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgeclip.errors import BundleError
 from edgeclip.manifest import check_version_name
 from edgeclip.store.fs import CURRENT, GRAPH_STORE, STORED_RE, io_errors, stored_path, write_atomic_text
-from edgeclip.store.lock import writer_lock
-from edgeclip.store.reader import Bundle, current_version, list_versions, read_manifest
+from edgeclip.store.lease import in_use, removal_lock
+from edgeclip.store.lock import clean_temporary, writer_lock
+from edgeclip.store.reader import Bundle, current_version, list_versions, manifest_identity, read_manifest
 from edgeclip.store.stamps import stamps_path
 
 
-def rollback(root: Path | str, to: str | None = None) -> str:
+def rollback(root: Path | str, to: str | None = None, expect: Bundle | None = None) -> str:
     """Make an earlier version current (the parent of the current one unless ``to`` is given).
     Holds the writer lock; a writer that started from the version replaced here will refuse at its
-    commit. Raises BundleError."""
+    commit. ``expect``: the version the caller read (``Classifier.rollback``); refuses when CURRENT is
+    no longer that very version (compared by manifest identity), so a stale object never undoes
+    another process's work, and ``to`` defaults to ``expect``'s parent. Raises BundleError."""
     root = Path(root)
     now = current_version(root)
     with writer_lock(root):
         now = current_version(root)
+        if expect is not None:
+            moved = now != expect.version
+            if not moved and expect.identity:
+                moved = manifest_identity(root, now) != expect.identity
+            if moved:
+                raise BundleError(f"The bundle {root} changed since version {expect.version} was read: {now} is "
+                                  "current now. Nothing was rolled back; reload and decide again.")
         if to is None:
             parent = read_manifest(root, now)[0].get("parent")
             if not parent:
@@ -36,7 +47,11 @@ def rollback(root: Path | str, to: str | None = None) -> str:
         check_version_name(to)
         if to not in list_versions(root):
             raise BundleError(f"Bundle {root} has no complete version '{to}'. Versions: {', '.join(list_versions(root))}")
-        Bundle.open(root, to).validate()  # refuse to switch to a damaged version
+        target = Bundle.open(root, to)
+        try:
+            target.validate()  # refuse to switch to a damaged version
+        finally:
+            target.release()
         with io_errors(root, "write"):
             write_atomic_text(root / CURRENT, to + "\n")
     return to
@@ -57,32 +72,119 @@ def _lineage(root: Path, start: str, limit: int) -> list[str]:
     return chain
 
 
-def prune_locked(root: Path, keep: int) -> list[str]:
-    kept = set(_lineage(root, current_version(root), max(1, keep)))
-    removed = []
+def intact(root: Path, version: str) -> bool:
+    """Whether ``rollback`` would accept ``version``: its manifest valid and every file a regular file
+    of the recorded size and sha256 (stamps honoured: the store's rule for files in use)."""
+    try:
+        bundle = Bundle.open(root, version)
+    except BundleError:
+        return False
+    try:
+        bundle.validate()
+        return True
+    except BundleError:
+        return False
+    finally:
+        bundle.release()
+
+
+@dataclass
+class PrunePlan:
+    """What a prune removes and what it keeps beyond the retention, and why (``plan_prune``).
+
+    ``remove``: versions to remove, oldest first; ``kept``: version -> reason, for versions kept although
+    the retention alone would remove them; ``removed``: filled by ``execute_prune``."""
+
+    current: str
+    keep: int
+    remove: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
+
+    def summary(self, done: bool) -> str:
+        """One line: what goes (or went) and what stays beyond the retention, and why."""
+        gone = self.removed if done else self.remove
+        text = f"{'removed' if done else 'would remove'} {len(gone)} version(s)"
+        text += f" ({', '.join(gone)})" if gone else ""
+        if self.kept:
+            text += "; kept " + ", ".join(f"{name} ({why})" for name, why in sorted(self.kept.items()))
+        return text
+
+
+NEWER = "off the current line: work a rollback left; --include-newer removes it"
+IN_USE = "in use by a reader"
+ROLLBACK_TARGET = "the newest intact version: the current one is damaged"
+
+
+def plan_prune(root: Path, keep: int, include_newer: bool = False) -> PrunePlan:
+    """Decide a prune without changing anything. Kept: the current version and its ``keep - 1`` nearest
+    ancestors; versions off the current line (work a rollback left: not an ancestor of the current
+    version, newer than its oldest ancestor on disk) unless ``include_newer``; the
+    newest intact version when no kept version is intact (a prune never leaves the bundle without a
+    version to roll back to); versions a reader holds (``edgeclip.store.lease``). Raises BundleError."""
+    current = current_version(root)
+    plan = PrunePlan(current=current, keep=keep)
+    line = _lineage(root, current, len(list_versions(root)) + 1)  # the current version and its ancestors on disk
+    oldest = min(int(name[1:]) for name in line)
     for name in list_versions(root):
-        if name in kept:
+        if name in line[:max(1, keep)]:
             continue
+        if name not in line and int(name[1:]) > oldest and not include_newer:  # names are issued in order
+            plan.kept[name] = NEWER
+        else:
+            plan.remove.append(name)
+    staying = [name for name in reversed(list_versions(root)) if name not in plan.remove]
+    if not any(intact(root, name) for name in staying):
+        rescue = next((name for name in reversed(plan.remove) if intact(root, name)), None)
+        if rescue is not None:
+            plan.remove.remove(rescue)
+            plan.kept[rescue] = ROLLBACK_TARGET
+    for name in list(plan.remove):
+        if in_use(root / "versions" / name):
+            plan.remove.remove(name)
+            plan.kept[name] = IN_USE
+    return plan
+
+
+def execute_prune(root: Path, plan: PrunePlan) -> PrunePlan:
+    """Remove the plan's versions (under the writer lock), each renamed to ``.trash-*`` first (atomic for
+    readers) while holding its removal lock; a version a reader took meanwhile is kept. Then removes the
+    graph-store files no remaining version refers to. Returns ``plan`` with ``removed`` filled."""
+    for name in plan.remove:
+        folder = root / "versions" / name
         stamps = stamps_path(root, name)
         trash = root / f".trash-{uuid.uuid4().hex[:12]}"
-        os.rename(root / "versions" / name, trash)  # atomic: readers see the version whole or not at all
+        with removal_lock(folder) as free:
+            if not free:
+                plan.kept[name] = IN_USE
+                continue
+            os.rename(folder, trash)  # atomic: readers see the version whole or not at all
         shutil.rmtree(trash, ignore_errors=True)
         if stamps is not None:
             with contextlib.suppress(OSError):
                 stamps.unlink()
-        removed.append(name)
-    if removed:
+        plan.removed.append(name)
+    if plan.removed:
         _collect_graph_store(root)
-    return removed
+    return plan
+
+
+def prune_locked(root: Path, keep: int, include_newer: bool = False) -> list[str]:
+    """Plan and execute a prune; the caller holds the writer lock. Returns the removed names."""
+    return execute_prune(root, plan_prune(root, keep, include_newer)).removed
 
 
 def _collect_graph_store(root: Path) -> list[str]:
     """Remove graph-store files no remaining version refers to (under the writer lock: no writer is
-    adding files, and every kept version's files stay). Returns the removed file names."""
+    adding files, and every kept version's files stay). Nothing is removed while any remaining version's
+    manifest cannot be read (its graphs are unknown). Returns the removed file names."""
     referenced = set()
     for name in list_versions(root):
-        manifest = read_manifest(root, name)[0]
-        referenced |= {stored_path(root, f, e).name for f, e in manifest["files"].items() if e.get("blob")}
+        try:
+            manifest = read_manifest(root, name)[0]
+            referenced |= {stored_path(root, f, e).name for f, e in manifest["files"].items() if e.get("blob")}
+        except BundleError:
+            return []
     store = root / GRAPH_STORE
     removed = []
     if store.is_dir() and not store.is_symlink():
@@ -93,18 +195,37 @@ def _collect_graph_store(root: Path) -> list[str]:
     return removed
 
 
-def prune(root: Path | str, keep: int | None = None) -> list[str]:
-    """Remove every version except the current one and its ``keep - 1`` nearest ancestors (``keep``
-    default: the manifest's ``retention.keep``, else 1). Versions off the current line (left behind
-    by a rollback) are removed too. Returns the removed names, oldest first. Raises BundleError."""
-    root = Path(root)
+def _retention_keep(root: Path, keep: int | None) -> int:
     if keep is None:
-        keep = Bundle.open(root, verify_hashes=False).meta.retention.keep or 1
+        bundle = Bundle.open(root, verify_hashes=False)
+        keep = bundle.meta.retention.keep or 1
+        bundle.release()
     if keep < 1:
         raise BundleError("--keep must be at least 1 (the current version is always kept).")
+    return keep
+
+
+def run_prune(root: Path | str, keep: int | None = None, include_newer: bool = False,
+              dry_run: bool = False) -> PrunePlan:
+    """Plan a prune (``plan_prune``; ``keep`` default: the manifest's ``retention.keep``, else 1) and,
+    unless ``dry_run``, execute it under the writer lock, after removing what a killed prune or writer
+    left (``.trash-*``, ``.staging-*``). Returns the plan, ``removed`` filled. Raises BundleError."""
+    root = Path(root)
+    keep = _retention_keep(root, keep)
     current_version(root)  # a bundle is there (never create a folder by locking it)
+    if dry_run:
+        return plan_prune(root, keep, include_newer)
     with writer_lock(root), io_errors(root, "prune"):
-        return prune_locked(root, keep)
+        clean_temporary(root)
+        return execute_prune(root, plan_prune(root, keep, include_newer))
+
+
+def prune(root: Path | str, keep: int | None = None, include_newer: bool = False) -> list[str]:
+    """Remove every version except the current one and its ``keep - 1`` nearest ancestors (``keep``
+    default: the manifest's ``retention.keep``, else 1), keeping versions off the current line (work a
+    rollback left, unless ``include_newer``), the newest intact version when the current one is damaged, and versions
+    in use by a reader (``plan_prune``). Returns the removed names, oldest first. Raises BundleError."""
+    return run_prune(root, keep, include_newer).removed
 
 
 def disk_usage(root: Path | str) -> int:
@@ -136,6 +257,8 @@ def version_history(root: Path | str) -> list[dict[str, Any]]:
         try:
             manifest, meta = read_manifest(root, name)
         except BundleError as exc:
+            if not os.path.lexists(root / "versions" / name):
+                continue  # pruned meanwhile: gone, not damaged
             record["error"] = str(exc)
             records.append(record)
             continue

@@ -35,11 +35,13 @@ from edgeclip.manifest import (
 from edgeclip.store.fs import (
     CURRENT,
     GRAPH_STORE,
+    LAST_VERSION,
     LOCK,
     MANIFEST,
     STORE_TMP,
     STORED_RE,
     WRITE_ERRNOS,
+    safetensors_os_error,
     check_finite_arrays,
     check_root,
     fsync_path,
@@ -54,9 +56,10 @@ from edgeclip.store.fs import (
 )
 from edgeclip.store.graphs import external_tensors
 from edgeclip.store.lock import clean_temporary, writer_lock
-from edgeclip.store.reader import Bundle, current_version, list_versions
+from edgeclip.store.lease import take_lease
+from edgeclip.store.reader import Bundle, current_version, manifest_identity
 from edgeclip.store.retention import prune_locked
-from edgeclip.store.stamps import stamp_of, write_stamps
+from edgeclip.store.stamps import read_stamps, stamp_of, write_stamps
 from edgeclip.version import __version__
 
 
@@ -121,10 +124,18 @@ class VersionWriter:
             self._lock.__exit__(None, None, None)
 
     def _check_parent_is_current(self) -> None:
+        """Compare and swap: CURRENT must still be the very version this writer started from, compared
+        by the parent manifest's sha256 (an identity that never repeats), not by its name."""
         if self.parent is None:
             return
         now = current_version(self.root)
-        if now != self.parent.version:
+        same = now == self.parent.version
+        if same and self.parent.identity:
+            try:
+                same = manifest_identity(self.root, now) == self.parent.identity
+            except BundleError:
+                same = False
+        if not same:
             raise BundleError(
                 f"The bundle {self.root} changed while this command ran: it started from {self.parent.version}, "
                 f"and another command has since made {now} current. Nothing was written; run the command again."
@@ -178,7 +189,13 @@ class VersionWriter:
 
         clean = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
         check_finite_arrays(clean, f"Refusing to write '{name}' into the bundle {self.final_root or self.root}")
-        save_file(clean, str(self._target(name)))
+        try:
+            save_file(clean, str(self._target(name)))
+        except Exception as exc:  # safetensors' SafetensorError wraps the OS error (a full disk) in its text
+            os_error = safetensors_os_error(exc)
+            if os_error is exc:
+                raise
+            raise os_error from exc
         self._files[name] = {"blob": False}
         self._tensor_shapes[name] = {k: list(v.shape) for k, v in clean.items()}
 
@@ -360,11 +377,18 @@ class VersionWriter:
 
     def _finalise_files(self) -> tuple[dict[str, dict[str, Any]], dict[str, list[Any]]]:
         """The file table of the new version and the stamps of its files. A file still hard-linked
-        to the parent's verified file keeps the parent's hash (not re-read); others are hashed."""
+        to the parent's verified file keeps the parent's hash (not re-read); others are hashed. A shared
+        graph keeps the parent's stamp when it is still the very file the parent verified."""
         table, stamps = {}, {}
+        parent_stamps = read_stamps(self.root, self.parent.version) if self.parent is not None else {}
         for name, entry in sorted(self._files.items()):
             if entry.get("blob"):
                 table[name] = entry
+                known = parent_stamps.get(name)
+                if isinstance(known, list) and len(known) == 4 and known[3] == entry.get("sha256"):
+                    with contextlib.suppress(OSError, BundleError):
+                        if known[:3] == stamp_of(os.lstat(stored_path(self.root, name, entry))):
+                            stamps[name] = known
                 continue
             path = self.staging / name
             try:
@@ -387,10 +411,7 @@ class VersionWriter:
         invalid, the disk refuses, or another writer moved CURRENT."""
         try:
             self._check_parent_is_current()
-            versions = list_versions(self.root)
-            all_dirs = [p.name for p in (self.root / "versions").glob("v*")] if (self.root / "versions").is_dir() else []
-            numbers = [int(n[1:]) for n in all_dirs if VERSION_RE.match(n)] + [int(v[1:]) for v in versions]
-            name = f"v{(max(numbers) + 1 if numbers else 1):04d}"
+            name = next_version_name(self.root)
             files, stamps = self._finalise_files()
             created_at = utc_now()
             self.meta = msgspec.structs.replace(
@@ -412,11 +433,14 @@ class VersionWriter:
                 manifest_path.write_text(text, encoding="utf-8")
                 fsync_path(manifest_path)
                 (self.root / "versions").mkdir(exist_ok=True)
+                write_atomic_text(self.root / LAST_VERSION, name + "\n")  # issued: never again, even if pruned
                 final = self.root / "versions" / name
                 os.replace(self.staging, final)
                 fsync_path(final.parent)
                 write_atomic_text(self.root / CURRENT, name + "\n")
             write_stamps(self.root, name, stamps)
+            if self.parent is not None:
+                self.parent.release()  # the writer lets go of its parent: retention may remove it
             keep = meta.retention.keep
             if keep and self.final_root is None:
                 with contextlib.suppress(OSError, BundleError):
@@ -424,11 +448,13 @@ class VersionWriter:
             root = self.root
             if self.final_root is not None:
                 root = self._move_into_place()
+            lease = take_lease(root / "versions" / name)  # CURRENT: no prune may remove it now
         except BaseException:
             self.abort()
             raise
         self._release()
-        self.bundle = Bundle(root=root, version=name, manifest=manifest, meta=meta)
+        self.bundle = Bundle(root=root, version=name, manifest=manifest, meta=meta,
+                             identity=hashlib.sha256(text.encode("utf-8")).hexdigest(), _lease=lease)
         return self.bundle
 
     # -- typed edits of the new version's manifest ----------------------------------------
@@ -437,10 +463,6 @@ class VersionWriter:
         if any(t.name == task.name for t in self.meta.tasks):
             raise BundleError(f"the bundle already has a task named '{task.name}'")
         self.meta.tasks.append(task)
-
-    def set_tasks(self, tasks: list[Task]) -> None:
-        """Replace every task record (a learner that re-derives earlier tasks' records)."""
-        self.meta.tasks = list(tasks)
 
     def set_learner_record(self, record: dict[str, Any]) -> None:
         """Record the learner's own state description (``method.settings.learner``, RAIL's
@@ -479,6 +501,20 @@ class VersionWriter:
         if self.final_root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
         self._release()
+
+
+def next_version_name(root: Path) -> str:
+    """One past the highest version name ever issued in the bundle (``LAST_VERSION``, and every
+    version folder, for bundles written before it existed): names are never reused, even after the
+    newest versions were pruned. Called under the writer lock."""
+    numbers = []
+    with contextlib.suppress(OSError):
+        text = (root / LAST_VERSION).read_text(encoding="utf-8", errors="replace").strip()
+        if VERSION_RE.match(text):
+            numbers.append(int(text[1:]))
+    if (root / "versions").is_dir():
+        numbers += [int(p.name[1:]) for p in (root / "versions").iterdir() if VERSION_RE.match(p.name)]
+    return f"v{(max(numbers) + 1 if numbers else 1):04d}"
 
 
 _OWN_LEFTOVERS = (LOCK, ".stamps")  # what an older, interrupted init may leave in a bundle folder
