@@ -197,7 +197,7 @@ def topk_ties(device: str) -> dict[str, Any]:
                               [helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 2]),
                                helper.make_tensor_value_info("i", TensorProto.INT64, [1, 2])],
                               [helper.make_tensor("k", TensorProto.INT64, [1], [2])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     out["onnx_topk"] = session.run(None, {"x": np.zeros((1, 22), np.float32)})[1].tolist()[0]
     return out

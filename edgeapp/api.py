@@ -149,10 +149,10 @@ class Classifier:
             raise UsageError(f"top_k must be at least 1, not {top_k}")
         if batch_size < 1:
             raise UsageError(f"batch_size must be at least 1, not {batch_size}")
-        if images is None or not isinstance(images, (Iterable, Image.Image)):
+        single = isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray))
+        if images is None or not (single or isinstance(images, Iterable)):  # a Path is not Iterable
             raise UsageError(f"images must be files, folders, PIL images or uint8 [H, W, 3] RGB arrays (one or an "
                              f"iterable), got {type(images).__name__}")
-        single = isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray))
         items: Iterable[ImageInput] = [images] if single else images  # type: ignore[list-item]
         space = self.label_space(labels)
         batches = classify_batches(self.bundle, _expand_folders(items), self._gated, space, top_k=top_k,
@@ -203,10 +203,11 @@ class Classifier:
         """RAIL: learn a task from frozen embeddings the caller already has ([N,D] float32 from
         ``embed_images``; labels [N] index ``classes``). Returns a Classifier on the new version.
 
-        RAIL closed form (METHODS.md section 3), torch-free. Raises UsageError for an MoE bundle, shapes
-        other than [N,D] and [N], labels outside ``classes``, or ``classes`` given as one string; DomainError
-        for a task name already learned, names that could not name a domain folder (``/``), or a template
-        without ``{}`` (as add-task refuses them). ``templates`` may be one string (one template).
+        RAIL closed form (METHODS.md section 3), torch-free. With retention (``keep``) the version this
+        Classifier read may be pruned by the write: use the returned Classifier. Raises UsageError for an MoE
+        bundle, shapes other than [N,D] and [N], labels outside ``classes``, or ``classes`` given as one
+        string; DomainError for a task name already learned, names that could not name a domain folder
+        (``/``), or a template without ``{}`` (as add-task refuses them). ``templates`` may be one string (one template).
         """
         if isinstance(classes, str):
             raise UsageError(f"classes must be a list of class names, not the string {classes!r:.100}")

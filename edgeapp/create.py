@@ -59,7 +59,7 @@ def init_bundle(
     }, complete=False)
     writer = create_bundle(root, meta)
     with writer:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(prefix=".export-", dir=writer.staging) as tmp:  # a kill leaves nothing in /tmp
             tmp_dir = Path(tmp)
             for export in (export_image_encoder, export_text_encoder):
                 onnx_path = Path(export(backbone, tmp_dir))  # with its .data beside it

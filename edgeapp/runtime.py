@@ -34,7 +34,7 @@ import msgspec
 import numpy as np
 
 from edgeclip.bundle import Bundle
-from edgeclip.errors import BackendUnavailableError, BundleError, UsageError
+from edgeclip.errors import BackendUnavailableError, BundleError, EngineError, UsageError
 from edgeclip.layout import (
     EMBEDDING,
     GATE_RATIO,
@@ -55,7 +55,7 @@ from edgeclip.layout import (
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
-ORT_LOG_ENV = "EDGECLIP_ORT_LOG_LEVEL"  # onnxruntime's session log severity (default 3: errors only)
+ORT_LOG_ENV = "EDGECLIP_ORT_LOG_LEVEL"  # onnxruntime's session log severity (default 4: fatal only; errors also raise)
 
 
 # -- backend selection --------------------------------------------------------------------------
@@ -299,11 +299,12 @@ class OrtSession:
         # Image decoding threads share the cores with the engine (classify, add-task): worker threads
         # spinning after each run took a quarter of the inference CPU time from them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # onnxruntime's own log at ERROR unless asked (0 verbose .. 4 fatal): its warnings are about its
+        # onnxruntime's own log at FATAL unless asked (0 verbose .. 4 fatal): its warnings are about its
         # placement choices (an MoE graph's If condition copied to the host on CUDA), printed with ANSI
-        # colours on every start; the fallback that matters (a provider not started) raises here anyway.
-        level = os.environ.get(ORT_LOG_ENV, "3").strip()
-        options.log_severity_level = int(level) if level in ("0", "1", "2", "3", "4") else 3
+        # colours on every start; the fallback that matters (a provider not started) raises here anyway,
+        # and so does every error it logs while running (reported in one line: EngineError).
+        level = os.environ.get(ORT_LOG_ENV, "4").strip()
+        options.log_severity_level = int(level) if level in ("0", "1", "2", "3", "4") else 4
         if self.threads:
             options.intra_op_num_threads = int(self.threads)
             options.inter_op_num_threads = 1
@@ -316,7 +317,7 @@ class OrtSession:
         load, for a file the user never made (the bundle's own graphs load without warnings)."""
         options = self._options(ort)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
+        options.log_severity_level = max(options.log_severity_level, 3)
         return options
 
     def _create(self, ort: Any, path: Path, options: Any, cuda_graph: bool = False) -> Any:
@@ -465,13 +466,20 @@ class OrtSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the graph: input name -> array, returns output name -> array. Creates (or waits for)
-        the session; raises BackendUnavailableError when it cannot be created. A fresh session's
+        the session; raises BackendUnavailableError when it cannot be created, EngineError when
+        onnxruntime fails while running it (one line: its message, flattened). A fresh session's
         first run also checks and publishes its optimised graph for the cache (module docstring)."""
         session = self._session_now()
-        if self.cuda_graph:
-            with self._lock:  # the fixed buffers are shared state
-                return self._run_fixed(session, feeds)
-        out = (self._run_binding if self.io_binding else self._run_plain)(session, feeds)
+        try:
+            if self.cuda_graph:
+                with self._lock:  # the fixed buffers are shared state
+                    return self._run_fixed(session, feeds)
+            out = (self._run_binding if self.io_binding else self._run_plain)(session, feeds)
+        except Exception as exc:
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            cause = " ".join(str(exc).split())[:300]
+            raise EngineError(f"onnxruntime failed running {self.path.name}: {cause}") from exc
         if self._pending is not None:
             self._check_saved(feeds, out)
         return out
@@ -761,4 +769,20 @@ class GatedRunner:
             return {SCORES: np.zeros((0, len(label_text)), np.float32), ROUTE: np.zeros(0, np.int64),
                     GATE_RATIO: np.zeros((0, len(self.bundle.tasks)), np.float32),
                     EMBEDDING: np.zeros((0, dim), np.float32)}
-        return _run_fixed(self.session, pixels, self.fixed, {LABEL_TEXT: label_text}, GATED_OUTPUTS)
+        out = _run_fixed(self.session, pixels, self.fixed, {LABEL_TEXT: label_text}, GATED_OUTPUTS)
+        self._check_outputs(out, len(pixels), len(label_text))
+        return out
+
+    def _check_outputs(self, out: dict[str, np.ndarray], batch: int, labels: int) -> None:
+        """Refuse (BundleError) outputs that do not fit this version: a graph from another version, or
+        tampered with, whose routes name tasks the manifest lacks or whose shapes differ."""
+        n_tasks = len(self.bundle.tasks)
+        want = {SCORES: (batch, labels), ROUTE: (batch,), GATE_RATIO: (batch, n_tasks), EMBEDDING: (batch, self.dim)}
+        got = {name: tuple(np.shape(out[name])) if name in out else None for name in want}
+        route = np.asarray(out.get(ROUTE, np.zeros(0, np.int64)))
+        bad_route = route.size and (route.dtype.kind not in "iu" or route.min() < -1 or route.max() >= n_tasks)
+        if got != want or bad_route:
+            raise BundleError(
+                f"The gated graph's outputs do not fit version {self.bundle.version} ({n_tasks} tasks, {labels} "
+                f"labels): shapes {got}, routes {sorted(set(route.tolist()))[:5] if route.size else []}. The graph "
+                "does not belong to this version; run 'edgeclip verify'.")

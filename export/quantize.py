@@ -62,7 +62,9 @@ def quantize_image_encoder(graphs_dir: Path | str) -> Path:
     for name in (IMAGE_GRAPH, IMAGE_DATA):
         if not (graphs_dir / name).is_file():
             raise BundleError(f"no {name} in {graphs_dir}; export the backbone first")
-    with tempfile.TemporaryDirectory(prefix="edgeclip-int8-") as tmp:
+    # the work folder lies inside graphs_dir (a bundle writer's staging area), not in the system temp
+    # folder: a killed export leaves its copy of the encoder where the next writer removes it
+    with tempfile.TemporaryDirectory(prefix=".int8-", dir=graphs_dir) as tmp:
         work = Path(tmp)
         for name in (IMAGE_GRAPH, IMAGE_DATA):  # copies, not links: onnx reads their weights
             shutil.copyfile(graphs_dir / name, work / name)  # follows a symlink into the store

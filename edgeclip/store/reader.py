@@ -166,9 +166,20 @@ class Bundle:
 
     def release(self) -> None:
         """Let go of this version's reader lease (a later prune may then remove it). The Bundle must
-        not read files afterwards."""
+        not read files afterwards, unless ``relock`` took the lease again."""
         if self._lease is not None:
             self._lease.release()
+
+    def relock(self) -> bool:
+        """Take this version's lease again after ``release``, if the version still exists (a writer does
+        this for its parent after retention ran). Returns whether the Bundle holds a lease now."""
+        if self._lease is not None and self._lease.held:
+            return True
+        try:
+            self._lease = take_lease(self.dir)
+        except VersionGone:
+            self._lease = None
+        return self._lease is not None
 
     # -- files -------------------------------------------------------------------------
     def _location(self, name: str) -> tuple[Path, str]:
@@ -301,7 +312,8 @@ class Bundle:
         base, rel = self._location(name)
         folder = (base / rel).parent
         if entry.get("blob"):
-            listed = {stored_path(self.root, f, e).name for f, e in files.items() if e.get("blob") and f.endswith(".data")}
+            listed = {stored_path(self.root, f, e).name for f, e in files.items()
+                      if e.get("blob") and f.endswith(".data")}
         else:
             here = Path(name).parent
             listed = {Path(f).name for f, e in files.items() if Path(f).parent == here and not e.get("blob")}
@@ -312,7 +324,8 @@ class Bundle:
         for location in sorted({next((e.value for e in t.external_data if e.key == "location"), "")
                                 for t in external_tensors(graph.graph)}):
             refuse = f"Bundle {self.root} {self.label}: graph '{name}' refers to external data {location[:60]!r}, "
-            if not location or "/" in location or "\\" in location or location.startswith(".") or location not in listed:
+            plain = location and "/" not in location and "\\" not in location and not location.startswith(".")
+            if not plain or location not in listed:
                 raise BundleError(refuse + "which is not a file of this version beside it; refusing the graph.")
             try:
                 st = os.lstat(folder / location)

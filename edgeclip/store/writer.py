@@ -56,7 +56,7 @@ from edgeclip.store.fs import (
 )
 from edgeclip.store.graphs import external_tensors
 from edgeclip.store.lock import clean_temporary, writer_lock
-from edgeclip.store.lease import take_lease
+from edgeclip.store.lease import VersionGone, take_lease
 from edgeclip.store.reader import Bundle, current_version, manifest_identity
 from edgeclip.store.retention import prune_locked
 from edgeclip.store.stamps import read_stamps, stamp_of, write_stamps
@@ -260,7 +260,11 @@ class VersionWriter:
             for name in mine:
                 source, view = self.staged_path(name), work / Path(name).name
                 if name.endswith(".onnx"):
-                    model = onnx.load(str(source), load_external_data=False)
+                    try:
+                        model = onnx.load(str(source), load_external_data=False)
+                    except Exception as exc:  # onnx raises DecodeError and others for a damaged file
+                        raise BundleError(f"Bundle {self.root}: graph '{name}' cannot be read: "
+                                          f"{type(exc).__name__}; run 'edgeclip verify'") from None
                     for tensor in external_tensors(model.graph):
                         for entry in tensor.external_data:
                             if entry.key == "location" and STORED_RE.match(entry.value):
@@ -439,16 +443,21 @@ class VersionWriter:
                 fsync_path(final.parent)
                 write_atomic_text(self.root / CURRENT, name + "\n")
             write_stamps(self.root, name, stamps)
-            if self.parent is not None:
-                self.parent.release()  # the writer lets go of its parent: retention may remove it
             keep = meta.retention.keep
             if keep and self.final_root is None:
+                if self.parent is not None:
+                    self.parent.release()  # the writer lets go of its parent: retention may remove it
                 with contextlib.suppress(OSError, BundleError):
                     prune_locked(self.root, keep)
+                if self.parent is not None:
+                    self.parent.relock()  # kept by the retention: the parent object stays usable
             root = self.root
             if self.final_root is not None:
                 root = self._move_into_place()
-            lease = take_lease(root / "versions" / name)  # CURRENT: no prune may remove it now
+            try:
+                lease = take_lease(root / "versions" / name)  # CURRENT: no prune may remove it now
+            except VersionGone:  # pragma: no cover - only a foreign hand removes a current version
+                lease = None
         except BaseException:
             self.abort()
             raise
