@@ -264,8 +264,14 @@ def classify_inputs(inputs: ray.data.Dataset, bundle: Bundle, space: LabelSpace,
 def iter_prediction_batches(rows: ray.data.Dataset) -> Iterator[list[Prediction]]:
     """Stream a rows Dataset to the driver as lists of Predictions (one per output block, input order);
     the driver holds a few blocks at a time."""
-    for table in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
-        yield predictions_of(table)
+    tables = iter(rows.iter_batches(batch_size=None, batch_format="pyarrow"))
+    try:
+        for table in tables:
+            yield predictions_of(table)
+    finally:
+        close = getattr(tables, "close", None)
+        if close is not None:
+            close()
 
 
 
@@ -314,13 +320,17 @@ class RaySession:
             return
         rows = classify_inputs(input_dataset(files, (), batch_size), bundle, space, batch_size=batch_size, **options)
         expected = iter(files)
-        for preds in iter_prediction_batches(rows):
-            for pred in preds:
-                path = next(expected, None)
-                if path is None or display_path(path) != pred.path:
-                    raise RuntimeError(f"Ray returned {pred.path!r} where {path!r} was expected (rows out of order)")
-                pred.path = os.fspath(path)
-            yield preds
+        batches = iter_prediction_batches(rows)
+        try:
+            for preds in batches:
+                for pred in preds:
+                    path = next(expected, None)
+                    if path is None or display_path(path) != pred.path:
+                        raise RuntimeError(f"Ray returned {pred.path!r} where {path!r} was expected (rows out of order)")
+                    pred.path = os.fspath(path)
+                yield preds
+        finally:  # stopped early (Ctrl-C): Ray Data cancels the running tasks now, while Ray is still up
+            batches.close()
         if next(expected, None) is not None:
             raise RuntimeError("Ray returned fewer rows than files")
 

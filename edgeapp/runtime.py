@@ -245,13 +245,16 @@ class OrtSession:
     provider and a `graph_id`, the optimised graph is cached on disk (`edgeclip.edgeapp.ort_cache`):
     a later process loads it with optimisations off, which starts sooner and computes the same outputs.
 
-    `io_binding` (default: on when the first provider is a GPU one) binds inputs and outputs to
-    onnxruntime's buffers instead of `session.run`'s host round trip per value.
+    `io_binding` binds host inputs and device outputs (`bind_cpu_input`, `copy_outputs_to_cpu`) instead
+    of `session.run`; off by default: on the H200 it timed the same as `run` (docs/BENCHMARKS.md). The
+    fixed device buffers of `cuda_graph` are what pays.
     `cuda_graph`: CUDA graphs (CUDA provider, `enable_cuda_graph`): each distinct set of input shapes
     gets pre-allocated input and output buffers on the device and its own captured graph (memory:
     the graph's activations stay allocated per shape, so callers use few shapes; the runners pad
     batches to fixed sizes). `output_shapes(feeds)` gives each output's shape and dtype, needed to
-    pre-allocate. Off the CUDA provider the same fixed-buffer path runs without graph capture; where
+    pre-allocate. Such a session is not started in the background (`start` is a no-op): another
+    session loading meanwhile would break its capture. Off the CUDA provider the same fixed-buffer
+    path runs without graph capture; where
     onnxruntime refuses capture (a graph with nodes off the GPU or control flow such as an MoE
     graph's `If`), the session is made again without it (logged; `cuda_graph_active` says which).
     """
@@ -275,8 +278,8 @@ class OrtSession:
     cuda_graph_active: bool = field(default=False, repr=False)  # captured CUDA graphs in use
 
     def __post_init__(self) -> None:
-        if self.io_binding is None:
-            self.io_binding = self.device != "cpu"
+        if self.io_binding is None:  # measured on the H200: binding host arrays gains nothing over run()
+            self.io_binding = False
         if self.cuda_graph and self.output_shapes is None:
             raise ValueError("cuda_graph needs output_shapes (the outputs are pre-allocated)")
 
@@ -290,7 +293,9 @@ class OrtSession:
         decode images meanwhile (onnxruntime releases the GIL while it loads a graph); `run` waits
         for it and raises its error, if any. A no-op when the session exists or is loading."""
         with self._lock:
-            if self._session is None and self._loading is None:
+            # not with CUDA graphs: a session loading on another thread (its weights copied to the GPU)
+            # while this one captures invalidates the capture (CUDA error 901, seen on the H200)
+            if self._session is None and self._loading is None and not self.cuda_graph:
                 self._loading = _Loading(self._open)
 
     def _options(self, ort: Any) -> Any:

@@ -185,6 +185,7 @@ def classify(
     finally:
         writer.close()
         if session is not None:
+            batches.close()  # the Ray job stops before Ray does
             session.close()
     elapsed = time.perf_counter() - start
     if verbose:
