@@ -225,6 +225,40 @@ def test_no_onnxruntime_telemetry(bundle: Path, images: dict, tmp_path: Path) ->
     assert (tmp_path / "cache" / "Microsoft" / "DeveloperTools" / ".onnxruntime" / "onnxruntime.db").is_file()
 
 
+def test_table_header_on_its_own_line_under_a_progress_bar(bundle: Path, images: dict, tmp_path: Path) -> None:
+    """On a terminal (tmux), the table's header and rows are not printed onto the progress bar's line."""
+    import shutil as sh
+
+    if sh.which("tmux") is None:
+        pytest.skip("needs tmux")
+    session = f"edgeclip-test-{os.getpid()}"
+    done_flag = tmp_path / "done"
+    command = (f"{sys.executable} -c {entry_code_quoted(['classify', str(images['query']), '--bundle', str(bundle), '--batch-size', '1'])}"
+               f"; touch {done_flag}; sleep 60")
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "60", command], check=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not done_flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        screen = subprocess.run(["tmux", "capture-pane", "-p", "-S", "-", "-t", session], capture_output=True,
+                                text=True, check=True).stdout
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    lines = [line for line in screen.splitlines() if line.strip()]
+    assert lines[1].split() == ["file", "label", "score", "route", "other", "labels"], screen
+    assert not any("classifying" in line for line in lines), screen  # the bar left nothing in the table
+    n = len(list(images["query"].iterdir()))
+    assert any(line.startswith(f"{n} classified") for line in lines) and len(lines) >= n + 3, screen
+
+
+def entry_code_quoted(args: list[str]) -> str:
+    import shlex
+
+    from cli_helpers import entry_code
+
+    return shlex.quote(entry_code(args))
+
+
 def test_moe_end_to_end(tmp_path: Path, images: dict) -> None:
     """MoE: init, two add-tasks (a few iterations), classify through the exported gated graph, tasks."""
     root = tmp_path / "moe"
