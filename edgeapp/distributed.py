@@ -102,7 +102,7 @@ class GatedClassifier:
 
         self.bundle = Bundle.open(root, version)
         self.runner = GatedRunner(self.bundle, backend, threads=threads, precision=precision)
-        self.cfg = PreprocessConfig.from_dict(self.bundle.manifest["preprocess"])
+        self.cfg = PreprocessConfig.of(self.bundle.meta.preprocess)
         self.space = LabelSpace(list(names), np.asarray(text, np.float32), list(owners))
         self.routes = task_route_names(self.bundle)
         self.top_k, self.embeddings = top_k, embeddings
@@ -242,10 +242,13 @@ def classify_inputs(inputs: ray.data.Dataset, bundle: Bundle, space: LabelSpace,
         raise UsageError(f"actors must be at least 1, not {actors}")
     if gpus_per_actor > 0 and backend == "auto":
         backend = "ort-cuda"
+    from edgeclip.images import PreprocessConfig
+
     decoded = inputs.map_batches(
         decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=decode_cpus,
         compute=ray.data.TaskPoolStrategy(), memory=DECODE_MEMORY,
-        fn_kwargs={"preprocess": bundle.manifest["preprocess"], "exact": exact, "max_pixels": max_pixels or 0})
+        fn_kwargs={"preprocess": PreprocessConfig.of(bundle.meta.preprocess).to_dict(), "exact": exact,
+                   "max_pixels": max_pixels or 0})
     settings = {"root": str(bundle.root), "version": bundle.version, "backend": backend, "precision": precision,
                 "threads": max(1, int(round(cpus_per_actor))), "names": space.names, "text": space.text,
                 "owners": space.owners, "top_k": top_k, "embeddings": embeddings}

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
 import numpy as np
 
 from edgeclip.bundle import Bundle
@@ -540,11 +541,11 @@ def _graph_path(bundle: Bundle, graph: str, data: str) -> Path:
 
 
 def _graph_id(bundle: Bundle, *names: str) -> str:
-    return "+".join(bundle.manifest["files"][graph_file(n)]["sha256"] for n in names)
+    return "+".join(str(bundle.meta.files[graph_file(n)].sha256) for n in names)
 
 
 def _pixels(bundle: Bundle, pixels: np.ndarray) -> np.ndarray:
-    size = int(bundle.manifest["preprocess"]["image_size"])
+    size = bundle.meta.preprocess.image_size
     pixels = np.ascontiguousarray(pixels, dtype=np.float32)
     if pixels.ndim != 4 or pixels.shape[1:] != (3, size, size):
         raise UsageError(f"pixels must have shape [B, 3, {size}, {size}], got {list(pixels.shape)}")
@@ -620,7 +621,7 @@ def _run_fixed(session: GraphSession, pixels: np.ndarray, sizes: tuple[int, ...]
 
 
 def _image_profile(bundle: Bundle, max_batch: int) -> dict[str, tuple[tuple[int, ...], ...]]:
-    s = int(bundle.manifest["preprocess"]["image_size"])
+    s = bundle.meta.preprocess.image_size
     return {PIXELS: ((1, 3, s, s), (min(8, max_batch), 3, s, s), (max_batch, 3, s, s))}
 
 
@@ -637,7 +638,7 @@ class ImageEncoderRunner:
         self.bundle = bundle
         resolved = resolve_precision(bundle, backend, precision)
         self.backend_name, self.precision = resolved.name, precision
-        self.dim = int(bundle.manifest["backbone"]["embed_dim"])
+        self.dim = bundle.meta.embed_dim
         _, graph, data = PRECISION_GRAPHS[precision]
         self.fixed = fixed_batch_sizes(max_batch) if cuda_graph else None
 
@@ -690,12 +691,11 @@ class TextEncoderRunner:
     @property
     def text_spec(self) -> dict[str, Any]:
         """The manifest's ``backbone.text`` (CLIP BPE defaults for older bundles)."""
-        backbone = self.bundle.manifest["backbone"]
-        spec = backbone.get("text")
-        if spec:
-            return spec
+        backbone = self.bundle.meta.backbone
+        if backbone.text is not None:
+            return msgspec.to_builtins(backbone.text)
         return {"tokenizer": "clip-bpe", "file": VOCAB_FILE, "clean": "lower",
-                "context_length": int(backbone.get("context_length", 77))}
+                "context_length": backbone.context_length or 77}
 
     @property
     def tokenizer(self) -> Any:
@@ -710,7 +710,7 @@ class TextEncoderRunner:
         texts = list(texts)
         out = [self.session.run({TOKENS: self.tokenizer(texts[i:i + self.batch_size])})[TEXT_EMBEDDING]
                for i in range(0, len(texts), self.batch_size)]
-        dim = int(self.bundle.manifest["backbone"]["embed_dim"])
+        dim = self.bundle.meta.embed_dim
         return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
     def class_embeddings(self, classes: Sequence[str], templates: Sequence[str]) -> np.ndarray:
@@ -739,7 +739,7 @@ class GatedRunner:
                  optimized_cache: bool = True, cuda_graph: bool = False) -> None:
         self.bundle = bundle
         resolved = resolve_precision(bundle, backend, precision)
-        self.dim = dim = int(bundle.manifest["backbone"]["embed_dim"])
+        self.dim = dim = bundle.meta.embed_dim
         n_learned = max(len(bundle.learned_classes), 1)
         profile = {**_image_profile(bundle, max_batch),
                    LABEL_TEXT: ((1, dim), (max(n_learned, min(1000, max_labels)), dim), (max_labels, dim))}

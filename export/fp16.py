@@ -46,7 +46,8 @@ from edgeclip.layout import (
     MOE_GRAPH,
     graph_file,
 )
-from edgeclip.train.registry import learner_spec
+from edgeclip.manifest import Manifest
+from edgeclip.train.registry import get_learner
 
 log = logging.getLogger(__name__)
 
@@ -160,25 +161,25 @@ def has_fp16(files: Mapping[str, Any]) -> bool:
     return all(graph_file(name) in files for name in FP16_GRAPHS)
 
 
-def _adapted(manifest: Mapping[str, Any]) -> bool:
+def _adapted(meta: Manifest) -> bool:
     """An MoE bundle with tasks: its gated graph runs the adapted encoder."""
-    return learner_spec(manifest["method"]["name"]).head == "adapted-text" and bool(manifest["tasks"])
+    return get_learner(meta.method.name).learns_from_images and bool(meta.tasks)
 
 
-def write_fp16_graphs(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any],
+def write_fp16_graphs(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], meta: Manifest,
                       adapted_changed: bool = True) -> Path:
     """`gated_fp16.onnx` for the version being written (and, for an MoE bundle with tasks whose
     adapted encoder changed, `moe_encoder_fp16.onnx` first); `image_encoder_fp16.onnx` must be there."""
     graphs_dir = Path(graphs_dir)
-    if _adapted(manifest):
+    if _adapted(meta):
         from edgeclip.export.compose_moe import build_moe_gated_graph
 
         if adapted_changed or not (graphs_dir / MOE_FP16_GRAPH).is_file():
             convert_moe_encoder(graphs_dir)
-        return build_moe_gated_graph(graphs_dir, learned, manifest, encoder=IMAGE_FP16_GRAPH,
+        return build_moe_gated_graph(graphs_dir, learned, meta, encoder=IMAGE_FP16_GRAPH,
                                      encoder_data=IMAGE_FP16_DATA, moe=MOE_FP16_GRAPH, moe_data=MOE_FP16_DATA,
                                      output=GATED_FP16_GRAPH)
-    return build_gated_graph(graphs_dir, learned, manifest, encoder=IMAGE_FP16_GRAPH,
+    return build_gated_graph(graphs_dir, learned, meta, encoder=IMAGE_FP16_GRAPH,
                              encoder_data=IMAGE_FP16_DATA, output=GATED_FP16_GRAPH)
 
 
@@ -186,13 +187,13 @@ def export_fp16(bundle: Bundle) -> Bundle:
     """A new version of `bundle` with the fp16 encoders and `gated_fp16.onnx` (later add-tasks keep
     them in step). Returns the bundle unchanged when it has them already. Raises BundleError when a
     graph is missing or malformed."""
-    if has_fp16(bundle.manifest["files"]):
+    if has_fp16(bundle.meta.files):
         return bundle
     from edgeclip.learned import read_learned
 
     with bundle.new_version() as writer:
         with writer.graph_folder() as graphs:  # the new graphs go to the bundle's shared graph store
             convert_image_encoder(graphs)
-            write_fp16_graphs(graphs, read_learned(bundle), writer.manifest)
-    return Bundle.open(bundle.root)
+            write_fp16_graphs(graphs, read_learned(bundle), writer.meta)
+    return writer.bundle
 

@@ -4,6 +4,7 @@ FILE holds and adds the rest, a torn last line (a killed run) is cut off and don
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,12 @@ def test_parquet_results_and_resume(setup: tuple[Path, Path], tmp_path: Path) ->
     assert run(bundle, photos, "-o", out, "--resume").exit_code == 0
     assert pq.read_table(out).to_pylist() == expected
     assert not list(tmp_path.glob(".*partial"))  # no temporary file left
+
+
+def test_ray_without_the_extra_names_it(setup: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeclip.errors import MissingExtraError
+
+    bundle, photos = setup
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(MissingExtraError, match=r"pip install 'edgeclip\[ray\]'"):
+        run(bundle, photos, "--ray", "local")

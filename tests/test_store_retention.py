@@ -16,6 +16,7 @@ import pytest
 
 from edgeclip.bundle import Bundle, create_bundle, list_versions, plan_prune, prune, rollback, set_retention
 from edgeclip.errors import BundleError
+from edgeclip.manifest import Task
 
 BASE = {"backbone": {"model": "m", "weights": {"kind": "random", "ref": "0"}},
         "preprocess": {"image_size": 8, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
@@ -38,16 +39,16 @@ def make(root: Path, tasks: list[str] = ()) -> Path:
 def grow(root: Path, names: list[str], parent: Bundle | None = None) -> None:
     for name in names:
         with (parent or Bundle.open(root)).new_version() as writer:
-            writer.manifest["tasks"].append({"name": name, "classes": [f"{name}-a", f"{name}-b"], "threshold": 1.0})
+            writer.add_task(Task(name=name, classes=[f"{name}-a", f"{name}-b"], threshold=1.0))
             writer.write_tensors("learned.safetensors",
-                                 {"w": np.full((3, 4), len(writer.manifest["tasks"]), np.float32)})
+                                 {"w": np.full((3, 4), len(writer.meta.tasks), np.float32)})
         parent = None
 
 
 def task_names(root: Path) -> list[str]:
     bundle = Bundle.open(root)
     try:
-        return [t["name"] for t in bundle.tasks]
+        return [t.name for t in bundle.tasks]
     finally:
         bundle.release()
 
@@ -198,7 +199,7 @@ def test_opening_the_current_version_reads_current_again_when_its_version_vanish
 
     monkeypatch.setattr(reader_module, "current_version", stale_then_real)
     bundle = Bundle.open(root)
-    assert bundle.version == "v0003" and [t["name"] for t in bundle.tasks] == ["t1", "t2"]
+    assert bundle.version == "v0003" and [t.name for t in bundle.tasks] == ["t1", "t2"]
 
 
 # --------------------------------------------------------------------------- 4. verify under a prune
@@ -313,7 +314,7 @@ def test_a_long_running_classifier_survives_keep_1_and_its_stale_rollback_refuse
     assert after == before  # its own version, whole: no error rows, no mix with the new one
     with pytest.raises(BundleError, match="changed since version"):
         clf.rollback()  # would undo "one" (another process's work)
-    assert [t["name"] for t in Bundle.open(root).tasks] == ["one"]
+    assert [t.name for t in Bundle.open(root).tasks] == ["one"]
     held = clf.version
     assert held in list_versions(root)
     del clf
@@ -426,7 +427,7 @@ def test_eight_processes_with_retention_lose_nothing_and_never_fail_a_reader(
     on_disk = set()
     for name in list_versions(root):
         bundle = Bundle.open(root, name)
-        on_disk |= {t["name"] for t in bundle.tasks}
+        on_disk |= {t.name for t in bundle.tasks}
         bundle.release()
     assert set(learned) <= on_disk  # every finished task is still in some version (a rollback only undoes)
     from edgeclip.bundle import verify_bundle
