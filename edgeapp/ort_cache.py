@@ -19,7 +19,7 @@ session; only bit-identical outputs publish it (a rename). An entry whose output
 is remembered as unusable, so it is not rebuilt on every start. A hit is used only when its
 ``meta.json`` names the same key, its files have the size, modification time and inode
 recorded at publishing, and the sha256 of both the graph and its weights file match (a flipped
-bit keeps size and time: every hit is hashed, about 1 s per GB); a damaged entry or one
+bit keeps size and time, so every hit is hashed); a damaged entry or one
 onnxruntime cannot load is removed and the graph is optimised and published afresh. The cache keeps
 the ``KEEP`` most recently used entries. ``EDGECLIP_SESSION_CACHE=0`` turns it off.
 """
@@ -196,7 +196,7 @@ class PendingEntry:
         # Not saved: the GEMM weights pre-packed for this CPU (about 30 ms less per start here, but the
         # entry's weights file about doubles: an edge device's small disk matters more).
         # onnxruntime warns that an ORT_ENABLE_ALL graph is specific to this machine: the key says so
-        options.log_severity_level = 3
+        options.log_severity_level = max(options.log_severity_level, 3)
 
     def publish(self, run_saved: Callable[[Path], Mapping[str, np.ndarray]], want: Mapping[str, np.ndarray]) -> bool:
         """Check the saved graph: `run_saved(path)` must give `want` bit for bit. Publish it (or an
