@@ -77,8 +77,13 @@ def test_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
             assert torch.equal(ranks[0][key], value), key
     # Parameters agree to float rounding, except where Adam divides a rounding-sized gradient by its own
     # root mean square (an update of about +-lr either way): compare what the model computes instead.
+    # The routers start at zero, so every gate logit ties and the selection takes experts 0 and 1 (the
+    # ONNX TopK rule); their outputs start equal, so the router gradient of step 1 is rounding-sized and
+    # gloo's sum of two half-batches rounds differently from one batch: after 3 steps the loss moves by
+    # ~3e-5 relative and the embeddings by ~1e-4. A real DDP fault (unsynchronised gradients, a wrong
+    # sampler shard) shows as ranks that disagree or losses that differ by percents.
     losses = json.loads((tmp_path / "losses0.json").read_text())
-    assert losses == pytest.approx(single.losses, rel=1e-5, abs=1e-6)
+    assert losses == pytest.approx(single.losses, rel=2e-4, abs=1e-6)
     ddp_model = MoECLIP(frozen_clip(), MoEConfig(**CONFIG))
     load_moe_state(ddp_model, ranks[0])
     images = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(3))
@@ -87,4 +92,4 @@ def test_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
         for task in (0, ZERO_SHOT):
             for encode, x in (("encode_image", images), ("encode_text", tokens)):
                 ours, theirs = getattr(ddp_model, encode)(x, task), getattr(model, encode)(x, task)
-                torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=5e-4)

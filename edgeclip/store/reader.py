@@ -28,7 +28,7 @@ from edgeclip.store.fs import (
 )
 from edgeclip.store.graphs import external_tensors
 from edgeclip.store.lease import Lease, VersionGone, take_lease
-from edgeclip.store.stamps import read_stamps, stamp_of, write_stamps
+from edgeclip.store.stamps import read_graph_locations, read_stamps, stamp_of, write_graph_locations, write_stamps
 from edgeclip.version import __version__
 
 if TYPE_CHECKING:
@@ -205,7 +205,7 @@ class Bundle:
             self._verified.add(name)
             if name.endswith(".onnx"):
                 try:
-                    self.check_graph_locations(name)
+                    self.check_graph_locations(name, cached=self.verify_hashes)
                 except BaseException:
                     self._verified.discard(name)
                     raise
@@ -300,13 +300,15 @@ class Bundle:
             elif name.endswith(".onnx"):
                 self.check_graph_locations(name)
 
-    def check_graph_locations(self, name: str) -> None:
+    def check_graph_locations(self, name: str, cached: bool = False) -> None:
         """Every external-data location of graph ``name`` must be a plain name of a file beside it that
         this version lists (so its size and sha256 are checked like every file's), a regular file (not a
         symlink) and, in the shared graph store, a single-link file (no hard link can make it another
-        file's twin). onnxruntime reads exactly these files. Raises BundleError naming the graph."""
-        import onnx
+        file's twin). onnxruntime reads exactly these files. Raises BundleError naming the graph.
 
+        ``cached``: the graph's content was just verified against its sha256, so the locations recorded
+        for that sha256 (``read_graph_locations``: by the writer, or by an earlier reader) are its
+        locations, and ``onnx`` need not be imported (the classify path stays free of it)."""
         files = self.manifest["files"]
         entry = files[name]
         base, rel = self._location(name)
@@ -317,12 +319,20 @@ class Bundle:
         else:
             here = Path(name).parent
             listed = {Path(f).name for f, e in files.items() if Path(f).parent == here and not e.get("blob")}
-        try:
-            graph = onnx.load(str(base / rel), load_external_data=False)
-        except Exception as exc:  # onnx raises DecodeError and others for a damaged file
-            raise BundleError(f"Bundle {self.root} {self.label}: graph '{name}' cannot be read: {type(exc).__name__}") from None
-        for location in sorted({next((e.value for e in t.external_data if e.key == "location"), "")
-                                for t in external_tensors(graph.graph)}):
+        locations = read_graph_locations(entry["sha256"]) if cached else None
+        if locations is None:
+            import onnx
+
+            try:
+                graph = onnx.load(str(base / rel), load_external_data=False)
+            except Exception as exc:  # onnx raises DecodeError and others for a damaged file
+                raise BundleError(f"Bundle {self.root} {self.label}: graph '{name}' cannot be read: "
+                                  f"{type(exc).__name__}") from None
+            locations = sorted({next((e.value for e in t.external_data if e.key == "location"), "")
+                                for t in external_tensors(graph.graph)})
+            if cached:
+                write_graph_locations(entry["sha256"], locations)
+        for location in locations:
             refuse = f"Bundle {self.root} {self.label}: graph '{name}' refers to external data {location[:60]!r}, "
             plain = location and "/" not in location and "\\" not in location and not location.startswith(".")
             if not plain or location not in listed:

@@ -10,7 +10,7 @@ import os
 import stat
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 
 def stamp_of(st: os.stat_result) -> list[int]:
@@ -61,6 +61,46 @@ def write_stamps(root: Path, version: str, stamps: Mapping[str, list[Any]]) -> N
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(dict(stamps), handle)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def _locations_path(sha256: str) -> Path | None:
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        return None
+    return stamps_dir() / "graphs" / f"{sha256}.json"
+
+
+def read_graph_locations(sha256: str) -> list[str] | None:
+    """The external-data locations of the graph whose content has this sha256, as recorded by
+    ``write_graph_locations`` (a graph's locations are a function of its bytes), or None when not
+    recorded. Lets a reader check a verified graph's locations without importing ``onnx``."""
+    path = _locations_path(sha256)
+    try:
+        if path is None or not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+        return None
+    return data
+
+
+def write_graph_locations(sha256: str, locations: Iterable[str]) -> None:
+    """Best effort: record the external-data locations of the graph with content ``sha256``."""
+    path = _locations_path(sha256)
+    if path is None:
+        return
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(sorted(set(locations)), handle)
             os.replace(tmp, path)
         finally:
             with contextlib.suppress(OSError):

@@ -59,7 +59,7 @@ from edgeclip.store.lock import clean_temporary, writer_lock
 from edgeclip.store.lease import VersionGone, take_lease
 from edgeclip.store.reader import Bundle, current_version, manifest_identity
 from edgeclip.store.retention import prune_locked
-from edgeclip.store.stamps import read_stamps, stamp_of, write_stamps
+from edgeclip.store.stamps import read_stamps, stamp_of, write_graph_locations, write_stamps
 from edgeclip.version import __version__
 
 
@@ -233,6 +233,7 @@ class VersionWriter:
         payload = model.SerializeToString()
         digest = hashlib.sha256(payload).hexdigest()
         self._store_bytes(f"{digest}.onnx", payload)
+        write_graph_locations(digest, stored.values())  # readers check them without importing onnx
         if move:
             src.unlink(missing_ok=True)
         self._set_stored(name, digest, len(payload))
