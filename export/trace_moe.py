@@ -311,6 +311,9 @@ def fill_moe_template(template_dir: Path | str, moe_model: Any, out_dir: Path | 
             for key, value in (("location", MOE_DATA), ("offset", str(offset)), ("length", str(len(payload)))):
                 fresh.external_data.add(key=key, value=value)
             init.CopyFrom(fresh)
+    # The traced shapes of intermediate values hold the template's router count (its tasks): drop them
+    # (stock onnx's shape inference would refuse the stale ones; onnxruntime infers its own).
+    del proto.graph.value_info[:]
     graph_tmp = out_dir / f".{MOE_GRAPH}.tmp"
     onnx.save_model(proto, str(graph_tmp))
     data_tmp.replace(data)
