@@ -33,13 +33,15 @@ from edgeclip.edgeapp.classify import (
     predictions_from_scores,
     task_route_names,
 )
+from edgeclip.edgeapp.embed_cache import EmbeddingCache
+from edgeclip.edgeapp.library import HeadRunner, LibraryScorer, frozen_backbone_key, moe_encoder_factory
 from edgeclip.edgeapp.runtime import GatedRunner, ImageEncoderRunner, TextEncoderRunner
 from edgeclip.edgeapp.tasks import MethodSettings, ProgressFn, add_rail_embeddings, add_task
-from edgeclip.errors import UsageError
+from edgeclip.errors import EdgeclipError, ImageError, UsageError
 from edgeclip.extras import import_torch_module
 from edgeclip.images import PreprocessConfig, preprocess
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray]  # a file, a PIL image, or uint8 [H,W,3] RGB
+ImageInput = Union[str, Path, Image.Image, np.ndarray]  # a file or folder, a PIL image, uint8 [H,W,3] RGB or [H,W] grey
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,11 @@ def _as_image(item: Image.Image | np.ndarray) -> Image.Image:
     if isinstance(item, Image.Image):
         return item
     array = np.asarray(item)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise UsageError(f"an image array must be uint8 [H, W, 3] RGB, got {array.dtype} {list(array.shape)}")
+    if array.dtype == np.uint8 and array.ndim == 2 and min(array.shape) > 0:  # grey, as a grey PIL image
+        return Image.fromarray(array, "L").convert("RGB")
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3 or min(array.shape) == 0:
+        raise UsageError(f"an image array must be uint8 [H, W, 3] RGB or [H, W] grey, got {array.dtype} "
+                         f"{list(array.shape)}")
     return Image.fromarray(array, "RGB")
 
 
@@ -74,12 +79,14 @@ class Classifier:
     """
 
     def __init__(self, bundle: Bundle, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, cache: bool = True) -> None:
         self.bundle = bundle
         self.backend, self.precision, self.threads, self.cuda_graph = backend, precision, threads, cuda_graph
-        self._gated = GatedRunner(bundle, backend, threads=threads, precision=precision,  # checks the graphs now
-                                  cuda_graph=cuda_graph)
-        self._image: ImageEncoderRunner | None = None
+        self.cache = cache
+        # the frozen encoder of files (classify, search, embed_images): checks the graphs now, loads in the background
+        self._image = ImageEncoderRunner(bundle, backend, threads=threads, precision=precision, cuda_graph=cuda_graph)
+        self._gated: GatedRunner | None = None  # in-memory images (opened on first use)
+        self._head: HeadRunner | None = None
         self._text: TextEncoderRunner | None = None
         self._cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
 
@@ -126,8 +133,7 @@ class Classifier:
         images: files, folders (their images), PIL images or uint8 [H,W,3] RGB arrays (one or an iterable); labels: extra
         zero-shot labels beside the learned classes. Raises UsageError (nothing to classify into, bad array).
         """
-        items = [images] if isinstance(images, (str, Path, Image.Image, np.ndarray)) else list(images)
-        items = _expand_folders(items)
+        items = _expand_folders(_as_items(images))
         if top_k < 1:
             raise UsageError(f"top_k must be at least 1, not {top_k}")
         space = self.label_space(labels)
@@ -139,12 +145,14 @@ class Classifier:
             by_path: dict[str, list[int]] = {}
             for i, path in files:
                 by_path.setdefault(str(path), []).append(i)
-            preds = classify_files(self.bundle, [p for _, p in files], self._gated, space, top_k=top_k,
-                                   batch_size=batch_size)
-            for pred, (i, _) in zip(_in_input_order(preds, [p for _, p in files]), files):
+            preds = classify_files(self.bundle, [p for _, p in files], self.scorer(batch_size), space, top_k=top_k)
+            for pred, (i, _) in zip(preds, files):
                 out[i] = pred
         for start in range(0, len(in_memory), batch_size):
             chunk = in_memory[start:start + batch_size]
+            if self._gated is None:
+                self._gated = GatedRunner(self.bundle, self.backend, threads=self.threads, precision=self.precision,
+                                          cuda_graph=self.cuda_graph)
             result = self._gated.run(self._pixels([x for _, x in chunk]), space.text)
             preds = predictions_from_scores([f"<image {i}>" for i, _ in chunk], result["scores"], result["route"],
                                             space, names, top_k)
@@ -152,16 +160,45 @@ class Classifier:
                 out[i] = pred
         return [p for p in out if p is not None]
 
-    def embed_images(self, images: Iterable[Image.Image | np.ndarray | str | Path]) -> np.ndarray:
-        """Frozen CLIP image embeddings [N,D] float32, unit rows (the plain encoder, no task).
+    def scorer(self, batch_size: int = 16, head: bool = True) -> LibraryScorer:
+        """The files' path: embeddings from the embedding cache (unless ``cache=False``) or the frozen
+        encoder, then the head (``edgeapp.library``)."""
+        store = None
+        if self.cache:
+            store = EmbeddingCache(frozen_backbone_key(self.bundle, self._cfg, self.precision),
+                                   int(self.bundle.manifest["backbone"]["embed_dim"]))
+        if head and self._head is None:
+            self._head = HeadRunner(self.bundle, self.threads)
+        return LibraryScorer(self.bundle, self._image, self._head if head else None, self._cfg, store,
+                             batch_size=batch_size, moe_encoder=moe_encoder_factory(self.bundle, self.backend, self.threads))
 
-        images: files, PIL images or uint8 [H,W,3] RGB arrays. Raises UsageError on a bad array, OSError
-        (PIL's) when a file cannot be read.
+    def embed_images(self, images: ImageInput | Iterable[ImageInput], batch_size: int = 16) -> np.ndarray:
+        """Frozen CLIP image embeddings [N,D] float32, unit rows (the plain encoder, no task), one row per
+        image in input order (a folder gives its images, as ``classify`` takes them).
+
+        images: one or an iterable of files, folders, PIL images, uint8 [H,W,3] RGB or [H,W] grey arrays.
+        Files go through the embedding cache. Raises UsageError on a bad array; ImageError naming the
+        file when a file cannot be read.
         """
-        if self._image is None:
-            self._image = ImageEncoderRunner(self.bundle, self.backend, threads=self.threads, precision=self.precision)
-        loaded = [Image.open(x) if isinstance(x, (str, Path)) else x for x in images]
-        return self._image.embed(self._pixels(loaded))
+        items = _expand_folders(_as_items(images))
+        out: list[np.ndarray | None] = [None] * len(items)
+        files = [(i, Path(x)) for i, x in enumerate(items) if isinstance(x, (str, Path))]
+        if files:
+            scorer = self.scorer(batch_size, head=False)
+            for start in range(0, len(files), scorer.window):
+                chunk = files[start:start + scorer.window]
+                vectors, _, errors = scorer.embed_window([p for _, p in chunk])
+                if errors:
+                    raise ImageError(next(iter(errors.values())))
+                for j, (i, _) in enumerate(chunk):
+                    out[i] = vectors[j]
+        in_memory = [(i, x) for i, x in enumerate(items) if not isinstance(x, (str, Path))]
+        for start in range(0, len(in_memory), batch_size):
+            chunk = in_memory[start:start + batch_size]
+            for (i, _), row in zip(chunk, self._image.embed(self._pixels([x for _, x in chunk]))):
+                out[i] = row
+        dim = int(self.bundle.manifest["backbone"]["embed_dim"])
+        return np.stack(out) if out else np.zeros((0, dim), np.float32)  # type: ignore[arg-type]
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Frozen CLIP text embeddings [N,D] float32, unit rows, of the texts as given (no template)."""
@@ -213,7 +250,14 @@ class Classifier:
 
     def reload(self) -> Classifier:
         """A Classifier on the bundle's current version (BundleError when it cannot be opened)."""
-        return Classifier(Bundle.open(self.root), self.backend, self.precision, self.threads, self.cuda_graph)
+        return Classifier(Bundle.open(self.root), self.backend, self.precision, self.threads, self.cuda_graph, self.cache)
+
+
+def _as_items(images: ImageInput | Iterable[ImageInput]) -> list[ImageInput]:
+    """One input (a path, PIL image or array) as a list of one; an iterable as its list."""
+    if isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray)):
+        return [os.fsdecode(images) if isinstance(images, bytes) else images]  # type: ignore[list-item]
+    return list(images)
 
 
 def _expand_folders(items: list[ImageInput]) -> list[ImageInput]:
@@ -225,17 +269,6 @@ def _expand_folders(items: list[ImageInput]) -> list[ImageInput]:
         else:
             out.append(item)
     return out
-
-
-def _in_input_order(preds: Iterable[Prediction], paths: Sequence[Path]) -> list[Prediction]:
-    """classify_files yields a batch's unreadable files first: put results back in input order."""
-    position: dict[str, list[int]] = {}
-    for i, path in enumerate(paths):
-        position.setdefault(os.fspath(path), []).append(i)  # Prediction.path is os.fspath (surrogateescape)
-    ordered: list[Prediction | None] = [None] * len(paths)
-    for pred in preds:
-        ordered[position[pred.path].pop(0)] = pred
-    return [p for p in ordered if p is not None]
 
 
 def _write_domain(folder: Path, pairs: Sequence[tuple[Image.Image | np.ndarray, str]]) -> Path:

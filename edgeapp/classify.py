@@ -228,33 +228,22 @@ def predictions_from_scores(
 def classify_files(
     bundle: Bundle,
     files: Iterable[Path],
-    runner: Any,
+    scorer: Any,
     labels: LabelSpace,
     top_k: int = 5,
-    batch_size: int = 32,
-    workers: int | None = None,
     on_batch: Callable[[int], None] | None = None,
-    exact: bool | None = None,
-    max_pixels: int | None = None,
 ) -> Iterator[Prediction]:
-    """Yield one Prediction per file, in input order per batch; unreadable files give an error Prediction
+    """Yield one Prediction per file, in input order; unreadable files give an error Prediction
     (its ``error`` names the file and the cause).
 
-    Decoding runs ``workers`` threads (default: one per core) ahead of the engine, so decoding
-    overlaps inference. ``exact``: True decodes at full resolution (open_clip's pixels), False
-    uses the fast reduced decode, None follows the bundle's ``preprocess.exact`` (default fast).
-    ``max_pixels``: the decompression-bomb limit (default ``images.DEFAULT_MAX_PIXELS``)."""
-    from edgeclip.images import DEFAULT_MAX_PIXELS, PreprocessConfig, iter_batches
-
-    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"]).with_exact(exact)
+    ``scorer``: an ``edgeapp.library.LibraryScorer`` (``make_scorer``): the files' frozen embeddings
+    from the embedding cache or the image encoder (decoding in a thread pool ahead of it), then the
+    bundle's decision from the embeddings. ``on_batch(n)`` is called after each window of ``n`` files."""
     names = task_route_names(bundle)
-    for batch in iter_batches(list(files), cfg, batch_size=batch_size, workers=workers,
-                              max_pixels=max_pixels or DEFAULT_MAX_PIXELS):
-        for path, message in batch.errors:
-            yield Prediction(path=os.fspath(path), error=message)
-        if len(batch.paths):
-            result = runner.run(batch.pixels, labels.text)
-            yield from predictions_from_scores(batch.paths, result["scores"], result["route"], labels, names, top_k,
-                                               notes=batch.notes)
+    for window in scorer.iter_scored(files, labels.text):
+        preds = predictions_from_scores(window.paths, window.scores, window.route, labels, names, top_k,
+                                        notes=window.notes)
+        for i, (path, row) in enumerate(zip(window.order, window.rows)):
+            yield preds[row] if row is not None else Prediction(path=os.fspath(path), error=window.errors[i])
         if on_batch is not None:
-            on_batch(len(batch.paths) + len(batch.errors))
+            on_batch(len(window.order))

@@ -15,7 +15,7 @@ import typer
 from edgeclip.discover import discover_images, display_path
 from edgeclip.edgeapp.classify import Prediction
 from edgeclip.edgeapp.cli.console import err_console, out_console, progress
-from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, open_bundle
+from edgeclip.edgeapp.cli.options import BackendOpt, CacheOpt, cache_note, BundleOpt, QuietOpt, open_bundle
 from edgeclip.edgeapp.cli.output import Interrupted, markup, stdout_is_terminal, visible
 from edgeclip.edgeapp.cli.results import CsvWriter, JsonLinesWriter, ResultWriter, TableWriter, stdout
 from edgeclip.errors import UsageError
@@ -72,6 +72,7 @@ def classify(
         help="Refuse images with more pixels than this to decode, as possible decompression bombs "
              "[default: 89478485]. Large JPEGs count at their reduced size.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List the skipped non-image files on stderr.")] = False,
+    cache: CacheOpt = True,
 ) -> None:
     """Classify images and folders (recursively; images recognised by content or extension).
 
@@ -91,7 +92,8 @@ def classify(
     classified); 2 usage error (a path that does not exist included); 130 interrupted.
     """
     from edgeclip.edgeapp.classify import build_label_space, classify_files, parse_labels
-    from edgeclip.edgeapp.runtime import GatedRunner, TextEncoderRunner
+    from edgeclip.edgeapp.library import make_scorer
+    from edgeclip.edgeapp.runtime import TextEncoderRunner
 
     loaded = open_bundle(bundle)
     extra = parse_labels(labels, labels_file)
@@ -107,8 +109,9 @@ def classify(
     if not found.images and not unreadable:
         skipped = f" ({len(found.skipped)} non-image files skipped; --verbose lists them)" if found.skipped else ""
         raise UsageError(f"No images found in the given paths{skipped}.")
-    runner = GatedRunner(loaded, backend, precision=precision.value,  # refuses a missing fp16/int8 graph early
-                         cuda_graph=cuda_graph, max_batch=batch_size)
+    scorer = make_scorer(loaded, backend, precision.value, batch_size=batch_size, cache=cache,  # refuses a
+                         exact=True if exact_preprocess else None, max_pixels=max_pixels,  # missing fp16/int8
+                         cuda_graph=cuda_graph)  # graph early
     label_space = build_label_space(loaded, extra, TextEncoderRunner(loaded, backend).class_embeddings)
     writer = _writer(output_format, output, loaded, found.images, label_space, top_k)
     total = len(found.images)
@@ -134,9 +137,7 @@ def classify(
                 bar.advance(task, n)
                 stop.check()
 
-            for pred in classify_files(loaded, found.images, runner, label_space, top_k=top_k,
-                                       batch_size=batch_size, on_batch=on_batch,
-                                       exact=True if exact_preprocess else None, max_pixels=max_pixels):
+            for pred in classify_files(loaded, found.images, scorer, label_space, top_k=top_k, on_batch=on_batch):
                 pending.append(pred)
     except KeyboardInterrupt as exc:
         where = f"in {visible(display_path(output))}" if output else "above" if stdout_is_terminal() else "on stdout"
@@ -151,8 +152,8 @@ def classify(
         rate = done / elapsed if elapsed > 0 else 0.0
         note = " (random weights: predictions are not meaningful)" if loaded.random_weights else ""
         skipped = f", {len(found.skipped)} skipped (not images)" if found.skipped else ""
-        err_console().print(f"{done} classified, {failed} unreadable{skipped}, {rate:.1f} images/s{note}",
-                            highlight=False)
+        err_console().print(f"{done} classified, {failed} unreadable{skipped}, {rate:.1f} images/s{note}; "
+                            f"{scorer.counts.describe()}{cache_note(scorer)}", highlight=False)
     if failed:
         raise typer.Exit(EXIT_UNREADABLE)
 
