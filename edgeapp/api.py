@@ -34,7 +34,14 @@ from edgeclip.edgeapp.classify import (
     task_route_names,
 )
 from edgeclip.edgeapp.embed_cache import EmbeddingCache
-from edgeclip.edgeapp.library import HeadRunner, LibraryScorer, frozen_backbone_key, moe_encoder_factory
+from edgeclip.edgeapp.library import (
+    HeadRunner,
+    LibraryScorer,
+    SearchResult,
+    frozen_backbone_key,
+    moe_encoder_factory,
+    search_files,
+)
 from edgeclip.edgeapp.runtime import GatedRunner, ImageEncoderRunner, TextEncoderRunner
 from edgeclip.edgeapp.tasks import MethodSettings, ProgressFn, add_rail_embeddings, add_task
 from edgeclip.errors import EdgeclipError, ImageError, UsageError
@@ -199,6 +206,34 @@ class Classifier:
                 out[i] = row
         dim = int(self.bundle.manifest["backbone"]["embed_dim"])
         return np.stack(out) if out else np.zeros((0, dim), np.float32)  # type: ignore[arg-type]
+
+    def search(self, query: str, images: ImageInput | Iterable[ImageInput], top: int = 10,
+               batch_size: int = 16) -> SearchResult:
+        """The ``top`` photos among ``images`` (files and folders) best matching ``query``, best first.
+
+        A query that names a learned class (same ``class_key``) ranks by that class's score in the bundle's
+        decision (classify's score: gate, head and fusion); any other text ranks by CLIP similarity (cosine of
+        the frozen image and text embeddings, the text as given). Embeddings come from the embedding cache.
+        Returns a ``SearchResult`` (hits, unreadable files, how it ranked). Raises UsageError on an empty
+        query, top < 1, or inputs that are not files or folders.
+        """
+        from edgeclip.domain import class_key
+
+        if not isinstance(query, str) or not query.strip():
+            raise UsageError("the search query is empty: give a text such as \"a red car\"")
+        items = _expand_folders(_as_items(images))
+        if any(not isinstance(x, (str, Path)) for x in items):
+            raise UsageError("search ranks files and folders (its embeddings are cached by file)")
+        files = [Path(x) for x in items]
+        learned = {class_key(name): i for i, name in enumerate(self.bundle.learned_classes)}
+        column = learned.get(class_key(query))
+        if column is not None:
+            space = self.label_space()
+            return search_files(self.scorer(batch_size), files, top, label_text=space.text,
+                                column=column, how=f"the score of learned class '{space.names[column]}' (task {space.owner(column)})")
+        text = self.embed_texts([query.strip()])[0]
+        return search_files(self.scorer(batch_size, head=False), files, top, text=text,
+                            how="CLIP similarity (cosine of image and text embeddings)")
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Frozen CLIP text embeddings [N,D] float32, unit rows, of the texts as given (no template)."""

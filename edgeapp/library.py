@@ -200,12 +200,13 @@ class LibraryScorer:
         for path in files:
             window.append(Path(path))
             if len(window) == self.window:
-                yield self._score(window, label_text)
+                yield self.score_window(window, label_text)
                 window = []
         if window:
-            yield self._score(window, label_text)
+            yield self.score_window(window, label_text)
 
-    def _score(self, paths: list[Path], label_text: np.ndarray) -> Scored:
+    def score_window(self, paths: list[Path], label_text: np.ndarray) -> Scored:
+        """The decision for one window of files (``iter_scored`` yields these)."""
         vectors, notes, errors = self.embed_window(paths)
         good = [i for i in range(len(paths)) if i in vectors]
         dim = int(self.bundle.manifest["backbone"]["embed_dim"])
@@ -298,3 +299,72 @@ def moe_encoder_factory(bundle: Bundle, backend: Any = "auto", threads: int | No
         return resolved.session(_graph_path(bundle, MOE_GRAPH, MOE_DATA), threads=threads)
 
     return open_session
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One ranked photo: ``rank`` (1 = best), the file's ``path`` (``os.fspath``) and its ``score``."""
+
+    rank: int
+    path: str
+    score: float
+
+
+@dataclass
+class SearchResult:
+    """``hits`` best first; ``errors`` the files that could not be read (path, message); ``scored`` how many
+    photos were ranked; ``how`` what the score is (a learned class's decision score, or CLIP similarity)."""
+
+    hits: list[SearchHit]
+    errors: list[tuple[str, str]]
+    scored: int
+    how: str
+
+
+def search_files(scorer: LibraryScorer, files: Iterable[Path], top: int, *, text: np.ndarray | None = None,
+                 label_text: np.ndarray | None = None, column: int | None = None, how: str = "") -> SearchResult:
+    """The ``top`` files best matching a query, over ``files`` (embeddings through ``scorer``'s cache).
+
+    Either ``text`` [D] (a unit text embedding: score = cosine similarity of the frozen image embedding,
+    as rclip ranks) or ``label_text`` [L,D] with ``column`` (a learned class: score = the bundle's decision
+    score of that class, what classify reports). Ties keep input order. Raises UsageError when top < 1."""
+    import heapq
+
+    if top < 1:
+        raise UsageError(f"top must be at least 1, not {top}")
+    heap: list[tuple[float, int, str]] = []  # (score, -index, path): the smallest is dropped first
+    errors: list[tuple[str, str]] = []
+    index = scored = 0
+    window: list[Path] = []
+
+    def flush() -> None:
+        nonlocal index, scored
+        if text is not None:
+            vectors, _, failed = scorer.embed_window(window)
+            good = [i for i in range(len(window)) if i in vectors]
+            values = (np.stack([vectors[i] for i in good]) @ np.asarray(text, np.float32)) if good else np.zeros(0)
+            paths = [window[i] for i in good]
+            errors.extend((os.fspath(window[i]), failed[i]) for i in sorted(failed))
+        else:
+            result = scorer.score_window(window, label_text)
+            values, paths = result.scores[:, column], result.paths
+            errors.extend((os.fspath(result.order[i]), msg) for i, msg in sorted(result.errors.items()))
+        for path, value in zip(paths, values):
+            item = (float(value), -index, os.fspath(path))
+            index += 1
+            if len(heap) < top:
+                heapq.heappush(heap, item)
+            else:
+                heapq.heappushpop(heap, item)
+        scored += len(paths)
+        window.clear()
+
+    for path in files:
+        window.append(Path(path))
+        if len(window) == scorer.window:
+            flush()
+    if window:
+        flush()
+    best = sorted(heap, key=lambda item: (-item[0], -item[1]))
+    return SearchResult([SearchHit(rank, path, score) for rank, (score, _, path) in enumerate(best, 1)], errors,
+                        scored, how)

@@ -70,5 +70,5 @@ def open_bundle(value: Path | None) -> Bundle:
 
 def cache_note(scorer: object) -> str:
     """' (embedding cache off: why)' when the cache was turned off during the run, else ''."""
-    cache = getattr(scorer, "cache", None)
-    return f" (embedding cache off: {cache.disabled})" if cache is not None and cache.disabled else ""
+    why = getattr(getattr(scorer, "cache", None), "disabled", None)
+    return f" (embedding cache off: {why})" if why else ""
