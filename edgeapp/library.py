@@ -272,7 +272,8 @@ def make_scorer(bundle: Bundle, backend: str = "auto", precision: str = "fp32", 
                 batch_size: int = 16, cache: bool = True, exact: bool | None = None, max_pixels: int | None = None,
                 cuda_graph: bool = False, workers: int | None = None, head: bool = True) -> LibraryScorer:
     """A ``LibraryScorer`` over the bundle's frozen image encoder (``precision``) and its head, with the
-    user's embedding cache unless ``cache`` is False. ``exact``: decode at full resolution (None: the
+    user's embedding cache unless ``cache`` is False or ``max_pixels`` is not the default (the decompression-bomb
+    guard applies when a file is decoded: with another limit every file is decoded and checked). ``exact``: decode at full resolution (None: the
     bundle's setting). Raises UsageError, BackendUnavailableError, BundleError as the runners do."""
     from edgeclip.edgeapp.runtime import ImageEncoderRunner
 
@@ -280,7 +281,7 @@ def make_scorer(bundle: Bundle, backend: str = "auto", precision: str = "fp32", 
     encoder = ImageEncoderRunner(bundle, backend, threads=threads, max_batch=batch_size, precision=precision,
                                  cuda_graph=cuda_graph)
     store = None
-    if cache:
+    if cache and (max_pixels is None or max_pixels == DEFAULT_MAX_PIXELS):  # another bomb guard: decode every file
         store = EmbeddingCache(frozen_backbone_key(bundle, cfg, precision), int(bundle.manifest["backbone"]["embed_dim"]))
     return LibraryScorer(bundle, encoder, HeadRunner(bundle, threads) if head else None, cfg, store,
                          batch_size=batch_size, workers=workers, max_pixels=max_pixels,
