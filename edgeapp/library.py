@@ -31,11 +31,13 @@ import numpy as np
 
 from edgeclip.bundle import Bundle
 from edgeclip.edgeapp.embed_cache import FROZEN, EmbeddingCache, FileId, backbone_key
-from edgeclip.errors import UsageError
+from edgeclip.errors import BundleError, UsageError
 from edgeclip.images import DEFAULT_MAX_PIXELS, PreprocessConfig, iter_batches
 from edgeclip.layout import (
     ADAPTED,
     GATE_RATIO,
+    HEAD_GRAPH,
+    HEAD_SHARED_DATA,
     LABEL_TEXT,
     LEARNED,
     MOE_DATA,
@@ -95,14 +97,24 @@ class HeadRunner:
     def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        from edgeclip.export.compose import build_head_graph
-
-        model = build_head_graph(bundle.tensors(LEARNED), bundle.manifest)
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = int(threads)
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        if bundle.has(graph_file(HEAD_GRAPH)):  # written with the gated graph (edgeapp.tasks.write_gated_graph)
+            path = bundle.path(graph_file(HEAD_GRAPH))  # sha256-checked on first use
+            if bundle.has(graph_file(HEAD_SHARED_DATA)):
+                bundle.path(graph_file(HEAD_SHARED_DATA))
+            model: Any = str(path)
+        else:  # a version written before head.onnx existed: built now (reads the onnx package)
+            from edgeclip.export.compose import build_head_graph
+
+            model = build_head_graph(bundle.tensors(LEARNED), bundle.manifest).SerializeToString()
+        try:
+            self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BundleError(f"Bundle {bundle.root} version {bundle.version}: onnxruntime cannot load the head "
+                              f"graph: {exc}") from exc
         self.n_tasks = len(bundle.tasks)
 
     def run(self, embedding: np.ndarray, label_text: np.ndarray) -> dict[str, np.ndarray]:

@@ -38,6 +38,7 @@ from edgeclip.layout import (
     GATE_KEYS,
     GATE_RATIO,
     GATED_GRAPH,
+    HEAD_GRAPH,
     IMAGE_DATA,
     IMAGE_GRAPH,
     LABEL_TEXT,
@@ -362,3 +363,18 @@ def build_head_graph(learned: Mapping[str, np.ndarray], manifest: Mapping[str, A
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeclip")
     model.ir_version = min(model.ir_version, 9)  # onnxruntime >= 1.17 reads IR 9
     return model
+
+
+def write_head_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> Path:
+    """Write ``build_head_graph``'s graph as `head.onnx` in `graphs_dir` (RAIL primal's W_r as the external
+    data `head.shared.data`, equal in every version); returns its path. Raises BundleError as
+    ``DecisionSpec.from_bundle`` does."""
+    graphs_dir = Path(graphs_dir)
+    model = build_head_graph(learned, manifest)
+    _externalise_shared(graphs_dir, model.graph, HEAD_GRAPH)
+    check_structure(model)
+    out = graphs_dir / HEAD_GRAPH
+    tmp = out.with_name(f".{out.name}.tmp")
+    onnx.save_model(model, str(tmp))
+    tmp.replace(out)
+    return out
