@@ -259,8 +259,12 @@ class Classifier:
                 raise UsageError("a task learned from (image, label) pairs needs a name")
             with tempfile.TemporaryDirectory(prefix="edgeclip-task-") as tmp:
                 folder = _write_domain(Path(tmp) / name, data)
-                add_task(self.root, folder, name=name, shots=shots, iterations=iterations, device=device,
-                         backend=self.backend, progress=progress)
+                try:
+                    add_task(self.root, folder, name=name, shots=shots, iterations=iterations, device=device,
+                             backend=self.backend, progress=progress)
+                except EdgeclipError as exc:  # the temporary folder is ours, not the caller's: name the pairs
+                    raise _reworded(exc, {f"{folder}{os.sep}": "", str(folder): "the (image, label) pairs",
+                                          str(tmp): "the (image, label) pairs"}) from None
         return self.reload()
 
     def add_task_embeddings(self, name: str, embeddings: np.ndarray, labels: Sequence[int] | np.ndarray,
@@ -337,8 +341,40 @@ def create(bundle: str | Path, model: str = "ViT-B-16", pretrained: str | None =
     MissingExtraError without torch, BackboneLoadError when the weights cannot be had.
     """
     create_module = import_torch_module("edgeclip.edgeapp.create", "creating a bundle (reading open_clip models)")
-    method_settings = MethodSettings(method=method, seed=seed, **settings)
-    created = create_module.init_bundle(Path(bundle), model, pretrained, random_weights=random_weights, seed=seed,
-                                        settings=method_settings, zero_shot_labels=list(zero_shot_labels),
-                                        tokenizer=tokenizer, keep=keep)
+    try:
+        method_settings = MethodSettings(method=method, seed=seed, **settings)
+        created = create_module.init_bundle(Path(bundle), model, pretrained, random_weights=random_weights, seed=seed,
+                                            settings=method_settings, zero_shot_labels=list(zero_shot_labels),
+                                            tokenizer=tokenizer, keep=keep)
+    except EdgeclipError as exc:  # the library's messages name the CLI's flags: say the API's arguments
+        raise _reworded(exc, _API_WORDS) from None
     return Classifier(created)
+
+
+# CLI flags in the messages create() passes on, and the argument of edgeclip.create that says the same
+_API_WORDS = {
+    "--random-weights --seed N": "random_weights=True, seed=N",
+    "--random-weights": "random_weights=True",
+    "--pretrained TAG": "pretrained=TAG",
+    "--pretrained /path/to/weights": "pretrained='/path/to/weights'",
+    "--pretrained weights.safetensors": "pretrained='weights.safetensors'",
+    "--pretrained openai": "pretrained='openai'",
+    "--pretrained": "pretrained=",
+    "--tokenizer /path/to/tokenizer.json": "tokenizer='/path/to/tokenizer.json'",
+    "--tokenizer DIR": "tokenizer='DIR'",
+    "--tokenizer": "tokenizer=",
+    "--method moe": "method='moe'",
+    "--method rail-primal": "method='rail-primal'",
+    "--method": "method=",
+    "--model ": "model=",
+    "--seed": "seed=",
+}
+
+
+def _reworded(exc: EdgeclipError, words: dict[str, str]) -> EdgeclipError:
+    """``exc`` with each key of ``words`` in its message replaced by its value (same type, same exit code)."""
+    text = str(exc)
+    for old, new in words.items():
+        text = text.replace(old, new)
+    exc.args = (text,)
+    return exc
