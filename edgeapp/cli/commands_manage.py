@@ -15,6 +15,7 @@ from edgeclip.bundle import Bundle, current_version, disk_usage, format_size, li
 from edgeclip.bundle import rollback as rollback_bundle
 from edgeclip.edgeapp.cli.console import err_console, new_table, out_console, progress, stage_reporter
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, open_bundle, require_bundle
+from edgeclip.discover import display_path
 from edgeclip.edgeapp.cli.output import Interrupted, is_utf, markup, visible
 from edgeclip.errors import UsageError
 from edgeclip.train.registry import METHOD_NAMES, learner_spec
@@ -244,8 +245,24 @@ def rollback(
 ) -> None:
     """Make an earlier bundle version current again (newer versions stay on disk until 'edgeclip prune')."""
     root = require_bundle(bundle_path(bundle))
+    if to is not None:
+        to = _known_version(root, to)
     version = rollback_bundle(root, to)
     err_console().print(markup(f"{root}: now at {version}"), highlight=False)
+
+
+def _known_version(root: Path, name: str) -> str:
+    """``name`` as the bundle spells it (``v2`` and ``2`` mean ``v0002``); UsageError naming the versions when
+    the bundle has no such version."""
+    import re
+
+    known = list_versions(root)
+    match = re.fullmatch(r"[vV]?0*(\d+)", name.strip())
+    wanted = f"v{int(match.group(1)):04d}" if match else name
+    if wanted not in known:
+        raise UsageError(f"--to {visible(name)}: {visible(display_path(root))} has no version '{visible(name)}'; "
+                         f"its versions: {', '.join(known)}")
+    return wanted
 
 
 def info(bundle: BundleOpt = None) -> None:
