@@ -38,6 +38,7 @@ from rich.table import Table
 from edgeclip.bundle import Bundle
 from edgeclip.edgeapp import evaluate
 from edgeclip.edgeapp import tasks as pipeline
+from edgeclip.learned import read_learned
 from edgeclip.edgeapp.create import init_bundle
 from edgeclip.train.decision import RAIL_KEYS
 
@@ -75,7 +76,7 @@ def joint_check(final: Bundle, feats: np.ndarray, labels: np.ndarray, n_classes:
     learner.add_domain(feats, labels, n_classes)
     learner.solve()
     joint = learner.state()
-    learned = final.tensors(pipeline.LEARNED)
+    learned = read_learned(final)
     keys = RAIL_KEYS[final.method]
     weight = keys[-1]  # w (primal) or alpha (dual)
     a, b = np.asarray(learned[f"rail.{weight}"], np.float64), np.asarray(joint[weight], np.float64)

@@ -259,6 +259,90 @@ def ratio_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def converter_rows(bundle: Any, device: str, batches: list[int], iterations: int, work: Path) -> dict[str, Any]:
+    """The plain image encoder in fp16 by two converters, timed with onnxruntime directly (IO binding
+    on the device): edgeclip's (`export.fp16`, onnxruntime's convert_float_to_float16) and
+    onnxruntime's transformer optimizer (`optimize_model(model_type="vit")`: attention/LayerNorm/Gelu
+    fusion into com.microsoft ops, then float16). Reports fused op counts, ms per batch and the
+    smallest cosine to the fp32 encoder."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from edgeclip.layout import IMAGE_FP16_GRAPH, IMAGE_GRAPH, graph_file
+
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    where = "cuda" if device == "cuda" else "cpu"
+    folder = work / "converters"
+    folder.mkdir(exist_ok=True)
+    fp32 = bundle.path(graph_file(IMAGE_GRAPH))
+    heads = {"ViT-B-16": 12, "ViT-B-32": 12, "ViT-L-14": 16}.get(bundle.manifest["backbone"]["model"], 0)
+    model = optimize_model(str(fp32), model_type="vit", num_heads=heads, hidden_size=0, opt_level=0,
+                           use_gpu=device == "cuda")
+    fused = {op: n for op, n in model.get_operator_statistics().items() if op in
+             ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization", "FastGelu",
+              "Gelu", "BiasGelu", "SkipSimplifiedLayerNormalization")}
+    model.convert_float_to_float16(keep_io_types=True)
+    optimized = folder / "optimized_fp16.onnx"
+    model.save_model_to_file(str(optimized), use_external_data_format=True)
+    size = int(bundle.manifest["preprocess"]["image_size"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sessions = {"fp32": ort.InferenceSession(str(fp32), options, providers=providers),
+                "fp16_edgeclip": ort.InferenceSession(str(bundle.path(graph_file(IMAGE_FP16_GRAPH))), options,
+                                                      providers=providers, disabled_optimizers=["NchwcTransformer"]),
+                "fp16_ort_optimizer": ort.InferenceSession(str(optimized), options, providers=providers,
+                                                           disabled_optimizers=["NchwcTransformer"])}
+    out: dict[str, Any] = {"optimizer_fused_ops": fused, "rows": {}}
+    rng = np.random.default_rng(0)
+    for b in batches:
+        x = rng.standard_normal((b, 3, size, size), dtype=np.float32)
+        ref = None
+        for name, session in sessions.items():
+            binding = session.io_binding()
+            binding.bind_ortvalue_input("pixels", ort.OrtValue.ortvalue_from_numpy(x, where, 0))
+            binding.bind_output("embedding", where)
+            for _ in range(3):
+                session.run_with_iobinding(binding)
+            times = []
+            for _ in range(iterations):
+                start = time.perf_counter()
+                session.run_with_iobinding(binding)
+                binding.synchronize_outputs()
+                times.append((time.perf_counter() - start) * 1000)
+            emb = binding.copy_outputs_to_cpu()[0]
+            emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+            ref = emb if ref is None else ref
+            ms = float(np.median(times))
+            out["rows"][f"{name}_b{b}"] = {"p50_ms": round(ms, 3), "images_per_s": round(b * 1000 / ms, 1),
+                                           "min_cosine_to_fp32": round(float(np.min(np.sum(emb * ref, axis=1))), 6)}
+    return out
+
+
+def io_binding_rows(bundle: Any, backend: str, batches: list[int], iterations: int) -> dict[str, Any]:
+    """The gated graph with and without IO binding (`OrtSession.io_binding`), fp32 and fp16, same pixels,
+    interleaved per batch size: p50 ms per batch."""
+    from edgeclip.edgeapp.bench import time_calls
+    from edgeclip.edgeapp.runtime import GatedRunner
+
+    text = bundle.tensors("learned.safetensors")["zs_text"]
+    size = int(bundle.manifest["preprocess"]["image_size"])
+    rows: dict[str, Any] = {}
+    runners = {}
+    for precision in ("fp32", "fp16"):
+        for binding in (False, True):
+            runner = GatedRunner(bundle, backend, precision=precision, max_batch=max(batches))
+            runner.session.io_binding = binding
+            runners[f"{precision}_{'iobinding' if binding else 'run'}"] = runner
+    rng = np.random.default_rng(0)
+    for b in batches:
+        x = rng.standard_normal((b, 3, size, size), dtype=np.float32)
+        for name, runner in runners.items():
+            ms = float(np.median(time_calls(lambda r=runner: r.run(x, text), iterations, warmup=3)))
+            rows[f"{name}_b{b}"] = round(ms, 3)
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -310,6 +394,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     bundle = export_fp16(rail.reload().bundle)
                     rec["version"] = bundle.version
                     rec["bytes"] = {k: v["size"] for k, v in bundle.manifest["files"].items() if k.startswith("graphs/")}
+            with report.stage("rail_io_binding", needs_s=30) as rec:
+                if rec is not None:
+                    rec["p50_ms"] = io_binding_rows(edgeclip.load(rail.root, backend=backend).bundle, backend,
+                                                    [b for b in batches if b <= 32] or batches[:1], args.iterations)
             with report.stage("rail_bench", needs_s=40) as rec:
                 if rec is not None:
                     rec["rows"] = bench_rows(edgeclip.load(rail.root, backend=backend).bundle, backend, batches,
@@ -361,6 +449,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 from edgeclip.edgeapp.runtime import select_backend
 
                 bundle = edgeclip.load(moe.root, backend=backend).bundle
+                # the graphs loaded by plain onnxruntime at WARNING (classify's sessions log at ERROR)
                 for name in ("graphs/gated.onnx", "graphs/gated_fp16.onnx"):
                     if not bundle.has(name):
                         continue
@@ -379,12 +468,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 size = int(bundle.manifest["preprocess"]["image_size"])
                 pixels = np.zeros((1, 3, size, size), np.float32)
                 text = bundle.tensors("learned.safetensors")["zs_text"]
-                for start in ("first", "second"):
-                    lines = []
-                    with stderr_lines(lines):
-                        GatedRunner(bundle, "ort-cpu").run(pixels, text)
-                    warn = [ln for ln in lines if "[W:onnxruntime" in ln or "[E:onnxruntime" in ln]
-                    rec[f"ort-cpu classify start ({start})"] = {"warnings": len(warn), "first": warn[:5]}
+                for runner_backend in dict.fromkeys(("ort-cpu", backend)):
+                    for start in ("first", "second"):
+                        lines = []
+                        with stderr_lines(lines):
+                            GatedRunner(bundle, runner_backend).run(pixels, text)
+                        warn = [ln for ln in lines if "[W:onnxruntime" in ln or "[E:onnxruntime" in ln]
+                        rec[f"{runner_backend} classify start ({start})"] = {"warnings": len(warn), "first": warn[:5]}
         with report.stage("moe_bench", needs_s=60) as rec:
             if rec is not None:
                 rec["rows"] = bench_rows(edgeclip.load(moe.root, backend=backend).bundle, backend, batches,
@@ -418,6 +508,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     cpu = edgeclip.load(moe.root, backend="ort-cpu").classify(subset, top_k=1)
                     rec["cpu_images_per_s"] = round(len(subset) / (time.perf_counter() - start), 2)
                     rec["agreement"] = agreement(dev, cpu)
+        if rail is not None:  # last: onnxruntime's optimizer is the stage most likely to crash the process
+            with report.stage("fp16_converters", needs_s=45) as rec:
+                if rec is not None:
+                    rec.update(converter_rows(edgeclip.load(rail.root, backend=backend).bundle, device,
+                                              [1, max(batches)], args.iterations, work))
         return report.data
     finally:
         report.save()

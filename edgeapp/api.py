@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -28,10 +28,10 @@ from edgeclip.discover import discover_images
 from edgeclip.edgeapp.classify import (
     LabelSpace,
     Prediction,
+    as_image,
     build_label_space,
-    classify_files,
-    predictions_from_scores,
-    task_route_names,
+    classify_batches,
+    is_file_input,
 )
 from edgeclip.edgeapp.embed_cache import EmbeddingCache
 from edgeclip.edgeapp.library import (
@@ -62,18 +62,6 @@ class TaskInfo:
     threshold: float
 
 
-def _as_image(item: Image.Image | np.ndarray) -> Image.Image:
-    if isinstance(item, Image.Image):
-        return item
-    array = np.asarray(item)
-    if array.dtype == np.uint8 and array.ndim == 2 and min(array.shape) > 0:  # grey, as a grey PIL image
-        return Image.fromarray(array, "L").convert("RGB")
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3 or min(array.shape) == 0:
-        raise UsageError(f"an image array must be uint8 [H, W, 3] RGB or [H, W] grey, got {array.dtype} "
-                         f"{list(array.shape)}")
-    return Image.fromarray(array, "RGB")
-
-
 class Classifier:
     """A loaded bundle version with its runners (sessions open on first use).
 
@@ -82,7 +70,10 @@ class Classifier:
     ``edgeclip export --precision fp16`` / ``--int8``); threads: CPU threads of onnxruntime (None: its
     default); cuda_graph: CUDA graphs on ort-cuda for the gated graph (batches padded to fixed sizes,
     one captured graph each: more GPU memory). Raises UsageError, BackendUnavailableError, or
-    BundleError (e.g. fp16/int8 graphs missing) when the gated graph's session cannot be made.
+    BundleError (e.g. fp16/int8 graphs missing) when the image encoder's session cannot be made.
+    cache: files' frozen embeddings through the user's embedding cache (``edgeapp.embed_cache``; False: the
+    same computation without it). Files go encoder -> embedding -> head graph; in-memory images through the
+    gated graph.
     """
 
     def __init__(self, bundle: Bundle, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
@@ -130,7 +121,7 @@ class Classifier:
     def _pixels(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
         if not images:
             return np.zeros((0, 3, self._cfg.image_size, self._cfg.image_size), np.float32)
-        return np.stack([preprocess(_as_image(img), self._cfg) for img in images])  # [B,3,S,S] float32
+        return np.stack([preprocess(as_image(img), self._cfg) for img in images])  # [B,3,S,S] float32
 
     def classify(self, images: ImageInput | Iterable[ImageInput], labels: Sequence[str] = (), top_k: int = 5,
                  batch_size: int = 16) -> list[Prediction]:
@@ -138,36 +129,42 @@ class Classifier:
         top-k and error (the reason a file could not be read; the other fields are then empty).
 
         images: files, folders (their images), PIL images or uint8 [H,W,3] RGB arrays (one or an iterable); labels: extra
-        zero-shot labels beside the learned classes. Raises UsageError (nothing to classify into, bad array).
+        zero-shot labels beside the learned classes. ``list(classify_iter(...))``: for many inputs,
+        ``classify_iter`` keeps memory flat. Raises UsageError (nothing to classify into, bad array).
         """
-        items = _expand_folders(_as_items(images))
+        return list(self.classify_iter(images, labels, top_k=top_k, batch_size=batch_size))
+
+    def classify_iter(self, images: ImageInput | Iterable[ImageInput], labels: Sequence[str] = (), top_k: int = 5,
+                      batch_size: int = 16, *, workers: int | None = None,
+                      embeddings: bool = False) -> Iterator[Prediction]:
+        """Yield one ``Prediction`` per input, in input order, as each batch is classified.
+
+        ``images`` is read lazily (a generator of a million paths or arrays is fine): memory is bounded by
+        the batch and the decode queue (two batches ahead), not by the input's length. Folders are replaced
+        by their images (one folder's listing at a time). workers: decoding threads (default one per core);
+        embeddings: also set each Prediction's ``embedding`` ([D] float32, unit norm). The arguments and the
+        label space are checked now, before the first item is read: raises UsageError (top_k < 1,
+        batch_size < 1, nothing to classify into); a bad array raises UsageError when it is reached.
+        """
         if top_k < 1:
             raise UsageError(f"top_k must be at least 1, not {top_k}")
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be at least 1, not {batch_size}")
+        single = isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray))
+        items: Iterable[ImageInput] = [images] if single else images  # type: ignore[list-item]
         space = self.label_space(labels)
-        names = task_route_names(self.bundle)
-        out: list[Prediction | None] = [None] * len(items)
-        files = [(i, Path(x)) for i, x in enumerate(items) if isinstance(x, (str, Path))]
-        in_memory = [(i, x) for i, x in enumerate(items) if not isinstance(x, (str, Path))]
-        if files:
-            by_path: dict[str, list[int]] = {}
-            for i, path in files:
-                by_path.setdefault(str(path), []).append(i)
-            preds = classify_files(self.bundle, [p for _, p in files], self.scorer(batch_size), space, top_k=top_k)
-            for pred, (i, _) in zip(preds, files):
-                out[i] = pred
-        for start in range(0, len(in_memory), batch_size):
-            chunk = in_memory[start:start + batch_size]
-            if self._gated is None:
-                self._gated = GatedRunner(self.bundle, self.backend, threads=self.threads, precision=self.precision,
-                                          cuda_graph=self.cuda_graph)
-            result = self._gated.run(self._pixels([x for _, x in chunk]), space.text)
-            preds = predictions_from_scores([f"<image {i}>" for i, _ in chunk], result["scores"], result["route"],
-                                            space, names, top_k)
-            for (i, _), pred in zip(chunk, preds):
-                out[i] = pred
-        return [p for p in out if p is not None]
+        batches = classify_batches(self.bundle, _expand_folders(items), _Lazy(self._gated_runner), space, top_k=top_k,
+                                   batch_size=batch_size, workers=workers, embeddings=embeddings,
+                                   scorer=self.scorer(batch_size, workers=workers))
+        return (pred for batch in batches for pred in batch)
 
-    def scorer(self, batch_size: int = 16, head: bool = True) -> LibraryScorer:
+    def _gated_runner(self) -> GatedRunner:
+        if self._gated is None:
+            self._gated = GatedRunner(self.bundle, self.backend, threads=self.threads, precision=self.precision,
+                                      cuda_graph=self.cuda_graph)
+        return self._gated
+
+    def scorer(self, batch_size: int = 16, head: bool = True, workers: int | None = None) -> LibraryScorer:
         """The files' path: embeddings from the embedding cache (unless ``cache=False``) or the frozen
         encoder, then the head (``edgeapp.library``)."""
         store = None
@@ -177,7 +174,8 @@ class Classifier:
         if head and self._head is None:
             self._head = HeadRunner(self.bundle, self.threads)
         return LibraryScorer(self.bundle, self._image, self._head if head else None, self._cfg, store,
-                             batch_size=batch_size, moe_encoder=moe_encoder_factory(self.bundle, self.backend, self.threads))
+                             batch_size=batch_size, workers=workers,
+                             moe_encoder=moe_encoder_factory(self.bundle, self.backend, self.threads))
 
     def embed_images(self, images: ImageInput | Iterable[ImageInput], batch_size: int = 16) -> np.ndarray:
         """Frozen CLIP image embeddings [N,D] float32, unit rows (the plain encoder, no task), one row per
@@ -187,7 +185,7 @@ class Classifier:
         Files go through the embedding cache. Raises UsageError on a bad array; ImageError naming the
         file when a file cannot be read.
         """
-        items = _expand_folders(_as_items(images))
+        items = list(_expand_folders(_as_items(images)))
         out: list[np.ndarray | None] = [None] * len(items)
         files = [(i, Path(x)) for i, x in enumerate(items) if isinstance(x, (str, Path))]
         if files:
@@ -221,7 +219,7 @@ class Classifier:
 
         if not isinstance(query, str) or not query.strip():
             raise UsageError("the search query is empty: give a text such as \"a red car\"")
-        items = _expand_folders(_as_items(images))
+        items = list(_expand_folders(_as_items(images)))
         if any(not isinstance(x, (str, Path)) for x in items):
             raise UsageError("search ranks files and folders (its embeddings are cached by file)")
         files = [Path(x) for x in items]
@@ -280,16 +278,31 @@ class Classifier:
         return self.reload()
 
     def rollback(self, to: str | None = None) -> Classifier:
-        """Make an earlier version current (the parent unless ``to`` names one); a Classifier on it.
+        """Make an earlier version current (the parent of this Classifier's version unless ``to`` names
+        one); a Classifier on it. Acts only on the version this object read: refuses when another
+        process has made another version current since (``Classifier.reload`` first).
 
-        Raises BundleError when there is no earlier version or ``to`` names no complete version.
+        Raises BundleError when CURRENT moved, there is no earlier version, or ``to`` names no complete
+        version.
         """
-        rollback(self.root, to)
+        rollback(self.root, to, expect=self.bundle)
         return self.reload()
 
     def reload(self) -> Classifier:
         """A Classifier on the bundle's current version (BundleError when it cannot be opened)."""
         return Classifier(Bundle.open(self.root), self.backend, self.precision, self.threads, self.cuda_graph, self.cache)
+
+
+class _Lazy:
+    """A runner made on its first ``run`` (the gated graph, needed only for in-memory images)."""
+
+    def __init__(self, make: Any) -> None:
+        self._make, self._runner = make, None
+
+    def run(self, *args: Any) -> Any:
+        if self._runner is None:
+            self._runner = self._make()
+        return self._runner.run(*args)
 
 
 def _as_items(images: ImageInput | Iterable[ImageInput]) -> list[ImageInput]:
@@ -299,15 +312,13 @@ def _as_items(images: ImageInput | Iterable[ImageInput]) -> list[ImageInput]:
     return list(images)
 
 
-def _expand_folders(items: list[ImageInput]) -> list[ImageInput]:
-    """Folders become their images (recognised by content, hidden files skipped), in place."""
-    out: list[ImageInput] = []
+def _expand_folders(items: Iterable[ImageInput]) -> Iterator[ImageInput]:
+    """Folders become their images (recognised by content, hidden files skipped), in place, lazily."""
     for item in items:
-        if isinstance(item, (str, Path)) and Path(item).is_dir():
-            out.extend(discover_images([Path(item)]).images)
+        if is_file_input(item) and Path(os.fsdecode(item)).is_dir():  # type: ignore[arg-type]
+            yield from discover_images([Path(os.fsdecode(item))]).images  # type: ignore[arg-type]
         else:
-            out.append(item)
-    return out
+            yield item
 
 
 def _write_domain(folder: Path, pairs: Sequence[tuple[Image.Image | np.ndarray, str]]) -> Path:
@@ -316,7 +327,7 @@ def _write_domain(folder: Path, pairs: Sequence[tuple[Image.Image | np.ndarray, 
             raise UsageError(f"class name {label!r} must be a non-empty name without '/' or a leading '.'")
         target = folder / label
         target.mkdir(parents=True, exist_ok=True)
-        _as_image(image).convert("RGB").save(target / f"{i:06d}.png")
+        as_image(image).convert("RGB").save(target / f"{i:06d}.png")
     return folder
 
 

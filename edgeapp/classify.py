@@ -33,6 +33,8 @@ class Prediction:
     best-scoring label over the whole label space and ``task`` the task that label belongs to
     (``zero-shot`` for an extra label). They differ when the gate routes an image to one task
     but another task's class still scores higher; ``topk`` entries name their task likewise.
+    ``embedding`` ([D] float32, unit norm) is set only when asked (``classify_batches(embeddings=True)``)
+    and is not part of ``to_dict``.
     """
 
     path: str
@@ -43,6 +45,7 @@ class Prediction:
     error: str | None = None
     note: str | None = None
     task: str | None = None
+    embedding: np.ndarray | None = field(default=None, repr=False, compare=False)  # [D] float32, when asked
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -225,25 +228,152 @@ def predictions_from_scores(
     return out
 
 
+def as_image(item: Any) -> Any:
+    """An in-memory input as a PIL image: a PIL image as is, a uint8 [H,W,3] RGB or [H,W] grey array.
+    Raises UsageError for any other array."""
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        return item
+    array = np.asarray(item)
+    if array.dtype == np.uint8 and array.ndim == 2 and min(array.shape) > 0:  # grey, as a grey PIL image
+        return Image.fromarray(array, "L").convert("RGB")
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3 or min(array.shape) == 0:
+        raise UsageError(f"an image array must be uint8 [H, W, 3] RGB or [H, W] grey, got {array.dtype} "
+                         f"{list(array.shape)}")
+    return Image.fromarray(array, "RGB")
+
+
+def is_file_input(item: Any) -> bool:
+    """Whether a classify input names a file (str, bytes or a path) rather than holding pixels."""
+    return isinstance(item, (str, bytes, os.PathLike))
+
+
+def classify_batches(
+    bundle: Bundle,
+    items: Iterable[Any],
+    runner: Any,
+    labels: LabelSpace,
+    top_k: int = 5,
+    batch_size: int = 32,
+    workers: int | None = None,
+    exact: bool | None = None,
+    max_pixels: int | None = None,
+    embeddings: bool = False,
+    scorer: Any = None,
+) -> Iterator[list[Prediction]]:
+    """The streaming core of classify (API, CLI, Ray workers): yield each batch's Predictions in input order.
+
+    items: files (str, bytes or ``os.PathLike``) and in-memory images (PIL or uint8 [H,W,3] RGB arrays),
+    read lazily; memory is bounded by the batch and the decode queue (``images.iter_batches``: two
+    batches ahead), never by the input's length. A file that cannot be read gives an error Prediction
+    (its ``error`` names the cause) in its place; an in-memory image is named ``<image N>`` (N: its
+    0-based input position). Decoding runs ``workers`` threads (default: one per core) ahead of the
+    engine. ``exact``: True decodes at full resolution (open_clip's pixels), False the fast reduced
+    decode, None follows the bundle's ``preprocess.exact``. ``max_pixels``: the decompression-bomb
+    limit (default ``images.DEFAULT_MAX_PIXELS``). ``embeddings``: also set ``Prediction.embedding``
+    ([D] float32, unit norm, the frozen CLIP image embedding). Raises UsageError for a bad array.
+
+    ``scorer``: an ``edgeapp.library.LibraryScorer`` (``make_scorer``; its own decode settings apply): files
+    then go through the embedding cache and the head graph (frozen embedding once, the decision from it),
+    in windows of ``scorer.window`` inputs (one list each); in-memory images still go through ``runner``.
+    """
+    from edgeclip.images import DEFAULT_MAX_PIXELS, PreprocessConfig, decode_and_preprocess, iter_batches, preprocess
+
+    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"]).with_exact(exact)
+    limit = max_pixels or DEFAULT_MAX_PIXELS
+    names = task_route_names(bundle)
+    if scorer is not None:
+        yield from _scored_windows(items, runner, labels, names, top_k, scorer, embeddings)
+        return
+
+    def decode(item: Any) -> tuple[np.ndarray, str | None]:
+        if is_file_input(item):
+            return decode_and_preprocess(Path(os.fsdecode(item)), cfg, limit)
+        return preprocess(as_image(item), cfg), None
+
+    def name(item: Any, position: int) -> str:
+        return os.fspath(Path(os.fsdecode(item))) if is_file_input(item) else f"<image {position}>"
+
+    for batch in iter_batches(items, cfg, batch_size=batch_size, workers=workers, max_pixels=limit, decode=decode):
+        scored: list[Prediction] = []
+        if len(batch.paths):
+            result = runner.run(batch.pixels, labels.text)
+            scored = predictions_from_scores([name(item, i) for item, i in zip(batch.paths, batch.indices)],
+                                             result["scores"], result["route"], labels, names, top_k,
+                                             notes=batch.notes)
+            if embeddings:
+                for pred, vector in zip(scored, result["embedding"]):
+                    pred.embedding = np.asarray(vector, np.float32)
+        errors = iter(batch.errors)
+        out = []
+        for position, row, message in batch.in_input_order():
+            if row is None:
+                item, _ = next(errors)
+                out.append(Prediction(path=name(item, position), error=message))
+            else:
+                out.append(scored[row])
+        yield out
+
+
+def _scored_windows(items: Iterable[Any], runner: Any, labels: LabelSpace, names: Sequence[str], top_k: int,
+                    scorer: Any, embeddings: bool) -> Iterator[list[Prediction]]:
+    """``classify_batches`` through a ``LibraryScorer``: one list of Predictions per window, input order."""
+    from edgeclip.images import preprocess
+
+    def score(window: list[tuple[int, Any]]) -> list[Prediction]:
+        out: dict[int, Prediction] = {}
+        files = [(pos, Path(os.fsdecode(item))) for pos, item in window if is_file_input(item)]
+        if files:
+            got = scorer.score_window([path for _, path in files], labels.text)
+            preds = predictions_from_scores(got.paths, got.scores, got.route, labels, names, top_k, notes=got.notes)
+            for i, ((pos, path), row) in enumerate(zip(files, got.rows)):
+                if row is None:
+                    out[pos] = Prediction(path=os.fspath(path), error=got.errors[i])
+                    continue
+                out[pos] = preds[row]
+                if embeddings:
+                    out[pos].embedding = np.asarray(got.embedding[row], np.float32)
+        memory = [(pos, item) for pos, item in window if not is_file_input(item)]
+        for start in range(0, len(memory), scorer.batch_size):
+            chunk = memory[start:start + scorer.batch_size]
+            result = runner.run(np.stack([preprocess(as_image(x), scorer.cfg) for _, x in chunk]), labels.text)
+            preds = predictions_from_scores([f"<image {pos}>" for pos, _ in chunk], result["scores"], result["route"],
+                                            labels, names, top_k)
+            for (pos, _), pred, vector in zip(chunk, preds, result["embedding"]):
+                if embeddings:
+                    pred.embedding = np.asarray(vector, np.float32)
+                out[pos] = pred
+        return [out[pos] for pos, _ in window]
+
+    window: list[tuple[int, Any]] = []
+    for position, item in enumerate(items):
+        window.append((position, item))
+        if len(window) == scorer.window:
+            yield score(window)
+            window = []
+    if window:
+        yield score(window)
+
+
 def classify_files(
     bundle: Bundle,
     files: Iterable[Path],
-    scorer: Any,
+    runner: Any,
     labels: LabelSpace,
     top_k: int = 5,
+    batch_size: int = 32,
+    workers: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    exact: bool | None = None,
+    max_pixels: int | None = None,
+    scorer: Any = None,
 ) -> Iterator[Prediction]:
-    """Yield one Prediction per file, in input order; unreadable files give an error Prediction
-    (its ``error`` names the file and the cause).
-
-    ``scorer``: an ``edgeapp.library.LibraryScorer`` (``make_scorer``): the files' frozen embeddings
-    from the embedding cache or the image encoder (decoding in a thread pool ahead of it), then the
-    bundle's decision from the embeddings. ``on_batch(n)`` is called after each window of ``n`` files."""
-    names = task_route_names(bundle)
-    for window in scorer.iter_scored(files, labels.text):
-        preds = predictions_from_scores(window.paths, window.scores, window.route, labels, names, top_k,
-                                        notes=window.notes)
-        for i, (path, row) in enumerate(zip(window.order, window.rows)):
-            yield preds[row] if row is not None else Prediction(path=os.fspath(path), error=window.errors[i])
+    """Yield one Prediction per file, in input order (``classify_batches`` flattened); unreadable files
+    give an error Prediction (its ``error`` names the file and the cause). ``on_batch(n)`` is called
+    after each batch (or ``scorer`` window) of n files."""
+    for preds in classify_batches(bundle, files, runner, labels, top_k=top_k, batch_size=batch_size,
+                                  workers=workers, exact=exact, max_pixels=max_pixels, scorer=scorer):
+        yield from preds
         if on_batch is not None:
-            on_batch(len(window.order))
+            on_batch(len(preds))

@@ -14,7 +14,8 @@ from typing import Any
 from edgeclip.bundle import Bundle, create_bundle
 from edgeclip.edgeapp.tasks import MethodSettings, initial_learned, write_gated_graph
 from edgeclip.export.trace import export_image_encoder, export_text_encoder
-from edgeclip.layout import LEARNED, MOE_STATE, graph_file
+from edgeclip.layout import MOE_STATE, graph_file
+from edgeclip.learned import write_learned
 from edgeclip.manifest import DEFAULT_TEMPLATES
 from edgeclip.train.backbone import check_method, load_backbone
 from edgeclip.train.registry import learner_spec
@@ -64,7 +65,7 @@ def init_bundle(
                 writer.write_graph(graph_file(onnx_path.name), onnx_path, move=True)  # the shared graph store
         writer.write_file(text["file"], backbone.text.source)
         learned = initial_learned(settings, backbone.embed_dim)
-        writer.write_tensors(LEARNED, learned)
+        write_learned(writer, learned)
         if learner_spec(settings.method).learns_from == "images":  # MoE: the adapters of a bundle with no task
             from edgeclip.edgeapp.moe_task import initial_moe_state
             from edgeclip.train.moe import MoEConfig

@@ -45,11 +45,12 @@ from typing import Any
 
 import numpy as np
 
-from edgeclip.bundle import Bundle, link_or_copy
+from edgeclip.bundle import GRAPH_STORE, Bundle, link_or_copy
 from edgeclip.domain import Domain, eval_split, few_shot, read_domain
 from edgeclip.edgeapp import tasks as pipeline
 from edgeclip.errors import DomainError, UsageError
 from edgeclip.extras import import_torch_module
+from edgeclip.learned import read_learned
 from edgeclip.train import fusion
 from edgeclip.train.presets import Preset, get_preset, method_family
 from edgeclip.train.registry import LEARNERS, learner_spec
@@ -337,7 +338,7 @@ class Scorer:
         """`tensors` replaces the version's learned.safetensors (e.g. a head trained another way)."""
         if [t["name"] for t in bundle.tasks] != [self.suite.domains[j].name for j in learned]:
             raise UsageError("the bundle's tasks do not match the domains the run has learned")
-        tensors = bundle.tensors(pipeline.LEARNED) if tensors is None else tensors
+        tensors = read_learned(bundle) if tensors is None else tensors
         accuracy: dict[tuple[str, str], list[float]] = {}
         routing: dict[tuple[str, str], dict[str, float | None]] = {}
         if "mtil" in protocols:
@@ -548,10 +549,19 @@ class ContinualRun:
 
 
 def copy_bundle(source: Path, dest: Path) -> Path:
-    """A working copy of a bundle: files hard-linked where possible (versions are immutable and
-    every writer unlinks before writing), copied otherwise; locks and staging folders skipped."""
-    Bundle.open(source)  # refuse a broken bundle before copying
-    shutil.copytree(source, dest, copy_function=link_or_copy, symlinks=True,
+    """A working copy of a bundle: version files hard-linked where possible (versions are immutable and
+    every writer unlinks before writing), copied otherwise; graph-store files copied (a store file has a
+    single link: ``Bundle.check_graph_locations``); locks and staging folders skipped."""
+    Bundle.open(source).release()  # refuse a broken bundle before copying
+    store = (source / GRAPH_STORE).resolve()
+
+    def copy_file(src: str, dst: str) -> None:
+        if Path(src).resolve().parent == store:
+            shutil.copy2(src, dst)
+        else:
+            link_or_copy(src, dst)
+
+    shutil.copytree(source, dest, copy_function=copy_file, symlinks=True,
                     ignore=shutil.ignore_patterns(".lock", ".staging-*"))
     return dest
 

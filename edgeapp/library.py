@@ -52,7 +52,7 @@ from edgeclip.layout import (
     graph_file,
 )
 
-WINDOW_BATCHES = 8  # a window is this many batches: decode overlaps the encoder inside a window
+WINDOW_BATCHES = 4  # a window is this many batches: decode overlaps the encoder inside a window
 
 
 @dataclass
@@ -173,29 +173,18 @@ class LibraryScorer:
         errors: dict[int, str] = {}
         self.counts.cached += len(hits)
         missing = [i for i in range(len(paths)) if i not in hits]
-        where = {os.fspath(paths[i]): [] for i in missing}
-        for i in missing:
-            where[os.fspath(paths[i])].append(i)
-        taken: dict[str, int] = {}
-
-        def index_of(path: Path) -> int:
-            key = os.fspath(path)
-            n = taken.get(key, 0)
-            taken[key] = n + 1
-            return where[key][n]
-
         for batch in iter_batches([paths[i] for i in missing], self.cfg, self.batch_size, workers=self.workers,
                                   max_pixels=self.max_pixels):
-            for path, message in batch.errors:
-                errors[index_of(path)] = message
+            for k, (_, message) in zip(batch.error_indices, batch.errors):
+                errors[missing[k]] = message
             if not len(batch.paths):
                 continue
             self.counts.decoded += len(batch.paths)
             emb = np.asarray(self.encoder.embed(batch.pixels), np.float32)
             self.counts.encoded += len(emb)
             stored = []
-            for path, note, row in zip(batch.paths, batch.notes, emb):
-                i = index_of(path)
+            for k, note, row in zip(batch.indices, batch.notes, emb):
+                i = missing[k]
                 vectors[i], notes[i] = row, note
                 if ids[i] is not None:
                     stored.append((ids[i], row, note))

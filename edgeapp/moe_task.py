@@ -6,10 +6,12 @@ text classifier) are computed exactly as for RAIL, through the exported frozen e
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -28,6 +30,43 @@ from edgeclip.layout import LEARNED, MOE_GRAPH_FILES, MOE_STATE
 from edgeclip.train.backbone import Backbone, WeightsSource, load_backbone
 from edgeclip.train.moe import MoECLIP, MoEConfig, load_moe_state, moe_state, text_classifier
 from edgeclip.train.moe_trainer import TrainSettings, train_task
+
+log = logging.getLogger(__name__)
+ESTIMATE_AFTER = 4  # iterations: the first is slower (allocations, worker start); estimate from 2..4
+
+
+def format_duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``1.5 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def cpu_time_estimate(iterations: int, progress: ProgressFn | None,
+                      clock: Callable[[], float] = time.perf_counter) -> Callable[[int, int, float], None]:
+    """An ``on_step`` callback for training on a CPU that, after `ESTIMATE_AFTER` iterations, says once
+    how long the whole training will take: the measured time per iteration (iterations 2..4, the
+    first carries one-off costs) x ``iterations``, as a logged warning and a progress line.
+    It also forwards each step to ``progress("training", step, total)``."""
+    marks: dict[int, float] = {}
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        if step in (1, ESTIMATE_AFTER):
+            marks[step] = clock()
+        if step == ESTIMATE_AFTER and total > ESTIMATE_AFTER:
+            per_step = (marks[ESTIMATE_AFTER] - marks[1]) / (ESTIMATE_AFTER - 1)
+            message = (f"MoE training on the CPU: about {format_duration(per_step * total)} for {total} iterations "
+                       f"({per_step:.2f} s per iteration, measured); --iterations N trains fewer, a CUDA GPU is "
+                       "many times faster")
+            log.warning("%s", message)
+            if progress:
+                progress(message, 0, 0)
+        if progress:
+            progress("training", step, total)
+
+    return on_step
 
 
 def moe_settings(config: MoEConfig | None = None, train: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -102,6 +141,15 @@ def _task_texts(model: MoECLIP, tasks: list[dict[str, Any]], backbone: Backbone)
     )
 
 
+def _step_reporter(device: str, iterations: int, progress: ProgressFn | None) -> Callable | None:
+    """Progress per step; on a CPU also the up-front time estimate (``cpu_time_estimate``)."""
+    import torch
+
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return cpu_time_estimate(iterations, progress)
+    return (lambda step, total, loss: progress("training", step, total)) if progress else None
+
+
 def add_moe_task(
     bundle: Bundle,
     domain: Domain,
@@ -128,8 +176,7 @@ def add_moe_task(
         iterations=int(recipe["iterations"]), batch_size=int(recipe["batch_size"]), lr=float(recipe["lr"]),
         warmup=warmup_steps(recipe),
         freeze_rule=recipe["freeze_rule"], seed=bundle.meta.method.settings.seed,
-        device=device, on_step=(lambda step, total, loss: progress("training", step, total))
-        if progress else None,
+        device=device, on_step=_step_reporter(device, int(recipe["iterations"]), progress),
         exact_preprocess=bundle.meta.preprocess.exact,
     )
     backbone, model = load_moe_model(bundle)

@@ -18,8 +18,9 @@ with optimisations disabled and run on the first real inputs beside the freshly 
 session; only bit-identical outputs publish it (a rename). An entry whose outputs differed
 is remembered as unusable, so it is not rebuilt on every start. A hit is used only when its
 ``meta.json`` names the same key, its files have the size, modification time and inode
-recorded at publishing (the bundle store's stamp rule) and the graph file's sha256 matches;
-a hit onnxruntime cannot load is removed and the graph is optimised afresh. The cache keeps
+recorded at publishing, and the sha256 of both the graph and its weights file match (a flipped
+bit keeps size and time: every hit is hashed, about 1 s per GB); a damaged entry or one
+onnxruntime cannot load is removed and the graph is optimised and published afresh. The cache keeps
 the ``KEEP`` most recently used entries. ``EDGECLIP_SESSION_CACHE=0`` turns it off.
 """
 
@@ -45,7 +46,7 @@ from edgeclip.bundle import sha256_of
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2
+FORMAT = 3  # 3: the weights file's sha256 is recorded and checked too
 KEEP = 2  # entries kept (each holds a copy of the graph's weights: mind an edge device's disk)
 MODEL, DATA, META = "model.onnx", "model.data", "meta.json"
 _STALE_TMP_S = 3600.0
@@ -148,8 +149,9 @@ class OptimizedGraphCache:
             for name in (MODEL, DATA):
                 if _stamp(folder / name) != files[name]["stamp"]:
                     raise ValueError(f"{name} changed since it was written")
-            if sha256_of(folder / MODEL) != files[MODEL]["sha256"]:
-                raise ValueError(f"{MODEL} does not match its sha256")
+            for name in (MODEL, DATA):
+                if sha256_of(folder / name) != files[name]["sha256"]:
+                    raise ValueError(f"{name} does not match its sha256 (damaged)")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self.discard(str(exc))
             return None
@@ -208,7 +210,8 @@ class PendingEntry:
             meta: dict[str, Any] = {"key": self.cache.key, "usable": usable, "created": time.time()}
             if usable:
                 meta["files"] = {name: {"stamp": _stamp(self.tmp / name)} for name in (MODEL, DATA)}
-                meta["files"][MODEL]["sha256"] = sha256_of(self.tmp / MODEL)
+                for name in (MODEL, DATA):
+                    meta["files"][name]["sha256"] = sha256_of(self.tmp / name)
             else:
                 log.warning("optimised-graph cache: the saved graph's outputs differ from the fresh session's; "
                             "not used for this graph")

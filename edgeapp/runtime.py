@@ -54,6 +54,7 @@ from edgeclip.layout import (
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
+ORT_LOG_ENV = "EDGECLIP_ORT_LOG_LEVEL"  # onnxruntime's session log severity (default 3: errors only)
 
 
 # -- backend selection --------------------------------------------------------------------------
@@ -297,6 +298,11 @@ class OrtSession:
         # Image decoding threads share the cores with the engine (classify, add-task): worker threads
         # spinning after each run took a quarter of the inference CPU time from them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # onnxruntime's own log at ERROR unless asked (0 verbose .. 4 fatal): its warnings are about its
+        # placement choices (an MoE graph's If condition copied to the host on CUDA), printed with ANSI
+        # colours on every start; the fallback that matters (a provider not started) raises here anyway.
+        level = os.environ.get(ORT_LOG_ENV, "3").strip()
+        options.log_severity_level = int(level) if level in ("0", "1", "2", "3", "4") else 3
         if self.threads:
             options.intra_op_num_threads = int(self.threads)
             options.inter_op_num_threads = 1

@@ -37,13 +37,14 @@ from edgeclip.export.fp16 import has_fp16, write_fp16_graphs
 from edgeclip.export.quantize import build_gated_int8, has_int8
 from edgeclip.extras import import_torch_module, require_torch
 from edgeclip.images import PreprocessConfig, iter_batches
+from edgeclip.learned import read_learned, write_learned
 from edgeclip.layout import (
-    LEARNED,
     RAIL_SOLVER_CACHE,
     RAIL_STATE,
     TASK_TEXT,
     ZS_TEXT,
     rail_key,
+    rail_task_state,
 )
 from edgeclip.manifest import (
     DEFAULT_BETA,
@@ -248,17 +249,31 @@ def rail_learner(bundle: Bundle, learned: dict[str, np.ndarray] | None = None) -
     bundle unless the caller has them already) and its learning state."""
     spec = learner_spec(bundle.method)
     settings = bundle.manifest["method"]["settings"]
-    learned = bundle.tensors(LEARNED) if learned is None else learned
+    learned = read_learned(bundle) if learned is None else learned
     if not bundle.tasks:
         if spec.head == "ridge":
             w_r = learned[rail_key("w_r")]
             return RailPrimal(int(settings["dim"]), int(settings["hidden"]), float(settings["gamma"]),
                               int(settings["seed"]), w_r=w_r)
         return RailDual(float(settings["gamma_kernel"]), float(settings["lam"]))
-    state = dict(bundle.tensors(RAIL_STATE))
+    state = rail_learning_state(bundle)
     for key in spec.head_keys:
         state[key] = learned[spec.tensor_name(key)]
     return load_learner(bundle.method).from_state(state, settings["learner"])
+
+
+def rail_learning_state(bundle: Bundle) -> dict[str, np.ndarray]:
+    """The learning state of a RAIL version: ``rail_state.safetensors`` (RAIL dual; RAIL primal of an
+    older edgeclip), then, for RAIL primal, every task's own file (``layout.rail_task_state``) in task
+    order, their embeddings ``x`` and ``labels`` concatenated."""
+    files = bundle.manifest.get("files", {})
+    state = dict(bundle.tensors(RAIL_STATE)) if RAIL_STATE in files else {}
+    parts = [bundle.tensors(rail_task_state(i)) for i in range(len(bundle.tasks)) if rail_task_state(i) in files]
+    if parts:
+        state["x"] = np.concatenate([state.get("x", np.zeros((0, parts[0]["x"].shape[1]), np.float32))]
+                                    + [p["x"] for p in parts])
+        state["labels"] = np.concatenate([state.get("labels", np.zeros(0, np.int64))] + [p["labels"] for p in parts])
+    return state
 
 
 def add_rail_task(bundle: Bundle, domain: Domain, name: str, backend: str = "auto",
@@ -306,7 +321,7 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
     if short or len(labels) < MIN_TASK_IMAGES:
         raise DomainError(f"too few embeddings: class(es) {', '.join(repr(c) for c in short[:5]) or '-'} have fewer "
                           f"than {MIN_IMAGES_PER_CLASS}, or the task fewer than {MIN_TASK_IMAGES}; {MINIMUM_TEXT}")
-    learned = bundle.tensors(LEARNED)
+    learned = read_learned(bundle)
     offset = learned[ZS_TEXT].shape[0]
     learner = rail_learner(bundle, learned)
     cache = RailSolverCache(bundle.root) if isinstance(learner, RailPrimal) else None
@@ -377,8 +392,12 @@ def _write_rail_version(bundle: Bundle, learner: Any, name: str, feats: np.ndarr
         writer.manifest["method"]["settings"]["learner"] = learner.settings()
         writer.manifest["tasks"].append(record)
         writer.manifest["tasks"][-1]["unreadable_images"] = int(unreadable)
-        writer.write_tensors(LEARNED, new_learned)
-        writer.write_tensors(RAIL_STATE, {k: v for k, v in state.items() if k not in inference_keys and v is not None})
+        write_learned(writer, new_learned)
+        if isinstance(learner, RailPrimal):  # a version adds only what this task learned
+            writer.write_tensors(rail_task_state(len(bundle.tasks)), {"x": learner.x[-len(feats):],
+                                                                      "labels": learner.labels[-len(feats):]})
+        else:
+            writer.write_tensors(RAIL_STATE, {k: v for k, v in state.items() if k not in inference_keys and v is not None})
         write_gated_graph(writer, new_learned)
     return Bundle.open(bundle.root)
 

@@ -12,9 +12,17 @@ images, tokenizer, domain folders) < ``edgeclip.train`` < ``edgeclip.export`` < 
 No module below imports this facade.
 """
 
+import os
 from typing import Any
 
 from edgeclip.version import __version__
+
+# Privacy on the edge: onnxruntime's Linux/macOS wheels (1DS telemetry) write a device id and an event
+# database for every process that imports them (~/.cache/Microsoft/DeveloperTools/.onnxruntime/, or under
+# $XDG_CACHE_HOME), and ``onnxruntime.disable_telemetry_events()`` does not stop it. The environment
+# variable ORT_DISABLE_TELEMETRY=1 does, read when onnxruntime is imported; every edgeclip module imports
+# this package first. A user who sets the variable (e.g. to 0) keeps their choice. README, "Privacy".
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 __all__ = ["Classifier", "Prediction", "TaskInfo", "__version__", "create", "load"]
 _API = {"Classifier", "TaskInfo", "create", "load"}

@@ -129,21 +129,26 @@ class DiscoveryResult:
     """`images`: the inputs to decode, in order; `skipped`: files inside folders that are not
     images, with why; `missing`: named paths that do not exist, and entries found in folders
     that cannot be read (an unlistable folder, a broken link, a file that cannot be opened),
-    with why. Each becomes an error row."""
+    with why. Each becomes an error row. `links`: symbolic links to folders found inside
+    folders and not followed (``follow_links`` False)."""
 
     images: list[Path] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     missing: list[tuple[Path, str]] = field(default_factory=list)
+    links: list[Path] = field(default_factory=list)
 
 
-def discover_images(paths: Iterable[Path | str | bytes], recursive: bool = True) -> DiscoveryResult:
+def discover_images(paths: Iterable[Path | str | bytes], recursive: bool = True,
+                    follow_links: bool = False) -> DiscoveryResult:
     """Expand `paths` into image files: each named file as is, each folder walked in sorted
     order (recursively unless `recursive` is False), hidden entries (`.name`) ignored.
 
     Every other entry under a folder lands in exactly one of `images` (recognised by content
-    or extension), `skipped` (not an image) or `missing` (cannot be read). Symbolic links to
-    folders are followed once each (a link loop is walked only once). A path that appears
-    twice is returned once.
+    or extension), `skipped` (not an image), `missing` (cannot be read) or `links` (a symbolic
+    link to a folder, not followed). A named path that is a link is followed. With
+    `follow_links`, links to folders inside folders are followed too, each folder walked once
+    (identified by device and inode, so link loops and bind-mount loops end). The walk is
+    iterative: any depth of nesting is fine. A path that appears twice is returned once.
     """
     result = DiscoveryResult()
     seen: set[Path] = set()
@@ -156,7 +161,7 @@ def discover_images(paths: Iterable[Path | str | bytes], recursive: bool = True)
             result.missing.append((path, kind))
             continue
         if stat.S_ISDIR(st.st_mode):
-            found = _walk(path, recursive, result, visited=set())
+            found = _walk(path, (st.st_dev, st.st_ino), recursive, follow_links, result)
         else:
             found = iter([path])
         for image in found:
@@ -166,31 +171,59 @@ def discover_images(paths: Iterable[Path | str | bytes], recursive: bool = True)
     return result
 
 
-def _walk(folder: Path, recursive: bool, result: DiscoveryResult, visited: set[str]) -> Iterator[Path]:
-    real = os.path.realpath(folder)
-    if real in visited:  # a symbolic link loop or a second link to the same folder
-        return
-    visited.add(real)
+def _list(folder: Path, result: DiscoveryResult) -> list[os.DirEntry[str]] | None:
+    """The entries of `folder` in name order; None (and a `missing` entry) when it cannot be listed."""
     try:
         with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
+            return sorted(it, key=lambda e: e.name)
     except OSError as err:
         result.missing.append((folder, f"cannot list folder: {_reason(err)}"))
+        return None
+
+
+def _walk(top: Path, top_id: tuple[int, int], recursive: bool, follow_links: bool,
+          result: DiscoveryResult) -> Iterator[Path]:
+    """Depth-first, in name order, with an explicit stack (no recursion); a folder is entered
+    at its place among its siblings, and only once per (device, inode)."""
+    visited = {top_id}
+    listing = _list(top, result)
+    if listing is None:
         return
-    for entry in entries:
+    stack: list[tuple[Path, Iterator[os.DirEntry[str]]]] = [(top, iter(listing))]
+    while stack:
+        folder, entries = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
         if entry.name.startswith("."):
             continue
         path = folder / entry.name
         try:
+            is_link = entry.is_symlink()
             is_dir = entry.is_dir()  # follows symbolic links
             is_file = entry.is_file()
         except OSError as err:
             result.missing.append((path, _reason(err)))
             continue
         if is_dir:
-            if recursive:
-                yield from _walk(path, recursive, result, visited)
-        elif entry.is_symlink() and not is_file:
+            if not recursive:
+                continue
+            if is_link and not follow_links:
+                result.links.append(path)
+                continue
+            try:
+                st = entry.stat()  # follows a link
+            except OSError as err:
+                result.missing.append((path, _reason(err)))
+                continue
+            if (st.st_dev, st.st_ino) in visited:  # a link loop, or a second way into a folder
+                continue
+            visited.add((st.st_dev, st.st_ino))
+            inner = _list(path, result)
+            if inner is not None:
+                stack.append((path, iter(inner)))
+        elif is_link and not is_file:
             reason = "a link to something that is not a regular file" if os.path.exists(path) else "broken symbolic link"
             result.missing.append((path, reason))
         elif has_image_extension(entry.name):

@@ -44,7 +44,7 @@ import stat
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -564,6 +564,14 @@ class Batch:
     paths: list[Path]
     errors: list[tuple[Path, str]]
     notes: list[str | None] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)  # input position (0-based) of each of `paths`
+    error_indices: list[int] = field(default_factory=list)  # input position of each of `errors`
+
+    def in_input_order(self) -> list[tuple[int, int | None, str | None]]:
+        """This stretch of the input in order: ``(input position, image row or None, error or None)``."""
+        rows: list[tuple[int, int | None, str | None]] = [(pos, row, None) for row, pos in enumerate(self.indices)]
+        rows += [(pos, None, message) for pos, (_, message) in zip(self.error_indices, self.errors)]
+        return sorted(rows, key=lambda r: r[0])
 
 
 def iter_batches(
@@ -573,10 +581,16 @@ def iter_batches(
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     prefetch: int | None = None,
+    decode: Callable[[Any], tuple[np.ndarray, str | None]] | None = None,
 ) -> Iterator[Batch]:
     """Decode and preprocess `paths` in a thread pool (`workers`, default one per core), running
     up to `prefetch` files (default two batches) ahead of the consumer, so that decoding
-    overlaps the consumer's inference, and yield them in input order.
+    overlaps the consumer's inference, and yield them in input order. `paths` is read lazily:
+    memory is bounded by `prefetch` and one batch, not by the input's length.
+
+    `decode`: how an item becomes (float32 `[3, S, S]`, note); it may raise ImageError (the item is
+    then an error of its batch). Default: each item is a file, `decode_and_preprocess(Path(item))`.
+    With `decode` the items are kept as given (`Batch.paths` holds them) and may be anything.
 
     Every batch but the last holds exactly `batch_size` decoded images, so an engine sees
     full batches; files that fail are reported in the batch whose stretch they fall in (never
@@ -588,16 +602,25 @@ def iter_batches(
     workers = workers or default_workers()
     ahead = max(prefetch or 2 * batch_size, workers)
     source = iter(paths)
-    pending: deque[tuple[Path, Future[tuple[np.ndarray, str | None]]]] = deque()
+    pending: deque[tuple[int, Any, Future[tuple[np.ndarray, str | None]]]] = deque()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgeclip-decode")
 
+    position = 0
+
     def top_up() -> None:
+        nonlocal position
         while len(pending) < ahead:
             try:
-                path = Path(next(source))
+                item = next(source)
             except StopIteration:
                 return
-            pending.append((path, pool.submit(decode_and_preprocess, path, cfg, max_pixels)))
+            if decode is None:
+                item = Path(item)
+                future = pool.submit(decode_and_preprocess, item, cfg, max_pixels)
+            else:
+                future = pool.submit(decode, item)
+            pending.append((position, item, future))
+            position += 1
 
     def empty() -> Batch:
         return Batch(np.empty((0, 3, cfg.image_size, cfg.image_size), np.float32), [], [])
@@ -606,15 +629,17 @@ def iter_batches(
         top_up()
         batch, arrays = empty(), []
         while pending:
-            path, future = pending.popleft()
+            index, path, future = pending.popleft()
             top_up()
             try:
                 array, note = future.result()
                 arrays.append(array)
                 batch.paths.append(path)
                 batch.notes.append(note)
+                batch.indices.append(index)
             except ImageError as err:
                 batch.errors.append((path, str(err)))
+                batch.error_indices.append(index)
             if len(arrays) == batch_size:
                 batch.pixels = np.stack(arrays)
                 yield batch

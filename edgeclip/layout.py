@@ -56,8 +56,15 @@ VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_FILE = f"tokenizer/{VOCAB_NAME}"
 HF_TOKENIZER_NAME = "tokenizer.json"  # Hugging Face tokenizer of SigLIP/CLIPA-style models (manifest backbone.text)
 HF_TOKENIZER_FILE = f"tokenizer/{HF_TOKENIZER_NAME}"
-LEARNED = "learned.safetensors"  # what inference needs (read by classify)
-RAIL_STATE = "rail_state.safetensors"  # RAIL learning state (read by add-task only)
+LEARNED = "learned.safetensors"  # what inference needs (read by classify), rewritten by each add-task
+RAIL_PROJECTION = "rail_projection.safetensors"  # rail.w_r alone: written once, inherited (edgeclip.learned)
+RAIL_STATE = "rail_state.safetensors"  # RAIL learning state (read by add-task only); primal: older bundles only
+
+
+def rail_task_state(task: int) -> str:
+    """RAIL primal: what task ``task`` (0-based) learned, its embeddings ``x`` and global labels, in a file
+    of its own that later versions inherit (a version adds only what it learned)."""
+    return f"rail_task.{task:04d}.safetensors"
 MOE_STATE = "moe.safetensors"  # MoE adapters and routers (read by MoE add-task and eval)
 
 

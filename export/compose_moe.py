@@ -8,7 +8,7 @@ Graph (x = frozen `embedding` [B,D]; the gate, routing and zero-shot nodes are c
         i       = NonZero(route >= 0)                    the n routed images
         a       = moe_encoder(pixels[i], route[i])       adapted embeddings [n,D]
         s_i     = softmax over task t_i's columns of logit_scale * a task_text^T, zero elsewhere
-        s_moe   = ScatterND(zeros [B,C], i, s_i)
+        s_moe   = s_i gathered back to the routed rows of [B,C] (CumSum positions), zeros elsewhere
     scores = routed ? [s_moe, 0 (unlearned labels)] : p_zs
 
 The adapted encoder's nodes are inlined into the `If`'s then-branch under the prefix "moe/". Its
@@ -224,7 +224,13 @@ def _adapted_branch(g: _Builder, moe: onnx.ModelProto, twins: Mapping[str, str],
     nodes, inits, adapted = _inline_moe(moe, twins, {PIXELS: pixels, TASK_IDS: tasks}, taken)
     head = _Builder(taken, _BRANCH_PREFIX + "head/")
     scores = _task_scores(head, adapted, tasks, learned, spec)
-    out = head.op("ScatterND", zeros, head.op("Unsqueeze", index, head.ints(1)), scores)
+    # back to [B,C]: row b takes routed row number cumsum(routed)[b] - 1 (NonZero lists the routed rows
+    # in batch order), zeros where b is not routed. A Gather, not a ScatterND: exact, and onnxruntime's
+    # CUDA ScatterND warns on every load that it assumes unique indices.
+    order = head.op("Sub", head.op("CumSum", head.op("Cast", routed, to=TensorProto.INT64),
+                                   head.const(0, "axis", np.int64)), head.const(1, "one_i", np.int64))
+    rows = head.op("Gather", scores, head.op("Max", order, head.const(0, "zero_i", np.int64)), axis=0)  # [B,C]
+    out = head.op("Where", head.op("Unsqueeze", routed, head.ints(1)), rows, zeros)
     g.inits.extend(b.inits + inits + head.inits)  # outer initialisers: the branch reads them by name
     return helper.make_graph(b.nodes + nodes + head.nodes, "adapted", [],
                              [_value_info(out, TensorProto.FLOAT, ["batch", spec.n_learned])])

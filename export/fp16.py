@@ -175,11 +175,11 @@ def export_fp16(bundle: Bundle) -> Bundle:
     graph is missing or malformed."""
     if has_fp16(bundle.manifest["files"]):
         return bundle
-    from edgeclip.layout import LEARNED
+    from edgeclip.learned import read_learned
 
     with bundle.new_version() as writer:
         with writer.graph_folder() as graphs:  # the new graphs go to the bundle's shared graph store
             convert_image_encoder(graphs)
-            write_fp16_graphs(graphs, bundle.tensors(LEARNED), writer.manifest)
+            write_fp16_graphs(graphs, read_learned(bundle), writer.manifest)
     return Bundle.open(bundle.root)
 

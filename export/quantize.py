@@ -120,12 +120,12 @@ def export_int8(bundle: Bundle) -> Bundle:
         return bundle
     import onnxruntime
 
-    from edgeclip.layout import LEARNED
+    from edgeclip.learned import read_learned
 
     with bundle.new_version() as writer:
         with writer.graph_folder() as graphs:  # the new graphs go to the bundle's shared graph store
             quantize_image_encoder(graphs)
-            build_gated_int8(graphs, bundle.tensors(LEARNED), writer.manifest)
+            build_gated_int8(graphs, read_learned(bundle), writer.manifest)
         writer.manifest["quantization"] = {
             "image_encoder": {"method": "dynamic", "weights": "int8", "activations": "uint8",
                               "op_types": list(QUANTIZED_OPS), "onnxruntime": onnxruntime.__version__},

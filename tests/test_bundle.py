@@ -189,12 +189,16 @@ def test_killed_writer_leaves_previous_version_loadable(tmp_path: Path, phase: s
 def test_crash_between_version_rename_and_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A version folder renamed into place but never made current is ignored; the old one stays current."""
     first = make_bundle(tmp_path / "b")
-    import edgeclip.bundle as module
+    import edgeclip.store.writer as module
 
-    def crash(*_args: object) -> None:
+    real = module.write_atomic_text
+
+    def crash(path: Path, text: str) -> None:
+        if path.name != "CURRENT":
+            return real(path, text)
         raise KeyboardInterrupt("killed before the switch")
 
-    monkeypatch.setattr(module, "_write_atomic_text", crash)
+    monkeypatch.setattr(module, "write_atomic_text", crash)
     with pytest.raises(KeyboardInterrupt):
         with first.new_version():
             pass
@@ -382,7 +386,7 @@ def test_readers_never_block_on_a_writer(tmp_path: Path) -> None:
 
 
 def test_a_second_writer_waits_then_refuses_a_held_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import edgeclip.bundle as module
+    import edgeclip.store.lock as module
 
     first = make_bundle(tmp_path / "b")
     monkeypatch.setattr(module, "LOCK_WAIT_S", 0.2)
@@ -536,16 +540,18 @@ def test_loading_non_finite_tensors_names_file_and_tensor(tmp_path: Path) -> Non
 
 @pytest.fixture
 def count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    import edgeclip.bundle as module
+    import edgeclip.store.reader
+    import edgeclip.store.writer
 
     seen: list[str] = []
-    real = module.sha256_of
+    real = edgeclip.store.reader.sha256_of
 
     def counting(path: Path) -> str:
         seen.append(Path(path).name)
         return real(path)
 
-    monkeypatch.setattr(module, "sha256_of", counting)
+    for module in (edgeclip.store.reader, edgeclip.store.writer):  # the readers' and the writer's hashing
+        monkeypatch.setattr(module, "sha256_of", counting)
     return seen
 
 
@@ -692,6 +698,25 @@ def _grow(root: Path, names: list[str]) -> None:
             writer.write_tensors("learned.safetensors", {"w": np.full((3, 4), len(writer.manifest["tasks"]), np.float32)})
 
 
+def test_history_added_sizes_do_not_change_after_later_writes(tmp_path: Path) -> None:
+    """'added' (what writing a version added: files not inherited from its parent) is fixed once the
+    version is written; 'own' (what removing it frees) falls as later versions share its files."""
+    from edgeclip.bundle import version_history
+
+    root = tmp_path / "b"
+    make_bundle(root)
+    _grow(root, ["t1"])
+    with Bundle.open(root).new_version() as writer:  # a file written once, then inherited by every later version
+        writer.write_bytes("once.bin", b"x" * 5000)
+    first = {r["version"]: r for r in version_history(root)}
+    _grow(root, ["t2", "t3"])
+    later = {r["version"]: r for r in version_history(root)}
+    assert all(later[v]["added"] == first[v]["added"] for v in first)
+    assert first["v0003"]["added"] >= 5000 and later["v0004"]["added"] < 5000  # v0004 inherits once.bin
+    assert later["v0003"]["own"] < first["v0003"]["own"]  # shared now: removing v0003 frees less
+    assert later["v0001"]["added"] == later["v0001"]["size"]  # the first version added all it holds
+
+
 def test_history_rollback_to_and_prune(tmp_path: Path) -> None:
     from edgeclip.bundle import prune, version_history
 
@@ -712,7 +737,9 @@ def test_history_rollback_to_and_prune(tmp_path: Path) -> None:
     first_stamps = stamps_path(root, "v0001")
     assert first_stamps.is_file()
     _grow(root, ["t2b"])  # v0005, parent v0002: v0003 and v0004 are off the current line
-    assert prune(root, keep=2) == ["v0001", "v0003", "v0004"]
+    assert prune(root, keep=2) == ["v0001"]  # the work a rollback left stays without include_newer
+    assert list_versions(root) == ["v0002", "v0003", "v0004", "v0005"]
+    assert prune(root, keep=2, include_newer=True) == ["v0003", "v0004"]
     assert list_versions(root) == ["v0002", "v0005"]
     bundle = Bundle.open(root)
     assert [t["name"] for t in bundle.tasks] == ["t1", "t2b"]
@@ -760,7 +787,10 @@ def test_store_commands_end_to_end(tmp_path: Path) -> None:
     done = _cli("verify", "--bundle", root)
     assert done.returncode == 1 and "v0003" in done.stderr and "learned.safetensors" in done.stderr
     assert "Traceback" not in done.stderr
-    done = _cli("prune", "--bundle", root, "--keep", "1")
+    done = _cli("prune", "--bundle", root, "--keep", "1", "--dry-run")
+    assert done.returncode == 0 and "would remove 1 version(s) (v0001)" in done.stdout, done.stdout
+    assert "kept v0003 (off the current line" in done.stdout and len(list_versions(root)) == 3
+    done = _cli("prune", "--bundle", root, "--keep", "1", "--include-newer")
     assert done.returncode == 0 and "v0001, v0003" in done.stderr
     assert list_versions(root) == ["v0002"] and _cli("verify", "--bundle", root).returncode == 0
 
@@ -854,15 +884,15 @@ def test_classify_refuses_non_finite_learned_tensors(tiny_cli_bundle: dict, tmp_
 
     root = _fresh_copy(tiny_cli_bundle["root"], tmp_path / "b")
     bundle = Bundle.open(root)
-    path = bundle.dir / "learned.safetensors"
+    path = bundle.dir / "rail_projection.safetensors"  # W_r, stored once (edgeclip.learned)
     arrays = load_file(str(path))
     arrays["rail.w_r"][0, 0] = np.nan
-    path.unlink()
+    path.unlink()  # this version's link only: the other versions keep theirs
     save_file(arrays, str(path))
-    _rewrite_manifest(bundle, lambda m: m["files"].__setitem__("learned.safetensors", _entry_for(path)))
+    _rewrite_manifest(bundle, lambda m: m["files"].__setitem__(path.name, _entry_for(path)))
     done = _cli("add-task", tiny_cli_bundle["domains"][0], "--bundle", root)  # learning reads every tensor
     assert done.returncode == 1 and Bundle.open(root).version == bundle.version
-    assert "learned.safetensors" in done.stderr and "rail.w_r" in done.stderr and "Traceback" not in done.stderr
+    assert path.name in done.stderr and "rail.w_r" in done.stderr and "Traceback" not in done.stderr
     # classify reads only zs_text (its W_r is the graph's, checked when written): it still never prints NaN
     query = next(iter(sorted(tiny_cli_bundle["query"].iterdir())))
     done = _cli("classify", query, "--bundle", root, "--labels", "a cat,a dog", "--format", "json")

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,6 +177,52 @@ def test_bad_input_zoo_through_the_cli(bundle: Path, tmp_path: Path) -> None:
     assert result.returncode == 3
     errors = [json.loads(line)["error"] for line in result.stdout.splitlines()]
     assert len(errors) == len(BAD) and all(errors)
+
+
+def test_folder_links_and_deep_nesting(bundle: Path, images: dict, tmp_path: Path) -> None:
+    """A photo folder holding links to `/` and `/proc/self` and 1,500 nested folders: the folder's own
+    images are classified, the links are counted (listed with --verbose), nothing walks the file system."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(next(Path(images["query"]).rglob("*.png")), folder / "a.png")
+    (folder / "root").symlink_to("/")
+    (folder / "proc").symlink_to("/proc/self")
+    nested = [folder]
+    for _ in range(1500):
+        nested.append(nested[-1] / "d")
+        nested[-1].mkdir()
+    shutil.copy(sorted(Path(images["query"]).rglob("*.png"))[-1], nested[-1] / "deep.png")
+    result = edgeclip_main(["classify", str(folder), "--bundle", str(bundle), "--format", "json", "--verbose"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(r["path"]).name for r in rows] == ["a.png", "deep.png"] and all(r["error"] is None for r in rows)
+    assert "2 folder links not followed" in result.stderr
+    assert f"not followed {folder / 'proc'}" in result.stderr and f"not followed {folder / 'root'}" in result.stderr
+    (folder / "proc").unlink()
+    (folder / "root").unlink()
+    (nested[1] / "loop").symlink_to(folder)
+    result = edgeclip_main(["classify", str(folder), "--bundle", str(bundle), "--format", "json", "--follow-links"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(result.stdout.splitlines()) == 2 and "not followed" not in result.stderr
+    (nested[-1] / "deep.png").unlink()
+    for sub in reversed(nested[1:]):
+        if (sub / "loop").is_symlink():
+            (sub / "loop").unlink()
+        sub.rmdir()
+
+
+def test_no_onnxruntime_telemetry(bundle: Path, images: dict, tmp_path: Path) -> None:
+    """classify writes no onnxruntime telemetry (deviceid, onnxruntime.db) under HOME or XDG_CACHE_HOME;
+    plain onnxruntime, in the same environment, does (so this test can fail)."""
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env.update(HOME=str(tmp_path / "home"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    result = edgeclip_main(["classify", str(images["query"]), "--bundle", str(bundle), "--quiet"], env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()]
+    assert not [p for p in written if "onnxruntime" in p.lower() or "Microsoft" in p], written
+    plain = subprocess.run([sys.executable, "-c", "import onnxruntime"], env=env, capture_output=True, timeout=120)
+    assert plain.returncode == 0
+    assert (tmp_path / "cache" / "Microsoft" / "DeveloperTools" / ".onnxruntime" / "onnxruntime.db").is_file()
 
 
 def test_moe_end_to_end(tmp_path: Path, images: dict) -> None:

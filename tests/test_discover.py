@@ -68,17 +68,54 @@ def test_missing_paths_and_duplicates(tree):
     assert result.missing == [(tree / "gone.jpg", "no such file or directory")]
 
 
-def test_symlink_loops_are_survived(tree):
+def test_folder_links_are_not_followed_by_default(tree):
+    """Links to folders inside a folder are listed in `links`, not walked (a link to `/` would
+    walk the whole file system); links to files are still inputs."""
     (tree / "sub" / "loop").symlink_to(tree)  # a cycle back to the top
     (tree / "sub" / "self").symlink_to(".")
-    (tree / "again").symlink_to(tree / "sub")  # a second way into sub
+    (tree / "again").symlink_to(tree / "sub")
+    (tree / "root").symlink_to("/")
+    (tree / "proc").symlink_to("/proc/self")
+    (tree / "link.png").symlink_to(tree / "a.jpg")
     (tree / "dangling.png").symlink_to(tree / "nowhere.png")
     result = discover_images([tree])
-    images = rel(result.images, tree)
-    assert images == ["a.jpg", "again/c.gif", "again/deeper/d.bmp", "b.PNG", "empty.png", "fake.jpg", "noext"]
-    assert (tree / "dangling.png", "broken symbolic link") in result.missing
-    missing = discover_images([tree / "dangling.png"]).missing
-    assert missing == [(tree / "dangling.png", "broken symbolic link")]
+    assert rel(result.images, tree) == ["a.jpg", "b.PNG", "empty.png", "fake.jpg", "link.png", "noext", "sub/c.gif",
+                                        "sub/deeper/d.bmp"]
+    assert rel(result.links, tree) == ["again", "proc", "root", "sub/loop", "sub/self"]
+    assert result.missing == [(tree / "dangling.png", "broken symbolic link")]
+    assert discover_images([tree / "again"]).images == [tree / "again" / "c.gif", tree / "again" / "deeper" / "d.bmp"]
+    assert discover_images([tree / "dangling.png"]).missing == [(tree / "dangling.png", "broken symbolic link")]
+
+
+def test_follow_links_walks_each_folder_once(tree):
+    """--follow-links: loops end (device and inode), a second way into a folder is not walked twice."""
+    (tree / "sub" / "loop").symlink_to(tree)
+    (tree / "sub" / "self").symlink_to(".")
+    (tree / "again").symlink_to(tree / "sub")
+    result = discover_images([tree], follow_links=True)
+    assert rel(result.images, tree) == ["a.jpg", "again/c.gif", "again/deeper/d.bmp", "b.PNG", "empty.png",
+                                        "fake.jpg", "noext"]
+    assert result.links == [] and result.missing == []
+
+
+def test_deep_nesting_is_walked_iteratively(tmp_path):
+    """1,500 nested folders (deeper than Python's recursion limit) with an image at the bottom."""
+    folders = [tmp_path]
+    for _ in range(1500):  # one at a time: Path.mkdir(parents=True) and rmtree recurse
+        folders.append(folders[-1] / "d")
+        folders[-1].mkdir()
+    deep = folders[-1]
+    save(deep / "bottom.png")
+    save(tmp_path / "top.png")
+    try:
+        for follow in (False, True):
+            result = discover_images([tmp_path], follow_links=follow)
+            assert result.images == [deep / "bottom.png", tmp_path / "top.png"]
+            assert result.missing == []
+    finally:
+        (deep / "bottom.png").unlink()
+        for folder in reversed(folders[1:]):
+            folder.rmdir()
 
 
 def test_unreadable_folder_is_reported(tree, monkeypatch):

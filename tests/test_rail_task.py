@@ -10,7 +10,9 @@ import numpy as np
 
 import edgeclip
 from edgeclip.bundle import Bundle
-from edgeclip.layout import LEARNED, RAIL_SOLVER_CACHE, RAIL_STATE, rail_key
+from edgeclip.edgeapp.tasks import rail_learning_state
+from edgeclip.layout import LEARNED, RAIL_PROJECTION, RAIL_SOLVER_CACHE, rail_key, rail_task_state
+from edgeclip.learned import read_learned
 
 
 def _task(rng: np.random.Generator, dim: int, n: int = 24) -> tuple[np.ndarray, np.ndarray]:
@@ -20,7 +22,7 @@ def _task(rng: np.random.Generator, dim: int, n: int = 24) -> tuple[np.ndarray, 
 
 def _joint_w(root: Path) -> tuple[np.ndarray, np.ndarray]:
     bundle = Bundle.open(root)
-    learned, state = bundle.tensors(LEARNED), bundle.tensors(RAIL_STATE)
+    learned, state = read_learned(bundle), rail_learning_state(bundle)
     w_r = learned[rail_key("w_r")].astype(np.float64)
     phi = np.maximum(state["x"].astype(np.float64) @ w_r, 0.0)
     y = np.eye(len(bundle.learned_classes))[state["labels"]]
@@ -52,6 +54,9 @@ def test_add_task_folds_only_the_new_images(tmp_path: Path, make_tiny_bundle, mo
         clf = clf.add_task_embeddings(f"t{i}", *_task(rng, dim), [f"a{i}", f"b{i}", f"c{i}"])
         w, joint = _joint_w(root)
         assert _rel(w, joint) < 1e-5
+        files = clf.bundle.manifest["files"]  # a version adds what it learned; W_r lives in its own file, once
+        assert rail_task_state(i) in files and rail_key("w_r") not in clf.bundle.tensors(LEARNED)
+        assert (clf.root / "versions" / clf.version / RAIL_PROJECTION).stat().st_nlink == i + 2
         assert sorted(p.suffix for p in cache.iterdir()) == [".npy", ".p64"]  # one entry, no work file left
     assert "folding 24 new images" in said[-1] and "all" not in said[-1]
 

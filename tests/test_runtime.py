@@ -180,7 +180,8 @@ def test_optimised_graph_cache_gives_the_fresh_sessions_outputs(bundle, engine_c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["data-bytes", "graph-bytes-same-stamp", "truncated", "stale-key", "meta-garbage"])
+@pytest.mark.parametrize("damage", ["data-bytes", "data-bit-same-stamp", "graph-bytes-same-stamp", "truncated",
+                                    "stale-key", "meta-garbage"])
 def test_optimised_graph_cache_rebuilt_when_stale_or_corrupt(bundle, engine_cache, damage):
     pixels, text = eh.mixed_batch(1), eh.label_text()
     want = GatedRunner(bundle, "ort-cpu", preload=False).run(pixels, text)
@@ -190,14 +191,15 @@ def test_optimised_graph_cache_rebuilt_when_stale_or_corrupt(bundle, engine_cach
         blob = bytearray(data.read_bytes())
         blob[len(blob) // 2] ^= 0xFF
         data.write_bytes(bytes(blob))
-    elif damage == "graph-bytes-same-stamp":  # same size, inode and time: caught by the graph's sha256
-        st = model.stat()
-        with open(model, "r+b") as handle:
+    elif damage in ("graph-bytes-same-stamp", "data-bit-same-stamp"):  # same size, inode, time: bit rot
+        target = model if damage.startswith("graph") else data
+        st = target.stat()
+        with open(target, "r+b") as handle:
             handle.seek(st.st_size // 2)
             byte = handle.read(1)
             handle.seek(st.st_size // 2)
-            handle.write(bytes([byte[0] ^ 0xFF]))
-        os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+            handle.write(bytes([byte[0] ^ (0xFF if damage.startswith("graph") else 0x01)]))
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
     elif damage == "truncated":
         data.write_bytes(data.read_bytes()[:1000])
     elif damage == "stale-key":  # e.g. made by another onnxruntime version

@@ -60,6 +60,9 @@ def classify(
     labels_file: Annotated[Optional[Path], typer.Option(help="Extra zero-shot labels, one per line.")] = None,
     output_format: Annotated[OutputFormat, typer.Option("--format", help="table, json (JSON Lines) or csv.")] = OutputFormat.table,
     recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into sub-folders.")] = True,
+    follow_links: Annotated[bool, typer.Option(
+        "--follow-links", help="Follow symbolic links to folders inside the given folders (each folder once). "
+                               "By default they are counted, not followed; --verbose lists them.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 16,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results to this file instead of stdout.")] = None,
     quiet: QuietOpt = False,
@@ -71,7 +74,8 @@ def classify(
         "--max-pixels", min=1,
         help="Refuse images with more pixels than this to decode, as possible decompression bombs "
              "[default: 89478485]. Large JPEGs count at their reduced size.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List the skipped non-image files on stderr.")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="List the skipped non-image files and folder links on stderr.")] = False,
     cache: CacheOpt = True,
 ) -> None:
     """Classify images and folders (recursively; images recognised by content or extension).
@@ -91,13 +95,13 @@ def classify(
     Exit codes: 0 all inputs done; 3 some inputs could not be read (the rest are still
     classified); 2 usage error (a path that does not exist included); 130 interrupted.
     """
-    from edgeclip.edgeapp.classify import build_label_space, classify_files, parse_labels
+    from edgeclip.edgeapp.classify import build_label_space, classify_batches, parse_labels
     from edgeclip.edgeapp.library import make_scorer
     from edgeclip.edgeapp.runtime import TextEncoderRunner
 
     loaded = open_bundle(bundle)
     extra = parse_labels(labels, labels_file)
-    found = discover_images(paths, recursive=recursive)
+    found = discover_images(paths, recursive=recursive, follow_links=follow_links)
     given = {os.fspath(p) for p in paths}
     named = [(p, msg) for p, msg in found.missing if os.fspath(p) in given]  # a path the user gave: exit 2
     if named:
@@ -108,15 +112,15 @@ def classify(
     unreadable = [Prediction(path=os.fspath(p), error=msg) for p, msg in found.missing]
     if not found.images and not unreadable:
         skipped = f" ({len(found.skipped)} non-image files skipped; --verbose lists them)" if found.skipped else ""
+        if found.links:
+            skipped += f" ({len(found.links)} folder links not followed; --follow-links follows them)"
         raise UsageError(f"No images found in the given paths{skipped}.")
-    scorer = make_scorer(loaded, backend, precision.value, batch_size=batch_size, cache=cache,  # refuses a
-                         exact=True if exact_preprocess else None, max_pixels=max_pixels,  # missing fp16/int8
-                         cuda_graph=cuda_graph)  # graph early
+    # files: frozen embedding (embedding cache or encoder) -> head graph; refuses a missing fp16/int8 graph early
+    scorer = make_scorer(loaded, backend, precision.value, batch_size=batch_size, cache=cache,
+                         exact=True if exact_preprocess else None, max_pixels=max_pixels, cuda_graph=cuda_graph)
     label_space = build_label_space(loaded, extra, TextEncoderRunner(loaded, backend).class_embeddings)
     writer = _writer(output_format, output, loaded, found.images, label_space, top_k)
     total = len(found.images)
-    position = {os.fspath(path): i for i, path in enumerate(found.images)}
-    pending: list[Prediction] = []
     done = failed = 0
     start = time.perf_counter()
     try:
@@ -126,19 +130,12 @@ def classify(
             failed += len(unreadable)
         with progress(quiet) as bar, StopAtBatchEnd() as stop:
             task = bar.add_task("classifying", total=total, info="")
-
-            def on_batch(n: int) -> None:  # the batch is complete: its rows go out now, in input order
-                nonlocal done, failed
-                pending.sort(key=lambda p: position.get(p.path, -1))
-                writer.write(pending)
-                failed += sum(1 for p in pending if p.error)
-                done += sum(1 for p in pending if p.error is None)
-                pending.clear()
-                bar.advance(task, n)
+            for preds in classify_batches(loaded, found.images, None, label_space, top_k=top_k, scorer=scorer):
+                writer.write(preds)  # the batch is complete: its rows go out now, in input order
+                failed += sum(1 for p in preds if p.error)
+                done += sum(1 for p in preds if p.error is None)
+                bar.advance(task, len(preds))
                 stop.check()
-
-            for pred in classify_files(loaded, found.images, scorer, label_space, top_k=top_k, on_batch=on_batch):
-                pending.append(pred)
     except KeyboardInterrupt as exc:
         where = f"in {visible(display_path(output))}" if output else "above" if stdout_is_terminal() else "on stdout"
         raise Interrupted(f"interrupted after {done + failed} of {total} images; results so far {where}") from exc
@@ -148,10 +145,14 @@ def classify(
     if verbose:
         for path, reason in found.skipped:
             err_console().print(markup(f"skipped {display_path(path)}: {reason}"), highlight=False)
+        for path in found.links:
+            err_console().print(markup(f"not followed {display_path(path)}: a link to a folder"), highlight=False)
     if not quiet:
         rate = done / elapsed if elapsed > 0 else 0.0
         note = " (random weights: predictions are not meaningful)" if loaded.random_weights else ""
         skipped = f", {len(found.skipped)} skipped (not images)" if found.skipped else ""
+        if found.links:
+            skipped += f", {len(found.links)} folder links not followed (--follow-links follows them)"
         err_console().print(f"{done} classified, {failed} unreadable{skipped}, {rate:.1f} images/s{note}; "
                             f"{scorer.counts.describe()}{cache_note(scorer)}", highlight=False)
     if failed:

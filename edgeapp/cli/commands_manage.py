@@ -38,7 +38,7 @@ def init(
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Seeded random weights (offline tests and demos only).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random weights and of the learners.")] = 0,
     method: Annotated[Method, typer.Option(help=f"Continual learner: {', '.join(METHOD_NAMES)}.")] = Method("rail-primal"),
-    hidden: Annotated[int, typer.Option(min=1, help="RAIL primal: random hidden layer size (paper 15000). The bundle keeps the embeddings, not hidden^2 statistics; a solve with more images than hidden needs 8*hidden^2 bytes (1.8 GB at 15000).")] = 15000,
+    hidden: Annotated[int, typer.Option(min=1, help="RAIL primal: random hidden layer size (paper 15000). add-task folds each new image into the inverse autocorrelation matrix, kept beside the versions in BUNDLE/cache/rail (4*hidden^2 bytes: 0.9 GB at 15000), with ~0.3 GB of working memory whatever was learned before.")] = 15000,
     beta: Annotated[float, typer.Option(min=0.0, max=1.0, help="RAIL: weight of the learned scores in the fusion.")] = 0.8,
     fusion: Annotated[str, typer.Option(help="RAIL: 'ddas' (gate by autoencoders, default) or 'paper' (zero-shot top-1).")] = "ddas",
     gate: Annotated[str, typer.Option(help="DDAS autoencoder: 'linear' (closed form, torch-free) or 'mlp'.")] = "linear",
@@ -243,7 +243,7 @@ def rollback(
     bundle: BundleOpt = None,
     to: Annotated[Optional[str], typer.Option("--to", help="Version to make current (e.g. v0002); default: the current version's parent.")] = None,
 ) -> None:
-    """Make an earlier bundle version current again (newer versions stay on disk until 'edgeclip prune')."""
+    """Make an earlier bundle version current again (newer versions stay on disk until 'edgeclip prune --include-newer')."""
     root = require_bundle(bundle_path(bundle))
     if to is not None:
         to = _known_version(root, to)
@@ -304,7 +304,9 @@ def versions(
     bundle: BundleOpt = None,
     output_format: Annotated[TableOrJson, typer.Option("--format", help="table or json.")] = TableOrJson.table,
 ) -> None:
-    """The bundle's version history: parent, date, tasks, size (all files) and own size (what pruning it frees)."""
+    """The bundle's version history: parent, date, tasks, size (all its files) and added (what writing it added:
+    the files it did not inherit from its parent; later writes do not change it). JSON also gives own (what
+    removing the version would free now)."""
     from edgeclip.bundle import version_history
 
     root = require_bundle(bundle_path(bundle))
@@ -314,7 +316,7 @@ def versions(
         typer.echo(json.dumps({"bundle": str(root), "size_on_disk": total, "versions": history}, indent=2,
                               ensure_ascii=False))
         return
-    table = new_table("version", "parent", "created", "tasks", "size", "own", right=("size", "own"),
+    table = new_table("version", "parent", "created", "tasks", "size", "added", right=("size", "added"),
                       title=markup(f"{root} - {len(history)} versions, {format_size(total)} on disk"))
     for rec in history:
         name = rec["version"] + (" *" if rec["current"] else "")
@@ -322,7 +324,7 @@ def versions(
             table.add_row(name, "", "", markup(rec["error"]), "", "")
             continue
         table.add_row(name, rec["parent"] or "-", rec["created_at"] or "", markup(", ".join(rec["tasks"])) or "-",
-                      format_size(rec["size"]), format_size(rec["own"]))
+                      format_size(rec["size"]), format_size(rec["added"]))
     out_console().print(table)
 
 
@@ -335,13 +337,13 @@ def verify(
     from edgeclip.bundle import verify_bundle
 
     root = require_bundle(bundle_path(bundle))
-    names = [version] if version else list_versions(root)
-    problems = verify_bundle(root, names)
+    problems = verify_bundle(root, [version] if version else None)  # versions a concurrent prune removes are skipped
     for _name, problem in problems:
         err_console().print(f"[bold red]damaged:[/] {markup(problem)}", highlight=False)
     if problems:
         raise typer.Exit(1)
-    err_console().print(markup(f"{root}: {len(names)} version(s) intact ({format_size(disk_usage(root))} on disk)"),
+    count = 1 if version else len(list_versions(root))
+    err_console().print(markup(f"{root}: {count} version(s) intact ({format_size(disk_usage(root))} on disk)"),
                         highlight=False)
 
 
@@ -349,23 +351,28 @@ def prune(
     bundle: BundleOpt = None,
     keep: Annotated[Optional[int], typer.Option(min=1, help="Versions to keep: the current one and its nearest ancestors (default: the bundle's retention setting, else 1).")] = None,
     save: Annotated[bool, typer.Option("--save", help="Also record --keep as the bundle's retention setting, applied after every later write.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be removed and kept, and change nothing.")] = False,
+    include_newer: Annotated[bool, typer.Option("--include-newer", help="Also remove versions off the current line: work a rollback left behind (newer than the version rolled back to), which you may want back.")] = False,
 ) -> None:
-    """Remove old versions: all but the current one and its KEEP-1 nearest ancestors (versions left
-    behind by a rollback are removed too). Readers of the current version are never disturbed."""
-    from edgeclip.bundle import prune as prune_bundle
-    from edgeclip.bundle import set_retention
+    """Remove old versions: the current one's ancestors beyond its KEEP-1 nearest. Kept regardless:
+    versions off the current line, left by a rollback (unless --include-newer), the newest intact version when the
+    current one is damaged, and versions a running reader holds. Readers are never disturbed."""
+    from edgeclip.bundle import run_prune, set_retention
 
     root = bundle_path(bundle)
+    if save and keep is None:
+        raise typer.BadParameter("--save needs --keep N", param_hint="--save")
+    if dry_run:
+        plan = run_prune(require_bundle(root), keep, include_newer=include_newer, dry_run=True)
+        typer.echo(visible(f"{root}: {plan.summary(done=False)} (dry run: nothing changed)"))
+        return
     before = disk_usage(root) if (root / "CURRENT").exists() else 0
     if save:
-        if keep is None:
-            raise typer.BadParameter("--save needs --keep N", param_hint="--save")
         set_retention(root, keep)
-    removed = prune_bundle(root, keep)
+    plan = run_prune(root, keep, include_newer=include_newer)
     after = disk_usage(root)
-    err_console().print(markup(
-        f"{root}: removed {len(removed)} version(s){' (' + ', '.join(removed) + ')' if removed else ''}; "
-        f"{format_size(after)} on disk (freed {format_size(max(0, before - after))})"), highlight=False)
+    err_console().print(markup(f"{root}: {plan.summary(done=True)}; {format_size(after)} on disk "
+                               f"(freed {format_size(max(0, before - after))})"), highlight=False)
 
 
 def register(app: typer.Typer) -> None:
