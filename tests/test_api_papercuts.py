@@ -15,7 +15,7 @@ from edgeclip.errors import EdgeclipError
 
 @pytest.fixture(scope="module")
 def clf(make_tiny_bundle, tmp_path_factory: pytest.TempPathFactory):
-    return edgeclip.load(make_tiny_bundle(tmp_path_factory.mktemp("papercuts") / "bundle", labels=("cat", "dog")))
+    return edgeclip.load(make_tiny_bundle(tmp_path_factory.mktemp("papercuts") / "bundle"))
 
 
 def test_one_path_folders_and_grey_arrays(clf, tmp_path: Path) -> None:
@@ -33,7 +33,7 @@ def test_one_path_folders_and_grey_arrays(clf, tmp_path: Path) -> None:
     from_array = clf.embed_images(grey)
     from_pil = clf.embed_images(Image.fromarray(grey, "L"))
     assert from_array.shape == (1, one.shape[1]) and np.allclose(from_array, from_pil, atol=1e-6)
-    assert clf.classify(grey, top_k=1)[0].label in ("cat", "dog")
+    assert clf.classify(grey, labels=["cat", "dog"], top_k=1)[0].label in ("cat", "dog")
 
 
 def test_errors_of_pairs_and_create_speak_the_api(clf, tmp_path: Path) -> None:

@@ -170,7 +170,7 @@ def _classify(bundle: Path, query: Path, env: dict[str, str], *extra: str) -> tu
 def test_classify_cached_equals_fresh_before_and_after_add_task(make_tiny_bundle, tmp_path: Path) -> None:
     from edgeclip.edgeapp.demo_data import write_demo_images
 
-    bundle = make_tiny_bundle(tmp_path / "bundle", labels=("cat", "dog"))
+    bundle = make_tiny_bundle(tmp_path / "bundle")
     domains, query = write_demo_images(tmp_path / "images", train_per_class=6, query_per_class=3)
     (query / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     env = {**os.environ, "EDGECLIP_CACHE_DIR": str(tmp_path / "cache")}
