@@ -76,6 +76,10 @@ def init(
     moe = {"n_experts": experts, "last_blocks": last_blocks,
            "encoders": [e.strip() for e in encoders.split(",") if e.strip()]}
     root = bundle_path(bundle)
+    from edgeclip.extras import import_torch_module
+
+    backbone = import_torch_module("edgeclip.train.backbone", "edgeclip init (reading open_clip models)")
+    model = backbone.canonical_model_name(model)  # an unknown name is a usage error before any progress line
     with progress(quiet) as bar:
         bar.add_task("exporting the frozen encoders", total=None, info="")
         created = create(root, model, pretrained, method=method.value, random_weights=random_weights, seed=seed,

@@ -58,12 +58,15 @@ class NullProgress:
 
 
 class LineProgress(NullProgress):
-    """Progress as plain lines on stderr, for logs and pipes (stderr is not a terminal, not --quiet):
-    one line when a stage starts, then a line at least every ``every`` seconds while it runs with
-    done/total, rate and ETA (a heartbeat thread also speaks when the work reports nothing, e.g. a
-    long training step), and a line when a stage is complete.
+    """Progress as plain lines on stderr, for logs and pipes (stderr is not a terminal, not --quiet).
+
+    Each stage says something once it has run ``every`` seconds, then at least every ``every`` seconds
+    while it runs (done/total, rate and ETA; a heartbeat thread speaks when the work reports nothing, e.g.
+    a long training step), and one line when it completes; a command that succeeds prints at least one
+    line per stage. A command that fails within ``every`` seconds prints none: its error stays one line.
 
         [  12.3s] classifying: 480/2992 (16%), 39.1/s, ETA 64s
+        [  80.1s] classifying: 2992/2992 done in 78.9s
     """
 
     def __init__(self, every: float = 10.0) -> None:
@@ -72,16 +75,16 @@ class LineProgress(NullProgress):
         self._start = time.perf_counter()
         self._every = every
         self._tasks: list[dict[str, object]] = []
-        self._last = self._start
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="edgeclip-progress", daemon=True)
         self._thread.start()
 
-    def _line(self, text: str) -> None:
+    def _line(self, task: dict[str, object], text: str) -> None:
         sys.stderr.write(f"[{time.perf_counter() - self._start:7.1f}s] {text}\n")
         sys.stderr.flush()
-        self._last = time.perf_counter()
+        task["last"] = time.perf_counter()
+        task["said"] = True
 
     def _state(self, task: dict[str, object]) -> str:
         done, total = float(task["completed"]), task["total"]  # type: ignore[arg-type]
@@ -98,20 +101,30 @@ class LineProgress(NullProgress):
             text += f" (running for {elapsed:.0f}s)"
         return text
 
+    def _due(self, task: dict[str, object]) -> bool:
+        return time.perf_counter() - float(task["last"]) >= self._every  # type: ignore[arg-type]
+
+    def _finish(self, task: dict[str, object]) -> None:
+        task["finished"] = True
+        elapsed = time.perf_counter() - float(task["since"])  # type: ignore[arg-type]
+        total = task["total"]
+        count = f"{int(float(total))}/{int(float(total))} " if total else ""  # type: ignore[arg-type]
+        self._line(task, f"{task['description']}: {count}done in {elapsed:.1f}s")
+
     def _beat(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(min(1.0, max(self._every, 0.2))):
             with self._lock:
-                if time.perf_counter() - self._last >= self._every and self._tasks:
-                    running = [t for t in self._tasks if not t["finished"]] or self._tasks[-1:]
-                    self._line(self._state(running[-1]))
+                for task in self._tasks:
+                    if not task["finished"] and self._due(task):
+                        self._line(task, self._state(task))
 
     def add_task(self, description: str, total: float | None = None, **fields: object) -> int:
-        """Print the stage with the seconds since start on stderr; returns the task's id."""
+        """Start a stage (said once it has run ``every`` seconds, or when it completes); returns its id."""
         with self._lock:
-            description = description.replace("\\[", "[")  # rich markup escapes are for the bar only
-            self._tasks.append({"description": description, "total": total, "completed": 0.0,
-                                "since": time.perf_counter(), "finished": False})
-            self._line(description + (f" ({int(total)})" if total else ""))
+            now = time.perf_counter()
+            self._tasks.append({"description": description.replace("\\[", "["),  # markup escapes: the bar's
+                                "total": total, "completed": 0.0, "since": now, "last": now, "said": False,
+                                "finished": False})
             return len(self._tasks) - 1
 
     def update(self, task_id: int, **kwargs: object) -> None:
@@ -125,21 +138,26 @@ class LineProgress(NullProgress):
             if "advance" in kwargs:
                 task["completed"] = float(task["completed"]) + float(kwargs["advance"])  # type: ignore[arg-type]
             total = task["total"]
-            if total and float(task["completed"]) >= float(total) and not task["finished"]:  # type: ignore[arg-type]
-                task["finished"] = True
-                elapsed = time.perf_counter() - float(task["since"])  # type: ignore[arg-type]
-                self._line(f"{task['description']}: {int(float(total))}/{int(float(total))} done in {elapsed:.1f}s")  # type: ignore[arg-type]
-            elif time.perf_counter() - self._last >= self._every:
-                self._line(self._state(task))
+            if task["finished"]:
+                return
+            if total and float(task["completed"]) >= float(total):  # type: ignore[arg-type]
+                self._finish(task)
+            elif self._due(task):
+                self._line(task, self._state(task))
 
     def advance(self, task_id: int, advance: float = 1) -> None:
         """Advance a task by ``advance``."""
         self.update(task_id, advance=advance)
 
-    def close(self) -> None:
-        """Stop the heartbeat."""
+    def close(self, failed: bool = False) -> None:
+        """Stop the heartbeat; after a success, a stage still open (one of unknown length) says it is done."""
         self._stop.set()
         self._thread.join(timeout=2)
+        if not failed:
+            with self._lock:
+                for task in self._tasks:
+                    if not task["finished"]:
+                        self._finish(task)
 
 
 def stage_reporter(bar: Progress | NullProgress) -> Callable[[str, int, int], None]:
@@ -181,8 +199,10 @@ def progress(quiet: bool = False, lines: bool = True, every: float = 10.0) -> It
         reporter = LineProgress(every)
         try:
             yield reporter
-        finally:
-            reporter.close()
+        except BaseException:
+            reporter.close(failed=True)
+            raise
+        reporter.close()
         return
     bar = Progress(
         TextColumn("[progress.description]{task.description}"),
