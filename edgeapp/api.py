@@ -32,6 +32,7 @@ from edgeclip.edgeapp.classify import (
     build_label_space,
     classify_batches,
     is_file_input,
+    parse_labels,
 )
 from edgeclip.edgeapp.embed_cache import EmbeddingCache
 from edgeclip.edgeapp.library import (
@@ -113,28 +114,40 @@ class Classifier:
         return self._text
 
     # -- inference -------------------------------------------------------------------------------
-    def label_space(self, labels: Sequence[str] = ()) -> LabelSpace:
+    def label_space(self, labels: Sequence[str] | str = ()) -> LabelSpace:
         """The learned classes, then the bundle's default zero-shot labels and ``labels``, with their
-        frozen text embeddings (``LabelSpace.text`` [L,D] float32, unit rows)."""
-        return build_label_space(self.bundle, list(labels), self.text_runner.class_embeddings)
+        frozen text embeddings (``LabelSpace.text`` [L,D] float32, unit rows).
+
+        ``labels``: a list of label strings, or one string of comma-separated labels (``"cat,dog"``, as the
+        CLI's ``--labels``; a label holding a comma needs the list form). Raises UsageError for an empty
+        string or a label that is not a string."""
+        if isinstance(labels, str):
+            labels = parse_labels(labels, None)
+        labels = list(labels)
+        bad = [label for label in labels if not isinstance(label, str)]
+        if bad:
+            raise UsageError(f"labels must be strings, got {bad[0]!r:.100} ({type(bad[0]).__name__})")
+        return build_label_space(self.bundle, labels, self.text_runner.class_embeddings)
 
     def _pixels(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
         if not images:
             return np.zeros((0, 3, self._cfg.image_size, self._cfg.image_size), np.float32)
         return np.stack([preprocess(as_image(img), self._cfg) for img in images])  # [B,3,S,S] float32
 
-    def classify(self, images: ImageInput | Iterable[ImageInput], labels: Sequence[str] = (), top_k: int = 5,
+    def classify(self, images: ImageInput | Iterable[ImageInput], labels: Sequence[str] | str = (), top_k: int = 5,
                  batch_size: int = 16) -> list[Prediction]:
         """One ``Prediction`` per input, in input order: label, score, route (task name or "zero-shot"),
         top-k and error (the reason a file could not be read; the other fields are then empty).
 
         images: files, folders (their images), PIL images or uint8 [H,W,3] RGB arrays (one or an iterable); labels: extra
-        zero-shot labels beside the learned classes. ``list(classify_iter(...))``: for many inputs,
-        ``classify_iter`` keeps memory flat. Raises UsageError (nothing to classify into, bad array).
+        zero-shot labels beside the learned classes (a list, or one comma-separated string, ``label_space``).
+        ``list(classify_iter(...))``: for many inputs, ``classify_iter`` keeps memory flat. Raises UsageError
+        (nothing to classify into; None or another type, or a bad array, among the inputs). An image without
+        pixels (0x0) gets an error row, as an unreadable file does.
         """
         return list(self.classify_iter(images, labels, top_k=top_k, batch_size=batch_size))
 
-    def classify_iter(self, images: ImageInput | Iterable[ImageInput], labels: Sequence[str] = (), top_k: int = 5,
+    def classify_iter(self, images: ImageInput | Iterable[ImageInput], labels: Sequence[str] | str = (), top_k: int = 5,
                       batch_size: int = 16, *, workers: int | None = None,
                       embeddings: bool = False) -> Iterator[Prediction]:
         """Yield one ``Prediction`` per input, in input order, as each batch is classified.
@@ -150,6 +163,9 @@ class Classifier:
             raise UsageError(f"top_k must be at least 1, not {top_k}")
         if batch_size < 1:
             raise UsageError(f"batch_size must be at least 1, not {batch_size}")
+        if images is None or not isinstance(images, (Iterable, Image.Image)):
+            raise UsageError(f"images must be files, folders, PIL images or uint8 [H, W, 3] RGB arrays (one or an "
+                             f"iterable), got {type(images).__name__}")
         single = isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray))
         items: Iterable[ImageInput] = [images] if single else images  # type: ignore[list-item]
         space = self.label_space(labels)
@@ -271,8 +287,14 @@ class Classifier:
         ``embed_images``; labels [N] index ``classes``). Returns a Classifier on the new version.
 
         RAIL closed form (METHODS.md section 3), torch-free. Raises UsageError for an MoE bundle, shapes
-        other than [N,D] and [N], or labels outside ``classes``; DomainError for a task name already learned.
+        other than [N,D] and [N], labels outside ``classes``, or ``classes`` given as one string; DomainError
+        for a task name already learned, names that could not name a domain folder (``/``), or a template
+        without ``{}`` (as add-task refuses them). ``templates`` may be one string (one template).
         """
+        if isinstance(classes, str):
+            raise UsageError(f"classes must be a list of class names, not the string {classes!r:.100}")
+        if isinstance(templates, str):
+            templates = [templates]  # one template
         add_rail_embeddings(self.bundle, name, embeddings, np.asarray(labels), list(classes), list(templates),
                             source="embeddings", backend=self.backend)
         return self.reload()
@@ -343,7 +365,7 @@ def load(bundle: str | Path, backend: str = "auto", precision: str = "fp32", thr
 
 
 def create(bundle: str | Path, model: str = "ViT-B-16", pretrained: str | None = None, method: str = "rail-primal",
-           random_weights: bool = False, seed: int = 0, zero_shot_labels: Sequence[str] = (),
+           random_weights: bool = False, seed: int = 0, zero_shot_labels: Sequence[str] | str = (),
            tokenizer: str | None = None, keep: int = 0, **settings: Any) -> Classifier:
     """Create a bundle from an open_clip model (the ``train`` extra): the counterpart of ``edgeclip init``.
 
@@ -351,11 +373,12 @@ def create(bundle: str | Path, model: str = "ViT-B-16", pretrained: str | None =
     tests; keep: versions kept after each write (0 = all); tokenizer: a tokenizer.json for Hugging Face tokenizer models (SigLIP, docs/MODELS.md). ``settings``: further ``MethodSettings`` fields (hidden, beta, fusion, gate_kind, ...). Raises
     MissingExtraError without torch, BackboneLoadError when the weights cannot be had.
     """
+    labels = parse_labels(zero_shot_labels, None) if isinstance(zero_shot_labels, str) else list(zero_shot_labels)
     create_module = import_torch_module("edgeclip.edgeapp.create", "creating a bundle (reading open_clip models)")
     try:
         method_settings = MethodSettings(method=method, seed=seed, **settings)
         created = create_module.init_bundle(Path(bundle), model, pretrained, random_weights=random_weights, seed=seed,
-                                            settings=method_settings, zero_shot_labels=list(zero_shot_labels),
+                                            settings=method_settings, zero_shot_labels=labels,
                                             tokenizer=tokenizer, keep=keep)
     except EdgeclipError as exc:  # the library's messages name the CLI's flags: say the API's arguments
         raise _reworded(exc, _API_WORDS) from None

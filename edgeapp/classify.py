@@ -16,7 +16,7 @@ import numpy as np
 from edgeclip.bundle import Bundle
 from edgeclip.discover import display_path
 from edgeclip.domain import ZERO_SHOT_ROUTE_NAME
-from edgeclip.errors import UsageError
+from edgeclip.errors import ImageError, UsageError
 from edgeclip.layout import LEARNED, ZS_TEXT
 
 ZERO_SHOT = ZERO_SHOT_ROUTE_NAME  # the route of an image that fits no learned task
@@ -229,19 +229,31 @@ def predictions_from_scores(
 
 
 def as_image(item: Any) -> Any:
-    """An in-memory input as a PIL image: a PIL image as is, a uint8 [H,W,3] RGB or [H,W] grey array.
-    Raises UsageError for any other array."""
+    """An in-memory input as a PIL image: a PIL image as is, a uint8 [H,W,3] RGB or [H,W] grey array (grey as a
+    grey PIL image is taken).
+
+    Raises UsageError for anything else (None, another type, another array: a caller's mistake, as
+    for a bad argument) and ImageError for an image without pixels (0 wide or high: an input that
+    cannot be classified, like an empty file, so classify gives it an error row)."""
     from PIL import Image
 
     if isinstance(item, Image.Image):
-        return item
-    array = np.asarray(item)
-    if array.dtype == np.uint8 and array.ndim == 2 and min(array.shape) > 0:  # grey, as a grey PIL image
-        return Image.fromarray(array, "L").convert("RGB")
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3 or min(array.shape) == 0:
-        raise UsageError(f"an image array must be uint8 [H, W, 3] RGB or [H, W] grey, got {array.dtype} "
-                         f"{list(array.shape)}")
-    return Image.fromarray(array, "RGB")
+        image = item
+    else:
+        if item is None or not isinstance(item, (np.ndarray, list, tuple)):
+            raise UsageError(f"an image input must be a file path, a PIL image or a uint8 [H, W, 3] RGB or [H, W] "
+                             f"grey array, got {type(item).__name__}")
+        array = np.asarray(item)
+        grey = array.dtype == np.uint8 and array.ndim == 2
+        if array.dtype != np.uint8 or not (grey or (array.ndim == 3 and array.shape[2] == 3)):
+            raise UsageError(f"an image array must be uint8 [H, W, 3] RGB or [H, W] grey, got {array.dtype} "
+                             f"{list(array.shape)}")
+        if array.shape[0] == 0 or array.shape[1] == 0:
+            raise ImageError(f"the image has no pixels ({array.shape[1]}x{array.shape[0]})")
+        image = Image.fromarray(array, "L").convert("RGB") if grey else Image.fromarray(array, "RGB")
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"the image has no pixels ({image.width}x{image.height})")
+    return image
 
 
 def is_file_input(item: Any) -> bool:
@@ -334,10 +346,16 @@ def _scored_windows(items: Iterable[Any], runner: Any, labels: LabelSpace, names
                 out[pos] = preds[row]
                 if embeddings:
                     out[pos].embedding = np.asarray(got.embedding[row], np.float32)
-        memory = [(pos, item) for pos, item in window if not is_file_input(item)]
+        memory = []
+        for pos, item in window:
+            if not is_file_input(item):
+                try:
+                    memory.append((pos, preprocess(as_image(item), scorer.cfg)))
+                except ImageError as exc:  # an image without pixels: an error row, as for a file
+                    out[pos] = Prediction(path=f"<image {pos}>", error=str(exc))
         for start in range(0, len(memory), scorer.batch_size):
             chunk = memory[start:start + scorer.batch_size]
-            result = runner.run(np.stack([preprocess(as_image(x), scorer.cfg) for _, x in chunk]), labels.text)
+            result = runner.run(np.stack([pixels for _, pixels in chunk]), labels.text)
             preds = predictions_from_scores([f"<image {pos}>" for pos, _ in chunk], result["scores"], result["route"],
                                             labels, names, top_k)
             for (pos, _), pred, vector in zip(chunk, preds, result["embedding"]):

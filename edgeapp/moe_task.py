@@ -26,9 +26,17 @@ from edgeclip.edgeapp.tasks import (
     write_gated_graph,
 )
 from edgeclip.errors import UsageError
-from edgeclip.layout import LEARNED, MOE_GRAPH_FILES, MOE_STATE
+from edgeclip.layout import LEARNED, MOE_DATA, MOE_GRAPH, MOE_GRAPH_FILES, MOE_STATE, TASK_TEXT
 from edgeclip.train.backbone import Backbone, WeightsSource, load_backbone
-from edgeclip.train.moe import MoECLIP, MoEConfig, load_moe_state, moe_state, text_classifier
+from edgeclip.train.moe import (
+    ZERO_SHOT,
+    MoECLIP,
+    MoEConfig,
+    exact_fp32,
+    load_moe_state,
+    moe_state,
+    text_classifier,
+)
 from edgeclip.train.moe_trainer import TrainSettings, train_task
 
 log = logging.getLogger(__name__)
@@ -131,14 +139,41 @@ def load_moe_model(bundle: Bundle) -> tuple[Backbone, MoECLIP]:
     return backbone, model
 
 
-def _task_texts(model: MoECLIP, tasks: list[dict[str, Any]], backbone: Backbone) -> np.ndarray:
-    """Every task's class text embeddings through the adapted text encoder with its own router.
+def _task_texts(model: MoECLIP, tasks: list[dict[str, Any]], backbone: Backbone, stored: np.ndarray | None,
+                freeze_rule: str) -> np.ndarray:
+    """Every task's class text embeddings [C, D] through the adapted text encoder with its own router.
 
-    Recomputed for all tasks each time: under the paper's freeze rule earlier tasks' experts may
-    change, and the stored classifiers must match the image side they are compared with."""
+    Strict rule: the earlier tasks' rows are the ones stored when each was learned (``stored``,
+    learned.safetensors' task_text), only the new task is encoded. Its router and the experts it
+    selects never change again, and a stored row cannot depend on the device or kernel that would
+    recompute it: old tasks' scores stay bit-identical on any device. Paper rule: every task is
+    recomputed, since an earlier task's experts may change and its classifier must match the image
+    side it is compared with."""
+    new = len(tasks) - 1
+    if freeze_rule == "strict" and stored is not None and new >= 0 and \
+            stored.shape[0] == sum(len(task["classes"]) for task in tasks[:new]):
+        fresh = text_classifier(model, new, tasks[new]["classes"], tasks[new]["templates"], backbone.tokenize)
+        return np.concatenate([np.asarray(stored, np.float32), fresh])
     return np.concatenate(
         [text_classifier(model, t, task["classes"], task["templates"], backbone.tokenize) for t, task in enumerate(tasks)]
     )
+
+
+def frozen_encoder(model: MoECLIP) -> Callable[[np.ndarray], np.ndarray]:
+    """pixels [B,3,S,S] float32 -> frozen CLIP embeddings [B,D] float32 (unit rows) with the model
+    on its own device (``ZERO_SHOT``: no adapter), in float32 (TF32 off, no autocast): what the
+    exported frozen encoder computes, for embedding a domain on the training GPU."""
+    import torch
+
+    device = next(model.parameters()).device
+
+    def encode(pixels: np.ndarray) -> np.ndarray:
+        model.eval()
+        with torch.inference_mode(), exact_fp32():
+            batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
+            return model.encode_image(batch, ZERO_SHOT, normalize=True).float().cpu().numpy()
+
+    return encode
 
 
 def _step_reporter(device: str, iterations: int, progress: ProgressFn | None) -> Callable | None:
@@ -184,11 +219,18 @@ def add_moe_task(
     result = train_task(model, samples, domain.classes, domain.templates[0], settings, tokenize=backbone.tokenize)
     if int(os.environ.get("RANK", "0")) != 0:
         return bundle  # under torchrun every rank trains (same model at the end); rank 0 writes the version
-    model.cpu().eval()
-
-    feats, _labels, _errors = embed_domain(bundle, domain, progress=progress)
-    gate_state, gate_settings, threshold = fit_task_gate(bundle, feats)
+    model.eval()
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    # on the training GPU: the domain's frozen embeddings and the text classifiers (float32, TF32 off);
+    # on a CPU the exported frozen encoder embeds (onnxruntime is faster there than torch eager)
+    feats, _labels, _errors = embed_domain(bundle, domain, progress=progress,
+                                           encode=frozen_encoder(model) if on_gpu else None)
     learned = bundle.tensors(LEARNED)
+    with exact_fp32():
+        task_text = _task_texts(model, bundle.tasks + [{"classes": domain.classes, "templates": domain.templates}],
+                                backbone, learned.get(TASK_TEXT), settings.freeze_rule)
+    model.cpu()
+    gate_state, gate_settings, threshold = fit_task_gate(bundle, feats)
     tasks = bundle.tasks + [task_record(name, domain.classes, domain.templates, str(domain.root), len(result.samples),
                                         threshold, gate_settings)]
     tasks[-1]["unreadable_images"] = len(_errors)
@@ -206,7 +248,7 @@ def add_moe_task(
     kind = bundle.manifest["gate"]["kind"]
     new_learned = learned_tensors(zs_text, [len(t["classes"]) for t in tasks], kind,
                                   gate_states(learned, kind) + [gate_state], bundle.method,
-                                  {"task_text": _task_texts(model, tasks, backbone)})
+                                  {"task_text": task_text})
     with bundle.new_version() as writer:
         writer.manifest["tasks"] = tasks
         writer.write_tensors(MOE_STATE, {k: v.numpy() for k, v in moe_state(model).items()})
@@ -229,16 +271,28 @@ def adapted_embeddings(model: MoECLIP, pixels: np.ndarray, task: int, batch_size
     return np.concatenate(out)
 
 
-def write_moe_encoder(writer: VersionWriter, model: MoECLIP) -> None:
-    """Trace the adapted image encoder of this version into the shared graph store (replacing the
-    inherited one). It is exported and checked against torch on its own, then its frozen-backbone
-    tensors are pointed at the version's image_encoder.data, so the store adds only the adapters."""
-    from edgeclip.export.compose_moe import share_frozen_weights
-    from edgeclip.export.trace_moe import export_moe_encoder
+def write_moe_encoder(writer: VersionWriter, model: MoECLIP) -> str:
+    """Write the adapted image encoder of this version into the shared graph store (replacing the
+    inherited one); returns how: "filled" or "traced".
 
-    with tempfile.TemporaryDirectory(dir=writer.staging) as tmp:  # same file system: moves are renames
-        export_moe_encoder(model, Path(tmp))
-        with writer.graph_folder() as graphs:
-            for name in MOE_GRAPH_FILES:
-                os.replace(Path(tmp) / Path(name).name, graphs / Path(name).name)
+    When the parent version has one, its graph is the template: the same nodes with this model's
+    adapters and routers written as new initialisers (`trace_moe.fill_moe_template`, under a
+    second); the first task, or a template that cannot take the new adapters (a pool that grew),
+    is traced (`trace_moe.export_moe_encoder`, tens of seconds). Either graph is checked against
+    torch; a traced one is then pointed at the version's image_encoder.data for its frozen tensors,
+    so the store adds only the adapters (a filled one already is)."""
+    from edgeclip.export.compose_moe import share_frozen_weights
+    from edgeclip.export.trace_moe import export_moe_encoder, fill_moe_template
+
+    with tempfile.TemporaryDirectory(dir=writer.staging) as tmp, writer.graph_folder() as graphs:
+        # tmp: same file system, so moves are renames
+        made = None
+        if (graphs / MOE_GRAPH).is_file() and (graphs / MOE_DATA).exists():
+            made = fill_moe_template(graphs, model, Path(tmp))
+        if made is None:
+            export_moe_encoder(model, Path(tmp))
+        for name in MOE_GRAPH_FILES:
+            os.replace(Path(tmp) / Path(name).name, graphs / Path(name).name)
+        if made is None:
             share_frozen_weights(graphs)
+    return "traced" if made is None else "filled"

@@ -19,7 +19,7 @@ session; only bit-identical outputs publish it (a rename). An entry whose output
 is remembered as unusable, so it is not rebuilt on every start. A hit is used only when its
 ``meta.json`` names the same key, its files have the size, modification time and inode
 recorded at publishing, and the sha256 of both the graph and its weights file match (a flipped
-bit keeps size and time: every hit is hashed, about 1 s per GB); a damaged entry or one
+bit keeps size and time, so every hit is hashed); a damaged entry or one
 onnxruntime cannot load is removed and the graph is optimised and published afresh. The cache keeps
 the ``KEEP`` most recently used entries. ``EDGECLIP_SESSION_CACHE=0`` turns it off.
 """
@@ -135,7 +135,7 @@ class OptimizedGraphCache:
         folder = self.folder
         try:
             meta = json.loads((folder / META).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             if folder.exists():
                 self.discard("unreadable meta.json")
             return None

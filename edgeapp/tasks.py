@@ -23,6 +23,7 @@ from edgeclip.domain import (
     Domain,
     check_class_names,
     check_task_name,
+    check_templates,
     class_key,
     few_shot,
     read_domain,
@@ -131,6 +132,7 @@ def check_new_task(bundle: Bundle, classes: Sequence[str], name: str) -> None:
 def embed_domain(
     bundle: Bundle, domain: Domain, backend: str = "auto", batch_size: int = 32, progress: ProgressFn | None = None,
     pixels_out: list[np.ndarray] | None = None, for_learning: bool = False,
+    encode: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[Path, str]]]:
     """Frozen image embeddings [N, D] of a domain's readable images with the exported encoder
     (torch-free), their class indices [N], and the unreadable files with the error message.
@@ -140,16 +142,17 @@ def embed_domain(
     ``for_learning``, when a class is left with fewer readable images than `MIN_IMAGES_PER_CLASS`
     or the task with fewer than `MIN_TASK_IMAGES` (before anything is learned). ``pixels_out``, when given, receives the
     preprocessed batches in the same order, for callers that need the pixels too (each image
-    is decoded once)."""
+    is decoded once). ``encode``: pixels [B,3,S,S] -> embeddings [B,D] in place of the exported
+    encoder (MoE add-task embeds on its training GPU with the frozen torch model)."""
     cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
-    runner = ImageEncoderRunner(bundle, backend)
+    encode = encode or ImageEncoderRunner(bundle, backend).embed
     label_of = {path: label for path, label in domain.samples}
     feats, labels, errors = [], [], []
     done = 0
     for batch in iter_batches([p for p, _ in domain.samples], cfg, batch_size=batch_size):
         errors.extend(batch.errors)
         if batch.paths:
-            feats.append(runner.embed(batch.pixels))
+            feats.append(encode(batch.pixels))
             if pixels_out is not None:
                 pixels_out.append(batch.pixels)
             labels.extend(label_of[p] for p in batch.paths)
@@ -294,7 +297,8 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
     indices into ``classes``; unreadable: how many of the task's files could not be read (recorded).
     Updates the closed-form head (RAIL, METHODS.md section 3), fits the task's DDAS gate (section 2),
     encodes the classes' prompts with the exported text encoder, re-composes the gated graph and writes
-    a new version. Raises DomainError (a task name already learned), UsageError (shapes, a learner
+    a new version. Raises DomainError (a task name already learned or not a folder name, class names
+    as ``check_class_names`` refuses them, templates without ``{}``), UsageError (shapes, a learner
     that does not learn from embeddings).
     """
     spec = learner_spec(bundle.method)
@@ -316,6 +320,7 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
     if len(classes) < 2:
         raise DomainError(f"a task needs at least 2 classes, got {len(classes)}")
     check_new_task(bundle, list(classes), name)
+    check_templates(list(templates))
     counts = np.bincount(labels, minlength=len(classes))
     short = [c for c, n in zip(classes, counts) if n < MIN_IMAGES_PER_CLASS]
     if short or len(labels) < MIN_TASK_IMAGES:

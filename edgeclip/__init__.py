@@ -24,7 +24,7 @@ from edgeclip.version import __version__
 # this package first. A user who sets the variable (e.g. to 0) keeps their choice. README, "Privacy".
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-__all__ = ["Classifier", "Prediction", "TaskInfo", "__version__", "create", "load"]
+__all__ = ["Classifier", "Prediction", "TaskInfo", "__version__", "create", "distributed", "load"]
 _API = {"Classifier", "TaskInfo", "create", "load"}
 
 
@@ -33,6 +33,10 @@ def __getattr__(name: str) -> Any:
         from edgeclip.edgeapp import api
 
         return getattr(api, name)
+    if name == "distributed":  # the Ray path (the ``ray`` extra): edgeclip.distributed.classify_dataset
+        from edgeclip.extras import import_ray_module
+
+        return import_ray_module("edgeclip.edgeapp.distributed", "edgeclip.distributed")
     if name == "Prediction":
         from edgeclip.edgeapp.classify import Prediction
 

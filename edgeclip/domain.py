@@ -69,12 +69,8 @@ def _read_meta(root: Path) -> dict:
     if not isinstance(meta, dict):
         raise DomainError(f"{display_path(path)} must hold a JSON object")
     templates = meta.get("templates")
-    if templates is not None and (
-        not isinstance(templates, list)
-        or not templates
-        or not all(isinstance(t, str) and "{}" in t for t in templates)
-    ):
-        raise DomainError(f"{display_path(path)}: 'templates' must be a non-empty list of strings containing {{}}")
+    if templates is not None:
+        check_templates(templates, f"{display_path(path)}: 'templates'")
     if "name" in meta and (not isinstance(meta["name"], str) or not meta["name"].strip()):
         raise DomainError(f"{display_path(path)}: 'name' must be a non-empty string")
     return meta
@@ -193,15 +189,28 @@ def require_enough_images(domain: Domain, readable: dict[int, int], unreadable: 
 ZERO_SHOT_ROUTE_NAME = "zero-shot"  # what classify reports as the route of an image that fits no task
 
 
+def check_templates(templates: object, where: str = "templates") -> None:
+    """Refuse (DomainError) prompt templates that are not a non-empty list of strings each holding
+    ``{}`` (where the class name goes), as a domain's meta.json must give them."""
+    if (not isinstance(templates, (list, tuple)) or not templates
+            or not all(isinstance(t, str) and "{}" in t for t in templates)):
+        raise DomainError(f"{where} must be a non-empty list of strings containing {{}}, got {templates!r:.200}")
+
+
 def check_class_names(classes: Sequence[str], where: str = "class names") -> None:
     """Refuse (DomainError) class names that are empty, not UTF-8 text, span several lines (a line
-    break would end up inside the CLIP prompt), or name one class twice under the `class_key` rule
-    (case folding, Unicode NFC). Other control characters are allowed; every output shows them escaped.
-    ``where`` starts the message."""
+    break would end up inside the CLIP prompt), hold a '/' or NUL (a class is a folder of a domain:
+    what cannot name a folder cannot name a class, whichever way it is learned), or name one class
+    twice under the `class_key` rule (case folding, Unicode NFC). Other control characters are
+    allowed; every output shows them escaped. ``where`` starts the message."""
     bad = [name for name in classes if not _is_one_line_text(name)]
     if bad:
         raise DomainError(f"{where}: {', '.join(repr(n) for n in bad[:3])} must be non-empty UTF-8 text "
                           "on one line")
+    bad = [name for name in classes if not _is_folder_name(name)]
+    if bad:
+        raise DomainError(f"{where}: {', '.join(repr(n) for n in bad[:3])} must not hold '/' or NUL "
+                          "(a class is a folder name)")
     twins: dict[str, list[str]] = {}
     for name in classes:
         twins.setdefault(class_key(name), []).append(name)
@@ -212,10 +221,14 @@ def check_class_names(classes: Sequence[str], where: str = "class names") -> Non
 
 
 def check_task_name(name: str) -> None:
-    """Refuse (DomainError) a task name that is empty, not UTF-8 text, spans several lines, or is
+    """Refuse (DomainError) a task name that is empty, not UTF-8 text, spans several lines, holds '/'
+    or NUL, or is
     "zero-shot" (which classify reports as the route of images that fit no task)."""
     if not _is_one_line_text(name):
         raise DomainError(f"task name {name!r} must be non-empty UTF-8 text on one line; pass --name")
+    if not _is_folder_name(name):
+        raise DomainError(f"task name {name!r} must not hold '/' or NUL (it could not name a domain folder); "
+                          "pass --name")
     if class_key(name) == class_key(ZERO_SHOT_ROUTE_NAME):
         raise DomainError(f"'{name}' is what classify reports for images of no task; choose another task name")
 
@@ -223,6 +236,10 @@ def check_task_name(name: str) -> None:
 def _is_one_line_text(name: object) -> bool:
     return (isinstance(name, str) and bool(name.strip()) and _is_utf8(name)
             and len(name.splitlines()) == 1 and not name.endswith(("\n", "\r")))
+
+
+def _is_folder_name(name: str) -> bool:
+    return "/" not in name and "\0" not in name
 
 
 def _is_utf8(name: str) -> bool:

@@ -36,3 +36,26 @@ def import_torch_module(module: str, what: str) -> ModuleType:
     not a way around the layer order. Raises ``MissingExtraError``."""
     require_torch(what)
     return importlib.import_module(module)
+
+
+RAY_PACKAGES = (("ray", "ray"), ("pyarrow", "pyarrow"))  # (module, pip package) of the ``ray`` extra
+
+
+def require_ray(what: str) -> None:
+    """Raise ``MissingExtraError`` (saying ``pip install 'edgeclip[ray]'``) unless Ray (with Ray Data's
+    pyarrow) is importable. ``what`` names the action that needs it, for the message."""
+    for module, package in RAY_PACKAGES:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise MissingExtraError(what, "ray", package)
+
+
+def import_ray_module(module: str, what: str) -> ModuleType:
+    """Import an edgeclip module that needs Ray (``"edgeclip.edgeapp.distributed"``) after checking that the
+    ``ray`` extra is installed: the CLI and the facade reach it by name, so nothing else imports Ray
+    (``.importlinter``: Ray-free). Raises ``MissingExtraError``."""
+    require_ray(what)
+    return importlib.import_module(module)

@@ -52,6 +52,11 @@ DEFAULT_LAMBDA = 1e-3  # RAIL dual ridge
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
+# Bounds far above any CLIP (input side 224-448, context 64-256) that keep a hostile manifest from asking for
+# terabytes of pixels or positions (a MemoryError instead of a one-line error).
+MAX_IMAGE_SIZE = 4096
+MAX_CONTEXT_LENGTH = 4096
+ContextLength = Annotated[int, msgspec.Meta(ge=1, le=MAX_CONTEXT_LENGTH)]
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -73,7 +78,7 @@ class TextSide(_Section):
     tokenizer: Literal["clip-bpe", "hf"]
     file: str  # the tokenizer's file in the bundle
     clean: str  # "lower", "whitespace" or "canonicalize" (edgeclip.tokenizer)
-    context_length: PosInt
+    context_length: ContextLength
     pad_id: int
     embed_dim: PosInt
     pool: str  # the text tower's pooling: argmax (end-of-text token), last, first, eos
@@ -94,7 +99,7 @@ class Backbone(_Section):
     model: str  # open_clip model name or an edgeclip config (edgeclip-tiny, ...)
     weights: Weights
     embed_dim: PosInt | None = None  # D, the embedding size
-    context_length: PosInt | None = None  # the text encoder's token count
+    context_length: ContextLength | None = None  # the text encoder's token count
     image_tower: str | None = None  # open_clip's image tower class (with the timm model for timm towers)
     text: TextSide | None = None  # None: a bundle from before (CLIP BPE, logit scale 100)
 
@@ -102,7 +107,7 @@ class Backbone(_Section):
 class Preprocess(_Section):
     """The image preprocessing (``edgeclip.images.PreprocessConfig`` checks the values further)."""
 
-    image_size: PosInt
+    image_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_IMAGE_SIZE)]
     mean: Annotated[list[float], msgspec.Meta(min_length=3, max_length=3)]
     std: Annotated[list[float], msgspec.Meta(min_length=3, max_length=3)]
     interpolation: str = "bicubic"

@@ -17,6 +17,7 @@ model's own open_clip config, see ``edgeclip.train.backbone.text_side``):
 from __future__ import annotations
 
 import gzip
+import zlib
 import html
 import importlib.util
 import string
@@ -34,6 +35,8 @@ DEFAULT_CONTEXT_LENGTH = 77
 SOT, EOT = "<start_of_text>", "<end_of_text>"
 # Merges used by CLIP: the file's first line is a header; the vocabulary is 49408 entries.
 _N_MERGES = 49152 - 256 - 2
+# The largest tokenizer file read (unpacked): CLIP's merges are 1.3 MB, a tokenizer.json a few MB.
+MAX_TOKENIZER_BYTES = 64 << 20
 _PATTERN = regex.compile(
     "|".join([SOT, EOT]) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,
@@ -108,9 +111,13 @@ class ClipTokenizer:
         self.clean = clean
         path = Path(vocab_path)
         try:
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                lines = f.read().split("\n")
-        except (OSError, EOFError, UnicodeDecodeError) as err:
+            with gzip.open(path, "rb") as f:
+                data = f.read(MAX_TOKENIZER_BYTES + 1)  # bounded: a gzip bomb stops here
+            if len(data) > MAX_TOKENIZER_BYTES:
+                raise BundleError(f"{path} unpacks to more than {MAX_TOKENIZER_BYTES >> 20} MiB: not a CLIP BPE "
+                                  "merges file")
+            lines = data.decode("utf-8").split("\n")
+        except (OSError, EOFError, UnicodeDecodeError, zlib.error) as err:
             raise BundleError(f"cannot read the tokenizer vocabulary {path}: {err}") from err
         merges = [tuple(line.split()) for line in lines[1 : _N_MERGES + 1]]
         if len(merges) != _N_MERGES or any(len(m) != 2 for m in merges):
@@ -201,6 +208,12 @@ class HFTokenizer:
         if clean not in CLEANINGS:
             raise EdgeclipError(f"Unknown text cleaning '{clean}'; expected one of {', '.join(CLEANINGS)}")
         path = Path(path)
+        try:
+            size = path.stat().st_size
+        except OSError as err:
+            raise BundleError(f"cannot read the tokenizer file {path}: {err.strerror or err}") from err
+        if size > MAX_TOKENIZER_BYTES:
+            raise BundleError(f"the tokenizer file {path} is larger than {MAX_TOKENIZER_BYTES >> 20} MiB: not a tokenizer")
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises a bare Exception for unreadable/invalid files

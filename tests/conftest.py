@@ -95,6 +95,7 @@ def dataset_meta(shared_datasets: Path) -> Callable[[str], dict]:
 # graphs or read the real image sets are marked here from what they use, so a new test that uses
 # such a fixture or lives in such a module is marked without remembering to.
 REALDATA_FIXTURES = {"shared_datasets", "extract_subset", "dataset_meta"}
+RAY_FIXTURES = {"ray_cluster"}  # the session's local Ray: marked `ray` and `slow`
 # module-scoped fixtures that export a bundle or graphs
 EXPORTING_FIXTURES = {"bundle", "source_bundle", "fp32_only", "both_protocols", "make_tiny_bundle"}
 # modules whose every test exports graphs or trains
@@ -110,6 +111,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & REALDATA_FIXTURES:
             item.add_marker(pytest.mark.realdata)
+            item.add_marker(pytest.mark.slow)
+        if fixtures & RAY_FIXTURES:
+            item.add_marker(pytest.mark.ray)
             item.add_marker(pytest.mark.slow)
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if fixtures & EXPORTING_FIXTURES or module in EXPORTING_MODULES or item.originalname in EXPORTING_TESTS:
@@ -159,3 +163,20 @@ def make_tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> MakeBundle:
         return Path(dest)
 
     return make
+
+
+# -- Ray -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The session's local Ray cluster, ``ray.init(num_cpus=2)``, shared by every Ray test (starting one
+    costs seconds); skipped without the [ray] extra. Yields the ``ray`` module."""
+    ray = pytest.importorskip("ray")
+    import logging
+
+    from edgeclip.edgeapp.distributed import RaySession
+
+    session = RaySession.start(None, 2)  # quiet like the CLI's; the CLI's --ray local then reuses it
+    assert session.started, "a Ray was already running in the test process"
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    yield ray
+    session.close()

@@ -8,6 +8,7 @@ from safetensors.numpy import load, save
 
 from edgeclip.errors import BundleError, UsageError
 from edgeclip.train.ddas import (
+    MIN_THRESHOLD,
     LinearAutoencoder,
     MLPAutoencoder,
     autoencoder_from_state,
@@ -105,6 +106,16 @@ def test_fit_gate_calibrates_on_the_held_out_images():
         fit_gate(x, kind="pca")
     with pytest.raises(UsageError):
         fit_gate(x[:2], k=1)
+
+
+def test_identical_images_give_a_positive_threshold():
+    """A domain whose images are all identical: every held-out error is 0, the threshold is still
+    positive (routing refuses 0) and the task accepts its own image, not a different one."""
+    x = np.repeat(_blob(3, n=1), 12, axis=0)
+    ae, thr = fit_gate(x, k=4, seed=0)
+    assert thr == MIN_THRESHOLD > 0
+    routes, _ = route(np.stack([ae.errors(x[:1]), ae.errors(_blob(4, n=1))]), np.array([thr]))
+    assert routes.tolist() == [0, -1]
 
 
 def test_route_per_image():

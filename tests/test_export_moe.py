@@ -242,3 +242,36 @@ def test_gated_graph_loads_without_onnxruntime_warnings(setup, capfd) -> None:
     session.run(None, {"pixels": eh.mixed_batch(1), "label_text": setup[3]})
     err = capfd.readouterr().err
     assert not [line for line in err.splitlines() if "[W:onnxruntime" in line or "[E:onnxruntime" in line], err
+
+
+def test_tie_rule_and_template_fill(setup, tmp_path):
+    """All-zero routers (every gate logit equal, as after a 1-iteration task) export within the parity
+    bound: torch breaks ties as ONNX TopK does (lower index first). The next task's graph, filled into
+    the first one's (2 routers instead of 1), equals a fresh trace; a pool that grew needs a trace."""
+    from edgeclip.export.trace_moe import fill_moe_template
+    from edgeclip.train.backbone import load_backbone
+    from edgeclip.train.moe import MoECLIP, MoEConfig
+
+    torch.manual_seed(5)
+    model = MoECLIP(load_backbone(eh.TINY, random_weights=True, seed=0).model, MoEConfig()).eval()  # 22 experts
+    model.add_task()
+    with torch.no_grad():
+        for _, layer in model.named_layers():
+            layer.up_w.normal_(0.0, 0.3)  # experts differ, routers stay zero: the tie decides the output
+    first = eh.encoder_folder(setup[0], tmp_path / "first")
+    assert check_moe_parity(export_moe_encoder(model, first), model) <= 1e-5
+    model.add_task()
+    with torch.no_grad():
+        for _, layer in model.named_layers():
+            layer.w_gate[1].normal_(0.0, 1.0)
+            layer.down_b.normal_(0.0, 0.1)
+    filled = fill_moe_template(first, model, tmp_path / "filled")
+    assert filled is not None
+    traced = export_moe_encoder(model, tmp_path / "traced")
+    pixels, tasks = eh.mixed_batch(), np.arange(12) % 3 - 1
+    outputs = [ort.InferenceSession(str(g), providers=["CPUExecutionProvider"]).run(
+        None, {"pixels": pixels, "task_ids": tasks})[0] for g in (filled, traced)]
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-6)
+    for _, layer in model.named_layers():
+        layer.grow(2)
+    assert fill_moe_template(first, model, tmp_path / "grown") is None  # the experts' shapes changed

@@ -293,3 +293,16 @@ def test_vit_b16_paper_configuration_has_51_06m_parameters() -> None:
     assert count.experts == 43_625_472
     assert count.routers == 7_434_240
     assert round(count.total / 1e6, 2) == 51.06
+
+
+def test_top_k_ties_take_the_lower_index() -> None:
+    """ONNX TopK's rule on every device: largest first, equal values by lower index, -inf last."""
+    from edgeclip.train.moe import top_k_indices
+
+    values = torch.tensor([[0.0] * 22, [0.0, 1.0, 0.0, 1.0] + [0.0] * 18, [float("-inf"), 0.0, 0.0, -1.0] + [-2.0] * 18])
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        got = top_k_indices(values.to(device), 2).cpu().tolist()
+        assert got == [[0, 1], [1, 3], [1, 2]], device
+    counts = torch.tensor([3, 5, 5, 0, 5])  # the paper rule's most-selected experts, ties likewise
+    assert top_k_indices(counts, 2).tolist() == [1, 2]

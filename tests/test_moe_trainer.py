@@ -97,6 +97,23 @@ def test_training_is_deterministic_on_cpu(tmp_path: Path) -> None:
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+@pytest.mark.slow
+def test_loader_workers_do_not_change_the_result(tmp_path: Path) -> None:
+    """Decoding in 2 DataLoader worker processes trains exactly what decoding in-process does (each
+    draw's image and crop are seeded by the draw); the default worker count follows cores and device."""
+    from edgeclip.train.moe_trainer import loader_workers
+
+    samples = make_domain(tmp_path / "d")
+    states = []
+    for workers in (0, 2):
+        model = MoECLIP(frozen_clip())
+        train_task(model, samples, ["a", "b", "c"], TEMPLATE, quick(iterations=3, workers=workers))
+        states.append(moe_state(model))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert loader_workers(torch.device("cpu"), 2) == 0 and loader_workers(torch.device("cpu"), 16) == 1
+    assert loader_workers(torch.device("cuda"), 16) == 8 and loader_workers(torch.device("cuda"), 2) == 1
+
+
 def _drift_after_second_task(tmp_path: Path, rule: str) -> tuple[float, float]:
     first = make_domain(tmp_path / "first", seed=1)
     second = make_domain(tmp_path / "second", seed=2)

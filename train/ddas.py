@@ -22,6 +22,9 @@ from edgeclip.errors import BundleError, UsageError
 from edgeclip.extras import import_torch_module
 
 QUANTILE = 0.95  # threshold = this quantile of a task's held-out reconstruction errors
+# The smallest threshold (mean squared residual per coordinate): a task whose held-out images are all
+# reconstructed exactly (identical images) still accepts its own images and those within float noise.
+MIN_THRESHOLD = 1e-7
 HOLDOUT = 0.2
 K = 4  # principal directions of the linear gate (measured best, docs/LEARNERS.md)
 ROUTE_RULES = ("nearest", "ratio")
@@ -184,13 +187,14 @@ def calibrate_threshold(errors_heldout: np.ndarray, quantile: float = QUANTILE) 
     """The `quantile` of held-out reconstruction errors: that share of the task's images is accepted.
 
     errors_heldout: [M] float (``Autoencoder.errors`` of held-out images). The calibrated threshold
-    replaces the paper's hand-set 0.0655 (METHODS.md section 2). Raises UsageError when there are no
-    errors or the quantile is outside (0, 1].
+    replaces the paper's hand-set 0.0655 (METHODS.md section 2); it is at least ``MIN_THRESHOLD``
+    (positive, as routing requires, even when every held-out error is 0: a domain of identical images).
+    Raises UsageError when there are no errors or the quantile is outside (0, 1].
     """
     errors_heldout = np.asarray(errors_heldout)
     if errors_heldout.size == 0 or not 0.0 < quantile <= 1.0:
         raise UsageError(f"need held-out errors and a quantile in (0, 1], got {errors_heldout.size}, {quantile}")
-    return float(np.quantile(errors_heldout, quantile))
+    return max(float(np.quantile(errors_heldout, quantile)), MIN_THRESHOLD)
 
 
 def fit_gate(x: np.ndarray, kind: str = "linear", k: int = K, holdout_fraction: float = HOLDOUT,

@@ -195,7 +195,8 @@ class MoELayer(nn.Module):
             logits = logits + torch.randn_like(logits) * std
         valid = self.router_valid[safe_ids]  # [B, E]: experts added after a task are not its to choose
         logits = torch.where(valid, logits, torch.full_like(logits, float("-inf")))
-        top_logits, top_idx = torch.topk(logits, self.config.top_k, dim=1)  # [B, k]
+        top_idx = top_k_indices(logits, self.config.top_k)  # [B, k]: ONNX TopK's tie rule on every device
+        top_logits = logits.gather(1, top_idx)
         weights = torch.softmax(top_logits.float(), dim=1).to(cls_token.dtype)
         weights = weights * (task_ids >= 0).to(weights.dtype)[:, None]
         return top_idx, weights
@@ -232,6 +233,22 @@ class MoELayer(nn.Module):
         hidden = self.dropout(torch.relu(hidden))  # [B, E, L, r]
         out = torch.einsum("belr,erd->beld", hidden, self.up_w.to(dtype)) + self.up_b.to(dtype)[None, :, None, :]
         return torch.einsum("be,beld->bld", gates, out)
+
+
+def top_k_indices(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [..., k] (int64) of the k largest entries along the last axis, largest first, and among
+    equal values the lower index first: the ONNX TopK rule (its spec), on CPU and CUDA alike.
+
+    ``torch.topk`` leaves the order of ties to the kernel (on equal gate logits torch picked experts
+    [14, 16] on CPU and [1, 0] on CUDA, the exported graph [0, 1]); a stable descending sort does not.
+    The routers (``MoELayer.gate``), the selections the freeze rules record, and the exported graph
+    therefore agree, e.g. on all-zero routers. -inf entries sort last. While torch.export traces (the
+    ONNX export) this is ``torch.topk``, which becomes ONNX TopK, whose spec is this same rule
+    (onnxruntime follows it: ``test_all_zero_routers_export_parity``); the exporter has no stable sort.
+    """
+    if torch.compiler.is_exporting():
+        return torch.topk(values, k, dim=-1).indices
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def _rows(stack: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -449,7 +466,9 @@ def set_trainable(model: MoECLIP, task: int) -> None:
 
 @torch.no_grad()
 def mask_frozen_grads(model: MoECLIP, task: int) -> None:
-    """Zero the gradients of frozen experts and of every router but ``task``'s (call before optimizer.step)."""
+    """Zero the gradients of frozen experts and of every router but ``task``'s (call before optimizer.step).
+
+    Multiplies by masks only (no boolean indexing): nothing waits for the device (no CUDA sync per step)."""
     for _, layer in model.named_layers():
         keep = (~layer.frozen).to(layer.down_w.dtype)
         for param in (layer.down_w, layer.down_b, layer.up_w, layer.up_b):
@@ -457,20 +476,21 @@ def mask_frozen_grads(model: MoECLIP, task: int) -> None:
                 param.grad.mul_(keep.view(-1, *([1] * (param.dim() - 1))))
         for param in (layer.w_gate, layer.w_noise):
             if param.grad is not None:
-                other = torch.ones(param.shape[0], dtype=torch.bool, device=param.device)
-                other[task] = False
-                param.grad[other] = 0
+                own = torch.zeros(param.shape[0], dtype=param.grad.dtype, device=param.grad.device)
+                own[task] = 1
+                param.grad.mul_(own.view(-1, *([1] * (param.dim() - 1))))
 
 
 def count_selections(layer: MoELayer, task_ids: torch.Tensor, idx: torch.Tensor) -> None:
     """Recorder that adds each sample's selected experts to ``layer.counts[task]`` (activate-freeze counts).
 
-    task_ids: [B] int64 (``ZERO_SHOT`` samples are skipped); idx: [B, k] int64 selected experts.
+    task_ids: [B] int64 (``ZERO_SHOT`` samples add 0); idx: [B, k] int64 selected experts. Integer
+    additions only and no boolean indexing: exact in any order, and no CUDA sync per layer and step.
     """
     with torch.no_grad():
-        seen = task_ids >= 0
-        rows = task_ids[seen][:, None].expand(-1, idx.shape[1])
-        layer.counts.index_put_((rows, idx[seen]), torch.ones_like(rows), accumulate=True)
+        rows = task_ids.clamp(min=0)[:, None].expand_as(idx)
+        seen = (task_ids >= 0).to(layer.counts.dtype)[:, None].expand_as(idx)
+        layer.counts.index_put_((rows, idx), seen, accumulate=True)
 
 
 class SelectionSet:
@@ -512,7 +532,7 @@ def freeze_experts(
         mask = torch.zeros(layer.n_experts, dtype=torch.bool)
         if rule == "paper":
             counts = layer.counts[task].cpu()
-            top = torch.topk(counts, model.config.top_k).indices
+            top = top_k_indices(counts, model.config.top_k)  # ties: the lower expert index, as routing
             mask[top[counts[top] > 0]] = True
         else:
             mask = selected.selected[id(layer)].clone()
@@ -586,6 +606,19 @@ def load_moe_state(model: MoECLIP, state: dict[str, Any]) -> None:
         raise UsageError(f"The MoE state has tensors for layers this model lacks, e.g. '{stray[0]}'.")
 
 
+@contextmanager
+def exact_fp32() -> Iterator[None]:
+    """float32 matmuls and convolutions on CUDA inside the block (TF32 off: PyTorch lets cuDNN
+    convolutions use TF32 by default), for what must match the exported float32 graphs: the strict
+    rule's selections, frozen embeddings, text classifiers. No effect on a CPU."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 # ----- per-task text classifier --------------------------------------------------------------------
 @torch.no_grad()
 def text_classifier(
@@ -627,6 +660,7 @@ __all__ = [
     "ParameterCount",
     "count_selections",
     "encoder_transformers",
+    "exact_fp32",
     "freeze_experts",
     "grow_pools",
     "load_moe_state",
@@ -635,4 +669,5 @@ __all__ = [
     "parameter_count",
     "set_trainable",
     "text_classifier",
+    "top_k_indices",
 ]

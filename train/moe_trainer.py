@@ -43,6 +43,7 @@ from edgeclip.train.moe import (
     MoELayer,
     SelectionSet,
     count_selections,
+    exact_fp32,
     freeze_experts,
     grow_pools,
     mask_frozen_grads,
@@ -75,7 +76,7 @@ class TrainSettings:
     freeze_rule: str = "strict"  # 'strict' (edgeclip) or 'paper' (top-k most selected per block)
     device: str = "auto"  # 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'
     precision: str = "auto"  # 'auto' (bf16/fp16 autocast on CUDA, fp32 on CPU), 'fp32', 'bf16', 'fp16'
-    workers: int = 0  # DataLoader worker processes
+    workers: int | None = None  # DataLoader worker processes; None: from the cores and device (loader_workers)
     # called on rank 0 after every step with (step, iterations, loss): the caller reports progress (on stderr)
     on_step: Callable[[int, int, float], None] | None = None
     exact_preprocess: bool = False  # decode at full resolution (the bundle's preprocess.exact), else reduced
@@ -89,6 +90,8 @@ class TrainSettings:
             raise UsageError(f"freeze_rule must be one of {FREEZE_RULES}, got '{self.freeze_rule}'.")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise UsageError(f"precision must be auto, fp32, bf16 or fp16, got '{self.precision}'.")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError(f"workers must be >= 0 (or None for the default), got {self.workers}.")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise UsageError("crop_scale must satisfy 0 < low <= high <= 1.")
 
@@ -251,6 +254,32 @@ def _transforms(clip: nn.Module, crop_scale: tuple[float, float]) -> tuple[Calla
     return train, evaluate
 
 
+def loader_workers(device: torch.device, cores: int | None = None) -> int:
+    """Default DataLoader worker processes: on CUDA one per core but one (the training process
+    keeps one), at most 8; on CPU none below 4 cores (the training step uses every core and decoding
+    is a few percent of it), else one, so decoding overlaps the step."""
+    cores = cores or default_workers()
+    if device.type == "cuda":
+        return max(1, min(8, cores - 1))
+    return 0 if cores < 4 else 1
+
+
+def training_loader(draws: Dataset, batches: "_RankBatches", device: torch.device, workers: int | None,
+                    seed: int) -> DataLoader:
+    """The training DataLoader: ``workers`` processes (None: ``loader_workers``) that decode
+    through ``edgeclip.images`` and crop; the dataset holds paths and picklable callables only, no
+    model state. Pinned memory on CUDA (the copy overlaps the step), persistent workers, two batches
+    prefetched per worker. Which image a draw picks and its crop are seeded by the draw alone
+    (``_Draws``), so the batches do not depend on the number of workers; the workers' own seeds
+    derive from ``seed``."""
+    workers = loader_workers(device) if workers is None else workers
+    extra: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": 2} if workers else {}
+    return DataLoader(
+        draws, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed), **extra,
+    )
+
+
 # ----- devices and processes -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Dist:
@@ -355,12 +384,10 @@ def train_task(
     set_trainable(model, task)
     torch.manual_seed(settings.seed + dist_.rank)  # routing noise and dropout, different per rank
     train_tf, eval_tf = _transforms(model.clip, settings.crop_scale)
-    loader = DataLoader(
-        _Draws(chosen, train_tf, settings.seed,
-               decode=_Decoder(cfg, _train_cover(cfg, settings.crop_scale))),
-        batch_sampler=_RankBatches(settings.iterations, settings.batch_size, dist_.rank, dist_.world),
-        num_workers=settings.workers,
-        pin_memory=dist_.device.type == "cuda",
+    loader = training_loader(
+        _Draws(chosen, train_tf, settings.seed, decode=_Decoder(cfg, _train_cover(cfg, settings.crop_scale))),
+        _RankBatches(settings.iterations, settings.batch_size, dist_.rank, dist_.world),
+        dist_.device, settings.workers, settings.seed,
     )
     tokens = tokenize([template.format(c) for c in class_names]).to(dist_.device)
 
@@ -394,14 +421,22 @@ def train_task(
             count_selections(layer, task_ids, idx)
 
     report = settings.on_step if dist_.rank == 0 else None
+    pending: torch.Tensor | None = None  # the last step's mean loss, read after the next step is queued
+
+    def read_loss(mean_loss: torch.Tensor) -> None:
+        losses.append(float(mean_loss))  # waits for that step only: the device stays a step ahead
+        if report is not None:
+            report(len(losses), settings.iterations, losses[-1])
+
     with model.recording(record):
         for images, labels in loader:
             images = images.to(dist_.device, non_blocking=True)
             labels = labels.to(dist_.device, non_blocking=True)
             with autocast():
                 image_feats, text_feats = net(images, task, tokens, task)
-                logits = settings.logit_scale * image_feats.float() @ text_feats.float().t()
-                loss = criterion(logits, labels)
+            # the logits (100 cos) and the loss in float32 on every device, outside autocast
+            logits = settings.logit_scale * image_feats.float() @ text_feats.float().t()
+            loss = criterion(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -415,11 +450,13 @@ def train_task(
             else:
                 optimizer.step()
             schedule.step()
-            mean_loss = _all_reduce(loss.detach().float().clone(), dist_.world) / dist_.world
-            losses.append(float(mean_loss))
-            if report is not None:
-                report(len(losses), settings.iterations, losses[-1])
+            if pending is not None:
+                read_loss(pending)
+            pending = _all_reduce(loss.detach().float().clone(), dist_.world) / dist_.world
+        if pending is not None:
+            read_loss(pending)
     elapsed = time.perf_counter() - start
+    del loader  # its worker processes end here
     del net
     model.eval()
     for name, layer in model.named_layers():
@@ -465,7 +502,7 @@ def task_selections(
     selected = SelectionSet(model)
     model.eval()
     mine = list(samples)[dist_.rank :: dist_.world]
-    with model.recording(selected):
+    with model.recording(selected), exact_fp32():  # float32 as the exported graph routes
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
             images = torch.stack([transform(decode_for(p, cfg).image) for p, _ in chunk]).to(dist_.device)

@@ -17,8 +17,10 @@ from edgeclip.edgeapp.classify import Prediction
 from edgeclip.edgeapp.cli.console import err_console, out_console, progress
 from edgeclip.edgeapp.cli.options import BackendOpt, CacheOpt, cache_note, BundleOpt, QuietOpt, open_bundle
 from edgeclip.edgeapp.cli.output import Interrupted, markup, stdout_is_terminal, visible
-from edgeclip.edgeapp.cli.results import CsvWriter, JsonLinesWriter, ResultWriter, TableWriter, stdout
+from edgeclip.edgeapp.cli.resume import Previous, key_of, read_previous
+from edgeclip.edgeapp.cli.results import CsvWriter, JsonLinesWriter, ParquetWriter, ResultWriter, TableWriter, stdout
 from edgeclip.errors import UsageError
+from edgeclip.extras import import_ray_module, require_ray
 
 if TYPE_CHECKING:
     from edgeclip.bundle import Bundle
@@ -43,10 +45,11 @@ CudaGraphOpt = Annotated[bool, typer.Option(
 
 
 class OutputFormat(str, Enum):
-    """``--format`` of ``classify``: table, JSON Lines or CSV (``results``)."""
+    """``--format`` of ``classify``: table, JSON Lines, CSV or Parquet (``results``)."""
     table = "table"
     json = "json"
     csv = "csv"
+    parquet = "parquet"
 
 
 def classify(
@@ -58,7 +61,8 @@ def classify(
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many labels to report per image.")] = 5,
     labels: Annotated[Optional[str], typer.Option(help='Extra zero-shot labels, comma separated: "a,b,c".')] = None,
     labels_file: Annotated[Optional[Path], typer.Option(help="Extra zero-shot labels, one per line.")] = None,
-    output_format: Annotated[OutputFormat, typer.Option("--format", help="table, json (JSON Lines) or csv.")] = OutputFormat.table,
+    output_format: Annotated[OutputFormat, typer.Option(
+        "--format", help="table, json (JSON Lines), csv or parquet (the default with -o NAME.parquet).")] = OutputFormat.table,
     recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into sub-folders.")] = True,
     follow_links: Annotated[bool, typer.Option(
         "--follow-links", help="Follow symbolic links to folders inside the given folders (each folder once). "
@@ -77,6 +81,18 @@ def classify(
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="List the skipped non-image files and folder links on stderr.")] = False,
     cache: CacheOpt = True,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="With -o FILE: skip the files FILE already holds (a stopped run's rows) and add the rest.")] = False,
+    ray_target: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="ADDRESS|local[:N]",
+        help="Classify on a Ray cluster (the [ray] extra): its ADDRESS (e.g. auto, HOST:6379, ray://HOST:10001), "
+             "or local[:N] for Ray on this machine with N CPUs (default all). Results as without it.")] = None,
+    actors: Annotated[Optional[int], typer.Option(
+        min=1, help="--ray: actors running the gated graph [default: as many as fit, one CPU kept for decoding].")] = None,
+    cpus_per_actor: Annotated[float, typer.Option(
+        min=0.01, help="--ray: CPUs per actor (onnxruntime threads).")] = 1.0,
+    gpus_per_actor: Annotated[float, typer.Option(
+        min=0.0, help="--ray: GPUs per actor; above 0 the actors run on ort-cuda.")] = 0.0,
 ) -> None:
     """Classify images and folders (recursively; images recognised by content or extension).
 
@@ -92,6 +108,9 @@ def classify(
     UTF-8 as \\udcNN escapes). --format csv: path, label, task, score, route, error, note, then
     label_N, score_N, task_N per rank.
 
+    --ray ADDRESS|local[:N] runs the same job on a Ray cluster (docs/SCALE.md): the same rows in the
+    same order. -o NAME.parquet writes Parquet. --resume with -o FILE skips the files FILE holds.
+
     Exit codes: 0 all inputs done; 3 some inputs could not be read (the rest are still
     classified); 2 usage error (a path that does not exist included); 130 interrupted.
     """
@@ -99,6 +118,13 @@ def classify(
     from edgeclip.edgeapp.library import make_scorer
     from edgeclip.edgeapp.runtime import TextEncoderRunner
 
+    if output is not None and output.suffix.lower() == ".parquet" and output_format is OutputFormat.table:
+        output_format = OutputFormat.parquet
+    if output_format is OutputFormat.parquet and output is None:
+        raise UsageError("--format parquet needs -o FILE.parquet (Parquet is not written to stdout)")
+    if resume and (output is None or output_format is OutputFormat.table):
+        raise UsageError("--resume needs -o FILE with --format json, csv or parquet")
+    cluster = RayTarget.parse(ray_target) if ray_target is not None else None
     loaded = open_bundle(bundle)
     extra = parse_labels(labels, labels_file)
     found = discover_images(paths, recursive=recursive, follow_links=follow_links)
@@ -108,29 +134,50 @@ def classify(
         shown = "; ".join(f"{visible(display_path(p))}: {msg}" for p, msg in named[:3])
         more = f" (and {len(named) - 3} more)" if len(named) > 3 else ""
         raise UsageError(f"expected existing image files or folders: {shown}{more}")
-    # entries found inside the folders that cannot be read (a link loop, an unlistable folder): error rows
-    unreadable = [Prediction(path=os.fspath(p), error=msg) for p, msg in found.missing]
-    if not found.images and not unreadable:
+    if not found.images and not found.missing:
         skipped = f" ({len(found.skipped)} non-image files skipped; --verbose lists them)" if found.skipped else ""
         if found.links:
             skipped += f" ({len(found.links)} folder links not followed; --follow-links follows them)"
         raise UsageError(f"No images found in the given paths{skipped}.")
-    # files: frozen embedding (embedding cache or encoder) -> head graph; refuses a missing fp16/int8 graph early
-    scorer = make_scorer(loaded, backend, precision.value, batch_size=batch_size, cache=cache,
-                         exact=True if exact_preprocess else None, max_pixels=max_pixels, cuda_graph=cuda_graph)
+    # files: frozen embedding (embedding cache or encoder) -> head graph; refuses a missing fp16/int8 graph early.
+    # On a Ray cluster the actors run the gated graph (no embedding cache there).
+    scorer = None if cluster else make_scorer(loaded, backend, precision.value, batch_size=batch_size, cache=cache,
+                                              exact=True if exact_preprocess else None, max_pixels=max_pixels,
+                                              cuda_graph=cuda_graph)
     label_space = build_label_space(loaded, extra, TextEncoderRunner(loaded, backend).class_embeddings)
-    writer = _writer(output_format, output, loaded, found.images, label_space, top_k)
-    total = len(found.images)
+    ranks = min(top_k, len(label_space.names))
+    previous = Previous()
+    if resume:
+        assert output is not None
+        header = CsvWriter(stdout, ranks).header() if output_format is OutputFormat.csv else None
+        previous = read_previous(output, output_format.value, header)
+    images = [p for p in found.images if key_of(p, output_format.value) not in previous]
+    # entries found inside the folders that cannot be read (a link loop, an unlistable folder): error rows
+    unreadable = [Prediction(path=os.fspath(p), error=msg) for p, msg in found.missing
+                  if key_of(p, output_format.value) not in previous]
+    writer = _writer(output_format, output, loaded, images, label_space, top_k, previous if resume else None)
+    total = len(images)
     done = failed = 0
     start = time.perf_counter()
+    session = None
     try:
-        writer.start()
+        if not (resume and previous.rows and output_format is not OutputFormat.parquet):
+            writer.start()
         if unreadable:
             writer.write(unreadable)
             failed += len(unreadable)
         with progress(quiet) as bar, StopAtBatchEnd() as stop:
             task = bar.add_task("classifying", total=total, info="")
-            for preds in classify_batches(loaded, found.images, None, label_space, top_k=top_k, scorer=scorer):
+            if cluster is None:
+                batches = classify_batches(loaded, images, None, label_space, top_k=top_k, scorer=scorer)
+            else:
+                session = cluster.connect()
+                batches = session.classify(images, loaded, label_space, top_k=top_k, batch_size=batch_size,
+                                           actors=actors, cpus_per_actor=cpus_per_actor,
+                                           gpus_per_actor=gpus_per_actor, backend=backend,
+                                           precision=precision.value, exact=True if exact_preprocess else None,
+                                           max_pixels=max_pixels)
+            for preds in batches:
                 writer.write(preds)  # the batch is complete: its rows go out now, in input order
                 failed += sum(1 for p in preds if p.error)
                 done += sum(1 for p in preds if p.error is None)
@@ -141,6 +188,8 @@ def classify(
         raise Interrupted(f"interrupted after {done + failed} of {total} images; results so far {where}") from exc
     finally:
         writer.close()
+        if session is not None:
+            session.close()
     elapsed = time.perf_counter() - start
     if verbose:
         for path, reason in found.skipped:
@@ -153,8 +202,10 @@ def classify(
         skipped = f", {len(found.skipped)} skipped (not images)" if found.skipped else ""
         if found.links:
             skipped += f", {len(found.links)} folder links not followed (--follow-links follows them)"
-        err_console().print(f"{done} classified, {failed} unreadable{skipped}, {rate:.1f} images/s{note}; "
-                            f"{scorer.counts.describe()}{cache_note(scorer)}", highlight=False)
+        kept = f", {previous.rows} already in {visible(display_path(output))}" if resume and output else ""
+        counts = f"; {scorer.counts.describe()}{cache_note(scorer)}" if scorer is not None else ""
+        err_console().print(f"{done} classified, {failed} unreadable{skipped}{kept}, {rate:.1f} images/s{note}{counts}",
+                            highlight=False)
     if failed:
         raise typer.Exit(EXIT_UNREADABLE)
 
@@ -191,11 +242,19 @@ class StopAtBatchEnd:
 
 
 def _writer(fmt: OutputFormat, output: Path | None, loaded: "Bundle", images: list[Path], label_space: "LabelSpace",
-            top_k: int) -> ResultWriter:
-    """The streaming writer of ``fmt``, to ``output`` (UTF-8) or stdout."""
+            top_k: int, previous: Previous | None = None) -> ResultWriter:
+    """The streaming writer of ``fmt``, to ``output`` (UTF-8) or stdout; ``previous``: --resume (append)."""
+    if fmt is OutputFormat.parquet:
+        assert output is not None
+        require_ray("Parquet results")
+        try:
+            return ParquetWriter(output, keep=previous.table if previous is not None else None)
+        except OSError as exc:
+            raise UsageError(f"Cannot write {visible(display_path(output))}: {exc.strerror or exc}") from exc
     if output is not None:
         try:
-            file = open(output, "w", encoding="utf-8", errors="backslashreplace", newline="")
+            file = open(output, "a" if previous is not None else "w", encoding="utf-8", errors="backslashreplace",
+                        newline="")
         except OSError as exc:
             raise UsageError(f"Cannot write {visible(display_path(output))}: {exc.strerror or exc}") from exc
         stream = lambda: file  # noqa: E731
@@ -214,6 +273,31 @@ def _writer(fmt: OutputFormat, output: Path | None, loaded: "Bundle", images: li
                              [t["name"] for t in loaded.tasks], width, label_space.ambiguous)
     writer.owned = file
     return writer
+
+
+class RayTarget:
+    """``--ray``: a cluster address, or ``local[:N]`` (Ray on this machine with N CPUs)."""
+
+    def __init__(self, address: str | None, cpus: int | None) -> None:
+        self.address, self.cpus = address, cpus
+
+    @classmethod
+    def parse(cls, value: str) -> "RayTarget":
+        """``local``, ``local:N`` (N >= 1) or an address; UsageError otherwise (before anything is read)."""
+        text = value.strip()
+        if text == "local" or text.startswith("local:"):
+            count = text.partition(":")[2]
+            if text != "local" and not (count.isdigit() and int(count) >= 1):
+                raise UsageError(f"--ray {value!r}: expected local, local:N (N CPUs, N >= 1) or a cluster address")
+            return cls(None, int(count) if count else None)
+        if not text:
+            raise UsageError("--ray needs a cluster address or local[:N]")
+        return cls(text, None)
+
+    def connect(self) -> object:
+        """A ``distributed.RaySession`` (Ray imported now: MissingExtraError without the [ray] extra)."""
+        distributed = import_ray_module("edgeclip.edgeapp.distributed", "--ray")
+        return distributed.RaySession.start(self.address, self.cpus)
 
 
 def register(app: typer.Typer) -> None:

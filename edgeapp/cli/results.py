@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import sys
+from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
 from rich.cells import cell_len
@@ -94,12 +95,16 @@ class CsvWriter(ResultWriter):
         writer.writerows(rows)
         self._emit(buffer.text())
 
-    def start(self) -> None:
-        """Write the header row."""
+    def header(self) -> list[str]:
+        """The column names."""
         header = ["path", "label", "task", "score", "route", "error", "note"]
         for rank in range(1, self.ranks + 1):
             header += [f"label_{rank}", f"score_{rank}", f"task_{rank}"]
-        self._rows([header])
+        return header
+
+    def start(self) -> None:
+        """Write the header row."""
+        self._rows([self.header()])
 
     def write(self, preds: Sequence[Prediction]) -> None:
         """Write one batch's rows (CRLF line ends) and flush."""
@@ -207,3 +212,45 @@ class TableWriter(ResultWriter):
 def stdout() -> TextIO:
     """The current ``sys.stdout`` (looked up at each write: a progress bar may swap it)."""
     return sys.stdout
+
+
+class ParquetWriter(ResultWriter):
+    """``-o results.parquet``: the rows of ``edgeapp.rows.row_schema``, one row group per batch.
+
+    Written to a hidden temporary file beside the target and renamed onto it by ``close`` (Ctrl-C
+    included), so the target is always a complete Parquet file; a killed run leaves the previous file
+    as it was. ``keep``: rows already written (``--resume``) copied first."""
+
+    def __init__(self, target: Path, keep: object = None) -> None:
+        import os
+        import tempfile
+
+        import pyarrow.parquet as pq
+
+        from edgeclip.edgeapp.rows import row_schema
+
+        super().__init__(stdout)
+        self.target = target
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent or ".")
+        os.close(fd)
+        self.tmp = type(target)(tmp)
+        self._writer = pq.ParquetWriter(str(self.tmp), row_schema())
+        if keep is not None:
+            self._writer.write_table(keep)
+
+    def write(self, preds: Sequence[Prediction]) -> None:
+        """Write one batch's rows as a row group."""
+        from edgeclip.edgeapp.rows import rows_table
+
+        if preds:
+            self._writer.write_table(rows_table(preds))
+
+    def close(self) -> None:
+        """Finish the file (its footer) and rename it onto the target."""
+        import os
+
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            os.replace(self.tmp, self.target)
+        super().close()

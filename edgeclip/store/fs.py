@@ -82,6 +82,17 @@ WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
                  errno.EEXIST: "a file is in the way"}
 
 
+def safetensors_os_error(exc: Exception) -> Exception:
+    """The OSError inside a safetensors ``SafetensorError`` ("... I/O error: No space left on device (os
+    error 28)"), so that a full disk while writing tensors is reported like any other write error; any
+    other exception is returned as it is."""
+    found = re.search(r"\(os error (\d+)\)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
+    if found is None:
+        return exc
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
+
+
 def io_error(root: Path, action: str, exc: OSError) -> BundleError:
     """One line for an OS error while using the bundle, without the path of the file involved."""
     reason = WRITE_ERRNOS.get(exc.errno or 0, exc.strerror or type(exc).__name__)

@@ -301,7 +301,8 @@ class Bundle:
         base, rel = self._location(name)
         folder = (base / rel).parent
         if entry.get("blob"):
-            listed = {stored_path(self.root, f, e).name for f, e in files.items() if e.get("blob") and f.endswith(".data")}
+            listed = {stored_path(self.root, f, e).name for f, e in files.items()
+                      if e.get("blob") and f.endswith(".data")}
         else:
             here = Path(name).parent
             listed = {Path(f).name for f, e in files.items() if Path(f).parent == here and not e.get("blob")}
@@ -312,7 +313,8 @@ class Bundle:
         for location in sorted({next((e.value for e in t.external_data if e.key == "location"), "")
                                 for t in external_tensors(graph.graph)}):
             refuse = f"Bundle {self.root} {self.label}: graph '{name}' refers to external data {location[:60]!r}, "
-            if not location or "/" in location or "\\" in location or location.startswith(".") or location not in listed:
+            plain = location and "/" not in location and "\\" not in location and not location.startswith(".")
+            if not plain or location not in listed:
                 raise BundleError(refuse + "which is not a file of this version beside it; refusing the graph.")
             try:
                 st = os.lstat(folder / location)
@@ -358,6 +360,9 @@ class Bundle:
         return VersionWriter(self.root, parent=self)
 
 
+MAX_MANIFEST_BYTES = 64 << 20  # far above any real manifest (thousands of tasks and classes: a few MB)
+
+
 def read_manifest(root: Path, version: str) -> tuple[dict[str, Any], Manifest]:
     vdir = root / "versions" / version
     label = f"version {version}"
@@ -373,10 +378,16 @@ def read_manifest(root: Path, version: str) -> tuple[dict[str, Any], Manifest]:
     def refuse_constant(token: str) -> Any:
         raise ValueError(f"non-finite number {token}")
 
+    if st.st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"Bundle {root} {label}: {MANIFEST} is {st.st_size} bytes, more than a manifest can be "
+                          f"({MAX_MANIFEST_BYTES}); the version is corrupt.")
     try:
         manifest = json.loads((vdir / MANIFEST).read_text(encoding="utf-8"), parse_constant=refuse_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(f"Bundle {root} {label}: {MANIFEST} is not valid JSON ({exc}); the version is corrupt.") from None
+    except RecursionError:
+        raise BundleError(f"Bundle {root} {label}: {MANIFEST} is nested too deeply to be a manifest; "
+                          "the version is corrupt.") from None
     schema = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if schema != SCHEMA_VERSION:
         raise BundleError(

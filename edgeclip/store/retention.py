@@ -257,6 +257,8 @@ def version_history(root: Path | str) -> list[dict[str, Any]]:
         try:
             manifest = read_manifest(root, name)[0]
         except BundleError as exc:
+            if not os.path.lexists(root / "versions" / name):
+                continue  # pruned meanwhile: gone, not damaged
             record["error"] = str(exc)
             records.append(record)
             continue

@@ -44,7 +44,7 @@ def read_stamps(root: Path, version: str) -> dict[str, list[Any]]:
         if path is None or not stat.S_ISREG(os.lstat(path).st_mode):
             return {}
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -29,6 +29,7 @@ from edgeclip.store.fs import (
     STORE_TMP,
     STORED_RE,
     WRITE_ERRNOS,
+    safetensors_os_error,
     check_finite_arrays,
     check_root,
     fsync_path,
@@ -43,10 +44,10 @@ from edgeclip.store.fs import (
 )
 from edgeclip.store.graphs import external_tensors
 from edgeclip.store.lock import clean_temporary, writer_lock
-from edgeclip.store.lease import take_lease
+from edgeclip.store.lease import VersionGone, take_lease
 from edgeclip.store.reader import Bundle, current_version, manifest_identity
 from edgeclip.store.retention import prune_locked
-from edgeclip.store.stamps import stamp_of, write_stamps
+from edgeclip.store.stamps import read_stamps, stamp_of, write_stamps
 from edgeclip.version import __version__
 
 
@@ -172,7 +173,13 @@ class VersionWriter:
 
         clean = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
         check_finite_arrays(clean, f"Refusing to write '{name}' into the bundle {self.final_root or self.root}")
-        save_file(clean, str(self._target(name)))
+        try:
+            save_file(clean, str(self._target(name)))
+        except Exception as exc:  # safetensors' SafetensorError wraps the OS error (a full disk) in its text
+            os_error = safetensors_os_error(exc)
+            if os_error is exc:
+                raise
+            raise os_error from exc
         self._files[name] = {"blob": False}
         self._tensor_shapes[name] = {k: list(v.shape) for k, v in clean.items()}
 
@@ -354,11 +361,18 @@ class VersionWriter:
 
     def _finalise_files(self) -> tuple[dict[str, dict[str, Any]], dict[str, list[Any]]]:
         """The file table of the new version and the stamps of its files. A file still hard-linked
-        to the parent's verified file keeps the parent's hash (not re-read); others are hashed."""
+        to the parent's verified file keeps the parent's hash (not re-read); others are hashed. A shared
+        graph keeps the parent's stamp when it is still the very file the parent verified."""
         table, stamps = {}, {}
+        parent_stamps = read_stamps(self.root, self.parent.version) if self.parent is not None else {}
         for name, entry in sorted(self._files.items()):
             if entry.get("blob"):
                 table[name] = entry
+                known = parent_stamps.get(name)
+                if isinstance(known, list) and len(known) == 4 and known[3] == entry.get("sha256"):
+                    with contextlib.suppress(OSError, BundleError):
+                        if known[:3] == stamp_of(os.lstat(stored_path(self.root, name, entry))):
+                            stamps[name] = known
                 continue
             path = self.staging / name
             try:
@@ -415,7 +429,10 @@ class VersionWriter:
             root = self.root
             if self.final_root is not None:
                 root = self._move_into_place()
-            lease = take_lease(root / "versions" / name)  # CURRENT: no prune may remove it now
+            try:
+                lease = take_lease(root / "versions" / name)  # CURRENT: no prune may remove it now
+            except VersionGone:  # pragma: no cover - only a foreign hand removes a current version
+                lease = None
         except BaseException:
             self.abort()
             raise
