@@ -196,6 +196,12 @@ def test_classify_cached_equals_fresh_before_and_after_add_task(make_tiny_bundle
     fresh_after, _ = run("--no-cache")
     assert after == fresh_after
     assert {r["route"] for r in after} != {r["route"] for r in first}  # the second task is routed to now
+    info = subprocess.run([str(CLI), "cache", "info"], capture_output=True, text=True, env=env, timeout=120)
+    assert info.returncode == 0 and f"entries: {len(first) - 1} (1 backbone(s))" in info.stdout, info.stdout
+    assert str(tmp_path / "cache") in info.stdout and "512 MiB" in info.stdout
+    cleared = subprocess.run([str(CLI), "cache", "clear"], capture_output=True, text=True, env=env, timeout=120)
+    assert cleared.returncode == 0 and "cleared" in cleared.stdout
+    assert not (tmp_path / "cache" / FILE_NAME).exists()
 
 
 @pytest.mark.slow
