@@ -36,11 +36,12 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeclip.bundle import Bundle
-from edgeclip.edgeapp import evaluate
+from edgeclip.edgeapp import eval_scoring, evaluate
 from edgeclip.edgeapp import tasks as pipeline
 from edgeclip.learned import read_learned
 from edgeclip.edgeapp.create import init_bundle
 from edgeclip.train.decision import RAIL_KEYS
+from edgeclip.train.registry import get_learner
 
 ORDER = ("caltech101", "cifar10", "dtd10", "mnist", "fashion_mnist")
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def train_features(bundle: Bundle, domains: list[evaluate.EvalDomain], shots: in
 
 
 def joint_check(final: Bundle, feats: np.ndarray, labels: np.ndarray, n_classes: int,
-                scorer: evaluate.Scorer, gates: list[str]) -> dict[str, Any]:
+                scorer: eval_scoring.Scorer, gates: list[str]) -> dict[str, Any]:
     """RAIL trained on all domains at once vs learned one domain after another."""
     learner = pipeline.rail_learner(Bundle.open(final.root, version="v0001"))
     learner.add_domain(feats, labels, n_classes)
@@ -107,21 +108,21 @@ def unseen_share(result: evaluate.ProtocolResult, sizes: list[int]) -> float | N
 
 def run_method(method: str, args: argparse.Namespace, dirs: list[Path], work: Path, per_class: list[int],
                console: Console, shared: dict[str, Any]) -> dict[str, Any]:
-    settings = pipeline.MethodSettings(method=method, hidden=args.hidden, seed=args.seed,
-                                       moe_train={"batch_size": args.moe_batch_size})
-    iterations = args.moe_iterations if method == "moe" else None
+    settings = {"hidden": args.hidden, "moe_train": {"batch_size": args.moe_batch_size}}
+    closed_form = not get_learner(method).learns_from_images  # RAIL: every gate, scored from the embeddings
+    iterations = None if closed_form else args.moe_iterations
     t0 = time.perf_counter()
     source = work / method / "source"
-    init_bundle(source, args.model, random_weights=True, seed=args.seed, settings=settings)
+    init_bundle(source, args.model, random_weights=True, seed=args.seed, method=method, **settings)
     init_s = time.perf_counter() - t0
-    gates = list(evaluate.GATES) if method in evaluate.RAIL_METHODS else ["ddas"]
+    gates = list(evaluate.GATES) if closed_form else ["ddas"]
     protocols = ["mtil", "xtail"]
-    preset = args.preset if method in evaluate.RAIL_METHODS else None  # moe-paper has no lr for cifar10
+    preset = args.preset if closed_form else None  # moe-paper has no lr for cifar10
     run = evaluate.run_protocols(source, dirs, work / method / "run", protocols=protocols, gates=gates,
                                  shots=args.shots, test_per_class=per_class, backend=args.backend,
                                  iterations=iterations, preset=preset)
     beta = run.preset["settings"]["beta"] if run.preset else None
-    scorer = evaluate.Scorer(run.suite, backend=args.backend, beta=beta)
+    scorer = eval_scoring.Scorer(run.suite, backend=args.backend, beta=beta)
     sizes = [len(x) for x in run.suite.features]
 
     upper: dict[str, list[float]] = {}
@@ -146,7 +147,7 @@ def run_method(method: str, args: argparse.Namespace, dirs: list[Path], work: Pa
         if p == "xtail":
             entry["unseen_to_zero_shot_pooled"] = unseen_share(result, sizes)
         out["results"][f"{p}/{g}"] = entry
-    if method in evaluate.RAIL_METHODS:
+    if closed_form:
         if "train" not in shared:
             shared["train"] = train_features(Bundle.open(source), run.suite.domains, args.shots, args.seed,
                                              args.backend)

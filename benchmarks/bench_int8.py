@@ -92,7 +92,7 @@ def main() -> None:
     from edgeclip.bundle import Bundle
     from edgeclip.edgeapp.create import init_bundle
     from edgeclip.edgeapp.runtime import TextEncoderRunner
-    from edgeclip.edgeapp.tasks import MethodSettings, add_task
+    from edgeclip.edgeapp.tasks import add_task
     from edgeclip.export.quantize import export_int8
     from edgeclip.images import PreprocessConfig, load_and_preprocess
     from edgeclip.layout import (
@@ -107,8 +107,8 @@ def main() -> None:
     eager = time_eager(args.model, args.repeats)  # first and apart: see time_eager
     work = Path(tempfile.mkdtemp(prefix="bench-int8-"))
     root = work / "bundle"
-    init_bundle(root, args.model, random_weights=True, seed=0,
-                settings=MethodSettings(method="rail-primal", hidden=2048, seed=0))
+    init_bundle(root, args.model, random_weights=True,
+                method="rail-primal", hidden=2048, seed=0)
     add_task(root, extract(LEARNED, "train", 16, work / "train"), backend="ort-cpu")
     start = time.perf_counter()
     bundle = export_int8(Bundle.open(root))

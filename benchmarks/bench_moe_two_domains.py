@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeclip.edgeapp import evaluate
+from edgeclip.edgeapp import eval_summary, evaluate
 from edgeclip.edgeapp.create import init_bundle
-from edgeclip.edgeapp.tasks import MethodSettings
 from edgeclip.train.presets import get_preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,18 +56,17 @@ def main() -> None:
             dirs.append(data / name)
         seed = 0
         if preset is None:
-            settings = MethodSettings(method="moe", moe_train={"batch_size": args.batch_size, "lr": args.lr})
+            settings = {"moe_train": {"batch_size": args.batch_size, "lr": args.lr}}
         else:  # what `edgeclip init --preset moe-paper` sets
             seed = preset.seed
-            settings = MethodSettings(method="moe", seed=seed, moe={"n_experts": preset.experts},
-                                      moe_train={"batch_size": preset.batch_size, "freeze_rule": preset.freeze_rule,
-                                                 "warmup": preset.warmup, "warmup_rule": preset.warmup_rule,
-                                                 "preset": preset.name})
-        init_bundle(Path(tmp) / "bundle", args.model, random_weights=True, seed=seed, settings=settings)
+            settings = {"moe": {"n_experts": preset.experts},
+                        "moe_train": {"batch_size": preset.batch_size, "freeze_rule": preset.freeze_rule,
+                                      "warmup": preset.warmup, "warmup_rule": preset.warmup_rule, "preset": preset.name}}
+        init_bundle(Path(tmp) / "bundle", args.model, random_weights=True, seed=seed, method="moe", **settings)
         run = evaluate.run_protocols(Path(tmp) / "bundle", dirs, Path(tmp) / "work", protocols=["mtil", "xtail"],
                                      shots=args.shots, test_per_class=args.test_per_class,
                                      iterations=args.iterations, preset=args.preset)
-        summary = evaluate.run_summary(run, Path(tmp) / "bundle")
+        summary = eval_summary.run_summary(run, Path(tmp) / "bundle")
     mtil_gated = run.results.get(("mtil", "ddas"))
     mtil = np.asarray(run.results[("mtil", evaluate.KNOWN_TASK)].matrix)
     xtail_result = run.results[("xtail", "ddas")]

@@ -180,7 +180,7 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/bench_startup.py"] + sys.argv[1:]),
         "bundle": {"model": bundle.manifest["backbone"]["model"], "weights": bundle.weights_label,
                    "method": bundle.method, "hidden": bundle.manifest["method"]["settings"].get("hidden"),
-                   "tasks": [t["name"] for t in bundle.tasks], "classes": len(bundle.learned_classes)},
+                   "tasks": [t.name for t in bundle.tasks], "classes": len(bundle.learned_classes)},
         "image": image.name,
         "baseline": args.baseline,
         "repeats": args.repeats,

@@ -147,7 +147,7 @@ def main() -> None:
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "bundle": {"model": bundle.manifest["backbone"]["model"], "weights": bundle.weights_label,
                    "method": bundle.method, "hidden": bundle.manifest["method"]["settings"].get("hidden"),
-                   "tasks": [t["name"] for t in bundle.tasks], "files": len(files),
+                   "tasks": [t.name for t in bundle.tasks], "files": len(files),
                    "version_bytes": sum(e["size"] for e in files.values()), "disk_bytes": disk_usage(root),
                    "classify_bytes": sum(files[f]["size"] for f in classify_files)},
         "repeats": args.repeats,

@@ -183,7 +183,6 @@ def agreement(a: list[Any], b: list[Any]) -> dict[str, Any]:
 # -- stages -----------------------------------------------------------------------------------------
 def topk_ties(device: str) -> dict[str, Any]:
     """Indices chosen by top-2 on 22 equal gate logits: torch CPU, torch on `device`, ONNX TopK (onnxruntime)."""
-    import onnx
     import onnxruntime as ort
     import torch
     from onnx import TensorProto, helper
@@ -197,7 +196,7 @@ def topk_ties(device: str) -> dict[str, Any]:
                               [helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 2]),
                                helper.make_tensor_value_info("i", TensorProto.INT64, [1, 2])],
                               [helper.make_tensor("k", TensorProto.INT64, [1], [2])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     out["onnx_topk"] = session.run(None, {"x": np.zeros((1, 22), np.float32)})[1].tolist()[0]
     return out
@@ -265,7 +264,6 @@ def converter_rows(bundle: Any, device: str, batches: list[int], iterations: int
     onnxruntime's transformer optimizer (`optimize_model(model_type="vit")`: attention/LayerNorm/Gelu
     fusion into com.microsoft ops, then float16). Reports fused op counts, ms per batch and the
     smallest cosine to the fp32 encoder."""
-    import onnx
     import onnxruntime as ort
     from onnxruntime.transformers.optimizer import optimize_model
 

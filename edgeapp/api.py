@@ -44,7 +44,7 @@ from edgeclip.edgeapp.library import (
     search_files,
 )
 from edgeclip.edgeapp.runtime import GatedRunner, ImageEncoderRunner, TextEncoderRunner
-from edgeclip.edgeapp.tasks import MethodSettings, ProgressFn, add_rail_embeddings, add_task
+from edgeclip.edgeapp.tasks import ProgressFn, add_rail_embeddings, add_task
 from edgeclip.errors import EdgeclipError, ImageError, UsageError
 from edgeclip.extras import import_torch_module
 from edgeclip.images import PreprocessConfig, preprocess
@@ -87,7 +87,7 @@ class Classifier:
         self._gated: GatedRunner | None = None  # in-memory images (opened on first use)
         self._head: HeadRunner | None = None
         self._text: TextEncoderRunner | None = None
-        self._cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
+        self._cfg = PreprocessConfig.of(bundle.meta.preprocess)
 
     # -- facts -----------------------------------------------------------------------------------
     @property
@@ -103,7 +103,7 @@ class Classifier:
     @property
     def tasks(self) -> list[TaskInfo]:
         """The learned tasks, in learning order."""
-        return [TaskInfo(t["name"], list(t["classes"]), int(t["n_images"]), float(t["threshold"]))
+        return [TaskInfo(t.name, list(t.classes), t.n_images, t.threshold)
                 for t in self.bundle.tasks]
 
     @property
@@ -163,10 +163,10 @@ class Classifier:
             raise UsageError(f"top_k must be at least 1, not {top_k}")
         if batch_size < 1:
             raise UsageError(f"batch_size must be at least 1, not {batch_size}")
-        if images is None or not isinstance(images, (Iterable, Image.Image)):
+        single = isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray))
+        if images is None or not (single or isinstance(images, Iterable)):  # a Path is not Iterable
             raise UsageError(f"images must be files, folders, PIL images or uint8 [H, W, 3] RGB arrays (one or an "
                              f"iterable), got {type(images).__name__}")
-        single = isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray))
         items: Iterable[ImageInput] = [images] if single else images  # type: ignore[list-item]
         space = self.label_space(labels)
         batches = classify_batches(self.bundle, _expand_folders(items), _Lazy(self._gated_runner), space, top_k=top_k,
@@ -266,38 +266,39 @@ class Classifier:
         class name or image among the pairs), MissingExtraError (MoE without torch).
         """
         if isinstance(data, (str, Path)):
-            add_task(self.root, Path(data), name=name, shots=shots, iterations=iterations, device=device,
-                     backend=self.backend, progress=progress)
+            learned = add_task(self.root, Path(data), name=name, shots=shots, iterations=iterations, device=device,
+                               backend=self.backend, progress=progress)
         else:
             if not name:
                 raise UsageError("a task learned from (image, label) pairs needs a name")
             with tempfile.TemporaryDirectory(prefix="edgeclip-task-") as tmp:
                 folder = _write_domain(Path(tmp) / name, data)
                 try:
-                    add_task(self.root, folder, name=name, shots=shots, iterations=iterations, device=device,
-                             backend=self.backend, progress=progress)
+                    learned = add_task(self.root, folder, name=name, shots=shots, iterations=iterations,
+                                       device=device, backend=self.backend, progress=progress)
                 except EdgeclipError as exc:  # the temporary folder is ours, not the caller's: name the pairs
                     raise _reworded(exc, {f"{folder}{os.sep}": "", str(folder): "the (image, label) pairs",
                                           str(tmp): "the (image, label) pairs"}) from None
-        return self.reload()
+        return self._on(learned)
 
     def add_task_embeddings(self, name: str, embeddings: np.ndarray, labels: Sequence[int] | np.ndarray,
                             classes: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",)) -> Classifier:
         """RAIL: learn a task from frozen embeddings the caller already has ([N,D] float32 from
         ``embed_images``; labels [N] index ``classes``). Returns a Classifier on the new version.
 
-        RAIL closed form (METHODS.md section 3), torch-free. Raises UsageError for an MoE bundle, shapes
-        other than [N,D] and [N], labels outside ``classes``, or ``classes`` given as one string; DomainError
-        for a task name already learned, names that could not name a domain folder (``/``), or a template
-        without ``{}`` (as add-task refuses them). ``templates`` may be one string (one template).
+        RAIL closed form (METHODS.md section 3), torch-free. With retention (``keep``) the version this
+        Classifier read may be pruned by the write: use the returned Classifier. Raises UsageError for an MoE
+        bundle, shapes other than [N,D] and [N], labels outside ``classes``, or ``classes`` given as one
+        string; DomainError for a task name already learned, names that could not name a domain folder
+        (``/``), or a template without ``{}`` (as add-task refuses them). ``templates`` may be one string (one template).
         """
         if isinstance(classes, str):
             raise UsageError(f"classes must be a list of class names, not the string {classes!r:.100}")
         if isinstance(templates, str):
             templates = [templates]  # one template
-        add_rail_embeddings(self.bundle, name, embeddings, np.asarray(labels), list(classes), list(templates),
-                            source="embeddings", backend=self.backend)
-        return self.reload()
+        learned = add_rail_embeddings(self.bundle, name, embeddings, np.asarray(labels), list(classes),
+                                      list(templates), source="embeddings", backend=self.backend)
+        return self._on(learned)
 
     def rollback(self, to: str | None = None) -> Classifier:
         """Make an earlier version current (the parent of this Classifier's version unless ``to`` names
@@ -312,7 +313,11 @@ class Classifier:
 
     def reload(self) -> Classifier:
         """A Classifier on the bundle's current version (BundleError when it cannot be opened)."""
-        return Classifier(Bundle.open(self.root), self.backend, self.precision, self.threads, self.cuda_graph, self.cache)
+        return self._on(Bundle.open(self.root))
+
+    def _on(self, bundle: Bundle) -> Classifier:
+        """A Classifier on ``bundle`` (the version a write made, not whatever is current by then)."""
+        return Classifier(bundle, self.backend, self.precision, self.threads, self.cuda_graph, self.cache)
 
 
 class _Lazy:
@@ -370,16 +375,15 @@ def create(bundle: str | Path, model: str = "ViT-B-16", pretrained: str | None =
     """Create a bundle from an open_clip model (the ``train`` extra): the counterpart of ``edgeclip init``.
 
     pretrained: an open_clip tag (e.g. "openai") or a checkpoint file; random_weights with seed for offline
-    tests; keep: versions kept after each write (0 = all); tokenizer: a tokenizer.json for Hugging Face tokenizer models (SigLIP, docs/MODELS.md). ``settings``: further ``MethodSettings`` fields (hidden, beta, fusion, gate_kind, ...). Raises
+    tests; keep: versions kept after each write (0 = all); tokenizer: a tokenizer.json for Hugging Face tokenizer models (SigLIP, docs/MODELS.md). ``settings``: the learner's and the gate's settings (hidden, gamma, gamma_kernel, lam, beta, fusion, moe, moe_train, gate_kind, gate_k, gate_quantile; ``edgeapp.tasks.init_sections``), the schema's defaults for the rest. Raises
     MissingExtraError without torch, BackboneLoadError when the weights cannot be had.
     """
     labels = parse_labels(zero_shot_labels, None) if isinstance(zero_shot_labels, str) else list(zero_shot_labels)
     create_module = import_torch_module("edgeclip.edgeapp.create", "creating a bundle (reading open_clip models)")
     try:
-        method_settings = MethodSettings(method=method, seed=seed, **settings)
         created = create_module.init_bundle(Path(bundle), model, pretrained, random_weights=random_weights, seed=seed,
-                                            settings=method_settings, zero_shot_labels=labels,
-                                            tokenizer=tokenizer, keep=keep)
+                                            method=method, zero_shot_labels=labels,
+                                            tokenizer=tokenizer, keep=keep, **settings)
     except EdgeclipError as exc:  # the library's messages name the CLI's flags: say the API's arguments
         raise _reworded(exc, _API_WORDS) from None
     return Classifier(created)

@@ -61,7 +61,7 @@ def warm_up_engines(bundle, backend: str, fp16: bool = False) -> None:
     from edgeclip.edgeapp.runtime import GatedRunner, ImageEncoderRunner, TextEncoderRunner, select_backend
 
     resolved = select_backend(backend, fp16=fp16)
-    size = int(bundle.manifest["preprocess"]["image_size"])
+    size = bundle.meta.preprocess.image_size
     pixels = np.zeros((1, 3, size, size), np.float32)
     labels = build_label_space(bundle, [] if bundle.learned_classes else ["object"],
                                TextEncoderRunner(bundle, resolved).class_embeddings)
@@ -96,7 +96,7 @@ def bench_bundle(bundle, backend: str, batch_sizes: list[int], iterations: int, 
                for p in precisions]
     extra = [] if bundle.learned_classes else ["object"]
     labels = build_label_space(bundle, extra, TextEncoderRunner(bundle, backend).class_embeddings)
-    size = int(bundle.manifest["preprocess"]["image_size"])
+    size = bundle.meta.preprocess.image_size
     rng = np.random.default_rng(seed)
     results = []
     for batch in batch_sizes:

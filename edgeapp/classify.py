@@ -165,7 +165,7 @@ def build_label_space(bundle: Bundle, extra: Sequence[str], encode_classes: Clas
     from edgeclip.domain import class_key
 
     learned = bundle.learned_classes
-    owners = [task["name"] for task in bundle.tasks for _ in task["classes"]]
+    owners = [task.name for task in bundle.tasks for _ in task.classes]
     stored = bundle.tensors(LEARNED, keys=[ZS_TEXT])[ZS_TEXT]  # only this tensor is read
     known = {class_key(name) for name in learned} | {class_key(qualified_name(name, owner))
                                                      for name, owner in zip(learned, owners)}
@@ -189,7 +189,7 @@ def build_label_space(bundle: Bundle, extra: Sequence[str], encode_classes: Clas
 
 
 def task_route_names(bundle: Bundle) -> list[str]:
-    return [task["name"] for task in bundle.tasks]
+    return [task.name for task in bundle.tasks]
 
 
 def predictions_from_scores(
@@ -292,7 +292,7 @@ def classify_batches(
     """
     from edgeclip.images import DEFAULT_MAX_PIXELS, PreprocessConfig, decode_and_preprocess, iter_batches, preprocess
 
-    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"]).with_exact(exact)
+    cfg = PreprocessConfig.of(bundle.meta.preprocess).with_exact(exact)
     limit = max_pixels or DEFAULT_MAX_PIXELS
     names = task_route_names(bundle)
     if scorer is not None:

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from edgeclip.bundle import Bundle, create_bundle
-from edgeclip.edgeapp.tasks import MethodSettings, initial_learned, write_gated_graph
+from edgeclip.edgeapp.tasks import init_sections, initial_learned, write_gated_graph
 from edgeclip.export.trace import export_image_encoder, export_text_encoder
 from edgeclip.layout import MOE_STATE, graph_file
 from edgeclip.learned import write_learned
-from edgeclip.manifest import DEFAULT_TEMPLATES
+from edgeclip.manifest import DEFAULT_TEMPLATES, MoESettings, to_builtins, validate_manifest
 from edgeclip.train.backbone import check_method, load_backbone
-from edgeclip.train.registry import learner_spec
+from edgeclip.train.registry import get_learner
 
 
 def init_bundle(
@@ -27,10 +27,11 @@ def init_bundle(
     pretrained: str | None = None,
     random_weights: bool = False,
     seed: int = 0,
-    settings: MethodSettings | None = None,
+    method: str = "rail-primal",
     zero_shot_labels: list[str] | None = None,
     tokenizer: str | None = None,
     keep: int = 0,
+    **options: Any,
 ) -> Bundle:
     """A new bundle at ``root`` with no task: the frozen encoders of open_clip ``model`` exported to ONNX.
 
@@ -39,54 +40,38 @@ def init_bundle(
     UsageError (invalid settings, a method the model cannot take), ExportParityError (ONNX differs from torch).
     ``tokenizer``: the tokenizer.json of a Hugging Face tokenizer model (SigLIP), see docs/MODELS.md.
     ``keep``: the retention setting (versions kept after each write, 0 = all; ``edgeclip.bundle.prune``).
+    ``method``: a learner of the registry; ``options``: its settings and the gate's (``tasks.init_sections``;
+    the schema's defaults for the rest).
     """
-    settings = settings or MethodSettings()
-    settings.validate()
+    get_learner(method)  # UsageError naming the known learners, before the model is read
     backbone = load_backbone(model, pretrained, random_weights=random_weights, seed=seed, tokenizer=tokenizer)
-    check_method(backbone, settings.method)
+    check_method(backbone, method)
+    method_section, gate = init_sections(method, backbone.embed_dim, seed, **options)
     text = backbone.manifest_entry()["text"]  # the model's own text side (tokenizer, scale, bias)
-    manifest: dict[str, Any] = {
+    meta = validate_manifest({
         "backbone": backbone.manifest_entry(),
         "preprocess": backbone.preprocess,
-        "method": {"name": settings.method, "settings": _method_settings(settings, backbone.embed_dim)},
-        "gate": {"kind": settings.gate_kind, "k": settings.gate_k, "quantile": settings.gate_quantile},
+        "method": to_builtins(method_section),
+        "gate": to_builtins(gate),
         "zero_shot": {"templates": list(DEFAULT_TEMPLATES), "logit_scale": text["logit_scale"],
                       "labels": zero_shot_labels or []},
-        "tasks": [],
-    }
-    if keep:
-        manifest["retention"] = {"keep": int(keep)}
-    writer = create_bundle(root, manifest)
+        "retention": {"keep": int(keep)},
+    }, complete=False)
+    writer = create_bundle(root, meta)
     with writer:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(prefix=".export-", dir=writer.staging) as tmp:  # a kill leaves nothing in /tmp
             tmp_dir = Path(tmp)
             for export in (export_image_encoder, export_text_encoder):
                 onnx_path = Path(export(backbone, tmp_dir))  # with its .data beside it
                 writer.write_graph(graph_file(onnx_path.name), onnx_path, move=True)  # the shared graph store
         writer.write_file(text["file"], backbone.text.source)
-        learned = initial_learned(settings, backbone.embed_dim)
+        learned = initial_learned(meta.method, meta.gate.kind, backbone.embed_dim)
         write_learned(writer, learned)
-        if learner_spec(settings.method).learns_from == "images":  # MoE: the adapters of a bundle with no task
+        if isinstance(meta.method.settings, MoESettings):  # the adapters of a bundle with no task
             from edgeclip.edgeapp.moe_task import initial_moe_state
             from edgeclip.train.moe import MoEConfig
 
-            config = MoEConfig.from_dict(manifest["method"]["settings"]["moe"])
-            writer.write_tensors(MOE_STATE, initial_moe_state(backbone, config, settings.seed))
+            config = MoEConfig.from_dict(meta.method.settings.moe)
+            writer.write_tensors(MOE_STATE, initial_moe_state(backbone, config, seed))
         write_gated_graph(writer, learned)
-    return Bundle.open(root)
-
-
-def _method_settings(s: MethodSettings, dim: int) -> dict[str, Any]:
-    """What the manifest records under ``method.settings`` for the learner's head kind."""
-    common = {"beta": s.beta, "fusion": s.fusion, "seed": s.seed}
-    head = learner_spec(s.method).head
-    if head == "ridge":
-        return {**common, "hidden": s.hidden, "gamma": s.gamma, "dim": dim}
-    if head == "kernel":
-        return {**common, "gamma_kernel": s.gamma_kernel, "lam": s.lam, "dim": dim}
-    from edgeclip.edgeapp.moe_task import moe_settings
-    from edgeclip.train.moe import MoEConfig
-
-    return {**common, **moe_settings(MoEConfig.from_dict(s.moe), s.moe_train)}
-
-
+    return writer.bundle

@@ -102,7 +102,7 @@ class GatedClassifier:
 
         self.bundle = Bundle.open(root, version)
         self.runner = GatedRunner(self.bundle, backend, threads=threads, precision=precision)
-        self.cfg = PreprocessConfig.from_dict(self.bundle.manifest["preprocess"])
+        self.cfg = PreprocessConfig.of(self.bundle.meta.preprocess)
         self.space = LabelSpace(list(names), np.asarray(text, np.float32), list(owners))
         self.routes = task_route_names(self.bundle)
         self.top_k, self.embeddings = top_k, embeddings
@@ -242,10 +242,13 @@ def classify_inputs(inputs: ray.data.Dataset, bundle: Bundle, space: LabelSpace,
         raise UsageError(f"actors must be at least 1, not {actors}")
     if gpus_per_actor > 0 and backend == "auto":
         backend = "ort-cuda"
+    from edgeclip.images import PreprocessConfig
+
     decoded = inputs.map_batches(
         decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=decode_cpus,
         compute=ray.data.TaskPoolStrategy(), memory=DECODE_MEMORY,
-        fn_kwargs={"preprocess": bundle.manifest["preprocess"], "exact": exact, "max_pixels": max_pixels or 0})
+        fn_kwargs={"preprocess": PreprocessConfig.of(bundle.meta.preprocess).to_dict(), "exact": exact,
+                   "max_pixels": max_pixels or 0})
     settings = {"root": str(bundle.root), "version": bundle.version, "backend": backend, "precision": precision,
                 "threads": max(1, int(round(cpus_per_actor))), "names": space.names, "text": space.text,
                 "owners": space.owners, "top_k": top_k, "embeddings": embeddings}
@@ -264,8 +267,14 @@ def classify_inputs(inputs: ray.data.Dataset, bundle: Bundle, space: LabelSpace,
 def iter_prediction_batches(rows: ray.data.Dataset) -> Iterator[list[Prediction]]:
     """Stream a rows Dataset to the driver as lists of Predictions (one per output block, input order);
     the driver holds a few blocks at a time."""
-    for table in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
-        yield predictions_of(table)
+    tables = iter(rows.iter_batches(batch_size=None, batch_format="pyarrow"))
+    try:
+        for table in tables:
+            yield predictions_of(table)
+    finally:
+        close = getattr(tables, "close", None)
+        if close is not None:
+            close()
 
 
 
@@ -314,13 +323,17 @@ class RaySession:
             return
         rows = classify_inputs(input_dataset(files, (), batch_size), bundle, space, batch_size=batch_size, **options)
         expected = iter(files)
-        for preds in iter_prediction_batches(rows):
-            for pred in preds:
-                path = next(expected, None)
-                if path is None or display_path(path) != pred.path:
-                    raise RuntimeError(f"Ray returned {pred.path!r} where {path!r} was expected (rows out of order)")
-                pred.path = os.fspath(path)
-            yield preds
+        batches = iter_prediction_batches(rows)
+        try:
+            for preds in batches:
+                for pred in preds:
+                    path = next(expected, None)
+                    if path is None or display_path(path) != pred.path:
+                        raise RuntimeError(f"Ray returned {pred.path!r} where {path!r} was expected (rows out of order)")
+                    pred.path = os.fspath(path)
+                yield preds
+        finally:  # stopped early (Ctrl-C): Ray Data cancels the running tasks now, while Ray is still up
+            batches.close()
         if next(expected, None) is not None:
             raise RuntimeError("Ray returned fewer rows than files")
 

@@ -109,7 +109,7 @@ class HeadRunner:
         else:  # a version written before head.onnx existed: built now (reads the onnx package)
             from edgeclip.export.compose import build_head_graph
 
-            model = build_head_graph(bundle.tensors(LEARNED), bundle.manifest).SerializeToString()
+            model = build_head_graph(bundle.tensors(LEARNED), bundle.meta).SerializeToString()
         try:
             self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -231,7 +231,7 @@ class LibraryScorer:
 
         if self._moe_learned is None:
             self._moe_learned = self.bundle.tensors(LEARNED)
-        spec = DecisionSpec.from_bundle(self._moe_learned, self.bundle.manifest)
+        spec = DecisionSpec.from_bundle(self._moe_learned, self.bundle.meta)
         dim = int(self.bundle.manifest["backbone"]["embed_dim"])
         adapted = np.zeros((len(paths), dim), np.float32)
         for task in sorted({int(t) for t in route if t >= 0}):

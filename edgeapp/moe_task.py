@@ -27,7 +27,8 @@ from edgeclip.edgeapp.tasks import (
 )
 from edgeclip.errors import UsageError
 from edgeclip.layout import LEARNED, MOE_DATA, MOE_GRAPH, MOE_GRAPH_FILES, MOE_STATE, TASK_TEXT
-from edgeclip.train.backbone import Backbone, WeightsSource, load_backbone
+from edgeclip.manifest import MoESettings, Training
+from edgeclip.train.backbone import Backbone, load_backbone
 from edgeclip.train.moe import (
     ZERO_SHOT,
     MoECLIP,
@@ -77,15 +78,6 @@ def cpu_time_estimate(iterations: int, progress: ProgressFn | None,
     return on_step
 
 
-def moe_settings(config: MoEConfig | None = None, train: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What the manifest records: the adapter configuration and the training recipe's defaults."""
-    defaults = TrainSettings()
-    recipe = {"iterations": defaults.iterations, "batch_size": defaults.batch_size, "lr": defaults.lr,
-              "warmup": defaults.warmup, "warmup_rule": "capped", "freeze_rule": defaults.freeze_rule}
-    recipe.update(train or {})
-    return {"moe": (config or MoEConfig()).to_dict(), "train": recipe}
-
-
 WARMUP_RULES = ("capped", "fixed")
 
 
@@ -132,15 +124,23 @@ def load_moe_model(bundle: Bundle) -> tuple[Backbone, MoECLIP]:
     """The bundle's backbone and its MoE-Adapters model (section 1 of METHODS.md) with the stored
     adapter and router weights loaded (torch). Raises BundleError on a damaged state file,
     BackboneLoadError when the backbone cannot be loaded."""
-    manifest = bundle.manifest
-    backbone = load_backbone(manifest["backbone"]["model"], source=WeightsSource.from_dict(manifest["backbone"]["weights"]))
-    model = MoECLIP(backbone.model, MoEConfig.from_dict(manifest["method"]["settings"]["moe"]))
+    meta = bundle.meta
+    backbone = load_backbone(meta.backbone.model, source=meta.backbone.weights)
+    model = MoECLIP(backbone.model, MoEConfig.from_dict(moe_settings_of(bundle).moe))
     load_moe_state(model, bundle.tensors(MOE_STATE))
     return backbone, model
 
 
-def _task_texts(model: MoECLIP, tasks: list[dict[str, Any]], backbone: Backbone, stored: np.ndarray | None,
-                freeze_rule: str) -> np.ndarray:
+def moe_settings_of(bundle: Bundle) -> MoESettings:
+    """The MoE settings of ``bundle``; UsageError when it is not an MoE bundle."""
+    settings = bundle.meta.method.settings
+    if not isinstance(settings, MoESettings):
+        raise UsageError(f"A '{bundle.method}' bundle has no MoE adapters.")
+    return settings
+
+
+def _task_texts(model: MoECLIP, tasks: list[tuple[list[str], list[str]]], backbone: Backbone,
+                stored: np.ndarray | None, freeze_rule: str) -> np.ndarray:
     """Every task's class text embeddings [C, D] through the adapted text encoder with its own router.
 
     Strict rule: the earlier tasks' rows are the ones stored when each was learned (``stored``,
@@ -148,14 +148,15 @@ def _task_texts(model: MoECLIP, tasks: list[dict[str, Any]], backbone: Backbone,
     selects never change again, and a stored row cannot depend on the device or kernel that would
     recompute it: old tasks' scores stay bit-identical on any device. Paper rule: every task is
     recomputed, since an earlier task's experts may change and its classifier must match the image
-    side it is compared with."""
+    side it is compared with. ``tasks``: each task's (classes, templates), the new one last."""
     new = len(tasks) - 1
     if freeze_rule == "strict" and stored is not None and new >= 0 and \
-            stored.shape[0] == sum(len(task["classes"]) for task in tasks[:new]):
-        fresh = text_classifier(model, new, tasks[new]["classes"], tasks[new]["templates"], backbone.tokenize)
+            stored.shape[0] == sum(len(classes) for classes, _ in tasks[:new]):
+        fresh = text_classifier(model, new, tasks[new][0], tasks[new][1], backbone.tokenize)
         return np.concatenate([np.asarray(stored, np.float32), fresh])
     return np.concatenate(
-        [text_classifier(model, t, task["classes"], task["templates"], backbone.tokenize) for t, task in enumerate(tasks)]
+        [text_classifier(model, t, classes, templates, backbone.tokenize)
+         for t, (classes, templates) in enumerate(tasks)]
     )
 
 
@@ -204,7 +205,7 @@ def add_moe_task(
     bundle, concurrent writer), ExportParityError (the adapted graph differs from torch)."""
     from edgeclip.train.decision import gate_states, learned_tensors
 
-    recipe = task_recipe(bundle.manifest["method"]["settings"]["train"], name, options)
+    recipe = task_recipe(moe_settings_of(bundle).train, name, options)
     if iterations:
         recipe["iterations"] = iterations
     settings = TrainSettings(
@@ -227,48 +228,36 @@ def add_moe_task(
                                            encode=frozen_encoder(model) if on_gpu else None)
     learned = bundle.tensors(LEARNED)
     with exact_fp32():
-        task_text = _task_texts(model, bundle.tasks + [{"classes": domain.classes, "templates": domain.templates}],
-                                backbone, learned.get(TASK_TEXT), settings.freeze_rule)
+        task_text = _task_texts(model, [(t.classes, t.templates) for t in bundle.tasks]
+                                + [(domain.classes, domain.templates)], backbone, learned.get(TASK_TEXT),
+                                settings.freeze_rule)
     model.cpu()
     gate_state, gate_settings, threshold = fit_task_gate(bundle, feats)
-    tasks = bundle.tasks + [task_record(name, domain.classes, domain.templates, str(domain.root), len(result.samples),
-                                        threshold, gate_settings)]
-    tasks[-1]["unreadable_images"] = len(_errors)
-    tasks[-1]["training"] = {
-        "iterations": settings.iterations,
-        "lr": settings.lr,
-        "warmup": settings.warmup,
-        "final_loss": float(np.mean(result.losses[-10:])) if result.losses else None,
-        "images_per_s": float(result.images_per_s),
-        "experts_frozen": int(sum(int(np.sum(v)) for v in result.frozen.values())),
-        "experts_added": int(sum(result.grown.values())),
-        "skipped_images": len(result.skipped),
-    }
+    training = Training(
+        iterations=settings.iterations,
+        lr=settings.lr,
+        warmup=settings.warmup,
+        final_loss=float(np.mean(result.losses[-10:])) if result.losses else None,
+        images_per_s=float(result.images_per_s),
+        experts_frozen=int(sum(int(np.sum(v)) for v in result.frozen.values())),
+        experts_added=int(sum(result.grown.values())),
+        skipped_images=len(result.skipped),
+    )
+    record = task_record(name, domain.classes, domain.templates, str(domain.root), len(result.samples), threshold,
+                         gate_settings, unreadable=len(_errors), training=training)
+    tasks = [*bundle.tasks, record]
     zs_text = np.concatenate([learned["zs_text"], class_text_embeddings(bundle, domain)])
-    kind = bundle.manifest["gate"]["kind"]
-    new_learned = learned_tensors(zs_text, [len(t["classes"]) for t in tasks], kind,
+    kind = bundle.meta.gate.kind
+    new_learned = learned_tensors(zs_text, [len(t.classes) for t in tasks], kind,
                                   gate_states(learned, kind) + [gate_state], bundle.method,
                                   {"task_text": task_text})
     with bundle.new_version() as writer:
-        writer.manifest["tasks"] = tasks
+        writer.add_task(record)
         writer.write_tensors(MOE_STATE, {k: v.numpy() for k, v in moe_state(model).items()})
         writer.write_tensors(LEARNED, new_learned)
         write_moe_encoder(writer, model)
         write_gated_graph(writer, new_learned)
-    return Bundle.open(bundle.root)
-
-
-def adapted_embeddings(model: MoECLIP, pixels: np.ndarray, task: int, batch_size: int = 64) -> np.ndarray:
-    """L2-normalised image embeddings [N, D] through the adapters with ``task``'s router."""
-    import torch
-
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(pixels), batch_size):
-            chunk = torch.from_numpy(np.ascontiguousarray(pixels[start:start + batch_size]))
-            out.append(model.encode_image(chunk, task, normalize=True).float().numpy())
-    return np.concatenate(out)
+    return writer.bundle
 
 
 def write_moe_encoder(writer: VersionWriter, model: MoECLIP) -> str:

@@ -196,7 +196,7 @@ class PendingEntry:
         # Not saved: the GEMM weights pre-packed for this CPU (about 30 ms less per start here, but the
         # entry's weights file about doubles: an edge device's small disk matters more).
         # onnxruntime warns that an ORT_ENABLE_ALL graph is specific to this machine: the key says so
-        options.log_severity_level = 3
+        options.log_severity_level = max(options.log_severity_level, 3)
 
     def publish(self, run_saved: Callable[[Path], Mapping[str, np.ndarray]], want: Mapping[str, np.ndarray]) -> bool:
         """Check the saved graph: `run_saved(path)` must give `want` bit for bit. Publish it (or an

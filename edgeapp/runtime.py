@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
 import numpy as np
 
 from edgeclip.bundle import Bundle
-from edgeclip.errors import BackendUnavailableError, BundleError, UsageError
+from edgeclip.errors import BackendUnavailableError, BundleError, EngineError, UsageError
 from edgeclip.layout import (
     EMBEDDING,
     GATE_RATIO,
@@ -54,7 +55,7 @@ from edgeclip.layout import (
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
-ORT_LOG_ENV = "EDGECLIP_ORT_LOG_LEVEL"  # onnxruntime's session log severity (default 3: errors only)
+ORT_LOG_ENV = "EDGECLIP_ORT_LOG_LEVEL"  # onnxruntime's session log severity (default 4: fatal only; errors also raise)
 
 
 # -- backend selection --------------------------------------------------------------------------
@@ -245,13 +246,16 @@ class OrtSession:
     provider and a `graph_id`, the optimised graph is cached on disk (`edgeclip.edgeapp.ort_cache`):
     a later process loads it with optimisations off, which starts sooner and computes the same outputs.
 
-    `io_binding` (default: on when the first provider is a GPU one) binds inputs and outputs to
-    onnxruntime's buffers instead of `session.run`'s host round trip per value.
+    `io_binding` binds host inputs and device outputs (`bind_cpu_input`, `copy_outputs_to_cpu`) instead
+    of `session.run`; off by default: on the H200 it timed the same as `run` (docs/BENCHMARKS.md). The
+    fixed device buffers of `cuda_graph` are what pays.
     `cuda_graph`: CUDA graphs (CUDA provider, `enable_cuda_graph`): each distinct set of input shapes
     gets pre-allocated input and output buffers on the device and its own captured graph (memory:
     the graph's activations stay allocated per shape, so callers use few shapes; the runners pad
     batches to fixed sizes). `output_shapes(feeds)` gives each output's shape and dtype, needed to
-    pre-allocate. Off the CUDA provider the same fixed-buffer path runs without graph capture; where
+    pre-allocate. Such a session is not started in the background (`start` is a no-op): another
+    session loading meanwhile would break its capture. Off the CUDA provider the same fixed-buffer
+    path runs without graph capture; where
     onnxruntime refuses capture (a graph with nodes off the GPU or control flow such as an MoE
     graph's `If`), the session is made again without it (logged; `cuda_graph_active` says which).
     """
@@ -275,8 +279,8 @@ class OrtSession:
     cuda_graph_active: bool = field(default=False, repr=False)  # captured CUDA graphs in use
 
     def __post_init__(self) -> None:
-        if self.io_binding is None:
-            self.io_binding = self.device != "cpu"
+        if self.io_binding is None:  # measured on the H200: binding host arrays gains nothing over run()
+            self.io_binding = False
         if self.cuda_graph and self.output_shapes is None:
             raise ValueError("cuda_graph needs output_shapes (the outputs are pre-allocated)")
 
@@ -290,7 +294,9 @@ class OrtSession:
         decode images meanwhile (onnxruntime releases the GIL while it loads a graph); `run` waits
         for it and raises its error, if any. A no-op when the session exists or is loading."""
         with self._lock:
-            if self._session is None and self._loading is None:
+            # not with CUDA graphs: a session loading on another thread (its weights copied to the GPU)
+            # while this one captures invalidates the capture (CUDA error 901, seen on the H200)
+            if self._session is None and self._loading is None and not self.cuda_graph:
                 self._loading = _Loading(self._open)
 
     def _options(self, ort: Any) -> Any:
@@ -298,11 +304,12 @@ class OrtSession:
         # Image decoding threads share the cores with the engine (classify, add-task): worker threads
         # spinning after each run took a quarter of the inference CPU time from them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # onnxruntime's own log at ERROR unless asked (0 verbose .. 4 fatal): its warnings are about its
+        # onnxruntime's own log at FATAL unless asked (0 verbose .. 4 fatal): its warnings are about its
         # placement choices (an MoE graph's If condition copied to the host on CUDA), printed with ANSI
-        # colours on every start; the fallback that matters (a provider not started) raises here anyway.
-        level = os.environ.get(ORT_LOG_ENV, "3").strip()
-        options.log_severity_level = int(level) if level in ("0", "1", "2", "3", "4") else 3
+        # colours on every start; the fallback that matters (a provider not started) raises here anyway,
+        # and so does every error it logs while running (reported in one line: EngineError).
+        level = os.environ.get(ORT_LOG_ENV, "4").strip()
+        options.log_severity_level = int(level) if level in ("0", "1", "2", "3", "4") else 4
         if self.threads:
             options.intra_op_num_threads = int(self.threads)
             options.inter_op_num_threads = 1
@@ -315,7 +322,7 @@ class OrtSession:
         load, for a file the user never made (the bundle's own graphs load without warnings)."""
         options = self._options(ort)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
+        options.log_severity_level = max(options.log_severity_level, 3)
         return options
 
     def _create(self, ort: Any, path: Path, options: Any, cuda_graph: bool = False) -> Any:
@@ -464,13 +471,20 @@ class OrtSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the graph: input name -> array, returns output name -> array. Creates (or waits for)
-        the session; raises BackendUnavailableError when it cannot be created. A fresh session's
+        the session; raises BackendUnavailableError when it cannot be created, EngineError when
+        onnxruntime fails while running it (one line: its message, flattened). A fresh session's
         first run also checks and publishes its optimised graph for the cache (module docstring)."""
         session = self._session_now()
-        if self.cuda_graph:
-            with self._lock:  # the fixed buffers are shared state
-                return self._run_fixed(session, feeds)
-        out = (self._run_binding if self.io_binding else self._run_plain)(session, feeds)
+        try:
+            if self.cuda_graph:
+                with self._lock:  # the fixed buffers are shared state
+                    return self._run_fixed(session, feeds)
+            out = (self._run_binding if self.io_binding else self._run_plain)(session, feeds)
+        except Exception as exc:
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            cause = " ".join(str(exc).split())[:300]
+            raise EngineError(f"onnxruntime failed running {self.path.name}: {cause}") from exc
         if self._pending is not None:
             self._check_saved(feeds, out)
         return out
@@ -527,11 +541,11 @@ def _graph_path(bundle: Bundle, graph: str, data: str) -> Path:
 
 
 def _graph_id(bundle: Bundle, *names: str) -> str:
-    return "+".join(bundle.manifest["files"][graph_file(n)]["sha256"] for n in names)
+    return "+".join(str(bundle.meta.files[graph_file(n)].sha256) for n in names)
 
 
 def _pixels(bundle: Bundle, pixels: np.ndarray) -> np.ndarray:
-    size = int(bundle.manifest["preprocess"]["image_size"])
+    size = bundle.meta.preprocess.image_size
     pixels = np.ascontiguousarray(pixels, dtype=np.float32)
     if pixels.ndim != 4 or pixels.shape[1:] != (3, size, size):
         raise UsageError(f"pixels must have shape [B, 3, {size}, {size}], got {list(pixels.shape)}")
@@ -607,7 +621,7 @@ def _run_fixed(session: GraphSession, pixels: np.ndarray, sizes: tuple[int, ...]
 
 
 def _image_profile(bundle: Bundle, max_batch: int) -> dict[str, tuple[tuple[int, ...], ...]]:
-    s = int(bundle.manifest["preprocess"]["image_size"])
+    s = bundle.meta.preprocess.image_size
     return {PIXELS: ((1, 3, s, s), (min(8, max_batch), 3, s, s), (max_batch, 3, s, s))}
 
 
@@ -624,7 +638,7 @@ class ImageEncoderRunner:
         self.bundle = bundle
         resolved = resolve_precision(bundle, backend, precision)
         self.backend_name, self.precision = resolved.name, precision
-        self.dim = int(bundle.manifest["backbone"]["embed_dim"])
+        self.dim = bundle.meta.embed_dim
         _, graph, data = PRECISION_GRAPHS[precision]
         self.fixed = fixed_batch_sizes(max_batch) if cuda_graph else None
 
@@ -677,12 +691,11 @@ class TextEncoderRunner:
     @property
     def text_spec(self) -> dict[str, Any]:
         """The manifest's ``backbone.text`` (CLIP BPE defaults for older bundles)."""
-        backbone = self.bundle.manifest["backbone"]
-        spec = backbone.get("text")
-        if spec:
-            return spec
+        backbone = self.bundle.meta.backbone
+        if backbone.text is not None:
+            return msgspec.to_builtins(backbone.text)
         return {"tokenizer": "clip-bpe", "file": VOCAB_FILE, "clean": "lower",
-                "context_length": int(backbone.get("context_length", 77))}
+                "context_length": backbone.context_length or 77}
 
     @property
     def tokenizer(self) -> Any:
@@ -697,7 +710,7 @@ class TextEncoderRunner:
         texts = list(texts)
         out = [self.session.run({TOKENS: self.tokenizer(texts[i:i + self.batch_size])})[TEXT_EMBEDDING]
                for i in range(0, len(texts), self.batch_size)]
-        dim = int(self.bundle.manifest["backbone"]["embed_dim"])
+        dim = self.bundle.meta.embed_dim
         return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
     def class_embeddings(self, classes: Sequence[str], templates: Sequence[str]) -> np.ndarray:
@@ -726,7 +739,7 @@ class GatedRunner:
                  optimized_cache: bool = True, cuda_graph: bool = False) -> None:
         self.bundle = bundle
         resolved = resolve_precision(bundle, backend, precision)
-        self.dim = dim = int(bundle.manifest["backbone"]["embed_dim"])
+        self.dim = dim = bundle.meta.embed_dim
         n_learned = max(len(bundle.learned_classes), 1)
         profile = {**_image_profile(bundle, max_batch),
                    LABEL_TEXT: ((1, dim), (max(n_learned, min(1000, max_labels)), dim), (max_labels, dim))}
@@ -761,4 +774,20 @@ class GatedRunner:
             return {SCORES: np.zeros((0, len(label_text)), np.float32), ROUTE: np.zeros(0, np.int64),
                     GATE_RATIO: np.zeros((0, len(self.bundle.tasks)), np.float32),
                     EMBEDDING: np.zeros((0, dim), np.float32)}
-        return _run_fixed(self.session, pixels, self.fixed, {LABEL_TEXT: label_text}, GATED_OUTPUTS)
+        out = _run_fixed(self.session, pixels, self.fixed, {LABEL_TEXT: label_text}, GATED_OUTPUTS)
+        self._check_outputs(out, len(pixels), len(label_text))
+        return out
+
+    def _check_outputs(self, out: dict[str, np.ndarray], batch: int, labels: int) -> None:
+        """Refuse (BundleError) outputs that do not fit this version: a graph from another version, or
+        tampered with, whose routes name tasks the manifest lacks or whose shapes differ."""
+        n_tasks = len(self.bundle.tasks)
+        want = {SCORES: (batch, labels), ROUTE: (batch,), GATE_RATIO: (batch, n_tasks), EMBEDDING: (batch, self.dim)}
+        got = {name: tuple(np.shape(out[name])) if name in out else None for name in want}
+        route = np.asarray(out.get(ROUTE, np.zeros(0, np.int64)))
+        bad_route = route.size and (route.dtype.kind not in "iu" or route.min() < -1 or route.max() >= n_tasks)
+        if got != want or bad_route:
+            raise BundleError(
+                f"The gated graph's outputs do not fit version {self.bundle.version} ({n_tasks} tasks, {labels} "
+                f"labels): shapes {got}, routes {sorted(set(route.tolist()))[:5] if route.size else []}. The graph "
+                "does not belong to this version; run 'edgeclip verify'.")

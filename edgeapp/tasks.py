@@ -8,10 +8,10 @@ re-composed with onnx alone. MoE add-task imports torch (``train`` extra).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import msgspec
 import numpy as np
 
 from edgeclip.bundle import Bundle, VersionWriter, utc_now
@@ -42,71 +42,52 @@ from edgeclip.learned import read_learned, write_learned
 from edgeclip.layout import (
     RAIL_SOLVER_CACHE,
     RAIL_STATE,
-    TASK_TEXT,
     ZS_TEXT,
-    rail_key,
     rail_task_state,
 )
 from edgeclip.manifest import (
-    DEFAULT_BETA,
-    DEFAULT_FUSION,
-    DEFAULT_GAMMA,
-    DEFAULT_HIDDEN,
-    DEFAULT_KERNEL_GAMMA,
-    DEFAULT_LAMBDA,
+    Gate,
+    Method,
+    Task,
+    TaskGate,
+    Training,
 )
-from edgeclip.train.ddas import QUANTILE as GATE_QUANTILE
-from edgeclip.train.ddas import K as GATE_K
-from edgeclip.train.decision import FUSIONS, gate_states, learned_tensors
-from edgeclip.train.rail import RailDual, RailPrimal
-from edgeclip.train.registry import learner_spec, load_learner
+from edgeclip.train.decision import gate_states, learned_tensors
+from edgeclip.train.rail import RailPrimal
+from edgeclip.train.registry import all_learners, get_learner
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
 
-@dataclass
-class MethodSettings:
-    """What ``edgeclip init`` records about the learner; defaults are the papers'."""
-
-    method: str = "rail-primal"
-    hidden: int = DEFAULT_HIDDEN  # RAIL primal random features
-    gamma: float = DEFAULT_GAMMA  # RAIL primal ridge
-    gamma_kernel: float = DEFAULT_KERNEL_GAMMA  # RAIL dual RBF
-    lam: float = DEFAULT_LAMBDA  # RAIL dual ridge
-    beta: float = DEFAULT_BETA  # fusion weight of the learned scores
-    fusion: str = DEFAULT_FUSION  # how RAIL picks images for the learned head: ddas | paper
-    gate_kind: str = "linear"  # DDAS autoencoder: linear (closed form, torch-free) | mlp
-    gate_k: int = GATE_K  # measured in docs/LEARNERS.md
-    gate_quantile: float = GATE_QUANTILE
-    seed: int = 0
-    moe: dict[str, Any] = field(default_factory=dict)  # MoEConfig fields that differ from the paper's
-    moe_train: dict[str, Any] = field(default_factory=dict)  # training recipe fields (iterations, lr, ...)
-
-    def validate(self) -> None:
-        """Check the settings. Raises UsageError on an unknown method, fusion or gate kind, hidden < 1,
-        beta outside [0, 1] or a gate quantile outside (0, 1]."""
-        learner_spec(self.method)  # UsageError naming the known methods
-        if self.fusion not in FUSIONS:
-            raise UsageError(f"Unknown fusion '{self.fusion}'; expected one of {', '.join(FUSIONS)}.")
-        if self.gate_kind not in ("linear", "mlp"):
-            raise UsageError(f"Unknown gate kind '{self.gate_kind}'; expected linear or mlp.")
-        if self.hidden < 1 or not 0.0 <= self.beta <= 1.0 or not 0.0 < self.gate_quantile <= 1.0:
-            raise UsageError("Expected hidden >= 1, 0 <= beta <= 1 and 0 < gate quantile <= 1.")
+_GATE_OPTIONS = {"gate_kind": "kind", "gate_k": "k", "gate_quantile": "quantile"}  # init option -> Gate field
 
 
-_INITIAL_HEAD: dict[str, Callable[[MethodSettings, int], dict[str, np.ndarray]]] = {
-    "ridge": lambda s, dim: RailPrimal(dim, s.hidden, s.gamma, s.seed).state(),  # seeded W_r, empty W
-    "kernel": lambda s, dim: {"memory": np.zeros((0, dim), np.float32), "alpha": np.zeros((0, 0), np.float32)},
-    "adapted-text": lambda s, dim: {TASK_TEXT: np.zeros((0, dim), np.float32)},
-}
+def init_sections(method: str, dim: int, seed: int = 0, **options: Any) -> tuple[Method, Gate]:
+    """The typed ``method`` and ``gate`` sections of a new bundle: learner ``method`` (a registry
+    name) with ``options`` (its settings: hidden, gamma, gamma_kernel, lam, beta, fusion, moe,
+    moe_train; the gate's: gate_kind, gate_k, gate_quantile), the schema's defaults for the rest.
+    ``dim``: the embedding size D. Raises UsageError for an unknown method or option, or a value out of
+    range (naming the field)."""
+    chosen = get_learner(method)
+    known = {f for cls in all_learners().values() for f in cls.settings_type.__struct_fields__}
+    unknown = set(options) - known - {"moe_train"} - set(_GATE_OPTIONS)
+    if unknown:
+        raise UsageError(f"Unknown setting(s) {', '.join(sorted(unknown))} for '{method}'.")
+    settings = chosen.init_settings({**options, "seed": seed}, dim)
+    gate = {_GATE_OPTIONS[k]: v for k, v in options.items() if k in _GATE_OPTIONS and v is not None}
+    try:
+        return (msgspec.convert({"name": method, "settings": msgspec.to_builtins(settings)}, Method),
+                msgspec.convert(gate, Gate))
+    except msgspec.ValidationError as exc:
+        raise UsageError(f"Invalid setting: {exc}.") from None
 
 
-def initial_learned(settings: MethodSettings, dim: int) -> dict[str, np.ndarray]:
+def initial_learned(method: Method, gate_kind: str, dim: int) -> dict[str, np.ndarray]:
     """The learned tensors of a bundle with no task (an empty label space, an untrained head) for
     embeddings of width ``dim``; layout in ``edgeclip.layout``."""
-    head = _INITIAL_HEAD[learner_spec(settings.method).head](settings, dim)
-    return learned_tensors(np.zeros((0, dim), np.float32), [], settings.gate_kind, [], settings.method, head)
+    head = get_learner(method.name).initial_head(method.settings, dim)
+    return learned_tensors(np.zeros((0, dim), np.float32), [], gate_kind, [], method.name, head)
 
 
 # --------------------------------------------------------------------------- add-task
@@ -123,8 +104,8 @@ def check_new_task(bundle: Bundle, classes: Sequence[str], name: str) -> None:
     of columns, which the gate and the fusion rely on)."""
     check_task_name(name)
     check_class_names(list(classes))
-    if any(class_key(task["name"]) == class_key(name) for task in bundle.tasks):
-        taken = ", ".join(f"'{task['name']}'" for task in bundle.tasks[:8])
+    if any(class_key(task.name) == class_key(name) for task in bundle.tasks):
+        taken = ", ".join(f"'{task.name}'" for task in bundle.tasks[:8])
         raise DomainError(f"A task named '{name}' is already learned (tasks: {taken}); pass --name with a new "
                           "name to learn this folder as another task.")
 
@@ -144,7 +125,7 @@ def embed_domain(
     preprocessed batches in the same order, for callers that need the pixels too (each image
     is decoded once). ``encode``: pixels [B,3,S,S] -> embeddings [B,D] in place of the exported
     encoder (MoE add-task embeds on its training GPU with the frozen torch model)."""
-    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
+    cfg = PreprocessConfig.of(bundle.meta.preprocess)
     encode = encode or ImageEncoderRunner(bundle, backend).embed
     label_of = {path: label for path, label in domain.samples}
     feats, labels, errors = [], [], []
@@ -208,13 +189,13 @@ def add_task(
     unusable domain, a task name already learned), UsageError (bad ``shots``), and
     MissingExtraError for MoE without torch."""
     bundle = Bundle.open(root)
-    learner = learner_spec(bundle.method)
-    if learner.needs_torch:
+    chosen = get_learner(bundle.method)
+    if chosen.needs_torch:
         require_torch(f"{bundle.method} add-task (training)")
     domain = load_domain(Path(domain_dir), shots, bundle.meta.method.settings.seed)
     name = name or domain.name
     check_new_task(bundle, domain.classes, name)
-    if learner.learns_from == "images":  # MoE: gradients through the adapted backbone, with torch
+    if chosen.learns_from_images:  # MoE: gradients through the adapted backbone, with torch
         moe_task = import_torch_module("edgeclip.edgeapp.moe_task", f"{bundle.method} add-task (training)")
         return moe_task.add_moe_task(bundle, domain, name, iterations=iterations, device=device, progress=progress,
                                      options=moe_options or {})
@@ -226,52 +207,49 @@ def fit_task_gate(bundle: Bundle, feats: np.ndarray) -> tuple[dict[str, np.ndarr
     frozen embeddings ``feats`` [N, D] float32 (METHODS.md section 2: a quantile of its own errors)."""
     from edgeclip.train.ddas import fit_gate
 
-    gate = bundle.manifest["gate"]
+    gate = bundle.meta.gate
     seed = bundle.meta.method.settings.seed
-    autoencoder, threshold = fit_gate(feats, kind=gate["kind"], k=int(gate["k"]), quantile=float(gate["quantile"]), seed=seed)
+    autoencoder, threshold = fit_gate(feats, kind=gate.kind, k=gate.k, quantile=gate.quantile, seed=seed)
     return autoencoder.state(), autoencoder.settings(), float(threshold)
 
 
 def task_record(name: str, classes: Sequence[str], templates: Sequence[str], source: str, n_images: int,
-                threshold: float, gate_settings: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's record of a learned task (``tasks[i]``)."""
-    return {
-        "name": name,
-        "classes": list(classes),
-        "templates": list(templates),
-        "n_images": int(n_images),
-        "threshold": float(threshold),
-        "gate": gate_settings,
-        "source": source,
-        "created_at": utc_now(),
-    }
+                threshold: float, gate_settings: dict[str, Any], unreadable: int = 0,
+                training: Training | None = None) -> Task:
+    """The manifest's record of a learned task (``tasks[i]``); BundleError when a value does not fit
+    the schema."""
+    try:
+        gate = msgspec.convert(gate_settings, TaskGate)
+    except msgspec.ValidationError as exc:
+        raise BundleError(f"invalid task record: {exc} (in `$.tasks[].gate`)") from None
+    return Task(name=name, classes=list(classes), templates=list(templates), n_images=int(n_images),
+                threshold=float(threshold), gate=gate, source=source, created_at=utc_now(),
+                training=training, unreadable_images=int(unreadable))
 
 
 def rail_learner(bundle: Bundle, learned: dict[str, np.ndarray] | None = None) -> Any:
     """The bundle's RAIL learner, restored from its inference tensors (``learned``, read from the
     bundle unless the caller has them already) and its learning state."""
-    spec = learner_spec(bundle.method)
-    settings = bundle.manifest["method"]["settings"]
+    spec = get_learner(bundle.method)
+    settings = bundle.meta.method.settings
     learned = read_learned(bundle) if learned is None else learned
     if not bundle.tasks:
-        if spec.head == "ridge":
-            w_r = learned[rail_key("w_r")]
-            return RailPrimal(int(settings["dim"]), int(settings["hidden"]), float(settings["gamma"]),
-                              int(settings["seed"]), w_r=w_r)
-        return RailDual(float(settings["gamma_kernel"]), float(settings["lam"]))
+        return spec.untrained(settings, learned, bundle.meta.embed_dim)
+    if getattr(settings, "learner", None) is None:
+        raise BundleError(f"Bundle {bundle.root} {bundle.label}: `$.method.settings.learner` is missing; "
+                          "the learner cannot be restored.")
     state = rail_learning_state(bundle)
     for key in spec.head_keys:
         state[key] = learned[spec.tensor_name(key)]
-    return load_learner(bundle.method).from_state(state, settings["learner"])
+    return spec.model_class().from_state(state, settings.learner)
 
 
 def rail_learning_state(bundle: Bundle) -> dict[str, np.ndarray]:
     """The learning state of a RAIL version: ``rail_state.safetensors`` (RAIL dual; RAIL primal of an
     older edgeclip), then, for RAIL primal, every task's own file (``layout.rail_task_state``) in task
     order, their embeddings ``x`` and ``labels`` concatenated."""
-    files = bundle.manifest.get("files", {})
-    state = dict(bundle.tensors(RAIL_STATE)) if RAIL_STATE in files else {}
-    parts = [bundle.tensors(rail_task_state(i)) for i in range(len(bundle.tasks)) if rail_task_state(i) in files]
+    state = dict(bundle.tensors(RAIL_STATE)) if bundle.has(RAIL_STATE) else {}
+    parts = [bundle.tensors(rail_task_state(i)) for i in range(len(bundle.tasks)) if bundle.has(rail_task_state(i))]
     if parts:
         state["x"] = np.concatenate([state.get("x", np.zeros((0, parts[0]["x"].shape[1]), np.float32))]
                                     + [p["x"] for p in parts])
@@ -301,12 +279,11 @@ def add_rail_embeddings(bundle: Bundle, name: str, feats: np.ndarray, labels: np
     as ``check_class_names`` refuses them, templates without ``{}``), UsageError (shapes, a learner
     that does not learn from embeddings).
     """
-    spec = learner_spec(bundle.method)
-    if spec.learns_from != "embeddings":
+    if get_learner(bundle.method).learns_from_images:
         raise UsageError(f"A '{bundle.method}' bundle learns from images, not embeddings: add the task from a folder.")
     feats = np.asarray(feats, np.float32)
     labels = np.asarray(labels)
-    dim = int(bundle.manifest["backbone"]["embed_dim"])
+    dim = bundle.meta.embed_dim
     if feats.ndim != 2 or feats.shape[1] != dim or labels.shape != (len(feats),) or labels.dtype.kind not in "iu":
         raise UsageError(f"expected embeddings [N, {dim}] float32 and integer labels [N], got {list(feats.shape)} "
                          f"and {labels.dtype} {list(labels.shape)}")
@@ -379,24 +356,23 @@ def _write_rail_version(bundle: Bundle, learner: Any, name: str, feats: np.ndarr
         if progress:
             progress(name, 0, 0)
 
-    spec = learner_spec(bundle.method)
+    spec = get_learner(bundle.method)
     stage("fitting the DDAS gate")
     gate_state, gate_settings, threshold = fit_task_gate(bundle, feats)
     stage(f"encoding {len(classes)} class names")
     text = TextEncoderRunner(bundle, backend).class_embeddings(list(classes), list(templates))
     zs_text = np.concatenate([learned[ZS_TEXT], text])
-    kind = bundle.manifest["gate"]["kind"]
+    kind = bundle.meta.gate.kind
     gates = gate_states(learned, kind) + [gate_state]
-    sizes = [len(t["classes"]) for t in bundle.tasks] + [len(classes)]
+    sizes = [len(t.classes) for t in bundle.tasks] + [len(classes)]
     state = learner.state()
     new_learned = learned_tensors(zs_text, sizes, kind, gates, bundle.method, state)
     inference_keys = spec.head_keys
-    record = task_record(name, classes, templates, source, len(feats), threshold, gate_settings)
+    record = task_record(name, classes, templates, source, len(feats), threshold, gate_settings, unreadable)
     stage("composing the gated graph and writing the new version")
     with bundle.new_version() as writer:
-        writer.manifest["method"]["settings"]["learner"] = learner.settings()
-        writer.manifest["tasks"].append(record)
-        writer.manifest["tasks"][-1]["unreadable_images"] = int(unreadable)
+        writer.set_learner_record(learner.settings())
+        writer.add_task(record)
         write_learned(writer, new_learned)
         if isinstance(learner, RailPrimal):  # a version adds only what this task learned
             writer.write_tensors(rail_task_state(len(bundle.tasks)), {"x": learner.x[-len(feats):],
@@ -404,7 +380,7 @@ def _write_rail_version(bundle: Bundle, learner: Any, name: str, feats: np.ndarr
         else:
             writer.write_tensors(RAIL_STATE, {k: v for k, v in state.items() if k not in inference_keys and v is not None})
         write_gated_graph(writer, new_learned)
-    return Bundle.open(bundle.root)
+    return writer.bundle
 
 
 def write_gated_graph(writer: VersionWriter, learned: dict[str, np.ndarray]) -> None:
@@ -413,12 +389,13 @@ def write_gated_graph(writer: VersionWriter, learned: dict[str, np.ndarray]) -> 
     converted again from the new adapted encoder) in the writer's graph folder; the new graphs go to
     the bundle's shared graph store (``VersionWriter.graph_folder``)."""
     with writer.graph_folder() as graphs:
-        write_head_graph(graphs, learned, writer.manifest)  # the decision from a cached embedding (edgeapp/library.py)
-        if learner_spec(writer.manifest["method"]["name"]).head == "adapted-text" and writer.manifest["tasks"]:
-            build_moe_gated_graph(graphs, learned, writer.manifest)  # onnx only: torch-free like the RAIL graph
+        meta = writer.meta
+        write_head_graph(graphs, learned, meta)  # the decision from a cached embedding (edgeapp/library.py)
+        if get_learner(meta.method.name).learns_from_images and meta.tasks:
+            build_moe_gated_graph(graphs, learned, meta)  # onnx only: torch-free like the RAIL graph
         else:
-            build_gated_graph(graphs, learned, writer.manifest)
-            if has_int8(writer.manifest["files"]):
-                build_gated_int8(graphs, learned, writer.manifest)
-        if has_fp16(writer.manifest["files"]):
-            write_fp16_graphs(graphs, learned, writer.manifest)
+            build_gated_graph(graphs, learned, meta)
+            if has_int8(meta.files):
+                build_gated_int8(graphs, learned, meta)
+        if has_fp16(meta.files):
+            write_fp16_graphs(graphs, learned, meta)

@@ -88,11 +88,6 @@ def _tables() -> tuple[set[str], set[str]]:
     return _FORMATS, _EXTENSIONS
 
 
-def image_extensions() -> set[str]:
-    """Lower-case file extensions (with the dot) of every format that can be decoded here."""
-    return set(_tables()[1])
-
-
 def has_image_extension(name: str | Path) -> bool:
     """True when `name` ends with the extension of a decodable image format (any case)."""
     return Path(name).suffix.lower() in _tables()[1]

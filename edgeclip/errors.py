@@ -46,5 +46,10 @@ class MissingExtraError(EdgeclipError):
         self.module = module
 
 
+class EngineError(EdgeclipError):
+    """The inference engine (onnxruntime, TensorRT) failed while running a graph (out of memory, a graph
+    whose shapes or values do not fit at run time)."""
+
+
 class BackendUnavailableError(EdgeclipError):
     """An inference backend (CUDA, TensorRT) was asked for but is not usable here."""

@@ -56,6 +56,7 @@ from PIL import Image, UnidentifiedImageError
 
 from edgeclip.discover import display_path, register_formats
 from edgeclip.errors import BundleError, ImageError, UsageError
+from edgeclip.manifest import Preprocess
 
 # Pillow's default limit (about 89.5 MP). `max_pixels` is edgeclip's own guard, checked on the
 # declared (exact path) or reduced (fast path) size before decoding; Pillow's global limit is
@@ -133,6 +134,16 @@ class PreprocessConfig:
             return cls(**d)
         except TypeError as err:  # a required key is missing
             raise BundleError(f"preprocess config is incomplete: {err}") from None
+        except UsageError as err:
+            raise BundleError(f"invalid preprocess config: {err}") from None
+
+    @classmethod
+    def of(cls, preprocess: Preprocess) -> PreprocessConfig:
+        """The config of a typed manifest section (``Bundle.meta.preprocess``); BundleError when a
+        value is out of range."""
+        try:
+            return cls(preprocess.image_size, tuple(preprocess.mean), tuple(preprocess.std),  # type: ignore[arg-type]
+                       preprocess.interpolation, preprocess.resize_mode, preprocess.exact)
         except UsageError as err:
             raise BundleError(f"invalid preprocess config: {err}") from None
 

@@ -22,8 +22,7 @@ STORED_ONCE = {rail_key("w_r"): RAIL_PROJECTION}  # learned tensor -> the file i
 def read_learned(bundle: Any, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """The version's learned tensors (all, or ``keys``) as one dict, wherever each is stored.
     ``bundle``: an ``edgeclip.bundle.Bundle``. Raises BundleError as ``Bundle.tensors``."""
-    files = bundle.manifest.get("files", {})
-    once = {key: name for key, name in STORED_ONCE.items() if name in files and (keys is None or key in keys)}
+    once = {key: name for key, name in STORED_ONCE.items() if bundle.has(name) and (keys is None or key in keys)}
     rest = None if keys is None else [k for k in keys if k not in once]
     out = dict(bundle.tensors(LEARNED, keys=rest)) if rest is None or rest else {}
     for key, name in once.items():
@@ -35,8 +34,7 @@ def write_learned(writer: Any, learned: dict[str, np.ndarray]) -> None:
     """Write a version's learned tensors (``writer``: an ``edgeclip.bundle.VersionWriter``): the
     `STORED_ONCE` ones to their own file only when the version does not inherit it already (at init,
     or the first write to a bundle of an older edgeclip), the rest to ``learned.safetensors``."""
-    files = writer.manifest.get("files", {})
     for key, name in STORED_ONCE.items():
-        if key in learned and name not in files:
+        if key in learned and not writer.has(name):
             writer.write_tensors(name, {key: learned[key]})
     writer.write_tensors(LEARNED, {k: v for k, v in learned.items() if k not in STORED_ONCE})

@@ -48,6 +48,9 @@ DEFAULT_HIDDEN = 15000  # RAIL primal random features
 DEFAULT_GAMMA = 0.1  # RAIL primal ridge
 DEFAULT_KERNEL_GAMMA = 0.1  # RAIL dual RBF kernel width
 DEFAULT_LAMBDA = 1e-3  # RAIL dual ridge
+DEFAULT_GATE_KIND = "linear"  # the DDAS gate's autoencoder: linear (closed form, torch-free) or mlp
+DEFAULT_GATE_K = 4  # principal directions of the linear DDAS gate (measured best, docs/LEARNERS.md)
+DEFAULT_GATE_QUANTILE = 0.95  # a task's gate threshold: this quantile of its held-out reconstruction errors
 
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -64,7 +67,7 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class Weights(_Section):
-    """Where the backbone's weights come from (``train.backbone.WeightsSource``)."""
+    """Where the backbone's weights come from: the seed, an open_clip tag or a checkpoint file."""
 
     kind: Literal["random", "tag", "file"]
     ref: str  # the seed (random), the open_clip tag, or the checkpoint's path
@@ -115,29 +118,86 @@ class Preprocess(_Section):
     exact: bool = False  # decode at full resolution (open_clip's transform bit for bit), not reduced first
 
 
-class MethodSettings(_Section):
-    """The learner's settings. Which fields a method uses: every method ``beta``, ``fusion``,
-    ``seed``; rail-primal ``hidden``, ``gamma``, ``dim``; rail-dual ``gamma_kernel``, ``lam``,
-    ``dim``; moe ``moe`` (MoEConfig fields) and ``train`` (the training recipe). ``learner`` is the
-    RAIL learner's own record (``RailPrimal.settings()``), written by add-task."""
+class _LearnerSettings(_Section, omit_defaults=False):
+    """What every learner's settings hold: the fusion weight, the fusion rule and the seed."""
 
-    beta: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = DEFAULT_BETA
-    fusion: Literal["ddas", "paper"] = DEFAULT_FUSION
-    seed: int = 0
-    hidden: PosInt | None = None
-    gamma: float | None = None
+    beta: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = DEFAULT_BETA  # weight of the learned scores
+    fusion: Literal["ddas", "paper"] = DEFAULT_FUSION  # how images are routed to the learned head
+    seed: int = 0  # of the learner's random parts (RAIL's projection, MoE's experts) and of few-shot draws
+
+
+class RailPrimalSettings(_LearnerSettings):
+    """RAIL primal (random-feature ridge): ``hidden`` features, ridge ``gamma``, embedding size
+    ``dim``; ``learner`` is the learner's own record (``RailPrimal.settings()``), written by add-task."""
+
+    hidden: PosInt = DEFAULT_HIDDEN
+    gamma: float = DEFAULT_GAMMA
     dim: PosInt | None = None
+    learner: dict[str, Any] | None = None
+
+
+class RailDualSettings(_LearnerSettings):
+    """RAIL dual (kernel ridge): RBF width ``gamma_kernel``, ridge ``lam``, embedding size ``dim``;
+    ``learner`` as for the primal."""
+
     gamma_kernel: float = DEFAULT_KERNEL_GAMMA
     lam: float = DEFAULT_LAMBDA
+    dim: PosInt | None = None
     learner: dict[str, Any] | None = None
-    moe: dict[str, Any] | None = None
-    train: dict[str, Any] | None = None
 
 
-class Method(_Section):
-    """The learner (``rail-primal``, ``rail-dual`` or ``moe``) and its settings."""
-    name: Literal["rail-primal", "rail-dual", "moe"]  # the learner registry's names (a test keeps them equal)
-    settings: MethodSettings = msgspec.field(default_factory=MethodSettings)
+class MoESettings(_LearnerSettings):
+    """MoE-Adapters: ``moe`` the adapters' configuration (``MoEConfig`` fields), ``train`` the
+    training recipe (iterations, batch_size, lr, warmup, warmup_rule, freeze_rule, preset fields)."""
+
+    moe: dict[str, Any] = msgspec.field(default_factory=dict)
+    train: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class _MethodBase(_Section, tag_field="name"):
+    """The learner, tagged by its registry name (``method.name``), and its settings."""
+
+    @property
+    def name(self) -> str:
+        """The learner's registry name (the tag): ``rail-primal``, ``rail-dual`` or ``moe``."""
+        return type(self).__struct_config__.tag  # type: ignore[return-value]
+
+
+class RailPrimalMethod(_MethodBase, tag="rail-primal"):
+    """``method`` of a RAIL primal bundle."""
+
+    settings: RailPrimalSettings = msgspec.field(default_factory=RailPrimalSettings)
+
+
+class RailDualMethod(_MethodBase, tag="rail-dual"):
+    """``method`` of a RAIL dual bundle."""
+
+    settings: RailDualSettings = msgspec.field(default_factory=RailDualSettings)
+
+
+class MoEMethod(_MethodBase, tag="moe"):
+    """``method`` of an MoE-Adapters bundle."""
+
+    settings: MoESettings = msgspec.field(default_factory=MoESettings)
+
+
+# The learner and its settings: a tagged union on ``name`` (the learner registry's names; a test keeps them equal)
+Method = RailPrimalMethod | RailDualMethod | MoEMethod
+METHODS: dict[str, type[_MethodBase]] = {cls.__struct_config__.tag: cls  # type: ignore[misc]
+                                         for cls in (RailPrimalMethod, RailDualMethod, MoEMethod)}
+LearnerSettings = RailPrimalSettings | RailDualSettings | MoESettings
+
+
+def method_of(name: str, **settings: Any) -> Method:
+    """The typed ``method`` section of learner ``name`` with ``settings`` (the rest at the schema's
+    defaults). Raises BundleError for an unknown name or a setting that does not fit."""
+    if name not in METHODS:
+        raise BundleError(f"invalid manifest: unknown method {name!r} at `$.method.name`; expected one of "
+                          f"{', '.join(METHODS)}")
+    try:
+        return msgspec.convert({"name": name, "settings": settings}, Method)
+    except msgspec.ValidationError as exc:
+        raise BundleError(f"invalid manifest: {exc} (in `$.method`)") from None
 
 
 class GateSettings(_Section):
@@ -145,12 +205,12 @@ class GateSettings(_Section):
     route_rule: str | None = None  # train.ddas.ROUTE_RULES; None: the default rule
 
 
-class Gate(_Section):
+class Gate(_Section, omit_defaults=False):
     """The DDAS gate: one autoencoder per task, thresholded at a quantile of its training errors."""
 
-    kind: Literal["linear", "mlp"] = "linear"
-    k: PosInt | None = None  # linear autoencoder rank (None: train.ddas.K)
-    quantile: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None  # (None: train.ddas.QUANTILE)
+    kind: Literal["linear", "mlp"] = DEFAULT_GATE_KIND
+    k: PosInt = DEFAULT_GATE_K  # linear autoencoder rank
+    quantile: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = DEFAULT_GATE_QUANTILE
     settings: GateSettings | None = None
 
 
@@ -222,7 +282,7 @@ class Retention(_Section):
     keep: NonNegInt = 0  # versions kept after each write (0: all); see bundle.prune
 
 
-class Manifest(_Section):
+class Manifest(_Section, omit_defaults=False):
     """A whole version's manifest."""
 
     backbone: Backbone
@@ -241,6 +301,14 @@ class Manifest(_Section):
     tensors: dict[str, dict[str, list[NonNegInt]]] = msgspec.field(default_factory=dict)
     quantization: Quantization | None = None
     retention: Retention = msgspec.field(default_factory=Retention)
+
+    @property
+    def embed_dim(self) -> int:
+        """D, the width of the backbone's embeddings; BundleError when the manifest does not record it."""
+        dim = self.backbone.embed_dim or (self.backbone.text.embed_dim if self.backbone.text else None)
+        if dim is None:
+            raise BundleError("invalid manifest: `$.backbone.embed_dim` is missing")
+        return dim
 
 
 def check_file_name(name: str) -> str:
@@ -325,3 +393,18 @@ def parse_section(manifest: Mapping[str, Any], name: str) -> Any:
 def to_builtins(meta: Manifest) -> dict[str, Any]:
     """The JSON-ready dict of a typed manifest (fields at their default are left out)."""
     return msgspec.to_builtins(meta)
+
+
+def full_dict(value: Any) -> Any:
+    """A typed manifest value as plain JSON-ready data with every field, defaults and ``None``
+    included (for reports such as ``edgeclip tasks --format json``); ``to_builtins`` leaves
+    defaults out, as the manifest file does."""
+    if isinstance(value, msgspec.Struct):
+        data = {f: full_dict(getattr(value, f)) for f in value.__struct_fields__}
+        tag_field, tag = value.__struct_config__.tag_field, value.__struct_config__.tag
+        return {tag_field: tag, **data} if tag_field else data
+    if isinstance(value, dict):
+        return {k: full_dict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [full_dict(v) for v in value]
+    return value

@@ -45,8 +45,8 @@ from edgeclip.layout import (
     OPSET,
     ROUTE,
     SCORES,
-    rail_key,
 )
+from edgeclip.manifest import Manifest
 from edgeclip.train.decision import DecisionSpec  # numpy only, no torch
 
 _NAMESPACE = "decision/"  # prefix of every node, value and initialiser added to the encoder graph
@@ -135,21 +135,6 @@ def _ddas_route(g: _Builder, err: str, ratio: str, rule: str) -> str:
     return g.op("Where", unseen, g.const(-1, "minus_one", np.int64), best, out=ROUTE)
 
 
-def _rail_scores(g: _Builder, x: str, learned: Mapping[str, np.ndarray], spec: DecisionSpec) -> str:
-    """s_A [B,C]."""
-    if spec.learner.head == "ridge":
-        hidden = g.op("Relu", g.op("MatMul", x, g.const(learned[rail_key("w_r")], "rail_w_r")))
-        return g.op("MatMul", hidden, g.const(learned[rail_key("w")], "rail_w"))
-    memory = np.asarray(learned[rail_key("memory")], np.float32)  # [N,D]
-    x_sq = g.op("ReduceSumSquare", x, g.ints(1), keepdims=1)  # [B,1]
-    cross = g.op("MatMul", x, g.const(memory.T, "rail_memory_t"))  # [B,N]
-    sq = g.op("Sub", g.op("Add", x_sq, g.const((memory * memory).sum(1)[None, :], "rail_memory_sq")),
-              g.op("Mul", g.const(2.0, "two"), cross))
-    kernel = g.op("Exp", g.op("Mul", g.const(-spec.kernel_gamma, "neg_gamma"),
-                              g.op("Max", sq, g.const(0.0, "zero"))))
-    return g.op("MatMul", kernel, g.const(learned[rail_key("alpha")], "rail_alpha"))
-
-
 def _slice_columns(g: _Builder, x: str, start: int, end: int) -> str:
     return g.op("Slice", x, g.ints(start), g.ints(end), g.ints(1))
 
@@ -180,7 +165,7 @@ def _decision(g: _Builder, x: str, learned: Mapping[str, np.ndarray], spec: Deci
         return
     err = _gate_errors(g, x, learned, spec)  # [B,T]
     ratio = g.op("Div", err, g.const(spec.thresholds, "thresholds"), out=GATE_RATIO)  # [B,T]
-    s_a = _rail_scores(g, x, learned, spec)
+    s_a = spec.learner.graph_scores(g, x, learned, spec)  # the learner's head, [B,C]
     minus_one = g.const(-1, "minus_one", np.int64)
     if spec.fusion == "ddas":
         route = _ddas_route(g, err, ratio, spec.route_rule)
@@ -227,11 +212,11 @@ def _value_info(name: str, elem: int, dims: list[Any]) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, dims)
 
 
-def build_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any],
+def build_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], meta: Manifest,
                       encoder: str = IMAGE_GRAPH, encoder_data: str = IMAGE_DATA, output: str = GATED_GRAPH) -> Path:
     """Write `gated.onnx` beside `image_encoder.onnx` in `graphs_dir`; returns its path.
 
-    `learned`: learned.safetensors' tensors (layout: `learned_tensors`); `manifest`: the bundle
+    `learned`: learned.safetensors' tensors (layout: `learned_tensors`); `meta`: the typed
     manifest of the version being written (method, gate kind, tasks with thresholds, zero_shot).
     `encoder`/`encoder_data`/`output` name another encoder graph of `graphs_dir` (whose external
     weights must all live in `encoder_data`) and the file to write, e.g. the int8 encoder and
@@ -241,14 +226,14 @@ def build_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray],
     (``compose_moe.build_moe_gated_graph`` builds those).
     """
     graphs_dir = Path(graphs_dir)
-    spec = DecisionSpec.from_bundle(learned, manifest)
-    if spec.learner.learns_from == "images" and spec.n_tasks:
+    spec = DecisionSpec.from_bundle(learned, meta)
+    if spec.learner.learns_from_images and spec.n_tasks:
         raise BundleError("an MoE bundle with tasks needs the adapted encoder: "
                           "use edgeclip.export.compose_moe.build_moe_gated_graph")
     model = _load_encoder(graphs_dir, encoder, encoder_data)
     g = _Builder(_names_in(model.graph))
     _decision(g, EMBEDDING, learned, spec)
-    return _save_gated(graphs_dir, model, g, spec, int(manifest["backbone"]["embed_dim"]), output)
+    return _save_gated(graphs_dir, model, g, spec, meta.embed_dim, output)
 
 
 def _names_in(graph: onnx.GraphProto) -> set[str]:
@@ -334,7 +319,7 @@ def check_structure(model: onnx.ModelProto) -> None:
 
 
 # -- the head graph: from a cached embedding to scores ----------------------------------------------
-def build_head_graph(learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> onnx.ModelProto:
+def build_head_graph(learned: Mapping[str, np.ndarray], meta: Manifest) -> onnx.ModelProto:
     """The gated graph's decision without the encoder: inputs `embedding` [B,D] float32 (the frozen image
     embedding, e.g. from the embedding cache) and `label_text` [L,D]; outputs `scores` [B,L], `route` [B]
     int64, `gate_ratio` [B,T]. The same nodes as the gated graph's (``_decision``), kept in memory (nothing
@@ -343,10 +328,10 @@ def build_head_graph(learned: Mapping[str, np.ndarray], manifest: Mapping[str, A
 
     Raises BundleError as ``DecisionSpec.from_bundle`` does.
     """
-    spec = DecisionSpec.from_bundle(learned, manifest)
-    dim = int(manifest["backbone"]["embed_dim"])
+    spec = DecisionSpec.from_bundle(learned, meta)
+    dim = int(meta.backbone.embed_dim)
     g = _Builder({EMBEDDING, LABEL_TEXT})
-    if spec.learner.learns_from == "images" and spec.n_tasks:  # MoE: the gate and zero-shot part
+    if spec.learner.learns_from_images and spec.n_tasks:  # MoE: the gate and zero-shot part
         p_zs = _zero_shot(g, EMBEDDING, spec)
         g.op("Identity", p_zs, out=SCORES)
         err = _gate_errors(g, EMBEDDING, learned, spec)
@@ -365,12 +350,12 @@ def build_head_graph(learned: Mapping[str, np.ndarray], manifest: Mapping[str, A
     return model
 
 
-def write_head_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> Path:
+def write_head_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], meta: Manifest) -> Path:
     """Write ``build_head_graph``'s graph as `head.onnx` in `graphs_dir` (RAIL primal's W_r as the external
     data `head.shared.data`, equal in every version); returns its path. Raises BundleError as
     ``DecisionSpec.from_bundle`` does."""
     graphs_dir = Path(graphs_dir)
-    model = build_head_graph(learned, manifest)
+    model = build_head_graph(learned, meta)
     _externalise_shared(graphs_dir, model.graph, HEAD_GRAPH)
     check_structure(model)
     out = graphs_dir / HEAD_GRAPH

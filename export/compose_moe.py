@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -56,6 +55,7 @@ from edgeclip.layout import (
     TASK_IDS,
     TASK_TEXT,
 )
+from edgeclip.manifest import Manifest
 from edgeclip.train.decision import DecisionSpec
 
 _MOE_PREFIX = "moe/"  # every name of the inlined adapted encoder that is not shared with the frozen one
@@ -257,13 +257,13 @@ def _moe_decision(g: _Builder, moe: onnx.ModelProto, twins: Mapping[str, str], l
     _fuse(g, p_zs, s_moe, routed, dataclasses.replace(spec, beta=1.0))  # beta 1: routed rows = [s_moe, 0]
 
 
-def build_moe_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any],
+def build_moe_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], meta: Manifest,
                           encoder: str = IMAGE_GRAPH, encoder_data: str = IMAGE_DATA, moe: str = MOE_GRAPH,
                           moe_data: str = MOE_DATA, output: str = GATED_GRAPH) -> Path:
     """Write `gated.onnx` beside `image_encoder.onnx` and `moe_encoder.onnx` in `graphs_dir`; returns its path.
 
     `learned`: learned.safetensors' tensors (compose.learned_tensors with method "moe": gate tensors
-    and `task_text` [C,D]); `manifest`: the version's manifest (method "moe", gate kind and settings,
+    and `task_text` [C,D]); `meta`: the version's typed manifest (method "moe", gate kind and settings,
     tasks with thresholds, zero_shot.logit_scale). With no task the graph is plain zero-shot.
     `encoder`, `encoder_data`, `moe`, `moe_data`, `output`: other graph names of `graphs_dir` (the fp16
     graphs, `edgeclip.export.fp16`).
@@ -271,11 +271,11 @@ def build_moe_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarr
     or the adapted encoder graph does not have the expected inputs, outputs and weights.
     """
     graphs_dir = Path(graphs_dir)
-    spec = DecisionSpec.from_bundle(learned, manifest)
-    if spec.learner.head != "adapted-text":
+    spec = DecisionSpec.from_bundle(learned, meta)
+    if not spec.learner.learns_from_images:
         raise BundleError(f"build_moe_gated_graph serves MoE bundles, not {spec.method!r}")
     if spec.n_tasks == 0:
-        return build_gated_graph(graphs_dir, learned, manifest, encoder, encoder_data, output)
+        return build_gated_graph(graphs_dir, learned, meta, encoder, encoder_data, output)
     if TASK_TEXT not in learned or np.shape(learned[TASK_TEXT])[0] != spec.n_learned:
         raise BundleError(f"learned tensors need {TASK_TEXT} [{spec.n_learned}, D]")
     model = _load_encoder(graphs_dir, encoder, encoder_data)
@@ -284,5 +284,5 @@ def build_moe_gated_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarr
     taken = _names_in(model.graph)
     g = _Builder(taken)
     _moe_decision(g, adapted, twins, learned, spec, taken)
-    return _save_gated(graphs_dir, model, g, spec, int(manifest["backbone"]["embed_dim"]), output)
+    return _save_gated(graphs_dir, model, g, spec, meta.embed_dim, output)
 

@@ -42,7 +42,8 @@ from edgeclip.layout import (
     INT8_GRAPHS,
     graph_file,
 )
-from edgeclip.train.registry import learner_spec
+from edgeclip.manifest import Manifest, Quantization, QuantizedEncoder
+from edgeclip.train.registry import get_learner
 
 QUANTIZED_OPS = ("MatMul", "Gemm")
 
@@ -61,7 +62,9 @@ def quantize_image_encoder(graphs_dir: Path | str) -> Path:
     for name in (IMAGE_GRAPH, IMAGE_DATA):
         if not (graphs_dir / name).is_file():
             raise BundleError(f"no {name} in {graphs_dir}; export the backbone first")
-    with tempfile.TemporaryDirectory(prefix="edgeclip-int8-") as tmp:
+    # the work folder lies inside graphs_dir (a bundle writer's staging area), not in the system temp
+    # folder: a killed export leaves its copy of the encoder where the next writer removes it
+    with tempfile.TemporaryDirectory(prefix=".int8-", dir=graphs_dir) as tmp:
         work = Path(tmp)
         for name in (IMAGE_GRAPH, IMAGE_DATA):  # copies, not links: onnx reads their weights
             shutil.copyfile(graphs_dir / name, work / name)  # follows a symlink into the store
@@ -96,9 +99,9 @@ def _quiet_root_warning() -> Iterator[None]:
         root.removeFilter(keep)
 
 
-def build_gated_int8(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> Path:
+def build_gated_int8(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], meta: Manifest) -> Path:
     """`gated_int8.onnx`: the bundle's decision composed on the int8 encoder (as `gated.onnx` on fp32)."""
-    return build_gated_graph(graphs_dir, learned, manifest, encoder=IMAGE_INT8_GRAPH,
+    return build_gated_graph(graphs_dir, learned, meta, encoder=IMAGE_INT8_GRAPH,
                              encoder_data=IMAGE_INT8_DATA, output=GATED_INT8_GRAPH)
 
 
@@ -113,10 +116,10 @@ def export_int8(bundle: Bundle) -> Bundle:
 
     MoE bundles are refused (UsageError): their adapted encoder is not quantised.
     """
-    if learner_spec(bundle.method).learns_from == "images":
+    if get_learner(bundle.method).learns_from_images:
         raise UsageError("--int8 is offered for RAIL bundles only: an MoE bundle's adapted image encoder "
                          "(graphs/moe_encoder.onnx) is not quantised.")
-    if has_int8(bundle.manifest["files"]):
+    if has_int8(bundle.meta.files):
         return bundle
     import onnxruntime
 
@@ -125,9 +128,8 @@ def export_int8(bundle: Bundle) -> Bundle:
     with bundle.new_version() as writer:
         with writer.graph_folder() as graphs:  # the new graphs go to the bundle's shared graph store
             quantize_image_encoder(graphs)
-            build_gated_int8(graphs, read_learned(bundle), writer.manifest)
-        writer.manifest["quantization"] = {
-            "image_encoder": {"method": "dynamic", "weights": "int8", "activations": "uint8",
-                              "op_types": list(QUANTIZED_OPS), "onnxruntime": onnxruntime.__version__},
-        }
-    return Bundle.open(bundle.root)
+            build_gated_int8(graphs, read_learned(bundle), writer.meta)
+        writer.set_quantization(Quantization(QuantizedEncoder(
+            method="dynamic", weights="int8", activations="uint8", op_types=list(QUANTIZED_OPS),
+            onnxruntime=onnxruntime.__version__)))
+    return writer.bundle

@@ -3,12 +3,15 @@ with the two demo domains learned (built once per session)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from edgeclip.edgeapp.cli.app import app
@@ -34,6 +37,40 @@ def edgeclip_main(args: list[str], block_torch: bool = False, **kwargs) -> subpr
     kwargs.setdefault("text", True)
     return subprocess.run([sys.executable, "-c", entry_code(args, block_torch)], capture_output=True, timeout=300,
                           **kwargs)
+
+
+def run_without_torch(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run Python ``code`` in a fresh interpreter where torch, torchvision and open_clip cannot be imported."""
+    preamble = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import torch_blocker\n"
+    return subprocess.run([sys.executable, "-c", preamble + code], capture_output=True, text=True, timeout=300, check=False,
+                          env=env)
+
+
+def eval_app() -> typer.Typer:
+    """The real app when it registers `eval`, else a group holding only `eval`."""
+    from edgeclip.edgeapp.cli import commands_eval
+    from edgeclip.edgeapp.cli.app import app
+
+    if any(c.name == "eval" for c in app.registered_commands):
+        return app
+    local = typer.Typer()
+    local.callback()(lambda: None)
+    commands_eval.register(local)
+    return local
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_split_domains(root: Path) -> list[Path]:
+    """The demo's two generated domains, with train/ and test/ (test images drawn with another seed)."""
+    domains, _ = write_demo_images(root / "a", train_per_class=8, query_per_class=0, seed=0)
+    tests, _ = write_demo_images(root / "b", train_per_class=3, query_per_class=0, seed=1)
+    for domain, test in zip(domains, tests):
+        shutil.move(str(test / "train"), str(domain / "test"))
+    return domains
 
 
 def env_with(**extra: str) -> dict[str, str]:

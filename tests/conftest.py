@@ -165,6 +165,14 @@ def make_tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> MakeBundle:
     return make
 
 
+@pytest.fixture(scope="session")
+def graphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight backbone's exported encoders (``export_helpers.tiny_graphs``, made once)."""
+    import export_helpers
+
+    return export_helpers.tiny_graphs(tmp_path_factory.getbasetemp())
+
+
 # -- Ray -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def ray_cluster():

@@ -10,6 +10,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from edgeclip.train.decision import learned_tensors
@@ -51,14 +52,17 @@ def cluster_pixels(cluster: int, n: int, size: int, seed: int = 0) -> np.ndarray
 
 
 def manifest_for(method: str, fusion: str, gate_kind: str, thresholds: list[float],
-                 classes: list[list[str]] = TASK_CLASSES, kernel_gamma: float = 0.1) -> dict:
+                 classes: list[list[str]] = TASK_CLASSES, kernel_gamma: float = 0.1) -> Any:
+    """The typed manifest (``edgeclip.manifest.Manifest``) of a tiny bundle with these tasks."""
+    from edgeclip.manifest import validate_manifest
+
     bb = tiny_backbone()
     settings: dict = {"fusion": fusion, "beta": 0.8}
     if method == "rail-dual":
         settings["gamma_kernel"] = kernel_gamma
-    return {
+    return validate_manifest({
         "backbone": {"model": TINY, "embed_dim": bb.embed_dim, "context_length": bb.context_length,
-                     "weights": bb.source.to_dict()},
+                     "weights": msgspec.to_builtins(bb.source)},
         "preprocess": bb.preprocess,
         "method": {"name": method, "settings": settings},
         "gate": {"kind": gate_kind, "settings": {}},
@@ -66,12 +70,12 @@ def manifest_for(method: str, fusion: str, gate_kind: str, thresholds: list[floa
         "tasks": [{"name": f"task{t}", "classes": c, "threshold": thr}
                   for t, (c, thr) in enumerate(zip(classes, thresholds))],
         "files": {},
-    }
+    }, complete=False)
 
 
 def fit_rail_bundle(task_embeddings: list[np.ndarray], task_labels: list[np.ndarray], zs_text: np.ndarray,
                     method: str, fusion: str = "ddas", gate_kind: str = "linear", hidden: int = 48,
-                    classes: list[list[str]] = TASK_CLASSES, kernel_gamma: float = 0.1) -> tuple[dict[str, np.ndarray], dict]:
+                    classes: list[list[str]] = TASK_CLASSES, kernel_gamma: float = 0.1) -> tuple[dict[str, np.ndarray], Any]:
     """Learn tasks one by one with the project's learners; return (learned tensors, manifest).
 
     task_labels: global class indices of each task's embeddings.
@@ -116,7 +120,7 @@ def mixed_batch(per_cluster: int = 4) -> np.ndarray:
     return np.stack([p[i] for i in range(per_cluster) for p in parts])
 
 
-def make_bundle(root: Path, graphs: Path, learned: dict[str, np.ndarray] | None, manifest: dict) -> Any:
+def make_bundle(root: Path, graphs: Path, learned: dict[str, np.ndarray] | None, manifest: Any) -> Any:
     """A real bundle version holding the exported graphs, the vocabulary and the learned tensors."""
     from edgeclip.bundle import Bundle, create_bundle
     from edgeclip.tokenizer import default_vocab_path

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
 pytest.importorskip("open_clip")
 
 from edgeclip.errors import BackboneLoadError  # noqa: E402
+from edgeclip.bundle import weights_label  # noqa: E402
+from edgeclip.manifest import Weights  # noqa: E402
 from edgeclip.train import backbone as bb  # noqa: E402
 
 
@@ -25,8 +28,8 @@ def test_random_weights_are_seeded_and_recorded() -> None:
     b = bb.load_backbone("edgeclip-tiny", random_weights=True, seed=3)
     pixels = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
     np.testing.assert_array_equal(a.encode_images(pixels), b.encode_images(pixels))
-    assert a.source.to_dict() == {"kind": "random", "ref": "3", "sha256": None, "quick_gelu": False}
-    assert "random weights" in a.source.label
+    assert a.source == Weights(kind="random", ref="3", sha256=None, quick_gelu=False)
+    assert "random weights" in weights_label(a.source)
     assert a.preprocess["image_size"] == 64 and a.embed_dim == 64
     feats = a.class_text_embeddings(["cat", "dog"], ["a photo of a {}.", "a {}."])
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
@@ -128,7 +131,7 @@ def test_quickgelu_decided_once_on_the_download_branch(fake_quickgelu_tag: list[
     assert first.source.quick_gelu is True and first.manifest_entry()["weights"]["quick_gelu"] is True
     assert _activations(first.model) == {"QuickGELU"}
     assert first.preprocess["mean"] == [0.5, 0.5, 0.5]  # the tag's preprocessing, not the file's
-    again = bb.load_backbone("edgeclip-tiny", source=bb.WeightsSource.from_dict(first.manifest_entry()["weights"]))
+    again = bb.load_backbone("edgeclip-tiny", source=msgspec.convert(first.manifest_entry()["weights"], Weights))
     assert fake_quickgelu_tag == ["fake-org/edgeclip-tiny-fakeai/"]  # from the cache this time
     assert _activations(again.model) == {"QuickGELU"}
     pixels = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
@@ -137,9 +140,9 @@ def test_quickgelu_decided_once_on_the_download_branch(fake_quickgelu_tag: list[
 
 def test_recorded_activation_wins_over_defaults() -> None:
     """A bundle's recorded activation is used even where the model config says otherwise."""
-    qg = bb.load_backbone("edgeclip-tiny", source=bb.WeightsSource("random", "0", quick_gelu=True))
+    qg = bb.load_backbone("edgeclip-tiny", source=Weights("random", "0", quick_gelu=True))
     assert _activations(qg.model) == {"QuickGELU"}
-    old = bb.load_backbone("edgeclip-tiny", source=bb.WeightsSource.from_dict({"kind": "random", "ref": "0"}))
+    old = bb.load_backbone("edgeclip-tiny", source=Weights(kind="random", ref="0"))
     assert old.source.quick_gelu is False and _activations(old.model) == {"GELU"}
 
 

@@ -17,14 +17,15 @@ import pytest
 
 from edgeclip.bundle import Bundle, create_bundle, list_versions, rollback
 from edgeclip.errors import BundleError
+from edgeclip.manifest import Task
 
 BASE = {"backbone": {"model": "m", "weights": {"kind": "random", "ref": "0"}},
         "preprocess": {"image_size": 8, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
         "method": {"name": "rail-primal"}}
 
 
-def task(name: str) -> dict:
-    return {"name": name, "classes": [f"{name}-a", f"{name}-b"], "threshold": 1.0}
+def task(name: str) -> Task:
+    return Task(name=name, classes=[f"{name}-a", f"{name}-b"], threshold=1.0)
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +46,7 @@ def make_bundle(root: Path) -> Bundle:
 def test_versions_inherit_and_switch(tmp_path: Path) -> None:
     first = make_bundle(tmp_path / "b")
     with first.new_version() as writer:
-        writer.manifest["tasks"].append(task("t0"))
+        writer.add_task(task("t0"))
         writer.write_tensors("learned.safetensors", {"w": np.zeros((3, 5), np.float32)})
     second = Bundle.open(tmp_path / "b")
     assert (first.version, second.version) == ("v0001", "v0002")
@@ -133,9 +134,10 @@ def test_validation_errors(tmp_path: Path, damage: str) -> None:
 WRITER = """
 import sys, time, numpy as np
 from edgeclip.bundle import Bundle
+from edgeclip.manifest import Task
 bundle = Bundle.open(sys.argv[1])
 writer = bundle.new_version()
-writer.manifest["tasks"].append({"name": "killed", "classes": ["k"], "threshold": 1.0})
+writer.add_task(Task(name="killed", classes=["k"], threshold=1.0))
 print("staging", writer.staging, flush=True)
 for i in range(40):
     writer.write_tensors(f"part{i}.safetensors", {"x": np.random.rand(200, 200)})
@@ -177,7 +179,7 @@ def test_killed_writer_leaves_previous_version_loadable(tmp_path: Path, phase: s
     if phase == "before-commit":  # every file written, killed before the commit
         assert bundle.version == "v0001" and _parts(staging) == 40
     if bundle.version == "v0002":
-        assert bundle.tasks[-1]["name"] == "killed"
+        assert bundle.tasks[-1].name == "killed"
         assert len([f for f in bundle.manifest["files"] if f.startswith("part")]) == 40
     # the next writer cleans the abandoned staging folder and commits normally
     with bundle.new_version():
@@ -279,14 +281,18 @@ def test_invalid_or_unknown_manifest_fields_are_refused_by_name(tmp_path: Path, 
     with pytest.raises(BundleError, match=re.escape(field)):
         create_bundle(tmp_path / "new", bad)
     assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new.init-*"))
-    # ... at commit (the previous version stays current) ...
+    # ... at commit, where the typed manifest can hold the bad value (the previous version stays current) ...
     first = make_bundle(tmp_path / "b")
-    with pytest.raises(BundleError, match=re.escape(field)):
-        with first.new_version() as writer:
-            node = writer.manifest
-            for key in path[:-1]:
-                node = node.setdefault(key, {})
-            node[path[-1]] = value
+    typed: object = first.meta
+    for key in path[:-1]:
+        typed = getattr(typed, key, None)
+    if path[-1] in getattr(type(typed), "__struct_fields__", ()):
+        with pytest.raises(BundleError, match=re.escape(field)):
+            with first.new_version() as writer:
+                node: object = writer.meta
+                for key in path[:-1]:
+                    node = getattr(node, key)
+                setattr(node, path[-1], value)  # structs do not check on assignment: the commit must
     assert Bundle.open(tmp_path / "b").version == "v0001" and not list((tmp_path / "b").glob(".staging-*"))
     # ... and when read
     manifest_path = first.dir / "manifest.json"
@@ -315,6 +321,7 @@ import sys, time, numpy as np
 from pathlib import Path
 from edgeclip.bundle import Bundle
 from edgeclip.errors import BundleError
+from edgeclip.manifest import Task
 root, name, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 bundle = Bundle.open(root)                      # reads the parent, without the lock (like add-task)
 print("opened", bundle.version, flush=True)
@@ -322,7 +329,7 @@ while not go.exists():
     time.sleep(0.01)
 try:
     with bundle.new_version() as writer:
-        writer.manifest["tasks"].append({"name": name, "classes": [name + "-c"], "threshold": 1.0})
+        writer.add_task(Task(name=name, classes=[name + "-c"], threshold=1.0))
         writer.write_tensors("learned.safetensors", {"w": np.full((3, 4), len(name), np.float32)})
         time.sleep(float(sys.argv[4]))
 except BundleError as exc:
@@ -353,7 +360,7 @@ def test_two_concurrent_writers_never_lose_an_update(tmp_path: Path) -> None:
     loser = next(n for n, c in codes.items() if c == 1)
     assert "changed while this command ran" in outs[loser][0] and "Traceback" not in outs[loser][1]
     bundle = Bundle.open(tmp_path / "b")
-    assert [t["name"] for t in bundle.tasks] == [winner]
+    assert [t.name for t in bundle.tasks] == [winner]
     assert bundle.tensors("learned.safetensors")["w"][0, 0] == len(winner)
     assert list_versions(tmp_path / "b") == ["v0001", "v0002"]
 
@@ -362,7 +369,7 @@ def test_rollback_during_a_write_is_not_undone(tmp_path: Path) -> None:
     """A rollback that succeeds while a writer is learning stays in effect: the writer refuses."""
     first = make_bundle(tmp_path / "b")
     with first.new_version() as writer:
-        writer.manifest["tasks"].append(task("t0"))
+        writer.add_task(task("t0"))
     go = tmp_path / "go"
     proc = _racer(tmp_path / "b", "late", go, hold=0.0)
     done = subprocess.run([sys.executable, "-m", "edgeclip.edgeapp.cli.app", "rollback", "--bundle", str(tmp_path / "b")],
@@ -386,10 +393,8 @@ def test_readers_never_block_on_a_writer(tmp_path: Path) -> None:
 
 
 def test_a_second_writer_waits_then_refuses_a_held_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import edgeclip.store.lock as module
-
     first = make_bundle(tmp_path / "b")
-    monkeypatch.setattr(module, "LOCK_WAIT_S", 0.2)
+    monkeypatch.setenv("EDGECLIP_LOCK_WAIT", "0.2")  # read when a writer waits, not at import
     holder = first.new_version()
     try:
         with pytest.raises(BundleError, match="Another edgeclip process"):
@@ -694,8 +699,8 @@ def test_temporary_files_are_removed_by_the_next_write(tmp_path: Path) -> None:
 def _grow(root: Path, names: list[str]) -> None:
     for name in names:
         with Bundle.open(root).new_version() as writer:
-            writer.manifest["tasks"].append(task(name))
-            writer.write_tensors("learned.safetensors", {"w": np.full((3, 4), len(writer.manifest["tasks"]), np.float32)})
+            writer.add_task(task(name))
+            writer.write_tensors("learned.safetensors", {"w": np.full((3, 4), len(writer.meta.tasks), np.float32)})
 
 
 def test_history_added_sizes_do_not_change_after_later_writes(tmp_path: Path) -> None:
@@ -742,7 +747,7 @@ def test_history_rollback_to_and_prune(tmp_path: Path) -> None:
     assert prune(root, keep=2, include_newer=True) == ["v0003", "v0004"]
     assert list_versions(root) == ["v0002", "v0005"]
     bundle = Bundle.open(root)
-    assert [t["name"] for t in bundle.tasks] == ["t1", "t2b"]
+    assert [t.name for t in bundle.tasks] == ["t1", "t2b"]
     bundle.verify()
     Bundle.open(root, "v0002").verify()
     assert not first_stamps.exists()
@@ -759,7 +764,7 @@ def test_retention_setting_prunes_after_each_write(tmp_path: Path) -> None:
     _grow(root, ["t3", "t4"])
     assert list_versions(root) == ["v0005", "v0006"]
     assert Bundle.open(root).meta.retention.keep == 2
-    assert [t["name"] for t in Bundle.open(root).tasks] == ["t1", "t2", "t3", "t4"]
+    assert [t.name for t in Bundle.open(root).tasks] == ["t1", "t2", "t3", "t4"]
 
 
 # --------------------------------------------------------------------------- the store commands
@@ -872,7 +877,7 @@ def test_two_concurrent_add_tasks_lose_nothing(tiny_cli_bundle: dict, tmp_path: 
         if proc.returncode != 0:
             assert proc.returncode == 1 and ("changed while" in err or "already learned" in err), err
     assert ok, [r[2] for r in results]
-    learned = [t["name"] for t in Bundle.open(root).tasks]
+    learned = [t.name for t in Bundle.open(root).tasks]
     assert sorted(learned) == sorted(ok)  # every reported success is in the bundle, nothing else
     if same_name:
         assert learned == ["same"]

@@ -149,7 +149,7 @@ def test_environment_variable_selects_the_bundle(bundle: Path) -> None:
 def test_bad_input_zoo_through_the_cli(bundle: Path, tmp_path: Path) -> None:
     """Every awkward file in a folder (and named explicitly): readable ones are classified, the rest get
     a per-file error, hidden files, non-images and symlink loops are skipped; the run never crashes."""
-    from test_bad_inputs import BAD, GOOD, write
+    from image_helpers import BAD, GOOD, write
 
     folder = tmp_path / "zoo"
     (folder / "sub").mkdir(parents=True)
@@ -225,6 +225,40 @@ def test_no_onnxruntime_telemetry(bundle: Path, images: dict, tmp_path: Path) ->
     assert (tmp_path / "cache" / "Microsoft" / "DeveloperTools" / ".onnxruntime" / "onnxruntime.db").is_file()
 
 
+def test_table_header_on_its_own_line_under_a_progress_bar(bundle: Path, images: dict, tmp_path: Path) -> None:
+    """On a terminal (tmux), the table's header and rows are not printed onto the progress bar's line."""
+    import shutil as sh
+
+    if sh.which("tmux") is None:
+        pytest.skip("needs tmux")
+    session = f"edgeclip-test-{os.getpid()}"
+    done_flag = tmp_path / "done"
+    command = (f"{sys.executable} -c {entry_code_quoted(['classify', str(images['query']), '--bundle', str(bundle), '--batch-size', '1'])}"
+               f"; touch {done_flag}; sleep 60")
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "60", command], check=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not done_flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        screen = subprocess.run(["tmux", "capture-pane", "-p", "-S", "-", "-t", session], capture_output=True,
+                                text=True, check=True).stdout
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    lines = [line for line in screen.splitlines() if line.strip()]
+    assert lines[1].split() == ["file", "label", "score", "route", "other", "labels"], screen
+    assert not any("classifying" in line for line in lines), screen  # the bar left nothing in the table
+    n = len(list(images["query"].iterdir()))
+    assert any(line.startswith(f"{n} classified") for line in lines) and len(lines) >= n + 3, screen
+
+
+def entry_code_quoted(args: list[str]) -> str:
+    import shlex
+
+    from cli_helpers import entry_code
+
+    return shlex.quote(entry_code(args))
+
+
 def test_moe_end_to_end(tmp_path: Path, images: dict) -> None:
     """MoE: init, two add-tasks (a few iterations), classify through the exported gated graph, tasks."""
     root = tmp_path / "moe"
@@ -235,8 +269,8 @@ def test_moe_end_to_end(tmp_path: Path, images: dict) -> None:
         result = invoke("add-task", domain, "--bundle", root, "--iterations", "3", "--quiet")
         assert result.exit_code == 0, result.output
     bundle = Bundle.open(root)
-    assert [t["name"] for t in bundle.tasks] == ["shapes", "stripes"]
-    assert bundle.tasks[0]["training"]["iterations"] == 3
+    assert [t.name for t in bundle.tasks] == ["shapes", "stripes"]
+    assert bundle.tasks[0].training.iterations == 3
     # the adapted encoder of each version stores only the adapters; the backbone is shared
     import onnx
 
@@ -252,7 +286,7 @@ def test_moe_end_to_end(tmp_path: Path, images: dict) -> None:
                            block_torch=True)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert all(r["error"] is None and r["route"] in ("shapes", "stripes", "zero-shot") for r in rows)
+    assert rows and all(r["error"] is None and r["route"] in ("shapes", "stripes", "zero-shot") for r in rows)
     result = edgeclip_main(["add-task", str(images["domains"][0]), "--bundle", str(root), "--name", "again"],
                            block_torch=True)
     assert result.returncode == 1 and "pip install 'edgeclip[train]'" in result.stderr
@@ -285,7 +319,7 @@ def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
     assert all("zero-shot" in line for name, line in lines.items() if name.startswith("unseen"))
     assert lines["circle-0.png"].split()[1] == "circle"  # the expected label, beside the prediction
     bundle = Bundle.open(tmp_path / "demo" / "bundle")
-    assert [t["name"] for t in bundle.tasks] == ["shapes", "stripes"] and bundle.random_weights
+    assert [t.name for t in bundle.tasks] == ["shapes", "stripes"] and bundle.random_weights
     again = edgeclip_main(["demo", "--dir", str(tmp_path / "demo"), "--quiet"])
     assert again.returncode == 0, again.stderr  # re-running replaces what the demo wrote
     foreign = tmp_path / "mine"

@@ -102,7 +102,7 @@ def test_control_codes_in_names_are_made_visible(bundle: Path, images: dict, tmp
 
 def test_tables_to_a_pipe_print_whole_values(bundle: Path, images: dict) -> None:
     tasks = edgeclip_main(["tasks", "--bundle", str(bundle)])
-    created = Bundle.open(bundle).tasks[0]["created_at"]
+    created = Bundle.open(bundle).tasks[0].created_at
     assert tasks.returncode == 0 and created in tasks.stdout and "\u2026" not in tasks.stdout
     long_name = images["query"].parent / ("x" * 150)
     long_name.mkdir(exist_ok=True)
@@ -214,7 +214,7 @@ def test_label_and_route_rule(bundle: Path, images: dict) -> None:
     """Every row names the task its label belongs to; the table says so when it is not the route."""
     result = edgeclip_main(["classify", str(images["query"]), "--bundle", str(bundle), "--format", "json",
                             "--labels", "a tree", "-q"])
-    owners = {c: t["name"] for t in Bundle.open(bundle).tasks for c in t["classes"]}
+    owners = {c: t.name for t in Bundle.open(bundle).tasks for c in t.classes}
     for row in map(json.loads, result.stdout.splitlines()):
         assert row["task"] == owners.get(row["label"], "zero-shot")
         assert all(t["task"] == owners.get(t["label"], "zero-shot") for t in row["topk"])
@@ -279,7 +279,7 @@ def test_domain_text_rules(bundle: Path, images: dict, tmp_path: Path) -> None:
     assert result.returncode == 2 and "Unicode form" in result.stderr
     shutil.rmtree(twins / "caf\u00e9")
     shutil.rmtree(twins / nfd)
-    taken = Bundle.open(bundle).tasks[0]["name"].upper()  # task names are unique, case-insensitively
+    taken = Bundle.open(bundle).tasks[0].name.upper()  # task names are unique, case-insensitively
     result = edgeclip_main(["add-task", str(twins), "--bundle", str(bundle), "--name", taken])
     assert result.returncode == 2 and "already learned" in result.stderr and "--name" in result.stderr
     assert Bundle.open(bundle).version == version
@@ -337,7 +337,8 @@ def test_info_prints_plain_text(bundle: Path) -> None:
 def test_heatmap_is_readable(tmp_path: Path) -> None:
     from PIL import Image
 
-    from edgeclip.edgeapp.evaluate import ProtocolResult, write_heatmap
+    from edgeclip.edgeapp.eval_heatmap import write_heatmap
+    from edgeclip.edgeapp.eval_summary import ProtocolResult
 
     result = ProtocolResult("xtail", "ddas", ["shapes", "stripes", "fashion_mnist"], [10.0, 0.0, 33.0],
                             [[90.0, 0.0, 30.0], [88.0, 75.0, 0.0], [85.0, 70.0, 95.0]])

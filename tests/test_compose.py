@@ -29,11 +29,6 @@ DUAL_GAMMA = 300.0
 
 
 @pytest.fixture(scope="module")
-def graphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return eh.tiny_graphs(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
 def encoder(graphs: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(graphs / "image_encoder.onnx"), providers=["CPUExecutionProvider"])
 
@@ -93,7 +88,7 @@ def test_ratio_routing_rule(graphs, encoder, tmp_path):
     xs, ys = eh.task_data(_embed(encoder))
     text = eh.label_text()
     learned, manifest = eh.fit_rail_bundle(xs, ys, text[:5], "rail-primal", "ddas")
-    manifest["gate"]["settings"]["route_rule"] = "ratio"
+    manifest.gate.settings.route_rule = "ratio"
     path = build_gated_graph(eh.encoder_folder(graphs, tmp_path / "g"), learned, manifest)
     got = _run(path, eh.mixed_batch(), text)
     _assert_matches(got, gated_reference(got["embedding"], text, learned, manifest))
@@ -146,7 +141,7 @@ def test_gated_graph_shares_the_backbone_weights(graphs, encoder, tmp_path):
 def test_inconsistent_manifest_is_refused(graphs, encoder, tmp_path):
     xs, ys = eh.task_data(_embed(encoder))
     learned, manifest = eh.fit_rail_bundle(xs, ys, eh.label_text()[:5], "rail-primal")
-    manifest["tasks"] = manifest["tasks"][:1]
+    manifest.tasks = manifest.tasks[:1]
     with pytest.raises(BundleError, match="task"):
         build_gated_graph(eh.encoder_folder(graphs, tmp_path / "g"), learned, manifest)
 

@@ -3,51 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import shutil
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
-import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from edgeclip.edgeapp import evaluate
-from edgeclip.edgeapp.demo_data import write_demo_images
+from cli_helpers import eval_app, tree_digest, write_split_domains
+
+from edgeclip.edgeapp import eval_scoring, eval_summary, evaluate
 from edgeclip.errors import DomainError, UsageError
 
 pytest.importorskip("open_clip")
 
 runner = CliRunner()
-
-
-def eval_app() -> typer.Typer:
-    """The real app when it registers `eval`, else a group holding only `eval`."""
-    from edgeclip.edgeapp.cli import commands_eval
-    from edgeclip.edgeapp.cli.app import app
-
-    if any(c.name == "eval" for c in app.registered_commands):
-        return app
-    local = typer.Typer()
-    local.callback()(lambda: None)
-    commands_eval.register(local)
-    return local
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def write_split_domains(root: Path) -> list[Path]:
-    """The demo's two generated domains, with train/ and test/ (test images drawn with another seed)."""
-    domains, _ = write_demo_images(root / "a", train_per_class=8, query_per_class=0, seed=0)
-    tests, _ = write_demo_images(root / "b", train_per_class=3, query_per_class=0, seed=1)
-    for domain, test in zip(domains, tests):
-        shutil.move(str(test / "train"), str(domain / "test"))
-    return domains
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +39,7 @@ def test_metrics_on_a_hand_made_matrix() -> None:
     a = [[50.0, 10.0, 20.0],
          [40.0, 80.0, 30.0],
          [30.0, 70.0, 90.0]]
-    m = evaluate.protocol_metrics(a)
+    m = eval_summary.protocol_metrics(a)
     assert m["per_domain"]["transfer"] == [None, 10.0, 25.0]  # (20 + 30) / 2
     assert m["per_domain"]["average"] == pytest.approx([40.0, 160 / 3, 140 / 3])
     assert m["per_domain"]["last"] == [30.0, 70.0, 90.0]
@@ -77,10 +49,10 @@ def test_metrics_on_a_hand_made_matrix() -> None:
 
 
 def test_metrics_of_one_domain_and_bad_shapes() -> None:
-    m = evaluate.protocol_metrics([[42.0]])
+    m = eval_summary.protocol_metrics([[42.0]])
     assert (m["transfer"], m["average"], m["last"]) == (None, 42.0, 42.0)
     with pytest.raises(UsageError):
-        evaluate.protocol_metrics([[1.0, 2.0]])
+        eval_summary.protocol_metrics([[1.0, 2.0]])
 
 
 # ----------------------------------------------------------------------------- domains
@@ -134,7 +106,7 @@ def test_the_source_bundle_is_never_changed(both_protocols, source_bundle: Path)
     assert tree_digest(source_bundle) == before
     from edgeclip.bundle import Bundle
 
-    assert [t["name"] for t in Bundle.open(run.bundle_dir).tasks] == ["shapes", "stripes"]
+    assert [t.name for t in Bundle.open(run.bundle_dir).tasks] == ["shapes", "stripes"]
     from edgeclip.bundle import list_versions
 
     assert list_versions(run.bundle_dir) == ["v0001", "v0003"]  # the working copy keeps no step in between
@@ -178,9 +150,9 @@ def test_zero_shot_rows_are_computed_by_eval(both_protocols) -> None:
 def test_gate_per_batch_decides_once_per_run_of_images() -> None:
     errors = np.array([[0.1, 0.9], [0.9, 0.1], [0.2, 0.5], [5.0, 5.0], [5.0, 5.0]])
     thresholds = np.array([1.0, 1.0])
-    assert evaluate.batch_routes(errors, thresholds, "nearest", None).tolist() == [0, 1, 0, -1, -1]
-    assert evaluate.batch_routes(errors, thresholds, "nearest", 2).tolist() == [0, 0, -1, -1, -1]
-    assert evaluate.batch_routes(errors, thresholds, "nearest", 5).tolist() == [-1] * 5
+    assert eval_scoring.batch_routes(errors, thresholds, "nearest", None).tolist() == [0, 1, 0, -1, -1]
+    assert eval_scoring.batch_routes(errors, thresholds, "nearest", 2).tolist() == [0, 0, -1, -1, -1]
+    assert eval_scoring.batch_routes(errors, thresholds, "nearest", 5).tolist() == [-1] * 5
 
 
 def test_mtil_scores_a_domain_not_yet_learned_by_zero_shot(both_protocols) -> None:
@@ -250,17 +222,16 @@ def test_moe_bundles_are_scored_through_their_gate(domains: list[Path], tmp_path
     Under the strict freeze rule the oracle keeps task 1's accuracy after task 2."""
     pytest.importorskip("edgeclip.edgeapp.moe_task")
     from edgeclip.edgeapp.create import init_bundle
-    from edgeclip.edgeapp.tasks import MethodSettings
     from edgeclip.train import fusion
 
-    init_bundle(tmp_path / "moe", "edgeclip-tiny", random_weights=True, settings=MethodSettings(method="moe"))
+    init_bundle(tmp_path / "moe", "edgeclip-tiny", random_weights=True, method="moe")
     run = evaluate.run_protocols(tmp_path / "moe", domains, tmp_path / "w", protocols=["mtil", "xtail"], shots=4,
                                  iterations=5)
     assert list(run.results) == [("mtil", "ddas"), ("mtil", evaluate.KNOWN_TASK), ("mtil", "zero-shot"),
                                  ("xtail", "ddas"), ("xtail", "zero-shot")]
     result = run.results[("xtail", "ddas")]
     assert np.asarray(result.matrix).shape == (2, 2) and len(result.routing) == 2
-    summary = evaluate.run_summary(run, tmp_path / "moe")
+    summary = eval_summary.run_summary(run, tmp_path / "moe")
     assert "gated.onnx" in summary["decision"] and summary["kind"] == "gated" and summary["gate"] == "ddas"
     gated = run.results[("mtil", "ddas")]
     assert gated.kind == "gated" and len(gated.routing) == 2
@@ -272,11 +243,11 @@ def test_moe_bundles_are_scored_through_their_gate(domains: list[Path], tmp_path
     assert mtil[0, 1] == pytest.approx(100.0 * (zero_shot == run.suite.labels[1]).mean())  # not yet learned
     # a gate that sends everything to zero-shot makes the gated matrix plain zero-shot
     bundle = evaluate.Bundle.open(run.bundle_dir)
-    scorer = evaluate.Scorer(run.suite)
+    scorer = eval_scoring.Scorer(run.suite)
     tensors = dict(bundle.tensors("learned.safetensors"))
-    never = dict(bundle.manifest)
-    never["tasks"] = [dict(t, threshold=1e-30) for t in bundle.tasks]
-    step = scorer.score(dataclasses.replace(bundle, manifest=never), [0, 1], ["mtil"], [])
+    never = msgspec.structs.replace(bundle.meta, tasks=[msgspec.structs.replace(t, threshold=1e-30)
+                                                        for t in bundle.tasks])
+    step = scorer.score(dataclasses.replace(bundle, meta=never), [0, 1], ["mtil"], [])
     assert step.accuracy[("mtil", "ddas")] == run.results[("mtil", "zero-shot")].zero_shot
     assert step.routing[("mtil", "ddas")]["seen_to_task"] == 0.0
     assert step.accuracy[("mtil", evaluate.KNOWN_TASK)] == [float(v) for v in mtil[1]]

@@ -222,7 +222,7 @@ def test_export_refused_when_onnx_differs(setup):
 
 def test_composing_needs_no_torch():
     """compose_moe (run on a device after a task was learned elsewhere) and the reference import without torch."""
-    from test_torch_free import run_without_torch
+    from cli_helpers import run_without_torch
 
     result = run_without_torch("import edgeclip.export.compose_moe, edgeclip.train.decision\nprint('ok')")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

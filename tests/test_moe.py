@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
+from moe_helpers import frozen_clip  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from edgeclip.errors import UsageError  # noqa: E402
-from edgeclip.train.backbone import register_model_configs  # noqa: E402
 from edgeclip.train.moe import (  # noqa: E402
     ZERO_SHOT,
     MoECLIP,
@@ -29,15 +27,6 @@ from edgeclip.train.moe import (  # noqa: E402
     set_trainable,
     text_classifier,
 )
-
-
-def frozen_clip(name: str = "edgeclip-tiny", seed: int = 0):
-    """A random-weight open_clip model, frozen like the project's backbone (eval, no grads)."""
-    register_model_configs()
-    logging.getLogger().setLevel(logging.ERROR)
-    torch.manual_seed(seed)
-    clip = open_clip.create_model(name).eval()
-    return clip.requires_grad_(False)
 
 
 def adapted(config: MoEConfig | None = None, tasks: int = 1, seed: int = 0) -> MoECLIP:

@@ -15,8 +15,7 @@ torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
 from safetensors.torch import load_file  # noqa: E402
-from test_moe import frozen_clip  # noqa: E402
-from test_moe_trainer import TEMPLATE, make_domain  # noqa: E402
+from moe_helpers import TEMPLATE, frozen_clip, make_domain  # noqa: E402
 
 from edgeclip.train.moe import ZERO_SHOT, MoECLIP, MoEConfig, load_moe_state, moe_state  # noqa: E402
 from edgeclip.train.moe_trainer import TrainSettings, train_task  # noqa: E402
@@ -34,7 +33,7 @@ WORKER = textwrap.dedent(
     from safetensors.torch import save_file
     from edgeclip.train.moe import MoECLIP, MoEConfig, moe_state
     from edgeclip.train.moe_trainer import TrainSettings, train_task
-    from test_moe import frozen_clip
+    from moe_helpers import frozen_clip
     job = json.load(open(sys.argv[1]))
     model = MoECLIP(frozen_clip(), MoEConfig(**job["config"]))
     result = train_task(model, [tuple(s) for s in job["samples"]], job["classes"], job["template"],

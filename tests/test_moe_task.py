@@ -50,7 +50,7 @@ def test_one_iteration_task_then_strict_freeze_keeps_old_scores_bit_identical(tm
     add_task(root, tmp_path / "second", name="second", iterations=4, moe_options={"lr": 5e-2})
     after = _deployed(root, first)
     bundle = Bundle.open(root)
-    assert [t["name"] for t in bundle.tasks] == ["first", "second"]
+    assert [t.name for t in bundle.tasks] == ["first", "second"]
     # the second task's adapted encoder: the parent's nodes, new initialisers (routers of 2 tasks)
     assert _moe_nodes(root) == nodes_before
     text_after = bundle.tensors(LEARNED)[TASK_TEXT]

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
 from PIL import Image  # noqa: E402
-from test_moe import frozen_clip  # noqa: E402
+from moe_helpers import TEMPLATE, frozen_clip, make_domain  # noqa: E402
 
 from edgeclip.errors import DomainError, UsageError  # noqa: E402
 from edgeclip.train.moe import MoECLIP, MoEConfig, moe_state, text_classifier  # noqa: E402
@@ -23,25 +23,6 @@ from edgeclip.train.moe_trainer import (  # noqa: E402
     select_samples,
     train_task,
 )
-
-TEMPLATE = "a photo of a {}."
-
-
-def make_domain(root: Path, n_classes: int = 3, per_class: int = 4, seed: int = 0) -> list[tuple[str, int]]:
-    """Small synthetic images, one colour tint per class: (path, class) pairs."""
-    rng = np.random.default_rng(seed)
-    samples = []
-    for c in range(n_classes):
-        folder = root / f"class{c}"
-        folder.mkdir(parents=True, exist_ok=True)
-        tint = rng.uniform(0, 255, 3)
-        for i in range(per_class):
-            pixels = np.clip(tint + rng.normal(0, 40, (40, 48, 3)), 0, 255).astype(np.uint8)
-            path = folder / f"{i}.png"
-            Image.fromarray(pixels).save(path)
-            samples.append((str(path), c))
-    return samples
-
 
 def quick(**overrides) -> TrainSettings:
     base = dict(iterations=4, batch_size=4, lr=5e-3, warmup=1, seed=0)

@@ -129,3 +129,73 @@ def test_memory_bombs_are_refused_at_read(tiny: dict, tmp_path: Path, case: str)
     expected = {"image_size": "$.preprocess.image_size", "context_length": "context_length",
                 "gzip_bomb": "unpacks to more than 64 MiB"}[case]
     assert expected in line, line
+
+
+def test_export_int8_on_a_tampered_graph(tiny: dict, tmp_path: Path) -> None:
+    """A graph replaced by garbage (manifest hash updated to match): export --int8 says so in one line."""
+    import hashlib
+
+    def edit(vdir: Path, manifest: dict) -> None:
+        data = b"not an onnx graph"
+        sha = hashlib.sha256(data).hexdigest()
+        (vdir.parents[1] / "graphs" / f"{sha}.onnx").write_bytes(data)
+        manifest["files"]["graphs/image_encoder.onnx"].update(sha256=sha, size=len(data))
+
+    root = _tampered(tiny, tmp_path, edit)
+    env = {**os.environ, "EDGECLIP_STAMPS_DIR": str(tmp_path / "stamps")}
+    for args in (["export", "--int8"], ["export"]):
+        line = one_line(cli(*args, "--bundle", root, env=env))
+        assert "graph 'graphs/image_encoder.onnx' cannot be read" in line, line
+
+
+def test_gated_graph_that_does_not_fit_the_tasks(tiny: dict, tmp_path: Path) -> None:
+    """A version whose gated graph is another version's (two tasks where the manifest has one): classify
+    refuses in one line instead of an IndexError."""
+    import json
+
+    import numpy as np
+
+    import edgeclip
+
+    root = tmp_path / "b"
+    shutil.copytree(tiny["root"], root)
+    clf = edgeclip.load(root)
+    dim = clf.embed_texts(["x"]).shape[1]
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        feats = rng.standard_normal((12, dim)).astype(np.float32)
+        feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+        clf = clf.add_task_embeddings(f"t{i}", feats, np.arange(12) % 2, [f"a{i}", f"b{i}"])
+    two = clf.bundle.manifest["files"]["graphs/gated.onnx"]
+    clf = clf.rollback()
+    path = root / "versions" / clf.version / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"]["graphs/gated.onnx"] = two
+    path.write_text(json.dumps(manifest))
+    env = {**os.environ, "EDGECLIP_STAMPS_DIR": str(tmp_path / "stamps")}
+    line = one_line(cli("classify", tiny["query"], "--bundle", root, env=env))  # the graph itself fails
+    assert "onnxruntime failed running" in line, line
+    line = one_line(cli("classify", tiny["query"], "--labels", "x,y", "--bundle", root, env=env))  # it runs
+    assert "do not fit version" in line, line
+
+
+def test_onnxruntime_failure_at_run_time_is_an_engine_error(tmp_path: Path) -> None:
+    """onnxruntime's own exception types (here: a Reshape that cannot hold at run time) become EngineError."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgeclip.edgeapp.runtime import select_backend
+    from edgeclip.errors import EngineError
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+        [helper.make_tensor("shape", TensorProto.INT64, [1], [3])])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    session = select_backend("ort-cpu").session(path, optimized_cache=False)
+    assert session.run({"x": np.ones(3, np.float32)})["y"].shape == (3,)
+    with pytest.raises(EngineError, match="onnxruntime failed running g.onnx: .*Reshape"):
+        session.run({"x": np.ones(4, np.float32)})

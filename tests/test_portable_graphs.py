@@ -42,13 +42,13 @@ def _graphs(bundle: Bundle) -> list[str]:
 def bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """v1 init, v2 add-task, v3 export --int8, v4 add-task, rollback to v3, v5 add-task."""
     from edgeclip.edgeapp.create import init_bundle
-    from edgeclip.edgeapp.tasks import MethodSettings, add_task
+    from edgeclip.edgeapp.tasks import add_task
     from edgeclip.export.quantize import export_int8
 
     base = tmp_path_factory.mktemp("portable")
     domains, _query = write_demo_images(base / "images", train_per_class=5, query_per_class=1)
     root = base / "bundle"
-    init_bundle(root, "edgeclip-tiny", random_weights=True, settings=MethodSettings(hidden=256))
+    init_bundle(root, "edgeclip-tiny", random_weights=True, hidden=256)
     add_task(root, domains[0])
     export_int8(Bundle.open(root))
     add_task(root, domains[1])
@@ -156,13 +156,13 @@ def test_moe_graphs_are_portable(tmp_path: Path) -> None:
     the gated graph inlines it; both pass the same checks as RAIL's graphs."""
     pytest.importorskip("torch")
     from edgeclip.edgeapp.create import init_bundle
-    from edgeclip.edgeapp.tasks import MethodSettings, add_task
+    from edgeclip.edgeapp.tasks import add_task
 
     from edgeclip.layout import MOE_DATA, MOE_GRAPH, TASK_IDS
 
     domains, _query = write_demo_images(tmp_path / "images", train_per_class=4, query_per_class=1)
     root = tmp_path / "moe"
-    init_bundle(root, "edgeclip-tiny", random_weights=True, settings=MethodSettings(method="moe"))
+    init_bundle(root, "edgeclip-tiny", random_weights=True, method="moe")
     add_task(root, domains[0], iterations=2)
     add_task(root, domains[1], iterations=2)
     bundle = Bundle.open(root)

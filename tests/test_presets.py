@@ -89,7 +89,7 @@ def _named(root: Path, domains: list[Path], names: list[str]) -> list[Path]:
 @pytest.fixture(scope="module")
 def domains(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     pytest.importorskip("open_clip")
-    from test_evaluate import write_split_domains
+    from cli_helpers import write_split_domains
 
     root = tmp_path_factory.mktemp("preset-images")
     return _named(root / "named", write_split_domains(root / "src"), ["dtd", "eurosat"])
@@ -99,19 +99,18 @@ def test_rail_paper_preset_per_eval_run(domains: list[Path], tmp_path: Path) -> 
     """On a bundle not made with the preset: the paper's fusion, weight, template and shots apply,
     and the init settings that differ are reported."""
     from edgeclip.bundle import Bundle
-    from edgeclip.edgeapp import evaluate
+    from edgeclip.edgeapp import eval_summary, evaluate
     from edgeclip.edgeapp.create import init_bundle
-    from edgeclip.edgeapp.tasks import MethodSettings
 
-    init_bundle(tmp_path / "b", "edgeclip-tiny", random_weights=True, settings=MethodSettings(hidden=128))
+    init_bundle(tmp_path / "b", "edgeclip-tiny", random_weights=True, hidden=128)
     run = evaluate.run_protocols(tmp_path / "b", domains, tmp_path / "w", preset="rail-paper", shots=4)
     assert list(run.results) == [("xtail", "paper"), ("xtail", "zero-shot")]
     assert run.preset["bundle_differs"] == {"seed": {"bundle": 0, "preset": 42},
                                             "hidden": {"bundle": 128, "preset": 15000}}
     tasks = Bundle.open(run.bundle_dir).tasks
-    assert [t["templates"] for t in tasks] == [["a photo of a {}."]] * 2  # not the domains' own two
+    assert [t.templates for t in tasks] == [["a photo of a {}."]] * 2  # not the domains' own two
     assert run.shots == 4
-    summary = evaluate.run_summary(run, tmp_path / "b")
+    summary = eval_summary.run_summary(run, tmp_path / "b")
     assert summary["preset"]["name"] == "rail-paper" and summary["gate"] == "paper"
     with pytest.raises(UsageError, match="for moe bundles"):
         evaluate.run_protocols(tmp_path / "b", domains, tmp_path / "w2", preset="moe-paper")
@@ -160,8 +159,8 @@ def test_moe_paper_preset_at_init_and_add_task(domains: list[Path], tmp_path: Pa
                                      "--shots", "4", "--quiet", *extra], catch_exceptions=False)
         assert result.exit_code == 0, result.output
     tasks = Bundle.open(root).tasks
-    assert [t["training"]["lr"] for t in tasks] == [1e-3, 0.02]  # dtd's 5-shot rate, then --lr
-    assert [t["training"]["warmup"] for t in tasks] == [3, 3]  # fixed rule: min(100, iterations)
+    assert [t.training.lr for t in tasks] == [1e-3, 0.02]  # dtd's 5-shot rate, then --lr
+    assert [t.training.warmup for t in tasks] == [3, 3]  # fixed rule: min(100, iterations)
     rail = tmp_path / "rail"
     assert runner.invoke(app, ["init", "--bundle", str(rail), "--model", "edgeclip-tiny", "--random-weights",
                                "--hidden", "64", "--quiet"]).exit_code == 0
@@ -170,13 +169,12 @@ def test_moe_paper_preset_at_init_and_add_task(domains: list[Path], tmp_path: Pa
 
 
 def test_eval_command_takes_a_preset(domains: list[Path], tmp_path: Path) -> None:
-    from test_evaluate import eval_app
+    from cli_helpers import eval_app
     from typer.testing import CliRunner
 
     from edgeclip.edgeapp.create import init_bundle
-    from edgeclip.edgeapp.tasks import MethodSettings
 
-    init_bundle(tmp_path / "b", "edgeclip-tiny", random_weights=True, settings=MethodSettings(hidden=64))
+    init_bundle(tmp_path / "b", "edgeclip-tiny", random_weights=True, hidden=64)
     out = tmp_path / "out"
     result = CliRunner().invoke(eval_app(), ["eval", *map(str, domains), "--bundle", str(tmp_path / "b"),
                                              "--preset", "rail-paper", "--shots", "3", "--out", str(out)],

@@ -8,30 +8,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from edgeclip.bundle import Bundle, list_versions
-from edgeclip.edgeapp.cli.app import app
 from edgeclip.edgeapp.demo_data import write_demo_images
 from edgeclip.edgeapp.runtime import Backend, GatedRunner, ImageEncoderRunner
 from edgeclip.errors import BundleError, UsageError
 from edgeclip.export.quantize import export_int8
 from edgeclip.layout import GATED_INT8_GRAPH, IMAGE_INT8_DATA, IMAGE_INT8_GRAPH, graph_file
+from edgeclip.manifest import MoEMethod
+from cli_helpers import invoke
 
 pytest.importorskip("open_clip")
 pytest.importorskip("onnxruntime")
 
-runner = CliRunner()
 INT8_FILES = [graph_file(n) for n in (IMAGE_INT8_GRAPH, IMAGE_INT8_DATA, GATED_INT8_GRAPH)]
 # Measured on the tiny random-weight backbone (64 px), 60 real test images (mnist + cifar10):
 # gated top-1 agreement 59/60, route 60/60 (2026-11-25); the floor leaves room for other CPUs.
 AGREEMENT_FLOOR = 0.9
-
-
-def invoke(*args: object) -> object:
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 
@@ -131,8 +127,8 @@ def test_refusals_are_clear(fp32_only: Path, images: dict) -> None:
     cuda = Backend("ort-cuda", ("CUDAExecutionProvider", "CPUExecutionProvider"))
     with pytest.raises(UsageError, match="CPU only"):
         GatedRunner(bundle, cuda, precision="int8")
-    moe = Bundle(root=bundle.root, version=bundle.version,
-                 manifest={**bundle.manifest, "method": {"name": "moe", "settings": {}}})
+    moe = Bundle(root=bundle.root, version=bundle.version, manifest=bundle.manifest,
+                 meta=msgspec.structs.replace(bundle.meta, method=MoEMethod()))
     with pytest.raises(UsageError, match="MoE"):
         export_int8(moe)
     with pytest.raises(BundleError, match="edgeclip export --int8"):  # the CLI's main() exits 1 with it

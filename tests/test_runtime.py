@@ -74,7 +74,7 @@ def test_gated_runner_matches_reference(bundle):
     pixels, text = eh.mixed_batch(), eh.label_text()
     out = runner.run(pixels, text)
     assert set(out) == {"scores", "route", "gate_ratio", "embedding"}
-    want = gated_reference(out["embedding"], text, bundle.tensors("learned.safetensors"), bundle.manifest)
+    want = gated_reference(out["embedding"], text, bundle.tensors("learned.safetensors"), bundle.meta)
     np.testing.assert_array_equal(out["route"], want["route"])
     assert np.abs(out["scores"] - want["scores"]).max() < 1e-4
     empty = runner.run(pixels[:0], text)

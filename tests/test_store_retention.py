@@ -16,6 +16,7 @@ import pytest
 
 from edgeclip.bundle import Bundle, create_bundle, list_versions, plan_prune, prune, rollback, set_retention
 from edgeclip.errors import BundleError
+from edgeclip.manifest import Task
 
 BASE = {"backbone": {"model": "m", "weights": {"kind": "random", "ref": "0"}},
         "preprocess": {"image_size": 8, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
@@ -38,16 +39,16 @@ def make(root: Path, tasks: list[str] = ()) -> Path:
 def grow(root: Path, names: list[str], parent: Bundle | None = None) -> None:
     for name in names:
         with (parent or Bundle.open(root)).new_version() as writer:
-            writer.manifest["tasks"].append({"name": name, "classes": [f"{name}-a", f"{name}-b"], "threshold": 1.0})
+            writer.add_task(Task(name=name, classes=[f"{name}-a", f"{name}-b"], threshold=1.0))
             writer.write_tensors("learned.safetensors",
-                                 {"w": np.full((3, 4), len(writer.manifest["tasks"]), np.float32)})
+                                 {"w": np.full((3, 4), len(writer.meta.tasks), np.float32)})
         parent = None
 
 
 def task_names(root: Path) -> list[str]:
     bundle = Bundle.open(root)
     try:
-        return [t["name"] for t in bundle.tasks]
+        return [t.name for t in bundle.tasks]
     finally:
         bundle.release()
 
@@ -198,7 +199,7 @@ def test_opening_the_current_version_reads_current_again_when_its_version_vanish
 
     monkeypatch.setattr(reader_module, "current_version", stale_then_real)
     bundle = Bundle.open(root)
-    assert bundle.version == "v0003" and [t["name"] for t in bundle.tasks] == ["t1", "t2"]
+    assert bundle.version == "v0003" and [t.name for t in bundle.tasks] == ["t1", "t2"]
 
 
 # --------------------------------------------------------------------------- 4. verify under a prune
@@ -313,7 +314,7 @@ def test_a_long_running_classifier_survives_keep_1_and_its_stale_rollback_refuse
     assert after == before  # its own version, whole: no error rows, no mix with the new one
     with pytest.raises(BundleError, match="changed since version"):
         clf.rollback()  # would undo "one" (another process's work)
-    assert [t["name"] for t in Bundle.open(root).tasks] == ["one"]
+    assert [t.name for t in Bundle.open(root).tasks] == ["one"]
     held = clf.version
     assert held in list_versions(root)
     del clf
@@ -377,7 +378,8 @@ try:
                 log["ok"] += 1
             except BundleError as exc:
                 text = str(exc)
-                if role in ("rollback", "prune") and any(w in text for w in ("Another edgeclip process", "first one", "no complete version")):
+                expected = ("Another edgeclip process", "first one", "no complete version")
+                if role in ("rollback", "prune") and any(w in text for w in expected):
                     log["refused"] += 1
                 else:
                     raise
@@ -391,8 +393,8 @@ out.write_text(json.dumps(log))
 def test_eight_processes_with_retention_lose_nothing_and_never_fail_a_reader(
         make_tiny_bundle, demo_images: tuple[list[Path], Path], tmp_path: Path) -> None:
     """add-task x2, rollback, prune, classify (API, fresh each round), the real CLI classify, verify and a
-    long-running reader, all at once on one bundle with retention (keep 2; prunes to 1 and 2), until both writers finished
-    2 rounds each: no finished task lost, no reader or verify failure."""
+    long-running reader, all at once on one bundle with retention (keep 2; prunes to 1 and 2), until both
+    writers finished 2 rounds each: no finished task lost, no reader or verify failure."""
     import json
 
     domains, query = demo_images
@@ -425,7 +427,7 @@ def test_eight_processes_with_retention_lose_nothing_and_never_fail_a_reader(
     on_disk = set()
     for name in list_versions(root):
         bundle = Bundle.open(root, name)
-        on_disk |= {t["name"] for t in bundle.tasks}
+        on_disk |= {t.name for t in bundle.tasks}
         bundle.release()
     assert set(learned) <= on_disk  # every finished task is still in some version (a rollback only undoes)
     from edgeclip.bundle import verify_bundle
@@ -450,3 +452,33 @@ def test_a_new_version_keeps_the_stamps_of_the_shared_graphs_its_parent_verified
     bundle = Bundle.open(root)
     bundle.path("graphs/g.onnx"), bundle.path("graphs/g.data")
     assert hashed == [] and list_versions(root) == [bundle.version]
+
+
+def test_a_file_system_without_flock_opens_and_prunes_without_leases(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import fcntl
+
+    import edgeclip.store.lease as lease_module
+
+    def no_locks(_fd: int, _op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    root = make(tmp_path / "b", ["t1"])
+    monkeypatch.setattr(lease_module, "fcntl", type("NoFlock", (), {"flock": staticmethod(no_locks),
+                                                                    "LOCK_SH": fcntl.LOCK_SH, "LOCK_EX": fcntl.LOCK_EX,
+                                                                    "LOCK_NB": fcntl.LOCK_NB}))
+    reader = Bundle.open(root)
+    assert reader.tensors("learned.safetensors")["w"][0, 0] == 1
+    grow(root, ["t2"])
+    assert prune(root, keep=1) == ["v0001", "v0002"]
+
+
+def test_a_writers_parent_kept_by_the_retention_stays_leased(tmp_path: Path) -> None:
+    root = make(tmp_path / "b", ["t1"])
+    set_retention(root, 2)
+    parent = Bundle.open(root)
+    grow(root, ["t2"], parent=parent)  # retention keep 2 keeps the parent: its object holds its lease again
+    assert parent.version in list_versions(root)
+    assert plan_prune(root, 1).kept == {parent.version: "in use by a reader"}
+    assert parent.tensors("learned.safetensors")["w"][0, 0] == 1

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
+from cli_helpers import run_without_torch
 
 RUNTIME_MODULES = [
     "edgeclip.bundle",
@@ -24,12 +22,6 @@ RUNTIME_MODULES = [
     "edgeclip.edgeapp.tasks",
     "edgeclip.export.compose",
 ]
-
-
-def run_without_torch(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    preamble = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import torch_blocker\n"
-    return subprocess.run([sys.executable, "-c", preamble + code], capture_output=True, text=True, timeout=300, check=False,
-                          env=env)
 
 
 def test_blocker_really_blocks_torch() -> None:

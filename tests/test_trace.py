@@ -16,11 +16,6 @@ from edgeclip.export.trace import PARITY_ATOL, ExportParityError, check_parity
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def graphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return eh.tiny_graphs(tmp_path_factory.getbasetemp())
-
-
 def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 

@@ -24,14 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import msgspec
 import numpy as np
 
-from edgeclip.bundle import sha256_of, weights_label
+from edgeclip.bundle import sha256_of
 from edgeclip.errors import BackboneLoadError, MissingExtraError, UnknownModelError, UsageError
 from edgeclip.layout import HF_TOKENIZER_FILE, VOCAB_FILE
+from edgeclip.manifest import Weights
 from edgeclip.models import CONFIG_DIR
 from edgeclip.tokenizer import ClipTokenizer, HFTokenizer, default_vocab_path
-from edgeclip.train.registry import learner_spec
+from edgeclip.train.registry import get_learner
 
 _HUB_HOST = ("huggingface.co", 443)
 log = logging.getLogger(__name__)
@@ -95,38 +97,6 @@ AWKWARD_LABELS = [
     " ".join(f"word{i}" for i in range(120)),
     "x " * 76,
 ]
-
-
-@dataclass(frozen=True)
-class WeightsSource:
-    """Where the weights come from, as recorded in the bundle manifest.
-
-    ``kind`` is ``random`` (seeded), ``tag`` (an open_clip pretrained tag) or ``file``.
-    ``ref`` is the seed, the tag, or the file's path; ``sha256`` is set for files.
-    ``quick_gelu``: the activation decided once at init (``decide_quick_gelu``) and used by every
-    later load; None in bundles made before it was recorded (then decided again the same way).
-    """
-
-    kind: str
-    ref: str
-    sha256: str | None = None
-    quick_gelu: bool | None = None
-
-    @property
-    def label(self) -> str:
-        """Short text for reports: every output that used random weights says so."""
-        return weights_label(self.to_dict())
-
-    def to_dict(self) -> dict[str, Any]:
-        """The manifest's ``backbone.weights`` record."""
-        return {"kind": self.kind, "ref": self.ref, "sha256": self.sha256, "quick_gelu": self.quick_gelu}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "WeightsSource":
-        """Read a manifest's ``backbone.weights`` record (KeyError when ``kind`` or ``ref`` is missing)."""
-        qg = data.get("quick_gelu")
-        return cls(kind=data["kind"], ref=str(data["ref"]), sha256=data.get("sha256"),
-                   quick_gelu=None if qg is None else bool(qg))
 
 
 def model_config(model: str) -> dict[str, Any]:
@@ -236,7 +206,7 @@ def _download_hint(open_clip: Any, model: str, tag: str) -> str:
 
 def resolve_weights(
     model: str, pretrained: str | None, random_weights: bool = False, seed: int = 0
-) -> WeightsSource:
+) -> Weights:
     """Check the model name and the weights request before anything heavy is built.
 
     Raises UnknownModelError for a name open_clip does not know, BackboneLoadError for an
@@ -250,7 +220,7 @@ def resolve_weights(
     if random_weights:
         if pretrained:
             raise BackboneLoadError("Give either --pretrained or --random-weights, not both.")
-        return WeightsSource("random", str(seed), quick_gelu=decide_quick_gelu(model, "random", str(seed)))
+        return Weights("random", str(seed), quick_gelu=decide_quick_gelu(model, "random", str(seed)))
     if not pretrained:
         raise BackboneLoadError(
             f"No weights given for '{model}': pass --pretrained TAG (e.g. 'openai') or a local "
@@ -258,7 +228,7 @@ def resolve_weights(
         )
     path = Path(pretrained).expanduser()
     if path.is_file():
-        return WeightsSource("file", str(path.resolve()), sha256_of(path),
+        return Weights("file", str(path.resolve()), sha256_of(path),
                              quick_gelu=decide_quick_gelu(model, "file", str(path)))
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained.lower() not in [t.lower() for t in tags]:
@@ -269,7 +239,7 @@ def resolve_weights(
             f"'{pretrained}' is neither a file nor a pretrained tag of '{model}'. Known tags: {choices}"
         )
     tag = pretrained.lower()
-    return WeightsSource("tag", tag, quick_gelu=decide_quick_gelu(model, "tag", tag))
+    return Weights("tag", tag, quick_gelu=decide_quick_gelu(model, "tag", tag))
 
 
 def _cached_tag_file(open_clip: Any, model: str, tag: str) -> str | None:
@@ -530,7 +500,7 @@ class Backbone:
     """A frozen open_clip model with the facts the bundle records about it."""
 
     name: str
-    source: WeightsSource
+    source: Weights
     model: Any  # open_clip.CLIP / CustomTextCLIP, eval mode, requires_grad False
     preprocess: dict[str, Any]
     embed_dim: int
@@ -549,7 +519,7 @@ class Backbone:
         ``context_length``, ``image_tower`` and ``text`` (see ``text_side``)."""
         if self.text is None:
             self.text = text_side(self.name, self.model)
-        return {"model": self.name, "weights": self.source.to_dict(), "embed_dim": self.embed_dim,
+        return {"model": self.name, "weights": msgspec.to_builtins(self.source), "embed_dim": self.embed_dim,
                 "context_length": self.context_length, "image_tower": image_tower(self.model),
                 "text": dict(self.text.spec)}
 
@@ -612,7 +582,7 @@ def moe_refusal(backbone: Backbone) -> str | None:
 
 def check_method(backbone: Backbone, method: str) -> None:
     """Refuse a learner the backbone cannot run (``UsageError``, one line): MoE needs a ViT."""
-    if learner_spec(method).learns_from == "images":  # adapters go into the backbone's blocks
+    if get_learner(method).learns_from_images:  # adapters go into the backbone's blocks
         reason = moe_refusal(backbone)
         if reason:
             raise UsageError(reason)
@@ -623,7 +593,7 @@ def load_backbone(
     pretrained: str | None = None,
     random_weights: bool = False,
     seed: int = 0,
-    source: WeightsSource | None = None,
+    source: Weights | None = None,
     tokenizer: str | None = None,
 ) -> Backbone:
     """Build a frozen open_clip model. ``source`` (from a bundle) replaces the other weight arguments.
@@ -693,7 +663,7 @@ def load_backbone(
     text = text_side(model, clip, tokenizer)
     return Backbone(
         name=model,
-        source=WeightsSource(source.kind, source.ref, source.sha256, quick_gelu),
+        source=Weights(source.kind, source.ref, source.sha256, quick_gelu),
         model=clip,
         preprocess=preprocess,
         embed_dim=embed_dim,

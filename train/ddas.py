@@ -20,13 +20,14 @@ import numpy as np
 
 from edgeclip.errors import BundleError, UsageError
 from edgeclip.extras import import_torch_module
+from edgeclip.manifest import DEFAULT_GATE_K, DEFAULT_GATE_QUANTILE
 
-QUANTILE = 0.95  # threshold = this quantile of a task's held-out reconstruction errors
+QUANTILE = DEFAULT_GATE_QUANTILE  # threshold = this quantile of a task's held-out reconstruction errors
 # The smallest threshold (mean squared residual per coordinate): a task whose held-out images are all
 # reconstructed exactly (identical images) still accepts its own images and those within float noise.
 MIN_THRESHOLD = 1e-7
 HOLDOUT = 0.2
-K = 4  # principal directions of the linear gate (measured best, docs/LEARNERS.md)
+K = DEFAULT_GATE_K  # principal directions of the linear gate (measured best, docs/LEARNERS.md)
 ROUTE_RULES = ("nearest", "ratio")
 ROUTE_RULE = "nearest"  # measured on real images: "ratio" sends a tight domain's images to a broad one
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -32,13 +31,11 @@ from edgeclip.layout import (
     TASK_TEXT,
     ZS_TEXT,
     gate_key,
-    rail_key,
 )
-from edgeclip.manifest import parse_section
+from edgeclip.manifest import DEFAULT_KERNEL_GAMMA, Manifest
 from edgeclip.train import ddas, fusion
 from edgeclip.train.ddas import ROUTE_RULE, ROUTE_RULES
-from edgeclip.train.rail import RailDual, RailPrimal
-from edgeclip.train.registry import LEARNERS, LearnerSpec, learner_spec
+from edgeclip.train.registry import METHOD_NAMES, Learner, get_learner
 
 FUSIONS = ("ddas", "paper")
 
@@ -57,7 +54,7 @@ def learned_tensors(
 
     zs_text: [C,D] float32; task_sizes: [T] class counts; gate_states: each task's autoencoder
     `.state()` (edgeclip.train.ddas); head_state: at least the learner's head keys
-    (``registry.learner_spec(method).head_keys``; other keys, the learning state, are left out): the RAIL
+    (``registry.get_learner(method).head_keys``; other keys, the learning state, are left out): the RAIL
     learner's `.state()`, or for MoE {"task_text": [C,D]} (the tasks' adapted text classifiers in global
     class order, rows L2-normalised as `moe.text_classifier` gives). Names of the keys: ``edgeclip.layout``.
     Returns name -> array (float32; ``task.size``, ``task.offset``, ``gate.k`` int64). Raises UsageError on
@@ -66,7 +63,7 @@ def learned_tensors(
     """
     if gate_kind not in GATE_KEYS:
         raise UsageError(f"unknown gate kind {gate_kind!r}; known: {sorted(GATE_KEYS)}")
-    learner = learner_spec(method)
+    learner = get_learner(method)
     if len(gate_states) != len(task_sizes):
         raise UsageError(f"{len(gate_states)} gates for {len(task_sizes)} tasks")
     sizes = np.asarray(task_sizes, dtype=np.int64)
@@ -76,9 +73,7 @@ def learned_tensors(
         out.update(_stack_gates(gate_kind, gate_states))
     for key in learner.head_keys:
         out[learner.tensor_name(key)] = np.asarray(head_state[key], np.float32)
-    if learner.head == "adapted-text" and out[TASK_TEXT].shape != (int(sizes.sum()), out[ZS_TEXT].shape[1]):
-        raise UsageError(f"task_text must be [{int(sizes.sum())}, {out[ZS_TEXT].shape[1]}] (one row per "
-                         f"learned class), got {list(out[TASK_TEXT].shape)}")
+    learner.check_head(out, int(sizes.sum()), out[ZS_TEXT].shape[1])
     return out
 
 
@@ -137,9 +132,9 @@ class DecisionSpec:
     kernel_gamma: float
 
     @property
-    def learner(self) -> LearnerSpec:
-        """The method's registry entry."""
-        return learner_spec(self.method)
+    def learner(self) -> type[Learner]:
+        """The method's learner class (``edgeclip.train.registry``)."""
+        return get_learner(self.method)
 
     @property
     def n_tasks(self) -> int:
@@ -152,61 +147,39 @@ class DecisionSpec:
         return int(self.sizes.sum())
 
     @classmethod
-    def from_bundle(cls, learned: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> DecisionSpec:
-        """The spec of a bundle version: ``learned`` (learned.safetensors' tensors) and its manifest dict.
+    def from_bundle(cls, learned: Mapping[str, np.ndarray], meta: Manifest) -> DecisionSpec:
+        """The spec of a bundle version: ``learned`` (learned.safetensors' tensors) and its typed manifest.
 
         Raises BundleError on an unknown fusion, method or routing rule, task sizes or offsets that
-        disagree with the manifest's tasks, or a non-positive threshold; KeyError on a manifest without
-        ``method.name``.
+        disagree with the manifest's tasks, or a non-positive threshold.
         """
-        # typed sections, with the defaults of edgeclip.manifest
-        method_section, gate = parse_section(manifest, "method"), parse_section(manifest, "gate")
-        method, settings, tasks = method_section.name, method_section.settings, manifest.get("tasks", [])
+        gate, tasks = meta.gate, meta.tasks
+        method, settings = meta.method.name, meta.method.settings
         fusion = settings.fusion
         if fusion not in FUSIONS:
             raise BundleError(f"unknown fusion rule {fusion!r}; known: {FUSIONS}")
-        if method not in LEARNERS:
-            raise BundleError(f"unknown method {method!r}; known: {', '.join(LEARNERS)}")
+        if method not in METHOD_NAMES:
+            raise BundleError(f"unknown method {method!r}; known: {', '.join(METHOD_NAMES)}")
         sizes = np.asarray(learned.get(TASK_SIZE, np.zeros(0, np.int64)), np.int64)
         offsets = np.asarray(learned.get(TASK_OFFSET, np.zeros(0, np.int64)), np.int64)
-        if len(sizes) != len(tasks) or [len(t["classes"]) for t in tasks] != sizes.tolist():
+        if len(sizes) != len(tasks) or [len(t.classes) for t in tasks] != sizes.tolist():
             raise BundleError(f"learned tensors describe tasks of sizes {sizes.tolist()}, "
-                              f"the manifest {[len(t['classes']) for t in tasks]}")
+                              f"the manifest {[len(t.classes) for t in tasks]}")
         if not np.array_equal(offsets, np.cumsum(sizes) - sizes):
             raise BundleError(f"task offsets {offsets.tolist()} do not follow the task sizes {sizes.tolist()}")
         route_rule = (gate.settings.route_rule if gate.settings else None) or ROUTE_RULE
         if route_rule not in ROUTE_RULES:
             raise BundleError(f"unknown gate routing rule {route_rule!r}; known: {ROUTE_RULES}")
-        thresholds = np.asarray([float(t["threshold"]) for t in tasks], np.float32)
+        thresholds = np.asarray([float(t.threshold) for t in tasks], np.float32)
         if np.any(~(thresholds > 0)):
             raise BundleError(f"gate thresholds must be positive, got {thresholds.tolist()}")
         return cls(
-            method=method, fusion=fusion, beta=float(settings.beta), logit_scale=float(parse_section(manifest, "zero_shot").logit_scale),
+            method=method, fusion=fusion, beta=float(settings.beta), logit_scale=float(meta.zero_shot.logit_scale),
             gate_kind=gate.kind, route_rule=route_rule, thresholds=thresholds,
             offsets=offsets, sizes=sizes,
-            kernel_gamma=float(settings.gamma_kernel),
+            kernel_gamma=float(getattr(settings, "gamma_kernel", DEFAULT_KERNEL_GAMMA)),
         )
 
-
-
-def rail_head(learned: Mapping[str, np.ndarray], spec: DecisionSpec) -> RailPrimal | RailDual:
-    """The RAIL learner rebuilt from its inference tensors (enough to call `.scores`, not to learn).
-
-    Primal (head "ridge"): ``rail.w_r`` [D,H], ``rail.w`` [H,C]; dual (head "kernel"): ``rail.memory``
-    [N,D], ``rail.alpha`` [N,C] with ``spec.kernel_gamma`` (METHODS.md section 3). KeyError when a
-    tensor is missing.
-    """
-    if spec.learner.head == "ridge":
-        w_r, w = np.asarray(learned[rail_key("w_r")]), np.asarray(learned[rail_key("w")])
-        settings = {"dim": w_r.shape[0], "hidden": w_r.shape[1], "gamma": 1.0, "seed": 0,
-                    "n_classes": w.shape[1], "n_seen": 0}
-        # The statistics A, C are only needed to keep learning; scoring reads w_r and w.
-        return RailPrimal.from_state({"w_r": w_r, "w": w, "a": np.zeros((0, 0)), "c": np.zeros((0, 0))}, settings)
-    head = RailDual(gamma_kernel=spec.kernel_gamma)
-    head.memory = np.asarray(learned[rail_key("memory")], np.float32)
-    head.alpha = np.asarray(learned[rail_key("alpha")], np.float32)
-    head.n_classes = head.alpha.shape[1]
-    return head
 
 
 def paper_route(p_zs: np.ndarray, spec: DecisionSpec) -> np.ndarray:
@@ -239,7 +212,7 @@ Adapt = Callable[[np.ndarray], np.ndarray]  # route [B] -> adapted embeddings [B
 
 
 def gated_reference(embedding: np.ndarray, label_text: np.ndarray, learned: Mapping[str, np.ndarray],
-                    manifest: Mapping[str, Any], adapt: Adapt | None = None) -> dict[str, np.ndarray]:
+                    meta: Manifest, adapt: Adapt | None = None) -> dict[str, np.ndarray]:
     """{"scores" [B,L], "route" [B], "gate_ratio" [B,T]} for image embeddings [B,D].
 
     MoE bundles need `adapt`: given the gate's routes, the images' adapted embeddings (e.g.
@@ -251,7 +224,7 @@ def gated_reference(embedding: np.ndarray, label_text: np.ndarray, learned: Mapp
     and 3). Raises BundleError as ``DecisionSpec.from_bundle`` does, UsageError for an MoE bundle
     without ``adapt`` or on mismatched shapes.
     """
-    spec = DecisionSpec.from_bundle(learned, manifest)
+    spec = DecisionSpec.from_bundle(learned, meta)
     x = np.asarray(embedding, np.float32)
     p_zs = fusion.zero_shot_probs(x, label_text, spec.logit_scale)
     if spec.n_tasks == 0:
@@ -261,13 +234,13 @@ def gated_reference(embedding: np.ndarray, label_text: np.ndarray, learned: Mapp
              for state in gate_states(learned, spec.gate_kind)]
     errors = np.stack([gate.errors(x) for gate in gates], axis=1)  # [B,T]
     route, ratios = ddas.route(errors, spec.thresholds, spec.route_rule)
-    if spec.learner.head == "adapted-text":
+    if spec.learner.learns_from_images:
         if adapt is None:
             raise UsageError("the MoE reference needs the adapted embeddings (adapt)")
         s_moe = moe_scores(adapt(route), route, learned[TASK_TEXT], spec)
         scores = fusion.fuse_gated(p_zs, s_moe, route, spec.offsets, spec.sizes, beta=1.0)
         return {"scores": scores, "route": route, "gate_ratio": ratios.astype(np.float32)}
-    s_a = rail_head(learned, spec).scores(x)
+    s_a = spec.learner.scoring_head(learned, spec).scores(x)
     if spec.fusion == "ddas":
         scores = fusion.fuse_gated(p_zs, s_a, route, spec.offsets, spec.sizes, spec.beta)
     else:

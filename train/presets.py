@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edgeclip.errors import UsageError
+from edgeclip.train.registry import get_learner
 
 # The MTIL order (METHODS.md section 4); X-TAIL is the same without CIFAR100.
 MTIL_ORDER = ("aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers", "food", "mnist",
@@ -108,8 +109,8 @@ class Preset:
 
     def init_settings(self) -> dict[str, Any]:
         """What ``edgeclip init --preset`` sets (CLI option names)."""
-        if self.method == "moe":
-            return {"method": "moe", "seed": self.seed, "experts": self.experts, "freeze_rule": self.freeze_rule,
+        if get_learner(self.method).learns_from_images:
+            return {"method": self.method, "seed": self.seed, "experts": self.experts, "freeze_rule": self.freeze_rule,
                     "batch_size": self.batch_size, "encoders": "image,text"}
         return {"method": self.method, "seed": self.seed, "hidden": self.hidden, "beta": self.beta,
                 "fusion": self.fusion}
@@ -160,7 +161,3 @@ def get_preset(name: str | None) -> Preset | None:
     if name not in PRESETS:
         raise UsageError(f"Unknown preset '{name}'; expected one of {', '.join(PRESETS)}.")
     return PRESETS[name]
-
-
-def method_family(method: str) -> str:
-    return "moe" if method == "moe" else "rail"

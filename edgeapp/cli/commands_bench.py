@@ -56,7 +56,7 @@ def bench(
     columns = ("backend", "precision", "graph", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "gated/plain p50",
                "vs fp32 p50")
     table = new_table(*columns, right=columns,
-                      title=markup(f"{loaded.root} {loaded.version}: {loaded.manifest['backbone']['model']}, {loaded.weights_label}"))
+                      title=markup(f"{loaded.root} {loaded.version}: {loaded.meta.backbone.model}, {loaded.weights_label}"))
     by_key = {(r.precision, r.graph, r.batch_size): r for r in results}
     for r in results:
         plain = by_key[(r.precision, "plain", r.batch_size)]

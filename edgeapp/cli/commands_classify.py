@@ -189,6 +189,7 @@ def classify(
     finally:
         writer.close()
         if session is not None:
+            batches.close()  # the Ray job stops before Ray does
             session.close()
     elapsed = time.perf_counter() - start
     if verbose:
@@ -267,10 +268,10 @@ def _writer(fmt: OutputFormat, output: Path | None, loaded: "Bundle", images: li
         writer = CsvWriter(stream, min(top_k, len(label_space.names)))
     else:
         weights = " - random weights" if loaded.random_weights else ""
-        title = visible(f"{loaded.root} {loaded.version} ({loaded.manifest['backbone']['model']}{weights})")
+        title = visible(f"{loaded.root} {loaded.version} ({loaded.meta.backbone.model}{weights})")
         width = out_console().width if output is None and stdout_is_terminal() else None
         writer = TableWriter(stream, title, [os.fspath(p) for p in images], label_space.shown_names(),
-                             [t["name"] for t in loaded.tasks], width, label_space.ambiguous)
+                             [t.name for t in loaded.tasks], width, label_space.ambiguous)
     writer.owned = file
     return writer
 

@@ -102,7 +102,9 @@ def eval_command(
     Prints the accuracy matrix, Transfer / Average / Last and the routing accuracy; writes
     results.json and matrix.png (a heatmap) to --out. The bundle must have no task yet (edgeclip init).
     """
-    from edgeclip.edgeapp.evaluate import run_protocols, run_summary, write_heatmap
+    from edgeclip.edgeapp.eval_heatmap import write_heatmap
+    from edgeclip.edgeapp.eval_summary import run_summary
+    from edgeclip.edgeapp.evaluate import run_protocols
     from edgeclip.train.presets import get_preset
 
     source = require_bundle(bundle_path(bundle))

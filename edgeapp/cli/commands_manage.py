@@ -18,7 +18,8 @@ from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle
 from edgeclip.discover import display_path
 from edgeclip.edgeapp.cli.output import Interrupted, is_utf, markup, visible
 from edgeclip.errors import UsageError
-from edgeclip.train.registry import METHOD_NAMES, learner_spec
+from edgeclip.manifest import DEFAULT_BETA, DEFAULT_FUSION, DEFAULT_GATE_KIND, DEFAULT_HIDDEN, full_dict
+from edgeclip.train.registry import METHOD_NAMES, get_learner
 from edgeclip.version import __version__
 
 # --method's choices: the learner registry's names (rail-primal, rail-dual, moe)
@@ -38,18 +39,18 @@ def init(
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Seeded random weights (offline tests and demos only).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random weights and of the learners.")] = 0,
     method: Annotated[Method, typer.Option(help=f"Continual learner: {', '.join(METHOD_NAMES)}.")] = Method("rail-primal"),
-    hidden: Annotated[int, typer.Option(min=1, help="RAIL primal: random hidden layer size (paper 15000). add-task folds each new image into the inverse autocorrelation matrix, kept beside the versions in BUNDLE/cache/rail (4*hidden^2 bytes: 0.9 GB at 15000), with ~0.3 GB of working memory whatever was learned before.")] = 15000,
-    beta: Annotated[float, typer.Option(min=0.0, max=1.0, help="RAIL: weight of the learned scores in the fusion.")] = 0.8,
-    fusion: Annotated[str, typer.Option(help="RAIL: 'ddas' (gate by autoencoders, default) or 'paper' (zero-shot top-1).")] = "ddas",
-    gate: Annotated[str, typer.Option(help="DDAS autoencoder: 'linear' (closed form, torch-free) or 'mlp'.")] = "linear",
+    hidden: Annotated[Optional[int], typer.Option(min=1, show_default=False, help=f"RAIL primal: random hidden layer size (default and paper {DEFAULT_HIDDEN}). add-task folds each new image into the inverse autocorrelation matrix, kept beside the versions in BUNDLE/cache/rail (4*hidden^2 bytes: 0.9 GB at 15000), with ~0.3 GB of working memory whatever was learned before.")] = None,
+    beta: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, show_default=False, help=f"RAIL: weight of the learned scores in the fusion (default {DEFAULT_BETA}).")] = None,
+    fusion: Annotated[Optional[str], typer.Option(show_default=False, help=f"RAIL: 'ddas' (gate by autoencoders) or 'paper' (zero-shot top-1); default '{DEFAULT_FUSION}'.")] = None,
+    gate: Annotated[Optional[str], typer.Option(show_default=False, help=f"DDAS autoencoder: 'linear' (closed form, torch-free) or 'mlp'; default '{DEFAULT_GATE_KIND}'.")] = None,
     labels: Annotated[Optional[str], typer.Option(help='Default zero-shot labels, comma separated.')] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="SigLIP and other Hugging Face tokenizer models: their tokenizer.json (or its folder); default: the local Hugging Face cache.")] = None,
-    experts: Annotated[int, typer.Option(min=2, help="MoE: experts per block (paper 22).")] = 22,
+    experts: Annotated[Optional[int], typer.Option(min=2, show_default=False, help="MoE: experts per block (default: the paper's 22).")] = None,
     last_blocks: Annotated[Optional[int], typer.Option(min=1, help="MoE: adapters only in the last N blocks of each encoder (default all).")] = None,
     encoders: Annotated[str, typer.Option(help="MoE: adapted encoders, 'image,text' (paper), 'image' or 'text'.")] = "image,text",
-    freeze_rule: Annotated[str, typer.Option(help="MoE activate-freeze: 'strict' (learned tasks never drift) or 'paper'.")] = "strict",
-    batch_size: Annotated[int, typer.Option(min=1, help="MoE: training batch size (paper 64).")] = 64,
-    lr: Annotated[float, typer.Option(min=0.0, help="MoE: AdamW learning rate (paper: 1e-4 to 5e-3 per dataset; --preset moe-paper sets them).")] = 1e-3,
+    freeze_rule: Annotated[Optional[str], typer.Option(show_default=False, help="MoE activate-freeze: 'strict' (learned tasks never drift; default) or 'paper'.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, show_default=False, help="MoE: training batch size (default: the paper's 64).")] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, show_default=False, help="MoE: AdamW learning rate (default 1e-3; paper: 1e-4 to 5e-3 per dataset; --preset moe-paper sets them).")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Every paper default in one word: moe-paper or rail-paper (overrides the options it sets; docs/FULL_SCALE.md lists them).")] = None,
     keep: Annotated[int, typer.Option(min=0, help="Retention: after each new version (add-task, export --int8) keep only the current one and its N-1 nearest ancestors (0: keep all; see 'edgeclip prune').")] = 0,
     quiet: QuietOpt = False,
@@ -65,7 +66,7 @@ def init(
         values = chosen.init_settings()
         method = Method(values["method"])
         seed = values["seed"]
-        if chosen.method == "moe":
+        if get_learner(chosen.method).learns_from_images:
             experts, freeze_rule, batch_size, encoders = (values["experts"], values["freeze_rule"],
                                                           values["batch_size"], values["encoders"])
             preset_train = {"preset": chosen.name, "warmup": chosen.warmup, "warmup_rule": chosen.warmup_rule,
@@ -73,8 +74,9 @@ def init(
                             "lr_by_dataset": {"full": dict(chosen.lr_full), "few": dict(chosen.lr_few)}}
         else:
             hidden, beta, fusion = values["hidden"], values["beta"], values["fusion"]
-    moe = {"n_experts": experts, "last_blocks": last_blocks,
-           "encoders": [e.strip() for e in encoders.split(",") if e.strip()]}
+    moe = {k: v for k, v in {"n_experts": experts, "last_blocks": last_blocks,
+                             "encoders": [e.strip() for e in encoders.split(",") if e.strip()]}.items() if v is not None}
+    moe_train = {k: v for k, v in {"freeze_rule": freeze_rule, "batch_size": batch_size, "lr": lr}.items() if v is not None}
     root = bundle_path(bundle)
     from edgeclip.extras import import_torch_module
 
@@ -85,7 +87,7 @@ def init(
         created = create(root, model, pretrained, method=method.value, random_weights=random_weights, seed=seed,
                          zero_shot_labels=parse_labels(labels, None), tokenizer=tokenizer, keep=keep, hidden=hidden,
                          beta=beta, fusion=fusion, gate_kind=gate, moe=moe,
-                         moe_train={"freeze_rule": freeze_rule, "batch_size": batch_size, "lr": lr, **preset_train}).bundle
+                         moe_train={**moe_train, **preset_train}).bundle
     if not quiet:
         err_console().print(markup(f"created {root} ({created.version}): {model}, {created.weights_label}, method {method.value}"),
                             highlight=False)
@@ -116,7 +118,7 @@ def add_task(
     if name is not None and not name.strip():
         raise UsageError("--name is empty: give the task a name, or leave --name out to use the folder's")
     root = require_bundle(bundle_path(bundle))
-    if lr is not None and learner_spec(Bundle.open(root).method).learns_from != "images":
+    if lr is not None and not get_learner(Bundle.open(root).method).learns_from_images:
         raise typer.BadParameter("the learning rate applies to MoE bundles only (RAIL learns in closed form)",
                                  param_hint="--lr")
     try:
@@ -128,9 +130,9 @@ def add_task(
         raise Interrupted(f"interrupted: nothing was learned; {visible(root)} is still at {current_version(root)}") from exc
     if not quiet:
         task = learned.tasks[-1]
-        unreadable = f", {task['unreadable_images']} unreadable left out" if task.get("unreadable_images") else ""
+        unreadable = f", {task.unreadable_images} unreadable left out" if task.unreadable_images else ""
         err_console().print(markup(
-            f"learned task '{task['name']}' ({len(task['classes'])} classes, {task['n_images']} images{unreadable}) "
+            f"learned task '{task.name}' ({len(task.classes)} classes, {task.n_images} images{unreadable}) "
             f"-> {learned.root} {learned.version} [{learned.weights_label}]; "
             f"bundle size on disk {format_size(disk_usage(learned.root))}"), highlight=False)
 
@@ -147,8 +149,8 @@ def tasks(
             "version": loaded.version,
             "versions": list_versions(loaded.root),
             "method": loaded.method,
-            "weights": loaded.manifest["backbone"]["weights"],
-            "tasks": loaded.tasks,
+            "weights": full_dict(loaded.meta.backbone.weights),
+            "tasks": full_dict(loaded.tasks),
         }
         typer.echo(json.dumps(data, indent=2, ensure_ascii=not is_utf(sys.stdout)))
         return
@@ -156,9 +158,9 @@ def tasks(
                       title=markup(f"{loaded.root} {loaded.version} - {loaded.method}, {loaded.weights_label}"),
                       right=("#", "images", "threshold"))
     for i, task in enumerate(loaded.tasks):
-        shown = ", ".join(task["classes"][:6]) + (" ..." if len(task["classes"]) > 6 else "")
-        table.add_row(str(i), markup(task["name"]), markup(f"{len(task['classes'])}: {shown}"), str(task["n_images"]),
-                      f"{task['threshold']:.4g}", markup(task["created_at"]))
+        shown = ", ".join(task.classes[:6]) + (" ..." if len(task.classes) > 6 else "")
+        table.add_row(str(i), markup(task.name), markup(f"{len(task.classes)}: {shown}"), str(task.n_images),
+                      f"{task.threshold:.4g}", markup(task.created_at or "-"))
     out_console().print(table)
     if not loaded.tasks:
         err_console().print("no task learned yet: zero-shot only")
@@ -285,13 +287,11 @@ def info(bundle: BundleOpt = None) -> None:
     except Exception as exc:  # info must work without a bundle
         rows.append(("bundle", f"{root}: {exc}"))
     else:
-        backbone = loaded.manifest["backbone"]
-        settings = loaded.manifest["method"]["settings"]
         rows += [
             ("bundle", f"{loaded.root} ({loaded.version}; versions {', '.join(list_versions(loaded.root))})"),
-            ("backbone", f"{backbone['model']}, {loaded.weights_label}"),
-            ("method", loaded.method + (f", fusion {settings['fusion']}" if settings.get("fusion") else "")),
-            ("tasks", ", ".join(t["name"] for t in loaded.tasks) or "none (zero-shot only)"),
+            ("backbone", f"{loaded.meta.backbone.model}, {loaded.weights_label}"),
+            ("method", f"{loaded.method}, fusion {loaded.meta.method.settings.fusion}"),
+            ("tasks", ", ".join(t.name for t in loaded.tasks) or "none (zero-shot only)"),
             ("classes", len(loaded.learned_classes)),
             ("size on disk", format_size(disk_usage(loaded.root))),
         ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 import sys
 
-EXIT_INTERRUPTED = 130
+from edgeclip.edgeapp.cli.exit_codes import EXIT_INTERRUPTED
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from rich.markup import escape
 
-from edgeclip.edgeapp.cli.entry import EXIT_INTERRUPTED  # noqa: E402,F401 - defined once, in the entry point
+from edgeclip.edgeapp.cli.exit_codes import EXIT_INTERRUPTED
 from edgeclip.errors import EdgeclipError
 
 

@@ -206,7 +206,13 @@ class TableWriter(ResultWriter):
             if p.error:
                 cells[1], cells[4] = "[red]error[/]", f"[red]{cells[4]}[/]"
             table.add_row(*cells)
-        Console(file=self._stream(), width=self.width, highlight=False).print(table)
+        # Rendered to text, then written to the stream: a Console given the progress bar's stdout proxy
+        # writes past it to the real terminal (rich unwraps it), so each batch's first line (the header)
+        # landed on the bar's line; through the proxy the bar moves below the rows.
+        console = Console(width=self.width, highlight=False, force_terminal=True)
+        with console.capture() as captured:
+            console.print(table)
+        self._emit(captured.get())
 
 
 def stdout() -> TextIO:

@@ -4,7 +4,8 @@ A reader (``Bundle.open``) holds a shared ``flock`` on its version's folder for 
 ``Bundle`` lives (or until ``Bundle.release``). ``prune`` removes a version only after taking an
 exclusive ``flock`` on that folder without waiting; a version some reader holds is kept and removed
 by a later prune. The kernel drops the locks of a process that dies, so a killed reader never holds
-a version for ever. Nothing is written: a read-only bundle is leased just the same.
+a version for ever. Nothing is written: a read-only bundle is leased just the same. On a file system
+without ``flock`` (some network mounts) there are no leases, and prune removes what its plan says.
 
 A reader that asks for the current version and finds it removed between reading ``CURRENT`` and
 taking its lease reads ``CURRENT`` again (``Bundle.open``), so it always gets one whole version.
@@ -57,6 +58,9 @@ def take_lease(folder: Path) -> Lease | None:
     except (BlockingIOError, FileNotFoundError):
         os.close(fd)
         raise VersionGone(str(folder)) from None
+    except OSError:  # a file system without flock (ENOLCK, EOPNOTSUPP): no leases there
+        os.close(fd)
+        return None
     except BaseException:
         os.close(fd)
         raise
@@ -78,6 +82,8 @@ def removal_lock(folder: Path) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
+        except OSError:  # a file system without flock: no reader can hold a lease there either
+            pass
         yield True
     finally:
         os.close(fd)

@@ -15,7 +15,22 @@ from edgeclip.errors import BundleError
 from edgeclip.store.fs import CURRENT, GRAPH_STORE, LOCK, STORE_TMP, io_errors
 from edgeclip.store.stamps import stamps_dir
 
-LOCK_WAIT_S = float(os.environ.get("EDGECLIP_LOCK_WAIT", "30"))  # how long a writer waits for the lock
+LOCK_WAIT_S = 30.0  # how long a writer waits for the lock, unless EDGECLIP_LOCK_WAIT says otherwise
+
+
+def lock_wait_s() -> float:
+    """Seconds a writer waits for the lock: ``EDGECLIP_LOCK_WAIT`` (read at each call), else
+    ``LOCK_WAIT_S``; BundleError for a value that is not a number >= 0."""
+    text = os.environ.get("EDGECLIP_LOCK_WAIT")
+    if text is None:
+        return LOCK_WAIT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise BundleError(f"EDGECLIP_LOCK_WAIT={text[:40]!r}: expected a number of seconds >= 0")
+    return value
 _STALE_TMP_S = 120.0  # temporary files older than this are removed by the next writer
 
 
@@ -28,7 +43,7 @@ def writer_lock(root: Path, wait: float | None = None) -> Iterator[None]:
     ``LOCK_WAIT_S``, env ``EDGECLIP_LOCK_WAIT``) for another writer, then raises BundleError."""
     import fcntl
 
-    wait = LOCK_WAIT_S if wait is None else wait
+    wait = lock_wait_s() if wait is None else wait
     with io_errors(root, "write"):
         root.mkdir(parents=True, exist_ok=True)
         try:

@@ -9,12 +9,12 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from edgeclip.errors import BundleError
-from edgeclip.manifest import SCHEMA_VERSION, VERSION_RE, Manifest, check_version_name, validate_manifest
+from edgeclip.manifest import SCHEMA_VERSION, VERSION_RE, Manifest, Task, Weights, check_version_name, validate_manifest
 from edgeclip.store.fs import (
     CURRENT,
     MANIFEST,
@@ -86,15 +86,15 @@ def manifest_identity(root: Path, version: str) -> str:
         raise BundleError(f"Bundle {root}: version {version} is gone or unreadable ({type(exc).__name__}).") from None
 
 
-def weights_label(weights: Mapping[str, Any]) -> str:
+def weights_label(weights: Weights) -> str:
     """Short text for reports of a manifest's `backbone.weights`: every output that used random
     weights says so."""
-    ref = str(weights["ref"])
-    if weights["kind"] == "random":
+    ref = str(weights.ref)
+    if weights.kind == "random":
         return f"random weights (seed {ref})"
-    if weights["kind"] == "tag":
+    if weights.kind == "tag":
         return f"pretrained '{ref}'"
-    sha = weights.get("sha256")
+    sha = weights.sha256
     return f"checkpoint {Path(ref).name} (sha256 {sha[:12] if sha else '?'})"
 
 
@@ -109,7 +109,7 @@ class Bundle:
     root: Path
     version: str
     manifest: dict[str, Any]
-    meta: Manifest | None = None
+    meta: Manifest
     verify_hashes: bool = True
     _verified: set[str] = field(default_factory=set, repr=False)
     _stamps: dict[str, list[Any]] | None = field(default=None, repr=False)
@@ -166,9 +166,20 @@ class Bundle:
 
     def release(self) -> None:
         """Let go of this version's reader lease (a later prune may then remove it). The Bundle must
-        not read files afterwards."""
+        not read files afterwards, unless ``relock`` took the lease again."""
         if self._lease is not None:
             self._lease.release()
+
+    def relock(self) -> bool:
+        """Take this version's lease again after ``release``, if the version still exists (a writer does
+        this for its parent after retention ran). Returns whether the Bundle holds a lease now."""
+        if self._lease is not None and self._lease.held:
+            return True
+        try:
+            self._lease = take_lease(self.dir)
+        except VersionGone:
+            self._lease = None
+        return self._lease is not None
 
     # -- files -------------------------------------------------------------------------
     def _location(self, name: str) -> tuple[Path, str]:
@@ -328,29 +339,29 @@ class Bundle:
 
     # -- facts used everywhere -----------------------------------------------------------
     @property
-    def tasks(self) -> list[dict[str, Any]]:
-        """The manifest's task records, in learning order (``[]`` before the first add-task)."""
-        return self.manifest.get("tasks", [])
+    def tasks(self) -> list[Task]:
+        """The typed task records, in learning order (``[]`` before the first add-task)."""
+        return self.meta.tasks
 
     @property
     def method(self) -> str:
         """The learner's name: ``rail-primal``, ``rail-dual`` or ``moe``."""
-        return self.manifest["method"]["name"]
+        return self.meta.method.name
 
     @property
     def learned_classes(self) -> list[str]:
         """The learned label space: every task's classes, in task order."""
-        return [c for task in self.tasks for c in task["classes"]]
+        return [c for task in self.tasks for c in task.classes]
 
     @property
     def weights_label(self) -> str:
         """Short text naming the backbone weights (``bundle.weights_label``); says when they are random."""
-        return weights_label(self.manifest["backbone"]["weights"])
+        return weights_label(self.meta.backbone.weights)
 
     @property
     def random_weights(self) -> bool:
         """True when the backbone has seeded random weights (results then mean nothing about CLIP)."""
-        return self.manifest["backbone"]["weights"]["kind"] == "random"
+        return self.meta.backbone.weights.kind == "random"
 
     def new_version(self) -> "VersionWriter":
         """Start writing the next version, inheriting every file of this one. Raises BundleError

@@ -198,7 +198,7 @@ def _collect_graph_store(root: Path) -> list[str]:
 def _retention_keep(root: Path, keep: int | None) -> int:
     if keep is None:
         bundle = Bundle.open(root, verify_hashes=False)
-        keep = int(bundle.manifest.get("retention", {}).get("keep", 0) or 0) or 1
+        keep = bundle.meta.retention.keep or 1
         bundle.release()
     if keep < 1:
         raise BundleError("--keep must be at least 1 (the current version is always kept).")
@@ -255,7 +255,7 @@ def version_history(root: Path | str) -> list[dict[str, Any]]:
     for name in list_versions(root):
         record: dict[str, Any] = {"version": name, "current": name == now}
         try:
-            manifest = read_manifest(root, name)[0]
+            manifest, meta = read_manifest(root, name)
         except BundleError as exc:
             if not os.path.lexists(root / "versions" / name):
                 continue  # pruned meanwhile: gone, not damaged
@@ -272,7 +272,7 @@ def version_history(root: Path | str) -> list[dict[str, Any]]:
         for key in inodes:
             owners.setdefault(key, set()).add(name)
         record.update(parent=manifest.get("parent"), created_at=manifest.get("created_at"),
-                      tasks=[t["name"] for t in manifest.get("tasks", [])],
+                      tasks=[t.name for t in meta.tasks],
                       size=sum(e.get("size", 0) for e in manifest["files"].values()), _inodes=inodes)
         records.append(record)
     by_name = {r["version"]: r.get("_inodes", set()) for r in records}
@@ -295,8 +295,8 @@ def set_retention(root: Path | str, keep: int) -> Bundle:
         raise BundleError("--keep must be 0 (keep all) or more.")
     bundle = Bundle.open(root)
     with bundle.new_version() as writer:
-        writer.manifest["retention"] = {"keep": int(keep)}
-    return Bundle.open(root)
+        writer.set_retention(keep)
+    return writer.bundle
 
 
 def format_size(n_bytes: int) -> str:

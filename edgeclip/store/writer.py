@@ -16,10 +16,22 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import msgspec
 import numpy as np
 
 from edgeclip.errors import BundleError
-from edgeclip.manifest import SCHEMA_VERSION, VERSION_RE, check_file_name, validate_manifest
+from edgeclip.manifest import (
+    SCHEMA_VERSION,
+    VERSION_RE,
+    FileEntry,
+    Manifest,
+    Quantization,
+    Retention,
+    Task,
+    check_file_name,
+    to_builtins,
+    validate_manifest,
+)
 from edgeclip.store.fs import (
     CURRENT,
     GRAPH_STORE,
@@ -60,7 +72,7 @@ class VersionWriter:
     parent's version, at construction and at commit.
     """
 
-    def __init__(self, root: Path | str, parent: Bundle | None = None, manifest: dict[str, Any] | None = None,
+    def __init__(self, root: Path | str, parent: Bundle | None = None, manifest: Manifest | None = None,
                  final_root: Path | None = None):
         """Take the writer lock and stage a version inheriting ``parent``'s files (hard links),
         or starting from ``manifest`` (``create_bundle``). Raises BundleError when another writer
@@ -68,9 +80,13 @@ class VersionWriter:
         self.root = Path(root)
         self.final_root = final_root  # init: the staged bundle folder is renamed there at commit
         self.parent = parent
-        self.manifest: dict[str, Any] = copy.deepcopy(parent.manifest if parent else (manifest or {}))
-        self._files: dict[str, dict[str, Any]] = dict(self.manifest.get("files", {}))
-        self._tensor_shapes: dict[str, dict[str, list[int]]] = dict(self.manifest.get("tensors", {}))
+        start = parent.meta if parent is not None else manifest
+        if start is None:
+            raise BundleError("a new version needs a parent version or a manifest to start from")
+        self.meta: Manifest = copy.deepcopy(start)  # the typed manifest of the new version (edit it below)
+        self.bundle: Bundle | None = None  # what ``commit`` made (the new version, as written)
+        self._files: dict[str, dict[str, Any]] = {n: msgspec.to_builtins(e) for n, e in self.meta.files.items()}
+        self._tensor_shapes: dict[str, dict[str, list[int]]] = copy.deepcopy(self.meta.tensors)
         self._inherited: dict[str, int] = {}  # name -> inode of the hard link to the parent's file
         self._lock = writer_lock(self.root)
         self._lock.__enter__()
@@ -144,6 +160,10 @@ class VersionWriter:
         self._inherited.pop(name, None)
         return target
 
+    def has(self, name: str) -> bool:
+        """Whether the new version has file ``name`` now (inherited or written)."""
+        return name in self._files
+
     def writable_path(self, name: str) -> Path:
         """A path in the new version for a file another tool writes itself (e.g. onnx.save).
         Raises BundleError on a bad file name."""
@@ -161,10 +181,6 @@ class VersionWriter:
         """Copy the file ``src`` in as ``name`` of the new version. Raises BundleError on a bad file name."""
         shutil.copyfile(src, self._target(name))
         self._files[name] = {"blob": False}
-
-    def write_json(self, name: str, data: Any) -> None:
-        """Write ``data`` as UTF-8 JSON file ``name`` (indented; NaN/Inf raise ValueError)."""
-        self.write_bytes(name, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False).encode("utf-8"))
 
     def write_tensors(self, name: str, arrays: Mapping[str, np.ndarray]) -> None:
         """Write a safetensors file; refuses (BundleError, nothing written) a float tensor holding
@@ -244,7 +260,11 @@ class VersionWriter:
             for name in mine:
                 source, view = self.staged_path(name), work / Path(name).name
                 if name.endswith(".onnx"):
-                    model = onnx.load(str(source), load_external_data=False)
+                    try:
+                        model = onnx.load(str(source), load_external_data=False)
+                    except Exception as exc:  # onnx raises DecodeError and others for a damaged file
+                        raise BundleError(f"Bundle {self.root}: graph '{name}' cannot be read: "
+                                          f"{type(exc).__name__}; run 'edgeclip verify'") from None
                     for tensor in external_tensors(model.graph):
                         for entry in tensor.external_data:
                             if entry.key == "location" and STORED_RE.match(entry.value):
@@ -381,8 +401,8 @@ class VersionWriter:
                 raise BundleError(f"The new version lost its file '{name}' while being written.") from None
             inherited = self._inherited.get(name)
             if inherited is not None and inherited == st.st_ino and self.parent is not None:
-                parent_entry = self.parent.manifest["files"][name]
-                table[name] = {"blob": False, "sha256": parent_entry["sha256"], "size": parent_entry["size"]}
+                parent_entry = self.parent.meta.files[name]
+                table[name] = {"blob": False, "sha256": parent_entry.sha256, "size": parent_entry.size}
             else:
                 with open(path, "rb") as handle:
                     os.fsync(handle.fileno())
@@ -397,18 +417,21 @@ class VersionWriter:
             self._check_parent_is_current()
             name = next_version_name(self.root)
             files, stamps = self._finalise_files()
-            self.manifest.update(
+            created_at = utc_now()
+            self.meta = msgspec.structs.replace(
+                self.meta,
                 schema_version=SCHEMA_VERSION,
                 edgeclip_version=__version__,
                 version=name,
                 parent=self.parent.version if self.parent else None,
-                created_at=utc_now(),
-                files=files,
+                created_at=created_at,
+                bundle_created_at=self.meta.bundle_created_at or created_at,
+                files={k: FileEntry(**v) for k, v in files.items()},
                 tensors={k: v for k, v in self._tensor_shapes.items() if k in self._files},
             )
-            self.manifest.setdefault("bundle_created_at", self.manifest["created_at"])
-            meta = validate_manifest(self.manifest)
-            text = json.dumps(self.manifest, indent=2, ensure_ascii=False, allow_nan=False)
+            manifest = to_builtins(self.meta)
+            meta = validate_manifest(manifest)
+            text = json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False)
             with io_errors(self.final_root or self.root, "write"):
                 manifest_path = self.staging / MANIFEST
                 manifest_path.write_text(text, encoding="utf-8")
@@ -420,12 +443,14 @@ class VersionWriter:
                 fsync_path(final.parent)
                 write_atomic_text(self.root / CURRENT, name + "\n")
             write_stamps(self.root, name, stamps)
-            if self.parent is not None:
-                self.parent.release()  # the writer lets go of its parent: retention may remove it
-            keep = int((self.manifest.get("retention") or {}).get("keep", 0) or 0)
+            keep = meta.retention.keep
             if keep and self.final_root is None:
+                if self.parent is not None:
+                    self.parent.release()  # the writer lets go of its parent: retention may remove it
                 with contextlib.suppress(OSError, BundleError):
                     prune_locked(self.root, keep)
+                if self.parent is not None:
+                    self.parent.relock()  # kept by the retention: the parent object stays usable
             root = self.root
             if self.final_root is not None:
                 root = self._move_into_place()
@@ -437,8 +462,30 @@ class VersionWriter:
             self.abort()
             raise
         self._release()
-        return Bundle(root=root, version=name, manifest=self.manifest, meta=meta,
-                      identity=hashlib.sha256(text.encode("utf-8")).hexdigest(), _lease=lease)
+        self.bundle = Bundle(root=root, version=name, manifest=manifest, meta=meta,
+                             identity=hashlib.sha256(text.encode("utf-8")).hexdigest(), _lease=lease)
+        return self.bundle
+
+    # -- typed edits of the new version's manifest ----------------------------------------
+    def add_task(self, task: Task) -> None:
+        """Append a learned task's record (``tasks[-1]``); BundleError when a task has its name."""
+        if any(t.name == task.name for t in self.meta.tasks):
+            raise BundleError(f"the bundle already has a task named '{task.name}'")
+        self.meta.tasks.append(task)
+
+    def set_learner_record(self, record: dict[str, Any]) -> None:
+        """Record the learner's own state description (``method.settings.learner``, RAIL's
+        ``settings()``), read back by ``from_state``."""
+        settings = msgspec.structs.replace(self.meta.method.settings, learner=dict(record))
+        self.meta.method = msgspec.structs.replace(self.meta.method, settings=settings)
+
+    def set_retention(self, keep: int) -> None:
+        """How many versions every later write keeps (``retention.keep``; 0: all)."""
+        self.meta.retention = Retention(keep=int(keep))
+
+    def set_quantization(self, quantization: Quantization | None) -> None:
+        """Record how the version's int8 graphs were made (None: the version has none)."""
+        self.meta.quantization = quantization
 
     def _move_into_place(self) -> Path:
         """init: rename the complete staged bundle onto its final (absent or empty) folder."""
@@ -482,21 +529,18 @@ def next_version_name(root: Path) -> str:
 _OWN_LEFTOVERS = (LOCK, ".stamps")  # what an older, interrupted init may leave in a bundle folder
 
 
-def create_bundle(root: Path | str, manifest: dict[str, Any]) -> VersionWriter:
+def create_bundle(root: Path | str, manifest: Manifest | Mapping[str, Any]) -> VersionWriter:
     """Start the first version of a new bundle at ``root`` (absent or an empty folder).
 
     Atomic: the bundle is written in a hidden sibling folder (``.<name>.init-<pid>-*``) and renamed
     onto ``root`` at commit, so an interrupted init leaves no bundle folder (its leftovers are removed
-    by the next init). Raises BundleError for an invalid manifest, a ``root`` that is a file, holds
+    by the next init). ``manifest``: typed, or its JSON form (validated). Raises BundleError for an invalid manifest, a ``root`` that is a file, holds
     a bundle or is not empty, or a parent folder that cannot be written."""
     root = Path(root)
     check_root(root)
     if (root / CURRENT).exists():
         raise BundleError(f"{root} already holds a bundle; choose another folder or delete it first.")
-    manifest = dict(manifest)
-    manifest.setdefault("tasks", [])
-    manifest.setdefault("files", {})
-    validate_manifest(manifest, complete=False)
+    manifest = validate_manifest(to_builtins(manifest) if isinstance(manifest, Manifest) else manifest, complete=False)
     if root.exists():
         entries = list(root.iterdir())
         if any(p.name not in _OWN_LEFTOVERS and not p.name.startswith(".staging-") for p in entries):

@@ -1,0 +1,1 @@
+"""The registered learners, one module each (``edgeclip.train.registry`` lists and imports them)."""

@@ -1,0 +1,62 @@
+"""MoE-Adapters (Yu et al., CVPR 2024, arXiv 2403.11549; METHODS.md section 1): mixture-of-experts
+adapters in the transformer blocks, one router per task, activate-freeze; trained with torch.
+
+Head: ``task_text`` [C,D], each task's classes through the adapted text encoder with its router
+(global class order); an image routed to task t is scored against task t's rows with the image
+through the adapters and task t's router, so its gated graph is built by
+``edgeclip.export.compose_moe`` from the adapted image encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from edgeclip.errors import UsageError
+from edgeclip.extras import import_torch_module
+from edgeclip.layout import TASK_TEXT
+from edgeclip.manifest import MoESettings
+from edgeclip.train.registry import Learner, register_learner
+
+
+@register_learner
+class MoELearner(Learner):
+    """MoE-Adapters: ``moe`` (the adapters, ``MoEConfig``) and ``train`` (the recipe) settings."""
+
+    name = "moe"
+    paper = "MoE-Adapters, Yu et al., CVPR 2024 (arXiv 2403.11549)"
+    settings_type = MoESettings
+    model = "edgeclip.train.moe:MoECLIP"
+    needs_torch = True
+    learns_from_images = True
+    head_keys = (TASK_TEXT,)
+
+    @classmethod
+    def tensor_name(cls, key: str) -> str:
+        """MoE's head tensors keep their names (``task_text``)."""
+        return key
+
+    @classmethod
+    def init_settings(cls, options: Mapping[str, Any], dim: int) -> MoESettings:
+        """The adapters' configuration (``options["moe"]``: MoEConfig fields that differ from the
+        paper's) and the training recipe (``options["moe_train"]``) completed with their defaults (torch)."""
+        what = f"the '{cls.name}' learner"
+        config = import_torch_module("edgeclip.train.moe", what).MoEConfig.from_dict(options.get("moe") or {})
+        defaults = import_torch_module("edgeclip.train.moe_trainer", what).TrainSettings()
+        recipe = {"iterations": defaults.iterations, "batch_size": defaults.batch_size, "lr": defaults.lr,
+                  "warmup": defaults.warmup, "warmup_rule": "capped", "freeze_rule": defaults.freeze_rule}
+        recipe.update(options.get("moe_train") or {})
+        return super().init_settings({**options, "moe": config.to_dict(), "train": recipe}, dim)
+
+    @classmethod
+    def initial_head(cls, settings: Any, dim: int) -> dict[str, np.ndarray]:
+        """No task yet: no class rows, ``task_text`` [0,D]."""
+        return {TASK_TEXT: np.zeros((0, dim), np.float32)}
+
+    @classmethod
+    def check_head(cls, learned: Mapping[str, np.ndarray], n_learned: int, dim: int) -> None:
+        """``task_text`` must have one row per learned class."""
+        if np.shape(learned[TASK_TEXT]) != (n_learned, dim):
+            raise UsageError(f"task_text must be [{n_learned}, {dim}] (one row per learned class), got "
+                             f"{list(np.shape(learned[TASK_TEXT]))}")
