@@ -34,13 +34,22 @@ from edgeclip.edgeapp.classify import (
     is_file_input,
     parse_labels,
 )
+from edgeclip.edgeapp.embed_cache import EmbeddingCache
+from edgeclip.edgeapp.library import (
+    HeadRunner,
+    LibraryScorer,
+    SearchResult,
+    frozen_backbone_key,
+    moe_encoder_factory,
+    search_files,
+)
 from edgeclip.edgeapp.runtime import GatedRunner, ImageEncoderRunner, TextEncoderRunner
 from edgeclip.edgeapp.tasks import ProgressFn, add_rail_embeddings, add_task
-from edgeclip.errors import UsageError
+from edgeclip.errors import EdgeclipError, ImageError, UsageError
 from edgeclip.extras import import_torch_module
 from edgeclip.images import PreprocessConfig, preprocess
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray]  # a file, a PIL image, or uint8 [H,W,3] RGB
+ImageInput = Union[str, Path, Image.Image, np.ndarray]  # a file or folder, a PIL image, uint8 [H,W,3] RGB or [H,W] grey
 
 
 @dataclass(frozen=True)
@@ -62,16 +71,21 @@ class Classifier:
     ``edgeclip export --precision fp16`` / ``--int8``); threads: CPU threads of onnxruntime (None: its
     default); cuda_graph: CUDA graphs on ort-cuda for the gated graph (batches padded to fixed sizes,
     one captured graph each: more GPU memory). Raises UsageError, BackendUnavailableError, or
-    BundleError (e.g. fp16/int8 graphs missing) when the gated graph's session cannot be made.
+    BundleError (e.g. fp16/int8 graphs missing) when the image encoder's session cannot be made.
+    cache: files' frozen embeddings through the user's embedding cache (``edgeapp.embed_cache``; False: the
+    same computation without it). Files go encoder -> embedding -> head graph; in-memory images through the
+    gated graph.
     """
 
     def __init__(self, bundle: Bundle, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, cache: bool = True) -> None:
         self.bundle = bundle
         self.backend, self.precision, self.threads, self.cuda_graph = backend, precision, threads, cuda_graph
-        self._gated = GatedRunner(bundle, backend, threads=threads, precision=precision,  # checks the graphs now
-                                  cuda_graph=cuda_graph)
-        self._image: ImageEncoderRunner | None = None
+        self.cache = cache
+        # the frozen encoder of files (classify, search, embed_images): checks the graphs now, loads in the background
+        self._image = ImageEncoderRunner(bundle, backend, threads=threads, precision=precision, cuda_graph=cuda_graph)
+        self._gated: GatedRunner | None = None  # in-memory images (opened on first use)
+        self._head: HeadRunner | None = None
         self._text: TextEncoderRunner | None = None
         self._cfg = PreprocessConfig.of(bundle.meta.preprocess)
 
@@ -155,20 +169,85 @@ class Classifier:
                              f"iterable), got {type(images).__name__}")
         items: Iterable[ImageInput] = [images] if single else images  # type: ignore[list-item]
         space = self.label_space(labels)
-        batches = classify_batches(self.bundle, _expand_folders(items), self._gated, space, top_k=top_k,
-                                   batch_size=batch_size, workers=workers, embeddings=embeddings)
+        batches = classify_batches(self.bundle, _expand_folders(items), _Lazy(self._gated_runner), space, top_k=top_k,
+                                   batch_size=batch_size, workers=workers, embeddings=embeddings,
+                                   scorer=self.scorer(batch_size, workers=workers))
         return (pred for batch in batches for pred in batch)
 
-    def embed_images(self, images: Iterable[Image.Image | np.ndarray | str | Path]) -> np.ndarray:
-        """Frozen CLIP image embeddings [N,D] float32, unit rows (the plain encoder, no task).
+    def _gated_runner(self) -> GatedRunner:
+        if self._gated is None:
+            self._gated = GatedRunner(self.bundle, self.backend, threads=self.threads, precision=self.precision,
+                                      cuda_graph=self.cuda_graph)
+        return self._gated
 
-        images: files, PIL images or uint8 [H,W,3] RGB arrays. Raises UsageError on a bad array, OSError
-        (PIL's) when a file cannot be read.
+    def scorer(self, batch_size: int = 16, head: bool = True, workers: int | None = None) -> LibraryScorer:
+        """The files' path: embeddings from the embedding cache (unless ``cache=False``) or the frozen
+        encoder, then the head (``edgeapp.library``)."""
+        store = None
+        if self.cache:
+            store = EmbeddingCache(frozen_backbone_key(self.bundle, self._cfg, self.precision),
+                                   int(self.bundle.manifest["backbone"]["embed_dim"]))
+        if head and self._head is None:
+            self._head = HeadRunner(self.bundle, self.threads)
+        return LibraryScorer(self.bundle, self._image, self._head if head else None, self._cfg, store,
+                             batch_size=batch_size, workers=workers,
+                             moe_encoder=moe_encoder_factory(self.bundle, self.backend, self.threads))
+
+    def embed_images(self, images: ImageInput | Iterable[ImageInput], batch_size: int = 16) -> np.ndarray:
+        """Frozen CLIP image embeddings [N,D] float32, unit rows (the plain encoder, no task), one row per
+        image in input order (a folder gives its images, as ``classify`` takes them).
+
+        images: one or an iterable of files, folders, PIL images, uint8 [H,W,3] RGB or [H,W] grey arrays.
+        Files go through the embedding cache. Raises UsageError on a bad array; ImageError naming the
+        file when a file cannot be read.
         """
-        if self._image is None:
-            self._image = ImageEncoderRunner(self.bundle, self.backend, threads=self.threads, precision=self.precision)
-        loaded = [Image.open(x) if isinstance(x, (str, Path)) else x for x in images]
-        return self._image.embed(self._pixels(loaded))
+        items = list(_expand_folders(_as_items(images)))
+        out: list[np.ndarray | None] = [None] * len(items)
+        files = [(i, Path(x)) for i, x in enumerate(items) if isinstance(x, (str, Path))]
+        if files:
+            scorer = self.scorer(batch_size, head=False)
+            for start in range(0, len(files), scorer.window):
+                chunk = files[start:start + scorer.window]
+                vectors, _, errors = scorer.embed_window([p for _, p in chunk])
+                if errors:
+                    raise ImageError(next(iter(errors.values())))
+                for j, (i, _) in enumerate(chunk):
+                    out[i] = vectors[j]
+        in_memory = [(i, x) for i, x in enumerate(items) if not isinstance(x, (str, Path))]
+        for start in range(0, len(in_memory), batch_size):
+            chunk = in_memory[start:start + batch_size]
+            for (i, _), row in zip(chunk, self._image.embed(self._pixels([x for _, x in chunk]))):
+                out[i] = row
+        dim = int(self.bundle.manifest["backbone"]["embed_dim"])
+        return np.stack(out) if out else np.zeros((0, dim), np.float32)  # type: ignore[arg-type]
+
+    def search(self, query: str, images: ImageInput | Iterable[ImageInput], top: int = 10,
+               batch_size: int = 16) -> SearchResult:
+        """The ``top`` photos among ``images`` (files and folders) best matching ``query``, best first.
+
+        A query that names a learned class (same ``class_key``) ranks by that class's score in the bundle's
+        decision (classify's score: gate, head and fusion); any other text ranks by CLIP similarity (cosine of
+        the frozen image and text embeddings, the text as given). Embeddings come from the embedding cache.
+        Returns a ``SearchResult`` (hits, unreadable files, how it ranked). Raises UsageError on an empty
+        query, top < 1, or inputs that are not files or folders.
+        """
+        from edgeclip.domain import class_key
+
+        if not isinstance(query, str) or not query.strip():
+            raise UsageError("the search query is empty: give a text such as \"a red car\"")
+        items = list(_expand_folders(_as_items(images)))
+        if any(not isinstance(x, (str, Path)) for x in items):
+            raise UsageError("search ranks files and folders (its embeddings are cached by file)")
+        files = [Path(x) for x in items]
+        learned = {class_key(name): i for i, name in enumerate(self.bundle.learned_classes)}
+        column = learned.get(class_key(query))
+        if column is not None:
+            space = self.label_space()
+            return search_files(self.scorer(batch_size), files, top, label_text=space.text,
+                                column=column, how=f"the score of learned class '{space.names[column]}' (task {space.owner(column)})")
+        text = self.embed_texts([query.strip()])[0]
+        return search_files(self.scorer(batch_size, head=False), files, top, text=text,
+                            how="CLIP similarity (cosine of image and text embeddings)")
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Frozen CLIP text embeddings [N,D] float32, unit rows, of the texts as given (no template)."""
@@ -194,8 +273,12 @@ class Classifier:
                 raise UsageError("a task learned from (image, label) pairs needs a name")
             with tempfile.TemporaryDirectory(prefix="edgeclip-task-") as tmp:
                 folder = _write_domain(Path(tmp) / name, data)
-                learned = add_task(self.root, folder, name=name, shots=shots, iterations=iterations, device=device,
-                                   backend=self.backend, progress=progress)
+                try:
+                    learned = add_task(self.root, folder, name=name, shots=shots, iterations=iterations,
+                                       device=device, backend=self.backend, progress=progress)
+                except EdgeclipError as exc:  # the temporary folder is ours, not the caller's: name the pairs
+                    raise _reworded(exc, {f"{folder}{os.sep}": "", str(folder): "the (image, label) pairs",
+                                          str(tmp): "the (image, label) pairs"}) from None
         return self._on(learned)
 
     def add_task_embeddings(self, name: str, embeddings: np.ndarray, labels: Sequence[int] | np.ndarray,
@@ -234,7 +317,26 @@ class Classifier:
 
     def _on(self, bundle: Bundle) -> Classifier:
         """A Classifier on ``bundle`` (the version a write made, not whatever is current by then)."""
-        return Classifier(bundle, self.backend, self.precision, self.threads, self.cuda_graph)
+        return Classifier(bundle, self.backend, self.precision, self.threads, self.cuda_graph, self.cache)
+
+
+class _Lazy:
+    """A runner made on its first ``run`` (the gated graph, needed only for in-memory images)."""
+
+    def __init__(self, make: Any) -> None:
+        self._make, self._runner = make, None
+
+    def run(self, *args: Any) -> Any:
+        if self._runner is None:
+            self._runner = self._make()
+        return self._runner.run(*args)
+
+
+def _as_items(images: ImageInput | Iterable[ImageInput]) -> list[ImageInput]:
+    """One input (a path, PIL image or array) as a list of one; an iterable as its list."""
+    if isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray)):
+        return [os.fsdecode(images) if isinstance(images, bytes) else images]  # type: ignore[list-item]
+    return list(images)
 
 
 def _expand_folders(items: Iterable[ImageInput]) -> Iterator[ImageInput]:
@@ -278,7 +380,39 @@ def create(bundle: str | Path, model: str = "ViT-B-16", pretrained: str | None =
     """
     labels = parse_labels(zero_shot_labels, None) if isinstance(zero_shot_labels, str) else list(zero_shot_labels)
     create_module = import_torch_module("edgeclip.edgeapp.create", "creating a bundle (reading open_clip models)")
-    created = create_module.init_bundle(Path(bundle), model, pretrained, random_weights=random_weights, seed=seed,
-                                        method=method, zero_shot_labels=labels,
-                                        tokenizer=tokenizer, keep=keep, **settings)
+    try:
+        created = create_module.init_bundle(Path(bundle), model, pretrained, random_weights=random_weights, seed=seed,
+                                            method=method, zero_shot_labels=labels,
+                                            tokenizer=tokenizer, keep=keep, **settings)
+    except EdgeclipError as exc:  # the library's messages name the CLI's flags: say the API's arguments
+        raise _reworded(exc, _API_WORDS) from None
     return Classifier(created)
+
+
+# CLI flags in the messages create() passes on, and the argument of edgeclip.create that says the same
+_API_WORDS = {
+    "--random-weights --seed N": "random_weights=True, seed=N",
+    "--random-weights": "random_weights=True",
+    "--pretrained TAG": "pretrained=TAG",
+    "--pretrained /path/to/weights": "pretrained='/path/to/weights'",
+    "--pretrained weights.safetensors": "pretrained='weights.safetensors'",
+    "--pretrained openai": "pretrained='openai'",
+    "--pretrained": "pretrained=",
+    "--tokenizer /path/to/tokenizer.json": "tokenizer='/path/to/tokenizer.json'",
+    "--tokenizer DIR": "tokenizer='DIR'",
+    "--tokenizer": "tokenizer=",
+    "--method moe": "method='moe'",
+    "--method rail-primal": "method='rail-primal'",
+    "--method": "method=",
+    "--model ": "model=",
+    "--seed": "seed=",
+}
+
+
+def _reworded(exc: EdgeclipError, words: dict[str, str]) -> EdgeclipError:
+    """``exc`` with each key of ``words`` in its message replaced by its value (same type, same exit code)."""
+    text = str(exc)
+    for old, new in words.items():
+        text = text.replace(old, new)
+    exc.args = (text,)
+    return exc

@@ -229,7 +229,8 @@ def predictions_from_scores(
 
 
 def as_image(item: Any) -> Any:
-    """An in-memory input as a PIL image: a PIL image as is, or a uint8 [H,W,3] RGB array.
+    """An in-memory input as a PIL image: a PIL image as is, a uint8 [H,W,3] RGB or [H,W] grey array (grey as a
+    grey PIL image is taken).
 
     Raises UsageError for anything else (None, another type, another array: a caller's mistake, as
     for a bad argument) and ImageError for an image without pixels (0 wide or high: an input that
@@ -240,14 +241,16 @@ def as_image(item: Any) -> Any:
         image = item
     else:
         if item is None or not isinstance(item, (np.ndarray, list, tuple)):
-            raise UsageError(f"an image input must be a file path, a PIL image or a uint8 [H, W, 3] RGB array, "
-                             f"got {type(item).__name__}")
+            raise UsageError(f"an image input must be a file path, a PIL image or a uint8 [H, W, 3] RGB or [H, W] "
+                             f"grey array, got {type(item).__name__}")
         array = np.asarray(item)
-        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-            raise UsageError(f"an image array must be uint8 [H, W, 3] RGB, got {array.dtype} {list(array.shape)}")
+        grey = array.dtype == np.uint8 and array.ndim == 2
+        if array.dtype != np.uint8 or not (grey or (array.ndim == 3 and array.shape[2] == 3)):
+            raise UsageError(f"an image array must be uint8 [H, W, 3] RGB or [H, W] grey, got {array.dtype} "
+                             f"{list(array.shape)}")
         if array.shape[0] == 0 or array.shape[1] == 0:
             raise ImageError(f"the image has no pixels ({array.shape[1]}x{array.shape[0]})")
-        image = Image.fromarray(array, "RGB")
+        image = Image.fromarray(array, "L").convert("RGB") if grey else Image.fromarray(array, "RGB")
     if image.width == 0 or image.height == 0:
         raise ImageError(f"the image has no pixels ({image.width}x{image.height})")
     return image
@@ -269,6 +272,7 @@ def classify_batches(
     exact: bool | None = None,
     max_pixels: int | None = None,
     embeddings: bool = False,
+    scorer: Any = None,
 ) -> Iterator[list[Prediction]]:
     """The streaming core of classify (API, CLI, Ray workers): yield each batch's Predictions in input order.
 
@@ -281,12 +285,19 @@ def classify_batches(
     decode, None follows the bundle's ``preprocess.exact``. ``max_pixels``: the decompression-bomb
     limit (default ``images.DEFAULT_MAX_PIXELS``). ``embeddings``: also set ``Prediction.embedding``
     ([D] float32, unit norm, the frozen CLIP image embedding). Raises UsageError for a bad array.
+
+    ``scorer``: an ``edgeapp.library.LibraryScorer`` (``make_scorer``; its own decode settings apply): files
+    then go through the embedding cache and the head graph (frozen embedding once, the decision from it),
+    in windows of ``scorer.window`` inputs (one list each); in-memory images still go through ``runner``.
     """
     from edgeclip.images import DEFAULT_MAX_PIXELS, PreprocessConfig, decode_and_preprocess, iter_batches, preprocess
 
     cfg = PreprocessConfig.of(bundle.meta.preprocess).with_exact(exact)
     limit = max_pixels or DEFAULT_MAX_PIXELS
     names = task_route_names(bundle)
+    if scorer is not None:
+        yield from _scored_windows(items, runner, labels, names, top_k, scorer, embeddings)
+        return
 
     def decode(item: Any) -> tuple[np.ndarray, str | None]:
         if is_file_input(item):
@@ -317,6 +328,52 @@ def classify_batches(
         yield out
 
 
+def _scored_windows(items: Iterable[Any], runner: Any, labels: LabelSpace, names: Sequence[str], top_k: int,
+                    scorer: Any, embeddings: bool) -> Iterator[list[Prediction]]:
+    """``classify_batches`` through a ``LibraryScorer``: one list of Predictions per window, input order."""
+    from edgeclip.images import preprocess
+
+    def score(window: list[tuple[int, Any]]) -> list[Prediction]:
+        out: dict[int, Prediction] = {}
+        files = [(pos, Path(os.fsdecode(item))) for pos, item in window if is_file_input(item)]
+        if files:
+            got = scorer.score_window([path for _, path in files], labels.text)
+            preds = predictions_from_scores(got.paths, got.scores, got.route, labels, names, top_k, notes=got.notes)
+            for i, ((pos, path), row) in enumerate(zip(files, got.rows)):
+                if row is None:
+                    out[pos] = Prediction(path=os.fspath(path), error=got.errors[i])
+                    continue
+                out[pos] = preds[row]
+                if embeddings:
+                    out[pos].embedding = np.asarray(got.embedding[row], np.float32)
+        memory = []
+        for pos, item in window:
+            if not is_file_input(item):
+                try:
+                    memory.append((pos, preprocess(as_image(item), scorer.cfg)))
+                except ImageError as exc:  # an image without pixels: an error row, as for a file
+                    out[pos] = Prediction(path=f"<image {pos}>", error=str(exc))
+        for start in range(0, len(memory), scorer.batch_size):
+            chunk = memory[start:start + scorer.batch_size]
+            result = runner.run(np.stack([pixels for _, pixels in chunk]), labels.text)
+            preds = predictions_from_scores([f"<image {pos}>" for pos, _ in chunk], result["scores"], result["route"],
+                                            labels, names, top_k)
+            for (pos, _), pred, vector in zip(chunk, preds, result["embedding"]):
+                if embeddings:
+                    pred.embedding = np.asarray(vector, np.float32)
+                out[pos] = pred
+        return [out[pos] for pos, _ in window]
+
+    window: list[tuple[int, Any]] = []
+    for position, item in enumerate(items):
+        window.append((position, item))
+        if len(window) == scorer.window:
+            yield score(window)
+            window = []
+    if window:
+        yield score(window)
+
+
 def classify_files(
     bundle: Bundle,
     files: Iterable[Path],
@@ -328,12 +385,13 @@ def classify_files(
     on_batch: Callable[[int], None] | None = None,
     exact: bool | None = None,
     max_pixels: int | None = None,
+    scorer: Any = None,
 ) -> Iterator[Prediction]:
     """Yield one Prediction per file, in input order (``classify_batches`` flattened); unreadable files
     give an error Prediction (its ``error`` names the file and the cause). ``on_batch(n)`` is called
-    after each batch of n files."""
+    after each batch (or ``scorer`` window) of n files."""
     for preds in classify_batches(bundle, files, runner, labels, top_k=top_k, batch_size=batch_size,
-                                  workers=workers, exact=exact, max_pixels=max_pixels):
+                                  workers=workers, exact=exact, max_pixels=max_pixels, scorer=scorer):
         yield from preds
         if on_batch is not None:
             on_batch(len(preds))

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeclip.bundle import GRAPH_STORE, Bundle, link_or_copy
-from edgeclip.domain import Domain, few_shot, read_domain
+from edgeclip.domain import Domain, eval_split, few_shot, read_domain
 from edgeclip.edgeapp import tasks as pipeline
 from edgeclip.edgeapp.eval_scoring import (
     GATES,
@@ -79,6 +79,7 @@ class EvalDomain:
     test: Domain
     renamed: dict[str, str] = field(default_factory=dict)
     prompt_classes: tuple[str, ...] = ()
+    split_note: str | None = None  # set when the test split is val/ or valid/ (no test/ folder)
 
     @property
     def classes(self) -> list[str]:
@@ -89,7 +90,8 @@ class EvalDomain:
         return list(self.prompt_classes) or self.test.classes
 
 
-def _view(domain_dir: Path, dest: Path, renames: Mapping[str, str], meta: dict[str, Any] | None = None) -> Path:
+def _view(domain_dir: Path, dest: Path, renames: Mapping[str, str], meta: dict[str, Any] | None = None,
+          test: str = "test") -> Path:
     """A folder of symbolic links mirroring domain_dir's train/ and test/ with some class folders
     renamed; its meta.json is `meta` when given, else a link to the original."""
     dest.mkdir(parents=True)
@@ -97,7 +99,7 @@ def _view(domain_dir: Path, dest: Path, renames: Mapping[str, str], meta: dict[s
         (dest / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
     elif (domain_dir / "meta.json").is_file():
         (dest / "meta.json").symlink_to((domain_dir / "meta.json").resolve())
-    for split in ("train", "test"):
+    for split in ("train", test):
         (dest / split).mkdir()
         for class_dir in sorted((domain_dir / split).iterdir()):
             if class_dir.is_dir():
@@ -129,7 +131,8 @@ def prepare_domains(domain_dirs: Sequence[Path], workdir: Path,
     out = []
     for directory, limit in zip(map(Path, domain_dirs), per_class):
         train = read_domain(directory, split="train")
-        test = read_domain(directory, split="test")
+        split, note = eval_split(directory)  # test/, else val/ or valid/ (with a note)
+        test = read_domain(directory, split=split)
         if train.classes != test.classes:
             raise DomainError(f"{directory}: train/ and test/ must hold the same class folders "
                               f"(train has {len(train.classes)}, test {len(test.classes)})")
@@ -140,14 +143,14 @@ def prepare_domains(domain_dirs: Sequence[Path], workdir: Path,
         learn_dir = directory
         meta = None if templates is None else {"name": train.name, "templates": list(templates)}
         if renames or meta is not None:
-            learn_dir = _view(directory, workdir / "views" / train.name, renames, meta)
-            test = read_domain(learn_dir, split="test")
+            learn_dir = _view(directory, workdir / "views" / train.name, renames, meta, test=split)
+            test = read_domain(learn_dir, split=split)
         seen.update({c.lower(): train.name for c in test.classes})
         original = {new: old for old, new in renames.items()}
         prompts = tuple(original.get(c, c) for c in test.classes) if keep_duplicate_names else ()
         if limit:
             test = few_shot(test, limit, seed)
-        out.append(EvalDomain(train.name, directory, learn_dir, test, renames, prompts))
+        out.append(EvalDomain(train.name, directory, learn_dir, test, renames, prompts, note))
     return out
 
 

@@ -32,7 +32,7 @@ from edgeclip.domain import (
 from edgeclip.edgeapp.rail_solver import RailSolverCache
 from edgeclip.edgeapp.runtime import ImageEncoderRunner, TextEncoderRunner
 from edgeclip.errors import BundleError, DomainError, UsageError
-from edgeclip.export.compose import build_gated_graph
+from edgeclip.export.compose import build_gated_graph, write_head_graph
 from edgeclip.export.compose_moe import build_moe_gated_graph
 from edgeclip.export.fp16 import has_fp16, write_fp16_graphs
 from edgeclip.export.quantize import build_gated_int8, has_int8
@@ -390,6 +390,7 @@ def write_gated_graph(writer: VersionWriter, learned: dict[str, np.ndarray]) -> 
     the bundle's shared graph store (``VersionWriter.graph_folder``)."""
     with writer.graph_folder() as graphs:
         meta = writer.meta
+        write_head_graph(graphs, learned, meta)  # the decision from a cached embedding (edgeapp/library.py)
         if get_learner(meta.method.name).learns_from_images and meta.tasks:
             build_moe_gated_graph(graphs, learned, meta)  # onnx only: torch-free like the RAIL graph
         else:

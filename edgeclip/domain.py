@@ -27,7 +27,8 @@ from edgeclip.discover import discover_images, display_path
 from edgeclip.errors import DomainError, UsageError
 from edgeclip.manifest import DEFAULT_TEMPLATES
 
-SPLIT_NAMES = ("train", "val", "test")
+SPLIT_NAMES = ("train", "val", "valid", "test")
+TEST_SPLITS = ("test", "val", "valid")  # where eval looks for a domain's test images, in this order
 # The fewest readable images add-task learns from: one per class, and three in the task, since
 # the DDAS gate fits on most of them and holds a fifth (at least one) out to calibrate its threshold.
 MIN_IMAGES_PER_CLASS = 1
@@ -84,6 +85,46 @@ def _class_root(root: Path, split: str) -> Path:
     return root
 
 
+def eval_split(directory: Path | str) -> tuple[str, str | None]:
+    """The split eval scores a domain on: ``test``, else ``val`` or ``valid`` (datasets ship either), with a
+    note saying so; ``("test", None)`` when none is there (``read_domain`` then says what is missing)."""
+    root = Path(directory)
+    for split in TEST_SPLITS:
+        if (root / split).is_dir():
+            note = None if split == "test" else (f"{display_path(root)} has no test/ folder: its {split}/ folder is "
+                                                 "used as the test split")
+            return split, note
+    return "test", None
+
+
+def _layout_hint(root: Path, limit: int = 400) -> str:
+    """' (did you mean ...?)': the nearest folder below ``root`` laid out as a domain (two or more class
+    folders holding files; a split folder's parent is named); '' when none is found within ``limit`` folders."""
+    queue, seen = [root], 0
+    while queue and seen < limit:
+        folder = queue.pop(0)
+        seen += 1
+        try:
+            subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            continue
+        if folder != root:
+            with_files = 0
+            for sub in subs[:50]:
+                try:
+                    if any(f.is_file() for f in sub.iterdir()):
+                        with_files += 1
+                except OSError:
+                    pass
+            if with_files >= 2:
+                target = folder.parent if folder.name in SPLIT_NAMES else folder
+                return (f"; {display_path(target)} looks like a domain folder ({display_path(folder)} has "
+                        f"{len(subs)} class folders): did you mean that?")
+        if len(folder.relative_to(root).parts) < 3:
+            queue.extend(subs)
+    return ""
+
+
 def read_domain(directory: Path | str, split: str = "train") -> Domain:
     """Read the domain at `directory`; raise DomainError when it cannot be learned from:
     missing, fewer than two classes, or a class folder without images."""
@@ -105,7 +146,7 @@ def read_domain(directory: Path | str, split: str = "train") -> Domain:
     if len(classes) < 2:
         raise DomainError(
             f"{display_path(class_root)} has {len(classes)} class folder(s); a domain needs at least 2 "
-            "(one sub-folder of images per class)"
+            f"(one sub-folder of images per class){_layout_hint(class_root)}"
         )
     samples: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):

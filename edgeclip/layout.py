@@ -41,6 +41,10 @@ GATED_FP16_GRAPH = "gated_fp16.onnx"
 MOE_FP16_GRAPH, MOE_FP16_DATA = "moe_encoder_fp16.onnx", "moe_encoder_fp16.data"  # MoE bundles with tasks
 FP16_GRAPHS = (IMAGE_FP16_GRAPH, IMAGE_FP16_DATA, GATED_FP16_GRAPH)
 # precision -> (gated graph, plain image encoder, the encoders' weights file) that the runtime reads
+# the decision alone, from the frozen embedding (classify's path through the embedding cache, edgeapp/library.py):
+# inputs embedding [B,D], label_text [L,D]; outputs scores, route, gate_ratio (export/compose.build_head_graph)
+HEAD_GRAPH = "head.onnx"
+HEAD_SHARED_DATA = "head.shared.data"  # RAIL primal's W_r, identical in every version (stored once)
 PRECISION_GRAPHS = {
     "fp32": ("gated.onnx", IMAGE_GRAPH, IMAGE_DATA),
     "fp16": (GATED_FP16_GRAPH, IMAGE_FP16_GRAPH, IMAGE_FP16_DATA),

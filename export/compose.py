@@ -38,6 +38,7 @@ from edgeclip.layout import (
     GATE_KEYS,
     GATE_RATIO,
     GATED_GRAPH,
+    HEAD_GRAPH,
     IMAGE_DATA,
     IMAGE_GRAPH,
     LABEL_TEXT,
@@ -315,3 +316,50 @@ def check_structure(model: onnx.ModelProto) -> None:
         probe.graph.input.append(_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
         probe.graph.initializer.remove(tensor)
     onnx.checker.check_model(probe, full_check=True)
+
+
+# -- the head graph: from a cached embedding to scores ----------------------------------------------
+def build_head_graph(learned: Mapping[str, np.ndarray], meta: Manifest) -> onnx.ModelProto:
+    """The gated graph's decision without the encoder: inputs `embedding` [B,D] float32 (the frozen image
+    embedding, e.g. from the embedding cache) and `label_text` [L,D]; outputs `scores` [B,L], `route` [B]
+    int64, `gate_ratio` [B,T]. The same nodes as the gated graph's (``_decision``), kept in memory (nothing
+    is written). For an MoE bundle with tasks `scores` is the zero-shot p_zs and `route` the DDAS route:
+    the routed rows' scores need the adapted encoder (``edgeclip.train.decision.moe_scores``).
+
+    Raises BundleError as ``DecisionSpec.from_bundle`` does.
+    """
+    spec = DecisionSpec.from_bundle(learned, meta)
+    dim = int(meta.backbone.embed_dim)
+    g = _Builder({EMBEDDING, LABEL_TEXT})
+    if spec.learner.learns_from_images and spec.n_tasks:  # MoE: the gate and zero-shot part
+        p_zs = _zero_shot(g, EMBEDDING, spec)
+        g.op("Identity", p_zs, out=SCORES)
+        err = _gate_errors(g, EMBEDDING, learned, spec)
+        ratio = g.op("Div", err, g.const(spec.thresholds, "thresholds"), out=GATE_RATIO)
+        _ddas_route(g, err, ratio, spec.route_rule)
+    else:
+        _decision(g, EMBEDDING, learned, spec)
+    graph = helper.make_graph(
+        g.nodes, "edgeclip_head",
+        [_value_info(EMBEDDING, TensorProto.FLOAT, ["batch", dim]), _value_info(LABEL_TEXT, TensorProto.FLOAT, ["labels", dim])],
+        [_value_info(SCORES, TensorProto.FLOAT, ["batch", "labels"]), _value_info(ROUTE, TensorProto.INT64, ["batch"]),
+         _value_info(GATE_RATIO, TensorProto.FLOAT, ["batch", spec.n_tasks])],
+        g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeclip")
+    model.ir_version = min(model.ir_version, 9)  # onnxruntime >= 1.17 reads IR 9
+    return model
+
+
+def write_head_graph(graphs_dir: Path | str, learned: Mapping[str, np.ndarray], meta: Manifest) -> Path:
+    """Write ``build_head_graph``'s graph as `head.onnx` in `graphs_dir` (RAIL primal's W_r as the external
+    data `head.shared.data`, equal in every version); returns its path. Raises BundleError as
+    ``DecisionSpec.from_bundle`` does."""
+    graphs_dir = Path(graphs_dir)
+    model = build_head_graph(learned, meta)
+    _externalise_shared(graphs_dir, model.graph, HEAD_GRAPH)
+    check_structure(model)
+    out = graphs_dir / HEAD_GRAPH
+    tmp = out.with_name(f".{out.name}.tmp")
+    onnx.save_model(model, str(tmp))
+    tmp.replace(out)
+    return out

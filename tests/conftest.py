@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if fixtures & EXPORTING_FIXTURES or module in EXPORTING_MODULES or item.originalname in EXPORTING_TESTS:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_embedding_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The embedding cache of this test session (never the user's): $EDGECLIP_CACHE_DIR, inherited by
+    the CLI processes tests start."""
+    folder = tmp_path_factory.mktemp("embedding-cache")
+    before = os.environ.get("EDGECLIP_CACHE_DIR")
+    os.environ["EDGECLIP_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("EDGECLIP_CACHE_DIR", None)
+    else:
+        os.environ["EDGECLIP_CACHE_DIR"] = before
 
 
 # -- bundles -------------------------------------------------------------------------------------

@@ -43,6 +43,17 @@ def test_offline_pretrained_tag_fails_fast_with_guidance(monkeypatch: pytest.Mon
         bb.load_backbone("ViT-B-32", "openai")
     message = str(info.value)
     assert "ViT-B-32" in message and "openai" in message and "--pretrained /path/to" in message
+    # which file to fetch and where it goes
+    assert "https://huggingface.co/timm/vit_base_patch32_clip_224.openai/resolve/main/" in message
+    assert "~/.cache/huggingface/hub" in message
+
+
+def test_model_names_match_case_insensitively() -> None:
+    assert bb.canonical_model_name("vit-b-32") == "ViT-B-32"
+    assert bb.canonical_model_name("EDGECLIP-TINY") == "edgeclip-tiny"
+    assert bb.load_backbone("Edgeclip-Tiny", random_weights=True).name == "edgeclip-tiny"
+    with pytest.raises(BackboneLoadError, match="Known models: ViT-B-32"):
+        bb.canonical_model_name("vit-b-32x")
 
 
 @pytest.mark.parametrize(

@@ -311,6 +311,8 @@ def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "random weights" in result.stderr and "accuracy on the learned domains" in result.stderr
     assert "6/6 unseen images went to zero-shot" in result.stderr and "look at:" in result.stderr
+    steps = [line.split(".")[0] for line in result.stderr.splitlines() if line[:1].isdigit() and ". " in line[:4]]
+    assert steps == ["1", "2", "3", "4", "5"], steps  # each step numbered once
     rows = [line.replace("\u2502", " ").split() for line in result.stdout.splitlines()]  # table borders out
     lines = {row[0]: " ".join(row) for row in rows if row and row[0].endswith(".png")}
     assert len(lines) == 24

@@ -144,3 +144,23 @@ def test_inconsistent_manifest_is_refused(graphs, encoder, tmp_path):
     manifest.tasks = manifest.tasks[:1]
     with pytest.raises(BundleError, match="task"):
         build_gated_graph(eh.encoder_folder(graphs, tmp_path / "g"), learned, manifest)
+
+
+@pytest.mark.parametrize("method", ["rail-primal", "rail-dual"])
+@pytest.mark.parametrize("gate_kind", ["linear", "mlp"])
+def test_head_graph_from_the_embedding_matches_the_gated_graph(graphs, encoder, tmp_path, method, gate_kind):
+    """head.onnx (the decision from a cached embedding) gives the gated graph's routes and scores from the
+    gated graph's own embedding output, and passes onnx.checker; W_r goes to head.shared.data."""
+    from edgeclip.export.compose import write_head_graph
+
+    path, learned, manifest, text = _build(graphs, tmp_path, encoder, method, "ddas", gate_kind=gate_kind)
+    got = _run(path, eh.mixed_batch(), text)
+    head_path = write_head_graph(tmp_path / "g", learned, manifest)
+    check_structure(onnx.load(str(head_path), load_external_data=False))
+    assert (tmp_path / "g" / "head.shared.data").exists() == (method == "rail-primal")
+    head = ort.InferenceSession(str(head_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in head.get_outputs()]
+    out = dict(zip(names, head.run(None, {"embedding": got["embedding"], "label_text": text})))
+    np.testing.assert_array_equal(out["route"], got["route"])
+    np.testing.assert_allclose(out["scores"], got["scores"], atol=1e-6)
+    np.testing.assert_allclose(out["gate_ratio"], got["gate_ratio"], rtol=1e-5, atol=1e-6)

@@ -166,6 +166,44 @@ def unknown_model_message(model: str, known: list[str]) -> str:
             "open_clip.list_models() lists them)")
 
 
+def canonical_model_name(model: str) -> str:
+    """open_clip's spelling of ``model``: names match case-insensitively ('vit-b-16' is 'ViT-B-16', said in
+    the log). Raises UnknownModelError naming the closest known names when none matches; MissingExtraError
+    without torch and open_clip."""
+    _, open_clip = import_torch_stack()
+    register_model_configs()
+    known = open_clip.list_models()
+    if model in known:
+        return model
+    same = [name for name in known if name.lower() == model.strip().lower()]
+    if len(same) == 1:
+        log.info("model '%s' is open_clip's '%s'", model, same[0])
+        return same[0]
+    raise UnknownModelError(unknown_model_message(model, known))
+
+
+def _download_hint(open_clip: Any, model: str, tag: str) -> str:
+    """Which file to download for a pretrained tag, and where to put it (offline machines)."""
+    try:
+        cfg = open_clip.get_pretrained_cfg(model, tag)
+    except Exception:  # noqa: BLE001 - a hint only
+        cfg = {}
+    hub, url = cfg.get("hf_hub", ""), cfg.get("url", "")
+    where = []
+    if hub:
+        parts = hub.split("/")
+        repo = "/".join(parts[:2])
+        name = parts[2] if len(parts) > 2 and parts[2] else "open_clip_model.safetensors"
+        where.append(f"https://huggingface.co/{repo}/resolve/main/{name} (or run `huggingface-cli download {repo} "
+                     f"{name}` where the hub can be reached and copy the Hugging Face cache folder, "
+                     "~/.cache/huggingface/hub, to this machine)")
+    if url:
+        where.append(url)
+    if not where:
+        return ""
+    return f" The file: {' or '.join(where)}."
+
+
 def resolve_weights(
     model: str, pretrained: str | None, random_weights: bool = False, seed: int = 0
 ) -> Weights:
@@ -565,6 +603,7 @@ def load_backbone(
     ``BackboneLoadError`` naming the model (never a traceback of open_clip's)."""
     torch, open_clip = import_torch_stack()
     if source is None:
+        model = canonical_model_name(model)  # names match case-insensitively
         source = resolve_weights(model, pretrained, random_weights, seed)
     else:
         register_model_configs()
@@ -596,8 +635,9 @@ def load_backbone(
                 raise BackboneLoadError(
                     f"Cannot load pretrained weights '{source.ref}' for model '{model}': they are not in the "
                     "local cache and the model hub cannot be reached (offline). Download them on a machine "
-                    "with internet access, or pass a local checkpoint file with --pretrained /path/to/weights "
+                    "with internet access and pass the file with --pretrained /path/to/weights "
                     "(.safetensors, .bin or .pt); use --random-weights --seed N for an offline test model."
+                    + _download_hint(open_clip, model, source.ref)
                 )
             cached = _download_tag(open_clip, model, source.ref)
         _refuse_torchscript(Path(cached), model)

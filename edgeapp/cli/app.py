@@ -21,7 +21,14 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from edgeclip.edgeapp.cli import commands_bench, commands_classify, commands_demo, commands_eval, commands_manage
+from edgeclip.edgeapp.cli import (
+    commands_bench,
+    commands_classify,
+    commands_demo,
+    commands_eval,
+    commands_library,
+    commands_manage,
+)
 from edgeclip.edgeapp.cli.console import err_console
 from edgeclip.edgeapp.cli.output import EXIT_INTERRUPTED, Interrupted, configure_streams, markup, silence_stdout
 from edgeclip.errors import EdgeclipError
@@ -93,6 +100,7 @@ def _guard(command: Callable[..., Any]) -> Callable[..., Any]:
 
 commands_manage.register(app)
 commands_classify.register(app)
+commands_library.register(app)
 commands_bench.register(app)
 commands_demo.register(app)
 commands_eval.register(app)

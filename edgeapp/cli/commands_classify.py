@@ -15,7 +15,7 @@ import typer
 from edgeclip.discover import discover_images, display_path
 from edgeclip.edgeapp.classify import Prediction
 from edgeclip.edgeapp.cli.console import err_console, out_console, progress
-from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, open_bundle
+from edgeclip.edgeapp.cli.options import BackendOpt, CacheOpt, cache_note, BundleOpt, QuietOpt, open_bundle
 from edgeclip.edgeapp.cli.output import Interrupted, markup, stdout_is_terminal, visible
 from edgeclip.edgeapp.cli.resume import Previous, key_of, read_previous
 from edgeclip.edgeapp.cli.results import CsvWriter, JsonLinesWriter, ParquetWriter, ResultWriter, TableWriter, stdout
@@ -80,6 +80,7 @@ def classify(
              "[default: 89478485]. Large JPEGs count at their reduced size.")] = None,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="List the skipped non-image files and folder links on stderr.")] = False,
+    cache: CacheOpt = True,
     resume: Annotated[bool, typer.Option(
         "--resume", help="With -o FILE: skip the files FILE already holds (a stopped run's rows) and add the rest.")] = False,
     ray_target: Annotated[Optional[str], typer.Option(
@@ -114,7 +115,8 @@ def classify(
     classified); 2 usage error (a path that does not exist included); 130 interrupted.
     """
     from edgeclip.edgeapp.classify import build_label_space, classify_batches, parse_labels
-    from edgeclip.edgeapp.runtime import GatedRunner, TextEncoderRunner
+    from edgeclip.edgeapp.library import make_scorer
+    from edgeclip.edgeapp.runtime import TextEncoderRunner
 
     if output is not None and output.suffix.lower() == ".parquet" and output_format is OutputFormat.table:
         output_format = OutputFormat.parquet
@@ -137,8 +139,11 @@ def classify(
         if found.links:
             skipped += f" ({len(found.links)} folder links not followed; --follow-links follows them)"
         raise UsageError(f"No images found in the given paths{skipped}.")
-    runner = None if cluster else GatedRunner(loaded, backend, precision=precision.value,  # refuses a missing
-                                              cuda_graph=cuda_graph, max_batch=batch_size)  # fp16/int8 graph early
+    # files: frozen embedding (embedding cache or encoder) -> head graph; refuses a missing fp16/int8 graph early.
+    # On a Ray cluster the actors run the gated graph (no embedding cache there).
+    scorer = None if cluster else make_scorer(loaded, backend, precision.value, batch_size=batch_size, cache=cache,
+                                              exact=True if exact_preprocess else None, max_pixels=max_pixels,
+                                              cuda_graph=cuda_graph)
     label_space = build_label_space(loaded, extra, TextEncoderRunner(loaded, backend).class_embeddings)
     ranks = min(top_k, len(label_space.names))
     previous = Previous()
@@ -164,8 +169,7 @@ def classify(
         with progress(quiet) as bar, StopAtBatchEnd() as stop:
             task = bar.add_task("classifying", total=total, info="")
             if cluster is None:
-                batches = classify_batches(loaded, images, runner, label_space, top_k=top_k, batch_size=batch_size,
-                                           exact=True if exact_preprocess else None, max_pixels=max_pixels)
+                batches = classify_batches(loaded, images, None, label_space, top_k=top_k, scorer=scorer)
             else:
                 session = cluster.connect()
                 batches = session.classify(images, loaded, label_space, top_k=top_k, batch_size=batch_size,
@@ -200,7 +204,8 @@ def classify(
         if found.links:
             skipped += f", {len(found.links)} folder links not followed (--follow-links follows them)"
         kept = f", {previous.rows} already in {visible(display_path(output))}" if resume and output else ""
-        err_console().print(f"{done} classified, {failed} unreadable{skipped}{kept}, {rate:.1f} images/s{note}",
+        counts = f"; {scorer.counts.describe()}{cache_note(scorer)}" if scorer is not None else ""
+        err_console().print(f"{done} classified, {failed} unreadable{skipped}{kept}, {rate:.1f} images/s{note}{counts}",
                             highlight=False)
     if failed:
         raise typer.Exit(EXIT_UNREADABLE)

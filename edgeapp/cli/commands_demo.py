@@ -71,16 +71,17 @@ def demo(
         clf = create(bundle_dir, model, pretrained or None, method=method.value, random_weights=not pretrained,
                      hidden=DEMO_HIDDEN)
     say(f"2. created the bundle {bundle_dir}: {model}, {weights}, learner {method.value}")
-    for domain in images.domains:
+    for step, domain in enumerate(images.domains, 3):
         with progress(quiet, lines=True) as bar:
             clf = clf.add_task(None, domain, iterations=DEMO_ITERATIONS, progress=stage_reporter(bar))
         task = clf.tasks[-1]
-        say(f"3. learned task '{task.name}' ({', '.join(task.classes)}; {task.n_images} images) "
+        say(f"{step}. learned task '{task.name}' ({', '.join(task.classes)}; {task.n_images} images) "
             f"-> version {clf.version}")
+    step = 3 + len(images.domains)
     loaded = clf.bundle
     files = sorted(images.query.iterdir())
     preds = clf.classify(files, top_k=3)
-    say(f"4. classified the {len(preds)} images of {images.query}:")
+    say(f"{step}. classified the {len(preds)} images of {images.query}:")
 
     table = new_table("image", "expected", "predicted", "ok", "route", "expected route",
                       title=markup(f"{bundle_dir} {loaded.version}: {model}, {loaded.weights_label}"))

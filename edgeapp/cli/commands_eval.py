@@ -142,6 +142,9 @@ def eval_command(
     for name, renames in summary["renamed_classes"].items():
         shown = ", ".join(f"'{a}' -> '{b}'" for a, b in renames.items())
         notes.print(markup(f"{name}: class names already used by an earlier domain were renamed: {shown}"), highlight=False)
+    for domain in run.suite.domains:
+        if domain.split_note:
+            notes.print(markup(domain.split_note), highlight=False)
     if run.suite.unreadable:
         notes.print(f"{len(run.suite.unreadable)} test images could not be read (listed in results.json)")
     if run.random_weights:

@@ -15,6 +15,7 @@ from edgeclip.bundle import Bundle, current_version, disk_usage, format_size, li
 from edgeclip.bundle import rollback as rollback_bundle
 from edgeclip.edgeapp.cli.console import err_console, new_table, out_console, progress, stage_reporter
 from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle_path, open_bundle, require_bundle
+from edgeclip.discover import display_path
 from edgeclip.edgeapp.cli.output import Interrupted, is_utf, markup, visible
 from edgeclip.errors import UsageError
 from edgeclip.manifest import DEFAULT_BETA, DEFAULT_FUSION, DEFAULT_GATE_KIND, DEFAULT_HIDDEN, full_dict
@@ -77,6 +78,10 @@ def init(
                              "encoders": [e.strip() for e in encoders.split(",") if e.strip()]}.items() if v is not None}
     moe_train = {k: v for k, v in {"freeze_rule": freeze_rule, "batch_size": batch_size, "lr": lr}.items() if v is not None}
     root = bundle_path(bundle)
+    from edgeclip.extras import import_torch_module
+
+    backbone = import_torch_module("edgeclip.train.backbone", "edgeclip init (reading open_clip models)")
+    model = backbone.canonical_model_name(model)  # an unknown name is a usage error before any progress line
     with progress(quiet) as bar:
         bar.add_task("exporting the frozen encoders", total=None, info="")
         created = create(root, model, pretrained, method=method.value, random_weights=random_weights, seed=seed,
@@ -246,8 +251,24 @@ def rollback(
 ) -> None:
     """Make an earlier bundle version current again (newer versions stay on disk until 'edgeclip prune --include-newer')."""
     root = require_bundle(bundle_path(bundle))
+    if to is not None:
+        to = _known_version(root, to)
     version = rollback_bundle(root, to)
     err_console().print(markup(f"{root}: now at {version}"), highlight=False)
+
+
+def _known_version(root: Path, name: str) -> str:
+    """``name`` as the bundle spells it (``v2`` and ``2`` mean ``v0002``); UsageError naming the versions when
+    the bundle has no such version."""
+    import re
+
+    known = list_versions(root)
+    match = re.fullmatch(r"[vV]?0*(\d+)", name.strip())
+    wanted = f"v{int(match.group(1)):04d}" if match else name
+    if wanted not in known:
+        raise UsageError(f"--to {visible(name)}: {visible(display_path(root))} has no version '{visible(name)}'; "
+                         f"its versions: {', '.join(known)}")
+    return wanted
 
 
 def info(bundle: BundleOpt = None) -> None:

@@ -36,6 +36,10 @@ BackendOpt = Annotated[
     str,
     typer.Option(help="Inference backend: auto, ort-cpu, ort-cuda, ort-trt (onnxruntime's TensorRT provider) or tensorrt.", callback=_check_backend),
 ]
+CacheOpt = Annotated[bool, typer.Option(
+    "--cache/--no-cache",
+    help="Read and store the images' frozen embeddings in the embedding cache (the user's cache folder, "
+         "$EDGECLIP_CACHE_DIR; `edgeclip cache info`). --no-cache computes the same results without it.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summaries.")]
 
 
@@ -62,3 +66,9 @@ def require_bundle(root: Path) -> Path:
 def open_bundle(value: Path | None) -> Bundle:
     """The bundle named by --bundle / $EDGECLIP_BUNDLE / the default; UsageError when there is none."""
     return Bundle.open(require_bundle(bundle_path(value)))
+
+
+def cache_note(scorer: object) -> str:
+    """' (embedding cache off: why)' when the cache was turned off during the run, else ''."""
+    why = getattr(getattr(scorer, "cache", None), "disabled", None)
+    return f" (embedding cache off: {why})" if why else ""
