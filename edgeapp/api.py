@@ -378,14 +378,24 @@ def create(bundle: str | Path, model: str = "ViT-B-16", pretrained: str | None =
     tests; keep: versions kept after each write (0 = all); tokenizer: a tokenizer.json for Hugging Face tokenizer models (SigLIP, docs/MODELS.md). ``settings``: the learner's and the gate's settings (hidden, gamma, gamma_kernel, lam, beta, fusion, moe, moe_train, gate_kind, gate_k, gate_quantile; ``edgeapp.tasks.init_sections``), the schema's defaults for the rest. Raises
     MissingExtraError without torch, BackboneLoadError when the weights cannot be had.
     """
-    labels = parse_labels(zero_shot_labels, None) if isinstance(zero_shot_labels, str) else list(zero_shot_labels)
-    create_module = import_torch_module("edgeclip.edgeapp.create", "creating a bundle (reading open_clip models)")
     try:
-        created = create_module.init_bundle(Path(bundle), model, pretrained, random_weights=random_weights, seed=seed,
-                                            method=method, zero_shot_labels=labels,
-                                            tokenizer=tokenizer, keep=keep, **settings)
+        return create_with_cli_words(bundle, model, pretrained, method, random_weights, seed, zero_shot_labels,
+                                     tokenizer, keep, **settings)
     except EdgeclipError as exc:  # the library's messages name the CLI's flags: say the API's arguments
         raise _reworded(exc, _API_WORDS) from None
+
+
+def create_with_cli_words(bundle: str | Path, model: str = "ViT-B-16", pretrained: str | None = None,
+                          method: str = "rail-primal", random_weights: bool = False, seed: int = 0,
+                          zero_shot_labels: Sequence[str] | str = (), tokenizer: str | None = None, keep: int = 0,
+                          **settings: Any) -> Classifier:
+    """``create`` for ``edgeclip init`` and ``demo``: the same work, its errors naming the CLI's flags
+    (``--method moe``) rather than the API's arguments. Raises as ``create``."""
+    labels = parse_labels(zero_shot_labels, None) if isinstance(zero_shot_labels, str) else list(zero_shot_labels)
+    create_module = import_torch_module("edgeclip.edgeapp.create", "creating a bundle (reading open_clip models)")
+    created = create_module.init_bundle(Path(bundle), model, pretrained, random_weights=random_weights, seed=seed,
+                                        method=method, zero_shot_labels=labels,
+                                        tokenizer=tokenizer, keep=keep, **settings)
     return Classifier(created)
 
 

@@ -55,7 +55,7 @@ def demo(
     the numbers show the mechanics, not CLIP's accuracy. Re-running with the same --dir
     replaces what the previous run wrote.
     """
-    from edgeclip.edgeapp.api import create
+    from edgeclip.edgeapp.api import create_with_cli_words as create
     from edgeclip.edgeapp.demo_data import UNSEEN, write_demo
     from edgeclip.extras import require_torch
 

@@ -56,7 +56,7 @@ def init(
     quiet: QuietOpt = False,
 ) -> None:
     """Create a new bundle with no task (zero-shot CLIP only), exporting the frozen encoders to ONNX."""
-    from edgeclip.edgeapp.api import create
+    from edgeclip.edgeapp.api import create_with_cli_words as create
     from edgeclip.edgeapp.classify import parse_labels
     from edgeclip.train.presets import get_preset
 
