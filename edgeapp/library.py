@@ -31,7 +31,8 @@ import numpy as np
 
 from edgeclip.bundle import Bundle
 from edgeclip.edgeapp.embed_cache import FROZEN, EmbeddingCache, FileId, backbone_key
-from edgeclip.errors import BundleError, UsageError
+from edgeclip.edgeapp.runtime import ORT_LOG_ENV
+from edgeclip.errors import BundleError, EngineError, UsageError
 from edgeclip.images import DEFAULT_MAX_PIXELS, PreprocessConfig, iter_batches
 from edgeclip.layout import (
     ADAPTED,
@@ -99,6 +100,8 @@ class HeadRunner:
 
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        level = os.environ.get(ORT_LOG_ENV, "4").strip()  # onnxruntime's own log, as the gated runner's
+        options.log_severity_level = int(level) if level in ("0", "1", "2", "3", "4") else 4
         if threads:
             options.intra_op_num_threads = int(threads)
         if bundle.has(graph_file(HEAD_GRAPH)):  # written with the gated graph (edgeapp.tasks.write_gated_graph)
@@ -116,14 +119,28 @@ class HeadRunner:
             raise BundleError(f"Bundle {bundle.root} version {bundle.version}: onnxruntime cannot load the head "
                               f"graph: {exc}") from exc
         self.n_tasks = len(bundle.tasks)
+        self.version = bundle.version
 
     def run(self, embedding: np.ndarray, label_text: np.ndarray) -> dict[str, np.ndarray]:
         embedding = np.ascontiguousarray(embedding, dtype=np.float32)
         if len(embedding) == 0:
             return {SCORES: np.zeros((0, len(label_text)), np.float32), ROUTE: np.zeros(0, np.int64),
                     GATE_RATIO: np.zeros((0, self.n_tasks), np.float32)}
-        out = self.session.run([SCORES, ROUTE, GATE_RATIO],
-                               {EMBEDDING: embedding, LABEL_TEXT: np.ascontiguousarray(label_text, np.float32)})
+        try:
+            out = self.session.run([SCORES, ROUTE, GATE_RATIO],
+                                   {EMBEDDING: embedding, LABEL_TEXT: np.ascontiguousarray(label_text, np.float32)})
+        except Exception as exc:  # onnxruntime raises its own exception types: one line, as the gated runner
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            cause = " ".join(str(exc).split())[:300]
+            raise EngineError(f"onnxruntime failed running {HEAD_GRAPH}: {cause}") from exc
+        batch, route = len(embedding), np.asarray(out[1])
+        want = [(batch, len(label_text)), (batch,), (batch, self.n_tasks)]
+        bad_route = route.size and (route.dtype.kind not in "iu" or route.min() < -1 or route.max() >= self.n_tasks)
+        if [tuple(np.shape(o)) for o in out] != want or bad_route:  # a graph from another version, or tampered
+            raise BundleError(
+                f"The head graph's outputs do not fit version {self.version} ({self.n_tasks} tasks, "
+                f"{len(label_text)} labels). The graph does not belong to this version; run 'edgeclip verify'.")
         return dict(zip((SCORES, ROUTE, GATE_RATIO), out))
 
 

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeclip.bundle import GRAPH_STORE, Bundle, create_bundle, list_versions, rollback
 from edgeclip.errors import BundleError
-from edgeclip.layout import GATED_GRAPH, IMAGE_DATA, LABEL_TEXT, LEARNED, PIXELS, TOKENS, VOCAB_FILE, ZS_TEXT, graph_file
+from edgeclip.layout import EMBEDDING, GATED_GRAPH, IMAGE_DATA, LABEL_TEXT, LEARNED, PIXELS, TOKENS, VOCAB_FILE, ZS_TEXT, graph_file
 
 pytest.importorskip("open_clip")
 ort = pytest.importorskip("onnxruntime")
@@ -71,6 +71,9 @@ def _feeds(bundle: Bundle, session: "ort.InferenceSession") -> dict[str, np.ndar
         elif value.name == TOKENS:
             tokenizer = ClipTokenizer(bundle.path(VOCAB_FILE), int(bundle.manifest["backbone"]["context_length"]))
             feeds[value.name] = tokenizer(["a photo of a cat.", "a dog", "ring"])
+        elif value.name == EMBEDDING:  # the head graph (embedding -> decision)
+            rows = rng.standard_normal((3, zs.shape[1])).astype(np.float32)
+            feeds[value.name] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
         elif value.name == LABEL_TEXT:
             extra = rng.standard_normal((2, zs.shape[1])).astype(np.float32)
             feeds[value.name] = np.concatenate([zs, extra]) if len(zs) else extra
@@ -91,7 +94,7 @@ def test_every_graph_of_every_version_loads_and_passes_the_full_checker(bundle_r
             onnx.checker.check_model(model, full_check=True)
             onnx.checker.check_model(str(path), full_check=True)  # by path: checks the external data files too
             checked += 1
-    assert checked == 3 + 3 + 5 + 5 + 5
+    assert checked == 4 + 4 + 6 + 6 + 6  # image, text, gated, head (+ int8 encoder and gated from v3)
 
 
 @pytest.mark.slow
@@ -133,8 +136,8 @@ def _lint(path: Path) -> None:
 
 @pytest.mark.slow
 def test_polygraphy_lint_passes(bundle_root: Path) -> None:
-    bundle = Bundle.open(bundle_root)  # v0005 holds every kind of graph: encoders, int8, gated
-    assert len(_graphs(bundle)) == 5
+    bundle = Bundle.open(bundle_root)  # v0005 holds every kind of graph: encoders, int8, gated, head
+    assert len(_graphs(bundle)) == 6
     for name in _graphs(bundle):
         _lint(bundle.path(name))
 
