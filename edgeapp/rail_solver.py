@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeclip.errors import BundleError
+from edgeclip.store.fs import pid_alive
 from edgeclip.layout import RAIL_SOLVER_CACHE
 from edgeclip.train.rail import InversePanels, RailPrimal
 
@@ -63,7 +64,7 @@ class RailSolverCache:
             self.folder.mkdir(parents=True, exist_ok=True)
             for stale in self.folder.glob(".work-*"):
                 pid = stale.name.split("-")[1]
-                if pid.isdigit() and not _pid_alive(int(pid)):
+                if pid.isdigit() and not pid_alive(int(pid)):
                     stale.unlink(missing_ok=True)
         except OSError as exc:
             raise BundleError(f"cannot write the RAIL solver cache: {exc.strerror or exc}") from exc
@@ -101,12 +102,3 @@ class RailSolverCache:
                 self.work.unlink()
             self.work = None
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -173,3 +173,15 @@ def stored_path(root: Path, name: str, entry: Mapping[str, Any]) -> Path:
         raise BundleError(f"Bundle {root}: file '{name}' is marked as a shared graph but '{stored}' is not a "
                           "graph-store name (<sha256>.onnx or <sha256>.data).")
     return Path(root) / GRAPH_STORE / stored
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a work file's owner: its leftovers are cleaned
+    only once it is gone). A process of another user counts as alive."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

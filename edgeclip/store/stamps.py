@@ -39,19 +39,27 @@ def stamps_path(root: Path | str, version: str) -> Path | None:
 
 
 def read_stamps(root: Path, version: str) -> dict[str, list[Any]]:
-    path = stamps_path(root, version)
-    try:
-        if path is None or not stat.S_ISREG(os.lstat(path).st_mode):
-            return {}
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return {}
+    data = _read_json(stamps_path(root, version))
     return data if isinstance(data, dict) else {}
 
 
 def write_stamps(root: Path, version: str, stamps: Mapping[str, list[Any]]) -> None:
     """Best effort: without a writable cache, files are simply hashed again on their next use."""
-    path = stamps_path(root, version)
+    _write_json(stamps_path(root, version), dict(stamps))
+
+
+def _read_json(path: Path | None) -> Any:
+    """The JSON value of a regular file in the stamps cache, or None (absent, not a regular file, damaged)."""
+    try:
+        if path is None or not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def _write_json(path: Path | None, value: Any) -> None:
+    """Best effort: write ``value`` to ``path`` atomically (temp file, rename); OS errors are ignored."""
     if path is None:
         return
     with contextlib.suppress(OSError):
@@ -60,7 +68,7 @@ def write_stamps(root: Path, version: str, stamps: Mapping[str, list[Any]]) -> N
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(dict(stamps), handle)
+                json.dump(value, handle)
             os.replace(tmp, path)
         finally:
             with contextlib.suppress(OSError):
@@ -77,13 +85,7 @@ def read_graph_locations(sha256: str) -> list[str] | None:
     """The external-data locations of the graph whose content has this sha256, as recorded by
     ``write_graph_locations`` (a graph's locations are a function of its bytes), or None when not
     recorded. Lets a reader check a verified graph's locations without importing ``onnx``."""
-    path = _locations_path(sha256)
-    try:
-        if path is None or not stat.S_ISREG(os.lstat(path).st_mode):
-            return None
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
+    data = _read_json(_locations_path(sha256))
     if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
         return None
     return data
@@ -91,17 +93,4 @@ def read_graph_locations(sha256: str) -> list[str] | None:
 
 def write_graph_locations(sha256: str, locations: Iterable[str]) -> None:
     """Best effort: record the external-data locations of the graph with content ``sha256``."""
-    path = _locations_path(sha256)
-    if path is None:
-        return
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(sorted(set(locations)), handle)
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+    _write_json(_locations_path(sha256), sorted(set(locations)))

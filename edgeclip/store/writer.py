@@ -45,6 +45,7 @@ from edgeclip.store.fs import (
     check_finite_arrays,
     check_root,
     fsync_path,
+    pid_alive,
     io_error,
     io_errors,
     link_or_copy,
@@ -554,7 +555,7 @@ def create_bundle(root: Path | str, manifest: Manifest | Mapping[str, Any]) -> V
         parent.mkdir(parents=True, exist_ok=True)
         for stale in parent.glob(f".{root.name}.init-*"):
             pid = stale.name.split("-")[-2] if stale.name.count("-") >= 2 else ""
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(stale, ignore_errors=True)
         temp = parent / f".{root.name}.init-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         temp.mkdir()
@@ -564,12 +565,3 @@ def create_bundle(root: Path | str, manifest: Manifest | Mapping[str, Any]) -> V
         shutil.rmtree(temp, ignore_errors=True)
         raise
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
