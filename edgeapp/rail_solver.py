@@ -187,6 +187,30 @@ class RailSolverCache:
                 with contextlib.suppress(OSError):
                     path.unlink()
 
+    def size(self) -> int:
+        """Bytes the folder's files take (0 when there is none)."""
+        if not self.folder.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+
+    def clear(self) -> int:
+        """Delete every entry and its files (derived state: the next add-task folds every learned image
+        once); work files of running add-tasks are left to them. Returns the bytes freed."""
+        freed = 0
+        if not self.folder.is_dir():
+            return 0
+        for path in self.folder.iterdir():
+            pid = path.name.split("-")[1] if path.name.startswith(".work-") else ""
+            if pid.isdigit() and pid_alive(int(pid)):
+                continue
+            with contextlib.suppress(OSError):
+                size = path.stat().st_size
+                path.unlink()
+                freed += size
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()
+        return freed
+
     def discard(self) -> None:
         """Remove this process's work file (a failed or refused add-task, or one the solve never used)."""
         if self.work is not None:

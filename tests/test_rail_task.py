@@ -123,3 +123,29 @@ def test_a_tampered_solver_cache_is_refolded_not_trusted(tmp_path: Path, make_ti
         assert _rel(w, joint) < 1e-5
         assert len(list(cache.glob("*.json"))) == 1
     assert outside.is_file()
+
+
+def test_info_shows_and_prune_frees_the_solver_cache(tmp_path: Path, make_tiny_bundle) -> None:
+    """`info` says how much the derived solver cache takes; `prune --solver-cache` frees it (a dry run
+    changes nothing); the next add-task folds every learned image again and is still exact."""
+    from cli_helpers import invoke
+
+    root = make_tiny_bundle(tmp_path / "b", hidden=256)
+    rng = np.random.default_rng(2)
+    clf = edgeclip.load(root)
+    dim = int(clf.bundle.meta.backbone.embed_dim)
+    for i in range(2):
+        clf = clf.add_task_embeddings(f"t{i}", *_task(rng, dim), [f"a{i}", f"b{i}", f"c{i}"])
+    cache = root / RAIL_SOLVER_CACHE
+    info = invoke("info", "--bundle", str(root))
+    assert info.exit_code == 0 and "solver cache:" in info.output and "prune --solver-cache" in info.output
+    before = sorted(p.name for p in cache.iterdir())
+    dry = invoke("prune", "--bundle", str(root), "--solver-cache", "--dry-run")
+    assert dry.exit_code == 0 and "would delete the solver cache" in dry.output
+    assert sorted(p.name for p in cache.iterdir()) == before
+    done = invoke("prune", "--bundle", str(root), "--solver-cache")
+    assert done.exit_code == 0, done.output
+    assert not cache.exists() and "solver cache:" not in invoke("info", "--bundle", str(root)).output
+    clf = edgeclip.load(root).add_task_embeddings("t2", *_task(rng, dim), ["a2", "b2", "c2"])
+    w, joint = _joint_w(root)
+    assert _rel(w, joint) < 1e-5 and len(list(cache.glob("*.json"))) == 1
