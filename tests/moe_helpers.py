@@ -7,19 +7,17 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 from PIL import Image
 
-from edgeclip.train.backbone import register_model_configs
+from edgeclip.train.backbone import create_model
 
 
 def frozen_clip(name: str = "edgeclip-tiny", seed: int = 0):
     """A random-weight open_clip model, frozen like the project's backbone (eval, no grads)."""
-    register_model_configs()
     logging.getLogger().setLevel(logging.ERROR)
     torch.manual_seed(seed)
-    clip = open_clip.create_model(name).eval()
+    clip = create_model(name).eval()
     return clip.requires_grad_(False)
 
 

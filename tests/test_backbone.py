@@ -16,11 +16,43 @@ from edgeclip.manifest import Weights  # noqa: E402
 from edgeclip.train import backbone as bb  # noqa: E402
 
 
-def test_small_configs_are_registered_models() -> None:
+def test_small_configs_are_known_without_changing_open_clips_registry() -> None:
+    """edgeclip-tiny/small are built and tokenized, and open_clip's model registry is as it was (issue 19:
+    `open_clip.add_model_config` mutated it)."""
     import open_clip
 
-    bb.register_model_configs()
-    assert {"edgeclip-tiny", "edgeclip-small"} <= set(open_clip.list_models())
+    before = open_clip.list_models()
+    assert {"edgeclip-tiny", "edgeclip-small"} <= set(bb.known_models())
+    assert bb.canonical_model_name("EDGECLIP-TINY") == "edgeclip-tiny"
+    assert bb.model_config("edgeclip-small")["embed_dim"] > 0
+    backbone = bb.load_backbone("edgeclip-tiny", random_weights=True, seed=1)
+    assert backbone.text is not None and backbone.text.spec["checked"]
+    assert bb.reference_tokenizer("edgeclip-tiny")(["a cat"]).shape == (1, 77)
+    assert open_clip.list_models() == before and open_clip.get_model_config("edgeclip-tiny") is None
+
+
+def test_own_configs_build_as_open_clips_factory_builds_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same seed gives the same weights, activation and preprocessing as `open_clip.create_model` of the
+    registered config (what edgeclip did before): bundles made with random weights rebuild the same."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    config = bb.model_config("edgeclip-tiny")
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "edgeclip-tiny", config)  # the old registration, undone
+    for quick_gelu in (False, True):
+        torch.manual_seed(7)
+        want = open_clip.create_model("edgeclip-tiny", force_quick_gelu=quick_gelu)
+        torch.manual_seed(7)
+        got = bb.create_model("edgeclip-tiny", quick_gelu=quick_gelu)
+        assert type(got) is type(want) and got.visual.preprocess_cfg == want.visual.preprocess_cfg
+        assert [type(m).__name__ for m in got.modules()] == [type(m).__name__ for m in want.modules()]
+        for (name, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items(), strict=True):
+            assert torch.equal(a, b), name
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in want.state_dict().items()}, str(path))
+    loaded = bb.create_model("edgeclip-tiny", str(path), quick_gelu=True)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), want.state_dict().values()))
 
 
 def test_random_weights_are_seeded_and_recorded() -> None:
@@ -100,7 +132,6 @@ def fake_quickgelu_tag(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     import open_clip
     from safetensors.torch import save_file
 
-    bb.register_model_configs()
     tags = dict(open_clip.pretrained._PRETRAINED.get("edgeclip-tiny", {}))
     tags["fakeai"] = {"hf_hub": "fake-org/edgeclip-tiny-fakeai/", "quick_gelu": True,
                       "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
@@ -183,11 +214,13 @@ def test_quickgelu_hint_only_when_the_keys_match(tmp_path: Path) -> None:
 
     model = bb.load_backbone("edgeclip-tiny", random_weights=True).model
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(state_file))
+    # a stand-in for open_clip serving this architecture as an open_clip model name (edgeclip's own configs
+    # are not open_clip's: they are built without it)
     fake = type("OC", (), {"create_model": staticmethod(lambda *a, **k: model), "list_models": staticmethod(
-        lambda: ["edgeclip-tiny", "edgeclip-tiny-quickgelu"])})
-    message = bb.explain_checkpoint(fake, "edgeclip-tiny", str(state_file), False, Boom("odd failure"))
-    assert "odd failure" in message and "--model edgeclip-tiny-quickgelu" in message
-    assert "--model" not in bb.explain_checkpoint(fake, "edgeclip-tiny", str(state_file), True, Boom("x"))
+        lambda: ["tiny-arch", "tiny-arch-quickgelu"])})
+    message = bb.explain_checkpoint(fake, "tiny-arch", str(state_file), False, Boom("odd failure"))
+    assert "odd failure" in message and "--model tiny-arch-quickgelu" in message
+    assert "--model" not in bb.explain_checkpoint(fake, "tiny-arch", str(state_file), True, Boom("x"))
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # making the archive, not reading it

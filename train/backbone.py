@@ -15,12 +15,14 @@ torch-free runtime tokenizer from it and checks it against open_clip's own token
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import socket
 import zipfile
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,16 +49,48 @@ class _OpenClipNotices(logging.Filter):
         return record.levelno >= logging.ERROR or "open_clip" not in record.pathname
 
 
-def _quiet_create_model(open_clip: Any, *args: Any, **kwargs: Any) -> Any:
-    """``open_clip.create_model`` with its root-logger notices filtered for the duration of the call
-    only: no process-wide logging state is changed."""
+def _quiet_create_model(open_clip: Any, model: str, pretrained: str | None = None, quick_gelu: bool = False) -> Any:
+    """The fp32 CPU model ``model``, random (``pretrained`` None) or with the weights of the file ``pretrained``.
+
+    open_clip's own models come from ``open_clip.create_model``, with its root-logger notices filtered for
+    the duration of the call only (no process-wide logging state is changed); edgeclip's configs are built
+    by ``_build_own`` (open_clip's registry is never changed). Raises what open_clip raises."""
+    own = _own_configs().get(model)
+    if own is not None:
+        return _build_own(open_clip, own, pretrained, quick_gelu)
     notices = _OpenClipNotices()
     root = logging.getLogger()
     root.addFilter(notices)
     try:
-        return open_clip.create_model(*args, **kwargs)
+        return open_clip.create_model(model, pretrained=pretrained, force_quick_gelu=quick_gelu)
     finally:
         root.removeFilter(notices)
+
+
+def _build_own(open_clip: Any, config: dict[str, Any], pretrained: str | None, quick_gelu: bool) -> Any:
+    """An edgeclip config (``models/configs``) built as ``open_clip.create_model`` builds a registered one
+    (precision fp32, device cpu, no timm or Hugging Face tower): the same model class (``CLIP``, or
+    ``CustomTextCLIP`` when ``custom_text``) from the same keyword arguments, so a seed gives the same
+    weights; ``quick_gelu`` forced as ``force_quick_gelu`` does; the weights of the file ``pretrained``
+    loaded strictly (``open_clip.load_checkpoint``); the preprocessing config open_clip's defaults with the
+    tower's image size."""
+    import dataclasses
+    import inspect
+
+    cfg = copy.deepcopy(config)
+    if quick_gelu:
+        cfg["quick_gelu"] = True
+    model_class = open_clip.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.CLIP
+    clip = model_class(**cfg, cast_dtype=open_clip.get_cast_dtype("fp32"))
+    clip.to(device="cpu")
+    if pretrained:
+        safe = {"weights_only": True} if "weights_only" in inspect.signature(open_clip.load_checkpoint).parameters else {}
+        open_clip.load_checkpoint(clip, pretrained, strict=True, **safe)
+    preprocess = dataclasses.asdict(open_clip.transform.PreprocessCfg())
+    preprocess["size"] = clip.visual.image_size
+    open_clip.set_model_preprocess_cfg(clip, preprocess)
+    return clip
+
 
 def import_torch_stack() -> tuple[Any, Any]:
     """Import torch and open_clip, or say which extra to install."""
@@ -71,12 +105,47 @@ def import_torch_stack() -> tuple[Any, Any]:
     return torch, open_clip
 
 
-def register_model_configs() -> None:
-    """Make the configs in ``models/configs`` (edgeclip-tiny, edgeclip-small) known to open_clip."""
+@lru_cache(maxsize=1)
+def _own_configs() -> dict[str, dict[str, Any]]:
+    """edgeclip's model configs, ``models/configs/<name>.json`` (edgeclip-tiny, edgeclip-small), in open_clip's
+    config format. They are never registered with open_clip (``open_clip.add_model_config`` would change
+    its process-wide registry): ``model_config``, ``known_models`` and ``_quiet_create_model`` read them."""
+    configs = {}
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        if all(key in cfg for key in ("embed_dim", "vision_cfg", "text_cfg")):  # open_clip's own test
+            configs[path.stem] = cfg
+    return configs
+
+
+def known_models() -> list[str]:
+    """Every model name edgeclip can build: its own configs, then open_clip's (``open_clip.list_models()``)."""
     _, open_clip = import_torch_stack()
-    known = set(open_clip.list_models())
-    if not all(p.stem in known for p in CONFIG_DIR.glob("*.json")):
-        open_clip.add_model_config(CONFIG_DIR)
+    own = _own_configs()
+    return [*own, *(name for name in open_clip.list_models() if name not in own)]
+
+
+def create_model(model: str, pretrained: str | None = None, quick_gelu: bool = False) -> Any:
+    """The open_clip model ``model`` (fp32, CPU), random from torch's global generator (``pretrained`` None)
+    or with the weights of the file ``pretrained``; QuickGELU when ``quick_gelu``. open_clip's own models
+    through ``open_clip.create_model``, edgeclip's configs built without registering them. Raises
+    MissingExtraError without torch and open_clip, and what open_clip raises (``load_backbone`` turns
+    that into one line)."""
+    _, open_clip = import_torch_stack()
+    return _quiet_create_model(open_clip, model, pretrained, quick_gelu)
+
+
+def reference_tokenizer(model: str) -> Any:
+    """open_clip's tokenizer of ``model`` (``open_clip.get_tokenizer``); for edgeclip's own configs the one
+    ``get_tokenizer`` builds from a config without a Hugging Face tokenizer: ``SimpleTokenizer`` with the
+    config's context length and ``tokenizer_kwargs``."""
+    _, open_clip = import_torch_stack()
+    own = _own_configs().get(model)
+    if own is None:
+        return open_clip.get_tokenizer(model)
+    text_cfg = own.get("text_cfg", {})
+    return open_clip.tokenizer.SimpleTokenizer(context_length=text_cfg.get("context_length", 77),
+                                               **text_cfg.get("tokenizer_kwargs", {}))
 
 
 # Labels the runtime tokenizer must tokenize exactly as open_clip does before a bundle is written:
@@ -103,8 +172,8 @@ def model_config(model: str) -> dict[str, Any]:
     """open_clip's config of a known model (``embed_dim``, ``vision_cfg``, ``text_cfg``, ...).
     Raises BackboneLoadError when open_clip has no config for it."""
     _, open_clip = import_torch_stack()
-    register_model_configs()
-    cfg = open_clip.get_model_config(model)
+    own = _own_configs().get(model)
+    cfg = copy.deepcopy(own) if own is not None else open_clip.get_model_config(model)
     if cfg is None:
         raise BackboneLoadError(f"Unknown model '{model}'.")
     return cfg
@@ -170,9 +239,7 @@ def canonical_model_name(model: str) -> str:
     """open_clip's spelling of ``model``: names match case-insensitively ('vit-b-16' is 'ViT-B-16', said in
     the log). Raises UnknownModelError naming the closest known names when none matches; MissingExtraError
     without torch and open_clip."""
-    _, open_clip = import_torch_stack()
-    register_model_configs()
-    known = open_clip.list_models()
+    known = known_models()
     if model in known:
         return model
     same = [name for name in known if name.lower() == model.strip().lower()]
@@ -213,9 +280,9 @@ def resolve_weights(
     unsupported model family or a weights request that cannot be met; MissingExtraError without
     torch and open_clip."""
     _, open_clip = import_torch_stack()
-    register_model_configs()
-    if model not in open_clip.list_models():
-        raise UnknownModelError(unknown_model_message(model, open_clip.list_models()))
+    known = known_models()
+    if model not in known:
+        raise UnknownModelError(unknown_model_message(model, known))
     check_supported(model)
     if random_weights:
         if pretrained:
@@ -406,7 +473,7 @@ def text_tokenizer(model: str, tokenizer: str | None = None) -> tuple[dict[str, 
         runtime: ClipTokenizer | HFTokenizer = ClipTokenizer(source, ctx, clean=clean)
         spec = {"tokenizer": "clip-bpe", "file": VOCAB_FILE, "clean": clean, "context_length": ctx,
                 "sot_id": runtime.sot_token_id, "eot_id": runtime.eot_token_id, "pad_id": 0}
-        return spec, source, runtime, open_clip.get_tokenizer(model)
+        return spec, source, runtime, reference_tokenizer(model)
     source = _hf_tokenizer_file(model, hf_name, tokenizer)
     clean = kwargs.get("clean", "whitespace")  # open_clip HFTokenizer's default
     ref = _hf_reference(open_clip, source.parent, ctx, kwargs)
@@ -605,8 +672,6 @@ def load_backbone(
     if source is None:
         model = canonical_model_name(model)  # names match case-insensitively
         source = resolve_weights(model, pretrained, random_weights, seed)
-    else:
-        register_model_configs()
     quick_gelu = source.quick_gelu
     if quick_gelu is None:  # a bundle from before the activation was recorded
         quick_gelu = decide_quick_gelu(model, source.kind, source.ref)
@@ -617,7 +682,7 @@ def load_backbone(
         with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's global RNG is left as it was
             torch.manual_seed(int(source.ref))
             try:
-                clip = _quiet_create_model(open_clip, model, pretrained=None, force_quick_gelu=quick_gelu)
+                clip = _quiet_create_model(open_clip, model, None, quick_gelu)
             except Exception as exc:
                 raise BackboneLoadError(f"Cannot build model '{model}': {type(exc).__name__}: {_first_line(exc)}") from exc
     elif source.kind == "file":
@@ -730,7 +795,7 @@ def explain_checkpoint(open_clip: Any, model: str, path: str, quick_gelu: bool, 
         return f"{head}: the file cannot be read as a weights file ({_first_line(err, 200)})"
     try:
         want = {k: tuple(v.shape) for k, v in
-                _quiet_create_model(open_clip, model, pretrained=None, force_quick_gelu=quick_gelu).state_dict().items()}
+                _quiet_create_model(open_clip, model, None, quick_gelu).state_dict().items()}
     except Exception:
         return f"{head}: {_first_line(exc)}"
     missing = sorted(set(want) - set(have))
@@ -745,7 +810,7 @@ def explain_checkpoint(open_clip: Any, model: str, path: str, quick_gelu: bool, 
         return (f"{head}: {len(shapes)} tensors differ in shape ({shown}{', ...' if len(shapes) > 3 else ''}); "
                 "the file is for another size of this architecture.")
     hint = ""
-    if not quick_gelu and f"{model}-quickgelu" in open_clip.list_models():
+    if not quick_gelu and f"{model}-quickgelu" in [*_own_configs(), *open_clip.list_models()]:
         hint = (f" The keys and shapes match; if the file is an OpenAI-trained checkpoint, use "
                 f"--model {model}-quickgelu (its activation).")
     return f"{head}: {_first_line(exc)}.{hint}"
@@ -753,6 +818,6 @@ def explain_checkpoint(open_clip: Any, model: str, path: str, quick_gelu: bool, 
 
 def _create_or_explain(open_clip: Any, model: str, pretrained: str, quick_gelu: bool) -> Any:
     try:
-        return _quiet_create_model(open_clip, model, pretrained=pretrained, force_quick_gelu=quick_gelu)
+        return _quiet_create_model(open_clip, model, pretrained, quick_gelu)
     except Exception as exc:  # open_clip raises RuntimeError (and others) for every failure
         raise BackboneLoadError(explain_checkpoint(open_clip, model, pretrained, quick_gelu, exc)) from exc
