@@ -140,7 +140,7 @@ def run_method(method: str, args: argparse.Namespace, dirs: list[Path], work: Pa
         "method": method, "settings": dataclasses.asdict(settings),
         "init_s": init_s, "results": {}, "preset": run.preset, "upper_bound": upper, "upper_bound_learn_s": upper_s,
         "timing": [vars(t) for t in run.timing], "embed_test_s": run.suite.seconds,
-        "renamed_classes": {d.name: d.renamed for d in run.suite.domains if d.renamed},
+        "shared_class_names": {d.name: list(d.shared) for d in run.suite.domains if d.shared},
     }
     for (p, g), result in run.results.items():
         entry = result.to_dict()

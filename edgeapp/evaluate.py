@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeclip.bundle import GRAPH_STORE, Bundle, link_or_copy
-from edgeclip.domain import Domain, eval_split, few_shot, read_domain
+from edgeclip.domain import Domain, class_key, eval_split, few_shot, read_domain
 from edgeclip.edgeapp import tasks as pipeline
 from edgeclip.edgeapp.eval_scoring import (
     GATES,
@@ -69,16 +69,15 @@ from edgeclip.train.registry import get_learner
 @dataclass(frozen=True)
 class EvalDomain:
     """A domain as the run learns and scores it: `learn_dir` is what add-task reads (the user's
-    folder, or a view of it whose clashing class folders are renamed or whose templates are the
-    preset's). `prompt_classes[i]` is the name put in the prompts for `classes[i]` (the original
-    name when a preset keeps duplicate names, else the class name itself)."""
+    folder, or a view of it whose templates are the preset's). `shared` lists its class names that
+    an earlier domain has too: each stays its own task's class (predictions carry their task; tables
+    show ``airplane (cifar10)``), learned and prompted under its own name, as add-task does."""
 
     name: str
     source: Path
     learn_dir: Path
     test: Domain
-    renamed: dict[str, str] = field(default_factory=dict)
-    prompt_classes: tuple[str, ...] = ()
+    shared: tuple[str, ...] = ()
     split_note: str | None = None  # set when the test split is val/ or valid/ (no test/ folder)
 
     @property
@@ -87,38 +86,33 @@ class EvalDomain:
 
     @property
     def prompts(self) -> list[str]:
-        return list(self.prompt_classes) or self.test.classes
+        """The names put in the prompts: the class names as they are."""
+        return self.test.classes
 
 
-def _view(domain_dir: Path, dest: Path, renames: Mapping[str, str], meta: dict[str, Any] | None = None,
-          test: str = "test") -> Path:
-    """A folder of symbolic links mirroring domain_dir's train/ and test/ with some class folders
-    renamed; its meta.json is `meta` when given, else a link to the original."""
+def _view(domain_dir: Path, dest: Path, meta: dict[str, Any], test: str = "test") -> Path:
+    """A folder of symbolic links mirroring domain_dir's train/ and test/ class folders, with
+    ``meta`` as its meta.json (the preset's templates)."""
     dest.mkdir(parents=True)
-    if meta is not None:
-        (dest / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-    elif (domain_dir / "meta.json").is_file():
-        (dest / "meta.json").symlink_to((domain_dir / "meta.json").resolve())
+    (dest / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
     for split in ("train", test):
         (dest / split).mkdir()
         for class_dir in sorted((domain_dir / split).iterdir()):
             if class_dir.is_dir():
-                (dest / split / renames.get(class_dir.name, class_dir.name)).symlink_to(class_dir.resolve())
+                (dest / split / class_dir.name).symlink_to(class_dir.resolve())
     return dest
 
 
 def prepare_domains(domain_dirs: Sequence[Path], workdir: Path,
                     test_per_class: int | Sequence[int | None] | None = None, seed: int = 0,
-                    templates: Sequence[str] | None = None, keep_duplicate_names: bool = False) -> list[EvalDomain]:
+                    templates: Sequence[str] | None = None) -> list[EvalDomain]:
     """Read every domain's train and test splits; check they name the same classes.
 
-    A bundle refuses a class name that an earlier task already learned (a prediction must name
-    its task), but real benchmarks share names (Caltech101 and CIFAR-10 both have 'airplane').
-    Such a class of a later domain is learned as '<class> (<domain>)', through a view folder of
-    symbolic links; the renames are reported. With `keep_duplicate_names` (RAIL's protocol) the
-    prompts still say '<class>' (`EvalDomain.prompt_classes`). `templates` replaces every domain's
-    prompt templates (through the view's meta.json). `test_per_class` (one count for all domains,
-    or one per domain) subsamples the test split deterministically (few-shot's draw).
+    Real benchmarks share class names (Caltech101 and CIFAR-10 both have 'airplane'): each domain
+    keeps its own, as add-task keeps them (a label belongs to its task), and `EvalDomain.shared`
+    lists them. `templates` replaces every domain's prompt templates (through a view folder of
+    symbolic links with its own meta.json). `test_per_class` (one count for all domains, or one per
+    domain) subsamples the test split deterministically (few-shot's draw).
     """
     if not domain_dirs:
         raise UsageError("Give at least one domain folder.")
@@ -126,7 +120,7 @@ def prepare_domains(domain_dirs: Sequence[Path], workdir: Path,
                  else [test_per_class] * len(domain_dirs))
     if len(per_class) != len(domain_dirs):
         raise UsageError(f"{len(per_class)} test sizes for {len(domain_dirs)} domains")
-    seen: dict[str, str] = {}
+    seen: set[str] = set()
     names: set[str] = set()
     out = []
     for directory, limit in zip(map(Path, domain_dirs), per_class):
@@ -139,18 +133,16 @@ def prepare_domains(domain_dirs: Sequence[Path], workdir: Path,
         if train.name in names:
             raise UsageError(f"Two domains are named '{train.name}'; each domain can be learned once.")
         names.add(train.name)
-        renames = {c: f"{c} ({train.name})" for c in train.classes if c.lower() in seen}
+        shared = tuple(c for c in train.classes if class_key(c) in seen)
         learn_dir = directory
-        meta = None if templates is None else {"name": train.name, "templates": list(templates)}
-        if renames or meta is not None:
-            learn_dir = _view(directory, workdir / "views" / train.name, renames, meta, test=split)
+        if templates is not None:
+            learn_dir = _view(directory, workdir / "views" / train.name,
+                              {"name": train.name, "templates": list(templates)}, test=split)
             test = read_domain(learn_dir, split=split)
-        seen.update({c.lower(): train.name for c in test.classes})
-        original = {new: old for old, new in renames.items()}
-        prompts = tuple(original.get(c, c) for c in test.classes) if keep_duplicate_names else ()
+        seen.update(class_key(c) for c in test.classes)
         if limit:
             test = few_shot(test, limit, seed)
-        out.append(EvalDomain(train.name, directory, learn_dir, test, renames, prompts, note))
+        out.append(EvalDomain(train.name, directory, learn_dir, test, shared, note))
     return out
 
 
@@ -287,8 +279,7 @@ def run_protocols(
     gates = resolve_gates(start_bundle, gates)
     domains = prepare_domains(domain_dirs, workdir, test_per_class,
                               start_bundle.meta.method.settings.seed,
-                              templates=chosen.templates if chosen else None,
-                              keep_duplicate_names=bool(chosen and chosen.keep_duplicate_names))
+                              templates=chosen.templates if chosen else None)
     work = copy_bundle(source, workdir / "bundle")
     bundle = Bundle.open(work)
     first_version = bundle.version

@@ -1,27 +1,74 @@
-"""RAIL primal's solver state between add-tasks: the inverse autocorrelation matrix P (float64 row
-panels, `edgeclip.train.rail.InversePanels`) and the float64 solution W of everything learned.
+"""RAIL primal's solver state between add-tasks: the inverse autocorrelation matrix P (a float64
+base in row panels minus low-rank factors, `edgeclip.train.rail.InversePanels`) and the float64
+solution W of everything learned.
 
-It is derived data, so it lives beside the versions, not in them: ``BUNDLE/cache/rail/<fp>.p64``
-and ``<fp>.w64.npy``, where ``fp`` is `RailPrimal.fingerprint()` of the learned images (settings,
-W_r, every embedding and label in order). An add-task whose parent version's fingerprint has a
-state there folds in only its own images; otherwise (the cache deleted, a rollback, a copied
+It is derived data, so it lives beside the versions, not in them, in ``BUNDLE/cache/rail/``:
+
+- ``<fp>.json``: the entry for the learned images whose `RailPrimal.fingerprint()` is ``fp``
+  (settings, W_r, every embedding and label in order). It names the files below; writing it is
+  the commit point.
+- ``<fp>.w64.npy``: W [hidden, classes] float64.
+- ``base-<id>.p64``: P's base (the upper half, raw float64; absent while it is still I / gamma).
+- ``factor-<id>.npy``: one low-rank factor [hidden, w] float64 each.
+
+An add-task whose parent version's fingerprint has an entry folds in only its own images, and
+writes only what changed: a new factor (tens of MB), and the 0.9 GB base (hidden 15000) only when
+the factors reach `factor_limit` columns. Otherwise (the cache deleted, a rollback, a copied
 bundle from an older edgeclip) it folds every learned image again, once, and says so. Only the
-newest state is kept (hidden 15000: 0.9 GB); deleting the folder is always safe.
+newest entry and the files it names are kept; deleting the folder is always safe. The folder may
+come with a bundle from a stranger: names are checked against a fixed pattern and arrays are read
+with ``allow_pickle=False`` and checked for shape, dtype and finiteness.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 from edgeclip.errors import BundleError
-from edgeclip.store.fs import pid_alive
 from edgeclip.layout import RAIL_SOLVER_CACHE
+from edgeclip.store.fs import pid_alive
 from edgeclip.train.rail import InversePanels, RailPrimal
+
+_BASE_NAME = re.compile(r"base-[0-9a-f]{16}\.p64")
+_FACTOR_NAME = re.compile(r"factor-[0-9a-f]{16}\.npy")
+_MAX_ENTRY_BYTES = 1 << 20
+
+
+class SolverEntry(msgspec.Struct, forbid_unknown_fields=True):
+    """``<fp>.json``: which files hold P (``base`` None: I / gamma) and its factors, in order."""
+
+    hidden: int
+    base: str | None
+    factors: list[str]
+
+
+def _new_name(kind: str, suffix: str) -> str:
+    return f"{kind}-{uuid.uuid4().hex[:16]}{suffix}"
+
+
+def _write_synced(path: Path, data: bytes | None = None, array: np.ndarray | None = None) -> None:
+    """Write ``data`` (or ``array`` as .npy) to a temporary name, fsync, then rename to ``path``."""
+    tmp = path.with_name(f".work-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        with open(tmp, "wb") as handle:
+            if array is not None:
+                np.save(handle, array, allow_pickle=False)
+            else:
+                handle.write(data or b"")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 class RailSolverCache:
@@ -31,8 +78,40 @@ class RailSolverCache:
         self.folder = Path(root) / RAIL_SOLVER_CACHE
         self.work: Path | None = None
 
-    def _paths(self, fingerprint: str) -> tuple[Path, Path]:
-        return self.folder / f"{fingerprint}.p64", self.folder / f"{fingerprint}.w64.npy"
+    def _entry_path(self, fingerprint: str) -> Path:
+        return self.folder / f"{fingerprint}.json"
+
+    def _w64_path(self, fingerprint: str) -> Path:
+        return self.folder / f"{fingerprint}.w64.npy"
+
+    def _read_entry(self, learner: RailPrimal) -> InversePanels:
+        """The stored P of the learner's images; raises OSError/ValueError/BundleError when absent or bad."""
+        path = self._entry_path(learner.fingerprint())
+        if path.stat().st_size > _MAX_ENTRY_BYTES:
+            raise BundleError("oversized solver entry")
+        entry = msgspec.json.decode(path.read_bytes(), type=SolverEntry)
+        if entry.hidden != learner.hidden:
+            raise BundleError("solver entry of another hidden size")
+        if entry.base is not None and not _BASE_NAME.fullmatch(entry.base):
+            raise BundleError("bad base name")
+        factors = []
+        for name in entry.factors:
+            if not _FACTOR_NAME.fullmatch(name):
+                raise BundleError("bad factor name")
+            factor = np.load(self.folder / name, allow_pickle=False)
+            if factor.dtype != np.float64 or factor.ndim != 2 or factor.shape[0] != learner.hidden \
+                    or not np.isfinite(factor).all():
+                raise BundleError("bad factor")
+            factors.append(factor)
+        if entry.base is None:
+            return InversePanels(learner.hidden, identity_gamma=learner.gamma, factors=factors,
+                                 factor_names=list(entry.factors))
+        base_path = self.folder / entry.base
+        inverse = InversePanels(learner.hidden, base_path, factors=factors, factor_names=list(entry.factors))
+        if not base_path.is_file() or base_path.stat().st_size != inverse.nbytes:
+            raise BundleError("missing or truncated base")
+        inverse.open()  # held open: a concurrent writer removing the file does not affect this reader
+        return inverse
 
     def resume(self, learner: RailPrimal) -> bool:
         """Give ``learner`` (restored from the parent version, nothing added yet) its stored P and W64
@@ -40,21 +119,19 @@ class RailSolverCache:
         solve then folds every learned image). A damaged entry is removed and counts as absent."""
         if learner.n_seen == 0:
             return True  # nothing learned: P = I / gamma, nothing to read
-        p_path, w_path = self._paths(learner.fingerprint())
+        fingerprint = learner.fingerprint()
+        if not self._entry_path(fingerprint).is_file():
+            return False
         try:
-            inverse = InversePanels(learner.hidden, p_path)
-            if not p_path.is_file() or p_path.stat().st_size != inverse.nbytes:
-                return False
-            w64 = np.load(w_path, allow_pickle=False)
+            inverse = self._read_entry(learner)
+            w64 = np.load(self._w64_path(fingerprint), allow_pickle=False)
             if w64.dtype != np.float64 or w64.shape != (learner.hidden, learner.n_classes) or not np.isfinite(w64).all():
                 raise BundleError("bad W64")
-            inverse.open()  # held open: a concurrent writer removing the file does not affect this reader
             learner.resume(inverse, w64)
             return True
-        except (OSError, ValueError, BundleError):
-            for path in (p_path, w_path):
-                with contextlib.suppress(OSError):
-                    path.unlink()
+        except (OSError, ValueError, BundleError, msgspec.DecodeError):
+            with contextlib.suppress(OSError):
+                self._entry_path(fingerprint).unlink()  # its files go with the next commit's clean-up
             return False
 
     def start(self, learner: RailPrimal) -> None:
@@ -72,33 +149,71 @@ class RailSolverCache:
         learner.work_path = self.work
 
     def commit(self, learner: RailPrimal) -> None:
-        """Keep the learner's solved state under its fingerprint and drop every other entry (only the
-        newest is kept). Best effort after the version is committed: a failure only costs the next
-        add-task a full re-fold."""
-        if self.work is None or not self.work.exists():
+        """Keep the learner's solved state under its fingerprint: a base the solve wrote (renamed, after
+        fsync), the factors not stored yet, W64, then the entry; every file the entry does not name
+        is removed (only the newest entry is kept). Best effort after the version is committed: a
+        failure only costs the next add-task a full re-fold."""
+        if self.work is None:
             return
-        p_path, w_path = self._paths(learner.fingerprint())
+        inverse, fingerprint = learner.inverse, learner.fingerprint()
         try:
-            tmp = self.folder / f".work-{os.getpid()}-{uuid.uuid4().hex[:8]}.w64.npy"
-            np.save(tmp, learner.weights64(), allow_pickle=False)
-            with open(self.work, "r+b") as handle:  # on disk before it is named (a crash never leaves half a P)
-                os.fsync(handle.fileno())
-            os.replace(tmp, w_path)
-            os.replace(self.work, p_path)
+            base = None
+            if inverse.path is not None and inverse.identity_gamma is None:
+                if Path(inverse.path) == self.work:  # written by this solve
+                    base = _new_name("base", ".p64")
+                    with open(self.work, "r+b") as handle:  # on disk before it is named (never half a P)
+                        os.fsync(handle.fileno())
+                    os.replace(self.work, self.folder / base)
+                    inverse.path = self.folder / base
+                else:
+                    base = Path(inverse.path).name
+            for i, factor in enumerate(inverse.factors):
+                if inverse.factor_names[i] is None:
+                    name = _new_name("factor", ".npy")
+                    _write_synced(self.folder / name, array=factor)
+                    inverse.factor_names[i] = name
+            _write_synced(self._w64_path(fingerprint), array=learner.weights64())
+            entry = SolverEntry(hidden=learner.hidden, base=base, factors=[str(n) for n in inverse.factor_names])
+            _write_synced(self._entry_path(fingerprint), data=msgspec.json.encode(entry))
         except OSError:
             self.discard()
             return
-        self.work = None
-        keep = {p_path.name, w_path.name}
-        for entry in self.folder.iterdir():
-            if entry.name not in keep and not entry.name.startswith(".work-"):
+        self.discard()  # a work file the solve left unused (no base was written)
+        keep = {self._entry_path(fingerprint).name, self._w64_path(fingerprint).name, *entry.factors}
+        if base is not None:
+            keep.add(base)
+        for path in self.folder.iterdir():
+            if path.name not in keep and not path.name.startswith(".work-"):
                 with contextlib.suppress(OSError):
-                    entry.unlink()
+                    path.unlink()
+
+    def size(self) -> int:
+        """Bytes the folder's files take (0 when there is none)."""
+        if not self.folder.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+
+    def clear(self) -> int:
+        """Delete every entry and its files (derived state: the next add-task folds every learned image
+        once); work files of running add-tasks are left to them. Returns the bytes freed."""
+        freed = 0
+        if not self.folder.is_dir():
+            return 0
+        for path in self.folder.iterdir():
+            pid = path.name.split("-")[1] if path.name.startswith(".work-") else ""
+            if pid.isdigit() and pid_alive(int(pid)):
+                continue
+            with contextlib.suppress(OSError):
+                size = path.stat().st_size
+                path.unlink()
+                freed += size
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()
+        return freed
 
     def discard(self) -> None:
-        """Remove this process's work file (a failed or refused add-task)."""
+        """Remove this process's work file (a failed or refused add-task, or one the solve never used)."""
         if self.work is not None:
             with contextlib.suppress(OSError):
                 self.work.unlink()
             self.work = None
-

@@ -106,4 +106,4 @@ def rail_key(key: str) -> str:
     return f"{RAIL_PREFIX}{key}"
 
 # -- derived state outside the versions ---------------------------------------------------------------
-RAIL_SOLVER_CACHE = "cache/rail"  # BUNDLE/cache/rail/<fingerprint>.p64|.w64.npy: RAIL primal's inverse P (add-task)
+RAIL_SOLVER_CACHE = "cache/rail"  # RAIL primal's inverse P and float64 W between add-tasks (edgeapp/rail_solver.py)

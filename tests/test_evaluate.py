@@ -58,18 +58,18 @@ def test_metrics_of_one_domain_and_bad_shapes() -> None:
 # ----------------------------------------------------------------------------- domains
 
 
-def test_clashing_class_names_are_renamed_through_a_view(tmp_path: Path) -> None:
+def test_clashing_class_names_stay_their_tasks_own(tmp_path: Path) -> None:
+    """A class name an earlier domain has is learned under its own name, as add-task does (no view,
+    no renaming); `shared` says which."""
     for domain, classes in (("first", ("cat", "dog")), ("second", ("Cat", "car"))):
         for split in ("train", "test"):
             for c in classes:
                 (tmp_path / domain / split / c).mkdir(parents=True)
                 Image.new("RGB", (8, 8)).save(tmp_path / domain / split / c / "0.png")
     prepared = evaluate.prepare_domains([tmp_path / "first", tmp_path / "second"], tmp_path / "work")
-    assert prepared[0].renamed == {} and prepared[0].learn_dir == tmp_path / "first"
-    assert prepared[1].renamed == {"Cat": "Cat (second)"}
-    assert sorted(p.name for p in (prepared[1].learn_dir / "train").iterdir()) == ["Cat (second)", "car"]
-    assert prepared[1].classes == ["Cat (second)", "car"]
-    assert (tmp_path / "second" / "train" / "Cat").is_dir()  # the user's folder is untouched
+    assert prepared[0].shared == () and prepared[0].learn_dir == tmp_path / "first"
+    assert prepared[1].shared == ("Cat",) and prepared[1].learn_dir == tmp_path / "second"
+    assert prepared[1].classes == ["Cat", "car"] and not (tmp_path / "work" / "views").exists()
 
 
 def test_train_and_test_must_name_the_same_classes(tmp_path: Path) -> None:

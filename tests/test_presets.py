@@ -27,7 +27,7 @@ PAPER = {
     },
     "rail-paper": {
         "method": "rail-primal", "protocol": "xtail", "seed": 42, "hidden": 15000, "gamma": 0.1, "beta": 0.9,
-        "fusion": "paper", "shots": 16, "templates": ("a photo of a {}.",), "keep_duplicate_names": True,
+        "fusion": "paper", "shots": 16, "templates": ("a photo of a {}.",),
         "route_batch": None,
     },
 }
@@ -117,6 +117,8 @@ def test_rail_paper_preset_per_eval_run(domains: list[Path], tmp_path: Path) -> 
 
 
 def test_duplicate_names_keep_their_prompt_under_rail_paper(tmp_path: Path) -> None:
+    """A class name two domains share stays as it is in the prompts and the class list, with or
+    without the preset's templates (the view only replaces meta.json)."""
     from PIL import Image
 
     from edgeclip.edgeapp import evaluate
@@ -128,11 +130,11 @@ def test_duplicate_names_keep_their_prompt_under_rail_paper(tmp_path: Path) -> N
                 (tmp_path / name / split / c).mkdir(parents=True)
                 Image.new("RGB", (8, 8)).save(tmp_path / name / split / c / "a.png")
         dirs.append(tmp_path / name)
-    kept = evaluate.prepare_domains(dirs, tmp_path / "w1", templates=["a photo of a {}."], keep_duplicate_names=True)
-    assert kept[1].classes == ["Cat (two)", "owl"] and kept[1].prompts == ["Cat", "owl"]
+    kept = evaluate.prepare_domains(dirs, tmp_path / "w1", templates=["a photo of a {}."])
+    assert kept[1].classes == ["Cat", "owl"] and kept[1].prompts == ["Cat", "owl"] and kept[1].shared == ("Cat",)
     assert kept[1].test.templates == ["a photo of a {}."] and kept[0].prompts == ["cat", "dog"]
-    renamed = evaluate.prepare_domains(dirs, tmp_path / "w2")
-    assert renamed[1].prompts == ["Cat (two)", "owl"]
+    plain = evaluate.prepare_domains(dirs, tmp_path / "w2")
+    assert plain[1].prompts == ["Cat", "owl"] and plain[1].learn_dir == dirs[1]
 
 
 @pytest.mark.slow

@@ -128,8 +128,8 @@ def test_primal_random_layer_is_the_spec():
 
 def test_primal_state_is_what_was_learned():
     """The learning state is the embeddings and labels (n x dim), never a hidden x hidden matrix; at
-    the paper's hidden 15000 the working memory of a solve is fixed (~0.2 GB) however many images
-    were learned (the inverse P lives on disk, the upper half: 0.9 GB)."""
+    the paper's hidden 15000 the working memory of a solve is fixed (~0.5 GB at most) however many
+    images were learned (the inverse P's base lives on disk, the upper half: 0.9 GB)."""
     domains = _domains(reuse=False)
     model = RailPrimal(DIM, hidden=HIDDEN, seed=1)
     for x, y, total in domains:
@@ -142,10 +142,10 @@ def test_primal_state_is_what_was_learned():
     rng = np.random.default_rng(0)
     big.add_domain(rng.normal(size=(480, 512)).astype(np.float32), np.arange(480) % 30, 30)
     mem = big.memory_bytes()
-    assert mem["x"] == 480 * (512 * 4 + 8) and mem["solve_peak"] < 400_000_000
+    assert mem["x"] == 480 * (512 * 4 + 8) and mem["solve_peak"] < 600_000_000
     big.add_domain(rng.normal(size=(50_000, 512)).astype(np.float32), np.arange(50_000) % 30, 30)
     assert big.memory_bytes()["solve_peak"] == mem["solve_peak"]  # set by hidden and the batch, not the history
-    assert big.memory_bytes()["inverse"] < 15000 * 15001 // 2 * 8 * 1.02
+    assert big.memory_bytes()["inverse"] < 15000 * 15001 // 2 * 8 * 1.04  # the upper half + the panels' edges
 
 
 def test_primal_refuses_old_or_broken_state():
@@ -264,3 +264,28 @@ def test_dual_state_is_what_was_learned():
 
     with pytest.raises(BundleError, match="do not match"):
         RailDual.from_state({**state, "labels": state["labels"][:-1]}, model.settings())
+
+
+def test_primal_small_folds_keep_the_base(tmp_path):
+    """A fold within `factor_limit` columns writes no part of P's base, only its own low-rank factor;
+    past the limit every factor is folded into a new base. Both give the exact inverse."""
+    domains = _domains(reuse=False)
+    model = RailPrimal(DIM, hidden=400, seed=2)  # factor_limit(400) = 50
+    model.work_path = tmp_path / "p"
+    x, y, total = domains[0]
+    model.add_domain(x[:30], y[:30], total)
+    model.solve()
+    assert not (tmp_path / "p").exists() and model.inverse.identity_gamma is not None
+    assert [f.shape for f in model.inverse.factors] == [(400, 30)]
+    model.add_domain(x[30:45], y[30:45], total)
+    model.solve()
+    assert not (tmp_path / "p").exists() and model.inverse.width == 45
+    phi = model.phi64(x[:45])
+    assert _rel(model.inverse.dense(), np.linalg.inv(phi.T @ phi + model.gamma * np.eye(400))) < 1e-9
+    model.add_domain(x[45:], y[45:], total)  # 45 + the rest > 50: folded into a base on disk
+    model.solve()
+    assert (tmp_path / "p").stat().st_size == model.inverse.nbytes and model.inverse.factors == []
+    phi = model.phi64(x)
+    assert _rel(model.inverse.dense(), np.linalg.inv(phi.T @ phi + model.gamma * np.eye(400))) < 1e-6
+    assert _rel(model.weights64(), _joint_ridge(model, domains[:1])) < 1e-6
+    assert rail.factor_limit(15000) == 1024 and rail.factor_limit(96) == 12 and rail.factor_limit(4) == 1

@@ -57,7 +57,16 @@ def test_add_task_folds_only_the_new_images(tmp_path: Path, make_tiny_bundle, mo
         files = clf.bundle.manifest["files"]  # a version adds what it learned; W_r lives in its own file, once
         assert rail_task_state(i) in files and rail_key("w_r") not in clf.bundle.tensors(LEARNED)
         assert (clf.root / "versions" / clf.version / RAIL_PROJECTION).stat().st_nlink == i + 2
-        assert sorted(p.suffix for p in cache.iterdir()) == [".npy", ".p64"]  # one entry, no work file left
+        # one entry, no work file left: the base is written when the factors pass factor_limit(256) = 32
+        # columns (task 1: 24 + 24), else the task adds one factor of its own (tasks 0 and 2)
+        names = sorted(p.name.split("-")[0] if "-" in p.name else p.name.split(".", 1)[1] for p in cache.iterdir())
+        assert names == [["factor", "json", "w64.npy"], ["base", "json", "w64.npy"],
+                         ["base", "factor", "json", "w64.npy"]][i]
+        if i == 1:
+            base = next(cache.glob("base-*.p64"))
+            base_stat = base.stat()
+    kept = next(cache.glob("base-*.p64"))  # task 2 wrote no base: the same file, untouched
+    assert kept == base and kept.stat().st_mtime_ns == base_stat.st_mtime_ns and kept.stat().st_ino == base_stat.st_ino
     assert "folding 24 new images" in said[-1] and "all" not in said[-1]
 
     before = clf.version
@@ -67,3 +76,76 @@ def test_add_task_folds_only_the_new_images(tmp_path: Path, make_tiny_bundle, mo
     assert "folding all 72 images (48 learned before)" in said[-1] and clf.version != before
     w, joint = _joint_w(root)
     assert _rel(w, joint) < 1e-5
+
+
+def test_a_tampered_solver_cache_is_refolded_not_trusted(tmp_path: Path, make_tiny_bundle, monkeypatch) -> None:
+    """The cache may come with a bundle from a stranger: an entry naming a file outside the folder, a
+    factor of the wrong shape or a garbled entry is dropped, every learned image is folded again, and
+    the head is still the joint solution."""
+    import json
+
+    from edgeclip.edgeapp import tasks
+
+    root = make_tiny_bundle(tmp_path / "b", hidden=256)
+    cache = root / RAIL_SOLVER_CACHE
+    rng = np.random.default_rng(1)
+    said: list[str] = []
+    real = tasks._learn_head
+    monkeypatch.setattr(tasks, "_learn_head", lambda b, le, c, f, la, n, p: real(
+        b, le, c, f, la, n, lambda stage, done, total: said.append(stage)))
+    clf = edgeclip.load(root)
+    dim = int(clf.bundle.meta.backbone.embed_dim)
+    clf = clf.add_task_embeddings("t0", *_task(rng, dim), ["a0", "b0", "c0"])
+    outside = root / "outside.npy"
+    np.save(outside, np.zeros((256, 4)))
+
+    def escape(entry: Path) -> None:
+        data = json.loads(entry.read_text())
+        entry.write_text(json.dumps({**data, "factors": ["../../outside.npy"]}))
+
+    def wrong_shape(entry: Path) -> None:
+        np.save(cache / json.loads(entry.read_text())["factors"][0], np.ones((255, 24)))
+
+    def truncated_base(entry: Path) -> None:
+        base = cache / json.loads(entry.read_text())["base"]
+        with open(base, "r+b") as handle:
+            handle.truncate(base.stat().st_size - 8)
+
+    def garbled(entry: Path) -> None:
+        entry.write_bytes(b"\xff{not json")
+
+    for i, tamper in enumerate((wrong_shape, escape, truncated_base, garbled), start=1):
+        tamper(next(cache.glob("*.json")))
+        said.clear()
+        clf = clf.add_task_embeddings(f"t{i}", *_task(rng, dim), [f"a{i}", f"b{i}", f"c{i}"])
+        assert f"folding all {24 * (i + 1)} images" in said[-1]
+        w, joint = _joint_w(root)
+        assert _rel(w, joint) < 1e-5
+        assert len(list(cache.glob("*.json"))) == 1
+    assert outside.is_file()
+
+
+def test_info_shows_and_prune_frees_the_solver_cache(tmp_path: Path, make_tiny_bundle) -> None:
+    """`info` says how much the derived solver cache takes; `prune --solver-cache` frees it (a dry run
+    changes nothing); the next add-task folds every learned image again and is still exact."""
+    from cli_helpers import invoke
+
+    root = make_tiny_bundle(tmp_path / "b", hidden=256)
+    rng = np.random.default_rng(2)
+    clf = edgeclip.load(root)
+    dim = int(clf.bundle.meta.backbone.embed_dim)
+    for i in range(2):
+        clf = clf.add_task_embeddings(f"t{i}", *_task(rng, dim), [f"a{i}", f"b{i}", f"c{i}"])
+    cache = root / RAIL_SOLVER_CACHE
+    info = invoke("info", "--bundle", str(root))
+    assert info.exit_code == 0 and "solver cache:" in info.output and "prune --solver-cache" in info.output
+    before = sorted(p.name for p in cache.iterdir())
+    dry = invoke("prune", "--bundle", str(root), "--solver-cache", "--dry-run")
+    assert dry.exit_code == 0 and "would delete the solver cache" in dry.output
+    assert sorted(p.name for p in cache.iterdir()) == before
+    done = invoke("prune", "--bundle", str(root), "--solver-cache")
+    assert done.exit_code == 0, done.output
+    assert not cache.exists() and "solver cache:" not in invoke("info", "--bundle", str(root)).output
+    clf = edgeclip.load(root).add_task_embeddings("t2", *_task(rng, dim), ["a2", "b2", "c2"])
+    w, joint = _joint_w(root)
+    assert _rel(w, joint) < 1e-5 and len(list(cache.glob("*.json"))) == 1

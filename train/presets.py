@@ -78,7 +78,6 @@ class Preset:
     gamma: float | None  # RAIL ridge
     shots: int | None  # training images per class of the headline row (None = all)
     templates: tuple[str, ...] | None  # None: each dataset's own templates (meta.json, ZSCL's for MTIL)
-    keep_duplicate_names: bool  # True: prompts use the class name as is, even when an earlier domain has it
     # MoE training recipe
     experts: int | None = None
     top_k: int | None = None
@@ -134,7 +133,6 @@ MOE_PAPER = Preset(
            "mtil/src/args.py",
     seed=42, fusion="ddas", beta=None, hidden=None, gamma=None, shots=None,
     templates=None,  # ZSCL's per-dataset templates (benchmarks/prepare_data.py writes them to meta.json)
-    keep_duplicate_names=False,  # MTIL scores each domain over its own classes: names never meet
     experts=22, top_k=2, freeze_rule="paper", batch_size=64, warmup=100, warmup_rule="fixed",
     label_smoothing=0.2,
     lr_full=_per_dataset((5e-3, 1e-3, 5e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-3)),
@@ -148,7 +146,7 @@ RAIL_PAPER = Preset(
     name="rail-paper", method="rail-primal", protocol="xtail",
     source="linghan1997/Regression-based-Analytic-Incremental-Learning configs/analytic_clip.yaml, primal_RAIL.py",
     seed=42, fusion="paper", beta=0.9, hidden=15000, gamma=0.1, shots=16,
-    templates=("a photo of a {}.",), keep_duplicate_names=True,
+    templates=("a photo of a {}.",),
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (MOE_PAPER, RAIL_PAPER)}

@@ -112,21 +112,36 @@ class _RandomFeatures:
 
 
 _BATCH = 1024  # most images folded into the primal inverse at once (the Woodbury rank): Phi, U are hidden x this
-_PANEL_ROWS = 256  # rows of the inverse held in memory at once (hidden 15000: 31 MB per panel)
+_PANEL_ROWS = 512  # rows of the base inverse held in memory at once (hidden 15000: 61 MB per panel)
+_FACTOR_WIDTH = 1024  # most low-rank columns kept beside the base before they are folded into it
+
+
+def factor_limit(hidden: int) -> int:
+    """How many low-rank columns `InversePanels` keeps beside its base before it folds them in:
+    ``min(_FACTOR_WIDTH, hidden // 8)``, so that applying them costs at most a quarter of what the
+    base costs (4 hidden w b flops against 2 hidden^2 b) and they take at most 8 MB per 1,000 hidden."""
+    return max(1, min(_FACTOR_WIDTH, int(hidden) // 8))
 
 
 class InversePanels:
-    """The upper triangle of the symmetric P = (Phi^T Phi + gamma I)^-1 (float64 [hidden, hidden]) in
-    row panels: panel i holds rows [r0, r1) and columns [r0, hidden), row-major. Only one or two
-    panels are in memory at once, so a hidden-15000 inverse (0.9 GB on disk, the upper half) is
-    updated with ~60 MB of RAM.
+    """The symmetric P = (Phi^T Phi + gamma I)^-1 (float64 [hidden, hidden]) as a base B minus a
+    low-rank part: P = B - sum_j F_j F_j^T.
 
-    ``path`` None keeps the panels in memory (small hidden, tests); a path keeps them in that file
-    (raw float64, panels one after another). ``identity_gamma``: P = I / gamma, nothing learned yet,
-    nothing stored."""
+    B is kept as its upper triangle in row panels: panel i holds rows [r0, r1) and columns
+    [r0, hidden), row-major; only one or two panels are in memory at once, so a hidden-15000 base
+    (0.9 GB on disk, the upper half) is used with ~120 MB of RAM. ``path`` None keeps the panels in
+    memory (small hidden, tests); a path keeps them in that file (raw float64, panels one after
+    another). ``identity_gamma``: B = I / gamma, nothing stored.
+
+    The factors F_j (float64 [hidden, w_j]) are the Woodbury downdates of the folds since B was last
+    written (`downdate`): while their widths sum to at most `factor_limit(hidden)`, a fold writes
+    no part of B, only its own hidden x b factor (an add-task of a few hundred images then writes
+    tens of MB instead of the 0.9 GB base: time, and flash wear on a device). ``factor_names``: the
+    stored name of each factor (None: not stored yet), kept for `edgeapp.rail_solver`."""
 
     def __init__(self, hidden: int, path: Path | None = None, identity_gamma: float | None = None,
-                 rows: int | None = None) -> None:
+                 rows: int | None = None, factors: list[np.ndarray] | None = None,
+                 factor_names: list[str | None] | None = None) -> None:
         self.hidden, self.path, self.identity_gamma = int(hidden), path, identity_gamma
         self.rows = int(rows or _PANEL_ROWS)
         self.bounds = [(r0, min(r0 + self.rows, self.hidden)) for r0 in range(0, self.hidden, self.rows)]
@@ -134,6 +149,12 @@ class InversePanels:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # in float64 elements
         self._memory: list[np.ndarray] | None = None if path is not None else []
         self._handle = None
+        self.factors: list[np.ndarray] = list(factors or [])
+        self.factor_names: list[str | None] = list(factor_names or [None] * len(self.factors))
+        for f in self.factors:
+            if f.dtype != np.float64 or f.ndim != 2 or f.shape[0] != self.hidden:
+                raise BundleError(f"a RAIL solver factor has shape {list(f.shape)} {f.dtype}, expected "
+                                  f"[{self.hidden}, w] float64")
 
     def open(self) -> None:
         """Open the file now and keep it open (a reader is then unaffected by the file's removal)."""
@@ -142,11 +163,16 @@ class InversePanels:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the stored upper triangle takes (hidden (hidden + 1) / 2 + the panels' ragged edges) x 8."""
+        """Bytes the stored base takes (hidden (hidden + 1) / 2 + the panels' ragged edges) x 8."""
         return int(self.offsets[-1]) * 8
 
+    @property
+    def width(self) -> int:
+        """Columns in the low-rank part (the sum of the factors' widths)."""
+        return sum(f.shape[1] for f in self.factors)
+
     def read(self, i: int) -> np.ndarray:
-        """Panel i: P[r0:r1, r0:] float64 [r1 - r0, hidden - r0]."""
+        """Panel i of the base: B[r0:r1, r0:] float64 [r1 - r0, hidden - r0]."""
         r0, r1 = self.bounds[i]
         if self.identity_gamma is not None:
             panel = np.zeros((r1 - r0, self.hidden - r0))
@@ -162,27 +188,38 @@ class InversePanels:
         return panel.reshape(r1 - r0, self.hidden - r0)
 
     def times(self, phi: np.ndarray) -> np.ndarray:
-        """U = P Phi^T: phi float64 [b, hidden] -> [hidden, b], reading each panel once
-        (2 hidden^2 b flops over the upper triangle)."""
+        """U = P Phi^T: phi float64 [b, hidden] -> [hidden, b], reading each base panel once
+        (2 hidden^2 b flops over the upper triangle, plus 4 hidden w b for the factors)."""
         if self.identity_gamma is not None:
-            return phi.T / self.identity_gamma
-        u = np.zeros((self.hidden, phi.shape[0]))
-        for i, (r0, r1) in enumerate(self.bounds):
-            panel = self.read(i)  # rows r0:r1, columns r0:
-            u[r0:r1] += panel @ phi[:, r0:].T
-            u[r1:] += panel[:, r1 - r0:].T @ phi[:, r0:r1].T  # the lower triangle by symmetry
+            u = phi.T / self.identity_gamma
+        else:
+            u = np.zeros((self.hidden, phi.shape[0]))
+            for i, (r0, r1) in enumerate(self.bounds):
+                panel = self.read(i)  # rows r0:r1, columns r0:
+                u[r0:r1] += panel @ phi[:, r0:].T
+                u[r1:] += panel[:, r1 - r0:].T @ phi[:, r0:r1].T  # the lower triangle by symmetry
+        for f in self.factors:
+            u -= f @ (phi @ f).T
         return u
 
-    def minus_outer(self, v: np.ndarray, out: Path | None) -> InversePanels:
-        """P - V V^T (v float64 [hidden, b]) as a new InversePanels at ``out`` (None: in memory); ``out``
-        may be this object's own file (updated in place) or a new one (this one stays as it was)."""
+    def downdate(self, v: np.ndarray, out: Path | None) -> InversePanels:
+        """P - V V^T (v float64 [hidden, b]) as a new InversePanels. While the factors' widths stay
+        within `factor_limit`, V joins them and the base is shared, untouched; otherwise every
+        factor is folded into a new base at ``out`` (None: in memory), which may be this object's own
+        file (updated in place) or a new one (this one stays as it was)."""
+        factors, names = [*self.factors, v], [*self.factor_names, None]
+        if self.width + v.shape[1] <= factor_limit(self.hidden):
+            shared = InversePanels(self.hidden, self.path, self.identity_gamma, self.rows, factors, names)
+            shared._memory, shared._handle = self._memory, self._handle
+            return shared
         result = InversePanels(self.hidden, out, rows=self.rows)
         in_place = out is not None and self.path is not None and Path(out) == Path(self.path)
         handle = None if out is None else open(out, "r+b" if in_place else "wb")
         try:
             for i, (r0, r1) in enumerate(self.bounds):
                 panel = self.read(i)
-                panel -= v[r0:r1] @ v[r0:].T
+                for f in factors:
+                    panel -= f[r0:r1] @ f[r0:].T
                 if handle is None:
                     result._memory.append(panel)  # type: ignore[union-attr]
                 else:
@@ -199,7 +236,10 @@ class InversePanels:
         for i, (r0, r1) in enumerate(self.bounds):
             full[r0:r1, r0:] = self.read(i)
         upper = np.triu(full)
-        return upper + np.triu(full, 1).T
+        dense = upper + np.triu(full, 1).T
+        for f in self.factors:
+            dense -= f @ f.T
+        return dense
 
 
 class RailPrimal(_RandomFeatures):
@@ -212,12 +252,15 @@ class RailPrimal(_RandomFeatures):
 
         U = P Phi_b^T,  S = I_b + Phi_b U,  W <- W + U S^-1 (Y_b - Phi_b W),  P <- P - U S^-1 U^T
 
-    which is the joint ridge solution over everything folded in so far (any order). A batch costs
-    ~3 hidden^2 b flops and reads P twice and writes it once, panel by panel (`InversePanels`), so an
-    add-task costs what its own images cost, whatever was learned before, and its memory is set by
-    ``hidden`` and the batch (hidden 15000, b <= 1024: ~0.3 GB of arrays), not by the history. P (hidden^2 / 2 float64: 0.9 GB on disk at
-    hidden 15000) is derived state: `edgeapp.tasks` keeps it in the bundle's solver cache; without
-    it, `solve` folds every learned image again (history-proportional, once).
+    which is the joint ridge solution over everything folded in so far (any order). P is kept as a
+    base B minus low-rank factors (`InversePanels`): a batch costs 2 hidden^2 b flops for U (one pass
+    over B, panel by panel) plus, every `factor_limit(hidden)` images (1,024 at hidden 15000), the
+    fold of the pending factors into B (hidden^2 w flops and one write of B). So an add-task costs
+    what its own images cost, whatever was learned before, and its memory is set by ``hidden`` and
+    the batch (hidden 15000, b <= 1024: ~0.5 GB of arrays), not by the history. P (B: hidden^2 / 2
+    float64, 0.9 GB on disk at hidden 15000, plus the factors) is derived state: `edgeapp.tasks`
+    keeps it in the bundle's solver cache; without it, `solve` folds every learned image again
+    (history-proportional, once).
 
     What a version keeps is what was learned: the embeddings X [n, dim] float32 and their labels
     [n] int64 (keys ``x``, ``labels``), from which P and W can always be rebuilt.
@@ -279,7 +322,7 @@ class RailPrimal(_RandomFeatures):
 
     def _fold(self, x: np.ndarray, labels: np.ndarray, w64: np.ndarray) -> np.ndarray:
         """One Woodbury step for b images (x [b, dim], labels [b]); returns the new W64, updates P.
-        Holds Phi and U (hidden x b float64 each) at most; V overwrites U."""
+        Holds Phi and U (hidden x b float64 each) at most; V overwrites U and becomes a factor of P."""
         phi = self.phi64(x)  # [b, hidden]
         u = self.inverse.times(phi)  # [hidden, b]
         s = phi @ u
@@ -292,18 +335,18 @@ class RailPrimal(_RandomFeatures):
         # V = U L^-T (so V V^T = U S^-1 U^T), solved in place over U: U^T is U's memory in Fortran order
         v = solve_triangular(chol, u.T, lower=True, overwrite_b=True, check_finite=False).T
         del u
-        self.inverse = self.inverse.minus_outer(v, self.work_path)
+        self.inverse = self.inverse.downdate(v, self.work_path)
         return w64
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held: `w_r`, the learned embeddings `x` + `labels`, the inference weights `w`, and
-        `solve_peak`, the working memory of a solve (hidden x batch float64 for Phi and U, two
-        panels of P and W64), which does not depend on how many images were learned; `inverse`,
-        the solver state P kept on disk (or in memory without a ``work_path``)."""
+        `solve_peak`, the working memory of a solve (hidden x batch float64 for Phi and U, P's
+        low-rank factors, two panels of its base and W64), which does not depend on how many images
+        were learned; `inverse`, P's base kept on disk (or in memory without a ``work_path``)."""
         h, c, n = self.hidden, max(self.n_classes, 1), self.n_seen
         b = _BATCH
         panel = min(_PANEL_ROWS, h) * h * 8
-        solve = 2 * h * b * 8 + 2 * panel + 2 * h * c * 8 + b * b * 8
+        solve = 2 * h * b * 8 + h * factor_limit(h) * 8 + 2 * panel + 2 * h * c * 8 + b * b * 8
         return {"w_r": self.dim * h * 4, "x": n * (self.dim * 4 + 8), "w": h * c * 4, "solve_peak": solve,
                 "inverse": self.inverse.nbytes}
 

@@ -139,9 +139,10 @@ def eval_command(
     if run.preset and run.preset["bundle_differs"]:
         shown = ", ".join(f"{k} {v['bundle']} (preset {v['preset']})" for k, v in run.preset["bundle_differs"].items())
         notes.print(f"the bundle was not made with --preset {run.preset['name']}: {shown}", highlight=False)
-    for name, renames in summary["renamed_classes"].items():
-        shown = ", ".join(f"'{a}' -> '{b}'" for a, b in renames.items())
-        notes.print(markup(f"{name}: class names already used by an earlier domain were renamed: {shown}"), highlight=False)
+    for name, shared in summary["shared_class_names"].items():
+        shown = ", ".join(f"'{c}'" for c in shared[:5]) + (f" and {len(shared) - 5} more" if len(shared) > 5 else "")
+        notes.print(markup(f"{name}: {len(shared)} class name(s) an earlier domain has too ({shown}): each is its own "
+                           f"task's class, shown as '{shared[0]} ({name})' where it is ambiguous"), highlight=False)
     for domain in run.suite.domains:
         if domain.split_note:
             notes.print(markup(domain.split_note), highlight=False)

@@ -18,6 +18,7 @@ from edgeclip.edgeapp.cli.options import BackendOpt, BundleOpt, QuietOpt, bundle
 from edgeclip.discover import display_path
 from edgeclip.edgeapp.cli.output import Interrupted, is_utf, markup, visible
 from edgeclip.errors import UsageError
+from edgeclip.layout import RAIL_SOLVER_CACHE
 from edgeclip.manifest import DEFAULT_BETA, DEFAULT_FUSION, DEFAULT_GATE_KIND, DEFAULT_HIDDEN, full_dict
 from edgeclip.train.registry import METHOD_NAMES, get_learner
 from edgeclip.version import __version__
@@ -39,7 +40,7 @@ def init(
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Seeded random weights (offline tests and demos only).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random weights and of the learners.")] = 0,
     method: Annotated[Method, typer.Option(help=f"Continual learner: {', '.join(METHOD_NAMES)}.")] = Method("rail-primal"),
-    hidden: Annotated[Optional[int], typer.Option(min=1, show_default=False, help=f"RAIL primal: random hidden layer size (default and paper {DEFAULT_HIDDEN}). add-task folds each new image into the inverse autocorrelation matrix, kept beside the versions in BUNDLE/cache/rail (4*hidden^2 bytes: 0.9 GB at 15000), with ~0.3 GB of working memory whatever was learned before.")] = None,
+    hidden: Annotated[Optional[int], typer.Option(min=1, show_default=False, help=f"RAIL primal: random hidden layer size (default and paper {DEFAULT_HIDDEN}). add-task folds each new image into the inverse autocorrelation matrix, kept beside the versions in BUNDLE/cache/rail (4*hidden^2 bytes: 0.9 GB at 15000, once more than hidden/8 images are learned; 'prune --solver-cache' frees it), with ~0.5 GB of working memory whatever was learned before.")] = None,
     beta: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, show_default=False, help=f"RAIL: weight of the learned scores in the fusion (default {DEFAULT_BETA}).")] = None,
     fusion: Annotated[Optional[str], typer.Option(show_default=False, help=f"RAIL: 'ddas' (gate by autoencoders) or 'paper' (zero-shot top-1); default '{DEFAULT_FUSION}'.")] = None,
     gate: Annotated[Optional[str], typer.Option(show_default=False, help=f"DDAS autoencoder: 'linear' (closed form, torch-free) or 'mlp'; default '{DEFAULT_GATE_KIND}'.")] = None,
@@ -295,6 +296,13 @@ def info(bundle: BundleOpt = None) -> None:
             ("classes", len(loaded.learned_classes)),
             ("size on disk", format_size(disk_usage(loaded.root))),
         ]
+        from edgeclip.edgeapp.rail_solver import RailSolverCache
+
+        solver = RailSolverCache(loaded.root).size()
+        if solver:
+            rows.append(("solver cache", f"{format_size(solver)} in {RAIL_SOLVER_CACHE} (RAIL primal's inverse, "
+                                         "derived: 'edgeclip prune --solver-cache' frees it; the next add-task then "
+                                         "folds every learned image once)"))
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         if isinstance(value, (list, tuple)):
@@ -357,6 +365,7 @@ def prune(
     save: Annotated[bool, typer.Option("--save", help="Also record --keep as the bundle's retention setting, applied after every later write.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be removed and kept, and change nothing.")] = False,
     include_newer: Annotated[bool, typer.Option("--include-newer", help="Also remove versions off the current line: work a rollback left behind (newer than the version rolled back to), which you may want back.")] = False,
+    solver_cache: Annotated[bool, typer.Option("--solver-cache", help=f"Also delete RAIL primal's solver cache ({RAIL_SOLVER_CACHE}: up to 4*hidden^2 bytes, 0.9 GB at hidden 15000). It is derived: the next add-task folds every learned image into it again, once.")] = False,
 ) -> None:
     """Remove old versions: the current one's ancestors beyond its KEEP-1 nearest. Kept regardless:
     versions off the current line, left by a rollback (unless --include-newer), the newest intact version when the
@@ -366,14 +375,20 @@ def prune(
     root = bundle_path(bundle)
     if save and keep is None:
         raise typer.BadParameter("--save needs --keep N", param_hint="--save")
+    from edgeclip.edgeapp.rail_solver import RailSolverCache
+
+    solver = RailSolverCache(root)
     if dry_run:
         plan = run_prune(require_bundle(root), keep, include_newer=include_newer, dry_run=True)
-        typer.echo(visible(f"{root}: {plan.summary(done=False)} (dry run: nothing changed)"))
+        extra = f"; would delete the solver cache ({format_size(solver.size())})" if solver_cache else ""
+        typer.echo(visible(f"{root}: {plan.summary(done=False)}{extra} (dry run: nothing changed)"))
         return
     before = disk_usage(root) if (root / "CURRENT").exists() else 0
     if save:
         set_retention(root, keep)
     plan = run_prune(root, keep, include_newer=include_newer)
+    if solver_cache:
+        solver.clear()
     after = disk_usage(root)
     err_console().print(markup(f"{root}: {plan.summary(done=True)}; {format_size(after)} on disk "
                                f"(freed {format_size(max(0, before - after))})"), highlight=False)
