@@ -205,6 +205,7 @@ def warnings_as_notes() -> Iterator[None]:
         if not _note(message):
             previous(message, category, filename, lineno, file, line)
 
+    before = list(warnings.filters)
     warnings.showwarning = show
     warnings.filterwarnings("always", module=_PILLOW_MODULES)
     added = warnings.filters[0]
@@ -214,7 +215,7 @@ def warnings_as_notes() -> Iterator[None]:
     finally:
         _notes_hooks -= 1
         warnings.showwarning = previous
-        if added in warnings.filters:
+        if added in warnings.filters and added not in before:  # an equal filter the program had stays
             warnings.filters.remove(added)
 
 
