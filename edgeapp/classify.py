@@ -25,7 +25,9 @@ ZERO_SHOT = ZERO_SHOT_ROUTE_NAME  # the route of an image that fits no learned t
 @dataclass
 class Prediction:
     """One input's result; ``error`` is set (and the rest empty) when the input could not be read.
-    ``note``: what the decoder remarked about a file it could read (Pillow's warnings), or None.
+    ``note``: what the decoder remarked about a file it could read, or None: edgeclip's remarks, and Pillow's
+    warnings where the program made them notes (``images.warnings_as_notes``: the CLI does; library code
+    leaves them to the application's warning filters).
 
     ``path`` is the file name as Python decodes it (``os.fspath``: bytes that are not UTF-8
     are lone surrogates, ``surrogateescape``), so ``os.fsencode(path)`` is the file's name.

@@ -61,8 +61,20 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess: dict[str, Any], exact
                  max_pixels: int) -> dict[str, np.ndarray]:
     """A Ray Data batch of inputs (``file``: the exact name as bytes, ``error``: set when the driver already
     knows the entry cannot be read) to decoded images: ``pixels`` uint8 [n,S,S,3] (zeros on error rows),
-    ``path``, ``error`` and ``note`` (strings, "" for none). Never raises for a bad file."""
-    from edgeclip.images import DEFAULT_MAX_PIXELS, PreprocessConfig, decode_resized
+    ``path``, ``error`` and ``note`` (strings, "" for none). Never raises for a bad file.
+
+    A Ray task runs alone in its worker process, so for its duration it sets what the CLI sets for its
+    own run (``images.warnings_as_notes``, ``images.pillow_pixel_limit``): Pillow's warnings about a file
+    are its note, and edgeclip's ``max_pixels`` is the limit that refuses; both are undone when it returns."""
+    from edgeclip.images import DEFAULT_MAX_PIXELS, pillow_pixel_limit, warnings_as_notes
+
+    with warnings_as_notes(), pillow_pixel_limit(max_pixels or DEFAULT_MAX_PIXELS):
+        return _decode_batch(batch, preprocess, exact, max_pixels or DEFAULT_MAX_PIXELS)
+
+
+def _decode_batch(batch: dict[str, np.ndarray], preprocess: dict[str, Any], exact: bool | None,
+                  max_pixels: int) -> dict[str, np.ndarray]:
+    from edgeclip.images import PreprocessConfig, decode_resized
 
     cfg = PreprocessConfig.from_dict(preprocess).with_exact(exact)
     files = batch["file"]
@@ -76,7 +88,7 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess: dict[str, Any], exact
         note = None
         if not error:
             try:
-                pixels[i], note = decode_resized(path, cfg, max_pixels or DEFAULT_MAX_PIXELS)
+                pixels[i], note = decode_resized(path, cfg, max_pixels)
             except ImageError as err:
                 error = str(err)
         errors.append(error or "")

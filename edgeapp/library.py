@@ -33,7 +33,7 @@ from edgeclip.bundle import Bundle
 from edgeclip.edgeapp.embed_cache import FROZEN, EmbeddingCache, FileId, backbone_key
 from edgeclip.edgeapp.runtime import ORT_LOG_ENV
 from edgeclip.errors import BundleError, EngineError, UsageError
-from edgeclip.images import DEFAULT_MAX_PIXELS, PreprocessConfig, iter_batches
+from edgeclip.images import DEFAULT_MAX_PIXELS, PreprocessConfig, iter_batches, warnings_are_notes
 from edgeclip.layout import (
     ADAPTED,
     GATE_RATIO,
@@ -145,10 +145,14 @@ class HeadRunner:
 
 
 def frozen_backbone_key(bundle: Bundle, cfg: PreprocessConfig, precision: str = "fp32") -> str:
-    """The cache key of the bundle's frozen image encoder (fp32, fp16 or int8) with preprocessing ``cfg``."""
+    """The cache key of the bundle's frozen image encoder (fp32, fp16 or int8) with preprocessing ``cfg``.
+
+    Where Pillow's warnings about a file are not its notes (library code; ``images.warnings_are_notes``),
+    the key says so: the notes cached there lack them, and the CLI must not read those."""
     _, graph, data = PRECISION_GRAPHS[precision]
     files = bundle.manifest["files"]
-    return backbone_key([files[graph_file(graph)]["sha256"], files[graph_file(data)]["sha256"]], cfg.to_dict())
+    key = backbone_key([files[graph_file(graph)]["sha256"], files[graph_file(data)]["sha256"]], cfg.to_dict())
+    return key if warnings_are_notes() else f"{key}:own-notes"
 
 
 def moe_task_key(bundle: Bundle, task: int) -> str:

@@ -41,11 +41,11 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -59,8 +59,8 @@ from edgeclip.errors import BundleError, ImageError, UsageError
 from edgeclip.manifest import Preprocess
 
 # Pillow's default limit (about 89.5 MP). `max_pixels` is edgeclip's own guard, checked on the
-# declared (exact path) or reduced (fast path) size before decoding; Pillow's global limit is
-# raised when a caller allows more, so that its own check does not refuse first.
+# declared (exact path) or reduced (fast path) size before decoding. Pillow's own check, on the declared
+# size in `Image.open`, comes first: its limit is the application's (see `pillow_pixel_limit`).
 DEFAULT_MAX_PIXELS: int = 89_478_485
 # Where the resized intermediate of the `shortest` transform would hold more pixels than this,
 # only the centre crop's source region is resized (memory bounded for any aspect ratio).
@@ -154,61 +154,91 @@ class PreprocessConfig:
         return PreprocessConfig(self.image_size, self.mean, self.std, self.interpolation, self.resize_mode, exact)
 
 
-# ---------------------------------------------------------------- Pillow's warnings
+# ---------------------------------------------------------------- Pillow's warnings and limit
+#
+# Neither is edgeclip's to change in a process it does not own (issue 19). Decoding runs in threads, and on
+# Python 3.11 nothing scoped catches a warning raised in one thread (`warnings.catch_warnings` swaps
+# process-wide state; Pillow itself parses a JPEG's EXIF inside `Image.open`, to read its DPI, so a corrupt
+# EXIF block warns before edgeclip sees the image). So the library changes neither: Pillow's warnings reach
+# the application's own warning filters, and Pillow's `MAX_IMAGE_PIXELS` stays the application's (a file
+# over it is refused with edgeclip's one-line error). A program that owns its process, the `edgeclip` CLI
+# (and a Ray decoding task, alone in its worker), opts in for its own run: `warnings_as_notes` makes
+# a warning raised while a thread decodes a file that file's note, `pillow_pixel_limit` lets edgeclip's
+# `max_pixels` guard be the one that refuses. Both undo what they did when they end.
 
-_local = threading.local()
-_patch_lock = threading.Lock()
-_patched: set[str] = set()
-
-
-class _WarningsRouter:
-    """Stands in for the `warnings` module inside Pillow's modules: while this thread decodes a
-    file, a warning becomes one of that file's notes; otherwise it goes to `warnings.warn`.
-    (`warnings.catch_warnings` changes process-wide state and cannot be used from decoding
-    threads running side by side.)"""
-
-    def __init__(self, module: Any) -> None:
-        self._module = module
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._module, name)
-
-    def warn(self, message: Any, category: Any = None, stacklevel: int = 1, source: Any = None, **kwargs: Any) -> None:
-        notes = getattr(_local, "notes", None)
-        if notes is not None:
-            text = " ".join(str(message).split())
-            if text not in notes:
-                notes.append(text)
-            return
-        self._module.warn(message, category, stacklevel + 1, source, **kwargs)
+_local = threading.local()  # .notes: the notes of the file this thread is decoding; None between files
+_PILLOW_MODULES = r"(PIL|pillow_heif)(\.|$)"
+_notes_hooks = 0  # how many `warnings_as_notes` are in force
 
 
-def _route_pillow_warnings() -> None:
-    """Route the warnings of every loaded Pillow (and pillow-heif) module through `_WarningsRouter`."""
+def warnings_are_notes() -> bool:
+    """True while `warnings_as_notes` is in force: a file's notes then hold Pillow's warnings about it
+    (the embedding cache keeps such notes apart from the library's own)."""
+    return _notes_hooks > 0
+
+
+def _note(message: Any) -> bool:
+    """Add a warning to the notes of the file this thread is decoding; False when it decodes none."""
+    notes = getattr(_local, "notes", None)
+    if notes is None:
+        return False
+    text = " ".join(str(message).split())
+    if text not in notes:
+        notes.append(text)
+    return True
+
+
+@contextmanager
+def warnings_as_notes() -> Iterator[None]:
+    """For a program that owns its process (the `edgeclip` CLI), never library code: while it lasts, a
+    warning raised by a thread while it decodes a file (`decode_image`: Pillow's "Truncated File Read" of a
+    corrupt EXIF block, "Possibly corrupt EXIF data", a malformed MPO, ...) becomes one of that file's notes,
+    every time (Pillow's and pillow-heif's warnings are shown "always", not once per place in the code), and
+    is not printed; every other warning goes to the `warnings.showwarning` that was there. Installs that
+    hook and one `warnings` filter, and removes both on exit. Enter it once, from the main thread."""
     import warnings
 
-    with _patch_lock:
-        for name, module in list(sys.modules.items()):
-            if name in _patched or not (name.startswith(("PIL.", "pillow_heif"))):
-                continue
-            if getattr(module, "warnings", None) is warnings:
-                module.warnings = _WarningsRouter(warnings)  # type: ignore[attr-defined]
-            _patched.add(name)
+    global _notes_hooks
+    previous = warnings.showwarning
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if not _note(message):
+            previous(message, category, filename, lineno, file, line)
+
+    before = list(warnings.filters)
+    warnings.showwarning = show
+    warnings.filterwarnings("always", module=_PILLOW_MODULES)
+    added = warnings.filters[0]
+    _notes_hooks += 1
+    try:
+        yield
+    finally:
+        _notes_hooks -= 1
+        warnings.showwarning = previous
+        if added in warnings.filters and added not in before:  # an equal filter the program had stays
+            warnings.filters.remove(added)
 
 
-_limit_lock = threading.Lock()
+@contextmanager
+def pillow_pixel_limit(max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[None]:
+    """For a program that owns its process (the `edgeclip` CLI), never library code: while it lasts,
+    Pillow's process-wide decompression-bomb limit `PIL.Image.MAX_IMAGE_PIXELS` is raised (never lowered)
+    to 64 x `max_pixels`, the declared size of a JPEG that a 1/8 DCT scale brings within `max_pixels`, so
+    that edgeclip's own guard, which counts the pixels actually decoded and is checked before any pixel
+    is, is the one that refuses. The previous value is put back on exit."""
+    previous = Image.MAX_IMAGE_PIXELS
+    wanted = 64 * max_pixels
+    raised = previous is not None and previous < wanted
+    if raised:
+        Image.MAX_IMAGE_PIXELS = wanted
+    try:
+        yield
+    finally:
+        if raised and Image.MAX_IMAGE_PIXELS == wanted:
+            Image.MAX_IMAGE_PIXELS = previous
 
 
-def _allow_pixels(pixels: int) -> None:
-    """Raise Pillow's own decompression-bomb limit (never lower it) so that `pixels` opens;
-    edgeclip's guard (`max_pixels`) is the one that refuses."""
-    with _limit_lock:
-        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < pixels:
-            Image.MAX_IMAGE_PIXELS = pixels
-
-
-_READY = False  # every Pillow plugin and pillow-heif loaded, their warnings routed
-_COMMON_READY = False  # Pillow's common formats (Image.preinit) loaded, their warnings routed
+_READY = False  # every Pillow plugin and pillow-heif loaded
 _COMMON = ("JPEG", "PNG", "GIF", "BMP", "PPM")  # what Image.preinit registers, in its order
 
 
@@ -226,27 +256,19 @@ def _is_common(header: bytes) -> bool:
 
 
 def _ready(header: bytes | None = None) -> None:
-    """Load the Pillow plugins a file needs and route their warnings. A file of one of Pillow's
-    common formats (JPEG, PNG, GIF, BMP, PPM: `header` says) needs only `Image.preinit()`, which
-    Pillow tries first in any case; anything else loads every plugin and pillow-heif (start-up:
-    most of the cost of a first decode is importing some 40 plugins)."""
-    global _READY, _COMMON_READY
+    """Load the Pillow plugins a file needs. A file of one of Pillow's common formats (JPEG, PNG, GIF,
+    BMP, PPM: `header` says) needs only `Image.preinit()`, which Pillow tries first in any case; anything
+    else loads every plugin and pillow-heif (start-up: most of the cost of a first decode is importing
+    some 40 plugins)."""
+    global _READY
     if _READY:
         return
     if header is not None:
         Image.preinit()
         if _is_common(header):
-            if not _COMMON_READY:
-                # loaded lazily by Pillow while decoding these formats: a JPEG may turn out to be an
-                # MPO, EXIF is parsed by the TIFF plugin (whose warnings are notes, "Corrupt EXIF data")
-                from PIL import MpoImagePlugin, TiffImagePlugin  # noqa: F401
-
-                _route_pillow_warnings()
-                _COMMON_READY = True
             return
     register_formats()
     Image.init()
-    _route_pillow_warnings()
     _READY = True
 
 
@@ -360,7 +382,8 @@ def reduction_factor(size: tuple[int, int], cover: int, resize_mode: str = "shor
 
 def _cause(err: BaseException) -> str:
     """A one-line reason for a decoding failure."""
-    if isinstance(err, Image.DecompressionBombError):
+    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        # Pillow's limit (PIL.Image.MAX_IMAGE_PIXELS, the application's), under edgeclip's max_pixels
         return f"image too large, refused as a possible decompression bomb ({err})"
     if isinstance(err, UnidentifiedImageError):
         return "not a recognised image format"
@@ -410,9 +433,7 @@ def decode_image(
         if st.st_size == 0:
             raise fail("file is empty")
         _ready(_header(path))
-        # Let Pillow open what a DCT scale of 1/8 may bring within the limit; edgeclip refuses below.
-        _allow_pixels(max_pixels * (64 if cover else 1))
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # Pillow's own bomb check first (DecompressionBombError: see _cause)
             stored = img.size
             width, height = stored
             if cover and img.format in ("JPEG", "MPO"):

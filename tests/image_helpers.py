@@ -38,11 +38,13 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IEND", b"")
 
 
-def palette_with_transparency() -> bytes:
+def palette_with_transparency(per_entry: bool = False) -> bytes:
+    """Index 0 transparent: one transparent index, or (`per_entry`) an alpha per palette entry, the tRNS
+    bytes Pillow warns about when such an image is converted straight to RGB."""
     img = Image.new("P", (6, 4), 0)
     img.putpalette([10, 20, 30, 200, 100, 50] + [0, 0, 0] * 254)
     img.paste(1, (3, 0, 6, 4))
-    return encoded(img, "PNG", transparency=0)
+    return encoded(img, "PNG", transparency=bytes([0, 255, 128]) if per_entry else 0)
 
 
 def exif_rotated_jpeg() -> bytes:
@@ -53,6 +55,26 @@ def exif_rotated_jpeg() -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6
     return encoded(img, "JPEG", quality=95, exif=exif)
+
+
+def corrupt_exif_jpeg() -> bytes:
+    """An 8x8 JPEG whose EXIF block is cut short: Pillow warns "Truncated File Read" inside `Image.open`."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Maker"
+    return encoded(Image.new("RGB", (8, 8), (9, 9, 9)), "JPEG", exif=exif.tobytes()[:-6])
+
+
+def process_state() -> dict[str, object]:
+    """What edgeclip must leave as it found it (issue 19): Pillow's decompression-bomb limit, the warnings
+    machinery, the `warnings` attribute of Pillow's modules."""
+    import sys
+    import warnings
+
+    return {"MAX_IMAGE_PIXELS": Image.MAX_IMAGE_PIXELS, "showwarning": warnings.showwarning,
+            "filters": list(warnings.filters),
+            "patched": sorted(n for n, m in list(sys.modules.items()) if n.startswith(("PIL", "pillow_heif"))
+                              and getattr(m, "warnings", warnings) is not warnings)}
 
 
 def cmyk_jpeg() -> bytes:
@@ -98,6 +120,7 @@ GOOD: dict[str, tuple[bytes, Check]] = {
     "sixteen.png": (sixteen_bit_png(), check_16bit),
     "cmyk.jpg": (cmyk_jpeg(), solid((255, 0, 0), tol=8)),
     "palette_transparent.png": (palette_with_transparency(), check_palette),
+    "palette_alpha.png": (palette_with_transparency(per_entry=True), check_palette),
     "la.png": (encoded(Image.new("LA", (8, 8), (90, 0)), "PNG"), solid(BACKGROUND)),
     "la_opaque.png": (encoded(Image.new("LA", (8, 8), (90, 255)), "PNG"), solid((90, 90, 90))),
     "rgba.png": (encoded(Image.new("RGBA", (8, 8), (9, 8, 7, 128)), "PNG"), solid((132, 131, 131), tol=1)),

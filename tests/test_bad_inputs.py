@@ -13,8 +13,8 @@ from PIL import Image
 
 from edgeclip.discover import display_path
 from edgeclip.errors import ImageError
-from edgeclip.images import PreprocessConfig, iter_batches, load_image
-from image_helpers import BAD, GOOD, write
+from edgeclip.images import PreprocessConfig, decode_image, iter_batches, load_image
+from image_helpers import BAD, GOOD, corrupt_exif_jpeg, process_state, write
 
 CFG = PreprocessConfig(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -29,8 +29,15 @@ def assert_clear_error(err: ImageError, path: Path, word: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(GOOD))
 def test_good_files_decode_to_rgb(name, tmp_path):
+    """...without a warning: palette transparency, EXIF orientation and the rest are read the way Pillow
+    does not warn about (the library leaves warnings to the application, so there must be none to leave)."""
+    import warnings
+
     path = write(tmp_path, {name: GOOD[name]})[name]
-    img = load_image(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        img = load_image(path)
+        assert decode_image(path, cover=2).image.mode == "RGB"
     assert img.mode == "RGB"
     GOOD[name][1](np.asarray(img))
 
@@ -147,7 +154,8 @@ def test_every_file_in_a_folder_is_accounted_for(tiny_bundle, tmp_path):
                    "truncated.jpg": BAD["truncated.jpg"], "random.png": BAD["random.jpg"],
                    "text.png": BAD["text.png"], "bomb.png": BAD["bomb.png"], "plain.tga": GOOD["plain.tga"],
                    "float.tiff": GOOD["float.tiff"]})
-    expected_ok = {"good.jpg", "plain.tga", "float.tiff"}
+    (folder / "exif.jpg").write_bytes(corrupt_exif_jpeg())
+    expected_ok = {"good.jpg", "plain.tga", "float.tiff", "exif.jpg"}
     pytest.importorskip("pillow_heif").register_heif_opener()
     Image.new("RGB", (64, 48), (10, 120, 200)).save(folder / "IMG_0001.HEIC", "HEIF")
     expected_ok.add("IMG_0001.HEIC")
@@ -167,7 +175,9 @@ def test_every_file_in_a_folder_is_accounted_for(tiny_bundle, tmp_path):
     assert {n for n, r in rows.items() if r["error"] is None and r["label"]} == expected_ok
     assert {n for n, r in rows.items() if r["error"]} == expected_bad
     assert "empty" in rows["empty.jpg"]["error"] and "not a regular file" in rows.get("pipe.jpg", {"error": "not a regular file"})["error"]
-    assert "decompression bomb" in rows["bomb.png"]["error"]
+    assert rows["bomb.png"]["error"].endswith(": image too large (100000x100000 = 10000000000 pixels, limit 89478485), "
+                                              "refused as a possible decompression bomb; --max-pixels raises the limit")
+    assert "Truncated File Read" in rows["exif.jpg"]["note"] and "Truncated" not in result.stderr
     assert f"{len(expected_ok)} classified, {len(expected_bad)} unreadable, 2 skipped (not images)" in result.stderr
     assert "skipped" in result.stderr and "notes.txt: not an image" in result.stderr and "clip.mov" in result.stderr
     assert "._good.jpg" not in result.stdout + result.stderr and ".thumbnail.png" not in result.stdout
@@ -178,6 +188,45 @@ def test_every_file_in_a_folder_is_accounted_for(tiny_bundle, tmp_path):
     refused = run_cli(["classify", folder / "good.jpg", "--bundle", tiny_bundle, "--format", "json", "--quiet",
                        "--exact-preprocess", "--max-pixels", "100"])
     assert refused.returncode == 3 and "--max-pixels" in json.loads(refused.stdout)["error"]
+
+
+@pytest.mark.slow
+def test_classifying_leaves_the_process_as_it_was(tiny_bundle, tmp_path, recwarn):
+    """Issue 19: after the API classified a large photo and one with a corrupt EXIF block, Pillow's
+    MAX_IMAGE_PIXELS, the warnings machinery and Pillow's modules are as they were (the old code raised the
+    limit to 5.7 GP and patched the modules for good); Pillow's warning went to the application. The CLI
+    (in this process) still makes it the file's note, also for files the API put in the embedding cache
+    (their cached notes lack Pillow's warnings, so the CLI does not read them), and undoes its settings."""
+    import edgeclip
+    from cli_helpers import invoke
+
+    large = tmp_path / "large.jpg"
+    Image.linear_gradient("L").resize((4000, 3000)).convert("RGB").save(large, quality=80)  # 12 MP
+    (tmp_path / "exif.jpg").write_bytes(corrupt_exif_jpeg())
+    before = process_state()
+    predictions = edgeclip.load(tiny_bundle).classify([large, tmp_path / "exif.jpg"], top_k=1)
+    assert [p.error for p in predictions] == [None, None] and all(p.label for p in predictions)
+    assert process_state() == before
+    assert [w for w in recwarn if "Truncated File Read" in str(w.message)]
+    result = invoke("classify", large, tmp_path / "exif.jpg", "--bundle", tiny_bundle, "--format", "json", "--quiet")
+    assert result.exit_code == 0, result.output
+    notes = [json.loads(line)["note"] for line in result.stdout.splitlines()]
+    assert notes[0] is None and "Truncated File Read" in notes[1]
+    assert process_state() == before
+
+
+def test_a_ray_decoding_task_gives_notes_and_leaves_its_worker_as_it_was(tmp_path):
+    """`decode_batch` runs alone in a Ray worker, so it opts in as the CLI does, for its duration only."""
+    pytest.importorskip("pyarrow")
+    from edgeclip.edgeapp.distributed import decode_batch
+
+    write(tmp_path, {"exif.jpg": (corrupt_exif_jpeg(), None), "bomb.png": BAD["bomb.png"]})
+    before = process_state()
+    files = np.array([os.fsencode(tmp_path / "exif.jpg"), os.fsencode(tmp_path / "bomb.png")], dtype=object)
+    out = decode_batch({"file": files}, {"image_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3}, None, 0)
+    assert process_state() == before
+    assert "Truncated File Read" in out["note"][0] and out["error"][0] == ""
+    assert out["error"][1].endswith("refused as a possible decompression bomb; --max-pixels raises the limit")
 
 
 def _domain(root: Path, good: dict[str, int], bad: dict[str, int]) -> Path:

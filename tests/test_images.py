@@ -14,16 +14,20 @@ from PIL import Image
 from edgeclip.errors import BundleError, ImageError, UsageError
 from edgeclip.images import (
     BACKGROUND,
+    DEFAULT_MAX_PIXELS,
     Batch,
     PreprocessConfig,
     decode_image,
     iter_batches,
     load_and_preprocess,
     load_image,
+    pillow_pixel_limit,
     preprocess,
     reduction_factor,
     to_rgb,
+    warnings_as_notes,
 )
+from image_helpers import corrupt_exif_jpeg, process_state
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -408,22 +412,69 @@ def test_config_exact_round_trips_and_is_only_stored_when_set():
         PreprocessConfig.from_dict({**cfg.to_dict(), "exact": "yes"})
 
 
+def _corrupt_exif_jpeg(path: Path) -> Path:
+    path.write_bytes(corrupt_exif_jpeg())
+    return path
+
+
 def test_pillow_warnings_become_the_files_note(tmp_path, recwarn):
-    """A JPEG with truncated EXIF data makes Pillow warn; the warning is the file's note, every
-    time (not once per process), and nothing reaches the console."""
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    exif[0x010F] = "Maker"
-    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "exif.jpg", exif=exif.tobytes()[:-6])
+    """Where the program asks for it (`warnings_as_notes`, as the CLI does), a JPEG with truncated EXIF
+    data makes Pillow warn and the warning is the file's note, every time (not once per process), from
+    decoding threads side by side, and nothing reaches the console."""
+    _corrupt_exif_jpeg(tmp_path / "exif.jpg")
     Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "clean.jpg")
-    for _ in range(2):
-        batches = list(iter_batches([tmp_path / "exif.jpg", tmp_path / "clean.jpg"] * 2, config(8), batch_size=4,
-                                    workers=2))
-        assert batches[0].errors == []
-        notes = batches[0].notes
-        assert [n is None for n in notes] == [False, True, False, True]
-        assert "Truncated File Read" in notes[0], notes
+    with warnings_as_notes():
+        for _ in range(2):
+            batches = list(iter_batches([tmp_path / "exif.jpg", tmp_path / "clean.jpg"] * 2, config(8), batch_size=4,
+                                        workers=2))
+            assert batches[0].errors == []
+            notes = batches[0].notes
+            assert [n is None for n in notes] == [False, True, False, True]
+            assert "Truncated File Read" in notes[0], notes
     assert not [w for w in recwarn if "Truncated" in str(w.message)]
+
+
+def test_decoding_changes_no_process_wide_state(tmp_path, recwarn):
+    """Issue 19: the library neither patches Pillow's modules nor touches the warnings machinery or Pillow's
+    `MAX_IMAGE_PIXELS` (the old code raised it to 64 x max_pixels and left it there): Pillow's warning reaches
+    the application's filters (here pytest's), a large JPEG is still read reduced, and `warnings_as_notes` /
+    `pillow_pixel_limit`, the CLI's opt-in, undo what they did."""
+    large = tmp_path / "large.jpg"
+    photo(4000, 3000).save(large, quality=80)
+    files = [_corrupt_exif_jpeg(tmp_path / "exif.jpg"), large, tmp_path / "exif.jpg"]
+    before = process_state()
+    batch = next(iter_batches(files, config(224), batch_size=3, workers=2))
+    assert batch.errors == [] and batch.pixels.shape == (3, 3, 224, 224)
+    assert process_state() == before
+    assert [w for w in recwarn if "Truncated File Read" in str(w.message)]  # the application's to show or filter
+    with warnings_as_notes(), pillow_pixel_limit(DEFAULT_MAX_PIXELS):
+        assert Image.MAX_IMAGE_PIXELS == 64 * DEFAULT_MAX_PIXELS
+        assert "Truncated File Read" in decode_image(files[0], cover=8).note
+    assert process_state() == before
+    with pillow_pixel_limit(10):  # never lowered
+        assert Image.MAX_IMAGE_PIXELS == before["MAX_IMAGE_PIXELS"]
+
+
+def test_over_pillows_limit_is_edgeclips_one_line_error(tmp_path, monkeypatch):
+    """Pillow's limit is the application's: a file over it is refused with edgeclip's one-line error, also
+    where the application made Pillow's warning an error; `pillow_pixel_limit` lets edgeclip's guard decide."""
+    import warnings
+
+    path = tmp_path / "large.jpg"
+    photo(400, 300).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)  # the application's choice
+    with pytest.raises(ImageError, match=r"large.jpg: image too large, refused as a possible decompression bomb \("):
+        decode_image(path, cover=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # 120 000 pixels: Pillow only warns
+        with pytest.raises(ImageError, match="image too large, refused as a possible decompression bomb"):
+            decode_image(path, cover=64)
+    with pillow_pixel_limit(100_000):  # edgeclip's guard decides: the pixels decoded
+        assert decode_image(path, cover=64, max_pixels=100_000).image.size == (100, 75)  # 1/4 DCT scale
+        with pytest.raises(ImageError, match=r"\(400x300 = 120000 pixels, limit 100000\).*--max-pixels"):
+            decode_image(path, max_pixels=100_000)
+    assert Image.MAX_IMAGE_PIXELS == 100_000
 
 
 def test_large_jpeg_is_read_when_reduced_and_max_pixels_raises_the_limit(tmp_path):
@@ -518,21 +569,20 @@ def test_heic_orientation_is_applied_once(tmp_path):
 
 def test_a_fresh_process_loads_only_the_plugins_a_file_needs(tmp_path):
     """Start-up: a JPEG or PNG loads Pillow's common plugins only (not the 40 others nor pillow-heif),
-    its warnings are still its notes (EXIF through the TIFF plugin); a TIFF then loads everything."""
+    its warnings are still its notes where the program asks (EXIF through the TIFF plugin, loaded lazily by
+    Pillow; the program's own "error" filter does not reach them); a TIFF then loads everything."""
     import subprocess
     import sys
 
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    exif[0x010F] = "Maker"
-    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "exif.jpg", exif=exif.tobytes()[:-6])
+    _corrupt_exif_jpeg(tmp_path / "exif.jpg")
     Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "a.png")
     Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "a.tif")
     code = (
         "import sys, warnings\n"
         "warnings.simplefilter('error')\n"
-        "from edgeclip.images import decode_image\n"
-        f"jpeg = decode_image({str(tmp_path / 'exif.jpg')!r}, cover=8)\n"
+        "from edgeclip.images import decode_image, warnings_as_notes\n"
+        "with warnings_as_notes():\n"
+        f"    jpeg = decode_image({str(tmp_path / 'exif.jpg')!r}, cover=8)\n"
         f"png = decode_image({str(tmp_path / 'a.png')!r}, cover=8)\n"
         "loaded = sorted(m for m in sys.modules if m.startswith(('PIL.Psd', 'PIL.Tga', 'PIL.Pdf', 'pillow_heif')))\n"
         "print('AFTER-COMMON', loaded, jpeg.note, png.note)\n"

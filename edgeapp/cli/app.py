@@ -32,6 +32,7 @@ from edgeclip.edgeapp.cli import (
 from edgeclip.edgeapp.cli.console import err_console
 from edgeclip.edgeapp.cli.output import EXIT_INTERRUPTED, Interrupted, configure_streams, markup, silence_stdout
 from edgeclip.errors import EdgeclipError
+from edgeclip.images import DEFAULT_MAX_PIXELS, pillow_pixel_limit, warnings_as_notes
 from edgeclip.version import __version__
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EROFS, errno.EDQUOT, errno.EFBIG}
@@ -80,12 +81,17 @@ def _root(
 
 
 def _guard(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Run ``command`` turning Ctrl-C and a closed stdout into exceptions Typer lets through."""
+    """Run ``command`` turning Ctrl-C and a closed stdout into exceptions Typer lets through, with the
+    process-wide decoding settings of a program that owns its process (``images.warnings_as_notes``,
+    ``images.pillow_pixel_limit`` with the command's ``--max-pixels``)."""
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            # The CLI owns its process (the library never does this): Pillow's warnings about a file become
+            # its note, and edgeclip's --max-pixels guard, not Pillow's global limit, refuses; both undone after.
+            with warnings_as_notes(), pillow_pixel_limit(kwargs.get("max_pixels") or DEFAULT_MAX_PIXELS):
+                return command(*args, **kwargs)
         except KeyboardInterrupt as exc:
             raise Interrupted("interrupted") from exc
         except BrokenPipeError as exc:
