@@ -186,7 +186,7 @@ class Classifier:
         store = None
         if self.cache:
             store = EmbeddingCache(frozen_backbone_key(self.bundle, self._cfg, self.precision),
-                                   int(self.bundle.manifest["backbone"]["embed_dim"]))
+                                   self.bundle.meta.embed_dim)
         if head and self._head is None:
             self._head = HeadRunner(self.bundle, self.threads)
         return LibraryScorer(self.bundle, self._image, self._head if head else None, self._cfg, store,
@@ -218,7 +218,7 @@ class Classifier:
             chunk = in_memory[start:start + batch_size]
             for (i, _), row in zip(chunk, self._image.embed(self._pixels([x for _, x in chunk]))):
                 out[i] = row
-        dim = int(self.bundle.manifest["backbone"]["embed_dim"])
+        dim = self.bundle.meta.embed_dim
         return np.stack(out) if out else np.zeros((0, dim), np.float32)  # type: ignore[arg-type]
 
     def search(self, query: str, images: ImageInput | Iterable[ImageInput], top: int = 10,

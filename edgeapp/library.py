@@ -150,15 +150,15 @@ def frozen_backbone_key(bundle: Bundle, cfg: PreprocessConfig, precision: str = 
     Where Pillow's warnings about a file are not its notes (library code; ``images.warnings_are_notes``),
     the key says so: the notes cached there lack them, and the CLI must not read those."""
     _, graph, data = PRECISION_GRAPHS[precision]
-    files = bundle.manifest["files"]
-    key = backbone_key([files[graph_file(graph)]["sha256"], files[graph_file(data)]["sha256"]], cfg.to_dict())
+    files = bundle.meta.files
+    key = backbone_key([files[graph_file(graph)].sha256, files[graph_file(data)].sha256], cfg.to_dict())
     return key if warnings_are_notes() else f"{key}:own-notes"
 
 
 def moe_task_key(bundle: Bundle, task: int) -> str:
     """The cache kind of task ``task``'s adapted embeddings: the MoE graph's and weights' hashes and the task."""
-    files = bundle.manifest["files"]
-    digest = hashlib.sha256("+".join(files[graph_file(n)]["sha256"] for n in (MOE_GRAPH, MOE_DATA)).encode())
+    files = bundle.meta.files
+    digest = hashlib.sha256("+".join(str(files[graph_file(n)].sha256) for n in (MOE_GRAPH, MOE_DATA)).encode())
     return f"moe:{digest.hexdigest()[:32]}:{task}"
 
 
@@ -231,7 +231,7 @@ class LibraryScorer:
         """The decision for one window of files (``iter_scored`` yields these)."""
         vectors, notes, errors = self.embed_window(paths)
         good = [i for i in range(len(paths)) if i in vectors]
-        dim = int(self.bundle.manifest["backbone"]["embed_dim"])
+        dim = self.bundle.meta.embed_dim
         emb = np.stack([vectors[i] for i in good]) if good else np.zeros((0, dim), np.float32)
         head = self.head
         assert head is not None
@@ -253,7 +253,7 @@ class LibraryScorer:
         if self._moe_learned is None:
             self._moe_learned = self.bundle.tensors(LEARNED)
         spec = DecisionSpec.from_bundle(self._moe_learned, self.bundle.meta)
-        dim = int(self.bundle.manifest["backbone"]["embed_dim"])
+        dim = self.bundle.meta.embed_dim
         adapted = np.zeros((len(paths), dim), np.float32)
         for task in sorted({int(t) for t in route if t >= 0}):
             rows = [i for i in range(len(paths)) if int(route[i]) == task]
@@ -299,12 +299,12 @@ def make_scorer(bundle: Bundle, backend: str = "auto", precision: str = "fp32", 
     bundle's setting). Raises UsageError, BackendUnavailableError, BundleError as the runners do."""
     from edgeclip.edgeapp.runtime import ImageEncoderRunner
 
-    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"]).with_exact(exact)
+    cfg = PreprocessConfig.of(bundle.meta.preprocess).with_exact(exact)
     encoder = ImageEncoderRunner(bundle, backend, threads=threads, max_batch=batch_size, precision=precision,
                                  cuda_graph=cuda_graph)
     store = None
     if cache and (max_pixels is None or max_pixels == DEFAULT_MAX_PIXELS):  # another bomb guard: decode every file
-        store = EmbeddingCache(frozen_backbone_key(bundle, cfg, precision), int(bundle.manifest["backbone"]["embed_dim"]))
+        store = EmbeddingCache(frozen_backbone_key(bundle, cfg, precision), bundle.meta.embed_dim)
     return LibraryScorer(bundle, encoder, HeadRunner(bundle, threads) if head else None, cfg, store,
                          batch_size=batch_size, workers=workers, max_pixels=max_pixels,
                          moe_encoder=moe_encoder_factory(bundle, backend, threads))
