@@ -17,7 +17,8 @@ memory do not depend on the weights' values), then a reference: the last domain 
 copy of the empty bundle; then the eight add-tasks in order. After each: wall time, peak RSS, the
 bundle's size on disk (versions and graph store; the RAIL solver cache `cache/rail` counted apart), and
 what `edgeclip versions` says each version added ("added"), which must not change after later writes.
-Prints a table, writes JSON and a picture (time and memory against images learned).
+Prints a table, writes JSON and a picture (time and memory against images learned; the picture needs
+matplotlib: ``pip install -e '.[bench]'``).
 
 ``--same-domain-model`` measures only the same-domain ratio, with a backbone of real size (the paper's
 ViT-B-16, seeded random weights): the last domain learned first, into an empty bundle, and learned

@@ -111,7 +111,8 @@ def check_new_task(bundle: Bundle, classes: Sequence[str], name: str) -> None:
 
 
 def embed_domain(
-    bundle: Bundle, domain: Domain, backend: str = "auto", batch_size: int = 32, progress: ProgressFn | None = None,
+    bundle: Bundle, domain: Domain, backend: str = "auto", batch_size: int | None = None,
+    progress: ProgressFn | None = None,
     pixels_out: list[np.ndarray] | None = None, for_learning: bool = False,
     encode: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[Path, str]]]:
@@ -124,9 +125,14 @@ def embed_domain(
     or the task with fewer than `MIN_TASK_IMAGES` (before anything is learned). ``pixels_out``, when given, receives the
     preprocessed batches in the same order, for callers that need the pixels too (each image
     is decoded once). ``encode``: pixels [B,3,S,S] -> embeddings [B,D] in place of the exported
-    encoder (MoE add-task embeds on its training GPU with the frozen torch model)."""
+    encoder (MoE add-task embeds on its training GPU with the frozen torch model). ``batch_size``:
+    images per encoder run (None: the exported encoder's `ImageEncoderRunner.batch_size`, 8 on a CPU;
+    32 with ``encode``)."""
     cfg = PreprocessConfig.of(bundle.meta.preprocess)
-    encode = encode or ImageEncoderRunner(bundle, backend).embed
+    if encode is None:
+        runner = ImageEncoderRunner(bundle, backend)
+        encode, batch_size = runner.embed, batch_size or runner.batch_size
+    batch_size = batch_size or 32
     label_of = {path: label for path, label in domain.samples}
     feats, labels, errors = [], [], []
     done = 0
