@@ -47,7 +47,7 @@ from edgeclip.edgeapp.runtime import GatedRunner, ImageEncoderRunner, TextEncode
 from edgeclip.edgeapp.tasks import ProgressFn, add_rail_embeddings, add_task
 from edgeclip.errors import EdgeclipError, ImageError, UsageError
 from edgeclip.extras import import_torch_module
-from edgeclip.images import PreprocessConfig, preprocess
+from edgeclip.images import preprocess
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]  # a file or folder, a PIL image, uint8 [H,W,3] RGB or [H,W] grey
 
@@ -87,7 +87,7 @@ class Classifier:
         self._gated: GatedRunner | None = None  # in-memory images (opened on first use)
         self._head: HeadRunner | None = None
         self._text: TextEncoderRunner | None = None
-        self._cfg = PreprocessConfig.of(bundle.meta.preprocess)
+        self._cfg = bundle.meta.preprocess
 
     # -- facts -----------------------------------------------------------------------------------
     @property

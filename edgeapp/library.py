@@ -33,7 +33,7 @@ from edgeclip.bundle import Bundle
 from edgeclip.edgeapp.embed_cache import FROZEN, EmbeddingCache, FileId, backbone_key
 from edgeclip.edgeapp.runtime import ORT_LOG_ENV
 from edgeclip.errors import BundleError, EngineError, UsageError
-from edgeclip.images import DEFAULT_MAX_PIXELS, PreprocessConfig, iter_batches, warnings_are_notes
+from edgeclip.images import DEFAULT_MAX_PIXELS, iter_batches, warnings_are_notes
 from edgeclip.layout import (
     ADAPTED,
     GATE_RATIO,
@@ -52,6 +52,7 @@ from edgeclip.layout import (
     EMBEDDING,
     graph_file,
 )
+from edgeclip.manifest import Preprocess
 
 WINDOW_BATCHES = 4  # a window is this many batches: decode overlaps the encoder inside a window
 
@@ -144,14 +145,14 @@ class HeadRunner:
         return dict(zip((SCORES, ROUTE, GATE_RATIO), out))
 
 
-def frozen_backbone_key(bundle: Bundle, cfg: PreprocessConfig, precision: str = "fp32") -> str:
+def frozen_backbone_key(bundle: Bundle, cfg: Preprocess, precision: str = "fp32") -> str:
     """The cache key of the bundle's frozen image encoder (fp32, fp16 or int8) with preprocessing ``cfg``.
 
     Where Pillow's warnings about a file are not its notes (library code; ``images.warnings_are_notes``),
     the key says so: the notes cached there lack them, and the CLI must not read those."""
     _, graph, data = PRECISION_GRAPHS[precision]
     files = bundle.meta.files
-    key = backbone_key([files[graph_file(graph)].sha256, files[graph_file(data)].sha256], cfg.to_dict())
+    key = backbone_key([files[graph_file(graph)].sha256, files[graph_file(data)].sha256], cfg)
     return key if warnings_are_notes() else f"{key}:own-notes"
 
 
@@ -169,7 +170,7 @@ class LibraryScorer:
     ``EmbeddingCache`` or None (``--no-cache``: the same computation, nothing read or stored).
     """
 
-    def __init__(self, bundle: Bundle, encoder: Any, head: HeadRunner | None, cfg: PreprocessConfig,
+    def __init__(self, bundle: Bundle, encoder: Any, head: HeadRunner | None, cfg: Preprocess,
                  cache: EmbeddingCache | None, batch_size: int = 16, workers: int | None = None,
                  max_pixels: int | None = None, moe_encoder: Callable[[], Any] | None = None) -> None:
         if batch_size < 1:
@@ -299,7 +300,7 @@ def make_scorer(bundle: Bundle, backend: str = "auto", precision: str = "fp32", 
     bundle's setting). Raises UsageError, BackendUnavailableError, BundleError as the runners do."""
     from edgeclip.edgeapp.runtime import ImageEncoderRunner
 
-    cfg = PreprocessConfig.of(bundle.meta.preprocess).with_exact(exact)
+    cfg = bundle.meta.preprocess.with_exact(exact)
     encoder = ImageEncoderRunner(bundle, backend, threads=threads, max_batch=batch_size, precision=precision,
                                  cuda_graph=cuda_graph)
     store = None
