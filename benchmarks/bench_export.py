@@ -43,7 +43,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     bb = load_backbone(args.model, random_weights=True, seed=0)
-    size, dim = bb.preprocess["image_size"], bb.embed_dim
+    size, dim = bb.preprocess.image_size, bb.embed_dim
     rng = np.random.default_rng(0)
     work = Path(tempfile.mkdtemp(prefix="bench-export-"))
     export_image_encoder(bb, work / "plain")

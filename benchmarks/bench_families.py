@@ -74,7 +74,7 @@ def measure(family: str, model: str, tokenizer_kind: str | None, threads: int, r
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared machine: no busy-wait
         img = ort.InferenceSession(str(image), opts, providers=["CPUExecutionProvider"])
         txt = ort.InferenceSession(str(text), opts, providers=["CPUExecutionProvider"])
-        size = int(bb.preprocess["image_size"])
+        size = bb.preprocess.image_size
         pixels = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
         tokens = bb.text.tokenizer(["a photo of a dog."])
         times = time_interleaved({"image": lambda: img.run(None, {img.get_inputs()[0].name: pixels}),
@@ -83,8 +83,8 @@ def measure(family: str, model: str, tokenizer_kind: str | None, threads: int, r
         return {
             "family": family, "model": model, "params_m": round(params, 1), "image_size": size,
             "embed_dim": bb.embed_dim, "image_tower": bb.manifest_entry()["image_tower"],
-            "tokenizer": spec["tokenizer"], "clean": spec["clean"], "context_length": spec["context_length"],
-            "scoring": spec["scoring"], "moe": moe_refusal(bb) is None,
+            "tokenizer": spec.tokenizer, "clean": spec.clean, "context_length": spec.context_length,
+            "scoring": spec.scoring, "moe": moe_refusal(bb) is None,
             "image_onnx_mb": round(_size_mb(out, image.stem), 1), "text_onnx_mb": round(_size_mb(out, text.stem), 1),
             "image_ms": round(times["image"], 2), "text_ms": round(times["text"], 2), "export_s": round(export_s, 1),
         }

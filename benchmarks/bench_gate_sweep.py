@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from common import cpu_name
 
-from edgeclip.images import PreprocessConfig, iter_batches
+from edgeclip.images import iter_batches
 from edgeclip.train import ddas
 from edgeclip.train.backbone import load_backbone
 
@@ -49,7 +49,7 @@ def extract(name: str, split: str, per_class: int, dest: Path) -> list[Path]:
 
 
 def embed(backbone, paths: list[Path]) -> np.ndarray:
-    cfg = PreprocessConfig.from_dict(backbone.preprocess)
+    cfg = backbone.preprocess
     return np.concatenate([backbone.encode_images(b.pixels) for b in iter_batches(paths, cfg, batch_size=64)])
 
 

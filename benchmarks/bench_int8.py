@@ -68,7 +68,7 @@ def time_eager(model: str, repeats: int) -> dict[int, float]:
 
     bb = load_backbone(model, random_weights=True, seed=0)
     bb.model.eval()
-    size = int(bb.preprocess["image_size"])
+    size = bb.preprocess.image_size
     out = {}
     with torch.inference_mode():
         for batch in (1, 8):
@@ -94,7 +94,7 @@ def main() -> None:
     from edgeclip.edgeapp.runtime import TextEncoderRunner
     from edgeclip.edgeapp.tasks import add_task
     from edgeclip.export.quantize import export_int8
-    from edgeclip.images import PreprocessConfig, load_and_preprocess
+    from edgeclip.images import load_and_preprocess
     from edgeclip.layout import (
         GATED_GRAPH,
         GATED_INT8_GRAPH,
@@ -114,7 +114,7 @@ def main() -> None:
     bundle = export_int8(Bundle.open(root))
     export_s = time.perf_counter() - start
 
-    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
+    cfg = bundle.meta.preprocess
     sets = {name: test_images(name, args.per_dataset, work / "test") for name in (LEARNED, *UNSEEN)}
     learned_classes = bundle.learned_classes
     extra = [c for name in UNSEEN for c in sets[name][1]]

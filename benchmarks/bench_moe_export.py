@@ -74,7 +74,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-moe-export-"))
     frozen = load_backbone(args.model, random_weights=True, seed=0)
-    size, dim = frozen.preprocess["image_size"], frozen.embed_dim
+    size, dim = frozen.preprocess.image_size, frozen.embed_dim
     export_image_encoder(frozen, work)
     torch.manual_seed(1)
     config = MoEConfig()

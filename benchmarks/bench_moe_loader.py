@@ -95,7 +95,7 @@ def main() -> None:
         domain = read_domain(extract_train_split(args.domain, args.shots, Path(tmp)), split="train")
         samples = [(str(p), label) for p, label in domain.samples]
         backbone = load_backbone(args.model, random_weights=True, seed=0)
-        size = int(backbone.preprocess["image_size"])
+        size = backbone.preprocess.image_size
         tokens = backbone.tokenize([domain.templates[0].format(c) for c in domain.classes]).to(device)
         model_only = model_only_step_s(MoECLIP(load_backbone(args.model, random_weights=True, seed=0).model,
                                                MoEConfig()), tokens, args.batch, size, args.iterations, device)

@@ -163,10 +163,10 @@ def breakdown(files: list[Path], bundle_dir: Path, size: int, rounds: int) -> di
     from edgeclip.edgeapp.runtime import GatedRunner, TextEncoderRunner
 
     from edgeclip.bundle import Bundle
-    from edgeclip.images import PreprocessConfig, decode_and_preprocess
+    from edgeclip.images import decode_and_preprocess
 
     bundle = Bundle.open(bundle_dir)
-    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
+    cfg = bundle.meta.preprocess
     runner = GatedRunner(bundle, "auto")
     labels = build_label_space(bundle, [], TextEncoderRunner(bundle, "auto").class_embeddings)
     pixels = np.stack([decode_and_preprocess(f, cfg)[0] for f in files[:16]])
@@ -218,10 +218,10 @@ def quality(args: argparse.Namespace, bundle_dir: Path, work: Path) -> dict:
     from edgeclip.edgeapp.runtime import ImageEncoderRunner, TextEncoderRunner
 
     from edgeclip.bundle import Bundle
-    from edgeclip.images import PreprocessConfig, iter_batches
+    from edgeclip.images import iter_batches
 
     bundle = Bundle.open(bundle_dir)
-    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
+    cfg = bundle.meta.preprocess
     images = ImageEncoderRunner(bundle)
     texts = TextEncoderRunner(bundle)
     results = {}

@@ -78,10 +78,10 @@ def session_compare(root: Path, image: Path, repeats: int, cache: Path) -> dict[
     from edgeclip.bundle import Bundle
     from edgeclip.edgeapp.ort_cache import same_outputs
     from edgeclip.edgeapp.runtime import GatedRunner
-    from edgeclip.images import PreprocessConfig, iter_batches
+    from edgeclip.images import iter_batches
 
     bundle = Bundle.open(root)
-    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
+    cfg = bundle.meta.preprocess
     pixels = next(iter(iter_batches([image], cfg, batch_size=1))).pixels
     text = bundle.tensors("learned.safetensors", keys=["zs_text"])["zs_text"]
     os.environ["EDGECLIP_ENGINE_CACHE"] = str(cache)

@@ -47,7 +47,7 @@ from edgeclip.edgeapp.runtime import GatedRunner, ImageEncoderRunner, TextEncode
 from edgeclip.edgeapp.tasks import ProgressFn, add_rail_embeddings, add_task
 from edgeclip.errors import EdgeclipError, ImageError, UsageError
 from edgeclip.extras import import_torch_module
-from edgeclip.images import PreprocessConfig, preprocess
+from edgeclip.images import preprocess
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]  # a file or folder, a PIL image, uint8 [H,W,3] RGB or [H,W] grey
 
@@ -87,7 +87,7 @@ class Classifier:
         self._gated: GatedRunner | None = None  # in-memory images (opened on first use)
         self._head: HeadRunner | None = None
         self._text: TextEncoderRunner | None = None
-        self._cfg = PreprocessConfig.of(bundle.meta.preprocess)
+        self._cfg = bundle.meta.preprocess
 
     # -- facts -----------------------------------------------------------------------------------
     @property
@@ -186,7 +186,7 @@ class Classifier:
         store = None
         if self.cache:
             store = EmbeddingCache(frozen_backbone_key(self.bundle, self._cfg, self.precision),
-                                   int(self.bundle.manifest["backbone"]["embed_dim"]))
+                                   self.bundle.meta.embed_dim)
         if head and self._head is None:
             self._head = HeadRunner(self.bundle, self.threads)
         return LibraryScorer(self.bundle, self._image, self._head if head else None, self._cfg, store,
@@ -218,7 +218,7 @@ class Classifier:
             chunk = in_memory[start:start + batch_size]
             for (i, _), row in zip(chunk, self._image.embed(self._pixels([x for _, x in chunk]))):
                 out[i] = row
-        dim = int(self.bundle.manifest["backbone"]["embed_dim"])
+        dim = self.bundle.meta.embed_dim
         return np.stack(out) if out else np.zeros((0, dim), np.float32)  # type: ignore[arg-type]
 
     def search(self, query: str, images: ImageInput | Iterable[ImageInput], top: int = 10,

@@ -292,9 +292,9 @@ def classify_batches(
     then go through the embedding cache and the head graph (frozen embedding once, the decision from it),
     in windows of ``scorer.window`` inputs (one list each); in-memory images still go through ``runner``.
     """
-    from edgeclip.images import DEFAULT_MAX_PIXELS, PreprocessConfig, decode_and_preprocess, iter_batches, preprocess
+    from edgeclip.images import DEFAULT_MAX_PIXELS, decode_and_preprocess, iter_batches, preprocess
 
-    cfg = PreprocessConfig.of(bundle.meta.preprocess).with_exact(exact)
+    cfg = bundle.meta.preprocess.with_exact(exact)
     limit = max_pixels or DEFAULT_MAX_PIXELS
     names = task_route_names(bundle)
     if scorer is not None:

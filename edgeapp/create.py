@@ -47,13 +47,13 @@ def init_bundle(
     backbone = load_backbone(model, pretrained, random_weights=random_weights, seed=seed, tokenizer=tokenizer)
     check_method(backbone, method)
     method_section, gate = init_sections(method, backbone.embed_dim, seed, **options)
-    text = backbone.manifest_entry()["text"]  # the model's own text side (tokenizer, scale, bias)
+    text = backbone.text.spec  # the model's own text side (tokenizer, scale, bias)
     meta = validate_manifest({
         "backbone": backbone.manifest_entry(),
-        "preprocess": backbone.preprocess,
+        "preprocess": to_builtins(backbone.preprocess),
         "method": to_builtins(method_section),
         "gate": to_builtins(gate),
-        "zero_shot": {"templates": list(DEFAULT_TEMPLATES), "logit_scale": text["logit_scale"],
+        "zero_shot": {"templates": list(DEFAULT_TEMPLATES), "logit_scale": text.logit_scale,
                       "labels": zero_shot_labels or []},
         "retention": {"keep": int(keep)},
     }, complete=False)
@@ -64,7 +64,7 @@ def init_bundle(
             for export in (export_image_encoder, export_text_encoder):
                 onnx_path = Path(export(backbone, tmp_dir))  # with its .data beside it
                 writer.write_graph(graph_file(onnx_path.name), onnx_path, move=True)  # the shared graph store
-        writer.write_file(text["file"], backbone.text.source)
+        writer.write_file(text.file, backbone.text.source)
         learned = initial_learned(meta.method, meta.gate.kind, backbone.embed_dim)
         write_learned(writer, learned)
         if isinstance(meta.method.settings, MoESettings):  # the adapters of a bundle with no task

@@ -36,6 +36,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pyarrow as pa
 import ray
@@ -47,6 +48,7 @@ from edgeclip.edgeapp.classify import LabelSpace, Prediction, build_label_space,
     task_route_names
 from edgeclip.edgeapp.rows import predictions_of, rows_table
 from edgeclip.errors import ImageError, UsageError
+from edgeclip.manifest import Preprocess
 
 # Memory declared per decoding task (a Ray scheduling resource): one large photo decoded at a time plus the
 # batch's pixels. Declaring it also keeps the decoding tasks apart from the actors (Ray Data fuses map
@@ -57,11 +59,11 @@ DECODE_MEMORY = 128 * 1024 * 1024
 # ------------------------------------------------------------------ stage 2: decoding, in Ray tasks
 
 
-def decode_batch(batch: dict[str, np.ndarray], preprocess: dict[str, Any], exact: bool | None,
-                 max_pixels: int) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], preprocess: bytes, max_pixels: int) -> dict[str, np.ndarray]:
     """A Ray Data batch of inputs (``file``: the exact name as bytes, ``error``: set when the driver already
     knows the entry cannot be read) to decoded images: ``pixels`` uint8 [n,S,S,3] (zeros on error rows),
-    ``path``, ``error`` and ``note`` (strings, "" for none). Never raises for a bad file.
+    ``path``, ``error`` and ``note`` (strings, "" for none). Never raises for a bad file. ``preprocess``:
+    the ``manifest.Preprocess`` to decode with, msgspec-JSON encoded (``exact`` already applied).
 
     A Ray task runs alone in its worker process, so for its duration it sets what the CLI sets for its
     own run (``images.warnings_as_notes``, ``images.pillow_pixel_limit``): Pillow's warnings about a file
@@ -69,14 +71,12 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess: dict[str, Any], exact
     from edgeclip.images import DEFAULT_MAX_PIXELS, pillow_pixel_limit, warnings_as_notes
 
     with warnings_as_notes(), pillow_pixel_limit(max_pixels or DEFAULT_MAX_PIXELS):
-        return _decode_batch(batch, preprocess, exact, max_pixels or DEFAULT_MAX_PIXELS)
+        return _decode_batch(batch, msgspec.json.decode(preprocess, type=Preprocess), max_pixels or DEFAULT_MAX_PIXELS)
 
 
-def _decode_batch(batch: dict[str, np.ndarray], preprocess: dict[str, Any], exact: bool | None,
-                  max_pixels: int) -> dict[str, np.ndarray]:
-    from edgeclip.images import PreprocessConfig, decode_resized
+def _decode_batch(batch: dict[str, np.ndarray], cfg: Preprocess, max_pixels: int) -> dict[str, np.ndarray]:
+    from edgeclip.images import decode_resized
 
-    cfg = PreprocessConfig.from_dict(preprocess).with_exact(exact)
     files = batch["file"]
     known = batch["error"] if "error" in batch else [""] * len(files)
     n, size = len(files), cfg.image_size
@@ -110,11 +110,10 @@ class GatedClassifier:
     def __init__(self, root: str, version: str, backend: str, precision: str, threads: int, names: list[str],
                  text: np.ndarray, owners: list[str], top_k: int, embeddings: bool) -> None:
         from edgeclip.edgeapp.runtime import GatedRunner
-        from edgeclip.images import PreprocessConfig
 
         self.bundle = Bundle.open(root, version)
         self.runner = GatedRunner(self.bundle, backend, threads=threads, precision=precision)
-        self.cfg = PreprocessConfig.of(self.bundle.meta.preprocess)
+        self.cfg = self.bundle.meta.preprocess
         self.space = LabelSpace(list(names), np.asarray(text, np.float32), list(owners))
         self.routes = task_route_names(self.bundle)
         self.top_k, self.embeddings = top_k, embeddings
@@ -254,12 +253,10 @@ def classify_inputs(inputs: ray.data.Dataset, bundle: Bundle, space: LabelSpace,
         raise UsageError(f"actors must be at least 1, not {actors}")
     if gpus_per_actor > 0 and backend == "auto":
         backend = "ort-cuda"
-    from edgeclip.images import PreprocessConfig
-
     decoded = inputs.map_batches(
         decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=decode_cpus,
         compute=ray.data.TaskPoolStrategy(), memory=DECODE_MEMORY,
-        fn_kwargs={"preprocess": PreprocessConfig.of(bundle.meta.preprocess).to_dict(), "exact": exact,
+        fn_kwargs={"preprocess": msgspec.json.encode(bundle.meta.preprocess.with_exact(exact)),
                    "max_pixels": max_pixels or 0})
     settings = {"root": str(bundle.root), "version": bundle.version, "backend": backend, "precision": precision,
                 "threads": max(1, int(round(cpus_per_actor))), "names": space.names, "text": space.text,

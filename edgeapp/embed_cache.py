@@ -26,12 +26,15 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
+
+from edgeclip.manifest import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +86,14 @@ def default_max_bytes() -> int:
     return max(1, int(mb * 1024 * 1024))
 
 
-def backbone_key(graph_sha256: Sequence[str], preprocess: Mapping[str, Any]) -> str:
+def backbone_key(graph_sha256: Sequence[str], preprocess: Preprocess) -> str:
     """The backbone's identity: sha256 over the image graph's file hashes (graph and weights) and the
-    preprocessing (image size, mean, std, interpolation, resize mode, exact decode). Hex string."""
-    text = json.dumps({"graph": list(graph_sha256), "preprocess": dict(preprocess)}, sort_keys=True)
+    preprocessing (image size, mean, std, interpolation, resize mode; ``exact`` only when set, so keys
+    made before that field existed stay the same). Hex string."""
+    identity = msgspec.structs.asdict(preprocess)
+    if not preprocess.exact:
+        del identity["exact"]
+    text = json.dumps({"graph": list(graph_sha256), "preprocess": identity}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -18,9 +18,8 @@ import numpy as np
 from edgeclip.bundle import Bundle
 from edgeclip.errors import DomainError, UsageError
 from edgeclip.extras import import_torch_module
-from edgeclip.images import PreprocessConfig
 from edgeclip.learned import read_learned
-from edgeclip.manifest import Manifest
+from edgeclip.manifest import Manifest, Preprocess
 from edgeclip.train import fusion
 from edgeclip.train.registry import get_learner
 
@@ -66,7 +65,7 @@ class TestSuite:
     unreadable: list[tuple[str, str]]
     seconds: float
     paths: list[list[Path]] = field(default_factory=list)  # per domain, the N_j readable images in order
-    preprocess: PreprocessConfig | None = None  # the bundle's (meta.preprocess), to decode the images again
+    preprocess: Preprocess | None = None  # the bundle's (meta.preprocess), to decode the images again
 
     @property
     def names(self) -> list[str]:
@@ -96,7 +95,7 @@ def build_suite(bundle: Bundle, domains: list[EvalDomain], backend: str = "auto"
     from edgeclip.images import iter_batches
 
     start = time.perf_counter()
-    cfg = PreprocessConfig.of(bundle.meta.preprocess)  # built once, kept by the suite
+    cfg = bundle.meta.preprocess  # kept by the suite
     runner = ImageEncoderRunner(bundle, backend, optimized_cache=False)  # a batch job: start-up does not matter
     text_runner = TextEncoderRunner(bundle, backend)
     feats, labels, texts, paths, unreadable = [], [], [], [], []

@@ -33,7 +33,7 @@ from edgeclip.bundle import Bundle
 from edgeclip.edgeapp.embed_cache import FROZEN, EmbeddingCache, FileId, backbone_key
 from edgeclip.edgeapp.runtime import ORT_LOG_ENV
 from edgeclip.errors import BundleError, EngineError, UsageError
-from edgeclip.images import DEFAULT_MAX_PIXELS, PreprocessConfig, iter_batches, warnings_are_notes
+from edgeclip.images import DEFAULT_MAX_PIXELS, iter_batches, warnings_are_notes
 from edgeclip.layout import (
     ADAPTED,
     GATE_RATIO,
@@ -52,6 +52,7 @@ from edgeclip.layout import (
     EMBEDDING,
     graph_file,
 )
+from edgeclip.manifest import Preprocess
 
 WINDOW_BATCHES = 4  # a window is this many batches: decode overlaps the encoder inside a window
 
@@ -144,21 +145,21 @@ class HeadRunner:
         return dict(zip((SCORES, ROUTE, GATE_RATIO), out))
 
 
-def frozen_backbone_key(bundle: Bundle, cfg: PreprocessConfig, precision: str = "fp32") -> str:
+def frozen_backbone_key(bundle: Bundle, cfg: Preprocess, precision: str = "fp32") -> str:
     """The cache key of the bundle's frozen image encoder (fp32, fp16 or int8) with preprocessing ``cfg``.
 
     Where Pillow's warnings about a file are not its notes (library code; ``images.warnings_are_notes``),
     the key says so: the notes cached there lack them, and the CLI must not read those."""
     _, graph, data = PRECISION_GRAPHS[precision]
-    files = bundle.manifest["files"]
-    key = backbone_key([files[graph_file(graph)]["sha256"], files[graph_file(data)]["sha256"]], cfg.to_dict())
+    files = bundle.meta.files
+    key = backbone_key([files[graph_file(graph)].sha256, files[graph_file(data)].sha256], cfg)
     return key if warnings_are_notes() else f"{key}:own-notes"
 
 
 def moe_task_key(bundle: Bundle, task: int) -> str:
     """The cache kind of task ``task``'s adapted embeddings: the MoE graph's and weights' hashes and the task."""
-    files = bundle.manifest["files"]
-    digest = hashlib.sha256("+".join(files[graph_file(n)]["sha256"] for n in (MOE_GRAPH, MOE_DATA)).encode())
+    files = bundle.meta.files
+    digest = hashlib.sha256("+".join(str(files[graph_file(n)].sha256) for n in (MOE_GRAPH, MOE_DATA)).encode())
     return f"moe:{digest.hexdigest()[:32]}:{task}"
 
 
@@ -169,7 +170,7 @@ class LibraryScorer:
     ``EmbeddingCache`` or None (``--no-cache``: the same computation, nothing read or stored).
     """
 
-    def __init__(self, bundle: Bundle, encoder: Any, head: HeadRunner | None, cfg: PreprocessConfig,
+    def __init__(self, bundle: Bundle, encoder: Any, head: HeadRunner | None, cfg: Preprocess,
                  cache: EmbeddingCache | None, batch_size: int = 16, workers: int | None = None,
                  max_pixels: int | None = None, moe_encoder: Callable[[], Any] | None = None) -> None:
         if batch_size < 1:
@@ -231,7 +232,7 @@ class LibraryScorer:
         """The decision for one window of files (``iter_scored`` yields these)."""
         vectors, notes, errors = self.embed_window(paths)
         good = [i for i in range(len(paths)) if i in vectors]
-        dim = int(self.bundle.manifest["backbone"]["embed_dim"])
+        dim = self.bundle.meta.embed_dim
         emb = np.stack([vectors[i] for i in good]) if good else np.zeros((0, dim), np.float32)
         head = self.head
         assert head is not None
@@ -253,7 +254,7 @@ class LibraryScorer:
         if self._moe_learned is None:
             self._moe_learned = self.bundle.tensors(LEARNED)
         spec = DecisionSpec.from_bundle(self._moe_learned, self.bundle.meta)
-        dim = int(self.bundle.manifest["backbone"]["embed_dim"])
+        dim = self.bundle.meta.embed_dim
         adapted = np.zeros((len(paths), dim), np.float32)
         for task in sorted({int(t) for t in route if t >= 0}):
             rows = [i for i in range(len(paths)) if int(route[i]) == task]
@@ -299,12 +300,12 @@ def make_scorer(bundle: Bundle, backend: str = "auto", precision: str = "fp32", 
     bundle's setting). Raises UsageError, BackendUnavailableError, BundleError as the runners do."""
     from edgeclip.edgeapp.runtime import ImageEncoderRunner
 
-    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"]).with_exact(exact)
+    cfg = bundle.meta.preprocess.with_exact(exact)
     encoder = ImageEncoderRunner(bundle, backend, threads=threads, max_batch=batch_size, precision=precision,
                                  cuda_graph=cuda_graph)
     store = None
     if cache and (max_pixels is None or max_pixels == DEFAULT_MAX_PIXELS):  # another bomb guard: decode every file
-        store = EmbeddingCache(frozen_backbone_key(bundle, cfg, precision), int(bundle.manifest["backbone"]["embed_dim"]))
+        store = EmbeddingCache(frozen_backbone_key(bundle, cfg, precision), bundle.meta.embed_dim)
     return LibraryScorer(bundle, encoder, HeadRunner(bundle, threads) if head else None, cfg, store,
                          batch_size=batch_size, workers=workers, max_pixels=max_pixels,
                          moe_encoder=moe_encoder_factory(bundle, backend, threads))

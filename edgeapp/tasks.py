@@ -37,7 +37,7 @@ from edgeclip.export.compose_moe import build_moe_gated_graph
 from edgeclip.export.fp16 import has_fp16, write_fp16_graphs
 from edgeclip.export.quantize import build_gated_int8, has_int8
 from edgeclip.extras import import_torch_module, require_torch
-from edgeclip.images import PreprocessConfig, iter_batches
+from edgeclip.images import iter_batches
 from edgeclip.learned import read_learned, write_learned
 from edgeclip.layout import (
     RAIL_SOLVER_CACHE,
@@ -128,7 +128,7 @@ def embed_domain(
     encoder (MoE add-task embeds on its training GPU with the frozen torch model). ``batch_size``:
     images per encoder run (None: the exported encoder's `ImageEncoderRunner.batch_size`, 8 on a CPU;
     32 with ``encode``)."""
-    cfg = PreprocessConfig.of(bundle.meta.preprocess)
+    cfg = bundle.meta.preprocess
     if encode is None:
         runner = ImageEncoderRunner(bundle, backend)
         encode, batch_size = runner.embed, batch_size or runner.batch_size

@@ -55,7 +55,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from edgeclip.discover import display_path, register_formats
-from edgeclip.errors import BundleError, ImageError, UsageError
+from edgeclip.errors import ImageError, UsageError
 from edgeclip.manifest import Preprocess
 
 # Pillow's default limit (about 89.5 MP). `max_pixels` is edgeclip's own guard, checked on the
@@ -68,90 +68,8 @@ MAX_INTERMEDIATE_PIXELS: int = 1 << 22
 # Transparent pixels are composited onto this colour (white, as a viewer shows a transparent PNG).
 BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 
+# Pillow's filter of each `Preprocess.interpolation` (the schema's `Interpolation`)
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-RESIZE_MODES = ("shortest", "longest", "squash")
-_CONFIG_KEYS = {"image_size", "mean", "std", "interpolation", "resize_mode", "exact"}
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """How an image becomes a `[3, image_size, image_size]` input; the manifest's `preprocess`.
-
-    `exact`: decode at full resolution (today's open_clip-identical pixels) instead of the
-    fast reduced decode; stored in the manifest only when true. `image_size` in pixels; `mean`
-    and `std` per RGB channel on the [0, 1] scale. Raises UsageError on an invalid value."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
-    resize_mode: str = "shortest"
-    exact: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
-            raise UsageError(f"image_size must be a positive integer, not {self.image_size!r}")
-        for name in ("mean", "std"):
-            value = getattr(self, name)
-            try:
-                floats = tuple(float(v) for v in value)
-            except (TypeError, ValueError):
-                raise UsageError(f"{name} must be 3 numbers, not {value!r}") from None
-            if len(floats) != 3 or not all(np.isfinite(floats)):
-                raise UsageError(f"{name} must be 3 finite numbers, not {value!r}")
-            object.__setattr__(self, name, floats)
-        if min(self.std) <= 0:
-            raise UsageError(f"std must be positive, not {self.std!r}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise UsageError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, not {self.interpolation!r}")
-        if self.resize_mode not in RESIZE_MODES:
-            raise UsageError(f"resize_mode must be one of {list(RESIZE_MODES)}, not {self.resize_mode!r}")
-        if not isinstance(self.exact, bool):
-            raise UsageError(f"exact must be true or false, not {self.exact!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as a JSON-able dict (the manifest's ``preprocess`` section)."""
-        d: dict[str, Any] = {
-            "image_size": self.image_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "interpolation": self.interpolation,
-            "resize_mode": self.resize_mode,
-        }
-        if self.exact:
-            d["exact"] = True
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
-        """Read the manifest form; anything malformed is a BundleError."""
-        if not isinstance(d, dict):
-            raise BundleError(f"preprocess config must be a JSON object, not {type(d).__name__}")
-        unknown = set(d) - _CONFIG_KEYS
-        if unknown:
-            raise BundleError(f"preprocess config has unknown keys {sorted(unknown)}")
-        try:
-            return cls(**d)
-        except TypeError as err:  # a required key is missing
-            raise BundleError(f"preprocess config is incomplete: {err}") from None
-        except UsageError as err:
-            raise BundleError(f"invalid preprocess config: {err}") from None
-
-    @classmethod
-    def of(cls, preprocess: Preprocess) -> PreprocessConfig:
-        """The config of a typed manifest section (``Bundle.meta.preprocess``); BundleError when a
-        value is out of range."""
-        try:
-            return cls(preprocess.image_size, tuple(preprocess.mean), tuple(preprocess.std),  # type: ignore[arg-type]
-                       preprocess.interpolation, preprocess.resize_mode, preprocess.exact)
-        except UsageError as err:
-            raise BundleError(f"invalid preprocess config: {err}") from None
-
-    def with_exact(self, exact: bool | None) -> PreprocessConfig:
-        """This config with `exact` overridden, unless `exact` is None."""
-        if exact is None or exact == self.exact:
-            return self
-        return PreprocessConfig(self.image_size, self.mean, self.std, self.interpolation, self.resize_mode, exact)
 
 
 # ---------------------------------------------------------------- Pillow's warnings and limit
@@ -485,7 +403,7 @@ def load_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, cover: in
     return decode_image(path, cover, resize_mode, max_pixels).image
 
 
-def decode_for(path: Path | str, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
+def decode_for(path: Path | str, cfg: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS,
                cover: int | None = None) -> Decoded:
     """Decode `path` as `cfg` asks: the full image when `cfg.exact`, else reduced while it still
     covers `cover` pixels (default `cfg.image_size`; training asks more, for its random crops).
@@ -516,7 +434,7 @@ def _center_crop_or_pad(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def _resized(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+def _resized(img: Image.Image, cfg: Preprocess) -> Image.Image:
     size = cfg.image_size
     resample = INTERPOLATIONS[cfg.interpolation]
     width, height = img.size
@@ -543,7 +461,7 @@ def _resized(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
 
 
 @lru_cache(maxsize=16)
-def _lookup_table(cfg: PreprocessConfig) -> np.ndarray:
+def _lookup_table(cfg: Preprocess) -> np.ndarray:
     """`[3, 256]` float32: each 8-bit value after ToTensor's `/255` and Normalize, computed
     with the same float32 operations torch does, so the result is bit-identical."""
     unit = np.arange(256, dtype=np.float32) / np.float32(255)
@@ -552,26 +470,26 @@ def _lookup_table(cfg: PreprocessConfig) -> np.ndarray:
     return (unit[None, :] - mean) / std
 
 
-def normalize(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+def normalize(pixels: np.ndarray, cfg: Preprocess) -> np.ndarray:
     """uint8 `[S, S, 3]` RGB to the float32 `[3, S, S]` model input (ToTensor + Normalize)."""
     table = _lookup_table(cfg)
     return np.stack([table[c][pixels[:, :, c]] for c in range(3)])
 
 
-def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+def preprocess(img: Image.Image, cfg: Preprocess) -> np.ndarray:
     """`img` (any mode, mapped by `to_rgb`) as the model input: float32 `[3, S, S]`, S =
     `cfg.image_size`, equal to open_clip's eval transform (module docstring)."""
     return normalize(np.asarray(_resized(to_rgb(img), cfg)), cfg)
 
 
-def decode_and_preprocess(path: Path | str, cfg: PreprocessConfig,
+def decode_and_preprocess(path: Path | str, cfg: Preprocess,
                           max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str | None]:
     """(float32 `[3, S, S]` model input, the file's note or None); ImageError when unreadable."""
     decoded = decode_for(path, cfg, max_pixels)
     return preprocess(decoded.image, cfg), decoded.note
 
 
-def decode_resized(path: Path | str, cfg: PreprocessConfig,
+def decode_resized(path: Path | str, cfg: Preprocess,
                    max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str | None]:
     """(uint8 `[S, S, 3]` RGB after the resize and crop, the file's note or None): `preprocess` before its
     last step, so `normalize(pixels, cfg)` equals `decode_and_preprocess`'s array. A quarter of its bytes,
@@ -580,7 +498,7 @@ def decode_resized(path: Path | str, cfg: PreprocessConfig,
     return np.asarray(_resized(to_rgb(decoded.image), cfg)), decoded.note
 
 
-def load_and_preprocess(path: Path | str, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_and_preprocess(path: Path | str, cfg: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The model input of one file, float32 `[3, S, S]` (fast or exact per `cfg.exact`). Raises ImageError."""
     return decode_and_preprocess(path, cfg, max_pixels)[0]
 
@@ -617,7 +535,7 @@ class Batch:
 
 def iter_batches(
     paths: Iterable[Path | str],
-    cfg: PreprocessConfig,
+    cfg: Preprocess,
     batch_size: int,
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -107,15 +107,37 @@ class Backbone(_Section):
     text: TextSide | None = None  # None: a bundle from before (CLIP BPE, logit scale 100)
 
 
-class Preprocess(_Section):
-    """The image preprocessing (``edgeclip.images.PreprocessConfig`` checks the values further)."""
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0.0)]
+Interpolation = Literal["bicubic", "bilinear"]  # Pillow's filters that open_clip's eval transform uses
+ResizeMode = Literal["shortest", "longest", "squash"]  # open_clip's resize modes (edgeclip.images)
+
+
+class Preprocess(_Section, frozen=True):
+    """The image preprocessing: open_clip's eval transform (``edgeclip.images.preprocess``).
+
+    ``image_size`` S in pixels (the input is [3, S, S]); ``mean`` and ``std`` per RGB channel on the
+    [0, 1] scale (finite, ``std`` > 0); ``interpolation`` and ``resize_mode`` as open_clip names them;
+    ``exact``: decode at full resolution (open_clip's pixels bit for bit) instead of the fast reduced
+    decode. Decoding a manifest checks every value (``validate_manifest``, ``parse_section``); a
+    struct built in code is trusted (msgspec's rule) except for finiteness. Frozen and hashable:
+    the runtime uses it as it is, built once from ``Bundle.meta.preprocess``."""
 
     image_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_IMAGE_SIZE)]
-    mean: Annotated[list[float], msgspec.Meta(min_length=3, max_length=3)]
-    std: Annotated[list[float], msgspec.Meta(min_length=3, max_length=3)]
-    interpolation: str = "bicubic"
-    resize_mode: str = "shortest"
-    exact: bool = False  # decode at full resolution (open_clip's transform bit for bit), not reduced first
+    mean: tuple[float, float, float]
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat]
+    interpolation: Interpolation = "bicubic"
+    resize_mode: ResizeMode = "shortest"
+    exact: bool = False
+
+    def __post_init__(self) -> None:
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise ValueError(f"mean and std must be finite numbers, not {self.mean!r} and {self.std!r}")
+
+    def with_exact(self, exact: bool | None) -> Preprocess:
+        """This preprocessing with ``exact`` overridden, unless ``exact`` is None (then ``self``)."""
+        if exact is None or exact == self.exact:
+            return self
+        return msgspec.structs.replace(self, exact=bool(exact))
 
 
 class _LearnerSettings(_Section, omit_defaults=False):
@@ -335,7 +357,7 @@ def _check_finite(value: Any, where: str) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             _check_finite(item, f"{where}.{key}")
-    elif isinstance(value, list):
+    elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             _check_finite(item, f"{where}[{i}]")
 
@@ -390,9 +412,18 @@ def parse_section(manifest: Mapping[str, Any], name: str) -> Any:
         raise BundleError(f"invalid manifest: {exc} (in `$.{name}`)") from None
 
 
-def to_builtins(meta: Manifest) -> dict[str, Any]:
-    """The JSON-ready dict of a typed manifest (fields at their default are left out)."""
-    return msgspec.to_builtins(meta)
+def to_builtins(meta: msgspec.Struct) -> dict[str, Any]:
+    """The JSON-ready dict of a typed manifest or section, as ``json.loads`` reads it back: fields at
+    their default left out, arrays as lists (``preprocess.mean`` is a tuple in memory)."""
+    return _json_arrays(msgspec.to_builtins(meta))
+
+
+def _json_arrays(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_arrays(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_arrays(v) for v in value]
+    return value
 
 
 def full_dict(value: Any) -> Any:

@@ -194,7 +194,7 @@ def export_image_encoder(backbone: Any, out_dir: Path | str, seed: int = 0) -> P
 
 def _export_image_encoder(backbone: Any, out_dir: Path | str, seed: int) -> Path:
     torch = _torch()
-    size = int(backbone.preprocess["image_size"])
+    size = backbone.preprocess.image_size
     tower = _image_tower(backbone.model)
     example = torch.randn(_EXAMPLE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(seed))
     graph = _export(tower, example, PIXELS, EMBEDDING, Path(out_dir) / IMAGE_GRAPH, IMAGE_DATA)

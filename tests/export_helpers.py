@@ -63,7 +63,7 @@ def manifest_for(method: str, fusion: str, gate_kind: str, thresholds: list[floa
     return validate_manifest({
         "backbone": {"model": TINY, "embed_dim": bb.embed_dim, "context_length": bb.context_length,
                      "weights": msgspec.to_builtins(bb.source)},
-        "preprocess": bb.preprocess,
+        "preprocess": msgspec.to_builtins(bb.preprocess),
         "method": {"name": method, "settings": settings},
         "gate": {"kind": gate_kind, "settings": {}},
         "zero_shot": {"templates": ["a photo of a {}."], "logit_scale": 100.0},
@@ -106,7 +106,7 @@ def label_text() -> np.ndarray:
 
 def task_data(embed: Any, n: int = 20) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Embeddings of two synthetic image clusters (task 0, task 1) and their global labels."""
-    size = int(tiny_backbone().preprocess["image_size"])
+    size = tiny_backbone().preprocess.image_size
     xs = [embed(cluster_pixels(c, n, size)) for c in range(2)]
     offsets = np.cumsum([0] + [len(c) for c in TASK_CLASSES])
     ys = [offsets[t] + np.arange(n) % len(TASK_CLASSES[t]) for t in range(2)]
@@ -115,7 +115,7 @@ def task_data(embed: Any, n: int = 20) -> tuple[list[np.ndarray], list[np.ndarra
 
 def mixed_batch(per_cluster: int = 4) -> np.ndarray:
     """Images of task 0, task 1 and an unseen cluster, interleaved."""
-    size = int(tiny_backbone().preprocess["image_size"])
+    size = tiny_backbone().preprocess.image_size
     parts = [cluster_pixels(c, per_cluster, size, seed=5) for c in range(3)]
     return np.stack([p[i] for i in range(per_cluster) for p in parts])
 

@@ -26,7 +26,7 @@ def test_small_configs_are_known_without_changing_open_clips_registry() -> None:
     assert bb.canonical_model_name("EDGECLIP-TINY") == "edgeclip-tiny"
     assert bb.model_config("edgeclip-small")["embed_dim"] > 0
     backbone = bb.load_backbone("edgeclip-tiny", random_weights=True, seed=1)
-    assert backbone.text is not None and backbone.text.spec["checked"]
+    assert backbone.text is not None and backbone.text.spec.checked
     assert bb.reference_tokenizer("edgeclip-tiny")(["a cat"]).shape == (1, 77)
     assert open_clip.list_models() == before and open_clip.get_model_config("edgeclip-tiny") is None
 
@@ -62,7 +62,7 @@ def test_random_weights_are_seeded_and_recorded() -> None:
     np.testing.assert_array_equal(a.encode_images(pixels), b.encode_images(pixels))
     assert a.source == Weights(kind="random", ref="3", sha256=None, quick_gelu=False)
     assert "random weights" in weights_label(a.source)
-    assert a.preprocess["image_size"] == 64 and a.embed_dim == 64
+    assert a.preprocess.image_size == 64 and a.embed_dim == 64
     feats = a.class_text_embeddings(["cat", "dog"], ["a photo of a {}.", "a {}."])
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
     assert not any(p.requires_grad for p in a.model.parameters())
@@ -161,7 +161,7 @@ def test_quickgelu_decided_once_on_the_download_branch(fake_quickgelu_tag: list[
     assert fake_quickgelu_tag == ["fake-org/edgeclip-tiny-fakeai/"]
     assert first.source.quick_gelu is True and first.manifest_entry()["weights"]["quick_gelu"] is True
     assert _activations(first.model) == {"QuickGELU"}
-    assert first.preprocess["mean"] == [0.5, 0.5, 0.5]  # the tag's preprocessing, not the file's
+    assert first.preprocess.mean == (0.5, 0.5, 0.5)  # the tag's preprocessing, not the file's
     again = bb.load_backbone("edgeclip-tiny", source=msgspec.convert(first.manifest_entry()["weights"], Weights))
     assert fake_quickgelu_tag == ["fake-org/edgeclip-tiny-fakeai/"]  # from the cache this time
     assert _activations(again.model) == {"QuickGELU"}

@@ -7,16 +7,18 @@ import json
 import os
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from PIL import Image
 
 from edgeclip.discover import display_path
 from edgeclip.errors import ImageError
-from edgeclip.images import PreprocessConfig, decode_image, iter_batches, load_image
+from edgeclip.images import decode_image, iter_batches, load_image
+from edgeclip.manifest import Preprocess
 from image_helpers import BAD, GOOD, corrupt_exif_jpeg, process_state, write
 
-CFG = PreprocessConfig(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+CFG = Preprocess(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def assert_clear_error(err: ImageError, path: Path, word: str) -> None:
@@ -223,7 +225,7 @@ def test_a_ray_decoding_task_gives_notes_and_leaves_its_worker_as_it_was(tmp_pat
     write(tmp_path, {"exif.jpg": (corrupt_exif_jpeg(), None), "bomb.png": BAD["bomb.png"]})
     before = process_state()
     files = np.array([os.fsencode(tmp_path / "exif.jpg"), os.fsencode(tmp_path / "bomb.png")], dtype=object)
-    out = decode_batch({"file": files}, {"image_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3}, None, 0)
+    out = decode_batch({"file": files}, msgspec.json.encode(Preprocess(8, (0.5,) * 3, (0.5,) * 3)), 0)
     assert process_state() == before
     assert "Truncated File Read" in out["note"][0] and out["error"][0] == ""
     assert out["error"][1].endswith("refused as a possible decompression bomb; --max-pixels raises the limit")

@@ -11,7 +11,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -254,6 +256,18 @@ def test_manifests_as_written_today_validate_with_typed_access() -> None:
     assert minimal.method.settings.beta == 0.8 and minimal.gate.kind == "linear" and minimal.retention.keep == 0
 
 
+def _assign(node: Any, path: tuple, value: object) -> Any:
+    """``node.<path> = value``, unchecked; a frozen section (``preprocess``) is replaced in its parent."""
+    head, *rest = path
+    if rest:
+        setattr(node, head, _assign(getattr(node, head), tuple(rest), value))
+    elif type(node).__struct_config__.frozen:
+        return msgspec.structs.replace(node, **{head: value})
+    else:
+        setattr(node, head, value)
+    return node
+
+
 @pytest.mark.parametrize("path, value, field", [
     (("gate", "bogus"), 1, "$.gate"),
     (("colour",), "red", "colour"),
@@ -289,10 +303,7 @@ def test_invalid_or_unknown_manifest_fields_are_refused_by_name(tmp_path: Path, 
     if path[-1] in getattr(type(typed), "__struct_fields__", ()):
         with pytest.raises(BundleError, match=re.escape(field)):
             with first.new_version() as writer:
-                node: object = writer.meta
-                for key in path[:-1]:
-                    node = getattr(node, key)
-                setattr(node, path[-1], value)  # structs do not check on assignment: the commit must
+                _assign(writer.meta, path, value)  # structs do not check on assignment: the commit must
     assert Bundle.open(tmp_path / "b").version == "v0001" and not list((tmp_path / "b").glob(".staging-*"))
     # ... and when read
     manifest_path = first.dir / "manifest.json"

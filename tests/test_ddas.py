@@ -163,11 +163,11 @@ FLOORS = {"linear": {"mnist": 0.85, "dtd10": 0.85, "cifar10": 0.02}, "mlp": {"mn
 def embeddings(extract_subset) -> dict[str, np.ndarray]:
     """~100 train and test embeddings of mnist and dtd10 (5 classes), 100 cifar10 test images."""
     pytest.importorskip("open_clip")
-    from edgeclip.images import PreprocessConfig, load_and_preprocess
+    from edgeclip.images import load_and_preprocess
     from edgeclip.train.backbone import load_backbone
 
     backbone = load_backbone("edgeclip-small", random_weights=True, seed=0)
-    cfg = PreprocessConfig.from_dict(backbone.preprocess)
+    cfg = backbone.preprocess
 
     def embed(name: str, split: str, classes: list[str] | None, per_class: int) -> np.ndarray:
         root = extract_subset(name, split, classes, per_class)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeclip.edgeapp.embed_cache import FILE_NAME, EmbeddingCache, FileId, cache_info, clear_cache
+from edgeclip.edgeapp.embed_cache import FILE_NAME, EmbeddingCache, FileId, backbone_key, cache_info, clear_cache
+from edgeclip.manifest import Preprocess
 
 CLI = Path(sys.executable).with_name("edgeclip")
 DIM = 8
@@ -85,6 +86,15 @@ def test_a_damaged_entry_is_ignored_and_a_damaged_database_is_rebuilt(tmp_path: 
         cache.store(zip(ids, _vectors(3), [None] * 3))
         assert sorted(cache.lookup(ids)) == [0, 1, 2]
     assert "damaged" in caplog.text
+
+
+def test_the_backbone_key_is_the_one_caches_were_made_with() -> None:
+    """The key of a bundle's preprocessing (the schema's ``Preprocess``) is the same hex as the key the
+    retired ``PreprocessConfig.to_dict`` gave (issue 19): users' caches stay valid across the change."""
+    cfg = Preprocess(64, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    graphs = ["a" * 64, "b" * 64]
+    assert backbone_key(graphs, cfg) == "889d9bcd179e962da52c0ed4ae8291fb2aafc396be5429389aba5435945c1b2c"
+    assert backbone_key(graphs, cfg.with_exact(True)) == "e716f4562dfaece5d7727b2c6acdf70d597399f8e2f8b6572c636ee366305f45"
 
 
 def test_an_unwritable_cache_turns_itself_off(tmp_path: Path) -> None:

@@ -128,7 +128,7 @@ def test_mixed_batch_matches_reference_and_one_by_one(setup, gated):
 
 def test_all_zero_shot_batch_is_pure_zero_shot(setup, gated):
     graphs, learned, manifest, text = setup
-    size = int(eh.tiny_backbone().preprocess["image_size"])
+    size = eh.tiny_backbone().preprocess.image_size
     pixels = eh.cluster_pixels(2, 3, size, seed=5)  # the unseen cluster
     got = _run(gated, pixels, text)
     np.testing.assert_array_equal(got["route"], -1)
@@ -143,7 +143,7 @@ def test_all_zero_shot_batch_is_pure_zero_shot(setup, gated):
 
 def test_all_routed_batch(setup, gated):
     graphs, learned, manifest, text = setup
-    size = int(eh.tiny_backbone().preprocess["image_size"])
+    size = eh.tiny_backbone().preprocess.image_size
     pixels = np.concatenate([eh.cluster_pixels(c, 4, size, seed=9) for c in (1, 0)])
     pixels = pixels[_run(gated, pixels, text)["route"] >= 0]  # the gate's 95% threshold rejects a few
     got = _run(gated, pixels, text)

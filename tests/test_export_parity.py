@@ -21,9 +21,9 @@ UNSEEN = "cifar10"
 
 
 def _pixels(root, split):
-    from edgeclip.images import PreprocessConfig, load_and_preprocess
+    from edgeclip.images import load_and_preprocess
 
-    cfg = PreprocessConfig.from_dict(eh.tiny_backbone().preprocess)
+    cfg = eh.tiny_backbone().preprocess
     classes = sorted(p.name for p in (root / split).iterdir())
     files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / split / c).iterdir())]
     return np.stack([load_and_preprocess(f, cfg) for f, _ in files]), np.array([i for _, i in files]), classes

@@ -175,7 +175,7 @@ def test_runtime_text_embeddings_equal_open_clip(family: Family, tmp_path: Path)
 
     tokenizer = family.tokenizer_dir(tmp_path)
     backbone = bb.load_backbone(family.model, random_weights=True, seed=1, tokenizer=tokenizer)
-    assert backbone.text.spec["checked"]
+    assert backbone.text.spec.checked
     graph = export_text_encoder(backbone, tmp_path / "graphs")
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     runtime_ids = backbone.text.tokenizer(LABELS)

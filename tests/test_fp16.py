@@ -115,7 +115,7 @@ def test_fp16_refusals(tmp_path: Path, make_tiny_bundle) -> None:
 
 @pytest.mark.slow
 def test_fp16_agrees_with_fp32_on_real_images(extract_subset, tmp_path: Path, make_tiny_bundle) -> None:
-    from edgeclip.images import PreprocessConfig, load_and_preprocess
+    from edgeclip.images import load_and_preprocess
 
     root = make_tiny_bundle(tmp_path / "b")
     train = extract_subset("mnist", "train", ["0", "1", "2"], per_class=8)
@@ -123,7 +123,7 @@ def test_fp16_agrees_with_fp32_on_real_images(extract_subset, tmp_path: Path, ma
     bundle = export_fp16(Bundle.open(root))
     paths = sorted((extract_subset("mnist", "test", ["0", "1", "2"], per_class=20) / "test").rglob("*.*"))
     paths += sorted((extract_subset("cifar10", "test", ["airplane", "cat", "ship"], per_class=20) / "test").rglob("*.*"))
-    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
+    cfg = bundle.meta.preprocess
     pixels = np.stack([load_and_preprocess(path, cfg) for path in paths])
     labels = bundle.tensors("learned.safetensors")["zs_text"]
     out32 = GatedRunner(bundle, "ort-cpu").run(pixels, labels)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,7 +18,6 @@ from edgeclip.images import (
     BACKGROUND,
     DEFAULT_MAX_PIXELS,
     Batch,
-    PreprocessConfig,
     decode_image,
     iter_batches,
     load_and_preprocess,
@@ -27,15 +28,16 @@ from edgeclip.images import (
     to_rgb,
     warnings_as_notes,
 )
+from edgeclip.manifest import Preprocess, parse_section, validate_manifest
 from image_helpers import corrupt_exif_jpeg, process_state
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def config(size: int, resize_mode: str = "shortest", interpolation: str = "bicubic", exact: bool = False) -> PreprocessConfig:
-    return PreprocessConfig(size, OPENAI_MEAN, OPENAI_STD, interpolation=interpolation, resize_mode=resize_mode,
-                            exact=exact)
+def config(size: int, resize_mode: str = "shortest", interpolation: str = "bicubic", exact: bool = False) -> Preprocess:
+    return Preprocess(size, OPENAI_MEAN, OPENAI_STD, interpolation=interpolation, resize_mode=resize_mode,  # type: ignore[arg-type]
+                      exact=exact)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def open_clip_transform():
     """open_clip's eval transform, the reference (needs the train extra)."""
     open_clip = pytest.importorskip("open_clip")
 
-    def make(cfg: PreprocessConfig):
+    def make(cfg: Preprocess):
         return open_clip.image_transform(
             cfg.image_size,
             is_train=False,
@@ -209,7 +211,7 @@ def test_preprocess_converts_any_mode():
 
 
 def test_normalisation_values():
-    cfg = PreprocessConfig(4, (0.5, 0.25, 0.0), (0.5, 0.25, 2.0))
+    cfg = Preprocess(4, (0.5, 0.25, 0.0), (0.5, 0.25, 2.0))
     out = preprocess(Image.new("RGB", (4, 4), (255, 0, 51)), cfg)
     np.testing.assert_allclose(out[:, 0, 0], [1.0, -1.0, 0.1], rtol=1e-6)
 
@@ -218,8 +220,9 @@ def test_normalisation_values():
 
 
 def test_config_round_trips_through_json():
+    """The schema struct is the only form: the manifest's JSON decodes to it and encodes back."""
     cfg = config(224, "longest", "bilinear")
-    d = json.loads(json.dumps(cfg.to_dict()))
+    d = json.loads(msgspec.json.encode(cfg))
     assert d == {
         "image_size": 224,
         "mean": list(OPENAI_MEAN),
@@ -227,41 +230,59 @@ def test_config_round_trips_through_json():
         "interpolation": "bilinear",
         "resize_mode": "longest",
     }
-    assert PreprocessConfig.from_dict(d) == cfg
-    assert PreprocessConfig.from_dict({"image_size": 64, "mean": [0, 0, 0], "std": [1, 1, 1]}).resize_mode == "shortest"
+    assert parse_section({"preprocess": d}, "preprocess") == cfg
+    assert parse_section({"preprocess": {"image_size": 64, "mean": [0, 0, 0], "std": [1, 1, 1]}},
+                         "preprocess").resize_mode == "shortest"
+
+
+def test_no_serialisation_twin():
+    """issue 19: `images.PreprocessConfig` (its own to_dict/from_dict) is gone; the runtime uses the schema's
+    `Preprocess`, hashable (the normalisation table is cached by it)."""
+    import edgeclip.images as images
+
+    assert not hasattr(images, "PreprocessConfig")
+    assert not hasattr(Preprocess, "to_dict") and not hasattr(Preprocess, "from_dict")
+    assert hash(config(64)) == hash(config(64))
 
 
 @pytest.mark.parametrize(
-    "change",
+    "change, where",
     [
-        {"image_size": 0},
-        {"image_size": 2.5},
-        {"image_size": True},
-        {"mean": [0.5, 0.5]},
-        {"mean": "abc"},
-        {"std": [1, 0, 1]},
-        {"std": [1, float("nan"), 1]},
-        {"interpolation": "lanczos"},
-        {"resize_mode": "crop"},
-        {"extra": 1},
+        ({"image_size": 0}, "$.preprocess.image_size"),
+        ({"image_size": 2.5}, "$.preprocess.image_size"),
+        ({"image_size": True}, "$.preprocess.image_size"),
+        ({"mean": [0.5, 0.5]}, "$.preprocess.mean"),
+        ({"mean": "abc"}, "$.preprocess.mean"),
+        ({"std": [1, 0, 1]}, "$.preprocess.std[1]"),
+        ({"std": [1, float("nan"), 1]}, "$.preprocess.std[1]"),
+        ({"mean": [1, float("inf"), 1]}, "$.preprocess.mean[1]"),
+        ({"interpolation": "lanczos"}, "$.preprocess.interpolation"),
+        ({"resize_mode": "crop"}, "$.preprocess.resize_mode"),
+        ({"extra": 1}, "extra"),
+        ({"exact": "yes"}, "$.preprocess.exact"),
     ],
 )
-def test_bad_config_is_a_bundle_error(change):
-    d = {**config(64).to_dict(), **change}
+def test_bad_config_is_a_bundle_error(change, where):
+    """A bad value in a manifest's `preprocess` is refused when the manifest is read: one line naming the field."""
+    d = {**msgspec.to_builtins(config(64)), **change}
+    with pytest.raises(BundleError, match=re.escape(where)) as err:
+        validate_manifest({"backbone": {"model": "m", "weights": {"kind": "random", "ref": "0"}},
+                           "preprocess": d, "method": {"name": "rail-primal"}}, complete=False)
+    assert "\n" not in str(err.value)
     with pytest.raises(BundleError):
-        PreprocessConfig.from_dict(d)
+        parse_section({"preprocess": d}, "preprocess")
 
 
 def test_incomplete_config_is_a_bundle_error():
-    with pytest.raises(BundleError, match="incomplete"):
-        PreprocessConfig.from_dict({"image_size": 64, "mean": [0, 0, 0]})
+    with pytest.raises(BundleError, match="std"):
+        parse_section({"preprocess": {"image_size": 64, "mean": [0, 0, 0]}}, "preprocess")
     with pytest.raises(BundleError):
-        PreprocessConfig.from_dict([64])
+        parse_section({"preprocess": [64]}, "preprocess")
 
 
-def test_direct_construction_raises_usage_error():
-    with pytest.raises(UsageError):
-        PreprocessConfig(-1, OPENAI_MEAN, OPENAI_STD)
+def test_non_finite_construction_raises():
+    with pytest.raises(ValueError, match="finite"):
+        Preprocess(64, OPENAI_MEAN, (1.0, float("nan"), 1.0))
 
 
 # ---------------------------------------------------------------- batching
@@ -404,12 +425,13 @@ def test_exif_orientation_is_applied_after_the_reduction(tmp_path):
 
 def test_config_exact_round_trips_and_is_only_stored_when_set():
     cfg = config(64)
-    assert "exact" not in cfg.to_dict()
+    assert "exact" not in msgspec.to_builtins(cfg)
     exact = cfg.with_exact(True)
-    assert exact.to_dict()["exact"] is True and PreprocessConfig.from_dict(exact.to_dict()) == exact
+    assert msgspec.to_builtins(exact)["exact"] is True
+    assert parse_section({"preprocess": msgspec.to_builtins(exact)}, "preprocess") == exact
     assert exact.with_exact(None) is exact and cfg.with_exact(False) is cfg
     with pytest.raises(BundleError):
-        PreprocessConfig.from_dict({**cfg.to_dict(), "exact": "yes"})
+        parse_section({"preprocess": {**msgspec.to_builtins(cfg), "exact": "yes"}}, "preprocess")
 
 
 def _corrupt_exif_jpeg(path: Path) -> Path:
@@ -509,6 +531,7 @@ def _peak_rss_mb(code: str) -> tuple[float, str]:
     prog = (
         "import re\n"
         "import edgeclip.images as images\n"
+        "from edgeclip.manifest import Preprocess\n"
         "def peak(): return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
         "before = peak()\n"
         f"{code}\n"
@@ -526,7 +549,7 @@ def test_thin_strip_memory_is_bounded(tmp_path, exact):
     path = tmp_path / "strip.png"
     Image.new("RGB", (20000, 1), (10, 200, 30)).save(path)
     assert path.stat().st_size < 200
-    cfg = "images.PreprocessConfig(224, (0.5,) * 3, (0.5,) * 3, exact=%s)" % exact
+    cfg = "Preprocess(224, (0.5,) * 3, (0.5,) * 3, exact=%s)" % exact
     grown, result = _peak_rss_mb(f"x = images.load_and_preprocess({str(path)!r}, {cfg}); result = x.shape")
     assert result == "(3, 224, 224)"
     assert grown < 100, f"{grown:.0f} MB"
@@ -539,7 +562,7 @@ def test_large_jpeg_decode_time_and_memory(tmp_path):
     fraction of the full decode's time."""
     path = tmp_path / "48mp.jpg"
     photo(8000, 6000).save(path, quality=85)
-    cfg = "images.PreprocessConfig(224, (0.5,) * 3, (0.5,) * 3)"
+    cfg = "Preprocess(224, (0.5,) * 3, (0.5,) * 3)"
     fast_mb, _ = _peak_rss_mb(f"x = images.load_and_preprocess({str(path)!r}, {cfg}); result = 0")
     full_mb, _ = _peak_rss_mb(f"x = images.load_image({str(path)!r}); result = 0")
     assert fast_mb < 40 and full_mb > 130, (fast_mb, full_mb)

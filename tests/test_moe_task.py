@@ -18,14 +18,14 @@ from test_moe_trainer import make_domain  # noqa: E402
 from edgeclip.bundle import Bundle  # noqa: E402
 from edgeclip.edgeapp.runtime import GatedRunner  # noqa: E402
 from edgeclip.edgeapp.tasks import add_task  # noqa: E402
-from edgeclip.images import PreprocessConfig, iter_batches  # noqa: E402
+from edgeclip.images import iter_batches  # noqa: E402
 from edgeclip.layout import LEARNED, TASK_TEXT  # noqa: E402
 
 
 def _deployed(root: Path, paths: list[str]) -> dict[str, np.ndarray]:
     """The current version's gated graph (onnxruntime CPU) on ``paths``: scores over the learned labels, routes."""
     bundle = Bundle.open(root)
-    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
+    cfg = bundle.meta.preprocess
     pixels = np.concatenate([b.pixels for b in iter_batches(paths, cfg, batch_size=64)])
     runner = GatedRunner(bundle, "ort-cpu", optimized_cache=False, preload=False)
     return runner.run(pixels, bundle.tensors(LEARNED)["zs_text"])

@@ -94,7 +94,7 @@ def test_export_int8_on_an_inherited_version_and_the_cli(tmp_path: Path, images:
 
 @pytest.mark.slow
 def test_int8_agrees_with_fp32_on_real_images(extract_subset, tmp_path: Path, make_tiny_bundle) -> None:
-    from edgeclip.images import PreprocessConfig, load_and_preprocess
+    from edgeclip.images import load_and_preprocess
 
     root = make_tiny_bundle(tmp_path / "b")
     train = extract_subset("mnist", "train", ["0", "1", "2"], per_class=8)
@@ -102,7 +102,7 @@ def test_int8_agrees_with_fp32_on_real_images(extract_subset, tmp_path: Path, ma
     bundle = export_int8(Bundle.open(root))
     paths = sorted((extract_subset("mnist", "test", ["0", "1", "2"], per_class=10) / "test").rglob("*.*"))
     paths += sorted((extract_subset("cifar10", "test", ["airplane", "cat", "ship"], per_class=10) / "test").rglob("*.*"))
-    cfg = PreprocessConfig.from_dict(bundle.manifest["preprocess"])
+    cfg = bundle.meta.preprocess
     pixels = np.stack([load_and_preprocess(path, cfg) for path in paths])
     labels = bundle.tensors("learned.safetensors")["zs_text"]
     out32 = GatedRunner(bundle, "ort-cpu").run(pixels, labels)

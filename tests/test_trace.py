@@ -61,10 +61,10 @@ def test_parity_check_refuses_a_wrong_graph(graphs):
 
 @pytest.mark.realdata
 def test_image_encoder_parity_on_real_images(graphs, extract_subset):
-    from edgeclip.images import PreprocessConfig, load_and_preprocess
+    from edgeclip.images import load_and_preprocess
 
     bb = eh.tiny_backbone()
-    cfg = PreprocessConfig.from_dict(bb.preprocess)
+    cfg = bb.preprocess
     files = []
     for name in ("caltech101", "cifar10", "mnist"):
         root = extract_subset(name, "test", per_class=1)

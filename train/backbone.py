@@ -32,7 +32,7 @@ import numpy as np
 from edgeclip.bundle import sha256_of
 from edgeclip.errors import BackboneLoadError, MissingExtraError, UnknownModelError, UsageError
 from edgeclip.layout import HF_TOKENIZER_FILE, VOCAB_FILE
-from edgeclip.manifest import Weights
+from edgeclip.manifest import Preprocess, TextSide, Weights
 from edgeclip.models import CONFIG_DIR
 from edgeclip.tokenizer import ClipTokenizer, HFTokenizer, default_vocab_path
 from edgeclip.train.registry import get_learner
@@ -359,14 +359,15 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
 # --------------------------------------------------------------------------- text side
 
 
-@dataclass
-class TextSide:
-    """The text side of a model as the runtime will run it.
+@dataclass(frozen=True)
+class LoadedTextSide:
+    """The text side of a model as read at init, with what the bundle is made from.
 
-    ``spec``: the manifest's ``backbone.text`` (see ``text_side``); ``source``: the local file to
-    store in the bundle at ``spec["file"]``; ``tokenizer``: the torch-free runtime tokenizer."""
+    ``spec``: the manifest's ``backbone.text`` (``edgeclip.manifest.TextSide``, see ``text_side``);
+    ``source``: the local file to store in the bundle at ``spec.file``; ``tokenizer``: the
+    torch-free runtime tokenizer."""
 
-    spec: dict[str, Any]
+    spec: TextSide
     source: Path
     tokenizer: ClipTokenizer | HFTokenizer
 
@@ -498,10 +499,10 @@ def text_tokenizer(model: str, tokenizer: str | None = None) -> tuple[dict[str, 
     return spec, source, runtime, ref
 
 
-def text_side(model: str, clip: Any, tokenizer: str | None = None) -> TextSide:
+def text_side(model: str, clip: Any, tokenizer: str | None = None) -> LoadedTextSide:
     """Read the text side of ``model`` from its open_clip config and the built ``clip``.
 
-    The returned ``spec`` (manifest ``backbone.text``) holds: ``tokenizer`` ("clip-bpe" | "hf"),
+    The returned ``spec`` (manifest ``backbone.text``, a ``manifest.TextSide``) holds: ``tokenizer`` ("clip-bpe" | "hf"),
     ``file`` (its path in the bundle), ``hf_name`` (hf only), ``clean`` ("lower" | "whitespace" |
     "canonicalize"), ``context_length``, ``sot_id``/``eot_id`` (clip-bpe), ``pad_id``,
     ``padding_side``/``truncation_side``/``strip_sep_id`` (hf), ``pool`` (the text tower's pooling:
@@ -513,9 +514,12 @@ def text_side(model: str, clip: Any, tokenizer: str | None = None) -> TextSide:
     CLIPA); without it the local Hugging Face cache is used. Raises ``BackboneLoadError`` when the
     tokenizer cannot be had or when the runtime tokenizer differs from open_clip's on
     ``AWKWARD_LABELS`` (the bundle would give wrong results)."""
-    spec, source, runtime, reference = text_tokenizer(model, tokenizer)
-    spec.update({"embed_dim": int(model_config(model)["embed_dim"]), "pool": _text_pool(clip), **_scoring(clip),
-                 "checked": reference is not None})
+    facts, source, runtime, reference = text_tokenizer(model, tokenizer)
+    try:
+        spec = msgspec.convert({**facts, "embed_dim": int(model_config(model)["embed_dim"]), "pool": _text_pool(clip),
+                                **_scoring(clip), "checked": reference is not None}, TextSide)
+    except msgspec.ValidationError as exc:
+        raise BackboneLoadError(f"Model '{model}' has a text side edgeclip cannot record: {exc}") from None
     if reference is not None:
         want = reference(list(AWKWARD_LABELS))
         want = want.numpy() if hasattr(want, "numpy") else np.asarray(want)
@@ -524,7 +528,7 @@ def text_side(model: str, clip: Any, tokenizer: str | None = None) -> TextSide:
             bad = [label for i, label in enumerate(AWKWARD_LABELS) if got.shape != want.shape or (got[i] != want[i]).any()]
             raise BackboneLoadError(f"Model '{model}' is refused: the edgeclip runtime tokenizer differs from "
                                     f"open_clip's on {len(bad)} test labels (e.g. {bad[0][:40]!r}).")
-    return TextSide(spec=spec, source=Path(source), tokenizer=runtime)
+    return LoadedTextSide(spec=spec, source=Path(source), tokenizer=runtime)
 
 
 def _pad_and_sep_from_files(tokenizer_json: Path) -> tuple[int | None, int | None]:
@@ -559,6 +563,22 @@ def image_tower(clip: Any) -> str:
     return f"{type(visual).__name__}:{cfg.get('architecture') or type(trunk).__name__}"
 
 
+def preprocess_of(clip: Any, exact: bool = False) -> Preprocess:
+    """The manifest's ``preprocess`` of an open_clip model (``clip.visual.preprocess_cfg``: size, mean, std,
+    interpolation, resize mode), checked by the schema; ``exact``: decode at full resolution. Raises
+    ``BackboneLoadError`` when edgeclip cannot reproduce the model's preprocessing."""
+    cfg = clip.visual.preprocess_cfg
+    size = cfg["size"]
+    values = {"image_size": int(size[0] if isinstance(size, (tuple, list)) else size),
+              "mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]],
+              "interpolation": cfg.get("interpolation") or "bicubic", "resize_mode": cfg.get("resize_mode") or "shortest",
+              "exact": exact}
+    try:
+        return msgspec.convert(values, Preprocess)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise BackboneLoadError(f"The model's preprocessing is not one edgeclip reproduces: {exc}") from None
+
+
 # --------------------------------------------------------------------------- the backbone
 
 
@@ -569,10 +589,10 @@ class Backbone:
     name: str
     source: Weights
     model: Any  # open_clip.CLIP / CustomTextCLIP, eval mode, requires_grad False
-    preprocess: dict[str, Any]
+    preprocess: Preprocess  # the manifest's ``preprocess`` (``preprocess_of``)
     embed_dim: int
     context_length: int
-    text: TextSide | None = field(default=None, repr=False)
+    text: LoadedTextSide | None = field(default=None, repr=False)
 
     def tokenize(self, texts: Sequence[str]) -> Any:
         """int64 token ids [N, context_length] (torch) by the runtime tokenizer of the bundle."""
@@ -588,7 +608,7 @@ class Backbone:
             self.text = text_side(self.name, self.model)
         return {"model": self.name, "weights": msgspec.to_builtins(self.source), "embed_dim": self.embed_dim,
                 "context_length": self.context_length, "image_tower": image_tower(self.model),
-                "text": dict(self.text.spec)}
+                "text": msgspec.to_builtins(self.text.spec)}
 
     def encode_images(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """L2-normalised image embeddings [N, D] (float32) of preprocessed pixels [N, 3, S, S]."""
@@ -641,7 +661,7 @@ def moe_refusal(backbone: Backbone) -> str | None:
     if blocks is None or any(type(b) is not ResidualAttentionBlock for b in blocks):
         return (f"--method moe is not supported for '{backbone.name}': its text tower is not open_clip's "
                 "transformer; use --method rail-primal or rail-dual.")
-    if backbone.text is not None and backbone.text.spec["tokenizer"] != "clip-bpe":
+    if backbone.text is not None and backbone.text.spec.tokenizer != "clip-bpe":
         return (f"--method moe is not supported for '{backbone.name}': MoE add-task supports the CLIP tokenizer "
                 "only; use --method rail-primal or rail-dual.")
     return None
@@ -715,15 +735,7 @@ def load_backbone(
     clip.eval()
     for param in clip.parameters():
         param.requires_grad_(False)
-    cfg = clip.visual.preprocess_cfg
-    size = cfg["size"]
-    preprocess = {
-        "image_size": int(size[0] if isinstance(size, (tuple, list)) else size),
-        "mean": [float(v) for v in cfg["mean"]],
-        "std": [float(v) for v in cfg["std"]],
-        "interpolation": cfg.get("interpolation", "bicubic"),
-        "resize_mode": cfg.get("resize_mode", "shortest"),
-    }
+    preprocess = preprocess_of(clip)
     embed_dim = int(model_config(model)["embed_dim"])
     text = text_side(model, clip, tokenizer)
     return Backbone(
@@ -732,7 +744,7 @@ def load_backbone(
         model=clip,
         preprocess=preprocess,
         embed_dim=embed_dim,
-        context_length=int(text.spec["context_length"]),
+        context_length=text.spec.context_length,
         text=text,
     )
 

@@ -32,7 +32,7 @@ from edgeclip.layout import (
     ZS_TEXT,
     gate_key,
 )
-from edgeclip.manifest import DEFAULT_KERNEL_GAMMA, Manifest
+from edgeclip.manifest import LearnerSettings, Manifest
 from edgeclip.train import ddas, fusion
 from edgeclip.train.ddas import ROUTE_RULE, ROUTE_RULES
 from edgeclip.train.registry import METHOD_NAMES, Learner, get_learner
@@ -116,7 +116,8 @@ class DecisionSpec:
 
     method: a registry name; fusion: "ddas" or "paper" (``FUSIONS``); beta: weight of the learned scores;
     logit_scale: CLIP's temperature (100); gate_kind: "linear" or "mlp"; thresholds: each task's DDAS
-    threshold; offsets / sizes: each task's columns; kernel_gamma: RAIL dual's RBF gamma (0.1).
+    threshold; offsets / sizes: each task's columns; settings: the learner's own typed settings
+    (``meta.method.settings``, the struct its registry class declares: RAIL dual reads ``gamma_kernel``).
     Build it with ``from_bundle``.
     """
 
@@ -129,7 +130,7 @@ class DecisionSpec:
     thresholds: np.ndarray  # [T] float32
     offsets: np.ndarray  # [T] int64
     sizes: np.ndarray  # [T] int64
-    kernel_gamma: float
+    settings: LearnerSettings  # the learner's settings struct (edgeclip.manifest)
 
     @property
     def learner(self) -> type[Learner]:
@@ -176,8 +177,7 @@ class DecisionSpec:
         return cls(
             method=method, fusion=fusion, beta=float(settings.beta), logit_scale=float(meta.zero_shot.logit_scale),
             gate_kind=gate.kind, route_rule=route_rule, thresholds=thresholds,
-            offsets=offsets, sizes=sizes,
-            kernel_gamma=float(getattr(settings, "gamma_kernel", DEFAULT_KERNEL_GAMMA)),
+            offsets=offsets, sizes=sizes, settings=settings,
         )
 
 

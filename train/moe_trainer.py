@@ -36,7 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from edgeclip.domain import MIN_IMAGES_PER_CLASS, MIN_TASK_IMAGES, MINIMUM_TEXT
 from edgeclip.errors import DomainError, ImageError, UsageError
-from edgeclip.images import PreprocessConfig, decode_for, decode_image, default_workers, preprocess
+from edgeclip.images import decode_for, decode_image, default_workers, preprocess
+from edgeclip.manifest import Preprocess
+from edgeclip.train.backbone import preprocess_of
 from edgeclip.train.moe import (
     FREEZE_RULES,
     MoECLIP,
@@ -112,26 +114,12 @@ class TaskResult:
 # ----- data ----------------------------------------------------------------------------------------
 # Training decodes with edgeclip.images, the path classify and the RAIL/gate embeddings use (EXIF
 # orientation, colour mapping, fast reduced decode); the random crop is applied on top of it.
-def _preprocess_config(clip: nn.Module, exact: bool = False) -> PreprocessConfig:
-    """The model's preprocessing as edgeclip.images reads it (the manifest's ``preprocess``)."""
-    cfg = clip.visual.preprocess_cfg
-    size = cfg["size"]
-    return PreprocessConfig(
-        image_size=int(size[0] if isinstance(size, (tuple, list)) else size),
-        mean=tuple(float(v) for v in cfg["mean"]),
-        std=tuple(float(v) for v in cfg["std"]),
-        interpolation=cfg.get("interpolation") or "bicubic",
-        resize_mode=cfg.get("resize_mode") or "shortest",
-        exact=exact,
-    )
-
-
-def _train_cover(cfg: PreprocessConfig, crop_scale: tuple[float, float]) -> int:
+def _train_cover(cfg: Preprocess, crop_scale: tuple[float, float]) -> int:
     """Pixels a training decode must keep so that the smallest random crop still covers the input."""
     return math.ceil(cfg.image_size / math.sqrt(crop_scale[0]))
 
 
-def _check_image(path: str, cfg: PreprocessConfig | None = None) -> str | None:
+def _check_image(path: str, cfg: Preprocess | None = None) -> str | None:
     """None when the image decodes (the shared decoder), otherwise the error message naming the file."""
     try:
         if cfg is None:
@@ -144,7 +132,7 @@ def _check_image(path: str, cfg: PreprocessConfig | None = None) -> str | None:
 
 
 def select_samples(
-    samples: Sequence[Sample], n_classes: int, shots: int | None, seed: int, cfg: PreprocessConfig | None = None
+    samples: Sequence[Sample], n_classes: int, shots: int | None, seed: int, cfg: Preprocess | None = None
 ) -> tuple[list[Sample], list[tuple[str, str]]]:
     """Readable training images: up to ``shots`` per class (a seeded choice), unreadable ones reported
     (each named in a logged warning).
@@ -238,7 +226,7 @@ def _transforms(clip: nn.Module, crop_scale: tuple[float, float]) -> tuple[Calla
     filter, ToTensor and Normalize; eval is ``edgeclip.images.preprocess``, classify's transform."""
     from torchvision import transforms as T
 
-    cfg = _preprocess_config(clip)
+    cfg = preprocess_of(clip)
     interpolation = T.InterpolationMode.BICUBIC if cfg.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
     train = T.Compose(
         [
@@ -376,7 +364,7 @@ def train_task(
         import open_clip
 
         tokenize = open_clip.tokenize
-    cfg = _preprocess_config(model.clip, settings.exact_preprocess)
+    cfg = preprocess_of(model.clip, settings.exact_preprocess)
     chosen, skipped = select_samples(samples, len(class_names), settings.shots, settings.seed, cfg)
 
     task = model.add_task()
@@ -492,12 +480,12 @@ def task_selections(
     transform: Callable,
     dist_: _Dist | None = None,
     batch_size: int = 64,
-    cfg: PreprocessConfig | None = None,
+    cfg: Preprocess | None = None,
 ) -> SelectionSet:
     """Every expert ``task``'s router selects with clean gating on its training images (decoded as
     classify decodes them, for ``cfg``; then ``transform``) and its prompts (text routing is
     prompt-independent). Ranks share the images and merge the sets."""
-    cfg = cfg or _preprocess_config(model.clip)
+    cfg = cfg or preprocess_of(model.clip)
     dist_ = dist_ or _Dist(0, 1, next(model.parameters()).device)
     selected = SelectionSet(model)
     model.eval()
@@ -518,7 +506,7 @@ def task_selections(
 class _Decoder:
     """Picklable (DataLoader workers) shared decode of a training image, reduced to ``cover`` pixels."""
 
-    cfg: PreprocessConfig
+    cfg: Preprocess
     cover: int
 
     def __call__(self, path: str | Path) -> Image.Image:

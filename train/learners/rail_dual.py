@@ -45,10 +45,11 @@ class RailDualLearner(Learner):
 
     @classmethod
     def scoring_head(cls, learned: Mapping[str, np.ndarray], spec: Any) -> Any:
-        """``RailDual`` from ``rail.memory`` and ``rail.alpha`` with ``spec.kernel_gamma``."""
+        """``RailDual`` from ``rail.memory`` and ``rail.alpha`` with the RBF width ``gamma_kernel`` of
+        ``spec.settings`` (``RailDualSettings``)."""
         from edgeclip.train.rail import RailDual
 
-        head = RailDual(gamma_kernel=spec.kernel_gamma)
+        head = RailDual(gamma_kernel=spec.settings.gamma_kernel)
         head.memory = np.asarray(learned[rail_key("memory")], np.float32)
         head.alpha = np.asarray(learned[rail_key("alpha")], np.float32)
         head.n_classes = head.alpha.shape[1]
@@ -62,6 +63,6 @@ class RailDualLearner(Learner):
         cross = g.op("MatMul", x, g.const(memory.T, "rail_memory_t"))  # [B,N]
         sq = g.op("Sub", g.op("Add", x_sq, g.const((memory * memory).sum(1)[None, :], "rail_memory_sq")),
                   g.op("Mul", g.const(2.0, "two"), cross))
-        kernel = g.op("Exp", g.op("Mul", g.const(-spec.kernel_gamma, "neg_gamma"),
+        kernel = g.op("Exp", g.op("Mul", g.const(-spec.settings.gamma_kernel, "neg_gamma"),
                                   g.op("Max", sq, g.const(0.0, "zero"))))
         return g.op("MatMul", kernel, g.const(learned[rail_key("alpha")], "rail_alpha"))
