@@ -15,14 +15,20 @@ An add-task whose parent version's fingerprint has an entry folds in only its ow
 writes only what changed: a new factor (tens of MB), and the 0.9 GB base (hidden 15000) only when
 the factors reach `factor_limit` columns. Otherwise (the cache deleted, a rollback, a copied
 bundle from an older edgeclip) it folds every learned image again, once, and says so. Only the
-newest entry and the files it names are kept; deleting the folder is always safe. The folder may
-come with a bundle from a stranger: names are checked against a fixed pattern and arrays are read
-with ``allow_pickle=False`` and checked for shape, dtype and finiteness.
+newest entry and the files it names are kept; deleting the folder is always safe, even while an
+add-task runs (it then writes a new entry). The folder may be damaged (bit rot on a device's flash)
+or come with a bundle from a stranger: an entry is used only when its names match a fixed pattern
+and are no links, its arrays (read with ``allow_pickle=False``) have the expected shapes and dtypes,
+every file's sha256 matches the entry (the base is hashed as it is written, and again when it is
+resumed: ~1 s at hidden 15000), and the entry's own ``check`` matches its fingerprint; else every
+learned image is folded again, with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import os
 import re
 import uuid
@@ -39,14 +45,40 @@ from edgeclip.train.rail import InversePanels, RailPrimal
 _BASE_NAME = re.compile(r"base-[0-9a-f]{16}\.p64")
 _FACTOR_NAME = re.compile(r"factor-[0-9a-f]{16}\.npy")
 _MAX_ENTRY_BYTES = 1 << 20
+log = logging.getLogger(__name__)
 
 
 class SolverEntry(msgspec.Struct, forbid_unknown_fields=True):
-    """``<fp>.json``: which files hold P (``base`` None: I / gamma) and its factors, in order."""
+    """``<fp>.json``: which files hold P (``base`` None: I / gamma) and its factors, in order, with the
+    sha256 of each file's bytes and of W64's; ``check``: the sha256 of the entry itself with its
+    fingerprint (`entry_check`), so that an edited or mismatched entry is not taken for the state."""
 
     hidden: int
     base: str | None
+    base_sha256: str | None
     factors: list[str]
+    factor_sha256: list[str]
+    w64_sha256: str
+    check: str = ""
+
+
+def entry_check(fingerprint: str, entry: SolverEntry) -> str:
+    """sha256 of the fingerprint and every field of ``entry`` but ``check``."""
+    fields = msgspec.structs.replace(entry, check="")
+    return hashlib.sha256(fingerprint.encode() + b"\n" + msgspec.json.encode(fields)).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 16 MB pieces (a 0.93 GB base: ~1 s)."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _array_sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
 
 
 def _new_name(kind: str, suffix: str) -> str:
@@ -84,52 +116,63 @@ class RailSolverCache:
     def _w64_path(self, fingerprint: str) -> Path:
         return self.folder / f"{fingerprint}.w64.npy"
 
-    def _read_entry(self, learner: RailPrimal) -> InversePanels:
-        """The stored P of the learner's images; raises OSError/ValueError/BundleError when absent or bad."""
-        path = self._entry_path(learner.fingerprint())
-        if path.stat().st_size > _MAX_ENTRY_BYTES:
-            raise BundleError("oversized solver entry")
+    def _read_entry(self, learner: RailPrimal) -> tuple[InversePanels, np.ndarray]:
+        """The stored P and W64 of the learner's images; raises OSError/ValueError/BundleError/DecodeError
+        when absent, edited or damaged (names outside the pattern, links, sizes, shapes, dtypes, any
+        file's sha256 or the entry's own check)."""
+        fingerprint = learner.fingerprint()
+        path = self._entry_path(fingerprint)
+        if path.is_symlink() or path.stat().st_size > _MAX_ENTRY_BYTES:
+            raise BundleError("bad solver entry")
         entry = msgspec.json.decode(path.read_bytes(), type=SolverEntry)
-        if entry.hidden != learner.hidden:
-            raise BundleError("solver entry of another hidden size")
+        if entry.check != entry_check(fingerprint, entry) or entry.hidden != learner.hidden \
+                or len(entry.factors) != len(entry.factor_sha256):
+            raise BundleError("solver entry does not check")
         if entry.base is not None and not _BASE_NAME.fullmatch(entry.base):
             raise BundleError("bad base name")
         factors = []
-        for name in entry.factors:
-            if not _FACTOR_NAME.fullmatch(name):
+        for name, digest in zip(entry.factors, entry.factor_sha256):
+            if not _FACTOR_NAME.fullmatch(name) or (self.folder / name).is_symlink():
                 raise BundleError("bad factor name")
             factor = np.load(self.folder / name, allow_pickle=False)
             if factor.dtype != np.float64 or factor.ndim != 2 or factor.shape[0] != learner.hidden \
-                    or not np.isfinite(factor).all():
+                    or _array_sha256(factor) != digest:
                 raise BundleError("bad factor")
             factors.append(factor)
+        w64 = np.load(self._w64_path(fingerprint), allow_pickle=False)
+        if w64.dtype != np.float64 or w64.shape != (learner.hidden, learner.n_classes) or _array_sha256(w64) != entry.w64_sha256:
+            raise BundleError("bad W64")
         if entry.base is None:
-            return InversePanels(learner.hidden, identity_gamma=learner.gamma, factors=factors,
-                                 factor_names=list(entry.factors))
+            inverse = InversePanels(learner.hidden, identity_gamma=learner.gamma, factors=factors,
+                                    factor_names=list(entry.factors))
+            return inverse, w64
         base_path = self.folder / entry.base
         inverse = InversePanels(learner.hidden, base_path, factors=factors, factor_names=list(entry.factors))
-        if not base_path.is_file() or base_path.stat().st_size != inverse.nbytes:
+        if base_path.is_symlink() or not base_path.is_file() or base_path.stat().st_size != inverse.nbytes:
             raise BundleError("missing or truncated base")
         inverse.open()  # held open: a concurrent writer removing the file does not affect this reader
-        return inverse
+        if _file_sha256(base_path) != entry.base_sha256:
+            raise BundleError("damaged base")
+        inverse.sha256 = entry.base_sha256
+        return inverse, w64
 
     def resume(self, learner: RailPrimal) -> bool:
         """Give ``learner`` (restored from the parent version, nothing added yet) its stored P and W64
-        when the cache holds them for exactly its learned images; False when it does not (the next
-        solve then folds every learned image). A damaged entry is removed and counts as absent."""
+        when the cache holds them for exactly its learned images and every file checks; False when it
+        does not (the next solve then folds every learned image). A damaged entry is removed and counts
+        as absent."""
         if learner.n_seen == 0:
             return True  # nothing learned: P = I / gamma, nothing to read
         fingerprint = learner.fingerprint()
         if not self._entry_path(fingerprint).is_file():
             return False
         try:
-            inverse = self._read_entry(learner)
-            w64 = np.load(self._w64_path(fingerprint), allow_pickle=False)
-            if w64.dtype != np.float64 or w64.shape != (learner.hidden, learner.n_classes) or not np.isfinite(w64).all():
-                raise BundleError("bad W64")
+            inverse, w64 = self._read_entry(learner)
             learner.resume(inverse, w64)
             return True
-        except (OSError, ValueError, BundleError, msgspec.DecodeError):
+        except (OSError, ValueError, BundleError, msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("the RAIL solver cache entry %s does not check; every learned image is folded again",
+                        fingerprint[:12])
             with contextlib.suppress(OSError):
                 self._entry_path(fingerprint).unlink()  # its files go with the next commit's clean-up
             return False
@@ -138,6 +181,8 @@ class RailSolverCache:
         """Point the learner's solve at a new work file in the cache folder (removing work files of dead
         processes). Raises BundleError when the folder cannot be written."""
         try:
+            if self.folder.is_symlink() or (self.folder.exists() and not self.folder.is_dir()):
+                self.folder.unlink()  # a file or link where the folder belongs: ours to replace (derived)
             self.folder.mkdir(parents=True, exist_ok=True)
             for stale in self.folder.glob(".work-*"):
                 pid = stale.name.split("-")[1]
@@ -167,13 +212,21 @@ class RailSolverCache:
                     inverse.path = self.folder / base
                 else:
                     base = Path(inverse.path).name
+                if inverse.sha256 is None:
+                    inverse.sha256 = _file_sha256(self.folder / base)
+            digests = []
             for i, factor in enumerate(inverse.factors):
                 if inverse.factor_names[i] is None:
                     name = _new_name("factor", ".npy")
                     _write_synced(self.folder / name, array=factor)
                     inverse.factor_names[i] = name
-            _write_synced(self._w64_path(fingerprint), array=learner.weights64())
-            entry = SolverEntry(hidden=learner.hidden, base=base, factors=[str(n) for n in inverse.factor_names])
+                digests.append(_array_sha256(factor))
+            w64 = learner.weights64()
+            _write_synced(self._w64_path(fingerprint), array=w64)
+            entry = SolverEntry(hidden=learner.hidden, base=base, base_sha256=inverse.sha256 if base else None,
+                                factors=[str(n) for n in inverse.factor_names], factor_sha256=digests,
+                                w64_sha256=_array_sha256(w64))
+            entry = msgspec.structs.replace(entry, check=entry_check(fingerprint, entry))
             _write_synced(self._entry_path(fingerprint), data=msgspec.json.encode(entry))
         except OSError:
             self.discard()
@@ -197,6 +250,9 @@ class RailSolverCache:
         """Delete every entry and its files (derived state: the next add-task folds every learned image
         once); work files of running add-tasks are left to them. Returns the bytes freed."""
         freed = 0
+        if self.folder.is_symlink() or (self.folder.exists() and not self.folder.is_dir()):
+            self.folder.unlink()  # a file or link where the folder belongs: ours to replace
+            return 0
         if not self.folder.is_dir():
             return 0
         for path in self.folder.iterdir():
@@ -207,8 +263,6 @@ class RailSolverCache:
                 size = path.stat().st_size
                 path.unlink()
                 freed += size
-        with contextlib.suppress(OSError):
-            self.folder.rmdir()
         return freed
 
     def discard(self) -> None:

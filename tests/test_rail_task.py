@@ -114,7 +114,22 @@ def test_a_tampered_solver_cache_is_refolded_not_trusted(tmp_path: Path, make_ti
     def garbled(entry: Path) -> None:
         entry.write_bytes(b"\xff{not json")
 
-    for i, tamper in enumerate((wrong_shape, escape, truncated_base, garbled), start=1):
+    def zeroed_base(entry: Path) -> None:  # bit rot: same size, same name
+        base = cache / json.loads(entry.read_text())["base"]
+        base.write_bytes(bytes(base.stat().st_size))
+
+    def no_base(entry: Path) -> None:  # an edited entry: the base dropped, or the factors
+        entry.write_text(json.dumps({**json.loads(entry.read_text()), "base": None, "base_sha256": None}))
+
+    def linked_base(entry: Path) -> None:  # a link to a file elsewhere with the same bytes
+        base = cache / json.loads(entry.read_text())["base"]
+        copy = root / "elsewhere.p64"
+        copy.write_bytes(base.read_bytes())
+        base.unlink()
+        base.symlink_to(copy)
+
+    for i, tamper in enumerate((wrong_shape, escape, truncated_base, garbled, zeroed_base, no_base, linked_base),
+                               start=1):
         tamper(next(cache.glob("*.json")))
         said.clear()
         clf = clf.add_task_embeddings(f"t{i}", *_task(rng, dim), [f"a{i}", f"b{i}", f"c{i}"])
@@ -145,7 +160,7 @@ def test_info_shows_and_prune_frees_the_solver_cache(tmp_path: Path, make_tiny_b
     assert sorted(p.name for p in cache.iterdir()) == before
     done = invoke("prune", "--bundle", str(root), "--solver-cache")
     assert done.exit_code == 0, done.output
-    assert not cache.exists() and "solver cache:" not in invoke("info", "--bundle", str(root)).output
+    assert not any(cache.iterdir()) and "solver cache:" not in invoke("info", "--bundle", str(root)).output
     clf = edgeclip.load(root).add_task_embeddings("t2", *_task(rng, dim), ["a2", "b2", "c2"])
     w, joint = _joint_w(root)
     assert _rel(w, joint) < 1e-5 and len(list(cache.glob("*.json"))) == 1
@@ -176,3 +191,20 @@ def test_add_task_embeds_in_small_batches_on_a_cpu(tmp_path: Path, make_tiny_bun
     large, labels_large, _ = embed_domain(bundle, domain, "ort-cpu", batch_size=22)
     np.testing.assert_allclose(small, large, atol=1e-5)
     assert (labels == labels_large).all() and small.shape == (22, int(bundle.meta.backbone.embed_dim))
+
+
+def test_a_file_where_the_solver_cache_belongs_is_replaced(tmp_path: Path, make_tiny_bundle) -> None:
+    """`BUNDLE/cache/rail` is edgeclip's: a file there does not stop add-task (it is replaced), and
+    `prune --solver-cache` removes it."""
+    from cli_helpers import invoke
+
+    root = make_tiny_bundle(tmp_path / "b", hidden=256)
+    cache = root / RAIL_SOLVER_CACHE
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text("x")
+    assert invoke("prune", "--bundle", str(root), "--solver-cache").exit_code == 0 and not cache.exists()
+    cache.write_text("x")
+    clf = edgeclip.load(root)
+    rng = np.random.default_rng(4)
+    clf = clf.add_task_embeddings("t0", *_task(rng, int(clf.bundle.meta.backbone.embed_dim)), ["a", "b", "c"])
+    assert cache.is_dir() and len(list(cache.glob("*.json"))) == 1

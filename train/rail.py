@@ -149,6 +149,7 @@ class InversePanels:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # in float64 elements
         self._memory: list[np.ndarray] | None = None if path is not None else []
         self._handle = None
+        self.sha256: str | None = None  # of the base file's bytes, when this object wrote it or was told it
         self.factors: list[np.ndarray] = list(factors or [])
         self.factor_names: list[str | None] = list(factor_names or [None] * len(self.factors))
         for f in self.factors:
@@ -210,11 +211,14 @@ class InversePanels:
         factors, names = [*self.factors, v], [*self.factor_names, None]
         if self.width + v.shape[1] <= factor_limit(self.hidden):
             shared = InversePanels(self.hidden, self.path, self.identity_gamma, self.rows, factors, names)
-            shared._memory, shared._handle = self._memory, self._handle
+            shared._memory, shared._handle, shared.sha256 = self._memory, self._handle, self.sha256
             return shared
         result = InversePanels(self.hidden, out, rows=self.rows)
         in_place = out is not None and self.path is not None and Path(out) == Path(self.path)
+        if out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)  # a cache folder deleted meanwhile
         handle = None if out is None else open(out, "r+b" if in_place else "wb")
+        digest = hashlib.sha256()  # of the file's bytes: the panels are written in order, back to back
         try:
             for i, (r0, r1) in enumerate(self.bounds):
                 panel = self.read(i)
@@ -225,9 +229,11 @@ class InversePanels:
                 else:
                     handle.seek(int(self.offsets[i]) * 8)
                     panel.tofile(handle)
+                    digest.update(panel.data)
         finally:
             if handle is not None:
                 handle.close()
+        result.sha256 = digest.hexdigest() if handle is not None else None
         return result
 
     def dense(self) -> np.ndarray:
