@@ -16,6 +16,7 @@ import msgspec
 import numpy as np
 
 from edgeclip.bundle import Bundle
+from edgeclip.domain import class_key
 from edgeclip.errors import DomainError, UsageError
 from edgeclip.extras import import_torch_module
 from edgeclip.learned import read_learned
@@ -313,18 +314,24 @@ class Scorer:
         # The frozen text embeddings of every label, in column order (for learned domains the same
         # vectors as the bundle's zs_text unless a preset keeps duplicate names in the prompts).
         label_text = np.concatenate([self.suite.texts[j] for j in order]).astype(np.float32)
+        # A label is right by its name: two domains' "airplane" (or "3") columns are one answer, as in
+        # the union label space of X-TAIL; the first of two equal text vectors would win every zero-shot tie.
+        ids: dict[str, int] = {}
+        names = [class_key(c) for j in order for c in self.suite.domains[j].classes]
+        same_name = np.asarray([ids.setdefault(key, len(ids)) for key in names], np.int64)
         acc, routes, expected = [], [], []
-        for j, (correct, route) in enumerate(self._decide(bundle, tensors, label_text, gate, offsets)):
+        for j, (correct, route) in enumerate(self._decide(bundle, tensors, label_text, gate, offsets, same_name)):
             acc.append(float(100.0 * correct / len(route)))
             routes.append(route)
             expected.append(np.full(len(route), list(learned).index(j) if j in learned else -1, np.int64))
         return acc, _routing_stats(np.concatenate(routes), np.concatenate(expected))
 
     def _decide(self, bundle: Bundle, tensors: Mapping[str, np.ndarray], label_text: np.ndarray,
-                gate: str, offsets: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
-        """(correct count, route [N_j]) per domain."""
+                gate: str, offsets: Sequence[int], same_name: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """(correct count, route [N_j]) per domain; a prediction is correct when its column names the
+        true class (``same_name``: one id per class name, per column)."""
         if self.decision == "graph" or not closed_form(bundle.method):
-            yield from self._decide_graph(bundle, label_text, gate, offsets)
+            yield from self._decide_graph(bundle, label_text, gate, offsets, same_name)
             return
         from edgeclip.train.decision import gated_reference
 
@@ -333,12 +340,12 @@ class Scorer:
             correct, route = 0, np.empty(len(x), np.int64)
             for part in _chunks(len(x)):
                 out = gated_reference(x[part], label_text, tensors, meta)
-                correct += int((out["scores"].argmax(axis=1) == offsets[j] + y[part]).sum())
+                correct += int((same_name[out["scores"].argmax(axis=1)] == same_name[offsets[j] + y[part]]).sum())
                 route[part] = out["route"]
             yield correct, route
 
-    def _decide_graph(self, bundle: Bundle, label_text: np.ndarray, gate: str,
-                      offsets: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
+    def _decide_graph(self, bundle: Bundle, label_text: np.ndarray, gate: str, offsets: Sequence[int],
+                      same_name: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         from edgeclip.edgeapp.runtime import GatedRunner
 
         settings = bundle.meta.method.settings
@@ -354,6 +361,6 @@ class Scorer:
             for at, pixels in self.suite.pixel_batches(j):
                 out = runner.run(pixels, label_text)
                 rows = slice(at, at + len(pixels))
-                correct += int((out["scores"].argmax(axis=1) == offsets[j] + y[rows]).sum())
+                correct += int((same_name[out["scores"].argmax(axis=1)] == same_name[offsets[j] + y[rows]]).sum())
                 route[rows] = out["route"]
             yield correct, route

@@ -130,9 +130,10 @@ def prepare_domains(domain_dirs: Sequence[Path], workdir: Path,
         if train.classes != test.classes:
             raise DomainError(f"{directory}: train/ and test/ must hold the same class folders "
                               f"(train has {len(train.classes)}, test {len(test.classes)})")
-        if train.name in names:
-            raise UsageError(f"Two domains are named '{train.name}'; each domain can be learned once.")
-        names.add(train.name)
+        if class_key(train.name) in names:  # as add-task compares task names
+            raise UsageError(f"Two domains are named '{train.name}' (names are compared ignoring case); each "
+                             "domain can be learned once: give one of them another name in its meta.json.")
+        names.add(class_key(train.name))
         shared = tuple(c for c in train.classes if class_key(c) in seen)
         learn_dir = directory
         if templates is not None:

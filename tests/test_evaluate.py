@@ -297,3 +297,28 @@ def test_eval_memory_does_not_grow_with_the_test_set(tmp_path: Path, make_tiny_b
     small, large = peaks
     assert large - small < 100, peaks
     assert large < 1536, peaks
+
+
+def test_xtail_scores_a_label_by_its_name_across_domains(source_bundle: Path, domains: list[Path],
+                                                         tmp_path: Path) -> None:
+    """Two domains with the same class names (here the same images under another domain name): in
+    X-TAIL's union label space a prediction is right by its name, so before anything is learned both
+    score the same zero-shot (the first of two equal text vectors used to win every tie: 0% for the
+    second)."""
+    import json
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(domains[0], twin)
+    meta = json.loads((twin / "meta.json").read_text()) if (twin / "meta.json").is_file() else {}
+    (twin / "meta.json").write_text(json.dumps({**meta, "name": "twin"}))
+    run = evaluate.run_protocols(source_bundle, [domains[0], twin], tmp_path / "w", protocols=["xtail"],
+                                 gates=["ddas"], shots=6)
+    result = run.results[("xtail", "ddas")]
+    assert result.zero_shot[0] == result.zero_shot[1] > 0
+    assert run.suite.domains[1].shared == tuple(run.suite.domains[0].classes)
+    renamed = tmp_path / "Twin"
+    shutil.copytree(twin, renamed)
+    (renamed / "meta.json").write_text(json.dumps({**meta, "name": "TWIN"}))
+    with pytest.raises(UsageError, match="ignoring case"):
+        evaluate.prepare_domains([twin, renamed], tmp_path / "w2")
