@@ -347,6 +347,8 @@ def _learn_head(bundle: Bundle, learner: Any, cache: RailSolverCache | None, fea
         what = (f"RAIL head: no solver state for this version, folding all {learner.n_seen} images "
                 f"({before} learned before) into the inverse (hidden {learner.hidden}, once)")
     log.info("%s", what)
+    if progress:
+        progress(what, 0, learner.pending)  # the stage's clock starts before the first batch, not after it
     try:
         learner.solve(progress=(lambda done, total: progress(what, done, total)) if progress else None)
     except OSError as exc:  # a full disk, a read-only bundle: one line, nothing written

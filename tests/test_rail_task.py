@@ -159,7 +159,13 @@ def test_info_shows_and_prune_frees_the_solver_cache(tmp_path: Path, make_tiny_b
     assert dry.exit_code == 0 and "would delete the solver cache" in dry.output
     assert sorted(p.name for p in cache.iterdir()) == before
     done = invoke("prune", "--bundle", str(root), "--solver-cache")
-    assert done.exit_code == 0, done.output
+    assert done.exit_code == 0 and "solver cache deleted" in done.output, done.output
+    import pytest
+
+    from edgeclip.errors import UsageError
+
+    with pytest.raises(UsageError, match="does not exist"):  # exit 2, as every bundle command
+        invoke("prune", "--bundle", str(tmp_path / "nothing-here"))
     assert not any(cache.iterdir()) and "solver cache:" not in invoke("info", "--bundle", str(root)).output
     clf = edgeclip.load(root).add_task_embeddings("t2", *_task(rng, dim), ["a2", "b2", "c2"])
     w, joint = _joint_w(root)

@@ -373,6 +373,8 @@ def prune(
     from edgeclip.bundle import run_prune, set_retention
 
     root = bundle_path(bundle)
+    if not (root / "versions").is_dir():
+        require_bundle(root)  # nothing there is a bundle: exit 2, as every bundle command (a damaged one stays 1)
     if save and keep is None:
         raise typer.BadParameter("--save needs --keep N", param_hint="--save")
     from edgeclip.edgeapp.rail_solver import RailSolverCache
@@ -387,10 +389,9 @@ def prune(
     if save:
         set_retention(root, keep)
     plan = run_prune(root, keep, include_newer=include_newer)
-    if solver_cache:
-        solver.clear()
+    cleared = f"; solver cache deleted ({format_size(solver.clear())})" if solver_cache else ""
     after = disk_usage(root)
-    err_console().print(markup(f"{root}: {plan.summary(done=True)}; {format_size(after)} on disk "
+    err_console().print(markup(f"{root}: {plan.summary(done=True)}{cleared}; {format_size(after)} on disk "
                                f"(freed {format_size(max(0, before - after))})"), highlight=False)
 
 
