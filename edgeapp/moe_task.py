@@ -111,15 +111,6 @@ def warmup_steps(recipe: dict[str, Any]) -> int:
     return min(warmup, max(iterations // 10, 0))
 
 
-def initial_moe_state(backbone: Backbone, config: MoEConfig, seed: int) -> dict[str, np.ndarray]:
-    """The adapters of a bundle with no task (seeded down-projections, zero up-projections)."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):  # seeded expert init; the caller's global RNG is left as it was
-        torch.manual_seed(seed)
-        return {k: v.numpy() for k, v in moe_state(MoECLIP(backbone.model, config)).items()}
-
-
 def load_moe_model(bundle: Bundle) -> tuple[Backbone, MoECLIP]:
     """The bundle's backbone and its MoE-Adapters model (section 1 of METHODS.md) with the stored
     adapter and router weights loaded (torch). Raises BundleError on a damaged state file,

@@ -599,6 +599,14 @@ def moe_state(model: MoECLIP) -> dict[str, torch.Tensor]:
     }
 
 
+def initial_moe_state(clip: nn.Module, config: MoEConfig, seed: int) -> dict[str, np.ndarray]:
+    """The adapters of a bundle with no task (seeded down-projections, zero up-projections) on the frozen
+    open_clip model ``clip``, as ``moe_state`` numpy arrays; the caller's global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return {k: v.numpy() for k, v in moe_state(MoECLIP(clip, config)).items()}
+
+
 def load_moe_state(model: MoECLIP, state: dict[str, Any]) -> None:
     """Load ``moe_state`` output (torch tensors or numpy arrays) into a model built with the same config;
     layers are resized to the state's experts and routers first. Raises UsageError when a layer's tensors
@@ -673,6 +681,7 @@ __all__ = [
     "exact_fp32",
     "freeze_experts",
     "grow_pools",
+    "initial_moe_state",
     "load_moe_state",
     "mask_frozen_grads",
     "moe_state",

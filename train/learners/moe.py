@@ -15,7 +15,7 @@ import numpy as np
 
 from edgeclip.errors import UsageError
 from edgeclip.extras import import_torch_module
-from edgeclip.layout import TASK_TEXT
+from edgeclip.layout import MOE_STATE, TASK_TEXT
 from edgeclip.manifest import (
     DEFAULT_MOE_BATCH_SIZE,
     DEFAULT_MOE_FREEZE_RULE,
@@ -57,6 +57,12 @@ class MoELearner(Learner):
                   "freeze_rule": DEFAULT_MOE_FREEZE_RULE}
         recipe.update(options.get("moe_train") or {})
         return super().init_settings({**options, "moe": config.to_dict(), "train": recipe}, dim)
+
+    @classmethod
+    def initial_files(cls, settings: Any, clip: Any, seed: int) -> dict[str, dict[str, np.ndarray]]:
+        """``moe.safetensors``: the adapters of a bundle with no task (``train.moe.initial_moe_state``), torch."""
+        moe = import_torch_module("edgeclip.train.moe", f"the '{cls.name}' learner")
+        return {MOE_STATE: moe.initial_moe_state(clip, moe.MoEConfig.from_dict(settings.moe), seed)}
 
     @classmethod
     def initial_head(cls, settings: Any, dim: int) -> dict[str, np.ndarray]:
