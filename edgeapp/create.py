@@ -14,9 +14,9 @@ from typing import Any
 from edgeclip.bundle import Bundle, create_bundle
 from edgeclip.edgeapp.tasks import init_sections, initial_learned, write_gated_graph
 from edgeclip.export.trace import export_image_encoder, export_text_encoder
-from edgeclip.layout import MOE_STATE, graph_file
+from edgeclip.layout import graph_file
 from edgeclip.learned import write_learned
-from edgeclip.manifest import DEFAULT_TEMPLATES, MoESettings, to_builtins, validate_manifest
+from edgeclip.manifest import DEFAULT_TEMPLATES, to_builtins, validate_manifest
 from edgeclip.train.backbone import check_method, load_backbone
 from edgeclip.train.registry import get_learner
 
@@ -67,11 +67,7 @@ def init_bundle(
         writer.write_file(text.file, backbone.text.source)
         learned = initial_learned(meta.method, meta.gate.kind, backbone.embed_dim)
         write_learned(writer, learned)
-        if isinstance(meta.method.settings, MoESettings):  # the adapters of a bundle with no task
-            from edgeclip.edgeapp.moe_task import initial_moe_state
-            from edgeclip.train.moe import MoEConfig
-
-            config = MoEConfig.from_dict(meta.method.settings.moe)
-            writer.write_tensors(MOE_STATE, initial_moe_state(backbone, config, seed))
+        for name, tensors in get_learner(method).initial_files(meta.method.settings, backbone.model, seed).items():
+            writer.write_tensors(name, tensors)  # the learner's own state (MoE: the adapters)
         write_gated_graph(writer, learned)
     return writer.bundle

@@ -27,7 +27,7 @@ from edgeclip.edgeapp.tasks import (
 )
 from edgeclip.errors import UsageError
 from edgeclip.layout import LEARNED, MOE_DATA, MOE_GRAPH, MOE_GRAPH_FILES, MOE_STATE, TASK_TEXT
-from edgeclip.manifest import MoESettings, Training
+from edgeclip.manifest import DEFAULT_MOE_WARMUP_RULE, MoESettings, Training
 from edgeclip.train.backbone import Backbone, load_backbone
 from edgeclip.train.moe import (
     ZERO_SHOT,
@@ -95,7 +95,7 @@ def task_recipe(train: dict[str, Any], name: str, options: dict[str, Any] | None
     if key in by_dataset:
         recipe["lr"] = float(by_dataset[key])
     recipe.update({k: v for k, v in options.items() if v is not None})
-    if recipe.get("warmup_rule", "capped") not in WARMUP_RULES:
+    if recipe.get("warmup_rule", DEFAULT_MOE_WARMUP_RULE) not in WARMUP_RULES:
         raise UsageError(f"warmup_rule must be one of {', '.join(WARMUP_RULES)}, got {recipe['warmup_rule']!r}")
     if not float(recipe["lr"]) > 0:
         raise UsageError(f"the learning rate must be positive, got {recipe['lr']}")
@@ -106,18 +106,9 @@ def warmup_steps(recipe: dict[str, Any]) -> int:
     """Warm-up steps: 'fixed' (the papers') takes them as given; 'capped' (edgeclip's default) caps
     them at a tenth of the iterations, so a short run is not all warm-up."""
     warmup, iterations = int(recipe["warmup"]), int(recipe["iterations"])
-    if recipe.get("warmup_rule", "capped") == "fixed":
+    if recipe.get("warmup_rule", DEFAULT_MOE_WARMUP_RULE) == "fixed":
         return min(warmup, iterations)
     return min(warmup, max(iterations // 10, 0))
-
-
-def initial_moe_state(backbone: Backbone, config: MoEConfig, seed: int) -> dict[str, np.ndarray]:
-    """The adapters of a bundle with no task (seeded down-projections, zero up-projections)."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):  # seeded expert init; the caller's global RNG is left as it was
-        torch.manual_seed(seed)
-        return {k: v.numpy() for k, v in moe_state(MoECLIP(backbone.model, config)).items()}
 
 
 def load_moe_model(bundle: Bundle) -> tuple[Backbone, MoECLIP]:

@@ -51,6 +51,21 @@ DEFAULT_LAMBDA = 1e-3  # RAIL dual ridge
 DEFAULT_GATE_KIND = "linear"  # the DDAS gate's autoencoder: linear (closed form, torch-free) or mlp
 DEFAULT_GATE_K = 4  # principal directions of the linear DDAS gate (measured best, docs/LEARNERS.md)
 DEFAULT_GATE_QUANTILE = 0.95  # a task's gate threshold: this quantile of its held-out reconstruction errors
+# MoE-Adapters (METHODS.md section 1): the adapters (``MoESettings.moe``, read by ``train.moe.MoEConfig``) ...
+DEFAULT_MOE_EXPERTS = 22  # experts per block per encoder (the paper's pool)
+DEFAULT_MOE_TOP_K = 2  # experts each token is routed to
+DEFAULT_MOE_BOTTLENECK = 64  # each expert's width r
+DEFAULT_MOE_SCALE = 0.1  # expert output scale
+DEFAULT_MOE_DROPOUT = 0.1  # inside each expert, after the ReLU
+DEFAULT_MOE_NOISE_EPS = 0.01  # added to the noisy gate's std, so the noise never vanishes
+DEFAULT_MOE_ENCODERS = ("image", "text")  # the adapted encoders
+# ... and each task's training recipe (``MoESettings.train``, read by ``train.moe_trainer.TrainSettings``)
+DEFAULT_MOE_ITERATIONS = 1000  # optimizer steps per task (the official full- and 5-shot scripts)
+DEFAULT_MOE_BATCH_SIZE = 64  # images per step over all ranks
+DEFAULT_MOE_LR = 1e-3  # AdamW peak rate (the paper tunes 1e-4 to 5e-3 per dataset: preset moe-paper)
+DEFAULT_MOE_WARMUP = 100  # warm-up steps
+DEFAULT_MOE_WARMUP_RULE = "capped"  # edgeclip's: warm-up at most a tenth of the iterations; "fixed": the paper's
+DEFAULT_MOE_FREEZE_RULE = "strict"  # edgeclip's activate-freeze: learned tasks never drift; "paper": top-k per block
 
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -170,7 +185,8 @@ class RailDualSettings(_LearnerSettings):
 
 class MoESettings(_LearnerSettings):
     """MoE-Adapters: ``moe`` the adapters' configuration (``MoEConfig`` fields), ``train`` the
-    training recipe (iterations, batch_size, lr, warmup, warmup_rule, freeze_rule, preset fields)."""
+    training recipe (iterations, batch_size, lr, warmup, warmup_rule, freeze_rule, preset fields);
+    their defaults are the ``DEFAULT_MOE_*`` constants above, filled in at init."""
 
     moe: dict[str, Any] = msgspec.field(default_factory=dict)
     train: dict[str, Any] = msgspec.field(default_factory=dict)

@@ -64,3 +64,58 @@ def test_the_schema_knows_the_registry_s_learners_and_their_defaults() -> None:
         method_of("rail-primal", lam=0.5)
     with pytest.raises(BundleError, match="unknown method 'svm'"):
         method_of("svm")
+
+
+def test_learners_and_the_cli_take_their_defaults_from_the_schema() -> None:
+    """issue 19: MoE's and RAIL's defaults are defined in edgeclip.manifest only; the models, the trainer's
+    recipe, a new bundle's settings and the CLI's help read them there."""
+    pytest.importorskip("torch")
+    import inspect
+    import typing
+
+    from edgeclip import manifest as m
+    from edgeclip.edgeapp.cli.commands_manage import init
+    from edgeclip.train.moe import MoEConfig
+    from edgeclip.train.moe_trainer import TrainSettings
+    from edgeclip.train.rail import RailDual, RailPrimal
+    from edgeclip.train.registry import get_learner
+
+    config = MoEConfig()
+    assert (config.n_experts, config.top_k, config.bottleneck, config.scale, config.dropout, config.noise_eps,
+            config.encoders) == (m.DEFAULT_MOE_EXPERTS, m.DEFAULT_MOE_TOP_K, m.DEFAULT_MOE_BOTTLENECK,
+                                 m.DEFAULT_MOE_SCALE, m.DEFAULT_MOE_DROPOUT, m.DEFAULT_MOE_NOISE_EPS,
+                                 m.DEFAULT_MOE_ENCODERS)
+    recipe = TrainSettings()
+    assert (recipe.iterations, recipe.batch_size, recipe.lr, recipe.warmup, recipe.freeze_rule) == (
+        m.DEFAULT_MOE_ITERATIONS, m.DEFAULT_MOE_BATCH_SIZE, m.DEFAULT_MOE_LR, m.DEFAULT_MOE_WARMUP,
+        m.DEFAULT_MOE_FREEZE_RULE)
+    settings = get_learner("moe").init_settings({}, 8)
+    assert settings.moe["n_experts"] == m.DEFAULT_MOE_EXPERTS
+    assert settings.train == {"iterations": m.DEFAULT_MOE_ITERATIONS, "batch_size": m.DEFAULT_MOE_BATCH_SIZE,
+                              "lr": m.DEFAULT_MOE_LR, "warmup": m.DEFAULT_MOE_WARMUP,
+                              "warmup_rule": m.DEFAULT_MOE_WARMUP_RULE, "freeze_rule": m.DEFAULT_MOE_FREEZE_RULE}
+    primal, dual = inspect.signature(RailPrimal).parameters, inspect.signature(RailDual).parameters
+    assert (primal["hidden"].default, primal["gamma"].default) == (m.DEFAULT_HIDDEN, m.DEFAULT_GAMMA)
+    assert (dual["gamma_kernel"].default, dual["lam"].default) == (m.DEFAULT_KERNEL_GAMMA, m.DEFAULT_LAMBDA)
+    options = inspect.signature(init).parameters
+    assert options["encoders"].default == ",".join(m.DEFAULT_MOE_ENCODERS)
+    hints = typing.get_type_hints(init, include_extras=True)
+    helps = {name: typing.get_args(hint)[1].help for name, hint in hints.items() if typing.get_args(hint)[1:]}
+    assert f"paper's {m.DEFAULT_MOE_EXPERTS})" in helps["experts"]
+    assert f"paper's {m.DEFAULT_MOE_BATCH_SIZE})" in helps["batch_size"] and f"default {m.DEFAULT_MOE_LR:g};" in helps["lr"]
+
+
+def test_the_decision_reads_the_learner_s_typed_settings() -> None:
+    """issue 19: DecisionSpec carries the typed settings (RAIL dual's kernel width is `settings.gamma_kernel`),
+    no getattr fallback on the settings' shape."""
+    import numpy as np
+
+    from edgeclip.train.decision import DecisionSpec
+
+    written = json.loads((RELEASE / "rail-dual-v0002.json").read_text())
+    meta = validate_manifest(written)
+    sizes = np.array([len(t.classes) for t in meta.tasks], np.int64)
+    spec = DecisionSpec.from_bundle({"task.size": sizes, "task.offset": np.cumsum(sizes) - sizes}, meta)
+    assert spec.settings is meta.method.settings and spec.settings.gamma_kernel == written["method"]["settings"].get(
+        "gamma_kernel", 0.1)
+    assert not hasattr(spec, "kernel_gamma")

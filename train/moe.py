@@ -32,14 +32,24 @@ import torch
 from torch import nn
 
 from edgeclip.errors import UsageError
+from edgeclip.manifest import (
+    DEFAULT_MOE_BOTTLENECK,
+    DEFAULT_MOE_DROPOUT,
+    DEFAULT_MOE_ENCODERS,
+    DEFAULT_MOE_EXPERTS,
+    DEFAULT_MOE_NOISE_EPS,
+    DEFAULT_MOE_SCALE,
+    DEFAULT_MOE_TOP_K,
+)
 
 ZERO_SHOT = -1  # task id of a sample that must get plain CLIP (no adapter)
-ENCODERS = ("image", "text")
+ENCODERS = ("image", "text")  # the encoders adapters can go into
 
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Adapter settings; the defaults are the paper's (MoE-Adapters, arXiv 2403.11549; METHODS.md section 1).
+    """Adapter settings; the defaults are the paper's (MoE-Adapters, arXiv 2403.11549; METHODS.md section 1),
+    defined once in ``edgeclip.manifest`` (``DEFAULT_MOE_*``).
 
     n_experts E = 22 and top_k = 2 per block per encoder; bottleneck r = 64; expert output scale 0.1;
     noisy top-k gating while training (std = softplus(c W_n) + noise_eps). ``encoders``: which of
@@ -49,14 +59,14 @@ class MoEConfig:
     or last_blocks < 1.
     """
 
-    n_experts: int = 22
-    top_k: int = 2
-    bottleneck: int = 64
-    scale: float = 0.1  # expert output scale
-    dropout: float = 0.1  # inside each expert, after the ReLU
+    n_experts: int = DEFAULT_MOE_EXPERTS
+    top_k: int = DEFAULT_MOE_TOP_K
+    bottleneck: int = DEFAULT_MOE_BOTTLENECK
+    scale: float = DEFAULT_MOE_SCALE  # expert output scale
+    dropout: float = DEFAULT_MOE_DROPOUT  # inside each expert, after the ReLU
     noisy_gating: bool = True  # noisy top-k gating in train mode (never at inference)
-    noise_eps: float = 0.01  # added to softplus(c W_n): the noise never vanishes
-    encoders: tuple[str, ...] = ENCODERS
+    noise_eps: float = DEFAULT_MOE_NOISE_EPS  # added to softplus(c W_n): the noise never vanishes
+    encoders: tuple[str, ...] = DEFAULT_MOE_ENCODERS
     last_blocks: int | None = None  # adapters in the last N blocks of each encoder; None = all
     dense: bool = False  # compute all experts and weight by the sparse gate (export alternative)
 
@@ -589,6 +599,14 @@ def moe_state(model: MoECLIP) -> dict[str, torch.Tensor]:
     }
 
 
+def initial_moe_state(clip: nn.Module, config: MoEConfig, seed: int) -> dict[str, np.ndarray]:
+    """The adapters of a bundle with no task (seeded down-projections, zero up-projections) on the frozen
+    open_clip model ``clip``, as ``moe_state`` numpy arrays; the caller's global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return {k: v.numpy() for k, v in moe_state(MoECLIP(clip, config)).items()}
+
+
 def load_moe_state(model: MoECLIP, state: dict[str, Any]) -> None:
     """Load ``moe_state`` output (torch tensors or numpy arrays) into a model built with the same config;
     layers are resized to the state's experts and routers first. Raises UsageError when a layer's tensors
@@ -663,6 +681,7 @@ __all__ = [
     "exact_fp32",
     "freeze_experts",
     "grow_pools",
+    "initial_moe_state",
     "load_moe_state",
     "mask_frozen_grads",
     "moe_state",

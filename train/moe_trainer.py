@@ -37,7 +37,14 @@ from torch.utils.data import DataLoader, Dataset
 from edgeclip.domain import MIN_IMAGES_PER_CLASS, MIN_TASK_IMAGES, MINIMUM_TEXT
 from edgeclip.errors import DomainError, ImageError, UsageError
 from edgeclip.images import decode_for, decode_image, default_workers, preprocess
-from edgeclip.manifest import Preprocess
+from edgeclip.manifest import (
+    DEFAULT_MOE_BATCH_SIZE,
+    DEFAULT_MOE_FREEZE_RULE,
+    DEFAULT_MOE_ITERATIONS,
+    DEFAULT_MOE_LR,
+    DEFAULT_MOE_WARMUP,
+    Preprocess,
+)
 from edgeclip.train.backbone import preprocess_of
 from edgeclip.train.moe import (
     FREEZE_RULES,
@@ -60,22 +67,23 @@ Tokenize = Callable[[list[str]], torch.Tensor]
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """One task's training recipe; defaults are the paper's full-shot values (5-shot: shots=5, 500 iterations).
+    """One task's training recipe; defaults are the paper's full-shot values (5-shot: shots=5, 500 iterations),
+    defined once in ``edgeclip.manifest`` (``DEFAULT_MOE_*``).
 
     ``lr`` is the AdamW peak rate, ``warmup`` and ``iterations`` are optimizer steps, ``batch_size``
     images per step over all ranks, ``crop_scale`` RandomResizedCrop's area fraction. Raises UsageError
     on out-of-range values, an unknown freeze rule or precision."""
 
-    iterations: int = 1000
-    batch_size: int = 64  # global batch (split across DDP ranks)
-    lr: float = 1e-3
-    warmup: int = 100
+    iterations: int = DEFAULT_MOE_ITERATIONS
+    batch_size: int = DEFAULT_MOE_BATCH_SIZE  # global batch (split across DDP ranks)
+    lr: float = DEFAULT_MOE_LR
+    warmup: int = DEFAULT_MOE_WARMUP
     label_smoothing: float = 0.2
     logit_scale: float = 100.0
     crop_scale: tuple[float, float] = (0.9, 1.0)
     shots: int | None = None  # training images per class; None = all
     seed: int = 0
-    freeze_rule: str = "strict"  # 'strict' (edgeclip) or 'paper' (top-k most selected per block)
+    freeze_rule: str = DEFAULT_MOE_FREEZE_RULE  # 'strict' (edgeclip) or 'paper' (top-k most selected per block)
     device: str = "auto"  # 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'
     precision: str = "auto"  # 'auto' (bf16/fp16 autocast on CUDA, fp32 on CPU), 'fp32', 'bf16', 'fp16'
     workers: int | None = None  # DataLoader worker processes; None: from the cores and device (loader_workers)
@@ -479,7 +487,7 @@ def task_selections(
     tokens: torch.Tensor,
     transform: Callable,
     dist_: _Dist | None = None,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_MOE_BATCH_SIZE,
     cfg: Preprocess | None = None,
 ) -> SelectionSet:
     """Every expert ``task``'s router selects with clean gating on its training images (decoded as

@@ -24,6 +24,7 @@ import numpy as np
 from scipy.linalg import cho_factor, cho_solve, cholesky, solve_triangular
 
 from edgeclip.errors import BundleError, UsageError
+from edgeclip.manifest import DEFAULT_GAMMA, DEFAULT_HIDDEN, DEFAULT_KERNEL_GAMMA, DEFAULT_LAMBDA
 
 
 
@@ -272,7 +273,7 @@ class RailPrimal(_RandomFeatures):
     [n] int64 (keys ``x``, ``labels``), from which P and W can always be rebuilt.
     """
 
-    def __init__(self, dim: int, hidden: int = 15000, gamma: float = 0.1, seed: int = 0,
+    def __init__(self, dim: int, hidden: int = DEFAULT_HIDDEN, gamma: float = DEFAULT_GAMMA, seed: int = 0,
                  w_r: np.ndarray | None = None) -> None:
         """dim: embedding size D; hidden: random features (the paper's 15000); gamma: ridge
         (paper 0.1); seed draws W_r unless ``w_r`` is given. Raises UsageError on non-positive
@@ -424,7 +425,7 @@ class RailDual:
     state keeps M, the labels and alpha, and `from_state` re-factors (O(n^3 / 3)).
     """
 
-    def __init__(self, gamma_kernel: float = 0.1, lam: float = 1e-3) -> None:
+    def __init__(self, gamma_kernel: float = DEFAULT_KERNEL_GAMMA, lam: float = DEFAULT_LAMBDA) -> None:
         """Paper settings: gamma_kernel 0.1, lam 0.001. Raises UsageError unless both are > 0."""
         if gamma_kernel <= 0 or lam <= 0:
             raise UsageError(f"need gamma_kernel > 0 and lam > 0, got {gamma_kernel}, {lam}")

@@ -99,6 +99,12 @@ class Learner:
         raise UsageError(f"the '{cls.name}' learner learns from images, not embeddings")
 
     @classmethod
+    def initial_files(cls, settings: Any, clip: Any, seed: int) -> dict[str, dict[str, np.ndarray]]:
+        """The tensor files (name -> tensors) of a bundle with no task besides its learned tensors, from
+        its settings, the frozen open_clip model ``clip`` and the seed (init); none by default."""
+        return {}
+
+    @classmethod
     def check_head(cls, learned: Mapping[str, np.ndarray], n_learned: int, dim: int) -> None:
         """Refuse (UsageError) head tensors that do not fit ``n_learned`` classes of width ``dim``."""
 

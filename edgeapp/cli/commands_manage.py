@@ -19,7 +19,19 @@ from edgeclip.discover import display_path
 from edgeclip.edgeapp.cli.output import Interrupted, is_utf, markup, visible
 from edgeclip.errors import UsageError
 from edgeclip.layout import RAIL_SOLVER_CACHE
-from edgeclip.manifest import DEFAULT_BETA, DEFAULT_FUSION, DEFAULT_GATE_KIND, DEFAULT_HIDDEN, full_dict
+from edgeclip.manifest import (
+    DEFAULT_BETA,
+    DEFAULT_FUSION,
+    DEFAULT_GATE_KIND,
+    DEFAULT_HIDDEN,
+    DEFAULT_MOE_BATCH_SIZE,
+    DEFAULT_MOE_ENCODERS,
+    DEFAULT_MOE_EXPERTS,
+    DEFAULT_MOE_FREEZE_RULE,
+    DEFAULT_MOE_ITERATIONS,
+    DEFAULT_MOE_LR,
+    full_dict,
+)
 from edgeclip.train.registry import METHOD_NAMES, get_learner
 from edgeclip.version import __version__
 
@@ -46,12 +58,12 @@ def init(
     gate: Annotated[Optional[str], typer.Option(show_default=False, help=f"DDAS autoencoder: 'linear' (closed form, torch-free) or 'mlp'; default '{DEFAULT_GATE_KIND}'.")] = None,
     labels: Annotated[Optional[str], typer.Option(help='Default zero-shot labels, comma separated.')] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="SigLIP and other Hugging Face tokenizer models: their tokenizer.json (or its folder); default: the local Hugging Face cache.")] = None,
-    experts: Annotated[Optional[int], typer.Option(min=2, show_default=False, help="MoE: experts per block (default: the paper's 22).")] = None,
+    experts: Annotated[Optional[int], typer.Option(min=2, show_default=False, help=f"MoE: experts per block (default: the paper's {DEFAULT_MOE_EXPERTS}).")] = None,
     last_blocks: Annotated[Optional[int], typer.Option(min=1, help="MoE: adapters only in the last N blocks of each encoder (default all).")] = None,
-    encoders: Annotated[str, typer.Option(help="MoE: adapted encoders, 'image,text' (paper), 'image' or 'text'.")] = "image,text",
-    freeze_rule: Annotated[Optional[str], typer.Option(show_default=False, help="MoE activate-freeze: 'strict' (learned tasks never drift; default) or 'paper'.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, show_default=False, help="MoE: training batch size (default: the paper's 64).")] = None,
-    lr: Annotated[Optional[float], typer.Option(min=0.0, show_default=False, help="MoE: AdamW learning rate (default 1e-3; paper: 1e-4 to 5e-3 per dataset; --preset moe-paper sets them).")] = None,
+    encoders: Annotated[str, typer.Option(help="MoE: adapted encoders, 'image,text' (paper), 'image' or 'text'.")] = ",".join(DEFAULT_MOE_ENCODERS),
+    freeze_rule: Annotated[Optional[str], typer.Option(show_default=False, help=f"MoE activate-freeze: 'strict' (learned tasks never drift) or 'paper'; default '{DEFAULT_MOE_FREEZE_RULE}'.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, show_default=False, help=f"MoE: training batch size (default: the paper's {DEFAULT_MOE_BATCH_SIZE}).")] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, show_default=False, help=f"MoE: AdamW learning rate (default {DEFAULT_MOE_LR:g}; paper: 1e-4 to 5e-3 per dataset; --preset moe-paper sets them).")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Every paper default in one word: moe-paper or rail-paper (overrides the options it sets; docs/FULL_SCALE.md lists them).")] = None,
     keep: Annotated[int, typer.Option(min=0, help="Retention: after each new version (add-task, export --int8) keep only the current one and its N-1 nearest ancestors (0: keep all; see 'edgeclip prune').")] = 0,
     quiet: QuietOpt = False,
@@ -99,7 +111,7 @@ def add_task(
     bundle: BundleOpt = None,
     name: Annotated[Optional[str], typer.Option(help="Task name (default: the folder's name or meta.json's).")] = None,
     shots: Annotated[Optional[int], typer.Option(min=1, help="Use at most K images per class (few-shot).")] = None,
-    iterations: Annotated[Optional[int], typer.Option(min=1, help="MoE: training iterations (default 1000).")] = None,
+    iterations: Annotated[Optional[int], typer.Option(min=1, help=f"MoE: training iterations (default {DEFAULT_MOE_ITERATIONS}).")] = None,
     lr: Annotated[Optional[float], typer.Option(min=1e-12, help="MoE: this task's learning rate (default: the bundle's, or its preset's rate for the dataset).")] = None,
     device: Annotated[str, typer.Option(help="MoE training device: auto, cpu or cuda.")] = "auto",
     backend: BackendOpt = "auto",

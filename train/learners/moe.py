@@ -15,8 +15,16 @@ import numpy as np
 
 from edgeclip.errors import UsageError
 from edgeclip.extras import import_torch_module
-from edgeclip.layout import TASK_TEXT
-from edgeclip.manifest import MoESettings
+from edgeclip.layout import MOE_STATE, TASK_TEXT
+from edgeclip.manifest import (
+    DEFAULT_MOE_BATCH_SIZE,
+    DEFAULT_MOE_FREEZE_RULE,
+    DEFAULT_MOE_ITERATIONS,
+    DEFAULT_MOE_LR,
+    DEFAULT_MOE_WARMUP,
+    DEFAULT_MOE_WARMUP_RULE,
+    MoESettings,
+)
 from edgeclip.train.registry import Learner, register_learner
 
 
@@ -40,14 +48,21 @@ class MoELearner(Learner):
     @classmethod
     def init_settings(cls, options: Mapping[str, Any], dim: int) -> MoESettings:
         """The adapters' configuration (``options["moe"]``: MoEConfig fields that differ from the
-        paper's) and the training recipe (``options["moe_train"]``) completed with their defaults (torch)."""
+        paper's) and the training recipe (``options["moe_train"]``) completed with the schema's defaults
+        (``DEFAULT_MOE_*``); the adapters' configuration is checked by ``MoEConfig`` (torch)."""
         what = f"the '{cls.name}' learner"
         config = import_torch_module("edgeclip.train.moe", what).MoEConfig.from_dict(options.get("moe") or {})
-        defaults = import_torch_module("edgeclip.train.moe_trainer", what).TrainSettings()
-        recipe = {"iterations": defaults.iterations, "batch_size": defaults.batch_size, "lr": defaults.lr,
-                  "warmup": defaults.warmup, "warmup_rule": "capped", "freeze_rule": defaults.freeze_rule}
+        recipe = {"iterations": DEFAULT_MOE_ITERATIONS, "batch_size": DEFAULT_MOE_BATCH_SIZE, "lr": DEFAULT_MOE_LR,
+                  "warmup": DEFAULT_MOE_WARMUP, "warmup_rule": DEFAULT_MOE_WARMUP_RULE,
+                  "freeze_rule": DEFAULT_MOE_FREEZE_RULE}
         recipe.update(options.get("moe_train") or {})
         return super().init_settings({**options, "moe": config.to_dict(), "train": recipe}, dim)
+
+    @classmethod
+    def initial_files(cls, settings: Any, clip: Any, seed: int) -> dict[str, dict[str, np.ndarray]]:
+        """``moe.safetensors``: the adapters of a bundle with no task (``train.moe.initial_moe_state``), torch."""
+        moe = import_torch_module("edgeclip.train.moe", f"the '{cls.name}' learner")
+        return {MOE_STATE: moe.initial_moe_state(clip, moe.MoEConfig.from_dict(settings.moe), seed)}
 
     @classmethod
     def initial_head(cls, settings: Any, dim: int) -> dict[str, np.ndarray]:
