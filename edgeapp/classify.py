@@ -7,6 +7,7 @@ so the engine is kept busy while the next batch is decoded.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -172,9 +173,17 @@ def build_label_space(bundle: Bundle, extra: Sequence[str], encode_classes: Clas
     known = {class_key(name) for name in learned} | {class_key(qualified_name(name, owner))
                                                      for name, owner in zip(learned, owners)}
     wanted = list(bundle.meta.zero_shot.labels) + list(extra)
+    tasks = {class_key(task.name): task for task in bundle.tasks}
     new_by_key: dict[str, str] = {}
     for name in wanted:  # the one rule: the same class_key is the same class (the learned one wins)
         if class_key(name) not in known:
+            qualified = re.fullmatch(r"(.+) \((.+)\)", name.strip())
+            task = tasks.get(class_key(qualified.group(2))) if qualified else None
+            if task is not None:  # "banana (digits8)": names a learned task, not one of its classes
+                shown = ", ".join(task.classes[:10]) + (", ..." if len(task.classes) > 10 else "")
+                raise UsageError(f"label '{name}': task '{task.name}' learned no class "
+                                 f"'{qualified.group(1)}' (its classes: {shown}); without '({qualified.group(2)})' "
+                                 "it is a zero-shot label")
             new_by_key.setdefault(class_key(name), name)
     new = list(new_by_key.values())
     if not learned and not new:

@@ -16,7 +16,7 @@ import pytest
 
 import edgeclip
 from edgeclip.edgeapp.tasks import add_task
-from edgeclip.errors import DomainError
+from edgeclip.errors import DomainError, UsageError
 
 DIGITS = ["0", "1", "2"]
 
@@ -73,5 +73,8 @@ def test_second_digits_domain_with_the_same_class_names(extract_subset, tmp_path
     space = clf.label_space(["0 (mnist)"])
     assert space.names.count("0") == 3 and "0 (mnist)" not in space.names and space.ambiguous == {"0", "1", "2"}
     assert "0 (digits-inv)" in space.shown_names()
+    with pytest.raises(UsageError, match="task 'mnist' learned no class '7'"):  # names a task, not its class
+        clf.label_space(["7 (mnist)"])
+    assert "jaguar (car)" in clf.label_space(["jaguar (car)"]).names  # no task 'car': a zero-shot label
     preds = clf.classify(sorted((test / "test" / "1").iterdir()), labels=["0 (mnist)"], top_k=9)
     assert all({(t["label"], t["task"]) for t in p.topk} == {(c, t) for c in DIGITS for t in tasks} for p in preds)
