@@ -214,6 +214,8 @@ def test_classifying_leaves_the_process_as_it_was(tiny_bundle, tmp_path, recwarn
     assert result.exit_code == 0, result.output
     notes = [json.loads(line)["note"] for line in result.stdout.splitlines()]
     assert notes[0] is None and "Truncated File Read" in notes[1]
+    table = invoke("classify", tmp_path / "exif.jpg", "--bundle", tiny_bundle, "--quiet").stdout
+    assert "(note: " in table and "Truncated File Read" in table  # the default format shows it too
     assert process_state() == before
 
 

@@ -142,6 +142,8 @@ def _cells(p: Prediction, ambiguous: frozenset[str] = frozenset()) -> list[str]:
         return [shown_path(p), "error", "", "", visible(p.error)]
     others = ", ".join(f"{visible(shown_name(t['label'], t.get('task'), ambiguous))} {t['score']:.3f}"
                        for t in p.topk[1:])
+    if p.note:  # what decoding the file said (a corrupt EXIF block, ...): in the table too, not only in JSON
+        others = f"{others}  (note: {visible(p.note)})" if others else f"(note: {visible(p.note)})"
     return [shown_path(p), shown_label(p, ambiguous), f"{p.score:.3f}", visible(p.route or ""), others]
 
 
