@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_name
+from common import cpu_name, report_header
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -218,11 +218,8 @@ def same_domain(args: argparse.Namespace) -> None:
     print(f"{domain.name} ({images} images, {args.same_domain_model}): after {args.history} learned images x{cpu_ratio:.2f} "
           f"CPU, x{wall_ratio:.2f} wall of learning it first (goal <= 1.5)")
     report = {
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "weights": "random (seeded); the history is seeded random unit embeddings (cost does not depend on values)",
+        **report_header("random (seeded); the history is seeded random unit embeddings (cost does not depend on "
+                        "values)"),
         "settings": {"model": args.same_domain_model, "method": "rail-primal", "hidden": args.hidden,
                      "domain": domain.name, "images": images, "history": args.history},
         "runs": runs, "ratio": {"cpu": cpu_ratio, "wall": wall_ratio},

@@ -20,6 +20,19 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def report_header(weights: str) -> dict:
+    """The first keys of a benchmark's JSON: machine, date (UTC), the command as run, and what the
+    weights were (``weights``: e.g. "random (seeded); ...")."""
+    import datetime as dt
+    import os
+    import sys
+
+    return {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+                        "python": platform.python_version()},
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]), "weights": weights}
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median ms of each function over `repeats` rounds, each round running all of them in turn,
     so that load from other processes hits every contender alike (compare their ratios)."""
