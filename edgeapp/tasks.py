@@ -30,6 +30,7 @@ from edgeclip.domain import (
     require_enough_images,
 )
 from edgeclip.edgeapp.rail_solver import RailSolverCache
+from edgeclip.store.fs import probe_writable
 from edgeclip.edgeapp.runtime import ImageEncoderRunner, TextEncoderRunner
 from edgeclip.errors import BundleError, DomainError, UsageError
 from edgeclip.export.compose import build_gated_graph, write_head_graph
@@ -195,6 +196,7 @@ def add_task(
     unusable domain, a task name already learned), UsageError (bad ``shots``), and
     MissingExtraError for MoE without torch."""
     bundle = Bundle.open(root)
+    probe_writable(bundle.root)  # a read-only bundle is refused before the work, not after it
     chosen = get_learner(bundle.method)
     if chosen.needs_torch:
         require_torch(f"{bundle.method} add-task (training)")

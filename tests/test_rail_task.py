@@ -214,3 +214,33 @@ def test_a_file_where_the_solver_cache_belongs_is_replaced(tmp_path: Path, make_
     rng = np.random.default_rng(4)
     clf = clf.add_task_embeddings("t0", *_task(rng, int(clf.bundle.meta.backbone.embed_dim)), ["a", "b", "c"])
     assert cache.is_dir() and len(list(cache.glob("*.json"))) == 1
+
+
+def test_a_read_only_bundle_is_refused_before_the_work(tmp_path: Path, make_tiny_bundle) -> None:
+    """add-task onto a bundle it cannot write (EROFS on every write in the bundle: the tests may run as
+    root, which ignores chmod) fails in one line before it embeds anything."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    root = make_tiny_bundle(tmp_path / "b", hidden=64)
+    for c in ("a", "b"):
+        (tmp_path / "d" / "train" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16), (40 * i, 90, 200)).save(tmp_path / "d" / "train" / c / f"{i}.png")
+    script = ("import errno, os\nreal = os.open\n"
+              "def ro(path, flags, *a, **k):\n"
+              f"    if str(path).startswith({str(root)!r}) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):\n"
+              "        raise OSError(errno.EROFS, 'Read-only file system', str(path))\n"
+              "    return real(path, flags, *a, **k)\n"
+              "os.open = ro\n"
+              "from edgeclip.edgeapp import tasks\n"
+              "def never(*a, **k):\n    raise SystemExit('embedded before refusing')\n"
+              "tasks.embed_domain = never\n"
+              f"import sys\nsys.argv = ['edgeclip', 'add-task', {str(tmp_path / 'd')!r}, '--bundle', {str(root)!r}]\n"
+              "from edgeclip.edgeapp.cli.app import main\nmain()")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "read-only file system" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "embedded before" not in done.stderr
+    assert Bundle.open(root).version == "v0001"

@@ -82,6 +82,19 @@ WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
                  errno.EEXIST: "a file is in the way"}
 
 
+def probe_writable(root: Path, action: str = "write") -> None:
+    """Create and remove a small file in ``root`` so that a bundle that cannot be written (read-only
+    file system, permissions) is refused before minutes of work, not after. Raises BundleError
+    (`io_error`'s one line). A full disk may still be found later, when the large files are written."""
+    probe = root / f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise io_error(root, action, exc) from None
+
+
 def safetensors_os_error(exc: Exception) -> Exception:
     """The OSError inside a safetensors ``SafetensorError`` ("... I/O error: No space left on device (os
     error 28)"), so that a full disk while writing tensors is reported like any other write error; any
