@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import msgspec
 import numpy as np
 
 from edgeclip.bundle import Bundle
@@ -699,7 +698,7 @@ class TextEncoderRunner:
         """The text encoder's session, made on first use: classify without new labels never reads
         (nor verifies) the text encoder's files."""
         if self._session is None:
-            ctx = int(self.text_spec["context_length"])
+            ctx = self.context_length
             profile = {TOKENS: ((1, ctx), (self.batch_size, ctx), (self.batch_size, ctx))}
             self._session = self.backend.session(_graph_path(self.bundle, TEXT_GRAPH, TEXT_DATA),
                                                  threads=self.threads, profile=profile,
@@ -707,21 +706,21 @@ class TextEncoderRunner:
         return self._session
 
     @property
-    def text_spec(self) -> dict[str, Any]:
-        """The manifest's ``backbone.text`` (CLIP BPE defaults for older bundles)."""
+    def context_length(self) -> int:
+        """The text encoder's token count: the manifest's ``backbone.text`` (CLIP's 77 for older bundles)."""
         backbone = self.bundle.meta.backbone
-        if backbone.text is not None:
-            return msgspec.to_builtins(backbone.text)
-        return {"tokenizer": "clip-bpe", "file": VOCAB_FILE, "clean": "lower",
-                "context_length": backbone.context_length or 77}
+        return backbone.text.context_length if backbone.text is not None else (backbone.context_length or 77)
 
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from edgeclip.tokenizer import tokenizer_from_spec
+            from edgeclip.tokenizer import ClipTokenizer, tokenizer_from_spec
 
-            spec = self.text_spec
-            self._tokenizer = tokenizer_from_spec(spec, self.bundle.path(spec["file"]))
+            text = self.bundle.meta.backbone.text
+            if text is None:  # a bundle from before init recorded the text side: CLIP BPE, open_clip's cleaning
+                self._tokenizer = ClipTokenizer(self.bundle.path(VOCAB_FILE), context_length=self.context_length)
+            else:
+                self._tokenizer = tokenizer_from_spec(text, self.bundle.path(text.file))
         return self._tokenizer
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -29,6 +29,7 @@ import numpy as np
 import regex
 
 from edgeclip.errors import BundleError, EdgeclipError, MissingExtraError
+from edgeclip.manifest import TextSide
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 DEFAULT_CONTEXT_LENGTH = 77
@@ -246,17 +247,18 @@ class HFTokenizer:
         return out
 
 
-def tokenizer_from_spec(spec: dict, file_path: Path | str) -> ClipTokenizer | HFTokenizer:
-    """The runtime tokenizer that a manifest's ``backbone.text`` describes; ``file_path`` is the
-    local copy of its file (``spec["file"]`` inside the bundle). Raises ``BundleError`` for an
-    unknown kind."""
-    kind = spec.get("tokenizer", "clip-bpe")
-    ctx = int(spec.get("context_length", DEFAULT_CONTEXT_LENGTH))
-    if kind == "clip-bpe":
-        return ClipTokenizer(file_path, context_length=ctx, clean=spec.get("clean", "lower"))
-    if kind == "hf":
-        return HFTokenizer(file_path, ctx, clean=spec.get("clean", "whitespace"), pad_id=int(spec.get("pad_id", 0)),
-                           strip_sep_id=spec.get("strip_sep_id"), padding_side=spec.get("padding_side", "right"),
-                           truncation_side=spec.get("truncation_side", "right"))
-    raise BundleError(f"Unknown tokenizer kind '{kind}' in the bundle manifest (expected clip-bpe or hf); "
+def tokenizer_from_spec(text: TextSide, file_path: Path | str) -> ClipTokenizer | HFTokenizer:
+    """The runtime tokenizer that a manifest's typed ``backbone.text`` (``manifest.TextSide``)
+    describes; ``file_path`` is the local copy of its file (``text.file`` inside the bundle). Raises
+    ``BundleError`` for an unknown kind (a struct built in code; decoding a manifest refuses one
+    first), ``TypeError`` for anything but a ``TextSide``."""
+    if not isinstance(text, TextSide):
+        raise TypeError(f"tokenizer_from_spec takes a manifest.TextSide, not {type(text).__name__}")
+    if text.tokenizer == "clip-bpe":
+        return ClipTokenizer(file_path, context_length=text.context_length, clean=text.clean)
+    if text.tokenizer == "hf":
+        return HFTokenizer(file_path, text.context_length, clean=text.clean, pad_id=text.pad_id,
+                           strip_sep_id=text.strip_sep_id, padding_side=text.padding_side or "right",
+                           truncation_side=text.truncation_side or "right")
+    raise BundleError(f"Unknown tokenizer kind '{text.tokenizer}' in the bundle manifest (expected clip-bpe or hf); "
                       "a newer edgeclip made this bundle")

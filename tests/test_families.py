@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hf_tokenizers  # noqa: E402
 
 from edgeclip.errors import BackboneLoadError, UsageError  # noqa: E402
+from edgeclip.manifest import TextSide  # noqa: E402
 from edgeclip.tokenizer import tokenizer_from_spec  # noqa: E402
 from edgeclip.train import backbone as bb  # noqa: E402
 
@@ -73,13 +75,20 @@ def _ids(tokens) -> np.ndarray:
     return tokens.numpy() if hasattr(tokens, "numpy") else np.asarray(tokens)
 
 
+def _text_side(model: str, spec: dict) -> TextSide:
+    """The manifest's typed ``backbone.text`` of a tokenizer's facts (``bb.text_tokenizer``), with the
+    text tower's facts no tokenizer reads (the config's D, end-of-text pooling, CLIP's scale)."""
+    return msgspec.convert({**spec, "embed_dim": bb.model_config(model)["embed_dim"], "pool": "argmax",
+                            "logit_scale": 100.0}, TextSide)
+
+
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
 def test_runtime_token_ids_equal_open_clip(family: Family, tmp_path: Path) -> None:
     """The torch-free tokenizer rebuilt from the manifest spec gives open_clip's token ids."""
     spec, source, runtime, reference = bb.text_tokenizer(family.model, family.tokenizer_dir(tmp_path))
     assert reference is not None, "open_clip's own tokenizer must be available to compare with"
     want = _ids(reference(LABELS))
-    rebuilt = tokenizer_from_spec(spec, source)  # what TextEncoderRunner does with the bundle's copy
+    rebuilt = tokenizer_from_spec(_text_side(family.model, spec), source)  # as TextEncoderRunner does
     got = rebuilt(LABELS)
     assert got.dtype == np.int64 and got.shape == want.shape == (len(LABELS), spec["context_length"])
     for label, g, w in zip(LABELS, got, want):

@@ -6,10 +6,12 @@ import gzip
 import importlib.util
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
 from edgeclip.errors import BundleError, EdgeclipError, MissingExtraError
+from edgeclip.manifest import TextSide, parse_section
 from edgeclip.tokenizer import ClipTokenizer, HFTokenizer, clean_text, default_vocab_path, tokenizer_from_spec
 
 TRICKY = [
@@ -122,8 +124,20 @@ def test_unknown_cleaning_and_kind_are_refused(tmp_path):
         clean_text("x", "upper")
     with pytest.raises(EdgeclipError, match="Unknown text cleaning"):
         ClipTokenizer(default_vocab_path(), clean="upper")
-    with pytest.raises(BundleError, match="Unknown tokenizer kind 'sentencepiece'"):
-        tokenizer_from_spec({"tokenizer": "sentencepiece", "file": "x"}, tmp_path / "x")
+    with pytest.raises(BundleError, match="Unknown tokenizer kind 'sentencepiece'"):  # a struct built in code
+        tokenizer_from_spec(_text_side(tokenizer="sentencepiece", file="x"), tmp_path / "x")
+    with pytest.raises(BundleError, match=r"Invalid enum value .sentencepiece. - at `\$.text.tokenizer`"):  # refused when read
+        parse_section({"backbone": {"model": "ViT-B-32", "weights": {"kind": "random", "ref": "0"},
+                                    "text": msgspec.to_builtins(_text_side(tokenizer="sentencepiece"))}}, "backbone")
+    with pytest.raises(TypeError, match="TextSide"):  # issue 19: the typed section is the only form
+        tokenizer_from_spec({"tokenizer": "clip-bpe", "file": "x"}, default_vocab_path())  # type: ignore[arg-type]
+
+
+def _text_side(**fields) -> TextSide:
+    """A manifest ``backbone.text``: CLIP's by default, ``fields`` changed."""
+    return TextSide(**{"tokenizer": "clip-bpe", "file": "tokenizer/bpe_simple_vocab_16e6.txt.gz", "clean": "lower",
+                       "context_length": 77, "pad_id": 0, "embed_dim": 512, "pool": "argmax", "logit_scale": 100.0,
+                       **fields})
 
 
 def test_hf_tokenizer_rules(tmp_path):
@@ -138,8 +152,10 @@ def test_hf_tokenizer_rules(tmp_path):
     ids = tok(["a photo of a cat", "x " * 50, ""])
     assert ids.shape == (3, 8) and ids.dtype == np.int64
     assert ids[1, -1] == 1 and (ids[2] == 1).all()  # ends on </s>; the empty label is </s> + pads
-    spec = {"tokenizer": "hf", "file": "tokenizer/tokenizer.json", "context_length": 8, "clean": "canonicalize", "pad_id": 1}
+    spec = _text_side(tokenizer="hf", file="tokenizer/tokenizer.json", context_length=8, clean="canonicalize", pad_id=1)
     np.testing.assert_array_equal(tokenizer_from_spec(spec, t5)(["a photo of a cat"]), ids[:1])
+    clip = tokenizer_from_spec(_text_side(context_length=40), default_vocab_path())
+    np.testing.assert_array_equal(clip(TRICKY), ClipTokenizer(default_vocab_path(), context_length=40)(TRICKY))
     bert = hf_tokenizers.bert_like(tmp_path / "bert") / "tokenizer.json"
     stripped = HFTokenizer(bert, context_length=6, pad_id=0, strip_sep_id=3)(["a photo", "a photo of a cat dog"])
     assert 3 not in stripped and stripped[0, 0] == 2
