@@ -13,6 +13,7 @@ Prints a table and writes JSON with the machine, date, command and figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -153,7 +154,7 @@ def main() -> None:
                           "cpu_count": os.cpu_count(), "threads": args.threads,
                           "load_average": os.getloadavg()},
               "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__},
-              "model": args.model, "weights": "random (seed 0)", "moe": config.to_dict(), "tasks": 2,
+              "model": args.model, "weights": "random (seed 0)", "moe": dataclasses.asdict(config), "tasks": 2,
               "labels": len(text),
               "weights_bytes": {"shared_from_image_encoder_data": sharing.shared_bytes,
                                 "read_from_moe_encoder_data": sharing.own_bytes,

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import msgspec
 import numpy as np
 
 from edgeclip.bundle import Bundle, VersionWriter
@@ -27,7 +28,7 @@ from edgeclip.edgeapp.tasks import (
 )
 from edgeclip.errors import UsageError
 from edgeclip.layout import LEARNED, MOE_DATA, MOE_GRAPH, MOE_GRAPH_FILES, MOE_STATE, TASK_TEXT
-from edgeclip.manifest import DEFAULT_MOE_WARMUP_RULE, MoESettings, Training
+from edgeclip.manifest import WARMUP_RULES, MoERecipe, MoESettings, Training
 from edgeclip.train.backbone import Backbone, load_backbone
 from edgeclip.train.moe import (
     ZERO_SHOT,
@@ -78,35 +79,40 @@ def cpu_time_estimate(iterations: int, progress: ProgressFn | None,
     return on_step
 
 
-WARMUP_RULES = ("capped", "fixed")
-
-
-def task_recipe(train: dict[str, Any], name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+def task_recipe(train: MoERecipe, name: str, options: dict[str, Any] | None = None) -> MoERecipe:
     """One task's training recipe: the bundle's (manifest method.settings.train), then, when the
     bundle was made with a preset, that preset's learning rate for the task's dataset
     (``train.lr_by_dataset``: {"full": {dataset: lr}, "few": {...}}, keyed by `presets.dataset_key`;
-    options["shots"] picks the few-shot table), then `options` (e.g. add-task --lr)."""
+    options["shots"] picks the few-shot table), then `options` (``MoERecipe`` fields, e.g. add-task
+    --lr; None values are left out). The result has no ``lr_by_dataset``. Raises UsageError for an
+    unknown option, an unknown warm-up rule or a learning rate that is not positive."""
     from edgeclip.train.presets import dataset_key
 
-    recipe, options = dict(train), dict(options or {})
+    options = dict(options or {})
     few = bool(options.pop("shots", None))
-    by_dataset = (recipe.pop("lr_by_dataset", None) or {}).get("few" if few else "full", {})
+    by_dataset = (train.lr_by_dataset or {}).get("few" if few else "full", {})
+    changes: dict[str, Any] = {"lr_by_dataset": msgspec.UNSET}
     key = dataset_key(name)
     if key in by_dataset:
-        recipe["lr"] = float(by_dataset[key])
-    recipe.update({k: v for k, v in options.items() if v is not None})
-    if recipe.get("warmup_rule", DEFAULT_MOE_WARMUP_RULE) not in WARMUP_RULES:
-        raise UsageError(f"warmup_rule must be one of {', '.join(WARMUP_RULES)}, got {recipe['warmup_rule']!r}")
-    if not float(recipe["lr"]) > 0:
-        raise UsageError(f"the learning rate must be positive, got {recipe['lr']}")
+        changes["lr"] = float(by_dataset[key])
+    changes.update({k: v for k, v in options.items() if v is not None})
+    unknown = set(changes) - set(MoERecipe.__struct_fields__)
+    if unknown:
+        raise UsageError(f"Unknown MoE training option(s) {', '.join(sorted(unknown))}; expected "
+                         f"{', '.join(MoERecipe.__struct_fields__)}.")
+    recipe = msgspec.structs.replace(train, **changes)
+    if recipe.warmup_rule not in WARMUP_RULES:
+        raise UsageError(f"warmup_rule must be one of {', '.join(WARMUP_RULES)}, got {recipe.warmup_rule!r}")
+    if not float(recipe.lr) > 0:
+        raise UsageError(f"the learning rate must be positive, got {recipe.lr}")
     return recipe
 
 
-def warmup_steps(recipe: dict[str, Any]) -> int:
+def warmup_steps(recipe: MoERecipe) -> int:
     """Warm-up steps: 'fixed' (the papers') takes them as given; 'capped' (edgeclip's default) caps
     them at a tenth of the iterations, so a short run is not all warm-up."""
-    warmup, iterations = int(recipe["warmup"]), int(recipe["iterations"])
-    if recipe.get("warmup_rule", DEFAULT_MOE_WARMUP_RULE) == "fixed":
+    warmup, iterations = int(recipe.warmup), int(recipe.iterations)
+    if recipe.warmup_rule == "fixed":
         return min(warmup, iterations)
     return min(warmup, max(iterations // 10, 0))
 
@@ -117,7 +123,7 @@ def load_moe_model(bundle: Bundle) -> tuple[Backbone, MoECLIP]:
     BackboneLoadError when the backbone cannot be loaded."""
     meta = bundle.meta
     backbone = load_backbone(meta.backbone.model, source=meta.backbone.weights)
-    model = MoECLIP(backbone.model, MoEConfig.from_dict(moe_settings_of(bundle).moe))
+    model = MoECLIP(backbone.model, MoEConfig.of(moe_settings_of(bundle).moe))
     load_moe_state(model, bundle.tensors(MOE_STATE))
     return backbone, model
 
@@ -196,14 +202,13 @@ def add_moe_task(
     bundle, concurrent writer), ExportParityError (the adapted graph differs from torch)."""
     from edgeclip.train.decision import gate_states, learned_tensors
 
-    recipe = task_recipe(moe_settings_of(bundle).train, name, options)
-    if iterations:
-        recipe["iterations"] = iterations
+    overrides = {**(options or {}), **({"iterations": iterations} if iterations else {})}
+    recipe = task_recipe(moe_settings_of(bundle).train, name, overrides)
     settings = TrainSettings(
-        iterations=int(recipe["iterations"]), batch_size=int(recipe["batch_size"]), lr=float(recipe["lr"]),
+        iterations=int(recipe.iterations), batch_size=int(recipe.batch_size), lr=float(recipe.lr),
         warmup=warmup_steps(recipe),
-        freeze_rule=recipe["freeze_rule"], seed=bundle.meta.method.settings.seed,
-        device=device, on_step=_step_reporter(device, int(recipe["iterations"]), progress),
+        freeze_rule=recipe.freeze_rule, seed=bundle.meta.method.settings.seed,
+        device=device, on_step=_step_reporter(device, int(recipe.iterations), progress),
         exact_preprocess=bundle.meta.preprocess.exact,
     )
     backbone, model = load_moe_model(bundle)

@@ -51,7 +51,7 @@ DEFAULT_LAMBDA = 1e-3  # RAIL dual ridge
 DEFAULT_GATE_KIND = "linear"  # the DDAS gate's autoencoder: linear (closed form, torch-free) or mlp
 DEFAULT_GATE_K = 4  # principal directions of the linear DDAS gate (measured best, docs/LEARNERS.md)
 DEFAULT_GATE_QUANTILE = 0.95  # a task's gate threshold: this quantile of its held-out reconstruction errors
-# MoE-Adapters (METHODS.md section 1): the adapters (``MoESettings.moe``, read by ``train.moe.MoEConfig``) ...
+# MoE-Adapters (METHODS.md section 1): the adapters (``MoEAdapters``, read by ``train.moe.MoEConfig.of``) ...
 DEFAULT_MOE_EXPERTS = 22  # experts per block per encoder (the paper's pool)
 DEFAULT_MOE_TOP_K = 2  # experts each token is routed to
 DEFAULT_MOE_BOTTLENECK = 64  # each expert's width r
@@ -59,13 +59,15 @@ DEFAULT_MOE_SCALE = 0.1  # expert output scale
 DEFAULT_MOE_DROPOUT = 0.1  # inside each expert, after the ReLU
 DEFAULT_MOE_NOISE_EPS = 0.01  # added to the noisy gate's std, so the noise never vanishes
 DEFAULT_MOE_ENCODERS = ("image", "text")  # the adapted encoders
-# ... and each task's training recipe (``MoESettings.train``, read by ``train.moe_trainer.TrainSettings``)
+# ... and each task's training recipe (``MoERecipe``, read by ``edgeapp.moe_task.task_recipe``)
 DEFAULT_MOE_ITERATIONS = 1000  # optimizer steps per task (the official full- and 5-shot scripts)
 DEFAULT_MOE_BATCH_SIZE = 64  # images per step over all ranks
 DEFAULT_MOE_LR = 1e-3  # AdamW peak rate (the paper tunes 1e-4 to 5e-3 per dataset: preset moe-paper)
 DEFAULT_MOE_WARMUP = 100  # warm-up steps
 DEFAULT_MOE_WARMUP_RULE = "capped"  # edgeclip's: warm-up at most a tenth of the iterations; "fixed": the paper's
 DEFAULT_MOE_FREEZE_RULE = "strict"  # edgeclip's activate-freeze: learned tasks never drift; "paper": top-k per block
+FREEZE_RULES = ("strict", "paper")  # MoE activate-freeze rules (train.moe.freeze_experts)
+WARMUP_RULES = ("capped", "fixed")  # MoE warm-up rules (edgeapp.moe_task.warmup_steps)
 
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -183,13 +185,52 @@ class RailDualSettings(_LearnerSettings):
     learner: dict[str, Any] | None = None
 
 
-class MoESettings(_LearnerSettings):
-    """MoE-Adapters: ``moe`` the adapters' configuration (``MoEConfig`` fields), ``train`` the
-    training recipe (iterations, batch_size, lr, warmup, warmup_rule, freeze_rule, preset fields);
-    their defaults are the ``DEFAULT_MOE_*`` constants above, filled in at init."""
+class MoEAdapters(_Section, omit_defaults=False):
+    """MoE-Adapters' adapters (METHODS.md section 1), read by ``train.moe.MoEConfig.of``: E experts
+    per block per encoder, each token routed to ``top_k``; expert width ``bottleneck`` r, output
+    ``scale``, ``dropout`` after the ReLU; noisy top-k gating while training (std + ``noise_eps``);
+    the adapted ``encoders``; adapters in the ``last_blocks`` blocks only (None: all); ``dense``: run
+    every expert, weighted by the sparse gate. Every field is written (the file keeps all ten keys,
+    as every release wrote them); ``MoEConfig`` checks the ranges."""
 
-    moe: dict[str, Any] = msgspec.field(default_factory=dict)
-    train: dict[str, Any] = msgspec.field(default_factory=dict)
+    n_experts: int = DEFAULT_MOE_EXPERTS
+    top_k: int = DEFAULT_MOE_TOP_K
+    bottleneck: int = DEFAULT_MOE_BOTTLENECK
+    scale: float = DEFAULT_MOE_SCALE
+    dropout: float = DEFAULT_MOE_DROPOUT
+    noisy_gating: bool = True
+    noise_eps: float = DEFAULT_MOE_NOISE_EPS
+    encoders: tuple[str, ...] = DEFAULT_MOE_ENCODERS
+    last_blocks: int | None = None
+    dense: bool = False
+
+
+class MoERecipe(_Section, omit_defaults=False):
+    """MoE-Adapters' training recipe of each task, read by ``edgeapp.moe_task.task_recipe``:
+    ``iterations`` optimizer steps, ``batch_size`` images per step over all ranks, AdamW peak ``lr``,
+    ``warmup`` steps and their rule (``capped``: at most a tenth of the iterations; ``fixed``: the
+    paper's), the activate-freeze rule (``strict`` or ``paper``). A bundle made with a preset also
+    records its name (``preset``) and its learning rates per dataset (``lr_by_dataset``: {"full" |
+    "few": {dataset: lr}}); both are absent from the file otherwise (UNSET), as releases wrote them.
+    The rules and ranges are checked where the recipe is used (``TrainSettings``, ``task_recipe``),
+    as when older bundles were written, so that every bundle written before opens."""
+
+    iterations: int = DEFAULT_MOE_ITERATIONS
+    batch_size: int = DEFAULT_MOE_BATCH_SIZE
+    lr: float = DEFAULT_MOE_LR
+    warmup: int = DEFAULT_MOE_WARMUP
+    warmup_rule: str = DEFAULT_MOE_WARMUP_RULE  # absent from bundles of November 2026 before the rule existed
+    freeze_rule: str = DEFAULT_MOE_FREEZE_RULE
+    preset: str | msgspec.UnsetType = msgspec.UNSET
+    lr_by_dataset: dict[str, dict[str, float]] | msgspec.UnsetType = msgspec.UNSET
+
+
+class MoESettings(_LearnerSettings):
+    """MoE-Adapters: ``moe`` the adapters' configuration, ``train`` the training recipe; their
+    defaults are the ``DEFAULT_MOE_*`` constants above."""
+
+    moe: MoEAdapters = msgspec.field(default_factory=MoEAdapters)
+    train: MoERecipe = msgspec.field(default_factory=MoERecipe)
 
 
 class _MethodBase(_Section, tag_field="name"):
@@ -447,7 +488,8 @@ def full_dict(value: Any) -> Any:
     included (for reports such as ``edgeclip tasks --format json``); ``to_builtins`` leaves
     defaults out, as the manifest file does."""
     if isinstance(value, msgspec.Struct):
-        data = {f: full_dict(getattr(value, f)) for f in value.__struct_fields__}
+        data = {f: full_dict(getattr(value, f)) for f in value.__struct_fields__
+                if getattr(value, f) is not msgspec.UNSET}
         tag_field, tag = value.__struct_config__.tag_field, value.__struct_config__.tag
         return {tag_field: tag, **data} if tag_field else data
     if isinstance(value, dict):

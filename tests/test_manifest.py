@@ -14,6 +14,8 @@ from edgeclip.manifest import (
     DEFAULT_BETA,
     DEFAULT_HIDDEN,
     METHODS,
+    MoEAdapters,
+    MoERecipe,
     MoESettings,
     RailDualSettings,
     RailPrimalSettings,
@@ -53,6 +55,32 @@ def test_manifests_of_the_previous_release_read_unchanged(path: Path) -> None:
     assert msgspec.convert(full_dict(meta), type(meta)) == meta
 
 
+def test_moe_settings_are_typed_and_written_as_every_release_wrote_them() -> None:
+    """issue 19: `method.settings.moe` and `.train` are structs (no dict), read from the release's MoE
+    bundles and written back key for key; what older code wrote opens too: the recipe before its
+    warm-up rule existed (November 2026) and the preset's keys (`init --preset moe-paper`)."""
+    for path in sorted(RELEASE.glob("moe-*.json")):
+        written = json.loads(path.read_text())
+        settings = validate_manifest(written).method.settings
+        assert isinstance(settings.moe, MoEAdapters) and isinstance(settings.train, MoERecipe)
+        assert settings.moe.n_experts == 2 and settings.moe.encoders == ("image", "text")
+        assert settings.train.lr == written["method"]["settings"]["train"]["lr"]
+        assert to_builtins(validate_manifest(written).method) == written["method"]  # the same JSON
+    written = json.loads((RELEASE / "moe-v0001.json").read_text())
+    train = written["method"]["settings"]["train"]
+    del train["warmup_rule"]
+    assert validate_manifest(written).method.settings.train.warmup_rule == "capped"
+    train.update(warmup_rule="fixed", freeze_rule="paper", preset="moe-paper",
+                 lr_by_dataset={"full": {"eurosat": 1e-4}, "few": {"eurosat": 2e-4}})
+    recipe = validate_manifest(written).method.settings.train
+    assert (recipe.preset, recipe.lr_by_dataset["few"]["eurosat"]) == ("moe-paper", 2e-4)
+    assert to_builtins(recipe) == train
+    assert "preset" not in to_builtins(MoERecipe()) and "lr_by_dataset" not in to_builtins(MoERecipe())
+    train["learning_rate"] = 1.0  # a typo is refused, not ignored
+    with pytest.raises(BundleError, match="learning_rate"):
+        validate_manifest(written)
+
+
 def test_the_schema_knows_the_registry_s_learners_and_their_defaults() -> None:
     assert set(METHODS) == set(METHOD_NAMES)
     primal = method_of("rail-primal")
@@ -90,10 +118,19 @@ def test_learners_and_the_cli_take_their_defaults_from_the_schema() -> None:
         m.DEFAULT_MOE_ITERATIONS, m.DEFAULT_MOE_BATCH_SIZE, m.DEFAULT_MOE_LR, m.DEFAULT_MOE_WARMUP,
         m.DEFAULT_MOE_FREEZE_RULE)
     settings = get_learner("moe").init_settings({}, 8)
-    assert settings.moe["n_experts"] == m.DEFAULT_MOE_EXPERTS
-    assert settings.train == {"iterations": m.DEFAULT_MOE_ITERATIONS, "batch_size": m.DEFAULT_MOE_BATCH_SIZE,
-                              "lr": m.DEFAULT_MOE_LR, "warmup": m.DEFAULT_MOE_WARMUP,
-                              "warmup_rule": m.DEFAULT_MOE_WARMUP_RULE, "freeze_rule": m.DEFAULT_MOE_FREEZE_RULE}
+    assert settings.moe == m.MoEAdapters() and settings.moe.n_experts == m.DEFAULT_MOE_EXPERTS
+    assert MoEConfig.of(settings.moe) == config
+    assert to_builtins(settings.train) == {
+        "iterations": m.DEFAULT_MOE_ITERATIONS, "batch_size": m.DEFAULT_MOE_BATCH_SIZE, "lr": m.DEFAULT_MOE_LR,
+        "warmup": m.DEFAULT_MOE_WARMUP, "warmup_rule": m.DEFAULT_MOE_WARMUP_RULE,
+        "freeze_rule": m.DEFAULT_MOE_FREEZE_RULE}
+    from edgeclip.errors import UsageError
+
+    for options, message in (({"moe_train": {"learning_rate": 1.0}}, "learning_rate"),
+                             ({"moe_train": {"freeze_rule": "loose"}}, "freeze_rule must be one of"),
+                             ({"moe": {"n_experts": 2, "top_k": 3}}, "top_k")):
+        with pytest.raises(UsageError, match=message):  # refused at init, not at the first add-task
+            get_learner("moe").init_settings(options, 8)
     primal, dual = inspect.signature(RailPrimal).parameters, inspect.signature(RailDual).parameters
     assert (primal["hidden"].default, primal["gamma"].default) == (m.DEFAULT_HIDDEN, m.DEFAULT_GAMMA)
     assert (dual["gamma_kernel"].default, dual["lam"].default) == (m.DEFAULT_KERNEL_GAMMA, m.DEFAULT_LAMBDA)

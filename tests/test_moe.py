@@ -77,6 +77,21 @@ def test_insertion_settings_pick_encoders_and_last_blocks() -> None:
         MoEConfig(encoders=("audio",))
 
 
+def test_config_is_built_from_the_manifest_s_typed_adapters() -> None:
+    """issue 19: the adapters' settings have one form, the schema's `MoEAdapters`; MoEConfig is built
+    from it (`MoEConfig.of`) and keeps no dict twin."""
+    from edgeclip.manifest import MoEAdapters
+
+    assert MoEConfig.of(MoEAdapters(n_experts=3, encoders=("image",), last_blocks=1)) == MoEConfig(
+        n_experts=3, encoders=("image",), last_blocks=1)
+    assert MoEConfig.of(MoEAdapters()) == MoEConfig()
+    assert not hasattr(MoEConfig, "to_dict") and not hasattr(MoEConfig, "from_dict")
+    with pytest.raises(UsageError):  # the ranges are checked as for any configuration
+        MoEConfig.of(MoEAdapters(n_experts=2, top_k=3))
+    with pytest.raises(TypeError, match="MoEAdapters"):
+        MoEConfig.of({"n_experts": 3})  # type: ignore[arg-type]
+
+
 def test_adapter_changes_output_and_tasks_differ() -> None:
     model = adapted(tasks=2)
     randomise(model)

@@ -7,9 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from edgeclip.errors import UsageError
+from edgeclip.manifest import MoERecipe
 from edgeclip.train import presets
 
 # The values as the official repositories run them (sources in train/presets.py), written out
@@ -62,18 +64,21 @@ def test_learning_rates_are_looked_up_by_dataset_name() -> None:
 def test_task_recipe_and_warmup_rules() -> None:
     from edgeclip.edgeapp.moe_task import task_recipe, warmup_steps
 
-    train = {"iterations": 1000, "batch_size": 64, "lr": 1e-3, "warmup": 100, "warmup_rule": "fixed",
-             "freeze_rule": "paper", "lr_by_dataset": {"full": {"eurosat": 1e-4}, "few": {"eurosat": 2e-4}}}
-    assert task_recipe(train, "eurosat")["lr"] == 1e-4
-    assert task_recipe(train, "EuroSAT", {"shots": 5})["lr"] == 2e-4
-    assert task_recipe(train, "eurosat", {"lr": 3e-3, "shots": None})["lr"] == 3e-3  # add-task --lr wins
-    assert task_recipe(train, "shapes")["lr"] == 1e-3 and "lr_by_dataset" not in task_recipe(train, "x")
-    assert warmup_steps({"warmup": 100, "iterations": 500, "warmup_rule": "fixed"}) == 100
-    assert warmup_steps({"warmup": 100, "iterations": 500}) == 50  # edgeclip: capped at a tenth
+    train = MoERecipe(iterations=1000, batch_size=64, lr=1e-3, warmup=100, warmup_rule="fixed", freeze_rule="paper",
+                      lr_by_dataset={"full": {"eurosat": 1e-4}, "few": {"eurosat": 2e-4}})
+    assert task_recipe(train, "eurosat").lr == 1e-4
+    assert task_recipe(train, "EuroSAT", {"shots": 5}).lr == 2e-4
+    assert task_recipe(train, "eurosat", {"lr": 3e-3, "shots": None}).lr == 3e-3  # add-task --lr wins
+    assert task_recipe(train, "shapes").lr == 1e-3 and task_recipe(train, "x").lr_by_dataset is msgspec.UNSET
+    assert task_recipe(train, "x", {"iterations": 7, "warmup": None}).iterations == 7
+    assert warmup_steps(MoERecipe(warmup=100, iterations=500, warmup_rule="fixed")) == 100
+    assert warmup_steps(MoERecipe(warmup=100, iterations=500)) == 50  # edgeclip: capped at a tenth
     with pytest.raises(UsageError, match="learning rate must be positive"):
         task_recipe(train, "x", {"lr": 0.0})
     with pytest.raises(UsageError, match="warmup_rule"):
-        task_recipe(dict(train, warmup_rule="linear"), "x")
+        task_recipe(msgspec.structs.replace(train, warmup_rule="linear"), "x")
+    with pytest.raises(UsageError, match="Unknown MoE training option"):
+        task_recipe(train, "x", {"learning_rate": 1.0})
 
 
 def _named(root: Path, domains: list[Path], names: list[str]) -> list[Path]:
@@ -152,10 +157,10 @@ def test_moe_paper_preset_at_init_and_add_task(domains: list[Path], tmp_path: Pa
     result = runner.invoke(app, ["init", "--bundle", str(root), "--model", "edgeclip-tiny", "--random-weights",
                                  "--preset", "moe-paper", "--quiet"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    settings = Bundle.open(root).manifest["method"]["settings"]
-    assert settings["seed"] == 42 and settings["moe"]["n_experts"] == 22
-    assert settings["train"]["freeze_rule"] == "paper" and settings["train"]["warmup_rule"] == "fixed"
-    assert settings["train"]["lr_by_dataset"]["full"]["eurosat"] == 1e-4
+    settings = Bundle.open(root).meta.method.settings
+    assert settings.seed == 42 and settings.moe.n_experts == 22
+    assert settings.train.freeze_rule == "paper" and settings.train.warmup_rule == "fixed"
+    assert settings.train.lr_by_dataset["full"]["eurosat"] == 1e-4 and settings.train.preset == "moe-paper"
     for domain, extra in zip(domains, ([], ["--lr", "0.02"])):
         result = runner.invoke(app, ["add-task", str(domain), "--bundle", str(root), "--iterations", "3",
                                      "--shots", "4", "--quiet", *extra], catch_exceptions=False)

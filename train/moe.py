@@ -24,9 +24,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 from torch import nn
@@ -40,6 +41,8 @@ from edgeclip.manifest import (
     DEFAULT_MOE_NOISE_EPS,
     DEFAULT_MOE_SCALE,
     DEFAULT_MOE_TOP_K,
+    FREEZE_RULES,
+    MoEAdapters,
 )
 
 ZERO_SHOT = -1  # task id of a sample that must get plain CLIP (no adapter)
@@ -81,19 +84,13 @@ class MoEConfig:
         if self.last_blocks is not None and self.last_blocks < 1:
             raise UsageError("last_blocks must be >= 1 (or None for all blocks).")
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready settings (``encoders`` as a list); ``from_dict`` inverts it."""
-        data = asdict(self)
-        data["encoders"] = list(self.encoders)
-        return data
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
-        """Settings from ``to_dict`` output (missing keys take the defaults); raises UsageError as the
-        constructor does, TypeError on an unknown key."""
-        data = dict(data)
-        data["encoders"] = tuple(data.get("encoders", ENCODERS))
-        return cls(**data)
+    def of(cls, adapters: MoEAdapters) -> "MoEConfig":
+        """The configuration of the manifest's typed adapters section (``MoESettings.moe``); raises
+        UsageError as the constructor does, TypeError for anything but a ``MoEAdapters``."""
+        if not isinstance(adapters, MoEAdapters):
+            raise TypeError(f"MoEConfig.of takes a manifest.MoEAdapters, not {type(adapters).__name__}")
+        return cls(**msgspec.structs.asdict(adapters))
 
 
 # A recorder receives (layer, task_ids [B], selected expert indices [B, k]) for every routed forward.
@@ -517,9 +514,6 @@ class SelectionSet:
     def __call__(self, layer: MoELayer, task_ids: torch.Tensor, idx: torch.Tensor) -> None:
         hit = idx[task_ids >= 0].flatten().cpu()
         self.selected[id(layer)][hit] = True
-
-
-FREEZE_RULES = ("strict", "paper")
 
 
 def freeze_experts(

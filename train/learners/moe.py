@@ -11,20 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from edgeclip.errors import UsageError
 from edgeclip.extras import import_torch_module
 from edgeclip.layout import MOE_STATE, TASK_TEXT
-from edgeclip.manifest import (
-    DEFAULT_MOE_BATCH_SIZE,
-    DEFAULT_MOE_FREEZE_RULE,
-    DEFAULT_MOE_ITERATIONS,
-    DEFAULT_MOE_LR,
-    DEFAULT_MOE_WARMUP,
-    DEFAULT_MOE_WARMUP_RULE,
-    MoESettings,
-)
+from edgeclip.manifest import FREEZE_RULES, WARMUP_RULES, MoEAdapters, MoERecipe, MoESettings
 from edgeclip.train.registry import Learner, register_learner
 
 
@@ -47,22 +40,27 @@ class MoELearner(Learner):
 
     @classmethod
     def init_settings(cls, options: Mapping[str, Any], dim: int) -> MoESettings:
-        """The adapters' configuration (``options["moe"]``: MoEConfig fields that differ from the
-        paper's) and the training recipe (``options["moe_train"]``) completed with the schema's defaults
-        (``DEFAULT_MOE_*``); the adapters' configuration is checked by ``MoEConfig`` (torch)."""
-        what = f"the '{cls.name}' learner"
-        config = import_torch_module("edgeclip.train.moe", what).MoEConfig.from_dict(options.get("moe") or {})
-        recipe = {"iterations": DEFAULT_MOE_ITERATIONS, "batch_size": DEFAULT_MOE_BATCH_SIZE, "lr": DEFAULT_MOE_LR,
-                  "warmup": DEFAULT_MOE_WARMUP, "warmup_rule": DEFAULT_MOE_WARMUP_RULE,
-                  "freeze_rule": DEFAULT_MOE_FREEZE_RULE}
-        recipe.update(options.get("moe_train") or {})
-        return super().init_settings({**options, "moe": config.to_dict(), "train": recipe}, dim)
+        """The adapters' configuration (``options["moe"]``: ``MoEAdapters`` fields that differ from the
+        paper's) and the training recipe (``options["moe_train"]``: ``MoERecipe`` fields), the schema's
+        defaults (``DEFAULT_MOE_*``) for the rest. Raises UsageError for an unknown field, a value of
+        the wrong type, adapters ``MoEConfig`` refuses (torch) or an unknown freeze or warm-up rule."""
+        try:
+            adapters = msgspec.convert(options.get("moe") or {}, MoEAdapters)
+            recipe = msgspec.convert(options.get("moe_train") or {}, MoERecipe)
+        except msgspec.ValidationError as exc:
+            raise UsageError(f"Invalid MoE setting: {exc}.") from None
+        import_torch_module("edgeclip.train.moe", f"the '{cls.name}' learner").MoEConfig.of(adapters)  # checks
+        for rule, value, allowed in (("freeze_rule", recipe.freeze_rule, FREEZE_RULES),
+                                     ("warmup_rule", recipe.warmup_rule, WARMUP_RULES)):
+            if value not in allowed:
+                raise UsageError(f"{rule} must be one of {', '.join(allowed)}, got {value!r}")
+        return super().init_settings({**options, "moe": adapters, "train": recipe}, dim)
 
     @classmethod
     def initial_files(cls, settings: Any, clip: Any, seed: int) -> dict[str, dict[str, np.ndarray]]:
         """``moe.safetensors``: the adapters of a bundle with no task (``train.moe.initial_moe_state``), torch."""
         moe = import_torch_module("edgeclip.train.moe", f"the '{cls.name}' learner")
-        return {MOE_STATE: moe.initial_moe_state(clip, moe.MoEConfig.from_dict(settings.moe), seed)}
+        return {MOE_STATE: moe.initial_moe_state(clip, moe.MoEConfig.of(settings.moe), seed)}
 
     @classmethod
     def initial_head(cls, settings: Any, dim: int) -> dict[str, np.ndarray]:
