@@ -78,6 +78,10 @@ def _file_sha256(path: Path) -> str:
 
 
 def _array_sha256(array: np.ndarray) -> str:
+    """sha256 of an array's bytes in its memory order (a factor is Fortran-ordered, as np.save keeps it:
+    hashed without a copy)."""
+    if array.flags.f_contiguous and not array.flags.c_contiguous:
+        array = array.T
     return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
 
 
