@@ -244,3 +244,36 @@ def test_a_read_only_bundle_is_refused_before_the_work(tmp_path: Path, make_tiny
     assert done.returncode == 1 and "read-only file system" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and "embedded before" not in done.stderr
     assert Bundle.open(root).version == "v0001"
+
+
+def test_the_solver_cache_deleted_during_an_add_task_costs_nothing(tmp_path: Path, make_tiny_bundle,
+                                                                  monkeypatch) -> None:
+    """`prune --solver-cache` (or `rm -rf BUNDLE/cache`) while an add-task folds: the add-task still commits
+    its version, exactly, and the cache is whole again after the next one."""
+    import shutil
+
+    from edgeclip.edgeapp import tasks
+
+    root = make_tiny_bundle(tmp_path / "b", hidden=256)
+    cache = root / RAIL_SOLVER_CACHE
+    rng = np.random.default_rng(5)
+    clf = edgeclip.load(root)
+    dim = int(clf.bundle.meta.backbone.embed_dim)
+    clf = clf.add_task_embeddings("t0", *_task(rng, dim), ["a0", "b0", "c0"])
+    real = tasks._learn_head
+
+    def deleting(bundle, learner, solver, feats, labels, n_classes, progress):
+        def on_progress(stage, done, total):
+            if done == 0 and "folding" in stage:
+                shutil.rmtree(root / "cache")  # after the parent's state was read, before the fold writes
+        real(bundle, learner, solver, feats, labels, n_classes, on_progress)
+
+    monkeypatch.setattr(tasks, "_learn_head", deleting)
+    clf = clf.add_task_embeddings("t1", *_task(rng, dim, n=48), ["a1", "b1", "c1"])  # 24 + 48 > 32: a new base
+    assert [t.name for t in clf.tasks] == ["t0", "t1"]
+    w, joint = _joint_w(root)
+    assert _rel(w, joint) < 1e-5
+    monkeypatch.setattr(tasks, "_learn_head", real)
+    clf = clf.add_task_embeddings("t2", *_task(rng, dim), ["a2", "b2", "c2"])
+    w, joint = _joint_w(root)
+    assert _rel(w, joint) < 1e-5 and len(list(cache.glob("*.json"))) == 1
