@@ -372,3 +372,22 @@ def test_ctrl_c_while_the_cli_is_still_starting_is_one_line_and_exit_130() -> No
             continue
         assert proc.returncode == 130, (delay, proc.returncode, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_ctrl_c_while_onnxruntime_initialises_is_an_interrupt() -> None:
+    """A SIGINT while a C extension initialises (onnxruntime's pybind module, imported by a command)
+    surfaces as `ImportError: initialization failed` caused by the KeyboardInterrupt: still exit 130 and
+    one line, not a traceback (seen once in CI by the startup Ctrl-C test, at 0.35 s)."""
+    code = ("from edgeclip.edgeapp import runtime\n"
+            "def starting():\n"
+            "    try:\n        raise KeyboardInterrupt\n"
+            "    except KeyboardInterrupt as exc:\n        raise ImportError('initialization failed') from exc\n"
+            "runtime.describe_backends = starting\n"
+            "import sys\nsys.argv = ['edgeclip', 'info']\n"
+            "from edgeclip.edgeapp.cli.entry import main\nmain()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip() == "interrupted", done.stderr
+    plain = code.replace("KeyboardInterrupt", "ValueError")
+    other = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, timeout=120)
+    assert other.returncode == 1 and "ImportError" in other.stderr  # any other failed import stays itself

@@ -31,6 +31,7 @@ from edgeclip.edgeapp.cli import (
 )
 from edgeclip.edgeapp.cli.console import err_console
 from edgeclip.edgeapp.cli.output import EXIT_INTERRUPTED, Interrupted, configure_streams, markup, silence_stdout
+from edgeclip.edgeapp.cli.exit_codes import caused_by_interrupt
 from edgeclip.errors import EdgeclipError
 from edgeclip.images import DEFAULT_MAX_PIXELS, pillow_pixel_limit, warnings_as_notes
 from edgeclip.version import __version__
@@ -99,6 +100,14 @@ def _guard(command: Callable[..., Any]) -> Callable[..., Any]:
         except OSError as exc:
             if exc.errno in _WRITE_ERRNOS:  # stdout or -o FILE on a full, read-only or failing disk
                 raise EdgeclipError(f"cannot write the output: {os.strerror(exc.errno)}") from exc
+            if caused_by_interrupt(exc):
+                raise Interrupted("interrupted") from exc
+            raise
+        except EdgeclipError:
+            raise  # the command's own words (an Interrupted that says what was kept, ...)
+        except Exception as exc:
+            if caused_by_interrupt(exc):  # a Ctrl-C while a C extension initialised: "ImportError: initialization failed"
+                raise Interrupted("interrupted") from exc
             raise
 
     return run
@@ -147,6 +156,11 @@ def main() -> None:
     except (_OutputClosed, BrokenPipeError):
         silence_stdout()
         sys.exit(EXIT_BROKEN_PIPE)
+    except Exception as exc:
+        if not caused_by_interrupt(exc):
+            raise
+        err_console().print("interrupted", highlight=False)
+        sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         err_console().print("interrupted", highlight=False)
         sys.exit(EXIT_INTERRUPTED)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from edgeclip.edgeapp.cli.exit_codes import EXIT_INTERRUPTED
+from edgeclip.edgeapp.cli.exit_codes import EXIT_INTERRUPTED, caused_by_interrupt
 
 
 def main() -> None:
@@ -16,7 +16,9 @@ def main() -> None:
     is done and its output written."""
     try:
         from edgeclip.edgeapp.cli.app import main as run
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not caused_by_interrupt(exc):  # a Ctrl-C, or an import that failed because of one
+            raise
         sys.stderr.write("interrupted\n")
         sys.exit(EXIT_INTERRUPTED)
     try:
