@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import write_report
+
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
 
@@ -110,9 +112,7 @@ def main() -> None:
         "moe": f"{args.moe_iterations} iterations at batch {args.moe_batch}",
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

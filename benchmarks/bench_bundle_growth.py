@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from bench_add_task import extract_train_split, run_edgeclip
-from common import cpu_name
+from common import cpu_name, write_report
 
 
 def disk_bytes(root: Path) -> int:
@@ -95,9 +95,7 @@ def main() -> None:
         "tasks_added_bytes": added,
         "largest_files": files,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

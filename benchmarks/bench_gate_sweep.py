@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import cpu_name
+from common import cpu_name, write_report
 
 from edgeclip.images import iter_batches
 from edgeclip.train import ddas
@@ -101,9 +101,7 @@ def main() -> None:
               "command": "python benchmarks/bench_gate_sweep.py" + (f" --seeds {args.seeds}" if args.seeds != 3 else ""),
               "model": "edgeclip-small (random weights, seed 0)", "seeds": args.seeds,
               "spread": spread, "mnist_median_ratio_linear_k8": ratios, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

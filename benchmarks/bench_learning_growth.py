@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_name, report_header
+from common import cpu_name, report_header, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -224,9 +224,7 @@ def same_domain(args: argparse.Namespace) -> None:
                      "domain": domain.name, "images": images, "history": args.history},
         "runs": runs, "ratio": {"cpu": cpu_ratio, "wall": wall_ratio},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 def main() -> None:
@@ -334,9 +332,7 @@ def main() -> None:
         "same_domain_ratio": {"wall": ratio, "cpu": cpu_ratio},
         "title": title,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     if args.plot:
         plot(rows, reference, args.plot, title)
         print(f"wrote {args.plot}")

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from bench_add_task import extract_train_split
-from common import cpu_name
+from common import cpu_name, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,9 +141,7 @@ def main() -> None:
                      "iterations": args.iterations, "batch": args.batch, "device": "cpu", "base": args.base},
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 from bench_add_task import extract_train_split
-from common import cpu_name
+from common import cpu_name, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,9 +126,7 @@ def main() -> None:
                      "batch": args.batch, "iterations": args.iterations},
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy
-from common import cpu_name
+from common import cpu_name, write_report
 
 from edgeclip.train.rail import RailPrimal
 
@@ -72,9 +71,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

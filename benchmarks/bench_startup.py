@@ -32,7 +32,6 @@ The goal (issue 11): classify within 0.5 s of `--help`. Random weights: timings 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 import shutil
@@ -43,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_name, sample_interleaved
+from common import cpu_name, sample_interleaved, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL_MS = 500.0
@@ -208,9 +207,7 @@ def main() -> None:
         print(f"\nbaseline {args.baseline}: classify - help {b_cls - b_help:.0f} ms, classify / help {b_cls / b_help:.2f}")
     print(f"\nclassify - help: {cls_ms - help_ms:.0f} ms (goal <= {GOAL_MS:.0f} ms: "
           f"{'met' if result['goal_met'] else 'NOT met'}); classify / help: {cls_ms / help_ms:.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, result)
     if args.keep_work or args.bundle:
         print(f"kept {work}")
     else:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import shutil
@@ -32,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_name, sample_interleaved
+from common import cpu_name, sample_interleaved, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -161,9 +160,7 @@ def main() -> None:
     for key, value in med.items():
         print(f"{key:<40} {value:>10.1f}")
     print(f"classify - help: {gap:.0f} ms (goal <= 500 ms); classify / help: {result['classify_over_help']:.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, result)
     if not args.bundle and not args.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     elif not args.bundle:

@@ -33,6 +33,16 @@ def report_header(weights: str) -> dict:
             "command": " ".join([Path(sys.executable).name, *sys.argv]), "weights": weights}
 
 
+def write_report(path: Path, report: dict) -> None:
+    """Write a benchmark's JSON report (indented, newline-terminated) to ``path``, making its folder, and
+    say where."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median ms of each function over `repeats` rounds, each round running all of them in turn,
     so that load from other processes hits every contender alike (compare their ratios)."""
