@@ -156,12 +156,9 @@ def main() -> None:
     except (_OutputClosed, BrokenPipeError):
         silence_stdout()
         sys.exit(EXIT_BROKEN_PIPE)
-    except Exception as exc:
-        if not caused_by_interrupt(exc):
+    except BaseException as exc:  # a Ctrl-C, or an error raised because of one; anything else (an exit) as it is
+        if isinstance(exc, SystemExit) or not caused_by_interrupt(exc):
             raise
-        err_console().print("interrupted", highlight=False)
-        sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
         err_console().print("interrupted", highlight=False)
         sys.exit(EXIT_INTERRUPTED)
 
